@@ -1,0 +1,112 @@
+"""`convert_checkpoint`: original checkpoint -> Hub-ready pipeline folder, for every supported family."""
+
+import json
+import os
+from dataclasses import dataclass
+from collections.abc import Callable
+
+from diffmoe_hf.formulations import get_formulation
+from diffmoe_hf.pipelines import ClassConditionalMoEPipeline
+
+from .checkpoint_io import load_original_checkpoint
+from .convert_dsmoe import DSMOE_MODEL_CARD, build_dsmoe_transformer
+from .hub_folder import DTYPES, cast_for_saving, check_output_dir, push_folder_to_hub, save_folder_atomically
+from .model_card import render_model_card
+
+_IMAGENET_LABELS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "imagenet_id2label.json")
+
+
+@dataclass(frozen=True)
+class FamilyConverter:
+    """How to turn one family's checkpoints into a transformer: `build(checkpoint, config_path=, preset=)`."""
+
+    build: Callable
+    model_card: dict
+
+
+CONVERTERS = {"dsmoe": FamilyConverter(build_dsmoe_transformer, DSMOE_MODEL_CARD)}
+
+
+def imagenet_id2label() -> dict[str, str]:
+    """The 1000 ImageNet-1k class names (comma-separated synonyms), keyed by class id as a string."""
+    with open(_IMAGENET_LABELS, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _load_id2label(path: str | None, num_classes: int) -> dict[str, str] | None:
+    if path is None:
+        return imagenet_id2label() if num_classes == 1000 else None
+    with open(path, encoding="utf-8") as f:
+        id2label = {str(k): str(v) for k, v in json.load(f).items()}
+    if sorted(int(k) for k in id2label) != list(range(num_classes)):
+        raise ValueError(f"{path} must name exactly the classes 0..{num_classes - 1}.")
+    return id2label
+
+
+def build_pipeline(transformer, vae_path: str | None = None, id2label_path: str | None = None):
+    """A `ClassConditionalMoEPipeline` around a converted transformer, with the scheduler of its formulation."""
+    vae = None
+    if vae_path is not None:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(vae_path)
+    scheduler = get_formulation(transformer.config.formulation).default_scheduler()
+    id2label = _load_id2label(id2label_path, transformer.config.num_classes)
+    return ClassConditionalMoEPipeline(transformer=transformer, scheduler=scheduler, vae=vae, id2label=id2label)
+
+
+def convert_checkpoint(
+    family: str,
+    checkpoint_path: str,
+    output_dir: str,
+    config_path: str | None = None,
+    preset: str | None = None,
+    weights: str = "ema",
+    dtype: str = "fp32",
+    vae_path: str | None = None,
+    id2label_path: str | None = None,
+    overwrite: bool = False,
+    trust_checkpoint: bool = False,
+    max_shard_size: str = "5GB",
+    hub_layout: str = "package",
+    push_to_hub: str | None = None,
+    token: str | None = None,
+) -> str:
+    """
+    Converts an original checkpoint into a diffusers folder: `transformer/` (safetensors + config), `scheduler/`
+    reproducing the upstream sampler, `model_index.json` (with class names), optional `vae/`, and a model card.
+    Nothing is written unless the whole conversion succeeds.
+
+    Args:
+        family: `"dsmoe"` (see `CONVERTERS`).
+        checkpoint_path: original `.pt`/`.pth` or `.safetensors` file.
+        output_dir: folder to create; an existing non-empty one is refused unless `overwrite`.
+        config_path, preset: the architecture, for families whose checkpoints do not record it.
+        weights: `"ema"` (default) or `"model"`.
+        dtype: `"fp32"`, `"fp16"` or `"bf16"` for the saved transformer (routers stay fp32).
+        vae_path: local `AutoencoderKL` folder to include as `vae/`.
+        id2label_path: JSON `{class id: "name, synonym"}`; ImageNet names are used for 1000-class models.
+        trust_checkpoint: allow arbitrary pickled objects in the checkpoint.
+        max_shard_size: shard size for the safetensors files.
+        hub_layout: `"package"` or `"remote_code"` (adds shims for `DiffusionPipeline.from_pretrained`).
+        push_to_hub: repo id to upload the finished folder to.
+
+    Returns:
+        `output_dir`.
+    """
+    if family not in CONVERTERS:
+        raise ValueError(f"Unknown family {family!r}; supported: {', '.join(CONVERTERS)}.")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    check_output_dir(output_dir, overwrite)
+    converter = CONVERTERS[family]
+    checkpoint = load_original_checkpoint(checkpoint_path, weights=weights, trust_checkpoint=trust_checkpoint)
+    transformer = converter.build(checkpoint, config_path=config_path, preset=preset)
+    pipeline = build_pipeline(cast_for_saving(transformer, DTYPES[dtype]), vae_path, id2label_path)
+    card = render_model_card(
+        converter.model_card, transformer, os.path.basename(checkpoint_path), checkpoint.source, dtype, hub_layout
+    )
+    save_folder_atomically(pipeline, output_dir, overwrite, max_shard_size, {"README.md": card}, hub_layout)
+    if push_to_hub:
+        push_folder_to_hub(output_dir, push_to_hub, token=token)
+    return output_dir

@@ -1,0 +1,195 @@
+"""DSMoE (yhlleo/EfficientMoE `DSMoE/`) checkpoints -> `DSMoETransformer2DModel`.
+
+The architecture is not stored in DSMoE checkpoints: it comes from the training yaml (`model.params`, the constructor
+arguments of `models_DSMoE.DiT`) or from a released preset name.
+"""
+
+import torch
+import yaml
+
+from diffmoe_hf.models.transformer_dsmoe import _RELEASED_COMMON, DSMOE_PRESETS, DSMoETransformer2DModel
+
+from .checkpoint_io import CheckpointError, LoadedCheckpoint
+from .state_dict_utils import load_converted_state_dict, rename_keys, split_fused_projection
+
+_ROPE = {"2d": "rope_2d", "1d": "rope_1d", "none": "sincos"}
+_NORM = {"layernorm": "layer_norm", "rmsnorm": "rms_norm"}
+
+
+def read_yaml_model_params(path: str) -> dict:
+    """The `model.params` block of an EfficientMoE / DiffMoE training yaml."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as err:
+        raise CheckpointError(f"Could not read the training config {path}: {err}") from None
+    params = (config or {}).get("model", {}).get("params") if isinstance(config, dict) else None
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{path} has no model.params section; pass the yaml the model was trained with.")
+    basic = config.get("basic") or {}
+    if basic.get("rf") is False:
+        raise CheckpointError(f"{path} trains with DDPM (basic.rf: false); only rectified-flow DSMoE is supported.")
+    return params
+
+
+def _moe_layers(num_layers: int, moe: dict) -> list[int]:
+    """The upstream layer flags: all MoE, or odd layers with `interleave`; then `skip_first2` makes the first two
+    (True) or first n (an int) layers dense."""
+    flags = [i % 2 == 1 for i in range(num_layers)] if moe.get("interleave") else [True] * num_layers
+    skip = moe.get("skip_first2", False)
+    if skip is None:
+        raise CheckpointError("MoE_config.skip_first2 is missing (the legacy yamls crash upstream too); set it.")
+    first_dense = (2 if skip else 0) if isinstance(skip, bool) else int(skip)
+    return [i for i, flag in enumerate(flags) if flag and i >= first_dense]
+
+
+def dsmoe_config_from_params(params: dict) -> dict:
+    """Maps `models_DSMoE.DiT` constructor arguments (yaml `model.params`) to `DSMoETransformer2DModel` config."""
+    for flag in ("use_sinks", "enable_gqa", "use_kda"):
+        if params.get(flag):
+            raise CheckpointError(
+                f"{flag}=True is not supported: no released DSMoE uses it (attention sinks are broken upstream, KDA "
+                "needs flash-linear-attention)."
+            )
+    moe = params.get("MoE_config")
+    if not isinstance(moe, dict):
+        raise CheckpointError("model.params has no MoE_config; this does not look like a DSMoE config.")
+    rope = params.get("rope_type", "none")
+    norm = params.get("norm_type", "layernorm")
+    if rope not in _ROPE or norm not in _NORM:
+        raise CheckpointError(f"Unsupported rope_type={rope!r} or norm_type={norm!r}.")
+    hidden, heads = params.get("hidden_size", 1152), params.get("num_heads", 16)
+    head_dim = params.get("head_dim") or hidden // heads
+    if head_dim * heads != hidden:
+        raise CheckpointError(f"hidden_size={hidden} with num_heads={heads} and head_dim={head_dim} is not supported.")
+    in_channels = params.get("in_channels", 4)
+    depth = params.get("depth", 28)
+    return dict(
+        sample_size=params.get("input_size", 32),
+        patch_size=params.get("patch_size", 2),
+        in_channels=in_channels,
+        out_channels=2 * in_channels if params.get("learn_sigma", True) else in_channels,
+        num_layers=depth,
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        mlp_ratio=float(params.get("mlp_ratio", 4.0)),
+        num_classes=params.get("num_classes", 1000),
+        class_dropout_prob=params.get("class_dropout_prob", 0.1),
+        positional_embedding=_ROPE[rope],
+        norm_type=_NORM[norm],
+        moe_layers=_moe_layers(depth, moe),
+        num_experts=moe["num_experts"],
+        num_experts_per_tok=moe["num_experts_per_tok"],
+        moe_intermediate_size=moe["moe_intermediate_size"],
+        n_group=moe["n_group"],
+        topk_group=moe["topk_group"],
+        routed_scaling_factor=float(moe["routed_scaling_factor"]),
+        num_shared_experts=1 if moe.get("use_shared_expert", True) else 0,
+    )
+
+
+def dsmoe_config_from_preset(name: str) -> dict:
+    if name not in DSMOE_PRESETS:
+        raise CheckpointError(f"Unknown DSMoE preset {name!r}; available: {', '.join(DSMOE_PRESETS)}.")
+    return {**_RELEASED_COMMON, **DSMOE_PRESETS[name]}
+
+
+_RENAME_RULES = [
+    (r"x_embedder\.proj\.(weight|bias)", r"pos_embed.proj.\1"),
+    (r"t_embedder\.mlp\.0\.(weight|bias)", r"embedding.timestep_embedder.linear_1.\1"),
+    (r"t_embedder\.mlp\.2\.(weight|bias)", r"embedding.timestep_embedder.linear_2.\1"),
+    (r"y_embedder\.embedding_table\.weight", r"embedding.class_embedder.embedding_table.weight"),
+    (r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", r"transformer_blocks.\1.attn.qkv.\2"),
+    (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"transformer_blocks.\1.attn.to_out.0.\2"),
+    (r"blocks\.(\d+)\.adaLN_modulation\.1\.(weight|bias)", r"transformer_blocks.\1.modulation.linear.\2"),
+    (r"blocks\.(\d+)\.norm([12])\.weight", r"transformer_blocks.\1.norm\2.weight"),
+    (r"blocks\.(\d+)\.mlp\.fc1\.(weight|bias)", r"transformer_blocks.\1.ff.net.0.proj.\2"),
+    (r"blocks\.(\d+)\.mlp\.fc2\.(weight|bias)", r"transformer_blocks.\1.ff.net.2.\2"),
+    (r"blocks\.(\d+)\.mlp\.gate\.(weight|e_score_correction_bias)", r"transformer_blocks.\1.ff.router.\2"),
+    (r"blocks\.(\d+)\.mlp\.experts\.blocks\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight",
+     r"transformer_blocks.\1.ff.experts.\2.\3.weight"),
+    (r"blocks\.(\d+)\.mlp\.shared_experts\.(gate_proj|up_proj|down_proj)\.weight",
+     r"transformer_blocks.\1.ff.shared_experts.\2.weight"),
+    (r"final_layer\.linear\.(weight|bias)", r"proj_out.proj.\1"),
+    (r"final_layer\.adaLN_modulation\.1\.(weight|bias)", r"proj_out.modulation.linear.\1"),
+]  # fmt: skip
+
+
+def check_fixed_pos_embed(source: dict[str, torch.Tensor], model, atol: float = 1e-5) -> None:
+    """The checkpoint's frozen sin-cos `pos_embed` must equal the table the model computes (EMA moves it by ~1 ulp);
+    it is consumed here because diffusers' `PatchEmbed` keeps it as a non-persistent buffer."""
+    stored = source.pop("pos_embed", None)
+    computed = getattr(model.pos_embed, "pos_embed", None)
+    if stored is None and computed is None:
+        return
+    if stored is None or computed is None or stored.shape != computed.shape:
+        raise CheckpointError(
+            "pos_embed does not match the configured positional embedding "
+            f"(checkpoint {None if stored is None else tuple(stored.shape)}, "
+            f"model {None if computed is None else tuple(computed.shape)}): check rope_type in the config."
+        )
+    error = (stored.float() - computed.float()).abs().max().item()
+    if error > atol:
+        raise CheckpointError(f"The checkpoint's pos_embed differs from the fixed sin-cos table by {error:.2e}.")
+
+
+def convert_dsmoe(checkpoint: LoadedCheckpoint, config: dict) -> DSMoETransformer2DModel:
+    """
+    Builds a `DSMoETransformer2DModel` with `config` and fills it from `checkpoint`, consuming every source key.
+
+    Raises:
+        CheckpointError: listing unconsumed, missing and mismatched keys when checkpoint and config disagree.
+    """
+    try:
+        model = DSMoETransformer2DModel(**config)
+    except ValueError as err:
+        raise CheckpointError(f"Invalid DSMoE configuration: {err}") from None
+    source = dict(checkpoint.state_dict)
+    check_fixed_pos_embed(source, model)
+    converted = rename_keys(source, _RENAME_RULES)
+    split_fused_projection(converted, "attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v"))
+    load_converted_state_dict(model, converted, leftovers=source)
+    return model.eval()
+
+
+def build_dsmoe_transformer(
+    checkpoint: LoadedCheckpoint, config_path: str | None = None, preset: str | None = None
+) -> DSMoETransformer2DModel:
+    """Converts a DSMoE checkpoint whose architecture is given by its training yaml or a released preset name."""
+    if config_path is not None and preset is not None:
+        raise CheckpointError("Pass either the training yaml (--config) or a preset (--preset), not both.")
+    if config_path is not None:
+        config = dsmoe_config_from_params(read_yaml_model_params(config_path))
+    elif preset is not None:
+        config = dsmoe_config_from_preset(preset)
+    else:
+        raise CheckpointError(
+            "DSMoE checkpoints do not store their architecture: pass the training yaml (--config ORIGINAL.yaml) or "
+            f"a preset (--preset, one of {', '.join(DSMOE_PRESETS)})."
+        )
+    return convert_dsmoe(checkpoint, config)
+
+
+DSMOE_MODEL_CARD = dict(
+    family="DSMoE",
+    paper="Efficient Training of Diffusion Mixture-of-Experts Models: A Practical Recipe (Liu et al., 2025)",
+    paper_url="https://arxiv.org/abs/2512.01252",
+    upstream="https://github.com/yhlleo/EfficientMoE (DSMoE/)",
+    license="other",
+    license_note="The upstream repository ships no license file; check the original release before redistributing.",
+    sampler=(
+        "Rectified flow, Euler, t_i = i/N from noise (t = 0) to data (t = 1), classifier-free guidance with "
+        "separate conditional and null-class passes. `FlowMatchEulerDiscreteScheduler(shift=1.0)` with sigmas "
+        "1 - i/N reproduces it; the paper evaluates with 250 steps at guidance 1.0 and 1.5."
+    ),
+    default_steps=250,
+    default_guidance=1.5,
+    results=(
+        "ImageNet 256x256, 700K steps, FID-50K (upstream README):\n\n"
+        "| model | activated params | FID (cfg 1.0) | FID (cfg 1.5) |\n|---|---|---|---|\n"
+        "| DSMoE-S-E16 | 33M | 39.84 | 14.53 |\n| DSMoE-S-E48 | 30M | 40.20 | 14.81 |\n"
+        "| DSMoE-B-E16 | 132M | 20.33 | 4.50 |\n| DSMoE-B-E48 | 118M | 19.46 | 4.27 |\n"
+        "| DSMoE-L-E16 | 465M | 9.80 | 2.59 |\n| DSMoE-L-E48 | 436M | 9.19 | 2.55 |\n"
+        "| DSMoE-3B-E16 | 965M | 7.52 | 2.38 |"
+    ),
+)

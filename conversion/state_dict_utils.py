@@ -1,0 +1,66 @@
+"""Key renaming that consumes the source dict, and strict loading with a readable report of what did not fit."""
+
+import re
+
+import torch
+from torch import nn
+
+from .checkpoint_io import CheckpointError
+
+
+def rename_keys(source: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """
+    Moves every key of `source` matching one of `rules` (`(regex, replacement)`, first full match wins) into a new
+    dict under its new name. Matched keys are popped, so whatever remains in `source` was not consumed.
+    """
+    compiled = [(re.compile(pattern), replacement) for pattern, replacement in rules]
+    converted = {}
+    for key in list(source):
+        for pattern, replacement in compiled:
+            if pattern.fullmatch(key):
+                converted[pattern.sub(replacement, key)] = source.pop(key)
+                break
+    return converted
+
+
+def split_fused_projection(state_dict: dict[str, torch.Tensor], fused: str, parts: tuple[str, ...]) -> None:
+    """Splits every `<prefix>.<fused>.{weight,bias}` into equal chunks `<prefix>.<part>.{weight,bias}` in place."""
+    suffix = re.compile(rf"(.*)\.{re.escape(fused)}\.(weight|bias)")
+    for key in [k for k in state_dict if suffix.fullmatch(k)]:
+        prefix, kind = suffix.fullmatch(key).groups()
+        tensor = state_dict.pop(key)
+        if tensor.shape[0] % len(parts):
+            raise CheckpointError(f"{key} has {tensor.shape[0]} rows, not divisible into {len(parts)} projections.")
+        for part, chunk in zip(parts, tensor.chunk(len(parts))):
+            state_dict[f"{prefix}.{part}.{kind}"] = chunk.clone()
+
+
+def load_converted_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], leftovers=()) -> None:
+    """
+    Loads `state_dict` into `model` only if it fits exactly: every target key filled with the right shape, no key
+    unused, and no unconsumed source key (`leftovers`). Otherwise raises `CheckpointError` listing every problem.
+    """
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state_dict))
+        if state_dict[k].shape != expected[k].shape
+    ]
+    problems = []
+    for title, items in (
+        ("source keys not consumed", sorted(leftovers)),
+        ("model keys missing from the checkpoint", missing),
+        ("converted keys the model does not have", unexpected),
+        ("shape mismatches", mismatched),
+    ):
+        if items:
+            shown = "\n    ".join(items[:40]) + (f"\n    ... and {len(items) - 40} more" if len(items) > 40 else "")
+            problems.append(f"  {title} ({len(items)}):\n    {shown}")
+    if problems:
+        raise CheckpointError(
+            "The checkpoint does not match the model configuration (wrong config/preset, or not a checkpoint of "
+            "this family):\n" + "\n".join(problems)
+        )
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state_dict.items()}, strict=True)

@@ -1,0 +1,1 @@
+from .transformer_dsmoe import DSMOE_PRESETS, DSMoETransformer2DModel

@@ -1,0 +1,119 @@
+"""The one token -> expert dispatch path shared by every MoE family.
+
+Routed (token, expert) pairs are sorted by expert once, the token rows gathered once, every expert runs on its
+contiguous segment (one grouped GEMM per projection where the backend has one), and the weighted results are
+combined with a single `index_add_`. Nothing on this path moves data to the host, so it compiles with
+`torch.compile(fullgraph=True)`; only the per-module fallback (used when experts are wrapped, e.g. by LoRA) reads the
+segment sizes on the host.
+"""
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class ExpertSegments(NamedTuple):
+    """
+    Routed rows sorted by expert.
+
+    Attributes:
+        token_index: (R,) int64, the token each row reads and writes.
+        expert_index: (R,) int64, the expert of each row (non-decreasing).
+        weights: (R,) routing weight of each row, or `None` when the caller weights the rows itself.
+        offsets: (E,) int32 end offset of each expert's segment (`offsets[-1] == R`), on the tokens' device.
+    """
+
+    token_index: torch.Tensor
+    expert_index: torch.Tensor
+    weights: torch.Tensor | None
+    offsets: torch.Tensor
+
+    def sizes(self) -> list[int]:
+        """Rows per expert as Python ints (synchronises with the device; fallback paths only)."""
+        return torch.diff(self.offsets, prepend=self.offsets.new_zeros(1)).tolist()
+
+
+def segments_from_topk(expert_ids: torch.Tensor, expert_weights: torch.Tensor | None, num_experts: int) -> ExpertSegments:
+    """
+    Sorts token-choice routing by expert.
+
+    Args:
+        expert_ids: (S, k) int64, the k experts chosen by each of S tokens.
+        expert_weights: (S, k) weights of those choices, or `None`.
+        num_experts: E.
+    """
+    flat_experts = expert_ids.reshape(-1)
+    order = torch.argsort(flat_experts, stable=True)
+    counts = torch.bincount(flat_experts, minlength=num_experts)
+    return ExpertSegments(
+        token_index=order // expert_ids.shape[1],
+        expert_index=flat_experts[order],
+        weights=None if expert_weights is None else expert_weights.reshape(-1)[order],
+        offsets=torch.cumsum(counts, 0).to(torch.int32),
+    )
+
+
+def _grouped_mm_usable(rows: torch.Tensor, weight: torch.Tensor) -> bool:
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if rows.device.type == "cpu":
+        return True
+    # the CUDA kernels want bf16 operands and 16-byte aligned inner dimensions
+    return (
+        rows.device.type == "cuda"
+        and rows.dtype == torch.bfloat16
+        and weight.dtype == torch.bfloat16
+        and rows.shape[-1] % 8 == 0
+        and weight.shape[1] % 8 == 0
+    )
+
+
+def grouped_linear(
+    rows: torch.Tensor, weight: torch.Tensor, segments: ExpertSegments, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """
+    Applies expert e's Linear to its segment of rows, for all experts at once.
+
+    Args:
+        rows: (R, in) rows sorted by expert.
+        weight: (E, out, in) stacked `nn.Linear` weights.
+        segments: the segment layout of `rows`.
+        bias: (E, out) stacked biases, or `None`.
+
+    Returns:
+        (R, out).
+    """
+    if _grouped_mm_usable(rows, weight):
+        out = F.grouped_mm(rows, weight.transpose(1, 2), offs=segments.offsets)
+    else:
+        out = torch.cat(
+            [torch.mm(chunk, w.t()) for chunk, w in zip(rows.split(segments.sizes()), weight.unbind(0))], dim=0
+        )
+    if bias is not None:
+        out = out + bias[segments.expert_index]
+    return out
+
+
+def combine_segments(expert_out: torch.Tensor, segments: ExpertSegments, num_tokens: int) -> torch.Tensor:
+    """Sums the (R, D) weighted expert outputs back onto their tokens -> (num_tokens, D)."""
+    if segments.weights is not None:
+        expert_out = expert_out * segments.weights.unsqueeze(-1).to(expert_out.dtype)
+    out = expert_out.new_zeros(num_tokens, expert_out.shape[-1])
+    return out.index_add_(0, segments.token_index, expert_out)
+
+
+def dispatch(hidden_states: torch.Tensor, segments: ExpertSegments, experts) -> torch.Tensor:
+    """
+    Runs `experts` (a `GroupedExperts`) on the routed rows and combines them.
+
+    Args:
+        hidden_states: (S, D) token pool.
+        segments: routing sorted by expert (`segments_from_topk`, or a family's own selection).
+        experts: the expert bank.
+
+    Returns:
+        (S, D) weighted sum of each token's expert outputs (zero for tokens no expert took).
+    """
+    rows = hidden_states[segments.token_index]
+    return combine_segments(experts.forward_grouped(rows, segments), segments, hidden_states.shape[0])

@@ -1,0 +1,1 @@
+from .pipeline_class_conditional_moe import ClassConditionalMoEPipeline

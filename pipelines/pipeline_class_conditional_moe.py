@@ -1,0 +1,265 @@
+"""Class-conditional image generation with any diffmoe_hf transformer, on standard diffusers schedulers."""
+
+import difflib
+import inspect
+from collections.abc import Callable
+
+import torch
+from diffusers.loaders import SanaLoraLoaderMixin
+from diffusers.models import AutoencoderKL
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.schedulers import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from diffmoe_hf.formulations import get_formulation
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
+    r"""
+    Class-conditional generation with a diffusion MoE transformer (DSMoE and the other diffmoe_hf families).
+
+    The transformer's `config.formulation` says what its timestep input and output mean (flow time with noise at 0
+    or 1, DDPM index, ...); the pipeline converts between that and the scheduler through `diffmoe_hf.formulations`,
+    so any compatible diffusers scheduler can be swapped in with `pipe.scheduler = X.from_config(...)`.
+
+    Args:
+        transformer: A diffmoe_hf transformer (e.g. `DSMoETransformer2DModel`).
+        scheduler: A diffusers scheduler matching the formulation (the converted folder ships one that reproduces the
+            original sampler).
+        vae (`AutoencoderKL`, *optional*): Decodes latents to images. Without it the transformer works in pixel space
+            (1 or 3 channels in [-1, 1]) or only `output_type="latent"` is available.
+        id2label (`dict[str, str]`, *optional*): Class names (comma-separated synonyms), stored in `model_index.json`.
+    """
+
+    model_cpu_offload_seq = "transformer->vae"
+    _optional_components = ["vae"]
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(
+        self,
+        transformer,
+        scheduler: SchedulerMixin,
+        vae: AutoencoderKL | None = None,
+        id2label: dict[str, str] | None = None,
+    ):
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
+        self.register_to_config(id2label=id2label)
+        self.labels = {}
+        for class_id, names in (id2label or {}).items():
+            for name in names.split(","):
+                self.labels.setdefault(name.strip(), int(class_id))
+        self.labels = dict(sorted(self.labels.items()))
+
+    @classmethod
+    def download(cls, pretrained_model_name, **kwargs) -> str:
+        """
+        Fetches a Hub repo written by `save_pretrained` (or the converter) with `huggingface_hub.snapshot_download`.
+        diffusers' own `download` only accepts pipelines whose classes live in diffusers.
+        """
+        from huggingface_hub import snapshot_download
+
+        variant = kwargs.get("variant")
+        patterns = ["*.json", "*.txt", "*.md", "*.safetensors", "*.py"]
+        if variant:
+            patterns.append(f"*.{variant}.safetensors")
+        return snapshot_download(
+            pretrained_model_name,
+            revision=kwargs.get("revision"),
+            token=kwargs.get("token"),
+            cache_dir=kwargs.get("cache_dir"),
+            local_files_only=bool(kwargs.get("local_files_only")),
+            force_download=bool(kwargs.get("force_download")),
+            allow_patterns=patterns,
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return self.transformer.config.num_classes
+
+    def get_label_ids(self, label: str | list[str]) -> list[int]:
+        """
+        Maps class names to class ids.
+
+        Args:
+            label: One name or a list of names (any synonym of `id2label`, e.g. "golden retriever").
+
+        Returns:
+            The class ids, one per name.
+        """
+        names = [label] if isinstance(label, str) else list(label)
+        if not self.labels:
+            raise ValueError("This pipeline has no class names (id2label is empty); pass integer class ids instead.")
+        ids = []
+        for name in names:
+            if name not in self.labels:
+                close = difflib.get_close_matches(str(name), self.labels.keys(), n=5, cutoff=0.6)
+                hint = f" Did you mean: {', '.join(repr(c) for c in close)}?" if close else ""
+                raise ValueError(f"Unknown class name {name!r}.{hint} `pipe.labels` lists all names.")
+            ids.append(self.labels[name])
+        return ids
+
+    def _class_ids(self, class_labels, device) -> torch.Tensor:
+        if isinstance(class_labels, torch.Tensor):
+            class_labels = class_labels.reshape(-1).tolist()
+        elif isinstance(class_labels, (int, str)):
+            class_labels = [class_labels]
+        class_labels = list(class_labels)
+        if not class_labels:
+            raise ValueError("class_labels is empty: give at least one class id or name.")
+        ids = [self.get_label_ids(c)[0] if isinstance(c, str) else c for c in class_labels]
+        for class_id in ids:
+            if isinstance(class_id, bool) or not isinstance(class_id, int) or not 0 <= class_id < self.num_classes:
+                raise ValueError(
+                    f"Class id {class_id!r} is out of range: this model has classes 0..{self.num_classes - 1}."
+                )
+        return torch.tensor(ids, device=device, dtype=torch.long)
+
+    def check_inputs(self, num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs):
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {self._callback_tensor_inputs}.")
+
+    def prepare_latents(self, batch_size, generator, latents, device, dtype) -> torch.Tensor:
+        config = self.transformer.config
+        shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(
+                f"latents have shape {tuple(latents.shape)} but {batch_size} class labels and this transformer need "
+                f"{shape} (batch, in_channels, sample_size, sample_size)."
+            )
+        latents = latents.to(device=device, dtype=dtype)
+        return latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
+
+    def _predict(self, latents, model_time, class_ids, guidance_scale, attention_kwargs) -> torch.Tensor:
+        """Transformer output with classifier-free guidance on the first `in_channels` channels."""
+        timestep = model_time.to(latents.device).expand(latents.shape[0])
+        if guidance_scale <= 1.0:
+            return self.transformer(latents, timestep, class_ids, attention_kwargs=attention_kwargs).sample
+        null_ids = torch.full_like(class_ids, self.num_classes)
+        if getattr(self.transformer, "routing_depends_on_batch", False):
+            # batch-level routing: cond and uncond must be separate calls, exactly as the original sampler makes them
+            cond = self.transformer(latents, timestep, class_ids, attention_kwargs=attention_kwargs).sample
+            uncond = self.transformer(latents, timestep, null_ids, attention_kwargs=attention_kwargs).sample
+        else:
+            both = self.transformer(
+                torch.cat([latents, latents]),
+                torch.cat([timestep, timestep]),
+                torch.cat([class_ids, null_ids]),
+                attention_kwargs=attention_kwargs,
+            ).sample
+            cond, uncond = both.chunk(2)
+        channels = latents.shape[1]
+        guided = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
+        return torch.cat([guided, cond[:, channels:]], dim=1)
+
+    def _step_kwargs(self, generator) -> dict:
+        accepted = inspect.signature(self.scheduler.step).parameters
+        return {"generator": generator} if "generator" in accepted else {}
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) final latents -> (B, 3 or 1, H, W) images in [0, 1]."""
+        if self.vae is not None:
+            latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+            if getattr(self.vae.config, "shift_factor", None) is not None:
+                latents = latents + self.vae.config.shift_factor
+            images = self.vae.decode(latents).sample
+        elif latents.shape[1] in (1, 3):
+            images = latents  # pixel-space model: its samples are images in [-1, 1]
+        else:
+            raise ValueError(
+                f"This pipeline has no VAE, so it cannot decode {latents.shape[1]}-channel latents. Load one "
+                "(`ClassConditionalMoEPipeline.from_pretrained(..., vae=AutoencoderKL.from_pretrained(...))`) or use "
+                "output_type='latent'."
+            )
+        return (images / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | str | list[int | str] | torch.Tensor,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.5,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        attention_kwargs: dict | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        r"""
+        Generates one image per class label.
+
+        Args:
+            class_labels: Class ids (0..num_classes-1) and/or class names (see `pipe.labels`), one per image.
+            num_inference_steps: Number of denoising steps.
+            guidance_scale: Classifier-free guidance scale; values <= 1 disable guidance (one pass per step).
+            generator: `torch.Generator`(s) for reproducible noise.
+            latents: (B, C, sample_size, sample_size) initial noise; drawn from `generator` when omitted.
+            output_type: `"pil"`, `"np"` (B, H, W, C) in [0, 1], `"pt"` (B, C, H, W) in [0, 1], or `"latent"`.
+            return_dict: Return an `ImagePipelineOutput` instead of a tuple.
+            attention_kwargs: Forwarded to the transformer (`{"scale": s}` scales LoRA).
+            callback_on_step_end: `fn(pipe, step, timestep, callback_kwargs) -> dict` called after every step; the
+                returned `"latents"` replaces the current latents.
+            callback_on_step_end_tensor_inputs: Tensors passed in `callback_kwargs` (only `"latents"`).
+
+        Examples:
+        ```py
+        >>> from diffmoe_hf import ClassConditionalMoEPipeline
+        >>> pipe = ClassConditionalMoEPipeline.from_pretrained("path/to/converted-DSMoE-S-E16")
+        >>> image = pipe(class_labels=pipe.get_label_ids(["golden retriever"]), num_inference_steps=50).images[0]
+        ```
+
+        Returns:
+            `ImagePipelineOutput` with `images`, or `(images,)`.
+        """
+        self.check_inputs(num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
+        device = self._execution_device
+        formulation = get_formulation(self.transformer.config.formulation)
+        class_ids = self._class_ids(class_labels, device)
+        latents = self.prepare_latents(len(class_ids), generator, latents, device, self.transformer.dtype)
+
+        formulation.set_timesteps(self.scheduler, num_inference_steps, device)
+        timesteps = self.scheduler.timesteps
+        step_kwargs = self._step_kwargs(generator)
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                model_input = latents
+                if hasattr(self.scheduler, "scale_model_input"):
+                    model_input = self.scheduler.scale_model_input(latents, t)
+                model_time = formulation.model_time(self.scheduler, t)
+                prediction = self._predict(model_input, model_time, class_ids, guidance_scale, attention_kwargs)
+                step_input = formulation.scheduler_output(prediction, latents, model_time, self.scheduler)
+                latents = self.scheduler.step(step_input, t, latents, **step_kwargs, return_dict=False)[0]
+                latents = latents.to(self.transformer.dtype)
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {k: locals()[k] for k in callback_on_step_end_tensor_inputs or []}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                progress_bar.update()
+
+        if output_type == "latent":
+            images = latents
+        else:
+            images = self.decode(latents)
+            if output_type != "pt":
+                images = images.cpu().permute(0, 2, 3, 1).float().numpy()
+                if output_type == "pil":
+                    images = self.numpy_to_pil(images)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)

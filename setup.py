@@ -1,0 +1,78 @@
+"""Packaging for diffmoe-hf.
+
+The repository keeps the user-facing folders (`pipelines/`, `conversion/`, ...) at the top level, but installs them as
+sub-packages of the single import package `diffmoe_hf` (`diffmoe_hf.pipelines`, `diffmoe_hf.conversion`, ...), so each
+piece of code has exactly one home and one import path.
+"""
+
+import os
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# top-level folder -> installed sub-package of diffmoe_hf
+TOP_LEVEL_SUBPACKAGES = {
+    "pipelines": "diffmoe_hf.pipelines",
+    "conversion": "diffmoe_hf.conversion",
+    "training": "diffmoe_hf.training",
+    "space": "diffmoe_hf.space",
+}
+
+
+def _packages():
+    package_dir = {"diffmoe_hf": "diffmoe_hf"}
+    packages = []
+    for root, _, files in os.walk(os.path.join(HERE, "diffmoe_hf")):
+        if "__init__.py" in files:
+            packages.append(os.path.relpath(root, HERE).replace(os.sep, "."))
+    for folder, package in TOP_LEVEL_SUBPACKAGES.items():
+        if os.path.isfile(os.path.join(HERE, folder, "__init__.py")):
+            package_dir[package] = folder
+            packages.append(package)
+    return sorted(packages), package_dir
+
+
+def _read(name):
+    with open(os.path.join(HERE, name), encoding="utf-8") as f:
+        return f.read()
+
+
+packages, package_dir = _packages()
+
+core = [
+    "torch>=2.4",
+    "diffusers>=0.35",
+    "safetensors>=0.4",
+    "huggingface_hub>=0.34",
+    "numpy",
+    "Pillow",
+    "pyyaml",
+    "tqdm",
+]
+extras = {
+    "train": ["accelerate>=1.0", "peft>=0.17", "datasets>=3.0"],
+    "space": ["gradio>=5.0"],
+}
+extras["dev"] = sorted({dep for deps in extras.values() for dep in deps} | {"pytest>=8", "transformers"})
+
+setup(
+    name="diffmoe-hf",
+    version="0.1.0",
+    description="Diffusion Mixture-of-Experts transformers (DSMoE, Diff-MoE, DiffMoE, DiT-MoE, JiTMoE) for diffusers",
+    long_description=_read("README.md"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir=package_dir,
+    package_data={"diffmoe_hf": ["data/*.json"]},
+    install_requires=core,
+    extras_require=extras,
+    entry_points={"console_scripts": ["diffmoe = diffmoe_hf.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: Apache Software License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
