@@ -69,3 +69,61 @@ class SigmoidGroupLimitedRouter(nn.Module):
         if self.top_k > 1:
             expert_weights = expert_weights / (expert_weights.sum(dim=-1, keepdim=True) + 1e-20)
         return expert_ids, expert_weights * self.routed_scaling_factor
+
+
+class SoftmaxTopKRouter(nn.Module):
+    """
+    Softmax top-k routing (DiT-MoE, Diff-MoE), computed in float32: `p = softmax(x @ W.T)` over the E experts, the k
+    most probable experts are taken, and their weights are the raw probabilities (they do not sum to 1) unless
+    `normalize_weights`.
+
+    In training mode it also computes the load-balancing loss of the original code,
+    `aux_loss = alpha * sum_e P_e * f_e` over the S tokens of the call, with `P_e` the mean probability of expert e and
+    `f_e = E * (assignments to e) / (S * k)`. It is stored in `self.aux_loss` (None in eval mode); `moe_aux_loss(model)`
+    sums it over a model so a training loop can add it to its objective.
+
+    Args:
+        dim (`int`): Token width D.
+        num_experts (`int`): E.
+        num_experts_per_tok (`int`): k.
+        aux_loss_alpha (`float`): alpha above (0.01 upstream; 0 disables the loss).
+        normalize_weights (`bool`): Renormalise the k weights to sum to 1.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        num_experts_per_tok: int,
+        aux_loss_alpha: float = 0.01,
+        normalize_weights: bool = False,
+    ):
+        super().__init__()
+        if not 1 <= num_experts_per_tok <= num_experts:
+            raise ValueError(f"num_experts_per_tok={num_experts_per_tok} must be between 1 and {num_experts}.")
+        self.num_experts = num_experts
+        self.top_k = num_experts_per_tok
+        self.aux_loss_alpha = aux_loss_alpha
+        self.normalize_weights = normalize_weights
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        self.aux_loss = None
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S, D) tokens -> (expert_ids (S, k), expert_weights (S, k) float32)."""
+        probs = F.linear(hidden_states.float(), self.weight.float()).softmax(dim=-1)
+        expert_weights, expert_ids = probs.topk(self.top_k, dim=-1)
+        if self.normalize_weights:
+            expert_weights = expert_weights / expert_weights.sum(dim=-1, keepdim=True)
+        self.aux_loss = None
+        if self.training and self.aux_loss_alpha > 0:
+            assignments = torch.bincount(expert_ids.reshape(-1), minlength=self.num_experts).to(probs.dtype)
+            load = assignments * self.num_experts / expert_ids.numel()
+            self.aux_loss = self.aux_loss_alpha * (probs.mean(0) * load).sum()
+        return expert_ids, expert_weights
+
+
+def moe_aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """Sum of the load-balancing losses the routers of `model` computed in their last training-mode forward."""
+    losses = [m.aux_loss for m in model.modules() if getattr(m, "aux_loss", None) is not None]
+    return torch.stack(losses).sum() if losses else None
