@@ -1,6 +1,6 @@
 """Converting original research checkpoints into diffusers folders (`diffmoe convert ...`)."""
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint, load_original_checkpoint
-from .convert import CONVERTERS, build_pipeline, convert_checkpoint, imagenet_id2label
+from .convert import CONVERTERS, build_pipeline, convert_checkpoint
 from .convert_dsmoe import build_dsmoe_transformer, convert_dsmoe, dsmoe_config_from_params
 from .hub_folder import apply_hub_layout, push_folder_to_hub, save_folder_atomically

@@ -133,6 +133,7 @@ def load_original_checkpoint(path: str, weights: str = "ema", trust_checkpoint: 
         weights: `"ema"` (default: what the original samplers use; JiT's `model_ema1`) or `"model"` (raw weights).
         trust_checkpoint: Allow arbitrary pickled objects (`weights_only=False`). Only for files you trust.
     """
+    path = os.fspath(path)
     if weights not in WEIGHT_KEYS:
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}.")
     if not os.path.isfile(path):

@@ -2,19 +2,17 @@
 
 import json
 import os
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from diffmoe_hf.formulations import get_formulation
+from diffmoe_hf.labels import imagenet_id2label
 from diffmoe_hf.pipelines import ClassConditionalMoEPipeline
 
 from .checkpoint_io import load_original_checkpoint
 from .convert_dsmoe import DSMOE_MODEL_CARD, build_dsmoe_transformer
 from .hub_folder import DTYPES, cast_for_saving, check_output_dir, push_folder_to_hub, save_folder_atomically
 from .model_card import render_model_card
-
-_IMAGENET_LABELS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "imagenet_id2label.json")
-
 
 @dataclass(frozen=True)
 class FamilyConverter:
@@ -25,12 +23,6 @@ class FamilyConverter:
 
 
 CONVERTERS = {"dsmoe": FamilyConverter(build_dsmoe_transformer, DSMOE_MODEL_CARD)}
-
-
-def imagenet_id2label() -> dict[str, str]:
-    """The 1000 ImageNet-1k class names (comma-separated synonyms), keyed by class id as a string."""
-    with open(_IMAGENET_LABELS, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def _load_id2label(path: str | None, num_classes: int) -> dict[str, str] | None:
@@ -94,6 +86,7 @@ def convert_checkpoint(
     Returns:
         `output_dir`.
     """
+    checkpoint_path, output_dir = os.fspath(checkpoint_path), os.fspath(output_dir)
     if family not in CONVERTERS:
         raise ValueError(f"Unknown family {family!r}; supported: {', '.join(CONVERTERS)}.")
     if dtype not in DTYPES:

@@ -124,6 +124,12 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if output_type != "latent" and self.vae is None and self.transformer.config.in_channels not in (1, 3):
+            raise ValueError(
+                f"This pipeline has no VAE, so it cannot decode {self.transformer.config.in_channels}-channel "
+                "latents. Load one (`ClassConditionalMoEPipeline.from_pretrained(..., "
+                "vae=AutoencoderKL.from_pretrained(...))`) or use output_type='latent'."
+            )
         unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {self._callback_tensor_inputs}.")
@@ -174,14 +180,8 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             if getattr(self.vae.config, "shift_factor", None) is not None:
                 latents = latents + self.vae.config.shift_factor
             images = self.vae.decode(latents).sample
-        elif latents.shape[1] in (1, 3):
-            images = latents  # pixel-space model: its samples are images in [-1, 1]
         else:
-            raise ValueError(
-                f"This pipeline has no VAE, so it cannot decode {latents.shape[1]}-channel latents. Load one "
-                "(`ClassConditionalMoEPipeline.from_pretrained(..., vae=AutoencoderKL.from_pretrained(...))`) or use "
-                "output_type='latent'."
-            )
+            images = latents  # pixel-space model: its samples are images in [-1, 1]
         return (images / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
@@ -245,7 +245,8 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 latents = latents.to(self.transformer.dtype)
 
                 if callback_on_step_end is not None:
-                    callback_kwargs = {k: locals()[k] for k in callback_on_step_end_tensor_inputs or []}
+                    step_tensors = {"latents": latents}
+                    callback_kwargs = {k: step_tensors[k] for k in callback_on_step_end_tensor_inputs or []}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
                 progress_bar.update()
