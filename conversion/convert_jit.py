@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 # `JiT.__init__` defaults, for arguments a config file leaves out
 _JIT_DEFAULTS = dict(input_size=256, patch_size=16, in_channels=3, hidden_size=1024, depth=24, num_heads=16,
-                     mlp_ratio=4.0, num_classes=1000, bottleneck_dim=128, in_context_len=32, in_context_start=8)  # fmt: skip
+                     mlp_ratio=4.0, num_classes=1000, bottleneck_dim=128, in_context_len=32,
+                     in_context_start=8)  # fmt: skip
 # `main_jit.get_args_parser` defaults of the sampling / training parameters the converted config records
 _ARGS_DEFAULTS = dict(label_drop_prob=0.1, noise_scale=1.0, t_eps=0.05)
 
@@ -209,7 +210,9 @@ def build_jit_transformer(
     else:
         trained_as = args.get("model")
         if preset is not None and trained_as is not None and not _same_preset(preset, trained_as):
-            raise CheckpointError(f"--preset {preset!r} contradicts the checkpoint, which was trained as {trained_as!r}.")
+            raise CheckpointError(
+                f"--preset {preset!r} contradicts the checkpoint, which was trained as {trained_as!r}."
+            )
         name = preset if preset is not None else trained_as
         if name is None:
             raise CheckpointError(

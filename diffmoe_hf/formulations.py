@@ -136,7 +136,8 @@ class JiTXPrediction(RectifiedFlowNoiseAtZero):
         self.noise_scale = noise_scale
 
     def for_model(self, config) -> "JiTXPrediction":
-        return type(self)(t_eps=config.get("t_eps", self.t_eps), noise_scale=config.get("noise_scale", self.noise_scale))
+        t_eps, noise_scale = config.get("t_eps", self.t_eps), config.get("noise_scale", self.noise_scale)
+        return type(self)(t_eps=t_eps, noise_scale=noise_scale)
 
     def default_scheduler(self) -> SchedulerMixin:
         return FlowMatchHeunDiscreteScheduler(num_train_timesteps=1000, shift=1.0)

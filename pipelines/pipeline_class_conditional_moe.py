@@ -119,14 +119,20 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         return torch.tensor(ids, device=device, dtype=torch.long)
 
     def check_inputs(
-        self, num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs, guidance_interval=None
+        self,
+        num_inference_steps,
+        guidance_scale,
+        output_type,
+        callback_on_step_end_tensor_inputs,
+        guidance_interval=None,
     ):
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}.")
-        if guidance_interval is not None and (len(guidance_interval) != 2 or guidance_interval[0] > guidance_interval[1]):
-            raise ValueError(f"guidance_interval must be (low, high) with low <= high, got {guidance_interval!r}.")
+        interval = guidance_interval
+        if interval is not None and (len(interval) != 2 or interval[0] > interval[1]):
+            raise ValueError(f"guidance_interval must be (low, high) with low <= high, got {interval!r}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]

@@ -101,13 +101,19 @@ def test_label_dropout_only_in_training_mode():
         torch.testing.assert_close(model(x, t, y).sample, unconditional)
 
 
-def test_in_context_tokens_change_the_output_and_get_gradients():
-    model = tiny_model().train()
+def test_gradients_reach_every_kind_of_parameter_with_and_without_checkpointing():
+    model = tiny_model(class_dropout_prob=0.0).train()
     x, t, y = tiny_inputs()
     model(x, t, y).sample.square().mean().backward()
-    assert model.in_context_pos_embed.grad.abs().sum() > 0
-    assert model.transformer_blocks[1].ff.router.weight.grad.abs().sum() > 0
-    assert model.transformer_blocks[1].ff.experts[0].gate_proj.bias.grad is not None
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    for name in ("in_context_pos_embed", "transformer_blocks.1.ff.router.weight", "pos_embed.patch_proj.weight",
+                 "transformer_blocks.1.ff.experts.0.gate_proj.bias", "transformer_blocks.0.attn.norm_q.weight"):
+        assert grads[name].abs().sum() > 0, name
+    model.zero_grad()
+    model.enable_gradient_checkpointing()
+    model(x, t, y).sample.square().mean().backward()
+    for name, grad in grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=name)
 
 
 def test_guidance_interval_boundaries():
@@ -119,6 +125,8 @@ def test_guidance_interval_boundaries():
     # low == 0 includes t = 0; no interval guides everywhere
     assert formulation.guidance_scale_at(2.9, torch.tensor(0.0), (0.0, 1.0)).item() == pytest.approx(2.9)
     assert formulation.guidance_scale_at(2.9, torch.tensor(1.0), None).item() == pytest.approx(2.9)
+    # the other formulations keep guiding at every step by default
+    assert get_formulation("rf-noise-at-0").default_guidance_interval is None
 
 
 @pytest.mark.parametrize("scheduler_cls", [FlowMatchHeunDiscreteScheduler, FlowMatchEulerDiscreteScheduler])
