@@ -111,17 +111,28 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             raise ValueError("class_labels is empty: give at least one class id or name.")
         ids = [self.get_label_ids(c)[0] if isinstance(c, str) else c for c in class_labels]
         for class_id in ids:
-            if isinstance(class_id, bool) or not isinstance(class_id, int) or not 0 <= class_id < self.num_classes:
+            if isinstance(class_id, bool) or not isinstance(class_id, int) or not 0 <= class_id <= self.num_classes:
                 raise ValueError(
-                    f"Class id {class_id!r} is out of range: this model has classes 0..{self.num_classes - 1}."
+                    f"Class id {class_id!r} is out of range: this model has classes 0..{self.num_classes - 1} "
+                    f"(and the null class {self.num_classes} for unconditional samples)."
                 )
         return torch.tensor(ids, device=device, dtype=torch.long)
 
-    def check_inputs(self, num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs):
+    def check_inputs(
+        self,
+        num_inference_steps,
+        guidance_scale,
+        output_type,
+        callback_on_step_end_tensor_inputs,
+        guidance_interval=None,
+    ):
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}.")
+        interval = guidance_interval
+        if interval is not None and (len(interval) != 2 or interval[0] > interval[1]):
+            raise ValueError(f"guidance_interval must be (low, high) with low <= high, got {interval!r}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         if output_type != "latent" and self.vae is None and self.transformer.config.in_channels not in (1, 3):
@@ -134,11 +145,13 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {self._callback_tensor_inputs}.")
 
-    def prepare_latents(self, batch_size, generator, latents, device, dtype) -> torch.Tensor:
+    def prepare_latents(self, batch_size, generator, latents, device, dtype, formulation=None) -> torch.Tensor:
         config = self.transformer.config
         shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            if formulation is not None:
+                latents = formulation.initial_noise(latents)
         elif tuple(latents.shape) != shape:
             raise ValueError(
                 f"latents have shape {tuple(latents.shape)} but {batch_size} class labels and this transformer need "
@@ -189,7 +202,8 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         self,
         class_labels: int | str | list[int | str] | torch.Tensor,
         num_inference_steps: int = 50,
-        guidance_scale: float = 1.5,
+        guidance_scale: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -202,11 +216,17 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         Generates one image per class label.
 
         Args:
-            class_labels: Class ids (0..num_classes-1) and/or class names (see `pipe.labels`), one per image.
+            class_labels: Class ids (0..num_classes-1) and/or class names (see `pipe.labels`), one per image; the
+                null class id `num_classes` gives an unconditional sample (as the original samplers allow).
             num_inference_steps: Number of denoising steps.
             guidance_scale: Classifier-free guidance scale; values <= 1 disable guidance (one pass per step).
+                Defaults to the formulation's (the original sampling scripts': 1.5 for DSMoE, 2.9 for JiT).
+            guidance_interval: `(low, high)` in model time: guidance only where `low < t < high` (`t < high` when
+                low is 0), one conditional pass elsewhere. Defaults to the formulation's ((0.1, 1.0) for JiT, none
+                for the other families); `(0, float("inf"))` guides at every step.
             generator: `torch.Generator`(s) for reproducible noise.
-            latents: (B, C, sample_size, sample_size) initial noise; drawn from `generator` when omitted.
+            latents: (B, C, sample_size, sample_size) initial noise; drawn from `generator` when omitted (and then
+                scaled as the formulation starts, e.g. by JiT's `noise_scale`; given latents are used as they are).
             output_type: `"pil"`, `"np"` (B, H, W, C) in [0, 1], `"pt"` (B, C, H, W) in [0, 1], or `"latent"`.
             return_dict: Return an `ImagePipelineOutput` instead of a tuple.
             attention_kwargs: Forwarded to the transformer (`{"scale": s}` scales LoRA).
@@ -224,11 +244,17 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         Returns:
             `ImagePipelineOutput` with `images`, or `(images,)`.
         """
-        self.check_inputs(num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
+        formulation = get_formulation(self.transformer.config.formulation).for_model(self.transformer.config)
+        if guidance_scale is None:
+            guidance_scale = formulation.default_guidance_scale
+        if guidance_interval is None:
+            guidance_interval = formulation.default_guidance_interval
+        self.check_inputs(
+            num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs, guidance_interval
+        )
         device = self._execution_device
-        formulation = get_formulation(self.transformer.config.formulation)
         class_ids = self._class_ids(class_labels, device)
-        latents = self.prepare_latents(len(class_ids), generator, latents, device, self.transformer.dtype)
+        latents = self.prepare_latents(len(class_ids), generator, latents, device, self.transformer.dtype, formulation)
 
         formulation.set_timesteps(self.scheduler, num_inference_steps, device)
         timesteps = self.scheduler.timesteps
@@ -239,7 +265,8 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 if hasattr(self.scheduler, "scale_model_input"):
                     model_input = self.scheduler.scale_model_input(latents, t)
                 model_time = formulation.model_time(self.scheduler, t)
-                prediction = self._predict(model_input, model_time, class_ids, guidance_scale, attention_kwargs)
+                scale = formulation.guidance_scale_at(guidance_scale, model_time, guidance_interval).item()
+                prediction = self._predict(model_input, model_time, class_ids, scale, attention_kwargs)
                 step_input = formulation.scheduler_output(prediction, latents, model_time, self.scheduler)
                 latents = self.scheduler.step(step_input, t, latents, **step_kwargs, return_dict=False)[0]
                 latents = latents.to(self.transformer.dtype)

@@ -10,9 +10,10 @@ import os
 
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from safetensors.torch import load_file
 
-from diffmoe_hf import ClassConditionalMoEPipeline
+from diffmoe_hf import ClassConditionalMoEPipeline, get_formulation
 from diffmoe_hf.conversion import convert_checkpoint
 
 from .conftest import PARITY_REPORT, parity_root
@@ -20,13 +21,13 @@ from .conftest import PARITY_REPORT, parity_root
 # family id in source.json -> how its cases are converted
 FAMILIES = {
     "dsmoe": dict(converter="dsmoe", convert_kwargs=lambda case: {"config_path": os.path.join(case, "config.yaml")}),
+    "jitmoe": dict(converter="jit", convert_kwargs=lambda case: {"config_path": os.path.join(case, "config.yaml")}),
+    "jit": dict(converter="jit", convert_kwargs=lambda case: {"config_path": os.path.join(case, "config.yaml")}),
 }
 PENDING = {
     "diff-moe": "Diff-MoE port (issue 3)",
     "dit-moe": "DiT-MoE port (issue 4)",
     "diffmoe-dts": "DiffMoE port (issue 4)",
-    "jitmoe": "JiTMoE port (issue 5)",
-    "jit": "JiT port (issue 5)",
 }
 
 
@@ -114,14 +115,28 @@ def test_parity(case, tmp_path):
             compare("out_cfg", out_cfg, expected["out_cfg"])
 
         sampler = source["sampler"]
-        sample = pipe(
+        sample_kwargs = dict(
             class_labels=expected["sample_y"].tolist(),
             latents=expected["sample_init"],
-            num_inference_steps=sampler["sample_steps"],
-            guidance_scale=sampler["cfg"],
+            num_inference_steps=sampler.get("sample_steps", sampler.get("steps")),
+            guidance_scale=sampler.get("cfg", source.get("cfg_scale")),
             output_type="latent",
-        ).images
+        )
+        if "cfg_interval" in source:
+            sample_kwargs["guidance_interval"] = tuple(source["cfg_interval"])
+        sample = pipe(**sample_kwargs).images
         compare("sample", sample, expected["sample"])
+
+        if "sample_euler" in expected:  # the same sampler with Euler steps instead of the default scheduler's
+            pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+            compare("sample_euler", pipe(**sample_kwargs).images, expected["sample_euler"])
+        if "v_cfg" in expected:  # the original sampler's guided velocity at per-sample times
+            formulation = get_formulation(transformer.config.formulation).for_model(transformer.config)
+            v_cfg = formulation.guided_velocity(
+                transformer, inputs["x"], inputs["t"], inputs["y"], sample_kwargs["guidance_scale"],
+                sample_kwargs.get("guidance_interval"),
+            )  # fmt: skip
+            compare("v_cfg", v_cfg, expected["v_cfg"])
 
     PARITY_REPORT.append(
         f"{os.path.basename(case):40s} " + "  ".join(f"{name}={err:.2e}" for name, err in errors.items())
