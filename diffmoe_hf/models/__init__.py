@@ -1,1 +1,2 @@
 from .transformer_dsmoe import DSMOE_PRESETS, DSMoETransformer2DModel
+from .transformer_dynamic_token_moe import DIFFMOE_PRESETS, DynamicTokenMoETransformer2DModel
