@@ -50,10 +50,11 @@ def reference_eval(layer: DynamicTokenMoE, hidden: torch.Tensor) -> tuple[torch.
     return out.view_as(hidden), torch.tensor(counts)
 
 
+@pytest.mark.parametrize("thresholds", [[0.2, 0.45, 0.5, 0.7], [1.0, 0.3, 1.0, 0.5]], ids=["all", "idle-experts"])
 @torch.no_grad()
-def test_eval_routing_matches_the_dynamic_token_rule():
+def test_eval_routing_matches_the_dynamic_token_rule(thresholds):
     layer = tiny_layer().eval()
-    layer.capacity_predictor.expert_threshold.copy_(torch.tensor([0.2, 0.45, 0.5, 0.7]))
+    layer.capacity_predictor.expert_threshold.copy_(torch.tensor(thresholds))
     hidden = torch.randn(3, 5, DIM)
     expected, counts = reference_eval(layer, hidden)
     torch.testing.assert_close(layer(hidden), expected, rtol=1e-5, atol=1e-6)
@@ -115,7 +116,8 @@ def test_output_depends_on_the_rest_of_the_batch():
 
 def test_pipeline_runs_cond_and_uncond_as_separate_calls():
     model = tiny_model()
-    pipe = ClassConditionalMoEPipeline(transformer=model, scheduler=get_formulation("rf-noise-at-0").default_scheduler())
+    scheduler = get_formulation("rf-noise-at-0").default_scheduler()
+    pipe = ClassConditionalMoEPipeline(transformer=model, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     calls = []
     model.register_forward_pre_hook(lambda m, args: calls.append(args[2].tolist()))

@@ -75,6 +75,9 @@ class DynamicTokenMoE(nn.Module):
 
     So both modes route over the whole batch: a sample's output depends on the other samples of the call.
 
+    Nothing is synchronised with the host in training. At inference the number of routed rows depends on the data, so
+    compacting the selection reads it on the host once per layer (the original code does so once per expert).
+
     Attributes:
         tokens_per_expert: (E,) int64 tokens each expert took in the last forward (`None` before the first).
         aux_loss: in training mode, `capacity_loss_weight * BCEWithLogits(capacity logits, chosen)` of the last
