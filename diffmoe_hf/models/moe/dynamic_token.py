@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from diffusers.models.attention import FeedForward
 from torch import nn
 
-from .dispatch import dispatch, segments_from_expert_choice
+from .dispatch import ExpertSegments, dispatch, segments_from_expert_choice
 from .experts import GeluMLPExperts
 
 
@@ -126,18 +126,23 @@ class DynamicTokenMoE(nn.Module):
         scores = F.linear(tokens.float(), self.gate.weight.float()).softmax(dim=-1).t()  # (E, S)
         capacity_logits = self.capacity_predictor(tokens.detach())  # (S, E)
         if self.training:
-            segments = self._training_selection(scores, capacity_logits)
+            segments = self._select_for_training(scores, capacity_logits)
         else:
-            self.aux_loss = None
-            self.tokens_per_expert = self.capacity_predictor.tokens_per_expert(capacity_logits)
-            weights, token_ids = scores.sort(dim=-1, descending=True)
-            segments = segments_from_expert_choice(token_ids, weights, self.tokens_per_expert)
+            segments = self._select_for_inference(scores, capacity_logits)
         routed = dispatch(tokens, segments, self.experts).to(hidden_states.dtype).view_as(hidden_states)
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(hidden_states)
         return routed
 
-    def _training_selection(self, scores: torch.Tensor, capacity_logits: torch.Tensor):
+    def _select_for_inference(self, scores: torch.Tensor, capacity_logits: torch.Tensor) -> ExpertSegments:
+        """(E, S) gate scores, (S, E) capacity logits -> expert e's k_e best-scoring tokens."""
+        self.aux_loss = None
+        self.tokens_per_expert = self.capacity_predictor.tokens_per_expert(capacity_logits)
+        weights, token_ids = scores.sort(dim=-1, descending=True)
+        return segments_from_expert_choice(token_ids, weights, self.tokens_per_expert)
+
+    def _select_for_training(self, scores: torch.Tensor, capacity_logits: torch.Tensor) -> ExpertSegments:
+        """Expert-choice top-k; also sets `aux_loss` and updates the thresholds."""
         num_tokens = scores.shape[1]
         k = int(num_tokens / self.num_experts * self.capacity)
         if not 1 <= k <= num_tokens:
