@@ -75,8 +75,10 @@ class DynamicTokenMoE(nn.Module):
 
     So both modes route over the whole batch: a sample's output depends on the other samples of the call.
 
-    Nothing is synchronised with the host in training. At inference the number of routed rows depends on the data, so
-    compacting the selection reads it on the host once per layer (the original code does so once per expert).
+    Training routes a fixed number of tokens per expert, so its selection needs no host synchronisation. At inference
+    the number of routed rows depends on the data: compacting the selection reads it on the host once per layer in
+    eager mode (the original code does so once per expert); `torch.compile(fullgraph=True)` traces it with a
+    data-dependent size.
 
     Attributes:
         tokens_per_expert: (E,) int64 tokens each expert took in the last forward (`None` before the first).
