@@ -12,6 +12,7 @@ from diffmoe_hf.pipelines import ClassConditionalMoEPipeline
 from .checkpoint_io import load_original_checkpoint
 from .convert_dsmoe import DSMOE_MODEL_CARD, build_dsmoe_transformer
 from .convert_jit import JIT_MODEL_CARD, build_jit_transformer
+from .convert_dynamic_token_moe import DIFFMOE_DTS_MODEL_CARD, build_dynamic_token_moe_transformer
 from .hub_folder import DTYPES, cast_for_saving, check_output_dir, push_folder_to_hub, save_folder_atomically
 from .model_card import render_model_card
 
@@ -25,6 +26,7 @@ class FamilyConverter:
 
 CONVERTERS = {"dsmoe": FamilyConverter(build_dsmoe_transformer, DSMOE_MODEL_CARD)}
 CONVERTERS["jit"] = FamilyConverter(build_jit_transformer, JIT_MODEL_CARD)
+CONVERTERS["diffmoe-dts"] = FamilyConverter(build_dynamic_token_moe_transformer, DIFFMOE_DTS_MODEL_CARD)
 
 
 def _load_id2label(path: str | None, num_classes: int) -> dict[str, str] | None:

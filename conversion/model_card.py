@@ -5,7 +5,8 @@ def render_model_card(card: dict, transformer, source: str, weights: str, dtype:
     """
     Args:
         card: the family's card facts (`family`, `paper`, `paper_url`, `upstream`, `license`, `license_note`,
-            `sampler`, `default_steps`, `default_guidance`, `results`).
+            `sampler`, `default_steps`, `default_guidance`, `results`; optional `experts`, a format string of
+            `config` for the experts row when the family does not route k experts per token).
         transformer: the converted model (its config and parameter count go into the card).
         source: file name of the original checkpoint; weights: which weights were taken (`ema`, `model_ema1`, ...).
         dtype: saved dtype name; hub_layout: `"package"` or `"remote_code"`.
@@ -19,7 +20,8 @@ def render_model_card(card: dict, transformer, source: str, weights: str, dtype:
         else "from diffmoe_hf import ClassConditionalMoEPipeline\n\n"
         "pipe = ClassConditionalMoEPipeline.from_pretrained(\"<repo-or-folder>\")"
     )
-    experts = f"{config.num_experts} routed, {config.num_experts_per_tok} per token"
+    experts = card.get("experts", "{config.num_experts} routed, {config.num_experts_per_tok} per token")
+    experts = experts.format(config=config)
     if config.get("moe_layers", True) == []:
         experts = "none (dense model)"
     labels = "pipe.get_label_ids([\"golden retriever\"])" if config.num_classes == 1000 else "[0]"

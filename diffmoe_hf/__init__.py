@@ -9,17 +9,20 @@ from diffusers import ModelMixin
 from .formulations import FORMULATIONS, get_formulation
 from .models import DSMOE_PRESETS, DSMoETransformer2DModel
 from .models import JIT_PRESETS, JiTTransformer2DModel
+from .models import DIFFMOE_PRESETS, DynamicTokenMoETransformer2DModel
 from .pipelines import ClassConditionalMoEPipeline
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DIFFMOE_PRESETS",
     "DSMOE_PRESETS",
     "FORMULATIONS",
     "ClassConditionalMoEPipeline",
     "DSMoETransformer2DModel",
     "JIT_PRESETS",
     "JiTTransformer2DModel",
+    "DynamicTokenMoETransformer2DModel",
     "ModelMixin",
     "get_formulation",
 ]

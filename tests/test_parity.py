@@ -23,11 +23,13 @@ FAMILIES = {
     "dsmoe": dict(converter="dsmoe", convert_kwargs=lambda case: {"config_path": os.path.join(case, "config.yaml")}),
     "jitmoe": dict(converter="jit", convert_kwargs=lambda case: {"config_path": os.path.join(case, "config.yaml")}),
     "jit": dict(converter="jit", convert_kwargs=lambda case: {"config_path": os.path.join(case, "config.yaml")}),
+    "diffmoe-dts": dict(
+        converter="diffmoe-dts", convert_kwargs=lambda case: {"config_path": os.path.join(case, "config.yaml")}
+    ),
 }
 PENDING = {
     "diff-moe": "Diff-MoE port (issue 3)",
     "dit-moe": "DiT-MoE port (issue 4)",
-    "diffmoe-dts": "DiffMoE port (issue 4)",
 }
 
 
@@ -104,6 +106,10 @@ def test_parity(case, tmp_path):
             block = int(key.rsplit("block", 1)[1])
             assert torch.equal(routing[block].sort(-1).values, expected[key]), f"{key}{suffix}: routing differs"
             errors["routing" + suffix] = 0.0
+        for key in (k for k in expected if k.startswith("debug.diffmoe_tokens_per_expert.block")):
+            taken = transformer.transformer_blocks[int(key.rsplit("block", 1)[1])].ff.tokens_per_expert
+            assert torch.equal(taken.cpu(), expected[key]), f"{key}{suffix}: tokens per expert differ"
+            errors["tokens_per_expert" + suffix] = 0.0
         if index > 0:
             continue
 

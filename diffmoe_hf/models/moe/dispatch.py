@@ -55,6 +55,35 @@ def segments_from_topk(expert_ids: torch.Tensor, expert_weights: torch.Tensor | 
     )
 
 
+def segments_from_expert_choice(
+    token_ids: torch.Tensor, weights: torch.Tensor, tokens_per_expert: torch.Tensor | None = None
+) -> ExpertSegments:
+    """
+    Lays out expert-choice routing (each expert picks its tokens) as expert segments.
+
+    Args:
+        token_ids: (E, K) int64, the tokens each expert ranked best first.
+        weights: (E, K) the weight of each (expert, token) choice.
+        tokens_per_expert: (E,) int64 number of leading choices expert e keeps (at most K), or `None` to keep all K.
+            Variable counts make the number of rows data-dependent: compacting them reads it on the host once.
+
+    Returns:
+        `ExpertSegments` with expert e's kept tokens as its segment.
+    """
+    num_experts, num_choices = token_ids.shape
+    expert_ids = torch.arange(num_experts, device=token_ids.device).unsqueeze(1).expand(num_experts, num_choices)
+    if tokens_per_expert is None:
+        offsets = torch.arange(1, num_experts + 1, device=token_ids.device, dtype=torch.int32) * num_choices
+        return ExpertSegments(token_ids.reshape(-1), expert_ids.reshape(-1), weights.reshape(-1), offsets)
+    keep = torch.arange(num_choices, device=token_ids.device) < tokens_per_expert.unsqueeze(1)
+    return ExpertSegments(
+        token_index=token_ids[keep],
+        expert_index=expert_ids[keep],
+        weights=weights[keep],
+        offsets=torch.cumsum(tokens_per_expert, 0).to(torch.int32),
+    )
+
+
 def _grouped_mm_usable(rows: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `F.grouped_mm` has a kernel for these operands: CPU (any float type) or CUDA bf16, with 16-byte
     aligned inner dimensions (in and out features)."""
