@@ -8,7 +8,7 @@ are taken from the checkpoint.
 
 from diffmoe_hf.models.transformer_dynamic_token_moe import (
     _RELEASED_COMMON,
-    DIFFMOE_PRESETS,
+    DYNAMIC_TOKEN_MOE_PRESETS,
     DynamicTokenMoETransformer2DModel,
 )
 
@@ -54,9 +54,9 @@ def diffmoe_config_from_params(params: dict) -> dict:
 
 
 def diffmoe_config_from_preset(name: str) -> dict:
-    if name not in DIFFMOE_PRESETS:
-        raise CheckpointError(f"Unknown DiffMoE preset {name!r}; available: {', '.join(DIFFMOE_PRESETS)}.")
-    return {**_RELEASED_COMMON, **DIFFMOE_PRESETS[name]}
+    if name not in DYNAMIC_TOKEN_MOE_PRESETS:
+        raise CheckpointError(f"Unknown DiffMoE preset {name!r}; available: {', '.join(DYNAMIC_TOKEN_MOE_PRESETS)}.")
+    return {**_RELEASED_COMMON, **DYNAMIC_TOKEN_MOE_PRESETS[name]}
 
 
 _RENAME_RULES = [
@@ -115,7 +115,7 @@ def build_dynamic_token_moe_transformer(
     else:
         raise CheckpointError(
             "DiffMoE checkpoints do not store their architecture: pass the training yaml (--config ORIGINAL.yaml) or "
-            f"a preset (--preset, one of {', '.join(DIFFMOE_PRESETS)})."
+            f"a preset (--preset, one of {', '.join(DYNAMIC_TOKEN_MOE_PRESETS)})."
         )
     return convert_dynamic_token_moe(checkpoint, config)
 

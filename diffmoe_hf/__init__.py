@@ -7,22 +7,27 @@ Every model and pipeline module is imported eagerly: diffusers resolves classes 
 from diffusers import ModelMixin
 
 from .formulations import FORMULATIONS, get_formulation
-from .models import DSMOE_PRESETS, DSMoETransformer2DModel
-from .models import JIT_PRESETS, JiTTransformer2DModel
-from .models import DIFFMOE_PRESETS, DynamicTokenMoETransformer2DModel
+from .models import (
+    DSMOE_PRESETS,
+    DYNAMIC_TOKEN_MOE_PRESETS,
+    JIT_PRESETS,
+    DSMoETransformer2DModel,
+    DynamicTokenMoETransformer2DModel,
+    JiTTransformer2DModel,
+)
 from .pipelines import ClassConditionalMoEPipeline
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DIFFMOE_PRESETS",
     "DSMOE_PRESETS",
+    "DYNAMIC_TOKEN_MOE_PRESETS",
     "FORMULATIONS",
+    "JIT_PRESETS",
     "ClassConditionalMoEPipeline",
     "DSMoETransformer2DModel",
-    "JIT_PRESETS",
-    "JiTTransformer2DModel",
     "DynamicTokenMoETransformer2DModel",
+    "JiTTransformer2DModel",
     "ModelMixin",
     "get_formulation",
 ]

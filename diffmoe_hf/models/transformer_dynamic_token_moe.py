@@ -28,7 +28,7 @@ from .validation import check_model_inputs
 # The DiffMoE configs of yhlleo/EfficientMoE (DSMoE/config/000_DiffMoE_*_Flow.yaml). All: 256px ImageNet (latent
 # 32x32x4), patch 2, learned-sigma output (8 channels), mlp_ratio 4, capacity 1, MoE on odd layers, no shared expert.
 # "DiffMoE-L-E16" is what 000_DiffMoE_L_E16_Flow.yaml defines: 8 experts, the same model as "DiffMoE-L-E8".
-DIFFMOE_PRESETS = {
+DYNAMIC_TOKEN_MOE_PRESETS = {
     "DiffMoE-S-E16": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, num_experts=16),
     "DiffMoE-B-E16": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64, num_experts=16),
     "DiffMoE-L-E16": dict(num_layers=24, num_attention_heads=16, attention_head_dim=64, num_experts=8),
@@ -149,10 +149,10 @@ class DynamicTokenMoETransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixi
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DynamicTokenMoETransformer2DModel":
-        """A randomly initialised model with the architecture of an EfficientMoE DiffMoE config (`DIFFMOE_PRESETS`)."""
-        if name not in DIFFMOE_PRESETS:
-            raise ValueError(f"Unknown DiffMoE preset {name!r}; available: {', '.join(DIFFMOE_PRESETS)}.")
-        return cls(**{**_RELEASED_COMMON, **DIFFMOE_PRESETS[name], **overrides})
+        """A randomly initialised model with the architecture of an EfficientMoE DiffMoE config (`DYNAMIC_TOKEN_MOE_PRESETS`)."""
+        if name not in DYNAMIC_TOKEN_MOE_PRESETS:
+            raise ValueError(f"Unknown DiffMoE preset {name!r}; available: {', '.join(DYNAMIC_TOKEN_MOE_PRESETS)}.")
+        return cls(**{**_RELEASED_COMMON, **DYNAMIC_TOKEN_MOE_PRESETS[name], **overrides})
 
     @apply_lora_scale("attention_kwargs")
     def forward(
