@@ -8,6 +8,7 @@ from diffusers import ModelMixin
 
 from .formulations import FORMULATIONS, get_formulation
 from .models import DSMOE_PRESETS, DSMoETransformer2DModel
+from .models import SPATIAL_TEMPORAL_MOE_PRESETS, SpatialTemporalMoETransformer2DModel
 from .pipelines import ClassConditionalMoEPipeline
 
 __version__ = "0.1.0"
@@ -17,6 +18,8 @@ __all__ = [
     "FORMULATIONS",
     "ClassConditionalMoEPipeline",
     "DSMoETransformer2DModel",
+    "SPATIAL_TEMPORAL_MOE_PRESETS",
+    "SpatialTemporalMoETransformer2DModel",
     "ModelMixin",
     "get_formulation",
 ]

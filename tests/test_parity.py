@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from diffusers import DDIMScheduler
 from safetensors.torch import load_file
 
 from diffmoe_hf import ClassConditionalMoEPipeline
@@ -20,9 +21,11 @@ from .conftest import PARITY_REPORT, parity_root
 # family id in source.json -> how its cases are converted
 FAMILIES = {
     "dsmoe": dict(converter="dsmoe", convert_kwargs=lambda case: {"config_path": os.path.join(case, "config.yaml")}),
+    # source.json `kwargs` holds the original constructor arguments (tiny dims no preset has)
+    "diff-moe": dict(converter="diff-moe",
+                     convert_kwargs=lambda case: {"config_path": os.path.join(case, "source.json")}),
 }
 PENDING = {
-    "diff-moe": "Diff-MoE port (issue 3)",
     "dit-moe": "DiT-MoE port (issue 4)",
     "diffmoe-dts": "DiffMoE port (issue 4)",
     "jitmoe": "JiTMoE port (issue 5)",
@@ -61,6 +64,20 @@ def _legacy_forward_with_cfg(transformer, x, t, y, scale, guided_channels=3):
     cond, uncond = guided.chunk(2)
     mixed = uncond + scale * (cond - uncond)
     return torch.cat([torch.cat([mixed, mixed]), rest], dim=1)
+
+
+def _sampler_kwargs(pipe, sampler: dict) -> dict:
+    """Points `pipe` at the recorded upstream sampler (source.json `sampler`) and returns the call's settings."""
+    kwargs = dict(
+        num_inference_steps=sampler.get("sample_steps", sampler.get("steps")),
+        guidance_scale=sampler.get("cfg", sampler.get("cfg_scale")),
+    )
+    if sampler.get("type") == "ddim":
+        assert sampler.get("eta", 0.0) == 0.0, "only deterministic DDIM (eta 0) is reproducible"
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if "forward_with_cfg" in sampler.get("function", ""):
+        kwargs["guidance_channels"] = 3  # the original forward_with_cfg guides output channels 0..2 only
+    return kwargs
 
 
 @pytest.mark.parametrize("case", _cases())
@@ -103,23 +120,24 @@ def test_parity(case, tmp_path):
             block = int(key.rsplit("block", 1)[1])
             assert torch.equal(routing[block].sort(-1).values, expected[key]), f"{key}{suffix}: routing differs"
             errors["routing" + suffix] = 0.0
+        for block, expert_ids in enumerate(expected.get("debug_topk_idx", [])):
+            assert torch.equal(routing[block].sort(-1).values, expert_ids), f"routing of block {block}{suffix} differs"
+            errors["routing" + suffix] = 0.0
         if index > 0:
             continue
 
         if "out_cfg" in expected:
             with torch.no_grad():
-                out_cfg = _legacy_forward_with_cfg(
-                    transformer, inputs["x"], inputs["t"], inputs["y"], source["cfg_scale"]
-                )
+                # cases with dedicated CFG inputs (cfg_x, cfg_t, cfg_y) use them, the others reuse x, t, y
+                cfg_inputs = [inputs.get(f"cfg_{name}", inputs[name]) for name in ("x", "t", "y")]
+                out_cfg = _legacy_forward_with_cfg(transformer, *cfg_inputs, source["cfg_scale"])
             compare("out_cfg", out_cfg, expected["out_cfg"])
 
-        sampler = source["sampler"]
         sample = pipe(
             class_labels=expected["sample_y"].tolist(),
             latents=expected["sample_init"],
-            num_inference_steps=sampler["sample_steps"],
-            guidance_scale=sampler["cfg"],
             output_type="latent",
+            **_sampler_kwargs(pipe, source["sampler"]),
         ).images
         compare("sample", sample, expected["sample"])
 

@@ -1,1 +1,2 @@
 from .transformer_dsmoe import DSMOE_PRESETS, DSMoETransformer2DModel
+from .transformer_spatial_temporal_moe import SPATIAL_TEMPORAL_MOE_PRESETS, SpatialTemporalMoETransformer2DModel

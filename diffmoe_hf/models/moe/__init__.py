@@ -2,3 +2,4 @@ from .dispatch import ExpertSegments, combine_segments, dispatch, grouped_linear
 from .experts import GroupedExperts, SwiGLU, SwiGLUExperts
 from .layers import DeepSeekMoE
 from .routers import SigmoidGroupLimitedRouter, SoftmaxTopKRouter, moe_aux_loss
+from .spatial_temporal_moe import LowRankModulation, ModulatedSwiGLU, ModulatedSwiGLUExperts, SpatialTemporalMoE
