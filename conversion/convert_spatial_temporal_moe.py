@@ -113,6 +113,8 @@ def _declared_settings(checkpoint: LoadedCheckpoint, config_path, preset, num_ex
         update(_preset_settings(args["model"]), f"args.model={args['model']!r}")
     update({k: args[k] for k in ("num_experts", "num_experts_per_tok", "num_classes", "rf") if args.get(k) is not None},
            "the checkpoint's args")  # fmt: skip
+    if args.get("image_size") is not None:
+        update({"input_size": args["image_size"] // 8}, f"args.image_size={args['image_size']} (VAE factor 8)")
     if config_path is not None and preset is not None:
         raise CheckpointError("Pass either the constructor arguments (config_path) or a preset, not both.")
     if config_path is not None:
@@ -133,7 +135,8 @@ def _weight_shapes(state_dict: dict[str, torch.Tensor]) -> dict:
                 "y_embedder.embedding_table.weight")  # fmt: skip
     missing = [k for k in required if k not in state_dict]
     if missing:
-        hint = " (DiT-MoE checkpoints have no expert adaLN: use the dit-moe converter)" if len(missing) == 1 else ""
+        dit_moe = missing == ["blocks.0.moe.experts.0.adaLN_modulation.0.weight"]
+        hint = " (its experts have no adaLN, as in DiT-MoE: use the dit-moe converter)" if dit_moe else ""
         raise CheckpointError(f"Not a Diff-MoE checkpoint: missing {', '.join(missing)}{hint}.")
     dim, in_channels, patch_size, _ = state_dict["x_embedder.proj.weight"].shape
     shared = state_dict.get("blocks.0.moe.shared_experts.gate_proj.weight")
@@ -250,13 +253,14 @@ def spatial_temporal_moe_config(
     if not 1 <= top_k <= shapes["num_experts"]:
         raise CheckpointError(f"experts_per_token={top_k} must be between 1 and {shapes['num_experts']}.")
 
-    pos_side = _check_zero_pos_embed(dict(checkpoint.state_dict), shapes["patch_size"], dim)
-    if pos_side is not None:
-        sample_size = pos_side
-    elif settings.get("input_size") is not None:
-        sample_size = settings["input_size"]
-    else:
-        sample_size = 32
+    sample_size = _check_zero_pos_embed(dict(checkpoint.state_dict), shapes["patch_size"], dim)
+    if sample_size is not None and settings.get("input_size", sample_size) != sample_size:
+        raise CheckpointError(
+            f"input_size={settings['input_size']} (from {origin['input_size']}) but the checkpoint's pos_embed is for "
+            f"a {sample_size}x{sample_size} latent."
+        )
+    if sample_size is None:
+        sample_size = settings.get("input_size", 32)
     return dict(
         sample_size=sample_size,
         patch_size=shapes["patch_size"],

@@ -11,7 +11,7 @@ Rotary variants (head dim `hd`, tokens in raster order, token `n = r * grid_w + 
 | `rope_1d` | DSMoE | dim j with j + hd/2 ("rotate half") | token index n, inv freq `1e4^(-2j/hd)` |
 | `rope_2d` | DSMoE | inside each half of hd, dim j with j + hd/4 | first half: row r, second half: column c |
 | `rope_2d_interleaved` | JiT | adjacent dims (2i, 2i+1) | first half: row r, second half: column c |
-| `rope_2d_alternating` | Diff-MoE | adjacent dims (2i, 2i+1) | pair i: column c (i even) or row r (i odd), inv freq `1e4^(-4*(i//2)/hd)` |
+| `rope_2d_alternating` | Diff-MoE | adjacent dims (2i, 2i+1) | pair i: c (i even) or r (i odd), inv freq `1e4^(-4(i//2)/hd)` |
 """
 
 from typing import NamedTuple
