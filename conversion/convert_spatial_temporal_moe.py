@@ -10,7 +10,9 @@ Where the architecture comes from, in order of precedence:
 
 Every size that the weights determine (width, depth, patch, experts, hidden widths, classes) is read from the weights
 and cross-checked against those settings. The number of attention heads and of experts per token cannot be read from
-the weights: a bare state dict needs them from a preset / config file / option.
+the weights: a bare state dict needs them from a preset / config file / option. `pretraining_tp` (tensor-parallel
+slicing of the expert matmuls) only changes the float summation order and is ignored, as is the original's
+`rank` argument (the original always uses 64; the port reads it from the weights).
 """
 
 import json
@@ -122,9 +124,10 @@ def _declared_settings(checkpoint: LoadedCheckpoint, config_path, preset, num_ex
         update(read_constructor_kwargs(config_path), config_path)
     if preset is not None:
         update(_preset_settings(preset), f"preset={preset!r}")
-    update({"num_experts": num_experts} if num_experts is not None else {}, "num_experts")
-    update({"num_experts_per_tok": experts_per_token} if experts_per_token is not None else {}, "experts_per_token")
-    update({"formulation": formulation} if formulation is not None else {}, "formulation")
+    update({"num_experts": num_experts} if num_experts is not None else {}, "the num_experts option")
+    update({"num_experts_per_tok": experts_per_token} if experts_per_token is not None else {},
+           "the experts_per_token option")  # fmt: skip
+    update({"formulation": formulation} if formulation is not None else {}, "the formulation option")
     return settings, origin
 
 

@@ -8,16 +8,11 @@ noise) and step with the velocity `noise - x0`; each formulation converts to and
 |---|---|---|---|
 | `rf-noise-at-0` | flow time t in [0, 1] | t = 0 | velocity `data - noise` |
 | `rf-noise-at-1` | flow time t in [0, 1] | t = 1 | velocity `noise - data` |
-| `ddpm-learned-sigma` | DDPM index 0..999 | t = 999 | [eps, variance interpolation v in [-1, 1]] |
+| `ddpm-learned-sigma` | DDPM index 0..999 | t = 999 | eps (channels C..2C-1: learned variance v in [-1, 1]) |
 """
 
 import torch
-from diffusers.schedulers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    SchedulerMixin,
-)
+from diffusers.schedulers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler, SchedulerMixin
 
 
 class Formulation:
@@ -181,12 +176,14 @@ class DDPMLearnedSigma(Formulation):
         else:
             scheduler.set_timesteps(num_inference_steps, device=device)
 
+    @staticmethod
+    def _learned_variance(scheduler: SchedulerMixin) -> bool:
+        return getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range")
+
     def sampling_scheduler(self, scheduler, num_inference_steps, device):
         if isinstance(scheduler, DDIMScheduler):
             scheduler = self._respaced_ddim(scheduler, num_inference_steps)
-        elif getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range") and not isinstance(
-            scheduler, DDPMScheduler
-        ):
+        elif self._learned_variance(scheduler) and not isinstance(scheduler, DDPMScheduler):
             scheduler = type(scheduler).from_config(scheduler.config, variance_type=None)
         return super().sampling_scheduler(scheduler, num_inference_steps, device)
 
@@ -196,6 +193,7 @@ class DDPMLearnedSigma(Formulation):
         kept = torch.tensor(ddim_respacing(train_steps, num_inference_steps))
         alphas_cumprod = torch.cumprod(1.0 - scheduler.betas.double(), dim=0)[kept]
         previous = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+        # the upstream chain ends at alpha-bar 1 and needs no step offset, whatever `scheduler` is set to
         respaced = DDIMScheduler.from_config(
             scheduler.config,
             num_train_timesteps=num_inference_steps,
@@ -216,8 +214,7 @@ class DDPMLearnedSigma(Formulation):
 
     def scheduler_output(self, prediction, sample, model_time, scheduler):
         channels = sample.shape[1]
-        learned = getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range")
-        if isinstance(scheduler, DDPMScheduler) and learned:
+        if isinstance(scheduler, DDPMScheduler) and self._learned_variance(scheduler):
             return prediction[:, : 2 * channels]
         return prediction[:, :channels]
 
