@@ -268,3 +268,16 @@ def test_rope_2d_alternating_matches_the_complex_rotation():
     pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous())
     expected = torch.view_as_real(pairs * torch.polar(torch.ones_like(angles), angles)[None, :, None]).flatten(-2)
     torch.testing.assert_close(rotated, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_on_experts_uses_the_per_expert_path():
+    from peft import LoraConfig
+
+    model = _tiny_model()
+    x, t, y = _inputs()
+    with torch.no_grad():
+        base = model(x, t, y).sample
+    model.add_adapter(LoraConfig(r=4, target_modules=["to_q", "to_v", "gate_proj", "up_proj", "down_proj"]))
+    assert not model.transformer_blocks[0].ff.experts._plain_linears()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y).sample, base, atol=1e-5 * base.abs().max().item(), rtol=0)
