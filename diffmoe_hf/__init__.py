@@ -11,9 +11,11 @@ from .models import (
     DSMOE_PRESETS,
     DYNAMIC_TOKEN_MOE_PRESETS,
     JIT_PRESETS,
+    SPATIAL_TEMPORAL_MOE_PRESETS,
     DSMoETransformer2DModel,
     DynamicTokenMoETransformer2DModel,
     JiTTransformer2DModel,
+    SpatialTemporalMoETransformer2DModel,
 )
 from .pipelines import ClassConditionalMoEPipeline
 
@@ -24,10 +26,12 @@ __all__ = [
     "DYNAMIC_TOKEN_MOE_PRESETS",
     "FORMULATIONS",
     "JIT_PRESETS",
+    "SPATIAL_TEMPORAL_MOE_PRESETS",
     "ClassConditionalMoEPipeline",
     "DSMoETransformer2DModel",
     "DynamicTokenMoETransformer2DModel",
     "JiTTransformer2DModel",
+    "SpatialTemporalMoETransformer2DModel",
     "ModelMixin",
     "get_formulation",
 ]

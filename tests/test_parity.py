@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from safetensors.torch import load_file
 
 from diffmoe_hf import ClassConditionalMoEPipeline, get_formulation
@@ -26,9 +26,11 @@ FAMILIES = {
     "diffmoe-dts": dict(
         converter="diffmoe-dts", convert_kwargs=lambda case: {"config_path": os.path.join(case, "config.yaml")}
     ),
+    # source.json `kwargs` holds the original constructor arguments (tiny dims no preset has)
+    "diff-moe": dict(converter="diff-moe",
+                     convert_kwargs=lambda case: {"config_path": os.path.join(case, "source.json")}),
 }
 PENDING = {
-    "diff-moe": "Diff-MoE port (issue 3)",
     "dit-moe": "DiT-MoE port (issue 4)",
 }
 
@@ -64,6 +66,23 @@ def _legacy_forward_with_cfg(transformer, x, t, y, scale, guided_channels=3):
     cond, uncond = guided.chunk(2)
     mixed = uncond + scale * (cond - uncond)
     return torch.cat([torch.cat([mixed, mixed]), rest], dim=1)
+
+
+def _sampler_kwargs(pipe, source: dict) -> dict:
+    """Points `pipe` at the recorded upstream sampler (source.json `sampler`) and returns the call's settings."""
+    sampler = source["sampler"]
+    kwargs = dict(
+        num_inference_steps=sampler.get("sample_steps", sampler.get("steps")),
+        guidance_scale=sampler.get("cfg", sampler.get("cfg_scale", source.get("cfg_scale"))),
+    )
+    if "cfg_interval" in source:
+        kwargs["guidance_interval"] = tuple(source["cfg_interval"])
+    if sampler.get("type") == "ddim":
+        assert sampler.get("eta", 0.0) == 0.0, "only deterministic DDIM (eta 0) is reproducible"
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if "forward_with_cfg" in sampler.get("function", ""):
+        kwargs["guidance_channels"] = 3  # the original forward_with_cfg guides output channels 0..2 only
+    return kwargs
 
 
 @pytest.mark.parametrize("case", _cases())
@@ -110,26 +129,25 @@ def test_parity(case, tmp_path):
             taken = transformer.transformer_blocks[int(key.rsplit("block", 1)[1])].ff.tokens_per_expert
             assert torch.equal(taken.cpu(), expected[key]), f"{key}{suffix}: tokens per expert differ"
             errors["tokens_per_expert" + suffix] = 0.0
+        for block, expert_ids in enumerate(expected.get("debug_topk_idx", [])):
+            assert torch.equal(routing[block].sort(-1).values, expert_ids), f"routing of block {block}{suffix} differs"
+            errors["routing" + suffix] = 0.0
         if index > 0:
             continue
 
         if "out_cfg" in expected:
             with torch.no_grad():
-                out_cfg = _legacy_forward_with_cfg(
-                    transformer, inputs["x"], inputs["t"], inputs["y"], source["cfg_scale"]
-                )
+                # cases with dedicated CFG inputs (cfg_x, cfg_t, cfg_y) use them, the others reuse x, t, y
+                cfg_inputs = [inputs.get(f"cfg_{name}", inputs[name]) for name in ("x", "t", "y")]
+                out_cfg = _legacy_forward_with_cfg(transformer, *cfg_inputs, source["cfg_scale"])
             compare("out_cfg", out_cfg, expected["out_cfg"])
 
-        sampler = source["sampler"]
         sample_kwargs = dict(
             class_labels=expected["sample_y"].tolist(),
             latents=expected["sample_init"],
-            num_inference_steps=sampler.get("sample_steps", sampler.get("steps")),
-            guidance_scale=sampler.get("cfg", source.get("cfg_scale")),
             output_type="latent",
+            **_sampler_kwargs(pipe, source),
         )
-        if "cfg_interval" in source:
-            sample_kwargs["guidance_interval"] = tuple(source["cfg_interval"])
         sample = pipe(**sample_kwargs).images
         compare("sample", sample, expected["sample"])
 

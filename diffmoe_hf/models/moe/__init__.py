@@ -5,3 +5,4 @@ from .experts import GroupedExperts, SwiGLU, SwiGLUExperts
 from .experts import GeluMLPExperts, StackedLinearExperts
 from .layers import DeepSeekMoE
 from .routers import SigmoidGroupLimitedRouter, SoftmaxTopKRouter, moe_aux_loss
+from .spatial_temporal_moe import LowRankModulation, ModulatedSwiGLU, ModulatedSwiGLUExperts, SpatialTemporalMoE

@@ -170,7 +170,7 @@ def combine_segments(expert_out: torch.Tensor, segments: ExpertSegments, num_tok
     return out.index_add_(0, segments.token_index, expert_out)
 
 
-def dispatch(hidden_states: torch.Tensor, segments: ExpertSegments, experts) -> torch.Tensor:
+def dispatch(hidden_states: torch.Tensor, segments: ExpertSegments, experts, **expert_kwargs) -> torch.Tensor:
     """
     Runs `experts` (a `GroupedExperts`) on the routed rows and combines them.
 
@@ -178,9 +178,12 @@ def dispatch(hidden_states: torch.Tensor, segments: ExpertSegments, experts) -> 
         hidden_states: (S, D) token pool.
         segments: routing sorted by expert (`segments_from_topk`, or a family's own selection).
         experts: the expert bank.
+        expert_kwargs: extra per-call inputs of the bank's `forward_grouped` (e.g. Diff-MoE's per-sample
+            conditioning, which the bank gathers per row through `segments.token_index`).
 
     Returns:
         (S, D) weighted sum of each token's expert outputs (zero for tokens no expert took).
     """
     rows = hidden_states[segments.token_index]
-    return combine_segments(experts.forward_grouped(rows, segments), segments, hidden_states.shape[0])
+    expert_out = experts.forward_grouped(rows, segments, **expert_kwargs)
+    return combine_segments(expert_out, segments, hidden_states.shape[0])
