@@ -15,7 +15,12 @@ from huggingface_hub import SpaceCardData
 from huggingface_hub.repocard import RepoCard
 from PIL import Image
 
-from diffmoe_hf import ClassConditionalMoEPipeline, DynamicTokenMoETransformer2DModel, get_formulation
+from diffmoe_hf import (
+    ClassConditionalMoEPipeline,
+    DynamicTokenMoETransformer2DModel,
+    SpatialTemporalMoETransformer2DModel,
+    get_formulation,
+)
 from diffmoe_hf.conversion import convert_checkpoint
 from diffmoe_hf.formulations import FORMULATIONS
 from diffmoe_hf.space import app as space_app
@@ -23,6 +28,7 @@ from diffmoe_hf.space.routing_view import render_expert_map, render_load
 
 from .conftest import REPO_ROOT, parity_root
 from .helpers import tiny_dsmoe, tiny_vae
+from .test_spatial_temporal_moe import TINY as SPATIAL_TEMPORAL_TINY
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -31,8 +37,9 @@ JIT_CASE = "jitmoe-p4-e4"
 
 @pytest.fixture(scope="module")
 def model_folders(tmp_path_factory):
-    """A converted JiTMoE fixture (pixel space, 16 px, 4x4 patches, in-context tokens), a tiny DSMoE with a VAE
-    (token choice, latent) and a tiny DiffMoE (expert choice), all with digit names."""
+    """A converted JiTMoE fixture (pixel space, 16 px, 4x4 patches, in-context tokens), and tiny latent models with a
+    VAE: DSMoE (rectified flow), Diff-MoE by Cheng et al. (DDPM, learned sigma) and DiffMoE by Shi et al. (expert
+    choice); all with digit names."""
     root = tmp_path_factory.mktemp("space-models")
     names = root / "digits.json"
     names.write_text(json.dumps({str(i): name for i, name in enumerate(DIGITS)}))
@@ -46,7 +53,8 @@ def model_folders(tmp_path_factory):
         sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2,
         attention_head_dim=4, mlp_ratio=1.0, num_classes=10, num_experts=4, moe_layers=[0, 1],
     ).eval()  # fmt: skip
-    for name, transformer in (("dsmoe", tiny_dsmoe()), ("dynamic", dynamic)):
+    spatial_temporal = SpatialTemporalMoETransformer2DModel(**SPATIAL_TEMPORAL_TINY).eval()
+    for name, transformer in (("dsmoe", tiny_dsmoe()), ("dynamic", dynamic), ("diff-moe", spatial_temporal)):
         scheduler = get_formulation(transformer.config.formulation).default_scheduler()
         pipe = ClassConditionalMoEPipeline(
             transformer=transformer, scheduler=scheduler, vae=tiny_vae(), id2label=id2label
@@ -77,6 +85,19 @@ def test_models_come_from_the_command_line_then_the_environment_then_the_package
     assert space_app.configured_sources() == {"dsmoe": model_folders["dsmoe"], "org/repo": "org/repo"}
     monkeypatch.delenv(space_app.MODELS_ENV)
     assert space_app.configured_sources() == {"embedded": "/pkg/embedded"}
+
+
+def test_default_models_lists_the_embedded_model_folders(monkeypatch, tmp_path, model_folders):
+    from diffmoe_hf import embedded_models
+
+    monkeypatch.setattr(embedded_models, "embedded_models_root", lambda: str(tmp_path / "models"))
+    assert embedded_models.default_models() == {}
+    shutil.copytree(model_folders["jitmoe"], tmp_path / "models" / "digits-jitmoe")
+    (tmp_path / "models" / "unfinished").mkdir()
+    expected = {"digits-jitmoe": str(tmp_path / "models" / "digits-jitmoe")}
+    assert embedded_models.default_models() == expected
+    monkeypatch.delenv(space_app.MODELS_ENV, raising=False)
+    assert space_app.configured_sources() == expected  # the app serves them when nothing else is configured
 
 
 def test_without_any_model_the_app_says_to_pass_model(monkeypatch):
@@ -182,6 +203,19 @@ def test_latent_and_expert_choice_models(demo_app):
     assert view.loads[0].shape == (2, 4)
     picture, chart, _, caption = demo_app.show_routing(state, view.layers[1], 1)
     assert isinstance(picture, Image.Image) and isinstance(chart, Image.Image) and "block 1, step 1" in caption
+
+
+@pytest.mark.parametrize("scheduler", ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler"])
+def test_ddpm_model_runs_every_offered_scheduler(demo_app, scheduler):
+    assert list(demo_app.models["diff-moe"].schedulers) == [
+        "DDPMScheduler",
+        "DDIMScheduler",
+        "DPMSolverMultistepScheduler",
+    ]
+    gallery, _, state, *_ = _generate(demo_app, model="diff-moe", guidance=1.5, steps=3, scheduler=scheduler)
+    image = np.asarray(gallery[0][0])
+    assert image.shape == (8, 8, 3) and state["view"].num_steps == 3
+    assert len(state["view"].layers) == 2 and state["view"].expert_maps[2][0].shape == (4, 4)
 
 
 def test_show_routing_picks_layer_and_step(demo_app):
