@@ -10,7 +10,7 @@ import yaml
 from diffmoe_hf.models.transformer_dsmoe import _RELEASED_COMMON, DSMOE_PRESETS, DSMoETransformer2DModel
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
-from .state_dict_utils import load_converted_state_dict, rename_keys, split_fused_projection
+from .state_dict_utils import build_converted_model
 
 _ROPE = {"2d": "rope_2d", "1d": "rope_1d", "none": "sincos"}
 _NORM = {"layernorm": "layer_norm", "rmsnorm": "rms_norm"}
@@ -140,16 +140,14 @@ def convert_dsmoe(checkpoint: LoadedCheckpoint, config: dict) -> DSMoETransforme
     Raises:
         CheckpointError: listing unconsumed, missing and mismatched keys when checkpoint and config disagree.
     """
-    try:
-        model = DSMoETransformer2DModel(**config)
-    except ValueError as err:
-        raise CheckpointError(f"Invalid DSMoE configuration: {err}") from None
-    source = dict(checkpoint.state_dict)
-    check_fixed_pos_embed(source, model)
-    converted = rename_keys(source, _RENAME_RULES)
-    split_fused_projection(converted, "attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v"))
-    load_converted_state_dict(model, converted, leftovers=source)
-    return model.eval()
+    return build_converted_model(
+        DSMoETransformer2DModel,
+        config,
+        checkpoint.state_dict,
+        _RENAME_RULES,
+        "DSMoE",
+        consume_fixed_tensors=check_fixed_pos_embed,
+    )
 
 
 def build_dsmoe_transformer(

@@ -15,7 +15,7 @@ import yaml
 from diffmoe_hf.models.transformer_jit import JiTTransformer2DModel, jit_preset_config, resolve_jit_preset
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
-from .state_dict_utils import load_converted_state_dict, rename_keys, split_fused_projection
+from .state_dict_utils import QKV_SPLIT, build_converted_model
 
 logger = logging.getLogger(__name__)
 
@@ -172,18 +172,11 @@ def convert_jit(checkpoint: LoadedCheckpoint, config: dict) -> JiTTransformer2DM
     Raises:
         CheckpointError: listing unconsumed, missing and mismatched keys when checkpoint and config disagree.
     """
-    try:
-        model = JiTTransformer2DModel(**config)
-    except ValueError as err:
-        raise CheckpointError(f"Invalid JiT configuration: {err}") from None
-    source = dict(checkpoint.state_dict)
-    _check_pos_embed(source, model)
-    converted = rename_keys(source, _RENAME_RULES)
-    split_fused_projection(converted, "attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v"))
     # SwiGLUFFN computes w3(silu(a) * b) for the halves (a, b) of w12
-    split_fused_projection(converted, "w12", ("gate_proj", "up_proj"))
-    load_converted_state_dict(model, converted, leftovers=source)
-    return model.eval()
+    fused = (QKV_SPLIT, ("w12", ("gate_proj", "up_proj")))
+    return build_converted_model(
+        JiTTransformer2DModel, config, checkpoint.state_dict, _RENAME_RULES, "JiT", fused, _check_pos_embed
+    )
 
 
 def _same_preset(first: str, second: str) -> bool:

@@ -64,3 +64,41 @@ def load_converted_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
             "this family):\n" + "\n".join(problems)
         )
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state_dict.items()}, strict=True)
+
+
+QKV_SPLIT = ("attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v"))
+
+
+def build_converted_model(
+    model_class,
+    config: dict,
+    state_dict: dict[str, torch.Tensor],
+    rename_rules: list[tuple[str, str]],
+    family: str,
+    fused_projections: tuple[tuple[str, tuple[str, ...]], ...] = (QKV_SPLIT,),
+    consume_fixed_tensors=None,
+):
+    """
+    The conversion every family shares: build `model_class(**config)`, let `consume_fixed_tensors(source, model)`
+    check and pop tensors the model recomputes (fixed position tables), rename the rest with `rename_rules`, split
+    fused projections (`(fused, parts)` pairs), and load strictly (see `load_converted_state_dict`).
+
+    Args:
+        state_dict: the original weights; not modified.
+        family: the family name used in error messages.
+
+    Returns:
+        The loaded model in eval mode.
+    """
+    try:
+        model = model_class(**config)
+    except ValueError as err:
+        raise CheckpointError(f"Invalid {family} configuration: {err}") from None
+    source = dict(state_dict)
+    if consume_fixed_tensors is not None:
+        consume_fixed_tensors(source, model)
+    converted = rename_keys(source, rename_rules)
+    for fused, parts in fused_projections:
+        split_fused_projection(converted, fused, parts)
+    load_converted_state_dict(model, converted, leftovers=source)
+    return model.eval()
