@@ -4,3 +4,5 @@ from .checkpoint_io import CheckpointError, LoadedCheckpoint, load_original_chec
 from .convert import CONVERTERS, build_pipeline, convert_checkpoint, imagenet_id2label
 from .convert_dsmoe import build_dsmoe_transformer, convert_dsmoe, dsmoe_config_from_params
 from .hub_folder import apply_hub_layout, push_folder_to_hub, save_folder_atomically
+from .convert_dit_moe import build_dit_moe_transformer, convert_dit_moe, dit_moe_config
+from .low_memory import init_empty_model

@@ -9,6 +9,7 @@ from diffmoe_hf.formulations import get_formulation
 from diffmoe_hf.pipelines import ClassConditionalMoEPipeline
 
 from .checkpoint_io import load_original_checkpoint
+from .convert_dit_moe import DIT_MOE_MODEL_CARD, build_dit_moe_transformer
 from .convert_dsmoe import DSMOE_MODEL_CARD, build_dsmoe_transformer
 from .hub_folder import DTYPES, cast_for_saving, check_output_dir, push_folder_to_hub, save_folder_atomically
 from .model_card import render_model_card
@@ -25,6 +26,7 @@ class FamilyConverter:
 
 
 CONVERTERS = {"dsmoe": FamilyConverter(build_dsmoe_transformer, DSMOE_MODEL_CARD)}
+CONVERTERS["dit-moe"] = FamilyConverter(build_dit_moe_transformer, DIT_MOE_MODEL_CARD)
 
 
 def imagenet_id2label() -> dict[str, str]:
@@ -100,7 +102,9 @@ def convert_checkpoint(
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
     check_output_dir(output_dir, overwrite)
     converter = CONVERTERS[family]
-    checkpoint = load_original_checkpoint(checkpoint_path, weights=weights, trust_checkpoint=trust_checkpoint)
+    checkpoint = load_original_checkpoint(
+        checkpoint_path, weights=weights, trust_checkpoint=trust_checkpoint, mmap=True
+    )
     transformer = converter.build(checkpoint, config_path=config_path, preset=preset)
     pipeline = build_pipeline(cast_for_saving(transformer, DTYPES[dtype]), vae_path, id2label_path)
     card = render_model_card(

@@ -8,14 +8,17 @@ from diffusers import ModelMixin
 
 from .formulations import FORMULATIONS, get_formulation
 from .models import DSMOE_PRESETS, DSMoETransformer2DModel
+from .models import DIT_MOE_PRESETS, DiTMoETransformer2DModel
 from .pipelines import ClassConditionalMoEPipeline
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DIT_MOE_PRESETS",
     "DSMOE_PRESETS",
     "FORMULATIONS",
     "ClassConditionalMoEPipeline",
+    "DiTMoETransformer2DModel",
     "DSMoETransformer2DModel",
     "ModelMixin",
     "get_formulation",

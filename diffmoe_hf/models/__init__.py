@@ -1,1 +1,2 @@
 from .transformer_dsmoe import DSMOE_PRESETS, DSMoETransformer2DModel
+from .transformer_dit_moe import DIT_MOE_PRESETS, DiTMoETransformer2DModel

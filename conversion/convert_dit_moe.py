@@ -1,0 +1,346 @@
+"""DiT-MoE (feizc/DiT-MoE, Fei et al.) checkpoints -> `DiTMoETransformer2DModel`.
+
+Files: train.py dicts `{"model", "ema", "opt", "args"}` (EMA weights by default), bare EMA state dicts, the release
+layout `{"ema": state_dict}`, DeepSpeed `"module"` dicts (see `checkpoint_io`); both attention key layouts (timm
+`attn.qkv/proj`, and the flash-attention `attn.Wqkv/q_norm/k_norm/out_proj` of the XL/G models).
+
+The architecture is gathered from three sources and must agree:
+1. explicit options: `preset`, an original architecture name (`"DiT-XL/2"`) or a released file name
+   (`"dit_moe_xl_8E2A"`, which also fixes experts, experts per token and formulation), and/or `config_path`, a JSON or
+   YAML file with `models.DiT` constructor arguments (`hidden_size`, `num_heads`, `num_experts_per_tok`, ...) at the
+   top level or under `"kwargs"`, optionally `model` / `image_size` as in train.py, and `formulation` (or `rf`);
+2. the train.py `args` stored in the checkpoint (`model`, `image_size`, `num_classes`, `num_experts`,
+   `num_experts_per_tok`, `rf`), overridden by explicit options;
+3. the weights, which fix everything except the number of heads (timm layout), the experts per token and the
+   formulation; a value from 1. or 2. that contradicts them is an error.
+
+The model is built on the meta device and adopts the source tensors (`low_memory`), so a 16B checkpoint converts with
+one copy of its weights in memory.
+"""
+
+import os
+import re
+
+import torch
+import yaml
+
+from diffmoe_hf.models.transformer_dit_moe import DIT_MOE_PRESETS, DiTMoETransformer2DModel
+
+from .checkpoint_io import CheckpointError, LoadedCheckpoint
+from .convert_dsmoe import check_fixed_pos_embed
+from .low_memory import init_empty_model
+from .state_dict_utils import load_converted_state_dict, rename_keys, split_fused_projection
+
+FORMULATIONS = ("ddpm-learned-sigma", "rf-noise-at-1")
+# `models.DiT` constructor arguments (upstream names)
+CONSTRUCTOR_ARGS = (
+    "input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio", "class_dropout_prob",
+    "num_classes", "num_experts", "num_experts_per_tok", "pretraining_tp", "learn_sigma", "use_flash_attn",
+)  # fmt: skip
+# train.py-style fields a config file may use besides the constructor arguments
+CONFIG_EXTRAS = ("model", "image_size", "rf", "formulation")
+
+# The files of huggingface.co/feizhengcong/DiT-MoE (README table): architecture, experts, experts per token, sampler.
+DIT_MOE_RELEASES = {
+    "dit_moe_s_8E2A": dict(model="DiT-S/2", num_experts=8, num_experts_per_tok=2, formulation="ddpm-learned-sigma"),
+    "dit_moe_s_16E2A": dict(model="DiT-S/2", num_experts=16, num_experts_per_tok=2, formulation="ddpm-learned-sigma"),
+    "dit_moe_b_8E2A": dict(model="DiT-B/2", num_experts=8, num_experts_per_tok=2, formulation="ddpm-learned-sigma"),
+    "dit_moe_xl_8E2A": dict(model="DiT-XL/2", num_experts=8, num_experts_per_tok=2, formulation="rf-noise-at-1"),
+    "dit_moe_g_16E2A": dict(model="DiT-G/2", num_experts=16, num_experts_per_tok=2, formulation="rf-noise-at-1"),
+}  # fmt: skip
+
+
+class _Sourced(dict):
+    """Architecture fields in upstream names, each remembering where its value came from (for error messages)."""
+
+    def __init__(self):
+        super().__init__()
+        self.origin = {}
+
+    def put(self, key, value, origin: str, override: bool = False) -> None:
+        if key in self and self[key] != value and not override:
+            raise CheckpointError(
+                f"Contradicting options: {key}={self[key]!r} ({self.origin[key]}) but {key}={value!r} ({origin})."
+            )
+        if override or key not in self:
+            self[key], self.origin[key] = value, origin
+
+    def describe(self, key) -> str:
+        return f"{key}={self[key]!r} ({self.origin[key]})"
+
+
+def _preset_fields(name: str, origin: str) -> dict:
+    """Upstream architecture fields of a `DiT_models` name."""
+    if name not in DIT_MOE_PRESETS:
+        raise CheckpointError(f"Unknown DiT-MoE architecture {name!r} ({origin}); known: {', '.join(DIT_MOE_PRESETS)}.")
+    preset = DIT_MOE_PRESETS[name]
+    return dict(
+        depth=preset["num_layers"],
+        hidden_size=preset["num_attention_heads"] * preset["attention_head_dim"],
+        num_heads=preset["num_attention_heads"],
+        patch_size=preset["patch_size"],
+    )
+
+
+def _train_fields(fields: dict, origin: str) -> dict:
+    """Turns train.py-style fields (`model`, `image_size`, `rf`) into constructor fields plus `formulation`."""
+    fields = dict(fields)
+    out = {}
+    model = fields.pop("model", None)
+    if model is not None:
+        out.update(_preset_fields(model, f"{origin}, model={model!r}"))
+    image_size = fields.pop("image_size", None)
+    if image_size is not None:
+        if image_size % 8:
+            raise CheckpointError(f"image_size={image_size} ({origin}) is not a multiple of the VAE factor 8.")
+        out["input_size"] = image_size // 8
+    rf = fields.pop("rf", None)
+    formulation = fields.pop("formulation", None)
+    if rf is not None:
+        out["formulation"] = "rf-noise-at-1" if rf else "ddpm-learned-sigma"
+    if formulation is not None:
+        if formulation not in FORMULATIONS:
+            raise CheckpointError(f"formulation={formulation!r} ({origin}); DiT-MoE models use {FORMULATIONS}.")
+        if out.get("formulation", formulation) != formulation:
+            raise CheckpointError(f"rf={rf!r} and formulation={formulation!r} contradict each other ({origin}).")
+        out["formulation"] = formulation
+    for key, value in fields.items():
+        if key in out and out[key] != value:
+            raise CheckpointError(f"{key}={value!r} contradicts {key}={out[key]!r} derived from it ({origin}).")
+        out[key] = value
+    return out
+
+
+def read_config_file(path: str) -> dict:
+    """
+    The constructor arguments of a JSON/YAML config: a mapping of `models.DiT` arguments (plus `model`, `image_size`,
+    `rf`, `formulation`), or a construction record with the arguments under `"kwargs"` and an optional top-level
+    `formulation` / `rf`.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as err:
+        raise CheckpointError(f"Could not read the DiT-MoE config {path}: {err}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a mapping of DiT-MoE constructor arguments.")
+    if isinstance(config.get("kwargs"), dict):
+        fields = dict(config["kwargs"])
+        fields.update({key: config[key] for key in ("formulation", "rf") if key in config})
+    else:
+        fields = config
+    unknown = sorted(set(fields) - set(CONSTRUCTOR_ARGS) - set(CONFIG_EXTRAS))
+    if unknown:
+        raise CheckpointError(
+            f"{path} has keys that are not DiT-MoE constructor arguments: {unknown}. Known: "
+            f"{', '.join(CONSTRUCTOR_ARGS + CONFIG_EXTRAS)}."
+        )
+    return fields
+
+
+def _explicit_fields(config_path: str | None, preset: str | None) -> _Sourced:
+    explicit = _Sourced()
+    if preset is not None:
+        name = os.path.splitext(os.path.basename(preset))[0] if preset.endswith(".pt") else preset
+        if name in DIT_MOE_RELEASES:
+            fields = _train_fields(DIT_MOE_RELEASES[name], f"release {name}")
+        elif name in DIT_MOE_PRESETS:
+            fields = _preset_fields(name, f"preset {name}")
+        else:
+            raise CheckpointError(
+                f"Unknown DiT-MoE preset {preset!r}; use an architecture ({', '.join(DIT_MOE_PRESETS)}) or a released "
+                f"file name ({', '.join(DIT_MOE_RELEASES)})."
+            )
+        for key, value in fields.items():
+            explicit.put(key, value, f"preset {name}")
+    if config_path is not None:
+        for key, value in _train_fields(read_config_file(config_path), config_path).items():
+            explicit.put(key, value, config_path)
+    return explicit
+
+
+def _recorded_fields(checkpoint: LoadedCheckpoint) -> dict:
+    """The architecture recorded in train.py `args` (empty for bare and release files)."""
+    if checkpoint.args is None:
+        return {}
+    args = vars(checkpoint.args)
+    fields = {key: args[key] for key in ("image_size", "num_classes", "num_experts", "num_experts_per_tok", "rf")
+              if args.get(key) is not None}  # fmt: skip
+    if args.get("model") in DIT_MOE_PRESETS:
+        fields["model"] = args["model"]
+    return _train_fields(fields, "checkpoint args")
+
+
+_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
+
+
+def infer_from_weights(state_dict: dict[str, torch.Tensor], class_dropout_prob: float) -> dict:
+    """The architecture fields (upstream names) that the shapes of a DiT-MoE state dict determine."""
+    required = ("x_embedder.proj.weight", "blocks.0.moe.gate.weight", "y_embedder.embedding_table.weight",
+                "final_layer.linear.weight", "blocks.0.moe.experts.0.gate_proj.weight")  # fmt: skip
+    absent = [key for key in required if key not in state_dict]
+    if absent:
+        raise CheckpointError(
+            f"This does not look like a DiT-MoE state dict: missing {absent} (found e.g. {sorted(state_dict)[:5]})."
+        )
+    hidden, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
+    flash = {"Wqkv" in key for key in state_dict if re.fullmatch(r"blocks\.\d+\.attn\.(qkv|Wqkv)\.weight", key)}
+    if len(flash) > 1:
+        raise CheckpointError("The checkpoint mixes the timm (attn.qkv) and flash (attn.Wqkv) attention layouts.")
+    table_rows = state_dict["y_embedder.embedding_table.weight"].shape[0]
+    out_rows = state_dict["final_layer.linear.weight"].shape[0]
+    if out_rows not in (patch * patch * in_channels, 2 * patch * patch * in_channels):
+        raise CheckpointError(f"final_layer.linear has {out_rows} rows; expected p²·C or p²·2C.")
+    fields = dict(
+        hidden_size=hidden,
+        in_channels=in_channels,
+        patch_size=patch,
+        depth=1 + max(int(_BLOCK_KEY.match(key).group(1)) for key in state_dict if _BLOCK_KEY.match(key)),
+        num_experts=state_dict["blocks.0.moe.gate.weight"].shape[0],
+        moe_intermediate_size=state_dict["blocks.0.moe.experts.0.gate_proj.weight"].shape[0],
+        num_classes=table_rows - (1 if class_dropout_prob > 0 else 0),
+        learn_sigma=out_rows == 2 * patch * patch * in_channels,
+        use_flash_attn=flash == {True},
+    )
+    shared = state_dict.get("blocks.0.moe.shared_experts.gate_proj.weight")
+    fields["shared_expert_intermediate_size"] = 0 if shared is None else shared.shape[0]
+    if "pos_embed" in state_dict:
+        grid = int(round(state_dict["pos_embed"].shape[1] ** 0.5))
+        fields["input_size"] = grid * patch
+    if fields["use_flash_attn"]:
+        fields["num_heads"] = hidden // state_dict["blocks.0.attn.q_norm.weight"].shape[0]
+    return fields
+
+
+def dit_moe_config(checkpoint: LoadedCheckpoint, config_path: str | None = None, preset: str | None = None) -> dict:
+    """
+    The `DiTMoETransformer2DModel` config of `checkpoint` (see the module docstring for the sources).
+
+    Raises:
+        CheckpointError: when sources contradict each other or the weights, or a field no source gives is needed.
+    """
+    explicit = _explicit_fields(config_path, preset)
+    fields = _Sourced()
+    for key, value in _recorded_fields(checkpoint).items():
+        fields.put(key, value, "checkpoint args")
+    for key, value in explicit.items():
+        fields.put(key, value, explicit.origin[key], override=True)
+    if "class_dropout_prob" not in fields:  # the upstream default; it decides whether the label table has a null row
+        fields.put("class_dropout_prob", 0.1, "default")
+
+    for key, value in infer_from_weights(checkpoint.state_dict, fields["class_dropout_prob"]).items():
+        if key in fields and fields[key] != value:
+            raise CheckpointError(
+                f"{fields.describe(key)} contradicts the checkpoint weights, which have {key}={value!r}."
+            )
+        fields.put(key, value, "checkpoint weights")
+    if "mlp_ratio" in fields and fields["mlp_ratio"] * fields["hidden_size"] != fields["moe_intermediate_size"]:
+        raise CheckpointError(
+            f"{fields.describe('mlp_ratio')} contradicts the checkpoint weights, whose experts are "
+            f"{fields['moe_intermediate_size']} wide for hidden size {fields['hidden_size']}."
+        )
+
+    missing = [key for key in ("num_heads", "num_experts_per_tok", "formulation", "input_size") if key not in fields]
+    if missing:
+        raise CheckpointError(
+            f"The DiT-MoE architecture is incomplete: {', '.join(missing)} cannot be read from this checkpoint. Pass a "
+            f"preset (--preset, e.g. one of {', '.join(DIT_MOE_RELEASES)} or an architecture such as DiT-S/2) and/or "
+            "a config file (--config) with num_heads, num_experts_per_tok and formulation ('ddpm-learned-sigma' or "
+            "'rf-noise-at-1', or rf: true/false)."
+        )
+    hidden, heads = fields["hidden_size"], fields["num_heads"]
+    if hidden % heads:
+        raise CheckpointError(f"hidden_size={hidden} is not divisible by {fields.describe('num_heads')}.")
+    if not 1 <= fields["num_experts_per_tok"] <= fields["num_experts"]:
+        raise CheckpointError(
+            f"{fields.describe('num_experts_per_tok')} must be between 1 and the {fields['num_experts']} experts."
+        )
+    in_channels = fields["in_channels"]
+    return dict(
+        sample_size=fields["input_size"],
+        patch_size=fields["patch_size"],
+        in_channels=in_channels,
+        out_channels=2 * in_channels if fields["learn_sigma"] else in_channels,
+        num_layers=fields["depth"],
+        num_attention_heads=heads,
+        attention_head_dim=hidden // heads,
+        num_classes=fields["num_classes"],
+        class_dropout_prob=fields["class_dropout_prob"],
+        num_experts=fields["num_experts"],
+        num_experts_per_tok=fields["num_experts_per_tok"],
+        moe_intermediate_size=fields["moe_intermediate_size"],
+        shared_expert_intermediate_size=fields["shared_expert_intermediate_size"],
+        qk_norm="layer_norm" if fields["use_flash_attn"] else None,
+        formulation=fields["formulation"],
+    )
+
+
+_RENAME_RULES = [
+    (r"x_embedder\.proj\.(weight|bias)", r"pos_embed.proj.\1"),
+    (r"t_embedder\.mlp\.0\.(weight|bias)", r"embedding.timestep_embedder.linear_1.\1"),
+    (r"t_embedder\.mlp\.2\.(weight|bias)", r"embedding.timestep_embedder.linear_2.\1"),
+    (r"y_embedder\.embedding_table\.weight", r"embedding.class_embedder.embedding_table.weight"),
+    (r"blocks\.(\d+)\.attn\.(?:qkv|Wqkv)\.(weight|bias)", r"transformer_blocks.\1.attn.qkv.\2"),
+    (r"blocks\.(\d+)\.attn\.(?:proj|out_proj)\.(weight|bias)", r"transformer_blocks.\1.attn.to_out.0.\2"),
+    (r"blocks\.(\d+)\.attn\.q_norm\.(weight|bias)", r"transformer_blocks.\1.attn.norm_q.\2"),
+    (r"blocks\.(\d+)\.attn\.k_norm\.(weight|bias)", r"transformer_blocks.\1.attn.norm_k.\2"),
+    (r"blocks\.(\d+)\.adaLN_modulation\.1\.(weight|bias)", r"transformer_blocks.\1.modulation.linear.\2"),
+    (r"blocks\.(\d+)\.moe\.gate\.weight", r"transformer_blocks.\1.ff.router.weight"),
+    (r"blocks\.(\d+)\.moe\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight",
+     r"transformer_blocks.\1.ff.experts.\2.\3.weight"),
+    (r"blocks\.(\d+)\.moe\.shared_experts\.(gate_proj|up_proj|down_proj)\.weight",
+     r"transformer_blocks.\1.ff.shared_experts.\2.weight"),
+    (r"final_layer\.linear\.(weight|bias)", r"proj_out.proj.\1"),
+    (r"final_layer\.adaLN_modulation\.1\.(weight|bias)", r"proj_out.modulation.linear.\1"),
+]  # fmt: skip
+
+
+def convert_dit_moe(checkpoint: LoadedCheckpoint, config: dict) -> DiTMoETransformer2DModel:
+    """
+    Builds a `DiTMoETransformer2DModel` with `config` on the meta device and fills it with the tensors of
+    `checkpoint`, consuming `checkpoint.state_dict` (its tensors become the model's parameters).
+
+    Raises:
+        CheckpointError: listing unconsumed, missing and mismatched keys when checkpoint and config disagree.
+    """
+    try:
+        model = init_empty_model(DiTMoETransformer2DModel, **config)
+    except ValueError as err:
+        raise CheckpointError(f"Invalid DiT-MoE configuration: {err}") from None
+    source = checkpoint.state_dict
+    check_fixed_pos_embed(source, model)
+    converted = rename_keys(source, _RENAME_RULES)
+    split_fused_projection(converted, "attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v"))
+    load_converted_state_dict(model, converted, leftovers=source)
+    return model.eval()
+
+
+def build_dit_moe_transformer(
+    checkpoint: LoadedCheckpoint, config_path: str | None = None, preset: str | None = None
+) -> DiTMoETransformer2DModel:
+    """Converts a DiT-MoE checkpoint; `config_path` / `preset` complete or override what the checkpoint records."""
+    return convert_dit_moe(checkpoint, dit_moe_config(checkpoint, config_path=config_path, preset=preset))
+
+
+DIT_MOE_MODEL_CARD = dict(
+    family="DiT-MoE",
+    paper="Scaling Diffusion Transformers to 16 Billion Parameters (Fei et al., 2024)",
+    paper_url="https://arxiv.org/abs/2407.11633",
+    upstream="https://github.com/feizc/DiT-MoE",
+    license="other",
+    license_note="The upstream repository ships no license file; check the original release before redistributing.",
+    sampler=(
+        "DDPM models (`ddpm-learned-sigma`, DiT-MoE-S/B): the original samples ancestrally with the DiT diffusion "
+        "code (learned sigma, linear betas); the folder's scheduler reproduces its deterministic DDIM sampler "
+        "(eta 0). Rectified-flow models (`rf-noise-at-1`, DiT-MoE-XL/G): Euler from t = 1 (noise) to 0 with "
+        "t_i = i/N, classifier-free guidance on the velocity; `FlowMatchEulerDiscreteScheduler(shift=1.0)` with "
+        "sigmas i/N reproduces it (the original RF script uses 50 steps and guidance 7). The original DDPM guidance "
+        "mixes only the first 3 latent channels (a DiT legacy); this pipeline guides all channels."
+    ),
+    default_steps=50,
+    default_guidance=4.0,
+    results=(
+        "ImageNet 256x256 class-conditional; see the paper for FID-50K of the released models "
+        "(DiT-MoE-S/2-8E2A, -S/2-16E2A, -B/2-8E2A, -XL/2-8E2A, -G/2-16E2A)."
+    ),
+)
