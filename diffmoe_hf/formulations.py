@@ -7,10 +7,17 @@ noise) and step with the velocity `noise - x0`; each formulation converts to and
 | name | model time | noise at | model output (first C channels) |
 |---|---|---|---|
 | `rf-noise-at-0` | flow time t in [0, 1] | t = 0 | velocity `data - noise` |
+| `rf-noise-at-1` | flow time t in [0, 1] | t = 1 | velocity `noise - data` |
+| `ddpm-learned-sigma` | DDPM index 0..999 | t = 999 | [eps, variance interpolation v in [-1, 1]] |
 """
 
 import torch
-from diffusers.schedulers import FlowMatchEulerDiscreteScheduler, SchedulerMixin
+from diffusers.schedulers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SchedulerMixin,
+)
 
 
 class Formulation:
@@ -25,6 +32,17 @@ class Formulation:
     def set_timesteps(self, scheduler: SchedulerMixin, num_inference_steps: int, device: torch.device) -> None:
         """Sets the sampling grid (the upstream grid where the scheduler can express it)."""
         scheduler.set_timesteps(num_inference_steps, device=device)
+
+    def sampling_scheduler(
+        self, scheduler: SchedulerMixin, num_inference_steps: int, device: torch.device
+    ) -> SchedulerMixin:
+        """
+        The scheduler that runs one sampling call, with its timesteps set. By default `scheduler` itself; a
+        formulation returns a derived scheduler when the upstream sampler needs a grid that `scheduler` cannot express
+        (the pipeline's own scheduler is then left untouched).
+        """
+        self.set_timesteps(scheduler, num_inference_steps, device)
+        return scheduler
 
     def model_time(self, scheduler: SchedulerMixin, timestep: torch.Tensor) -> torch.Tensor:
         """The transformer's timestep input for the scheduler timestep `timestep` (0-d tensor)."""
@@ -71,7 +89,142 @@ class RectifiedFlowNoiseAtZero(Formulation):
         return -prediction[:, : sample.shape[1]]
 
 
-FORMULATIONS: dict[str, Formulation] = {f.name: f for f in (RectifiedFlowNoiseAtZero(),)}
+class RectifiedFlowNoiseAtOne(Formulation):
+    """
+    Rectified flow with t = 1 at noise (DiT-MoE, Diff-MoE): `z_t = (1 - t) * x + t * noise`, the model predicts the
+    velocity `noise - x`, which is diffusers' flow-matching convention with sigma = t. The model takes the unscaled
+    t = sigma = timestep / num_train_timesteps. The upstream Euler sampler evaluates t_i = i / N for i = N..1, which
+    `FlowMatchEulerDiscreteScheduler` takes as custom sigmas (its default grid, linspace(1, 1/1000, N), differs).
+    """
+
+    name = "rf-noise-at-1"
+
+    def default_scheduler(self) -> SchedulerMixin:
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+
+    def set_timesteps(self, scheduler, num_inference_steps, device):
+        if isinstance(scheduler, FlowMatchEulerDiscreteScheduler) and not scheduler.config.use_dynamic_shifting:
+            sigmas = [(num_inference_steps - i) / num_inference_steps for i in range(num_inference_steps)]
+            scheduler.set_timesteps(sigmas=sigmas, device=device)
+        else:
+            scheduler.set_timesteps(num_inference_steps, device=device)
+
+    def model_time(self, scheduler, timestep):
+        return timestep.float() / scheduler.config.num_train_timesteps
+
+    def scheduler_output(self, prediction, sample, model_time, scheduler):
+        return prediction[:, : sample.shape[1]]
+
+
+def ddim_respacing(num_train_timesteps: int, num_inference_steps: int) -> list[int]:
+    """
+    The kept DDPM indices of the original DiT/ADM `"ddimN"` respacing, ascending: `range(0, T, s)` with the smallest
+    stride s that gives exactly N indices. Equal to diffusers' "leading" spacing only when N divides T (N = 6, T = 1000
+    gives stride 167, not 166).
+    """
+    for stride in range(1, num_train_timesteps):
+        if len(range(0, num_train_timesteps, stride)) == num_inference_steps:
+            return list(range(0, num_train_timesteps, stride))
+    raise ValueError(
+        f"The original DDIM respacing has no stride giving exactly {num_inference_steps} of {num_train_timesteps} "
+        "timesteps; choose another num_inference_steps."
+    )
+
+
+def evenly_spaced_respacing(num_train_timesteps: int, num_inference_steps: int) -> list[int]:
+    """
+    The kept DDPM indices of the original DiT/ADM `"N"` respacing (one section), ascending: positions
+    `round(j * (T - 1) / (N - 1))` accumulated as a float stride, with Python's round-half-to-even.
+    """
+    if not 1 <= num_inference_steps <= num_train_timesteps:
+        raise ValueError(f"num_inference_steps must be between 1 and {num_train_timesteps}, got {num_inference_steps}.")
+    stride = 1.0 if num_inference_steps == 1 else (num_train_timesteps - 1) / (num_inference_steps - 1)
+    position, kept = 0.0, []
+    for _ in range(num_inference_steps):
+        kept.append(round(position))
+        position += stride
+    return kept
+
+
+class DDPMLearnedSigma(Formulation):
+    """
+    DDPM with epsilon prediction and learned variance (DiT, DiT-MoE, Diff-MoE): the model takes the integer DDPM index
+    t in 0..999 (999 = noise) and returns `[eps, v]` with v the learned-range variance interpolation.
+
+    - `DDPMScheduler` (the default, `variance_type="learned_range"`) gets the full 2C output and runs the upstream
+      ancestral sampler on the upstream `"N"` grid (`evenly_spaced_respacing`; the default 250 steps).
+    - `DDIMScheduler` (eta 0) runs the upstream `"ddimN"` grid exactly for every N: the upstream respaced chain is a
+      DDIM scheduler over N steps with betas `1 - abar[tau_k] / abar[tau_(k-1)]`, so a derived `DDIMScheduler` with
+      those `trained_betas` steps k = N-1..0 and the model gets the original index `tau_k` (`original_timesteps`).
+    - Any other scheduler (e.g. `DPMSolverMultistepScheduler`) runs its own grid on the eps half (a learned
+      `variance_type` there is dropped, since those schedulers would keep only 3 channels of it).
+    """
+
+    name = "ddpm-learned-sigma"
+
+    def default_scheduler(self) -> SchedulerMixin:
+        return DDPMScheduler(
+            num_train_timesteps=1000,
+            beta_start=1e-4,
+            beta_end=0.02,
+            beta_schedule="linear",
+            variance_type="learned_range",
+            clip_sample=False,
+            timestep_spacing="linspace",
+        )
+
+    def set_timesteps(self, scheduler, num_inference_steps, device):
+        if isinstance(scheduler, DDPMScheduler):
+            train_steps = scheduler.config.num_train_timesteps
+            kept = evenly_spaced_respacing(train_steps, num_inference_steps)
+            scheduler.set_timesteps(timesteps=kept[::-1], device=device)
+        else:
+            scheduler.set_timesteps(num_inference_steps, device=device)
+
+    def sampling_scheduler(self, scheduler, num_inference_steps, device):
+        if isinstance(scheduler, DDIMScheduler):
+            scheduler = self._respaced_ddim(scheduler, num_inference_steps)
+        elif getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range") and not isinstance(
+            scheduler, DDPMScheduler
+        ):
+            scheduler = type(scheduler).from_config(scheduler.config, variance_type=None)
+        return super().sampling_scheduler(scheduler, num_inference_steps, device)
+
+    @staticmethod
+    def _respaced_ddim(scheduler: DDIMScheduler, num_inference_steps: int) -> DDIMScheduler:
+        train_steps = scheduler.config.num_train_timesteps
+        kept = torch.tensor(ddim_respacing(train_steps, num_inference_steps))
+        alphas_cumprod = torch.cumprod(1.0 - scheduler.betas.double(), dim=0)[kept]
+        previous = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+        respaced = DDIMScheduler.from_config(
+            scheduler.config,
+            num_train_timesteps=num_inference_steps,
+            trained_betas=(1.0 - alphas_cumprod / previous).tolist(),
+            rescale_betas_zero_snr=False,  # already applied to the betas read above
+            set_alpha_to_one=True,
+            steps_offset=0,
+            timestep_spacing="leading",
+        )
+        respaced.original_timesteps = kept  # step k of the respaced chain is DDPM index kept[k]
+        return respaced
+
+    def model_time(self, scheduler, timestep):
+        original = getattr(scheduler, "original_timesteps", None)
+        if original is not None:
+            return original.to(timestep.device)[timestep.long()].float()
+        return timestep.float()
+
+    def scheduler_output(self, prediction, sample, model_time, scheduler):
+        channels = sample.shape[1]
+        learned = getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range")
+        if isinstance(scheduler, DDPMScheduler) and learned:
+            return prediction[:, : 2 * channels]
+        return prediction[:, :channels]
+
+
+FORMULATIONS: dict[str, Formulation] = {
+    f.name: f for f in (RectifiedFlowNoiseAtZero(), RectifiedFlowNoiseAtOne(), DDPMLearnedSigma())
+}
 
 
 def get_formulation(name: str) -> Formulation:

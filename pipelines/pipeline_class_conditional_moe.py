@@ -141,8 +141,11 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         latents = latents.to(device=device, dtype=dtype)
         return latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
 
-    def _predict(self, latents, model_time, class_ids, guidance_scale, attention_kwargs) -> torch.Tensor:
-        """Transformer output with classifier-free guidance on the first `in_channels` channels."""
+    def _predict(
+        self, latents, model_time, class_ids, guidance_scale, attention_kwargs, guidance_channels=None
+    ) -> torch.Tensor:
+        """Transformer output with classifier-free guidance on the first `guidance_channels` (default: all latent)
+        channels; the other channels are the conditional output."""
         timestep = model_time.to(latents.device).expand(latents.shape[0])
         if guidance_scale <= 1.0:
             return self.transformer(latents, timestep, class_ids, attention_kwargs=attention_kwargs).sample
@@ -159,7 +162,7 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 attention_kwargs=attention_kwargs,
             ).sample
             cond, uncond = both.chunk(2)
-        channels = latents.shape[1]
+        channels = guidance_channels or latents.shape[1]
         guided = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
         return torch.cat([guided, cond[:, channels:]], dim=1)
 
@@ -197,6 +200,7 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         attention_kwargs: dict | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        guidance_channels: int | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""
         Generates one image per class label.
@@ -213,6 +217,10 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             callback_on_step_end: `fn(pipe, step, timestep, callback_kwargs) -> dict` called after every step; the
                 returned `"latents"` replaces the current latents.
             callback_on_step_end_tensor_inputs: Tensors passed in `callback_kwargs` (only `"latents"`).
+            guidance_channels: Parity option: guide only the first `guidance_channels` output channels and keep the
+                conditional output in the others. `None` (default) guides all latent channels. The original DiT /
+                DiT-MoE / Diff-MoE DDPM samplers (`forward_with_cfg`) guide only channels 0..2 of 4-channel latents:
+                pass 3 to reproduce them exactly.
 
         Examples:
         ```py
@@ -225,23 +233,28 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             `ImagePipelineOutput` with `images`, or `(images,)`.
         """
         self.check_inputs(num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
+        in_channels = self.transformer.config.in_channels
+        if guidance_channels is not None and not 1 <= guidance_channels <= in_channels:
+            raise ValueError(f"guidance_channels must be None or between 1 and {in_channels}, got {guidance_channels}.")
         device = self._execution_device
         formulation = get_formulation(self.transformer.config.formulation)
         class_ids = self._class_ids(class_labels, device)
         latents = self.prepare_latents(len(class_ids), generator, latents, device, self.transformer.dtype)
 
-        formulation.set_timesteps(self.scheduler, num_inference_steps, device)
-        timesteps = self.scheduler.timesteps
+        scheduler = formulation.sampling_scheduler(self.scheduler, num_inference_steps, device)
+        timesteps = scheduler.timesteps
         step_kwargs = self._step_kwargs(generator)
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 model_input = latents
-                if hasattr(self.scheduler, "scale_model_input"):
-                    model_input = self.scheduler.scale_model_input(latents, t)
-                model_time = formulation.model_time(self.scheduler, t)
-                prediction = self._predict(model_input, model_time, class_ids, guidance_scale, attention_kwargs)
-                step_input = formulation.scheduler_output(prediction, latents, model_time, self.scheduler)
-                latents = self.scheduler.step(step_input, t, latents, **step_kwargs, return_dict=False)[0]
+                if hasattr(scheduler, "scale_model_input"):
+                    model_input = scheduler.scale_model_input(latents, t)
+                model_time = formulation.model_time(scheduler, t)
+                prediction = self._predict(
+                    model_input, model_time, class_ids, guidance_scale, attention_kwargs, guidance_channels
+                )
+                step_input = formulation.scheduler_output(prediction, latents, model_time, scheduler)
+                latents = scheduler.step(step_input, t, latents, **step_kwargs, return_dict=False)[0]
                 latents = latents.to(self.transformer.dtype)
 
                 if callback_on_step_end is not None:
