@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from diffusers import DDIMScheduler
 from safetensors.torch import load_file
 
 from diffmoe_hf import ClassConditionalMoEPipeline
@@ -20,10 +21,11 @@ from .conftest import PARITY_REPORT, parity_root
 # family id in source.json -> how its cases are converted
 FAMILIES = {
     "dsmoe": dict(converter="dsmoe", convert_kwargs=lambda case: {"config_path": os.path.join(case, "config.yaml")}),
+    # the constructor arguments of DiT-MoE cases are in source.json -> kwargs (tiny dims no preset has)
+    "dit-moe": dict(converter="dit-moe", convert_kwargs=lambda case: {"config_path": os.path.join(case, "source.json")}),
 }
 PENDING = {
     "diff-moe": "Diff-MoE port (issue 3)",
-    "dit-moe": "DiT-MoE port (issue 4)",
     "diffmoe-dts": "DiffMoE port (issue 4)",
     "jitmoe": "JiTMoE port (issue 5)",
     "jit": "JiT port (issue 5)",
@@ -47,6 +49,24 @@ def _cases():
         marks = [pytest.mark.xfail(reason=PENDING[family], strict=True)] if family in PENDING else []
         params.append(pytest.param(case, id=name, marks=marks))
     return params
+
+
+def _sampler_call(pipe, sampler: dict) -> dict:
+    """
+    Pipeline arguments reproducing a case's recorded sampler. Steps and guidance are `sample_steps`/`cfg` or
+    `steps`/`cfg_scale`; a `"ddim"` sampler (the original DiT DDIM loop, eta 0) runs on a `DDIMScheduler` made from the
+    folder's scheduler config, and guidance through the original `forward_with_cfg` covers output channels 0..2 only.
+    """
+    if sampler.get("type") == "ddim":
+        assert sampler.get("eta", 0.0) == 0.0, "only deterministic DDIM (eta 0) cases are supported"
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    call = dict(
+        num_inference_steps=sampler.get("sample_steps", sampler.get("steps")),
+        guidance_scale=sampler.get("cfg", sampler.get("cfg_scale")),
+    )
+    if "forward_with_cfg" in sampler.get("function", ""):
+        call["guidance_channels"] = 3
+    return call
 
 
 def _tolerance(expected: torch.Tensor) -> float:
@@ -103,23 +123,25 @@ def test_parity(case, tmp_path):
             block = int(key.rsplit("block", 1)[1])
             assert torch.equal(routing[block].sort(-1).values, expected[key]), f"{key}{suffix}: routing differs"
             errors["routing" + suffix] = 0.0
+        if "debug_topk_idx" in expected:  # (depth, B*T, k) expert ids of every MoE block, ascending per token
+            routed = torch.stack([routing[block].sort(-1).values for block in sorted(routing)])
+            assert torch.equal(routed, expected["debug_topk_idx"]), f"debug_topk_idx{suffix}: routing differs"
+            errors["routing" + suffix] = 0.0
         if index > 0:
             continue
 
         if "out_cfg" in expected:
+            # cases with dedicated CFG inputs (cfg_x = [x[:n], x[:n]], cfg_y = [cond, null]) use them
+            cfg_inputs = [inputs.get(f"cfg_{name}", inputs[name]) for name in ("x", "t", "y")]
             with torch.no_grad():
-                out_cfg = _legacy_forward_with_cfg(
-                    transformer, inputs["x"], inputs["t"], inputs["y"], source["cfg_scale"]
-                )
+                out_cfg = _legacy_forward_with_cfg(transformer, *cfg_inputs, source["cfg_scale"])
             compare("out_cfg", out_cfg, expected["out_cfg"])
 
-        sampler = source["sampler"]
         sample = pipe(
             class_labels=expected["sample_y"].tolist(),
             latents=expected["sample_init"],
-            num_inference_steps=sampler["sample_steps"],
-            guidance_scale=sampler["cfg"],
             output_type="latent",
+            **_sampler_call(pipe, source["sampler"]),
         ).images
         compare("sample", sample, expected["sample"])
 
