@@ -58,12 +58,15 @@ class _Sourced(dict):
         self.origin = {}
 
     def put(self, key, value, origin: str, override: bool = False) -> None:
+        """Sets `key`; a different value for a key already set is an error unless `override`."""
         if key in self and self[key] != value and not override:
-            raise CheckpointError(
-                f"Contradicting options: {key}={self[key]!r} ({self.origin[key]}) but {key}={value!r} ({origin})."
-            )
+            raise CheckpointError(f"Contradicting options: {self.describe(key)} but {key}={value!r} ({origin}).")
         if override or key not in self:
             self[key], self.origin[key] = value, origin
+
+    def merge(self, other: "_Sourced", override: bool = False) -> None:
+        for key, value in other.items():
+            self.put(key, value, other.origin[key], override)
 
     def describe(self, key) -> str:
         return f"{key}={self[key]!r} ({self.origin[key]})"
@@ -82,32 +85,26 @@ def _preset_fields(name: str, origin: str) -> dict:
     )
 
 
-def _train_fields(fields: dict, origin: str) -> dict:
-    """Turns train.py-style fields (`model`, `image_size`, `rf`) into constructor fields plus `formulation`."""
+def _train_fields(fields: dict, origin: str) -> _Sourced:
+    """Constructor fields plus `formulation` from train.py-style fields (`model`, `image_size`, `rf` included)."""
     fields = dict(fields)
-    out = {}
+    out = _Sourced()
     model = fields.pop("model", None)
     if model is not None:
-        out.update(_preset_fields(model, f"{origin}, model={model!r}"))
+        for key, value in _preset_fields(model, origin).items():
+            out.put(key, value, f"{origin}, model={model!r}")
     image_size = fields.pop("image_size", None)
     if image_size is not None:
         if image_size % 8:
             raise CheckpointError(f"image_size={image_size} ({origin}) is not a multiple of the VAE factor 8.")
-        out["input_size"] = image_size // 8
+        out.put("input_size", image_size // 8, f"{origin}, image_size={image_size}")
     rf = fields.pop("rf", None)
-    formulation = fields.pop("formulation", None)
     if rf is not None:
-        out["formulation"] = "rf-noise-at-1" if rf else "ddpm-learned-sigma"
-    if formulation is not None:
-        if formulation not in FORMULATIONS:
-            raise CheckpointError(f"formulation={formulation!r} ({origin}); DiT-MoE models use {FORMULATIONS}.")
-        if out.get("formulation", formulation) != formulation:
-            raise CheckpointError(f"rf={rf!r} and formulation={formulation!r} contradict each other ({origin}).")
-        out["formulation"] = formulation
+        out.put("formulation", "rf-noise-at-1" if rf else "ddpm-learned-sigma", f"{origin}, rf={rf!r}")
+    if fields.get("formulation", FORMULATIONS[0]) not in FORMULATIONS:
+        raise CheckpointError(f"formulation={fields['formulation']!r} ({origin}); DiT-MoE models use {FORMULATIONS}.")
     for key, value in fields.items():
-        if key in out and out[key] != value:
-            raise CheckpointError(f"{key}={value!r} contradicts {key}={out[key]!r} derived from it ({origin}).")
-        out[key] = value
+        out.put(key, value, origin)
     return out
 
 
@@ -143,26 +140,24 @@ def _explicit_fields(config_path: str | None, preset: str | None) -> _Sourced:
     if preset is not None:
         name = os.path.splitext(os.path.basename(preset))[0] if preset.endswith(".pt") else preset
         if name in DIT_MOE_RELEASES:
-            fields = _train_fields(DIT_MOE_RELEASES[name], f"release {name}")
+            explicit.merge(_train_fields(DIT_MOE_RELEASES[name], f"preset {name}"))
         elif name in DIT_MOE_PRESETS:
-            fields = _preset_fields(name, f"preset {name}")
+            for key, value in _preset_fields(name, "preset").items():
+                explicit.put(key, value, f"preset {name}")
         else:
             raise CheckpointError(
                 f"Unknown DiT-MoE preset {preset!r}; use an architecture ({', '.join(DIT_MOE_PRESETS)}) or a released "
                 f"file name ({', '.join(DIT_MOE_RELEASES)})."
             )
-        for key, value in fields.items():
-            explicit.put(key, value, f"preset {name}")
     if config_path is not None:
-        for key, value in _train_fields(read_config_file(config_path), config_path).items():
-            explicit.put(key, value, config_path)
+        explicit.merge(_train_fields(read_config_file(config_path), config_path))
     return explicit
 
 
-def _recorded_fields(checkpoint: LoadedCheckpoint) -> dict:
+def _recorded_fields(checkpoint: LoadedCheckpoint) -> _Sourced:
     """The architecture recorded in train.py `args` (empty for bare and release files)."""
     if checkpoint.args is None:
-        return {}
+        return _Sourced()
     args = vars(checkpoint.args)
     fields = {key: args[key] for key in ("image_size", "num_classes", "num_experts", "num_experts_per_tok", "rf")
               if args.get(key) is not None}  # fmt: skip
@@ -220,11 +215,8 @@ def dit_moe_config(checkpoint: LoadedCheckpoint, config_path: str | None = None,
         CheckpointError: when sources contradict each other or the weights, or a field no source gives is needed.
     """
     explicit = _explicit_fields(config_path, preset)
-    fields = _Sourced()
-    for key, value in _recorded_fields(checkpoint).items():
-        fields.put(key, value, "checkpoint args")
-    for key, value in explicit.items():
-        fields.put(key, value, explicit.origin[key], override=True)
+    fields = _recorded_fields(checkpoint)
+    fields.merge(explicit, override=True)
     if "class_dropout_prob" not in fields:  # the upstream default; it decides whether the label table has a null row
         fields.put("class_dropout_prob", 0.1, "default")
 
