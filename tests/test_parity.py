@@ -21,8 +21,9 @@ from .conftest import PARITY_REPORT, parity_root
 # family id in source.json -> how its cases are converted
 FAMILIES = {
     "dsmoe": dict(converter="dsmoe", convert_kwargs=lambda case: {"config_path": os.path.join(case, "config.yaml")}),
-    # the constructor arguments of DiT-MoE cases are in source.json -> kwargs (tiny dims no preset has)
-    "dit-moe": dict(converter="dit-moe", convert_kwargs=lambda case: {"config_path": os.path.join(case, "source.json")}),
+    # source.json `kwargs` holds the original constructor arguments (tiny dims no preset has)
+    "dit-moe": dict(converter="dit-moe",
+                    convert_kwargs=lambda case: {"config_path": os.path.join(case, "source.json")}),
 }
 PENDING = {
     "diff-moe": "Diff-MoE port (issue 3)",
@@ -51,24 +52,6 @@ def _cases():
     return params
 
 
-def _sampler_call(pipe, sampler: dict) -> dict:
-    """
-    Pipeline arguments reproducing a case's recorded sampler. Steps and guidance are `sample_steps`/`cfg` or
-    `steps`/`cfg_scale`; a `"ddim"` sampler (the original DiT DDIM loop, eta 0) runs on a `DDIMScheduler` made from the
-    folder's scheduler config, and guidance through the original `forward_with_cfg` covers output channels 0..2 only.
-    """
-    if sampler.get("type") == "ddim":
-        assert sampler.get("eta", 0.0) == 0.0, "only deterministic DDIM (eta 0) cases are supported"
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    call = dict(
-        num_inference_steps=sampler.get("sample_steps", sampler.get("steps")),
-        guidance_scale=sampler.get("cfg", sampler.get("cfg_scale")),
-    )
-    if "forward_with_cfg" in sampler.get("function", ""):
-        call["guidance_channels"] = 3
-    return call
-
-
 def _tolerance(expected: torch.Tensor) -> float:
     return 1e-4 * max(1.0, expected.abs().max().item())
 
@@ -81,6 +64,20 @@ def _legacy_forward_with_cfg(transformer, x, t, y, scale, guided_channels=3):
     cond, uncond = guided.chunk(2)
     mixed = uncond + scale * (cond - uncond)
     return torch.cat([torch.cat([mixed, mixed]), rest], dim=1)
+
+
+def _sampler_kwargs(pipe, sampler: dict) -> dict:
+    """Points `pipe` at the recorded upstream sampler (source.json `sampler`) and returns the call's settings."""
+    kwargs = dict(
+        num_inference_steps=sampler.get("sample_steps", sampler.get("steps")),
+        guidance_scale=sampler.get("cfg", sampler.get("cfg_scale")),
+    )
+    if sampler.get("type") == "ddim":
+        assert sampler.get("eta", 0.0) == 0.0, "only deterministic DDIM (eta 0) is reproducible"
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if "forward_with_cfg" in sampler.get("function", ""):
+        kwargs["guidance_channels"] = 3  # the original forward_with_cfg guides output channels 0..2 only
+    return kwargs
 
 
 @pytest.mark.parametrize("case", _cases())
@@ -123,17 +120,16 @@ def test_parity(case, tmp_path):
             block = int(key.rsplit("block", 1)[1])
             assert torch.equal(routing[block].sort(-1).values, expected[key]), f"{key}{suffix}: routing differs"
             errors["routing" + suffix] = 0.0
-        if "debug_topk_idx" in expected:  # (depth, B*T, k) expert ids of every MoE block, ascending per token
-            routed = torch.stack([routing[block].sort(-1).values for block in sorted(routing)])
-            assert torch.equal(routed, expected["debug_topk_idx"]), f"debug_topk_idx{suffix}: routing differs"
+        for block, expert_ids in enumerate(expected.get("debug_topk_idx", [])):
+            assert torch.equal(routing[block].sort(-1).values, expert_ids), f"routing of block {block}{suffix} differs"
             errors["routing" + suffix] = 0.0
         if index > 0:
             continue
 
         if "out_cfg" in expected:
-            # cases with dedicated CFG inputs (cfg_x = [x[:n], x[:n]], cfg_y = [cond, null]) use them
-            cfg_inputs = [inputs.get(f"cfg_{name}", inputs[name]) for name in ("x", "t", "y")]
             with torch.no_grad():
+                # cases with dedicated CFG inputs (cfg_x, cfg_t, cfg_y) use them, the others reuse x, t, y
+                cfg_inputs = [inputs.get(f"cfg_{name}", inputs[name]) for name in ("x", "t", "y")]
                 out_cfg = _legacy_forward_with_cfg(transformer, *cfg_inputs, source["cfg_scale"])
             compare("out_cfg", out_cfg, expected["out_cfg"])
 
@@ -141,7 +137,7 @@ def test_parity(case, tmp_path):
             class_labels=expected["sample_y"].tolist(),
             latents=expected["sample_init"],
             output_type="latent",
-            **_sampler_call(pipe, source["sampler"]),
+            **_sampler_kwargs(pipe, source["sampler"]),
         ).images
         compare("sample", sample, expected["sample"])
 
