@@ -6,9 +6,10 @@ layout `{"ema": state_dict}`, DeepSpeed `"module"` dicts (see `checkpoint_io`); 
 
 The architecture is gathered from three sources and must agree:
 1. explicit options: `preset`, an original architecture name (`"DiT-XL/2"`) or a released file name
-   (`"dit_moe_xl_8E2A"`, which also fixes experts, experts per token and formulation), and/or `config_path`, a JSON or
-   YAML file with `models.DiT` constructor arguments (`hidden_size`, `num_heads`, `num_experts_per_tok`, ...) at the
-   top level or under `"kwargs"`, optionally `model` / `image_size` as in train.py, and `formulation` (or `rf`);
+   (`"dit_moe_xl_8E2A"`, which also fixes experts, experts per token and formulation); `config_path`, a JSON or YAML
+   file with `models.DiT` constructor arguments (`hidden_size`, `num_heads`, `num_experts_per_tok`, ...) at the top
+   level or under `"kwargs"`, optionally `model` / `image_size` as in train.py, and `formulation` (or `rf`); and the
+   `num_experts`, `experts_per_token` and `formulation` options (the same as the Diff-MoE converter's);
 2. the train.py `args` stored in the checkpoint (`model`, `image_size`, `num_classes`, `num_experts`,
    `num_experts_per_tok`, `rf`), overridden by explicit options;
 3. the weights, which fix everything except the number of heads (timm layout), the experts per token and the
@@ -32,6 +33,8 @@ from .low_memory import init_empty_model
 from .state_dict_utils import load_converted_state_dict, rename_keys, split_fused_projection
 
 FORMULATIONS = ("ddpm-learned-sigma", "rf-noise-at-1")
+# short names accepted for the `formulation` option and config field (as the Diff-MoE converter)
+FORMULATION_ALIASES = {"ddpm": "ddpm-learned-sigma", "rf": "rf-noise-at-1"}
 # `models.DiT` constructor arguments (upstream names)
 CONSTRUCTOR_ARGS = (
     "input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio", "class_dropout_prob",
@@ -101,8 +104,13 @@ def _train_fields(fields: dict, origin: str) -> _Sourced:
     rf = fields.pop("rf", None)
     if rf is not None:
         out.put("formulation", "rf-noise-at-1" if rf else "ddpm-learned-sigma", f"{origin}, rf={rf!r}")
-    if fields.get("formulation", FORMULATIONS[0]) not in FORMULATIONS:
-        raise CheckpointError(f"formulation={fields['formulation']!r} ({origin}); DiT-MoE models use {FORMULATIONS}.")
+    if "formulation" in fields:
+        fields["formulation"] = FORMULATION_ALIASES.get(fields["formulation"], fields["formulation"])
+        if fields["formulation"] not in FORMULATIONS:
+            raise CheckpointError(
+                f"formulation={fields['formulation']!r} ({origin}); DiT-MoE models use {', '.join(FORMULATIONS)} "
+                f"(or {', '.join(FORMULATION_ALIASES)})."
+            )
     for key, value in fields.items():
         out.put(key, value, origin)
     return out
@@ -135,8 +143,11 @@ def read_config_file(path: str) -> dict:
     return fields
 
 
-def _explicit_fields(config_path: str | None, preset: str | None) -> _Sourced:
+def _explicit_fields(config_path: str | None, preset: str | None, options: dict) -> _Sourced:
     explicit = _Sourced()
+    for key, value in _train_fields({k: v for k, v in options.items() if v is not None}, "option").items():
+        name = {"num_experts_per_tok": "experts_per_token"}.get(key, key)
+        explicit.put(key, value, f"the {name} option")
     if preset is not None:
         name = os.path.splitext(os.path.basename(preset))[0] if preset.endswith(".pt") else preset
         if name in DIT_MOE_RELEASES:
@@ -207,14 +218,28 @@ def infer_from_weights(state_dict: dict[str, torch.Tensor], class_dropout_prob: 
     return fields
 
 
-def dit_moe_config(checkpoint: LoadedCheckpoint, config_path: str | None = None, preset: str | None = None) -> dict:
+def dit_moe_config(
+    checkpoint: LoadedCheckpoint,
+    config_path: str | None = None,
+    preset: str | None = None,
+    num_experts: int | None = None,
+    experts_per_token: int | None = None,
+    formulation: str | None = None,
+) -> dict:
     """
     The `DiTMoETransformer2DModel` config of `checkpoint` (see the module docstring for the sources).
+
+    Args:
+        checkpoint: the loaded original checkpoint.
+        config_path, preset: see the module docstring.
+        num_experts, experts_per_token, formulation: explicit settings (`formulation`: `"ddpm-learned-sigma"` /
+            `"ddpm"` or `"rf-noise-at-1"` / `"rf"`); `num_experts` is only checked against the weights.
 
     Raises:
         CheckpointError: when sources contradict each other or the weights, or a field no source gives is needed.
     """
-    explicit = _explicit_fields(config_path, preset)
+    options = dict(num_experts=num_experts, num_experts_per_tok=experts_per_token, formulation=formulation)
+    explicit = _explicit_fields(config_path, preset, options)
     fields = _recorded_fields(checkpoint)
     fields.merge(explicit, override=True)
     if "class_dropout_prob" not in fields:  # the upstream default; it decides whether the label table has a null row
@@ -236,9 +261,9 @@ def dit_moe_config(checkpoint: LoadedCheckpoint, config_path: str | None = None,
     if missing:
         raise CheckpointError(
             f"The DiT-MoE architecture is incomplete: {', '.join(missing)} cannot be read from this checkpoint. Pass a "
-            f"preset (--preset, e.g. one of {', '.join(DIT_MOE_RELEASES)} or an architecture such as DiT-S/2) and/or "
-            "a config file (--config) with num_heads, num_experts_per_tok and formulation ('ddpm-learned-sigma' or "
-            "'rf-noise-at-1', or rf: true/false)."
+            f"preset (e.g. a released file name, {', '.join(DIT_MOE_RELEASES)}, or an architecture such as DiT-S/2), "
+            "a config file with the original constructor arguments (num_heads, num_experts_per_tok, ...) and "
+            "formulation, and/or the experts_per_token and formulation ('ddpm' or 'rf') options."
         )
     hidden, heads = fields["hidden_size"], fields["num_heads"]
     if hidden % heads:
@@ -308,10 +333,19 @@ def convert_dit_moe(checkpoint: LoadedCheckpoint, config: dict) -> DiTMoETransfo
 
 
 def build_dit_moe_transformer(
-    checkpoint: LoadedCheckpoint, config_path: str | None = None, preset: str | None = None
+    checkpoint: LoadedCheckpoint,
+    config_path: str | None = None,
+    preset: str | None = None,
+    num_experts: int | None = None,
+    experts_per_token: int | None = None,
+    formulation: str | None = None,
 ) -> DiTMoETransformer2DModel:
-    """Converts a DiT-MoE checkpoint; `config_path` / `preset` complete or override what the checkpoint records."""
-    return convert_dit_moe(checkpoint, dit_moe_config(checkpoint, config_path=config_path, preset=preset))
+    """
+    Converts a DiT-MoE checkpoint; the options complete or override what the checkpoint records (see
+    `dit_moe_config`).
+    """
+    config = dit_moe_config(checkpoint, config_path, preset, num_experts, experts_per_token, formulation)
+    return convert_dit_moe(checkpoint, config)
 
 
 DIT_MOE_MODEL_CARD = dict(
@@ -322,12 +356,14 @@ DIT_MOE_MODEL_CARD = dict(
     license="other",
     license_note="The upstream repository ships no license file; check the original release before redistributing.",
     sampler=(
-        "DDPM models (`ddpm-learned-sigma`, DiT-MoE-S/B): the original samples ancestrally with the DiT diffusion "
-        "code (learned sigma, linear betas); the folder's scheduler reproduces its deterministic DDIM sampler "
-        "(eta 0). Rectified-flow models (`rf-noise-at-1`, DiT-MoE-XL/G): Euler from t = 1 (noise) to 0 with "
-        "t_i = i/N, classifier-free guidance on the velocity; `FlowMatchEulerDiscreteScheduler(shift=1.0)` with "
-        "sigmas i/N reproduces it (the original RF script uses 50 steps and guidance 7). The original DDPM guidance "
-        "mixes only the first 3 latent channels (a DiT legacy); this pipeline guides all channels."
+        "DDPM models (`ddpm-learned-sigma`, DiT-MoE-S/B): the folder's `DDPMScheduler` (linear betas, learned-range "
+        "variance, `linspace` spacing) reproduces the original ancestral sampler on its evenly respaced grid; "
+        "`DDIMScheduler.from_config(pipe.scheduler.config)` reproduces the original `ddimN` DDIM sampler (eta 0). "
+        "The original guidance (`forward_with_cfg`) mixes only latent channels 0..2: pass `guidance_channels=3` to "
+        "the pipeline to reproduce it exactly (the default guides all channels). Rectified-flow models "
+        "(`rf-noise-at-1`, DiT-MoE-XL/G): Euler from t = 1 (noise) to 0 at t_i = i/N with guidance on the "
+        "velocity; the folder's `FlowMatchEulerDiscreteScheduler(shift=1.0)` with sigmas i/N reproduces it (the "
+        "original RF script uses 50 steps and guidance 7)."
     ),
     default_steps=50,
     default_guidance=4.0,

@@ -237,6 +237,24 @@ def test_missing_options_are_reported():
         build_dit_moe_transformer(_checkpoint(_tiny_source()))
 
 
+def test_explicit_options(tmp_path):
+    model = _randomize(DiTMoETransformer2DModel(**TINY, qk_norm="layer_norm"))
+    args = argparse.Namespace(model="DiT-XL/2", image_size=64, num_classes=10, num_experts=4, num_experts_per_tok=1,
+                              rf=True)  # fmt: skip
+    config = _config_file(tmp_path, hidden_size=32, depth=2, num_heads=4)
+    converted = build_dit_moe_transformer(
+        _checkpoint(upstream_state_dict(model), args), config, experts_per_token=2, formulation="ddpm"
+    )
+    assert converted.config.num_experts_per_tok == 2 and converted.config.formulation == "ddpm-learned-sigma"
+    with torch.no_grad():
+        torch.testing.assert_close(converted(*_inputs()).sample, model(*_inputs()).sample, rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match=r"num_experts=6 \(the num_experts option\) contradicts"):
+        build_dit_moe_transformer(_checkpoint(upstream_state_dict(model), args), config, num_experts=6)
+    with pytest.raises(CheckpointError, match=r"num_experts_per_tok=3 \(the experts_per_token option\) but num_experts_per_tok=2 \(preset"):
+        build_dit_moe_transformer(_checkpoint(upstream_state_dict(model)), preset="dit_moe_xl_8E2A",
+                                  experts_per_token=3)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "fields, message",
     [
