@@ -140,6 +140,7 @@ def load_original_checkpoint(
         mmap: Memory-map the tensors of a `torch.save` file instead of reading them all (pages are read on use, so
             the unused `model`/`opt` entries of a training dict cost no memory).
     """
+    path = os.fspath(path)
     if weights not in WEIGHT_KEYS:
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}.")
     if not os.path.isfile(path):

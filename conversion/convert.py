@@ -1,38 +1,50 @@
 """`convert_checkpoint`: original checkpoint -> Hub-ready pipeline folder, for every supported family."""
 
+import inspect
 import json
 import os
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from diffmoe_hf.formulations import get_formulation
+from diffmoe_hf.labels import imagenet_id2label
 from diffmoe_hf.pipelines import ClassConditionalMoEPipeline
 
 from .checkpoint_io import load_original_checkpoint
 from .convert_dit_moe import DIT_MOE_MODEL_CARD, build_dit_moe_transformer
 from .convert_dsmoe import DSMOE_MODEL_CARD, build_dsmoe_transformer
+from .convert_jit import JIT_MODEL_CARD, build_jit_transformer
+from .convert_dynamic_token_moe import DIFFMOE_DTS_MODEL_CARD, build_dynamic_token_moe_transformer
+from .convert_spatial_temporal_moe import SPATIAL_TEMPORAL_MOE_MODEL_CARD, build_spatial_temporal_moe_transformer
 from .hub_folder import DTYPES, cast_for_saving, check_output_dir, push_folder_to_hub, save_folder_atomically
 from .model_card import render_model_card
-
-_IMAGENET_LABELS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "imagenet_id2label.json")
 
 
 @dataclass(frozen=True)
 class FamilyConverter:
-    """How to turn one family's checkpoints into a transformer: `build(checkpoint, config_path=, preset=)`."""
+    """
+    How to turn one family's checkpoints into a transformer: `build(checkpoint, config_path=, preset=, **options)`,
+    where `options` are the family's own keyword arguments (e.g. Diff-MoE's `num_experts`, `experts_per_token`,
+    `formulation`).
+    """
 
     build: Callable
     model_card: dict
 
 
-CONVERTERS = {"dsmoe": FamilyConverter(build_dsmoe_transformer, DSMOE_MODEL_CARD)}
-CONVERTERS["dit-moe"] = FamilyConverter(build_dit_moe_transformer, DIT_MOE_MODEL_CARD)
+CONVERTERS = {
+    "dsmoe": FamilyConverter(build_dsmoe_transformer, DSMOE_MODEL_CARD),
+    "diff-moe": FamilyConverter(build_spatial_temporal_moe_transformer, SPATIAL_TEMPORAL_MOE_MODEL_CARD),
+    "diffmoe-dts": FamilyConverter(build_dynamic_token_moe_transformer, DIFFMOE_DTS_MODEL_CARD),
+    "jit": FamilyConverter(build_jit_transformer, JIT_MODEL_CARD),
+    "dit-moe": FamilyConverter(build_dit_moe_transformer, DIT_MOE_MODEL_CARD),
+}
 
 
-def imagenet_id2label() -> dict[str, str]:
-    """The 1000 ImageNet-1k class names (comma-separated synonyms), keyed by class id as a string."""
-    with open(_IMAGENET_LABELS, encoding="utf-8") as f:
-        return json.load(f)
+def family_options(family: str) -> list[str]:
+    """The family-specific keyword arguments `convert_checkpoint` accepts for `family` (beyond config_path/preset)."""
+    parameters = inspect.signature(CONVERTERS[family].build).parameters
+    return [name for name in list(parameters)[1:] if name not in ("config_path", "preset")]
 
 
 def _load_id2label(path: str | None, num_classes: int) -> dict[str, str] | None:
@@ -73,6 +85,7 @@ def convert_checkpoint(
     hub_layout: str = "package",
     push_to_hub: str | None = None,
     token: str | None = None,
+    **options,
 ) -> str:
     """
     Converts an original checkpoint into a diffusers folder: `transformer/` (safetensors + config), `scheduler/`
@@ -80,7 +93,7 @@ def convert_checkpoint(
     Nothing is written unless the whole conversion succeeds.
 
     Args:
-        family: `"dsmoe"` (see `CONVERTERS`).
+        family: `"dsmoe"`, `"diff-moe"`, `"dit-moe"`, ... (see `CONVERTERS`).
         checkpoint_path: original `.pt`/`.pth` or `.safetensors` file.
         output_dir: folder to create; an existing non-empty one is refused unless `overwrite`.
         config_path, preset: the architecture, for families whose checkpoints do not record it.
@@ -92,20 +105,29 @@ def convert_checkpoint(
         max_shard_size: shard size for the safetensors files.
         hub_layout: `"package"` or `"remote_code"` (adds shims for `DiffusionPipeline.from_pretrained`).
         push_to_hub: repo id to upload the finished folder to.
+        options: family-specific settings (`family_options(family)`), e.g. for `"diff-moe"`: `num_experts`,
+            `experts_per_token`, `formulation` (`"ddpm"` or `"rf"`).
 
     Returns:
         `output_dir`.
     """
+    checkpoint_path, output_dir = os.fspath(checkpoint_path), os.fspath(output_dir)
     if family not in CONVERTERS:
         raise ValueError(f"Unknown family {family!r}; supported: {', '.join(CONVERTERS)}.")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    unknown = sorted(set(options) - set(family_options(family)))
+    if unknown:
+        raise ValueError(
+            f"The {family} converter does not take {', '.join(unknown)}; its options are: "
+            f"{', '.join(['config_path', 'preset', *family_options(family)])}."
+        )
     check_output_dir(output_dir, overwrite)
     converter = CONVERTERS[family]
     checkpoint = load_original_checkpoint(
         checkpoint_path, weights=weights, trust_checkpoint=trust_checkpoint, mmap=True
     )
-    transformer = converter.build(checkpoint, config_path=config_path, preset=preset)
+    transformer = converter.build(checkpoint, config_path=config_path, preset=preset, **options)
     pipeline = build_pipeline(cast_for_saving(transformer, DTYPES[dtype]), vae_path, id2label_path)
     card = render_model_card(
         converter.model_card, transformer, os.path.basename(checkpoint_path), checkpoint.source, dtype, hub_layout

@@ -28,7 +28,7 @@ def read_yaml_model_params(path: str) -> dict:
         raise CheckpointError(f"{path} has no model.params section; pass the yaml the model was trained with.")
     basic = config.get("basic") or {}
     if basic.get("rf") is False:
-        raise CheckpointError(f"{path} trains with DDPM (basic.rf: false); only rectified-flow DSMoE is supported.")
+        raise CheckpointError(f"{path} trains with DDPM (basic.rf: false); only rectified-flow models are supported.")
     return params
 
 

@@ -5,7 +5,8 @@ def render_model_card(card: dict, transformer, source: str, weights: str, dtype:
     """
     Args:
         card: the family's card facts (`family`, `paper`, `paper_url`, `upstream`, `license`, `license_note`,
-            `sampler`, `default_steps`, `default_guidance`, `results`).
+            `sampler`, `default_steps`, `default_guidance`, `results`; optional `experts`, a format string of
+            `config` for the experts row when the family does not route k experts per token).
         transformer: the converted model (its config and parameter count go into the card).
         source: file name of the original checkpoint; weights: which weights were taken (`ema`, `model_ema1`, ...).
         dtype: saved dtype name; hub_layout: `"package"` or `"remote_code"`.
@@ -19,6 +20,10 @@ def render_model_card(card: dict, transformer, source: str, weights: str, dtype:
         else "from diffmoe_hf import ClassConditionalMoEPipeline\n\n"
         "pipe = ClassConditionalMoEPipeline.from_pretrained(\"<repo-or-folder>\")"
     )
+    experts = card.get("experts", "{config.num_experts} routed, {config.num_experts_per_tok} per token")
+    experts = experts.format(config=config)
+    if config.get("moe_layers", True) == []:
+        experts = "none (dense model)"
     labels = "pipe.get_label_ids([\"golden retriever\"])" if config.num_classes == 1000 else "[0]"
     return f"""---
 license: {card["license"]}
@@ -60,7 +65,7 @@ image = pipe(class_labels={labels}, num_inference_steps={card["default_steps"]},
 |---|---|
 | parameters | {total / 1e6:.1f}M |
 | layers / width / heads | {config.num_layers} / {config.num_attention_heads * config.attention_head_dim} / {config.num_attention_heads} |
-| experts | {config.num_experts} routed, {config.num_experts_per_tok} per token |
+| experts | {experts} |
 | input | {config.in_channels} x {config.sample_size} x {config.sample_size}, patch {config.patch_size} |
 | classes | {config.num_classes} (null class id {config.num_classes}) |
 | formulation | `{config.formulation}` |

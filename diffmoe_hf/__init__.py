@@ -7,8 +7,18 @@ Every model and pipeline module is imported eagerly: diffusers resolves classes 
 from diffusers import ModelMixin
 
 from .formulations import FORMULATIONS, get_formulation
-from .models import DSMOE_PRESETS, DSMoETransformer2DModel
-from .models import DIT_MOE_PRESETS, DiTMoETransformer2DModel
+from .models import (
+    DIT_MOE_PRESETS,
+    DSMOE_PRESETS,
+    DYNAMIC_TOKEN_MOE_PRESETS,
+    JIT_PRESETS,
+    SPATIAL_TEMPORAL_MOE_PRESETS,
+    DiTMoETransformer2DModel,
+    DSMoETransformer2DModel,
+    DynamicTokenMoETransformer2DModel,
+    JiTTransformer2DModel,
+    SpatialTemporalMoETransformer2DModel,
+)
 from .pipelines import ClassConditionalMoEPipeline
 
 __version__ = "0.1.0"
@@ -16,10 +26,16 @@ __version__ = "0.1.0"
 __all__ = [
     "DIT_MOE_PRESETS",
     "DSMOE_PRESETS",
+    "DYNAMIC_TOKEN_MOE_PRESETS",
     "FORMULATIONS",
+    "JIT_PRESETS",
+    "SPATIAL_TEMPORAL_MOE_PRESETS",
     "ClassConditionalMoEPipeline",
     "DiTMoETransformer2DModel",
     "DSMoETransformer2DModel",
+    "DynamicTokenMoETransformer2DModel",
+    "JiTTransformer2DModel",
+    "SpatialTemporalMoETransformer2DModel",
     "ModelMixin",
     "get_formulation",
 ]

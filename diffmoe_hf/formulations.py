@@ -7,8 +7,9 @@ noise) and step with the velocity `noise - x0`; each formulation converts to and
 | name | model time | noise at | model output (first C channels) |
 |---|---|---|---|
 | `rf-noise-at-0` | flow time t in [0, 1] | t = 0 | velocity `data - noise` |
+| `jit-xpred` | flow time t in [0, 1] | t = 0 | clean image x (pixel space) |
 | `rf-noise-at-1` | flow time t in [0, 1] | t = 1 | velocity `noise - data` |
-| `ddpm-learned-sigma` | DDPM index 0..999 | t = 999 | [eps, variance interpolation v in [-1, 1]] |
+| `ddpm-learned-sigma` | DDPM index 0..999 | t = 999 | eps (channels C..2C-1: learned variance v in [-1, 1]) |
 """
 
 import torch
@@ -16,6 +17,7 @@ from diffusers.schedulers import (
     DDIMScheduler,
     DDPMScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
     SchedulerMixin,
 )
 
@@ -24,6 +26,34 @@ class Formulation:
     """Base class: maps scheduler timesteps to model time and model predictions to `scheduler.step` inputs."""
 
     name: str
+    # pipeline defaults when the caller gives none (the original sampling scripts' values)
+    default_guidance_scale: float = 1.5
+    default_guidance_interval: tuple[float, float] | None = None
+
+    def for_model(self, config) -> "Formulation":
+        """This formulation with the parameters a transformer records in its config (none by default)."""
+        return self
+
+    def initial_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        """The sampler's starting point from standard Gaussian noise (unchanged by default)."""
+        return noise
+
+    def guidance_scale_at(
+        self, guidance_scale: float, model_time: torch.Tensor, guidance_interval: tuple[float, float] | None = None
+    ) -> torch.Tensor:
+        """
+        The classifier-free guidance scale to use at `model_time` (0-d or (B,), same shape returned, float32).
+
+        With `guidance_interval = (low, high)` (in model time units) guidance only applies where
+        `low < model_time < high`, or `model_time < high` when `low == 0` (the rule of Kynkaanniemi et al. as JiT
+        implements it, comparing in the dtype of `model_time`); elsewhere the scale is 1, i.e. no guidance.
+        """
+        scale = torch.full_like(model_time, guidance_scale, dtype=torch.float32)
+        if guidance_interval is None:
+            return scale
+        low, high = guidance_interval
+        inside = (model_time < high) & ((model_time > low) | (low == 0))
+        return torch.where(inside, scale, torch.ones_like(scale))
 
     def default_scheduler(self) -> SchedulerMixin:
         """The scheduler written into converted folders; it reproduces the upstream sampler."""
@@ -181,12 +211,14 @@ class DDPMLearnedSigma(Formulation):
         else:
             scheduler.set_timesteps(num_inference_steps, device=device)
 
+    @staticmethod
+    def _learned_variance(scheduler: SchedulerMixin) -> bool:
+        return getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range")
+
     def sampling_scheduler(self, scheduler, num_inference_steps, device):
         if isinstance(scheduler, DDIMScheduler):
             scheduler = self._respaced_ddim(scheduler, num_inference_steps)
-        elif getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range") and not isinstance(
-            scheduler, DDPMScheduler
-        ):
+        elif self._learned_variance(scheduler) and not isinstance(scheduler, DDPMScheduler):
             scheduler = type(scheduler).from_config(scheduler.config, variance_type=None)
         return super().sampling_scheduler(scheduler, num_inference_steps, device)
 
@@ -196,6 +228,7 @@ class DDPMLearnedSigma(Formulation):
         kept = torch.tensor(ddim_respacing(train_steps, num_inference_steps))
         alphas_cumprod = torch.cumprod(1.0 - scheduler.betas.double(), dim=0)[kept]
         previous = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+        # the upstream chain ends at alpha-bar 1 and needs no step offset, whatever `scheduler` is set to
         respaced = DDIMScheduler.from_config(
             scheduler.config,
             num_train_timesteps=num_inference_steps,
@@ -216,8 +249,7 @@ class DDPMLearnedSigma(Formulation):
 
     def scheduler_output(self, prediction, sample, model_time, scheduler):
         channels = sample.shape[1]
-        learned = getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range")
-        if isinstance(scheduler, DDPMScheduler) and learned:
+        if isinstance(scheduler, DDPMScheduler) and self._learned_variance(scheduler):
             return prediction[:, : 2 * channels]
         return prediction[:, :channels]
 
@@ -232,3 +264,104 @@ def get_formulation(name: str) -> Formulation:
     if name not in FORMULATIONS:
         raise ValueError(f"Unknown formulation {name!r}; known: {', '.join(FORMULATIONS)}.")
     return FORMULATIONS[name]
+
+
+class JiTXPrediction(RectifiedFlowNoiseAtZero):
+    """
+    JiT / JiTMoE (`JiTMoE/denoiser.py`): flow in pixel space with t = 0 at noise,
+    `z_t = t * x + (1 - t) * noise_scale * eps`; the model predicts the clean image x and the original sampler
+    follows the velocity `v = (x_pred - z) / max(1 - t, t_eps)` on the float32 grid `t_i = linspace(0, 1, N + 1)[i]`,
+    with guidance only inside an interval of t (released scripts: 50 steps, scale 2.9, interval (0.1, 1.0)).
+
+    `FlowMatchHeunDiscreteScheduler` reproduces its default sampler (Heun on the first N - 1 intervals, then one Euler
+    step) and `FlowMatchEulerDiscreteScheduler` its Euler sampler, both on sigmas `1 - i / N`. The model time is read
+    from the float32 grid, not computed as `1 - sigma`: the two differ by an ulp, which flips the interval test at
+    grid points such as t = 0.1 for N = 50.
+
+    Args:
+        t_eps (`float`): Lower clamp of `1 - t` in the velocity.
+        noise_scale (`float`): Standard deviation of the initial noise.
+    """
+
+    name = "jit-xpred"
+    default_guidance_scale = 2.9
+    default_guidance_interval = (0.1, 1.0)
+
+    def __init__(self, t_eps: float = 0.05, noise_scale: float = 1.0):
+        self.t_eps = t_eps
+        self.noise_scale = noise_scale
+
+    def for_model(self, config) -> "JiTXPrediction":
+        t_eps, noise_scale = config.get("t_eps", self.t_eps), config.get("noise_scale", self.noise_scale)
+        return type(self)(t_eps=t_eps, noise_scale=noise_scale)
+
+    def default_scheduler(self) -> SchedulerMixin:
+        return FlowMatchHeunDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+
+    def set_timesteps(self, scheduler, num_inference_steps, device):
+        if isinstance(scheduler, FlowMatchHeunDiscreteScheduler) and scheduler.config.shift == 1.0:
+            # The scheduler spaces its sigmas linearly from sigma_max (1) to sigma_min; with sigma_min = 1/N they are
+            # exactly 1 - i/N.
+            sigma_min = scheduler.sigma_min
+            scheduler.sigma_min = 1.0 / num_inference_steps
+            try:
+                scheduler.set_timesteps(num_inference_steps, device=device)
+            finally:
+                scheduler.sigma_min = sigma_min
+        else:
+            super().set_timesteps(scheduler, num_inference_steps, device)
+
+    def model_time(self, scheduler, timestep):
+        time = 1.0 - timestep.float() / scheduler.config.num_train_timesteps
+        steps = scheduler.num_inference_steps
+        position = time.item() * steps
+        index = round(position)
+        if abs(position - index) < 1e-3 and 0 <= index <= steps:
+            return torch.linspace(0.0, 1.0, steps + 1, device=timestep.device)[index]
+        return time
+
+    def initial_noise(self, noise):
+        return noise * self.noise_scale
+
+    def velocity(self, x_prediction: torch.Tensor, sample: torch.Tensor, model_time: torch.Tensor) -> torch.Tensor:
+        """The original velocity `(x_pred - z) / max(1 - t, t_eps)` (towards the data); `model_time` 0-d or (B,)."""
+        one_minus_t = (1.0 - model_time).clamp_min(self.t_eps)
+        return (x_prediction - sample) / one_minus_t.reshape(-1, *([1] * (sample.ndim - 1)))
+
+    def scheduler_output(self, prediction, sample, model_time, scheduler):
+        return -self.velocity(prediction[:, : sample.shape[1]], sample, model_time)
+
+    @torch.no_grad()
+    def guided_velocity(
+        self,
+        transformer,
+        sample: torch.Tensor,
+        model_time: torch.Tensor,
+        class_labels: torch.LongTensor,
+        guidance_scale: float,
+        guidance_interval: tuple[float, float] | None = None,
+    ) -> torch.Tensor:
+        """
+        The original sampler's guided velocity (`Denoiser._forward_sample`) for a batch with per-sample times:
+        separate conditional and null-class passes, each turned into a velocity, mixed with the interval rule.
+
+        Args:
+            transformer: A `JiTTransformer2DModel`.
+            sample: (B, C, S, S) noisy images z_t.
+            model_time: (B,) flow times t.
+            class_labels: (B,) class ids.
+            guidance_scale: Guidance scale inside the interval.
+            guidance_interval: `(low, high)`; defaults to `default_guidance_interval`.
+
+        Returns:
+            (B, C, S, S) guided velocity towards the data (the negated `scheduler.step` input).
+        """
+        interval = self.default_guidance_interval if guidance_interval is None else guidance_interval
+        null_labels = torch.full_like(class_labels, transformer.config.num_classes)
+        velocity_cond = self.velocity(transformer(sample, model_time, class_labels).sample, sample, model_time)
+        velocity_uncond = self.velocity(transformer(sample, model_time, null_labels).sample, sample, model_time)
+        scale = self.guidance_scale_at(guidance_scale, model_time, interval).reshape(-1, 1, 1, 1)
+        return velocity_uncond + scale.to(sample.dtype) * (velocity_cond - velocity_uncond)
+
+
+FORMULATIONS[JiTXPrediction.name] = JiTXPrediction()

@@ -111,28 +111,47 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             raise ValueError("class_labels is empty: give at least one class id or name.")
         ids = [self.get_label_ids(c)[0] if isinstance(c, str) else c for c in class_labels]
         for class_id in ids:
-            if isinstance(class_id, bool) or not isinstance(class_id, int) or not 0 <= class_id < self.num_classes:
+            if isinstance(class_id, bool) or not isinstance(class_id, int) or not 0 <= class_id <= self.num_classes:
                 raise ValueError(
-                    f"Class id {class_id!r} is out of range: this model has classes 0..{self.num_classes - 1}."
+                    f"Class id {class_id!r} is out of range: this model has classes 0..{self.num_classes - 1} "
+                    f"(and the null class {self.num_classes} for unconditional samples)."
                 )
         return torch.tensor(ids, device=device, dtype=torch.long)
 
-    def check_inputs(self, num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs):
+    def check_inputs(
+        self,
+        num_inference_steps,
+        guidance_scale,
+        output_type,
+        callback_on_step_end_tensor_inputs,
+        guidance_interval=None,
+    ):
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}.")
+        interval = guidance_interval
+        if interval is not None and (len(interval) != 2 or interval[0] > interval[1]):
+            raise ValueError(f"guidance_interval must be (low, high) with low <= high, got {interval!r}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if output_type != "latent" and self.vae is None and self.transformer.config.in_channels not in (1, 3):
+            raise ValueError(
+                f"This pipeline has no VAE, so it cannot decode {self.transformer.config.in_channels}-channel "
+                "latents. Load one (`ClassConditionalMoEPipeline.from_pretrained(..., "
+                "vae=AutoencoderKL.from_pretrained(...))`) or use output_type='latent'."
+            )
         unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {self._callback_tensor_inputs}.")
 
-    def prepare_latents(self, batch_size, generator, latents, device, dtype) -> torch.Tensor:
+    def prepare_latents(self, batch_size, generator, latents, device, dtype, formulation=None) -> torch.Tensor:
         config = self.transformer.config
         shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            if formulation is not None:
+                latents = formulation.initial_noise(latents)
         elif tuple(latents.shape) != shape:
             raise ValueError(
                 f"latents have shape {tuple(latents.shape)} but {batch_size} class labels and this transformer need "
@@ -166,8 +185,9 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         guided = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
         return torch.cat([guided, cond[:, channels:]], dim=1)
 
-    def _step_kwargs(self, generator) -> dict:
-        accepted = inspect.signature(self.scheduler.step).parameters
+    @staticmethod
+    def _step_kwargs(scheduler, generator) -> dict:
+        accepted = inspect.signature(scheduler.step).parameters
         return {"generator": generator} if "generator" in accepted else {}
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -177,14 +197,8 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             if getattr(self.vae.config, "shift_factor", None) is not None:
                 latents = latents + self.vae.config.shift_factor
             images = self.vae.decode(latents).sample
-        elif latents.shape[1] in (1, 3):
-            images = latents  # pixel-space model: its samples are images in [-1, 1]
         else:
-            raise ValueError(
-                f"This pipeline has no VAE, so it cannot decode {latents.shape[1]}-channel latents. Load one "
-                "(`ClassConditionalMoEPipeline.from_pretrained(..., vae=AutoencoderKL.from_pretrained(...))`) or use "
-                "output_type='latent'."
-            )
+            images = latents  # pixel-space model: its samples are images in [-1, 1]
         return (images / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
@@ -192,7 +206,8 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         self,
         class_labels: int | str | list[int | str] | torch.Tensor,
         num_inference_steps: int = 50,
-        guidance_scale: float = 1.5,
+        guidance_scale: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -206,11 +221,17 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         Generates one image per class label.
 
         Args:
-            class_labels: Class ids (0..num_classes-1) and/or class names (see `pipe.labels`), one per image.
+            class_labels: Class ids (0..num_classes-1) and/or class names (see `pipe.labels`), one per image; the
+                null class id `num_classes` gives an unconditional sample (as the original samplers allow).
             num_inference_steps: Number of denoising steps.
             guidance_scale: Classifier-free guidance scale; values <= 1 disable guidance (one pass per step).
+                Defaults to the formulation's (the original sampling scripts': 1.5 for DSMoE, 2.9 for JiT).
+            guidance_interval: `(low, high)` in model time: guidance only where `low < t < high` (`t < high` when
+                low is 0), one conditional pass elsewhere. Defaults to the formulation's ((0.1, 1.0) for JiT, none
+                for the other families); `(0, float("inf"))` guides at every step.
             generator: `torch.Generator`(s) for reproducible noise.
-            latents: (B, C, sample_size, sample_size) initial noise; drawn from `generator` when omitted.
+            latents: (B, C, sample_size, sample_size) initial noise; drawn from `generator` when omitted (and then
+                scaled as the formulation starts, e.g. by JiT's `noise_scale`; given latents are used as they are).
             output_type: `"pil"`, `"np"` (B, H, W, C) in [0, 1], `"pt"` (B, C, H, W) in [0, 1], or `"latent"`.
             return_dict: Return an `ImagePipelineOutput` instead of a tuple.
             attention_kwargs: Forwarded to the transformer (`{"scale": s}` scales LoRA).
@@ -232,33 +253,41 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         Returns:
             `ImagePipelineOutput` with `images`, or `(images,)`.
         """
-        self.check_inputs(num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
+        formulation = get_formulation(self.transformer.config.formulation).for_model(self.transformer.config)
+        if guidance_scale is None:
+            guidance_scale = formulation.default_guidance_scale
+        if guidance_interval is None:
+            guidance_interval = formulation.default_guidance_interval
+        self.check_inputs(
+            num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs, guidance_interval
+        )
         in_channels = self.transformer.config.in_channels
         if guidance_channels is not None and not 1 <= guidance_channels <= in_channels:
             raise ValueError(f"guidance_channels must be None or between 1 and {in_channels}, got {guidance_channels}.")
         device = self._execution_device
-        formulation = get_formulation(self.transformer.config.formulation)
         class_ids = self._class_ids(class_labels, device)
-        latents = self.prepare_latents(len(class_ids), generator, latents, device, self.transformer.dtype)
+        latents = self.prepare_latents(len(class_ids), generator, latents, device, self.transformer.dtype, formulation)
 
         scheduler = formulation.sampling_scheduler(self.scheduler, num_inference_steps, device)
         timesteps = scheduler.timesteps
-        step_kwargs = self._step_kwargs(generator)
+        step_kwargs = self._step_kwargs(scheduler, generator)
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 model_input = latents
                 if hasattr(scheduler, "scale_model_input"):
                     model_input = scheduler.scale_model_input(latents, t)
                 model_time = formulation.model_time(scheduler, t)
+                scale = formulation.guidance_scale_at(guidance_scale, model_time, guidance_interval).item()
                 prediction = self._predict(
-                    model_input, model_time, class_ids, guidance_scale, attention_kwargs, guidance_channels
+                    model_input, model_time, class_ids, scale, attention_kwargs, guidance_channels
                 )
                 step_input = formulation.scheduler_output(prediction, latents, model_time, scheduler)
                 latents = scheduler.step(step_input, t, latents, **step_kwargs, return_dict=False)[0]
                 latents = latents.to(self.transformer.dtype)
 
                 if callback_on_step_end is not None:
-                    callback_kwargs = {k: locals()[k] for k in callback_on_step_end_tensor_inputs or []}
+                    step_tensors = {"latents": latents}
+                    callback_kwargs = {k: step_tensors[k] for k in callback_on_step_end_tensor_inputs or []}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
                 progress_bar.update()

@@ -10,10 +10,10 @@ import os
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from safetensors.torch import load_file
 
-from diffmoe_hf import ClassConditionalMoEPipeline
+from diffmoe_hf import ClassConditionalMoEPipeline, get_formulation
 from diffmoe_hf.conversion import convert_checkpoint
 
 from .conftest import PARITY_REPORT, parity_root
@@ -21,16 +21,18 @@ from .conftest import PARITY_REPORT, parity_root
 # family id in source.json -> how its cases are converted
 FAMILIES = {
     "dsmoe": dict(converter="dsmoe", convert_kwargs=lambda case: {"config_path": os.path.join(case, "config.yaml")}),
+    "jitmoe": dict(converter="jit", convert_kwargs=lambda case: {"config_path": os.path.join(case, "config.yaml")}),
+    "jit": dict(converter="jit", convert_kwargs=lambda case: {"config_path": os.path.join(case, "config.yaml")}),
+    "diffmoe-dts": dict(
+        converter="diffmoe-dts", convert_kwargs=lambda case: {"config_path": os.path.join(case, "config.yaml")}
+    ),
     # source.json `kwargs` holds the original constructor arguments (tiny dims no preset has)
+    "diff-moe": dict(converter="diff-moe",
+                     convert_kwargs=lambda case: {"config_path": os.path.join(case, "source.json")}),
     "dit-moe": dict(converter="dit-moe",
                     convert_kwargs=lambda case: {"config_path": os.path.join(case, "source.json")}),
 }
-PENDING = {
-    "diff-moe": "Diff-MoE port (issue 3)",
-    "diffmoe-dts": "DiffMoE port (issue 4)",
-    "jitmoe": "JiTMoE port (issue 5)",
-    "jit": "JiT port (issue 5)",
-}
+PENDING = {}
 
 
 def _cases():
@@ -66,12 +68,15 @@ def _legacy_forward_with_cfg(transformer, x, t, y, scale, guided_channels=3):
     return torch.cat([torch.cat([mixed, mixed]), rest], dim=1)
 
 
-def _sampler_kwargs(pipe, sampler: dict) -> dict:
+def _sampler_kwargs(pipe, source: dict) -> dict:
     """Points `pipe` at the recorded upstream sampler (source.json `sampler`) and returns the call's settings."""
+    sampler = source["sampler"]
     kwargs = dict(
         num_inference_steps=sampler.get("sample_steps", sampler.get("steps")),
-        guidance_scale=sampler.get("cfg", sampler.get("cfg_scale")),
+        guidance_scale=sampler.get("cfg", sampler.get("cfg_scale", source.get("cfg_scale"))),
     )
+    if "cfg_interval" in source:
+        kwargs["guidance_interval"] = tuple(source["cfg_interval"])
     if sampler.get("type") == "ddim":
         assert sampler.get("eta", 0.0) == 0.0, "only deterministic DDIM (eta 0) is reproducible"
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -120,6 +125,10 @@ def test_parity(case, tmp_path):
             block = int(key.rsplit("block", 1)[1])
             assert torch.equal(routing[block].sort(-1).values, expected[key]), f"{key}{suffix}: routing differs"
             errors["routing" + suffix] = 0.0
+        for key in (k for k in expected if k.startswith("debug.diffmoe_tokens_per_expert.block")):
+            taken = transformer.transformer_blocks[int(key.rsplit("block", 1)[1])].ff.tokens_per_expert
+            assert torch.equal(taken.cpu(), expected[key]), f"{key}{suffix}: tokens per expert differ"
+            errors["tokens_per_expert" + suffix] = 0.0
         for block, expert_ids in enumerate(expected.get("debug_topk_idx", [])):
             assert torch.equal(routing[block].sort(-1).values, expert_ids), f"routing of block {block}{suffix} differs"
             errors["routing" + suffix] = 0.0
@@ -133,13 +142,25 @@ def test_parity(case, tmp_path):
                 out_cfg = _legacy_forward_with_cfg(transformer, *cfg_inputs, source["cfg_scale"])
             compare("out_cfg", out_cfg, expected["out_cfg"])
 
-        sample = pipe(
+        sample_kwargs = dict(
             class_labels=expected["sample_y"].tolist(),
             latents=expected["sample_init"],
             output_type="latent",
-            **_sampler_kwargs(pipe, source["sampler"]),
-        ).images
+            **_sampler_kwargs(pipe, source),
+        )
+        sample = pipe(**sample_kwargs).images
         compare("sample", sample, expected["sample"])
+
+        if "sample_euler" in expected:  # the same sampler with Euler steps instead of the default scheduler's
+            pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+            compare("sample_euler", pipe(**sample_kwargs).images, expected["sample_euler"])
+        if "v_cfg" in expected:  # the original sampler's guided velocity at per-sample times
+            formulation = get_formulation(transformer.config.formulation).for_model(transformer.config)
+            v_cfg = formulation.guided_velocity(
+                transformer, inputs["x"], inputs["t"], inputs["y"], sample_kwargs["guidance_scale"],
+                sample_kwargs.get("guidance_interval"),
+            )  # fmt: skip
+            compare("v_cfg", v_cfg, expected["v_cfg"])
 
     PARITY_REPORT.append(
         f"{os.path.basename(case):40s} " + "  ".join(f"{name}={err:.2e}" for name, err in errors.items())

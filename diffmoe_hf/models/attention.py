@@ -11,6 +11,7 @@ Rotary variants (head dim `hd`, tokens in raster order, token `n = r * grid_w + 
 | `rope_1d` | DSMoE | dim j with j + hd/2 ("rotate half") | token index n, inv freq `1e4^(-2j/hd)` |
 | `rope_2d` | DSMoE | inside each half of hd, dim j with j + hd/4 | first half: row r, second half: column c |
 | `rope_2d_interleaved` | JiT | adjacent dims (2i, 2i+1) | first half: row r, second half: column c |
+| `rope_2d_alternating` | Diff-MoE | adjacent dims (2i, 2i+1) | pair i: c (i even) or r (i odd), inv freq `1e4^(-4(i//2)/hd)` |
 """
 
 from typing import NamedTuple
@@ -22,7 +23,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from torch import nn
 
-ROTARY_TYPES = ("rope_1d", "rope_2d", "rope_2d_interleaved")
+ROTARY_TYPES = ("rope_1d", "rope_2d", "rope_2d_interleaved", "rope_2d_alternating")
 
 
 class RotaryTables(NamedTuple):
@@ -64,6 +65,20 @@ def rotary_tables(
         cos = torch.cat([tables[0][0], tables[1][0]], dim=-1)
         sin = torch.cat([tables[0][1], tables[1][1]], dim=-1)
         return RotaryTables(cos.to(device), sin.to(device), interleaved=interleaved, num_sections=2)
+    if rotary_type == "rope_2d_alternating":
+        # the per-axis interleaved tables hold each frequency twice ([f0, f0, f1, f1, ...]); Diff-MoE alternates
+        # whole pairs between the axes: channels (4j, 4j+1) rotate with the column, (4j+2, 4j+3) with the row
+        if head_dim % 4:
+            raise ValueError(f"{rotary_type} needs a head dim divisible by 4, got {head_dim}.")
+        rows = torch.arange(grid_h).repeat_interleave(grid_w)
+        cols = torch.arange(grid_w).repeat(grid_h)
+        (col_cos, col_sin), (row_cos, row_sin) = (
+            get_1d_rotary_pos_embed(head_dim // 2, positions, theta=theta, use_real=True, repeat_interleave_real=True)
+            for positions in (cols, rows)
+        )
+        cos = torch.stack([col_cos.unflatten(-1, (-1, 2)), row_cos.unflatten(-1, (-1, 2))], dim=-2).flatten(-3)
+        sin = torch.stack([col_sin.unflatten(-1, (-1, 2)), row_sin.unflatten(-1, (-1, 2))], dim=-2).flatten(-3)
+        return RotaryTables(cos.to(device), sin.to(device), interleaved=True, num_sections=2)
     raise ValueError(f"Unknown rotary type {rotary_type!r}; expected one of {ROTARY_TYPES}.")
 
 

@@ -45,7 +45,8 @@ def segments_from_topk(expert_ids: torch.Tensor, expert_weights: torch.Tensor | 
     """
     flat_experts = expert_ids.reshape(-1)
     order = torch.argsort(flat_experts, stable=True)
-    counts = torch.bincount(flat_experts, minlength=num_experts)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat_experts.device)
+    counts = counts.index_add_(0, flat_experts, torch.ones_like(flat_experts))  # static shape, unlike bincount
     return ExpertSegments(
         token_index=order // expert_ids.shape[1],
         expert_index=flat_experts[order],
@@ -54,19 +55,85 @@ def segments_from_topk(expert_ids: torch.Tensor, expert_weights: torch.Tensor | 
     )
 
 
+def segments_from_expert_choice(
+    token_ids: torch.Tensor, weights: torch.Tensor, tokens_per_expert: torch.Tensor | None = None
+) -> ExpertSegments:
+    """
+    Lays out expert-choice routing (each expert picks its tokens) as expert segments.
+
+    Args:
+        token_ids: (E, K) int64, the tokens each expert ranked best first.
+        weights: (E, K) the weight of each (expert, token) choice.
+        tokens_per_expert: (E,) int64 number of leading choices expert e keeps (at most K), or `None` to keep all K.
+            Variable counts make the number of rows data-dependent: compacting them reads it on the host once.
+
+    Returns:
+        `ExpertSegments` with expert e's kept tokens as its segment.
+    """
+    num_experts, num_choices = token_ids.shape
+    expert_ids = torch.arange(num_experts, device=token_ids.device).unsqueeze(1).expand(num_experts, num_choices)
+    if tokens_per_expert is None:
+        offsets = torch.arange(1, num_experts + 1, device=token_ids.device, dtype=torch.int32) * num_choices
+        return ExpertSegments(token_ids.reshape(-1), expert_ids.reshape(-1), weights.reshape(-1), offsets)
+    keep = torch.arange(num_choices, device=token_ids.device) < tokens_per_expert.unsqueeze(1)
+    return ExpertSegments(
+        token_index=token_ids[keep],
+        expert_index=expert_ids[keep],
+        weights=weights[keep],
+        offsets=torch.cumsum(tokens_per_expert, 0).to(torch.int32),
+    )
+
+
 def _grouped_mm_usable(rows: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `F.grouped_mm` has a kernel for these operands: CPU (any float type) or CUDA bf16, with 16-byte
+    aligned inner dimensions (in and out features)."""
     if not hasattr(F, "grouped_mm"):
         return False
-    if rows.device.type == "cpu":
-        return True
-    # the CUDA kernels want bf16 operands and 16-byte aligned inner dimensions
+    if rows.device.type == "cuda":
+        supported_dtype = rows.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+    else:
+        supported_dtype = rows.device.type == "cpu" and rows.dtype == weight.dtype
+    elements_per_16_bytes = max(1, 16 // rows.element_size())
     return (
-        rows.device.type == "cuda"
-        and rows.dtype == torch.bfloat16
-        and weight.dtype == torch.bfloat16
-        and rows.shape[-1] % 8 == 0
-        and weight.shape[1] % 8 == 0
+        supported_dtype
+        and rows.shape[-1] % elements_per_16_bytes == 0
+        and weight.shape[1] % elements_per_16_bytes == 0
     )
+
+
+@torch.library.custom_op("diffmoe_hf::segment_mm", mutates_args=())
+def segment_mm(rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """
+    `rows[segment e] @ weight[e].T` for every expert segment, as one grouped GEMM.
+
+    A custom op around `F.grouped_mm` because the stock fake kernel only admits bf16 (so fp32 CPU models could not
+    be traced by `torch.compile`); the backward pass is two more grouped GEMMs.
+
+    Args:
+        rows: (R, in) rows sorted by expert; weight: (E, out, in); offsets: (E,) int32 segment end offsets.
+    """
+    return F.grouped_mm(rows, weight.transpose(1, 2), offs=offsets)
+
+
+@segment_mm.register_fake
+def _(rows, weight, offsets):
+    return rows.new_empty(rows.shape[0], weight.shape[1])
+
+
+def _segment_mm_setup(ctx, inputs, output):
+    rows, weight, offsets = inputs
+    ctx.save_for_backward(rows, weight, offsets)
+
+
+def _segment_mm_backward(ctx, grad_out):
+    rows, weight, offsets = ctx.saved_tensors
+    grad_out = grad_out.contiguous()
+    grad_rows = segment_mm(grad_out, weight.transpose(1, 2).contiguous(), offsets)
+    grad_weight = F.grouped_mm(grad_out.t(), rows, offs=offsets)  # (E, out, in): per-segment grad_out.T @ rows
+    return grad_rows, grad_weight, None
+
+
+segment_mm.register_autograd(_segment_mm_backward, setup_context=_segment_mm_setup)
 
 
 def grouped_linear(
@@ -85,7 +152,7 @@ def grouped_linear(
         (R, out).
     """
     if _grouped_mm_usable(rows, weight):
-        out = F.grouped_mm(rows, weight.transpose(1, 2), offs=segments.offsets)
+        out = segment_mm(rows, weight, segments.offsets)
     else:
         out = torch.cat(
             [torch.mm(chunk, w.t()) for chunk, w in zip(rows.split(segments.sizes()), weight.unbind(0))], dim=0
@@ -103,7 +170,7 @@ def combine_segments(expert_out: torch.Tensor, segments: ExpertSegments, num_tok
     return out.index_add_(0, segments.token_index, expert_out)
 
 
-def dispatch(hidden_states: torch.Tensor, segments: ExpertSegments, experts) -> torch.Tensor:
+def dispatch(hidden_states: torch.Tensor, segments: ExpertSegments, experts, **expert_kwargs) -> torch.Tensor:
     """
     Runs `experts` (a `GroupedExperts`) on the routed rows and combines them.
 
@@ -111,9 +178,12 @@ def dispatch(hidden_states: torch.Tensor, segments: ExpertSegments, experts) -> 
         hidden_states: (S, D) token pool.
         segments: routing sorted by expert (`segments_from_topk`, or a family's own selection).
         experts: the expert bank.
+        expert_kwargs: extra per-call inputs of the bank's `forward_grouped` (e.g. Diff-MoE's per-sample
+            conditioning, which the bank gathers per row through `segments.token_index`).
 
     Returns:
         (S, D) weighted sum of each token's expert outputs (zero for tokens no expert took).
     """
     rows = hidden_states[segments.token_index]
-    return combine_segments(experts.forward_grouped(rows, segments), segments, hidden_states.shape[0])
+    expert_out = experts.forward_grouped(rows, segments, **expert_kwargs)
+    return combine_segments(expert_out, segments, hidden_states.shape[0])

@@ -3,6 +3,7 @@ run all experts at once on expert-sorted rows."""
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention import FeedForward
 from torch import nn
 
 from .dispatch import ExpertSegments, grouped_linear
@@ -53,7 +54,34 @@ class _StackedWeightCache:
         return self.value
 
 
-class SwiGLUExperts(GroupedExperts):
+class StackedLinearExperts(GroupedExperts):
+    """
+    A `GroupedExperts` bank whose experts are made of `nn.Linear` projections (at the sub-module paths
+    `_linear_paths`) and that runs them as grouped GEMMs over stacked weights. The stacked copies are cached for
+    inference (`_StackedWeightCache`); when any projection is wrapped (e.g. by a LoRA layer) the bank falls back to
+    calling the expert modules one segment at a time.
+
+    Subclasses set `_linear_paths`, build their stacked tensors in `_stack()` and use them in `forward_grouped`.
+    """
+
+    _linear_paths: tuple[str, ...] = ()
+
+    def __init__(self, experts: list[nn.Module]):
+        super().__init__(experts)
+        self._stacked = _StackedWeightCache()
+
+    def _plain_linears(self) -> bool:
+        return all(type(expert.get_submodule(path)) is nn.Linear for expert in self for path in self._linear_paths)
+
+    def _stack(self) -> dict[str, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def stacked_weights(self) -> dict[str, torch.Tensor | None]:
+        """The `_stack()` tensors, cached while the weights do not change and no gradient is recorded."""
+        return self._stacked.get(list(self.parameters()), self._stack)
+
+
+class SwiGLUExperts(StackedLinearExperts):
     """
     E SwiGLU experts (`experts.{e}.gate_proj/up_proj/down_proj`). Gate and up projections run as one fused grouped
     GEMM over the stacked `[gate; up]` weights, then the down projection as a second one.
@@ -65,15 +93,11 @@ class SwiGLUExperts(GroupedExperts):
         bias (`bool`): Whether the projections have biases (JiTMoE) or not (DSMoE).
     """
 
+    _linear_paths = ("gate_proj", "up_proj", "down_proj")
+
     def __init__(self, num_experts: int, dim: int, intermediate_size: int, bias: bool = False):
         super().__init__([SwiGLU(dim, intermediate_size, bias=bias) for _ in range(num_experts)])
         self.bias = bias
-        self._stacked = _StackedWeightCache()
-
-    def _plain_linears(self) -> bool:
-        return all(
-            type(getattr(expert, name)) is nn.Linear for expert in self for name in ("gate_proj", "up_proj", "down_proj")
-        )
 
     def _stack(self) -> dict[str, torch.Tensor | None]:
         gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self])
@@ -87,6 +111,44 @@ class SwiGLUExperts(GroupedExperts):
     def forward_grouped(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
         if not self._plain_linears():
             return super().forward_grouped(rows, segments)
-        stacked = self._stacked.get(list(self.parameters()), self._stack)
+        stacked = self.stacked_weights()
         gate, up = grouped_linear(rows, stacked["gate_up"], segments, stacked["gate_up_bias"]).chunk(2, dim=-1)
         return grouped_linear(F.silu(gate) * up, stacked["down"], segments, stacked["down_bias"])
+
+
+class GeluMLPExperts(StackedLinearExperts):
+    """
+    E GELU-tanh MLPs with biases, `Linear(D, I) -> GELU(tanh) -> Linear(I, D)`, each a diffusers
+    `FeedForward(activation_fn="gelu-approximate")` (`experts.{e}.net.0.proj`, `experts.{e}.net.2`; DiffMoE). Both
+    projections run as grouped GEMMs with per-expert biases.
+
+    Args:
+        num_experts (`int`): E.
+        dim (`int`): Token width D.
+        intermediate_size (`int`): Hidden width I of each expert.
+    """
+
+    _linear_paths = ("net.0.proj", "net.2")
+
+    def __init__(self, num_experts: int, dim: int, intermediate_size: int):
+        super().__init__(
+            [
+                FeedForward(dim, inner_dim=intermediate_size, activation_fn="gelu-approximate", bias=True)
+                for _ in range(num_experts)
+            ]
+        )
+
+    def _stack(self) -> dict[str, torch.Tensor]:
+        return {
+            "fc1": torch.stack([e.net[0].proj.weight for e in self]),
+            "fc1_bias": torch.stack([e.net[0].proj.bias for e in self]),
+            "fc2": torch.stack([e.net[2].weight for e in self]),
+            "fc2_bias": torch.stack([e.net[2].bias for e in self]),
+        }
+
+    def forward_grouped(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
+        if not self._plain_linears():
+            return super().forward_grouped(rows, segments)
+        stacked = self.stacked_weights()
+        hidden = F.gelu(grouped_linear(rows, stacked["fc1"], segments, stacked["fc1_bias"]), approximate="tanh")
+        return grouped_linear(hidden, stacked["fc2"], segments, stacked["fc2_bias"])

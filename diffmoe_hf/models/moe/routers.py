@@ -124,6 +124,7 @@ class SoftmaxTopKRouter(nn.Module):
 
 
 def moe_aux_loss(model: nn.Module) -> torch.Tensor | None:
-    """Sum of the load-balancing losses the routers of `model` computed in their last training-mode forward."""
+    """Sum of the auxiliary losses (`aux_loss`) the MoE modules of `model` computed in their last training-mode forward
+    (the routers' load-balancing losses, DiffMoE's capacity-predictor losses)."""
     losses = [m.aux_loss for m in model.modules() if getattr(m, "aux_loss", None) is not None]
     return torch.stack(losses).sum() if losses else None

@@ -1,0 +1,141 @@
+"""DiffMoE (Shi et al. 2025; KwaiVGI/DiffMoE `models/models_DiffMoE.py`, also the DiffMoE baselines of
+yhlleo/EfficientMoE) checkpoints -> `DynamicTokenMoETransformer2DModel`. Not Diff-MoE (Cheng et al.).
+
+The architecture is not stored in the checkpoints: it comes from the training yaml (`model.params`, the constructor
+arguments of `models_DiffMoE.DiT`) or from a preset name. The calibrated `expert_threshold` and `ema_decay` buffers
+are taken from the checkpoint.
+"""
+
+from diffmoe_hf.models.transformer_dynamic_token_moe import (
+    _RELEASED_COMMON,
+    DYNAMIC_TOKEN_MOE_PRESETS,
+    DynamicTokenMoETransformer2DModel,
+)
+
+from .checkpoint_io import CheckpointError, LoadedCheckpoint
+from .convert_dsmoe import check_fixed_pos_embed, read_yaml_model_params
+from .state_dict_utils import load_converted_state_dict, rename_keys, split_fused_projection
+
+
+def diffmoe_config_from_params(params: dict) -> dict:
+    """Maps `models_DiffMoE.DiT` constructor arguments (yaml `model.params`) to the model config."""
+    if params.get("use_swiglu"):
+        raise CheckpointError("use_swiglu=True is not supported: every DiffMoE config uses GELU-tanh experts.")
+    moe = params.get("MoE_config")
+    if not isinstance(moe, dict) or "capacity" not in moe or "num_experts" not in moe:
+        raise CheckpointError(
+            "model.params.MoE_config has no num_experts/capacity: this does not look like a DiffMoE "
+            "(models_DiffMoE.DiT) config."
+        )
+    hidden, heads = params.get("hidden_size", 1152), params.get("num_heads", 16)
+    head_dim = params.get("head_dim") or hidden // heads
+    if head_dim * heads != hidden:
+        raise CheckpointError(f"hidden_size={hidden} with num_heads={heads} and head_dim={head_dim} is not supported.")
+    in_channels = params.get("in_channels", 4)
+    depth = params.get("depth", 28)
+    return dict(
+        sample_size=params.get("input_size", 32),
+        patch_size=params.get("patch_size", 2),
+        in_channels=in_channels,
+        out_channels=2 * in_channels if params.get("learn_sigma", True) else in_channels,
+        num_layers=depth,
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        mlp_ratio=float(params.get("mlp_ratio", 4.0)),
+        num_classes=params.get("num_classes", 1000),
+        class_dropout_prob=params.get("class_dropout_prob", 0.1),
+        moe_layers=[i for i in range(depth) if i % 2 == 1 or not moe.get("interleave")],
+        num_experts=moe["num_experts"],
+        capacity=float(moe["capacity"]),
+        # upstream builds one shared MLP (width 8 * hidden_size) whenever n_shared_experts > 0
+        num_shared_experts=1 if moe.get("n_shared_experts", 0) > 0 else 0,
+        capacity_loss_weight=float(params.get("CapacityPred_loss_weight", 0.01)),
+    )
+
+
+def diffmoe_config_from_preset(name: str) -> dict:
+    if name not in DYNAMIC_TOKEN_MOE_PRESETS:
+        raise CheckpointError(f"Unknown DiffMoE preset {name!r}; available: {', '.join(DYNAMIC_TOKEN_MOE_PRESETS)}.")
+    return {**_RELEASED_COMMON, **DYNAMIC_TOKEN_MOE_PRESETS[name]}
+
+
+_RENAME_RULES = [
+    (r"x_embedder\.proj\.(weight|bias)", r"pos_embed.proj.\1"),
+    (r"t_embedder\.mlp\.0\.(weight|bias)", r"embedding.timestep_embedder.linear_1.\1"),
+    (r"t_embedder\.mlp\.2\.(weight|bias)", r"embedding.timestep_embedder.linear_2.\1"),
+    (r"y_embedder\.embedding_table\.weight", r"embedding.class_embedder.embedding_table.weight"),
+    (r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", r"transformer_blocks.\1.attn.qkv.\2"),
+    (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"transformer_blocks.\1.attn.to_out.0.\2"),
+    (r"blocks\.(\d+)\.adaLN_modulation\.1\.(weight|bias)", r"transformer_blocks.\1.modulation.linear.\2"),
+    # timm Mlp fc1 / fc2 -> diffusers FeedForward net.0.proj / net.2 (dense layers, experts, shared experts)
+    (r"blocks\.(\d+)\.mlp\.((?:experts\.\d+\.|shared_experts\.)?)fc1\.(weight|bias)",
+     r"transformer_blocks.\1.ff.\2net.0.proj.\3"),
+    (r"blocks\.(\d+)\.mlp\.((?:experts\.\d+\.|shared_experts\.)?)fc2\.(weight|bias)",
+     r"transformer_blocks.\1.ff.\2net.2.\3"),
+    (r"blocks\.(\d+)\.mlp\.gate_weight", r"transformer_blocks.\1.ff.gate.weight"),
+    (r"blocks\.(\d+)\.mlp\.capacity_predictor\.0\.(weight|bias)",
+     r"transformer_blocks.\1.ff.capacity_predictor.linear_1.\2"),
+    (r"blocks\.(\d+)\.mlp\.capacity_predictor\.2\.(weight|bias)",
+     r"transformer_blocks.\1.ff.capacity_predictor.linear_2.\2"),
+    (r"blocks\.(\d+)\.mlp\.(expert_threshold|ema_decay)", r"transformer_blocks.\1.ff.capacity_predictor.\2"),
+    (r"final_layer\.linear\.(weight|bias)", r"proj_out.proj.\1"),
+    (r"final_layer\.adaLN_modulation\.1\.(weight|bias)", r"proj_out.modulation.linear.\1"),
+]  # fmt: skip
+
+
+def convert_dynamic_token_moe(checkpoint: LoadedCheckpoint, config: dict) -> DynamicTokenMoETransformer2DModel:
+    """
+    Builds a `DynamicTokenMoETransformer2DModel` with `config` and fills it from `checkpoint`, consuming every key.
+
+    Raises:
+        CheckpointError: listing unconsumed, missing and mismatched keys when checkpoint and config disagree.
+    """
+    try:
+        model = DynamicTokenMoETransformer2DModel(**config)
+    except ValueError as err:
+        raise CheckpointError(f"Invalid DiffMoE configuration: {err}") from None
+    source = dict(checkpoint.state_dict)
+    check_fixed_pos_embed(source, model)
+    converted = rename_keys(source, _RENAME_RULES)
+    split_fused_projection(converted, "attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v"))
+    load_converted_state_dict(model, converted, leftovers=source)
+    return model.eval()
+
+
+def build_dynamic_token_moe_transformer(
+    checkpoint: LoadedCheckpoint, config_path: str | None = None, preset: str | None = None
+) -> DynamicTokenMoETransformer2DModel:
+    """Converts a DiffMoE checkpoint whose architecture is given by its training yaml or a preset name."""
+    if config_path is not None and preset is not None:
+        raise CheckpointError("Pass either the training yaml (--config) or a preset (--preset), not both.")
+    if config_path is not None:
+        config = diffmoe_config_from_params(read_yaml_model_params(config_path))
+    elif preset is not None:
+        config = diffmoe_config_from_preset(preset)
+    else:
+        raise CheckpointError(
+            "DiffMoE checkpoints do not store their architecture: pass the training yaml (--config ORIGINAL.yaml) or "
+            f"a preset (--preset, one of {', '.join(DYNAMIC_TOKEN_MOE_PRESETS)})."
+        )
+    return convert_dynamic_token_moe(checkpoint, config)
+
+
+DIFFMOE_DTS_MODEL_CARD = dict(
+    family="DiffMoE",
+    paper="DiffMoE: Dynamic Token Selection for Scalable Diffusion Transformers (Shi et al., 2025)",
+    paper_url="https://arxiv.org/abs/2503.14487",
+    upstream="https://github.com/KwaiVGI/DiffMoE (DiffMoE baselines also in https://github.com/yhlleo/EfficientMoE)",
+    license="apache-2.0",
+    license_note="The upstream code is Apache-2.0; check the license of the original weights before redistributing.",
+    sampler=(
+        "Rectified flow, Euler, t_i = i/N from noise (t = 0) to data (t = 1), classifier-free guidance with "
+        "separate conditional and null-class passes. `FlowMatchEulerDiscreteScheduler(shift=1.0)` with sigmas "
+        "1 - i/N reproduces it. DiffMoE routes over the tokens of the whole batch, so a sample depends on the other "
+        "samples generated with it (and on the batch size); the pipeline runs the conditional and unconditional "
+        "batches as separate calls, as the original sampler does."
+    ),
+    default_steps=250,
+    default_guidance=1.5,
+    experts="{config.num_experts} experts choosing their tokens from the batch (dynamic capacity at inference)",
+    results="See the DiffMoE paper and the EfficientMoE paper (DiffMoE baselines) for FID numbers.",
+)

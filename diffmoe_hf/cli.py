@@ -1,0 +1,148 @@
+"""The `diffmoe` command (also `python -m diffmoe_hf`): `convert` original checkpoints, `generate` images."""
+
+import argparse
+import os
+import sys
+
+
+def _add_convert_parser(subparsers) -> None:
+    from diffmoe_hf.conversion import CONVERTERS
+
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert an original research checkpoint into a diffusers folder",
+        description="Convert an original checkpoint into a Hub-ready folder (transformer/, scheduler/, "
+        "model_index.json, model card). Nothing is written unless the conversion succeeds.",
+    )
+    parser.add_argument("family", choices=sorted(CONVERTERS), help="model family of the checkpoint")
+    parser.add_argument("--checkpoint", required=True, help="original .pt/.pth or .safetensors file")
+    parser.add_argument("--output", required=True, help="folder to create")
+    parser.add_argument("--config", help="original training config (yaml) or constructor kwargs (json/yaml)")
+    parser.add_argument("--preset", help="released architecture name, for checkpoints that do not record it")
+    parser.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights (default: ema)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="saved dtype")
+    parser.add_argument("--vae", help="local AutoencoderKL folder to include as vae/")
+    parser.add_argument("--id2label", help="JSON {class id: name}; ImageNet names are used for 1000 classes")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument(
+        "--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects (only for trusted files)"
+    )
+    parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    parser.add_argument("--hub-layout", choices=["package", "remote_code"], default="package")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the finished folder to this Hub repo")
+    parser.add_argument("--token", help="Hub token for --push-to-hub")
+    parser.set_defaults(handler=_run_convert)
+
+
+def _add_generate_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate a grid of class-conditional samples",
+        description="Generate images for the given classes and write them as one PNG grid (one row per class).",
+    )
+    parser.add_argument("--model", required=True, help="converted folder or Hub repo id")
+    parser.add_argument(
+        "--classes", nargs="+", default=None, help="class ids or names (default: the first 4 classes)"
+    )
+    parser.add_argument("--per-class", type=int, default=4, help="images per class (default 4)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline default)")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
+    parser.add_argument("--scheduler", help="diffusers scheduler class name, e.g. FlowMatchHeunDiscreteScheduler")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--output", default="samples.png", help="PNG file to write (default samples.png)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.set_defaults(handler=_run_generate)
+
+
+def _run_convert(args) -> None:
+    from diffmoe_hf.conversion import convert_checkpoint
+
+    output = convert_checkpoint(
+        args.family,
+        args.checkpoint,
+        args.output,
+        config_path=args.config,
+        preset=args.preset,
+        weights=args.weights,
+        dtype=args.dtype,
+        vae_path=args.vae,
+        id2label_path=args.id2label,
+        overwrite=args.overwrite,
+        trust_checkpoint=args.trust_checkpoint,
+        max_shard_size=args.max_shard_size,
+        hub_layout=args.hub_layout,
+        push_to_hub=args.push_to_hub,
+        token=args.token,
+    )
+    print(f"Converted {args.checkpoint} -> {output}")
+
+
+def _parse_classes(values: list[str] | None) -> list[int | str] | None:
+    if values is None:
+        return None
+    return [int(v) if v.lstrip("-").isdigit() else v for v in values]
+
+
+def _image_grid(images, columns: int):
+    from PIL import Image
+
+    width, height = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new(images[0].mode, (columns * width, rows * height))
+    for index, image in enumerate(images):
+        grid.paste(image, ((index % columns) * width, (index // columns) * height))
+    return grid
+
+
+def _run_generate(args) -> None:
+    import torch
+    from diffusers import schedulers
+
+    from diffmoe_hf import ClassConditionalMoEPipeline
+
+    if os.path.exists(args.output) and not args.overwrite:
+        raise FileExistsError(f"{args.output} already exists; pass --overwrite to replace it.")
+    if args.per_class < 1:
+        raise ValueError("--per-class must be at least 1.")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = ClassConditionalMoEPipeline.from_pretrained(args.model).to(device)
+    if args.scheduler:
+        scheduler_class = getattr(schedulers, args.scheduler, None)
+        if scheduler_class is None:
+            raise ValueError(f"Unknown diffusers scheduler {args.scheduler!r}.")
+        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    classes = _parse_classes(args.classes) or list(range(min(4, pipe.transformer.config.num_classes)))
+    labels = [c for c in classes for _ in range(args.per_class)]
+    call_kwargs = {}
+    if args.steps is not None:
+        call_kwargs["num_inference_steps"] = args.steps
+    if args.guidance_scale is not None:
+        call_kwargs["guidance_scale"] = args.guidance_scale
+    generator = torch.Generator(device).manual_seed(args.seed)
+    images = pipe(class_labels=labels, generator=generator, **call_kwargs).images
+    grid = _image_grid(images, columns=args.per_class)
+    directory = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(directory, exist_ok=True)
+    partial = args.output + ".partial.png"
+    grid.save(partial)
+    os.replace(partial, args.output)
+    print(f"Wrote {len(images)} images ({len(classes)} classes x {args.per_class}) to {args.output}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffmoe", description="Diffusion MoE transformers for diffusers.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_convert_parser(subparsers)
+    _add_generate_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        print(f"diffmoe {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,161 @@
+"""DiffMoE's dynamic-token-selection MoE layer (Shi et al. 2025): expert-choice routing over the batch's token pool,
+with a capacity predictor that decides at inference how many tokens each expert takes."""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from diffusers.models.attention import FeedForward
+from torch import nn
+
+from .dispatch import ExpertSegments, dispatch, segments_from_expert_choice
+from .experts import GeluMLPExperts
+
+
+class CapacityPredictor(nn.Module):
+    """
+    Predicts, per token and expert, whether the expert would pick the token, and holds the per-expert decision
+    thresholds calibrated during training.
+
+    `logits = linear_2(silu(linear_1(x)))`, computed in float32. At inference expert e takes
+    `#{tokens with sigmoid(logits[:, e]) > expert_threshold[e]}` tokens (strict `>`). In training the thresholds
+    follow an exponential moving average (decay `ema_decay`) of the k-th largest predicted probability per expert,
+    averaged over data-parallel ranks when `torch.distributed` is initialised.
+
+    Args:
+        dim (`int`): Token width D.
+        num_experts (`int`): E.
+        ema_decay (`float`): Decay of the threshold average (0.95 upstream).
+    """
+
+    def __init__(self, dim: int, num_experts: int, ema_decay: float = 0.95):
+        super().__init__()
+        self.linear_1 = nn.Linear(dim, dim)
+        self.act = nn.SiLU()
+        self.linear_2 = nn.Linear(dim, num_experts)
+        self.register_buffer("expert_threshold", torch.zeros(num_experts))
+        self.register_buffer("ema_decay", torch.tensor([ema_decay]))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(S, D) tokens -> (S, E) float32 logits."""
+        hidden_states = hidden_states.float()
+        hidden_states = F.linear(hidden_states, self.linear_1.weight.float(), self.linear_1.bias.float())
+        return F.linear(self.act(hidden_states), self.linear_2.weight.float(), self.linear_2.bias.float())
+
+    def tokens_per_expert(self, logits: torch.Tensor) -> torch.Tensor:
+        """(S, E) logits -> (E,) int64 number of tokens each expert takes at inference."""
+        return (logits.sigmoid() > self.expert_threshold.float()).sum(0)
+
+    @torch.no_grad()
+    def update_threshold(self, logits: torch.Tensor, tokens_per_expert: int) -> None:
+        """Moves each threshold towards the `tokens_per_expert`-th largest predicted probability of its expert."""
+        quantile = logits.sigmoid().topk(tokens_per_expert, dim=0).values[-1]
+        decay = self.ema_decay.float()
+        threshold = self.expert_threshold.float() * decay + (1 - decay) * quantile
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(threshold, op=dist.ReduceOp.SUM)
+            threshold /= dist.get_world_size()
+        self.expert_threshold.copy_(threshold)
+
+
+class DynamicTokenMoE(nn.Module):
+    """
+    DiffMoE feed-forward: E GELU-tanh experts that choose their tokens from the pool of all B*N tokens of the call.
+    Not to be confused with Diff-MoE (Cheng et al.), whose experts are chosen per token.
+
+    Gate scores are `softmax(x @ gate.weight.T)` over the experts (float32); a token's output is the sum, over the
+    experts that took it, of `score * expert(x)`, without renormalisation. Tokens no expert took get 0 (the block's
+    residual still applies). Shared experts, if any, add `shared_experts(x)` for every token.
+
+    - Training: each expert takes its `int(S / E * capacity)` best-scoring tokens of the pool. The capacity
+      predictor learns to predict these choices (binary cross-entropy on its logits, of the detached input), and the
+      thresholds are updated (see `CapacityPredictor`).
+    - Inference: the capacity predictor sets how many tokens k_e each expert takes (counted over the whole pool), the
+      gate decides which: expert e takes its k_e best-scoring tokens, not necessarily those that passed the
+      threshold.
+
+    So both modes route over the whole batch: a sample's output depends on the other samples of the call.
+
+    Training routes a fixed number of tokens per expert, so its selection needs no host synchronisation. At inference
+    the number of routed rows depends on the data: compacting the selection reads it on the host once per layer in
+    eager mode (the original code does so once per expert); `torch.compile(fullgraph=True)` traces it with a
+    data-dependent size.
+
+    Attributes:
+        tokens_per_expert: (E,) int64 tokens each expert took in the last forward (`None` before the first).
+        aux_loss: in training mode, `capacity_loss_weight * BCEWithLogits(capacity logits, chosen)` of the last
+            forward (`None` in eval mode); `moe_aux_loss(model)` sums it over a model.
+
+    Args:
+        dim (`int`): Token width D.
+        num_experts (`int`): E.
+        intermediate_size (`int`): Hidden width of each expert.
+        capacity (`float`): Training capacity factor (1 upstream): each expert takes `S / E * capacity` tokens.
+        num_shared_experts (`int`): Shared GELU-tanh MLPs, fused into one of width
+            `num_shared_experts * shared_intermediate_size`.
+        shared_intermediate_size (`int`, *optional*): Hidden width of a shared expert; defaults to `8 * dim` (upstream).
+        capacity_loss_weight (`float`): Weight of the capacity-predictor loss in `aux_loss`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        intermediate_size: int,
+        capacity: float = 1.0,
+        num_shared_experts: int = 0,
+        shared_intermediate_size: int | None = None,
+        capacity_loss_weight: float = 1.0,
+    ):
+        super().__init__()
+        if capacity <= 0:
+            raise ValueError(f"capacity={capacity} must be positive.")
+        self.num_experts = num_experts
+        self.capacity = capacity
+        self.capacity_loss_weight = capacity_loss_weight
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.capacity_predictor = CapacityPredictor(dim, num_experts)
+        self.experts = GeluMLPExperts(num_experts, dim, intermediate_size)
+        self.shared_experts = None
+        if num_shared_experts > 0:
+            width = num_shared_experts * (shared_intermediate_size or 8 * dim)
+            self.shared_experts = FeedForward(dim, inner_dim=width, activation_fn="gelu-approximate", bias=True)
+        self.tokens_per_expert = None
+        self.aux_loss = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (B, N, D); routing runs over all B*N tokens together."""
+        tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
+        scores = F.linear(tokens.float(), self.gate.weight.float()).softmax(dim=-1).t()  # (E, S)
+        capacity_logits = self.capacity_predictor(tokens.detach())  # (S, E)
+        if self.training:
+            segments = self._select_for_training(scores, capacity_logits)
+        else:
+            segments = self._select_for_inference(scores, capacity_logits)
+        routed = dispatch(tokens, segments, self.experts).to(hidden_states.dtype).view_as(hidden_states)
+        if self.shared_experts is not None:
+            routed = routed + self.shared_experts(hidden_states)
+        return routed
+
+    def _select_for_inference(self, scores: torch.Tensor, capacity_logits: torch.Tensor) -> ExpertSegments:
+        """(E, S) gate scores, (S, E) capacity logits -> expert e's k_e best-scoring tokens."""
+        self.aux_loss = None
+        self.tokens_per_expert = self.capacity_predictor.tokens_per_expert(capacity_logits)
+        weights, token_ids = scores.sort(dim=-1, descending=True)
+        return segments_from_expert_choice(token_ids, weights, self.tokens_per_expert)
+
+    def _select_for_training(self, scores: torch.Tensor, capacity_logits: torch.Tensor) -> ExpertSegments:
+        """Expert-choice top-k; also sets `aux_loss` and updates the thresholds."""
+        num_tokens = scores.shape[1]
+        k = int(num_tokens / self.num_experts * self.capacity)
+        if not 1 <= k <= num_tokens:
+            raise ValueError(
+                f"Training routes int({num_tokens} tokens / {self.num_experts} experts * capacity {self.capacity}) = "
+                f"{k} tokens per expert; it must be between 1 and the {num_tokens} tokens of the batch."
+            )
+        weights, token_ids = scores.topk(k, dim=-1)  # (E, k)
+        chosen = torch.zeros_like(capacity_logits).scatter_(0, token_ids.t(), 1.0)  # (S, E)
+        bce = F.binary_cross_entropy_with_logits(capacity_logits, chosen)
+        self.aux_loss = self.capacity_loss_weight * bce
+        self.capacity_predictor.update_threshold(capacity_logits, k)
+        self.tokens_per_expert = torch.full((self.num_experts,), k, dtype=torch.int64, device=scores.device)
+        return segments_from_expert_choice(token_ids, weights)

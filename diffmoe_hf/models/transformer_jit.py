@@ -1,0 +1,284 @@
+"""JiT and JiTMoE: pixel-space class-conditional transformers.
+
+JiT is "Just image Transformers" (Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise"); JiTMoE
+is its DeepSeek-style MoE variant from Liu et al. 2025, "Efficient Training of Diffusion Mixture-of-Experts Models:
+A Practical Recipe" (original code yhlleo/EfficientMoE, `JiTMoE/model_jit.py`, `JiTMoE/moe.py`). One class covers
+both: `moe_layers` lists the blocks whose feed-forward is a MoE layer (none for JiT).
+
+The model works directly on RGB pixels in [-1, 1] (no VAE) and predicts the clean image (x-prediction); the pipeline
+turns that into a velocity (see the `jit-xpred` formulation). Differences from the DiT-style families:
+- a bottleneck patch embedding (p x p conv to `bottleneck_dim` channels without bias, then a 1x1 conv with bias) plus
+  the fixed 2-D sin-cos position embedding;
+- RMSNorm block norms, per-head RMSNorm on queries and keys, interleaved 2-D rotary embedding (`rope_2d_interleaved`,
+  row angles in the first half of each head, column angles in the second);
+- `in_context_len` class tokens (the label embedding plus a learned position embedding) are prepended before block
+  `in_context_start`; they get identity rotations and are dropped before the output layer;
+- dense layers are SwiGLU MLPs with biases (hidden width `int(int(D * mlp_ratio) * 2 / 3)`), MoE layers use the
+  DeepSeek router over SwiGLU experts with biases;
+- the output layer uses an RMSNorm and predicts `in_channels` channels.
+
+Deliberate differences from the original code: it runs on any device (the original calls `.cuda()`); attention runs
+through diffusers' attention dispatch in the input dtype (the original computes the scores in float32, which only
+matters under bf16/fp16); attention/projection/expert dropout (0 in every released training script) is not modelled.
+"""
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import AttentionMixin
+from diffusers.models.embeddings import get_2d_sincos_pos_embed
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import apply_lora_scale
+from torch import nn
+
+from .attention import pad_rotary_tables, rotary_tables
+from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer, unpatchify
+from .embeddings import TimestepClassEmbedding
+from .moe import DeepSeekMoE, SwiGLU
+from .validation import check_model_inputs
+
+_E16 = dict(num_experts=16, num_experts_per_tok=2, n_group=2, topk_group=2, routed_scaling_factor=2.5,
+            num_shared_experts=1)
+
+# `JiT_models` of yhlleo/EfficientMoE `JiTMoE/model_jit.py` (names as recorded in a checkpoint's `args.model`). All:
+# 256px RGB, ImageNet-1k, mlp_ratio 4, 32 in-context class tokens. The `-E16` models are JiTMoE, MoE on odd blocks.
+JIT_PRESETS = {
+    "JiT-B/16": dict(num_layers=12, num_attention_heads=12, patch_size=16, bottleneck_dim=128, in_context_start=4),
+    "JiT-B/32": dict(num_layers=12, num_attention_heads=12, patch_size=32, bottleneck_dim=128, in_context_start=4),
+    "JiT-L/16": dict(num_layers=24, num_attention_heads=16, patch_size=16, bottleneck_dim=128, in_context_start=8),
+    "JiT-L/32": dict(num_layers=24, num_attention_heads=16, patch_size=32, bottleneck_dim=128, in_context_start=8),
+    "JiT-H/16": dict(num_layers=32, num_attention_heads=16, patch_size=16, bottleneck_dim=256, in_context_start=10,
+                     attention_head_dim=80),
+    "JiT-H/32": dict(num_layers=32, num_attention_heads=16, patch_size=32, bottleneck_dim=256, in_context_start=10,
+                     attention_head_dim=80),
+    "JiT-B/16-E16": dict(num_layers=10, num_attention_heads=12, patch_size=16, bottleneck_dim=128, in_context_start=4,
+                         moe_layers=[1, 3, 5, 7, 9], moe_intermediate_size=1536, **_E16),
+    "JiT-L/16-E16": dict(num_layers=20, num_attention_heads=16, patch_size=16, bottleneck_dim=128, in_context_start=8,
+                         moe_layers=list(range(1, 20, 2)), moe_intermediate_size=2048, **_E16),
+    "JiT-H/16-E16": dict(num_layers=28, num_attention_heads=16, patch_size=16, bottleneck_dim=256,
+                         in_context_start=10, attention_head_dim=80, moe_layers=list(range(1, 28, 2)),
+                         moe_intermediate_size=2048, **_E16),
+}  # fmt: skip
+# the names the paper and the Hub releases use for the MoE models
+JIT_PRESET_ALIASES = {
+    "JiTMoE-B/16-E16": "JiT-B/16-E16",
+    "JiTMoE-L/16-E16": "JiT-L/16-E16",
+    "JiTMoE-H/16-E16": "JiT-H/16-E16",
+    "JiTMoE-B16-E16": "JiT-B/16-E16",
+    "JiTMoE-L16-E16": "JiT-L/16-E16",
+}
+_RELEASED_COMMON = dict(sample_size=256, in_channels=3, num_classes=1000, mlp_ratio=4.0, attention_head_dim=64,
+                        in_context_len=32)  # fmt: skip
+
+
+def resolve_jit_preset(name: str) -> str:
+    """The `JIT_PRESETS` key for `name` (an upstream `args.model` name or one of `JIT_PRESET_ALIASES`)."""
+    name = JIT_PRESET_ALIASES.get(name, name)
+    if name not in JIT_PRESETS:
+        known = ", ".join([*JIT_PRESETS, *JIT_PRESET_ALIASES])
+        raise ValueError(f"Unknown JiT preset {name!r}; available: {known}.")
+    return name
+
+
+def jit_preset_config(name: str) -> dict:
+    """Constructor arguments of `JiTTransformer2DModel` for a released architecture."""
+    return {**_RELEASED_COMMON, **JIT_PRESETS[resolve_jit_preset(name)]}
+
+
+class JiTPatchEmbed(nn.Module):
+    """
+    Bottleneck patch embedding plus the fixed sin-cos position embedding.
+
+    (B, C, S, S) image -> p x p conv (stride p, no bias) to `bottleneck_dim` channels -> 1x1 conv with bias to D ->
+    (B, T, D) tokens in raster order, plus the MAE 2-D sin-cos table (a non-persistent buffer, as in diffusers'
+    `PatchEmbed`).
+    """
+
+    def __init__(self, sample_size: int, patch_size: int, in_channels: int, bottleneck_dim: int, embed_dim: int):
+        super().__init__()
+        self.patch_proj = nn.Conv2d(in_channels, bottleneck_dim, patch_size, stride=patch_size, bias=False)
+        self.hidden_proj = nn.Conv2d(bottleneck_dim, embed_dim, 1)
+        grid = sample_size // patch_size
+        pos_embed = get_2d_sincos_pos_embed(embed_dim, grid, base_size=grid, output_type="pt")
+        self.register_buffer("pos_embed", pos_embed.float().unsqueeze(0), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.hidden_proj(self.patch_proj(images)).flatten(2).transpose(1, 2)
+        return tokens + self.pos_embed.to(tokens.dtype)
+
+
+class JiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
+    """
+    JiT / JiTMoE transformer: pixel-space x-prediction for class-conditional flow matching (t = 0 noise, 1 data).
+
+    Args:
+        sample_size (`int`): Image side S in pixels.
+        patch_size (`int`): Patch side p.
+        in_channels (`int`): Image channels (3); the output has the same number of channels.
+        num_layers (`int`): Number of transformer blocks.
+        num_attention_heads (`int`), attention_head_dim (`int`): Attention shape; the hidden width D is their product
+            and the head width must be divisible by 4 (2-D rotary embedding).
+        mlp_ratio (`float`): The dense SwiGLU layers have hidden width `int(int(D * mlp_ratio) * 2 / 3)`.
+        num_classes (`int`): Number of classes; id `num_classes` is the null class used for guidance (its embedding
+            row always exists).
+        class_dropout_prob (`float`): Probability of replacing a label by the null class in training mode (the
+            original `label_drop_prob`, applied in its `Denoiser`); no effect in eval mode.
+        bottleneck_dim (`int`): Channels of the bottleneck patch embedding.
+        in_context_len (`int`): Number L of in-context class tokens (0 disables them).
+        in_context_start (`int`): Index of the first block that sees the class tokens.
+        moe_layers (`list[int]`, *optional*): Indices of the MoE blocks (JiTMoE: the odd blocks); `None` or empty
+            for the dense JiT.
+        num_experts (`int`), num_experts_per_tok (`int`), moe_intermediate_size (`int`), n_group (`int`),
+        topk_group (`int`), routed_scaling_factor (`float`), num_shared_experts (`int`): The MoE layers (see
+            `DeepSeekMoE`); their SwiGLU experts have biases and hidden width `moe_intermediate_size`.
+        noise_scale (`float`): Standard deviation of the initial noise the model was trained with (sampling
+            parameter, read by the pipeline).
+        t_eps (`float`): Lower clamp of `1 - t` when the x-prediction is turned into a velocity (read by the
+            pipeline).
+        formulation (`str`): Meaning of the timestep input and output; see `diffmoe_hf.formulations`.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["AdaLNZeroTransformerBlock"]
+    _repeated_blocks = ["AdaLNZeroTransformerBlock"]
+    _skip_layerwise_casting_patterns = ["pos_embed", "norm", "embedding", "router"]
+    _keep_in_fp32_modules = ["router"]
+    # Routing is per token: a sample's output does not depend on the rest of the batch.
+    routing_depends_on_batch = False
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 256,
+        patch_size: int = 16,
+        in_channels: int = 3,
+        num_layers: int = 12,
+        num_attention_heads: int = 12,
+        attention_head_dim: int = 64,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 1000,
+        class_dropout_prob: float = 0.1,
+        bottleneck_dim: int = 128,
+        in_context_len: int = 32,
+        in_context_start: int = 4,
+        moe_layers: list[int] | None = None,
+        num_experts: int = 16,
+        num_experts_per_tok: int = 2,
+        moe_intermediate_size: int = 1536,
+        n_group: int = 2,
+        topk_group: int = 2,
+        routed_scaling_factor: float = 2.5,
+        num_shared_experts: int = 1,
+        noise_scale: float = 1.0,
+        t_eps: float = 0.05,
+        formulation: str = "jit-xpred",
+    ):
+        super().__init__()
+        dim = num_attention_heads * attention_head_dim
+        moe_layers = list(moe_layers or [])
+        if any(not 0 <= i < num_layers for i in moe_layers):
+            raise ValueError(f"moe_layers={moe_layers} must index blocks 0..{num_layers - 1}.")
+        if attention_head_dim % 4:
+            raise ValueError(f"attention_head_dim={attention_head_dim} must be divisible by 4 (2-D rotary embedding).")
+        if sample_size % patch_size:
+            raise ValueError(f"sample_size={sample_size} must be a multiple of patch_size={patch_size}.")
+        if in_context_len < 0 or (in_context_len > 0 and not 0 <= in_context_start < num_layers):
+            raise ValueError(
+                f"in_context_start={in_context_start} must index a block 0..{num_layers - 1} when in_context_len > 0 "
+                f"(got in_context_len={in_context_len})."
+            )
+
+        self.pos_embed = JiTPatchEmbed(sample_size, patch_size, in_channels, bottleneck_dim, dim)
+        self.embedding = TimestepClassEmbedding(num_classes, dim, class_dropout_prob, add_null_class=True)
+        self.in_context_pos_embed = nn.Parameter(torch.zeros(1, in_context_len, dim)) if in_context_len else None
+
+        def feed_forward(index):
+            if index in moe_layers:
+                return DeepSeekMoE(
+                    dim,
+                    num_experts=num_experts,
+                    intermediate_size=moe_intermediate_size,
+                    num_experts_per_tok=num_experts_per_tok,
+                    n_group=n_group,
+                    topk_group=topk_group,
+                    routed_scaling_factor=routed_scaling_factor,
+                    num_shared_experts=num_shared_experts,
+                    bias=True,
+                )
+            return SwiGLU(dim, int(int(dim * mlp_ratio) * 2 / 3), bias=True)
+
+        self.transformer_blocks = nn.ModuleList(
+            [
+                AdaLNZeroTransformerBlock(
+                    dim, num_attention_heads, attention_head_dim, feed_forward(i), "rms_norm", qk_norm="rms_norm"
+                )
+                for i in range(num_layers)
+            ]
+        )
+        self.proj_out = PatchOutputLayer(dim, patch_size, in_channels, norm_type="rms_norm")
+        self.gradient_checkpointing = False
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "JiTTransformer2DModel":
+        """A randomly initialised model with a released architecture (see `JIT_PRESETS`, `JIT_PRESET_ALIASES`)."""
+        return cls(**{**jit_preset_config(name), **overrides})
+
+    def _class_tokens(self, label_embedding: torch.Tensor) -> torch.Tensor:
+        """(B, D) label embedding -> (B, L, D) in-context class tokens."""
+        return label_embedding.unsqueeze(1) + self.in_context_pos_embed.to(label_embedding.dtype)
+
+    @apply_lora_scale("attention_kwargs")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor | float,
+        class_labels: torch.LongTensor,
+        attention_kwargs: dict | None = None,
+        return_dict: bool = True,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """
+        Args:
+            hidden_states: (B, C, S, S) noisy images `t * x + (1 - t) * noise` (x in [-1, 1]).
+            timestep: (B,) or scalar flow time in [0, 1], 0 = pure noise, 1 = data (unscaled).
+            class_labels: (B,) int64 class ids; `num_classes` is the null class.
+            attention_kwargs: `{"scale": s}` scales LoRA layers.
+            return_dict: Whether to return a `Transformer2DModelOutput`.
+
+        Returns:
+            (B, C, S, S) prediction of the clean image x.
+        """
+        timestep, class_labels = check_model_inputs(self.config, hidden_states, timestep, class_labels)
+        _, _, height, width = hidden_states.shape
+        if (height, width) != (self.config.sample_size,) * 2:
+            raise ValueError(
+                f"JiT models take {self.config.sample_size}x{self.config.sample_size} images (fixed position "
+                f"embedding), got {height}x{width}."
+            )
+        embedding = self.embedding
+        label_embedding = embedding.class_embedder(class_labels)  # drops labels in training mode
+        time_features = embedding.time_proj(timestep).to(embedding.timestep_embedder.linear_1.weight.dtype)
+        conditioning = embedding.timestep_embedder(time_features) + label_embedding
+
+        tokens = self.pos_embed(hidden_states)
+        conditioning = conditioning.to(tokens.dtype)
+        patch = self.config.patch_size
+        image_rotary = rotary_tables(
+            "rope_2d_interleaved", self.config.attention_head_dim, height // patch, width // patch, tokens.device
+        )
+        num_prefix = self.config.in_context_len
+        rotary_emb = image_rotary
+        for index, block in enumerate(self.transformer_blocks):
+            if num_prefix and index == self.config.in_context_start:
+                tokens = torch.cat([self._class_tokens(label_embedding.to(tokens.dtype)), tokens], dim=1)
+                rotary_emb = pad_rotary_tables(image_rotary, num_prefix)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                tokens = self._gradient_checkpointing_func(block, tokens, conditioning, rotary_emb)
+            else:
+                tokens = block(tokens, conditioning, rotary_emb)
+
+        tokens = tokens[:, num_prefix:]
+        output = unpatchify(self.proj_out(tokens, conditioning), patch, self.config.in_channels, height, width)
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)

@@ -1,0 +1,125 @@
+"""The shared MoE dispatch: grouped path, per-module fallback and a naive reference agree."""
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+
+from diffmoe_hf.models.moe import DeepSeekMoE, SigmoidGroupLimitedRouter, SwiGLUExperts, dispatch, segments_from_topk
+
+
+def _naive(hidden, ids, weights, experts):
+    out = torch.zeros_like(hidden)
+    for token in range(hidden.shape[0]):
+        for slot in range(ids.shape[1]):
+            out[token] += weights[token, slot] * experts[ids[token, slot]](hidden[token : token + 1])[0]
+    return out
+
+
+def _routing(num_tokens=37, num_experts=6, k=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(num_tokens, 16, generator=generator)
+    ids = torch.stack([torch.randperm(num_experts, generator=generator)[:k] for _ in range(num_tokens)])
+    ids[:, 0] = ids[:, 0].clamp(max=num_experts - 2)  # expert num_experts-1 may get few tokens
+    ids[ids == 3] = 2 if k == 1 else ids[ids == 3]  # and with k == 1 expert 3 gets none
+    return hidden, ids, torch.rand(num_tokens, k, generator=generator)
+
+
+def test_grouped_dispatch_matches_naive_loop():
+    torch.manual_seed(0)
+    for bias, k in ((False, 2), (True, 1), (False, 3)):
+        experts = SwiGLUExperts(6, 16, 12, bias=bias)
+        hidden, ids, weights = _routing(k=k)
+        ids = ids.unique(dim=1) if k > 1 else ids
+        with torch.no_grad():
+            got = dispatch(hidden, segments_from_topk(ids, weights, 6), experts)
+            torch.testing.assert_close(got, _naive(hidden, ids, weights, experts), atol=1e-5, rtol=1e-5)
+
+
+def test_lora_wrapped_experts_take_the_module_path_and_agree():
+    torch.manual_seed(0)
+    experts = SwiGLUExperts(6, 16, 12)
+    hidden, ids, weights = _routing()
+    segments = segments_from_topk(ids, weights, 6)
+    with torch.no_grad():
+        before = dispatch(hidden, segments, experts)
+    wrapped = inject_adapter_in_model(LoraConfig(r=2, target_modules=["gate_proj", "up_proj", "down_proj"]), experts)
+    assert not wrapped._plain_linears()
+    with torch.no_grad():  # lora_B starts at zero: same function, other code path
+        torch.testing.assert_close(dispatch(hidden, segments, wrapped), before, atol=1e-6, rtol=1e-6)
+
+
+def test_stacked_weight_cache_follows_weight_updates():
+    torch.manual_seed(0)
+    experts = SwiGLUExperts(4, 16, 8)
+    hidden, ids, weights = _routing(num_experts=4)
+    segments = segments_from_topk(ids, weights, 4)
+    with torch.no_grad():
+        first = dispatch(hidden, segments, experts)
+        experts[ids[0, 0]].down_proj.weight.mul_(2.0)
+        second = dispatch(hidden, segments, experts)
+    assert not torch.allclose(first, second)
+    with torch.no_grad():
+        torch.testing.assert_close(second, _naive(hidden, ids, weights, experts), atol=1e-5, rtol=1e-5)
+
+
+def test_group_limited_router_masks_dropped_groups_with_zero():
+    router = SigmoidGroupLimitedRouter(4, num_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1)
+    with torch.no_grad():
+        router.weight.zero_()
+        router.e_score_correction_bias.copy_(torch.tensor([0.3, 0.2, -0.6, -0.7]))
+    ids, weights = router(torch.randn(3, 4))
+    # group 0 (experts 0, 1) wins; dropped experts score 0.0 which ties below the kept ones
+    assert ids.sort(-1).values.tolist() == [[0, 1]] * 3
+    torch.testing.assert_close(weights, torch.full((3, 2), 0.5))  # unbiased sigmoid(0) = 0.5 each, normalised
+
+
+def test_top1_weights_are_not_renormalised():
+    router = SigmoidGroupLimitedRouter(4, num_experts=4, num_experts_per_tok=1, routed_scaling_factor=1.5)
+    hidden = torch.randn(5, 4)
+    ids, weights = router(hidden)
+    expected = torch.sigmoid(hidden @ router.weight.T).gather(-1, ids) * 1.5
+    torch.testing.assert_close(weights, expected)
+
+
+def test_moe_without_shared_expert_adds_its_input():
+    torch.manual_seed(0)
+    layer = DeepSeekMoE(16, num_experts=4, intermediate_size=8, num_experts_per_tok=2, num_shared_experts=0)
+    for expert in layer.experts:
+        torch.nn.init.zeros_(expert.down_proj.weight)
+    hidden = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(hidden), hidden)
+
+
+def test_dispatch_compiles_without_graph_breaks():
+    torch.manual_seed(0)
+    layer = DeepSeekMoE(16, num_experts=4, intermediate_size=8, num_experts_per_tok=2).eval()
+    hidden = torch.randn(2, 6, 16)
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(hidden), layer(hidden), atol=1e-6, rtol=1e-6)
+
+
+def test_segment_mm_gradients_match_per_segment_matmuls():
+    from diffmoe_hf.models.moe.dispatch import segment_mm
+
+    torch.manual_seed(0)
+    rows = torch.randn(10, 8, requires_grad=True)
+    weight = torch.randn(3, 12, 8, requires_grad=True)
+    offsets = torch.tensor([4, 4, 10], dtype=torch.int32)  # the middle expert gets no rows
+    out = segment_mm(rows, weight, offsets)
+    upstream = torch.randn_like(out)
+    grad_rows, grad_weight = torch.autograd.grad((out * upstream).sum(), (rows, weight))
+    ref = torch.cat([rows[:4] @ weight[0].T, rows[4:4] @ weight[1].T, rows[4:] @ weight[2].T])
+    ref_rows, ref_weight = torch.autograd.grad((ref * upstream).sum(), (rows, weight))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(grad_rows, ref_rows)
+    torch.testing.assert_close(grad_weight, ref_weight)
+
+
+def test_unaligned_expert_width_falls_back_to_the_segment_loop():
+    torch.manual_seed(0)
+    experts = SwiGLUExperts(4, 16, 6)  # 6 fp32 features are not 16-byte aligned: no grouped GEMM kernel
+    hidden, ids, weights = _routing(num_experts=4)
+    with torch.no_grad():
+        got = dispatch(hidden, segments_from_topk(ids, weights, 4), experts)
+        torch.testing.assert_close(got, _naive(hidden, ids, weights, experts), atol=1e-5, rtol=1e-5)
