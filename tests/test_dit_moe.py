@@ -164,6 +164,18 @@ def test_aux_loss_only_in_training_mode():
     assert moe_aux_loss(model) is None
 
 
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = _randomize(DiTMoETransformer2DModel(**TINY)).train()
+        model.embedding.class_embedder.dropout_prob = 0.0  # no random label dropout, so both runs see the same labels
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        model(*_inputs()).sample.square().mean().backward()
+        grads.append(model.transformer_blocks[0].ff.experts[1].up_proj.weight.grad)
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 def test_batch_independence():
     model = _randomize(DiTMoETransformer2DModel(**TINY))
     x, t, y = _inputs()
@@ -214,6 +226,20 @@ def test_train_checkpoint_and_release_files(tmp_path):
         converted = build_dit_moe_transformer(checkpoint, config_path=config)
         with torch.no_grad():
             torch.testing.assert_close(converted(*_inputs()).sample, model(*_inputs()).sample, rtol=0, atol=0)
+
+
+def test_half_precision_deepspeed_checkpoint(tmp_path):
+    """DeepSpeed writes fp16 weights under "module" (no EMA): they convert (upcast to float32) with --weights model."""
+    model = _randomize(DiTMoETransformer2DModel(**TINY, qk_norm="layer_norm", formulation="rf-noise-at-1"))
+    source = {key: value.half() for key, value in upstream_state_dict(model).items()}
+    path = str(tmp_path / "mp_rank_00_model_states.pt")
+    torch.save({"module": {f"module.{key}": value for key, value in source.items()}}, path)
+    checkpoint = load_original_checkpoint(path, weights="model", mmap=True)
+    converted = build_dit_moe_transformer(checkpoint, experts_per_token=2, formulation="rf")
+    assert converted.dtype == torch.float32
+    model.load_state_dict({key: value.half().float() for key, value in model.state_dict().items()})
+    with torch.no_grad():
+        torch.testing.assert_close(converted(*_inputs()).sample, model(*_inputs()).sample, rtol=0, atol=0)
 
 
 def test_release_names_and_train_args_give_the_architecture():
