@@ -19,6 +19,9 @@ def _add_convert_parser(subparsers) -> None:
     parser.add_argument("--output", required=True, help="folder to create")
     parser.add_argument("--config", help="original training config (yaml) or constructor kwargs (json/yaml)")
     parser.add_argument("--preset", help="released architecture name, for checkpoints that do not record it")
+    parser.add_argument("--num-experts", type=int, help="routed experts per MoE layer (bare Diff-MoE/DiT-MoE dicts)")
+    parser.add_argument("--experts-per-token", type=int, help="experts per token (bare Diff-MoE/DiT-MoE dicts)")
+    parser.add_argument("--formulation", help="ddpm or rf, for families trained with either (Diff-MoE, DiT-MoE)")
     parser.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights (default: ema)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="saved dtype")
     parser.add_argument("--vae", help="local AutoencoderKL folder to include as vae/")
@@ -58,6 +61,8 @@ def _add_generate_parser(subparsers) -> None:
 def _run_convert(args) -> None:
     from diffmoe_hf.conversion import convert_checkpoint
 
+    family_settings = {"num_experts": args.num_experts, "experts_per_token": args.experts_per_token,
+                       "formulation": args.formulation}  # fmt: skip
     output = convert_checkpoint(
         args.family,
         args.checkpoint,
@@ -74,6 +79,7 @@ def _run_convert(args) -> None:
         hub_layout=args.hub_layout,
         push_to_hub=args.push_to_hub,
         token=args.token,
+        **{name: value for name, value in family_settings.items() if value is not None},
     )
     print(f"Converted {args.checkpoint} -> {output}")
 

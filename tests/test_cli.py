@@ -33,3 +33,10 @@ def test_errors_are_reported_without_traceback(tmp_path, capsys):
     assert main(["convert", "dsmoe", "--checkpoint", str(tmp_path / "missing.pt"), "--output", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_family_options_are_checked(tmp_path, capsys):
+    case = dsmoe_case()
+    assert main(["convert", "dsmoe", "--checkpoint", os.path.join(case, "checkpoint.pt"), "--config",
+                 os.path.join(case, "config.yaml"), "--num-experts", "8", "--output", str(tmp_path / "o")]) == 2  # fmt: skip
+    assert "does not take num_experts" in capsys.readouterr().err and not (tmp_path / "o").exists()
