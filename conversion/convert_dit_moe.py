@@ -189,6 +189,11 @@ def infer_from_weights(state_dict: dict[str, torch.Tensor], class_dropout_prob: 
         raise CheckpointError(
             f"This does not look like a DiT-MoE state dict: missing {absent} (found e.g. {sorted(state_dict)[:5]})."
         )
+    if "blocks.0.dwconv.weight" in state_dict or "blocks.0.moe.se.0.weight" in state_dict:
+        raise CheckpointError(
+            "This is a Diff-MoE (Cheng et al.) checkpoint (depthwise conv and expert recalibration weights): use the "
+            "diff-moe converter."
+        )
     hidden, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
     flash = {"Wqkv" in key for key in state_dict if re.fullmatch(r"blocks\.\d+\.attn\.(qkv|Wqkv)\.weight", key)}
     if len(flash) > 1:

@@ -329,6 +329,10 @@ def test_unexpected_and_mixed_keys_are_errors(tmp_path):
         build_dit_moe_transformer(_checkpoint(source), config_path=config)
     with pytest.raises(CheckpointError, match="does not look like a DiT-MoE"):
         build_dit_moe_transformer(_checkpoint({"weight": torch.zeros(2)}), config_path=config)
+    source = _tiny_source()
+    source["blocks.0.dwconv.weight"] = torch.zeros(32, 1, 5, 5)  # a Diff-MoE (Cheng et al.) block
+    with pytest.raises(CheckpointError, match="Diff-MoE .* use the diff-moe converter"):
+        build_dit_moe_transformer(_checkpoint(source), config_path=config)
 
 
 def test_convert_checkpoint_writes_a_sharded_pipeline_folder(tmp_path):
