@@ -43,6 +43,7 @@ packages, package_dir = _packages()
 core = [
     "torch>=2.4",
     "diffusers>=0.35",
+    "accelerate>=1.0",  # meta-device model construction for low-memory checkpoint conversion
     "safetensors>=0.4",
     "huggingface_hub>=0.34",
     "numpy",

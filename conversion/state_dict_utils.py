@@ -39,6 +39,10 @@ def load_converted_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
     """
     Loads `state_dict` into `model` only if it fits exactly: every target key filled with the right shape, no key
     unused, and no unconsumed source key (`leftovers`). Otherwise raises `CheckpointError` listing every problem.
+
+    A model built with `low_memory.init_empty_model` (parameters on the meta device) adopts the tensors of
+    `state_dict` instead of copying them, emptying `state_dict` one cast at a time, so no second copy of the weights
+    is made.
     """
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
@@ -63,6 +67,10 @@ def load_converted_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
             "The checkpoint does not match the model configuration (wrong config/preset, or not a checkpoint of "
             "this family):\n" + "\n".join(problems)
         )
+    if any(param.is_meta for param in model.parameters()):
+        adopted = {key: state_dict.pop(key).to(expected[key].dtype) for key in list(state_dict)}
+        model.load_state_dict(adopted, strict=True, assign=True)
+        return
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state_dict.items()}, strict=True)
 
 
