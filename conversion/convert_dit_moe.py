@@ -28,9 +28,7 @@ import yaml
 from diffmoe_hf.models.transformer_dit_moe import DIT_MOE_PRESETS, DiTMoETransformer2DModel
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
-from .convert_dsmoe import check_fixed_pos_embed
-from .low_memory import init_empty_model
-from .state_dict_utils import load_converted_state_dict, rename_keys, split_fused_projection
+from .state_dict_utils import build_converted_model
 
 FORMULATIONS = ("ddpm-learned-sigma", "rf-noise-at-1")
 # short names accepted for the `formulation` option and config field (as the Diff-MoE converter)
@@ -325,19 +323,7 @@ def convert_dit_moe(checkpoint: LoadedCheckpoint, config: dict) -> DiTMoETransfo
     Raises:
         CheckpointError: listing unconsumed, missing and mismatched keys when checkpoint and config disagree.
     """
-    try:
-        model = init_empty_model(DiTMoETransformer2DModel, **config)
-    except ValueError as err:
-        raise CheckpointError(f"Invalid DiT-MoE configuration: {err}") from None
-    source = checkpoint.state_dict
-    pos_embed = source.get("pos_embed")
-    # a half-precision checkpoint (DeepSpeed training) stores the sin-cos table rounded to its precision
-    atol = 1e-5 if pos_embed is None else max(1e-5, torch.finfo(pos_embed.dtype).eps)
-    check_fixed_pos_embed(source, model, atol=atol)
-    converted = rename_keys(source, _RENAME_RULES)
-    split_fused_projection(converted, "attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v"))
-    load_converted_state_dict(model, converted, leftovers=source)
-    return model.eval()
+    return build_converted_model(DiTMoETransformer2DModel, config, checkpoint.state_dict, _RENAME_RULES, "DiT-MoE")
 
 
 def build_dit_moe_transformer(

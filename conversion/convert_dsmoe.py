@@ -4,7 +4,6 @@ The architecture is not stored in DSMoE checkpoints: it comes from the training 
 arguments of `models_DSMoE.DiT`) or from a released preset name.
 """
 
-import torch
 import yaml
 
 from diffmoe_hf.models.transformer_dsmoe import _RELEASED_COMMON, DSMOE_PRESETS, DSMoETransformer2DModel
@@ -115,24 +114,6 @@ _RENAME_RULES = [
 ]  # fmt: skip
 
 
-def check_fixed_pos_embed(source: dict[str, torch.Tensor], model, atol: float = 1e-5) -> None:
-    """The checkpoint's frozen sin-cos `pos_embed` must equal the table the model computes (EMA moves it by ~1 ulp);
-    it is consumed here because diffusers' `PatchEmbed` keeps it as a non-persistent buffer."""
-    stored = source.pop("pos_embed", None)
-    computed = getattr(model.pos_embed, "pos_embed", None)
-    if stored is None and computed is None:
-        return
-    if stored is None or computed is None or stored.shape != computed.shape:
-        raise CheckpointError(
-            "pos_embed does not match the configured positional embedding "
-            f"(checkpoint {None if stored is None else tuple(stored.shape)}, "
-            f"model {None if computed is None else tuple(computed.shape)}): check rope_type in the config."
-        )
-    error = (stored.float() - computed.float()).abs().max().item()
-    if error > atol:
-        raise CheckpointError(f"The checkpoint's pos_embed differs from the fixed sin-cos table by {error:.2e}.")
-
-
 def convert_dsmoe(checkpoint: LoadedCheckpoint, config: dict) -> DSMoETransformer2DModel:
     """
     Builds a `DSMoETransformer2DModel` with `config` and fills it from `checkpoint`, consuming every source key.
@@ -146,7 +127,6 @@ def convert_dsmoe(checkpoint: LoadedCheckpoint, config: dict) -> DSMoETransforme
         checkpoint.state_dict,
         _RENAME_RULES,
         "DSMoE",
-        consume_fixed_tensors=check_fixed_pos_embed,
     )
 
 

@@ -13,7 +13,7 @@ from diffmoe_hf.models.transformer_dynamic_token_moe import (
 )
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
-from .convert_dsmoe import check_fixed_pos_embed, read_yaml_model_params
+from .convert_dsmoe import read_yaml_model_params
 from .state_dict_utils import build_converted_model
 
 
@@ -96,7 +96,6 @@ def convert_dynamic_token_moe(checkpoint: LoadedCheckpoint, config: dict) -> Dyn
         checkpoint.state_dict,
         _RENAME_RULES,
         "DiffMoE",
-        consume_fixed_tensors=check_fixed_pos_embed,
     )
 
 

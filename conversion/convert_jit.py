@@ -9,7 +9,6 @@ constructor arguments; the sampling parameters (`noise_scale`, `t_eps`, `label_d
 import argparse
 import logging
 
-import torch
 import yaml
 
 from diffmoe_hf.models.transformer_jit import JiTTransformer2DModel, jit_preset_config, resolve_jit_preset
@@ -148,23 +147,6 @@ def read_jit_config_file(path: str) -> tuple[dict, dict]:
     )
 
 
-def _check_pos_embed(source: dict[str, torch.Tensor], model: JiTTransformer2DModel, atol: float = 1e-5) -> None:
-    """The checkpoint's frozen sin-cos table must equal the one the model computes; it is consumed here."""
-    stored = source.pop("pos_embed", None)
-    computed = model.pos_embed.pos_embed
-    if stored is None:
-        raise CheckpointError("The checkpoint has no pos_embed: this does not look like a JiT checkpoint.")
-    if stored.shape != computed.shape:
-        raise CheckpointError(
-            f"pos_embed has shape {tuple(stored.shape)} but the configured model needs {tuple(computed.shape)}: the "
-            "image size or patch size does not match the checkpoint (set img_size in the config or use the right "
-            "preset)."
-        )
-    error = (stored.float() - computed.float()).abs().max().item()
-    if error > atol:
-        raise CheckpointError(f"The checkpoint's pos_embed differs from the fixed sin-cos table by {error:.2e}.")
-
-
 def convert_jit(checkpoint: LoadedCheckpoint, config: dict) -> JiTTransformer2DModel:
     """
     Builds a `JiTTransformer2DModel` with `config` and fills it from `checkpoint`, consuming every source key.
@@ -174,9 +156,7 @@ def convert_jit(checkpoint: LoadedCheckpoint, config: dict) -> JiTTransformer2DM
     """
     # SwiGLUFFN computes w3(silu(a) * b) for the halves (a, b) of w12
     fused = (QKV_SPLIT, ("w12", ("gate_proj", "up_proj")))
-    return build_converted_model(
-        JiTTransformer2DModel, config, checkpoint.state_dict, _RENAME_RULES, "JiT", fused, _check_pos_embed
-    )
+    return build_converted_model(JiTTransformer2DModel, config, checkpoint.state_dict, _RENAME_RULES, "JiT", fused)
 
 
 def _same_preset(first: str, second: str) -> bool:

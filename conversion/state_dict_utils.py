@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .checkpoint_io import CheckpointError
+from .low_memory import init_empty_model
 
 
 def rename_keys(source: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
@@ -77,6 +78,27 @@ def load_converted_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
 QKV_SPLIT = ("attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v"))
 
 
+def check_fixed_pos_embed(source: dict[str, torch.Tensor], model) -> None:
+    """
+    Pops the checkpoint's frozen sin-cos `pos_embed` and checks it against the table the model computes itself
+    (diffusers' `PatchEmbed` keeps it as a non-persistent buffer). EMA moves the stored table by about 1 ulp and
+    half-precision training stores it rounded, so they must agree to the stored precision.
+    """
+    stored = source.pop("pos_embed", None)
+    computed = getattr(model.pos_embed, "pos_embed", None)
+    if stored is None and computed is None:
+        return
+    if stored is None or computed is None or stored.shape != computed.shape:
+        raise CheckpointError(
+            f"The checkpoint's pos_embed ({None if stored is None else tuple(stored.shape)}) does not fit the "
+            f"configured model ({None if computed is None else tuple(computed.shape)}): check the image size, patch "
+            "size and positional embedding type (sin-cos table or rotary) in the config."
+        )
+    error = (stored.float() - computed.float()).abs().max().item()
+    if error > max(1e-5, torch.finfo(stored.dtype).eps):
+        raise CheckpointError(f"The checkpoint's pos_embed differs from the fixed sin-cos table by {error:.2e}.")
+
+
 def build_converted_model(
     model_class,
     config: dict,
@@ -84,29 +106,29 @@ def build_converted_model(
     rename_rules: list[tuple[str, str]],
     family: str,
     fused_projections: tuple[tuple[str, tuple[str, ...]], ...] = (QKV_SPLIT,),
-    consume_fixed_tensors=None,
+    consume_fixed_tensors=check_fixed_pos_embed,
 ):
     """
-    The conversion every family shares: build `model_class(**config)`, let `consume_fixed_tensors(source, model)`
-    check and pop tensors the model recomputes (fixed position tables), rename the rest with `rename_rules`, split
-    fused projections (`(fused, parts)` pairs), and load strictly (see `load_converted_state_dict`).
+    The conversion every family shares, without a second copy of the weights: build `model_class(**config)` with its
+    parameters on the meta device, let `consume_fixed_tensors(source, model)` check and pop tensors the model
+    recomputes (fixed position tables), rename the rest with `rename_rules`, split fused projections (`(fused, parts)`
+    pairs), and load strictly: the model adopts the source tensors (see `load_converted_state_dict`).
 
     Args:
-        state_dict: the original weights; not modified.
+        state_dict: the original weights; consumed (emptied) as they move into the model.
         family: the family name used in error messages.
 
     Returns:
         The loaded model in eval mode.
     """
     try:
-        model = model_class(**config)
+        model = init_empty_model(model_class, **config)
     except ValueError as err:
         raise CheckpointError(f"Invalid {family} configuration: {err}") from None
-    source = dict(state_dict)
     if consume_fixed_tensors is not None:
-        consume_fixed_tensors(source, model)
-    converted = rename_keys(source, rename_rules)
+        consume_fixed_tensors(state_dict, model)
+    converted = rename_keys(state_dict, rename_rules)
     for fused, parts in fused_projections:
         split_fused_projection(converted, fused, parts)
-    load_converted_state_dict(model, converted, leftovers=source)
+    load_converted_state_dict(model, converted, leftovers=state_dict)
     return model.eval()
