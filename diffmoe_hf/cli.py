@@ -44,6 +44,7 @@ def _add_generate_parser(subparsers) -> None:
         description="Generate images for the given classes and write them as one PNG grid (one row per class).",
     )
     parser.add_argument("--model", required=True, help="converted folder or Hub repo id")
+    parser.add_argument("--vae", help="AutoencoderKL folder or repo, for latent models saved without vae/")
     parser.add_argument(
         "--classes", nargs="+", default=None, help="class ids or names (default: the first 4 classes)"
     )
@@ -112,7 +113,12 @@ def _run_generate(args) -> None:
     if args.per_class < 1:
         raise ValueError("--per-class must be at least 1.")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = ClassConditionalMoEPipeline.from_pretrained(args.model).to(device)
+    components = {}
+    if args.vae:
+        from diffusers import AutoencoderKL
+
+        components["vae"] = AutoencoderKL.from_pretrained(args.vae)
+    pipe = ClassConditionalMoEPipeline.from_pretrained(args.model, **components).to(device)
     if args.scheduler:
         scheduler_class = getattr(schedulers, args.scheduler, None)
         if scheduler_class is None:
