@@ -54,6 +54,7 @@ core = [
 extras = {
     "train": ["accelerate>=1.0", "peft>=0.17", "datasets>=3.0"],
     "space": ["gradio>=5.0"],
+    "eval": ["scikit-learn>=1.3", "scipy"],
 }
 extras["dev"] = sorted({dep for deps in extras.values() for dep in deps} | {"pytest>=8", "transformers"})
 
