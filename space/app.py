@@ -27,6 +27,7 @@ MAX_GUIDANCE = 20.0
 MAX_SEED = 2**31 - 1
 QUEUE_SIZE = 16
 DEFAULT_STEPS = 20
+CSS = "#gallery img, #routing_map img { image-rendering: pixelated; }"  # small samples stay sharp when enlarged
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -110,11 +111,24 @@ def load_models(sources: dict[str, str], device: str | None = None) -> dict[str,
     return {name: prepare_model(name, load_pipeline(source, device)) for name, source in sources.items()}
 
 
+def _whole_number(value, label: str, low: int, high: int) -> int:
+    """`value` as an int in [low, high], or a `gr.Error` that says what is expected."""
+    message = f"{label} must be a whole number between {low} and {high}."
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise gr.Error(message) from None
+    if not number.is_integer() or not low <= number <= high:
+        raise gr.Error(message)
+    return int(number)
+
+
 def _validate(model: DemoModel, class_ids, guidance_scale, num_inference_steps, scheduler, seed, images_per_class):
-    if not class_ids:
-        raise gr.Error("Pick at least one class.")
+    """Checks one request against the model and the limits; returns (class ids, guidance, steps, seed, per class)."""
     if isinstance(class_ids, (int, str)):
         class_ids = [class_ids]
+    if not class_ids:
+        raise gr.Error("Pick at least one class.")
     ids = []
     for class_id in class_ids:
         try:
@@ -124,24 +138,23 @@ def _validate(model: DemoModel, class_ids, guidance_scale, num_inference_steps, 
         if not 0 <= class_id < model.num_classes:
             raise gr.Error(f"Class {class_id} does not exist: this model has classes 0 to {model.num_classes - 1}.")
         ids.append(class_id)
-    if guidance_scale is None or not 0.0 <= float(guidance_scale) <= MAX_GUIDANCE:
+    try:
+        guidance = float(guidance_scale)
+    except (TypeError, ValueError):
+        guidance = float("nan")
+    if not 0.0 <= guidance <= MAX_GUIDANCE:  # also refuses NaN
         raise gr.Error(f"Guidance scale must be between 0 and {MAX_GUIDANCE}.")
-    if num_inference_steps is None or int(num_inference_steps) != num_inference_steps:
-        raise gr.Error("Steps must be a whole number.")
-    if not 1 <= int(num_inference_steps) <= MAX_STEPS:
-        raise gr.Error(f"Steps must be between 1 and {MAX_STEPS}.")
+    steps = _whole_number(num_inference_steps, "Steps", 1, MAX_STEPS)
     if scheduler not in model.schedulers:
         raise gr.Error(f"Scheduler {scheduler!r} is not available for this model; choose one of the list.")
-    if seed is None or int(seed) != seed or not 0 <= int(seed) <= MAX_SEED:
-        raise gr.Error(f"Seed must be a whole number between 0 and {MAX_SEED}.")
-    if images_per_class is None or int(images_per_class) != images_per_class or int(images_per_class) < 1:
-        raise gr.Error("Images per class must be a whole number of at least 1.")
-    total = len(ids) * int(images_per_class)
-    if total > MAX_IMAGES:
+    seed = _whole_number(seed, "Seed", 0, MAX_SEED)
+    per_class = _whole_number(images_per_class, "Images per class", 1, MAX_IMAGES)
+    if len(ids) * per_class > MAX_IMAGES:
         raise gr.Error(
-            f"{len(ids)} classes x {int(images_per_class)} images = {total} images; at most {MAX_IMAGES} per request."
+            f"{len(ids)} classes x {per_class} images = {len(ids) * per_class} images; at most {MAX_IMAGES} per "
+            "request."
         )
-    return ids
+    return ids, guidance, steps, seed, per_class
 
 
 class DemoApp:
@@ -179,9 +192,10 @@ class DemoApp:
         model = self.models[model_name]
         if randomize_seed:
             seed = random.randint(0, MAX_SEED)
-        ids = _validate(model, class_ids, guidance_scale, num_inference_steps, scheduler, seed, images_per_class)
-        seed, steps = int(seed), int(num_inference_steps)
-        labels = [class_id for class_id in ids for _ in range(int(images_per_class))]
+        ids, guidance_scale, steps, seed, per_class = _validate(
+            model, class_ids, guidance_scale, num_inference_steps, scheduler, seed, images_per_class
+        )
+        labels = [class_id for class_id in ids for _ in range(per_class)]
         pipe = model.pipe
         pipe.scheduler = model.schedulers[scheduler]  # safe: one request runs at a time (concurrency_limit=1)
         device = pipe._execution_device
@@ -191,7 +205,7 @@ class DemoApp:
             images = pipe(
                 class_labels=labels,
                 num_inference_steps=steps,
-                guidance_scale=float(guidance_scale),
+                guidance_scale=guidance_scale,
                 generator=generators,
                 callback_on_step_end=collector.on_step_end,
             ).images
@@ -247,7 +261,7 @@ class DemoApp:
         )
 
     def build(self) -> gr.Blocks:
-        """The Gradio app (a model picker appears when several models are served)."""
+        """The Gradio app (a model picker appears when several models are served), queued with the demo's limits."""
         first = next(iter(self.models.values()))
         first_scheduler = next(iter(first.schedulers))
         with gr.Blocks(title="Diffusion MoE demo (diffmoe_hf)") as demo:
@@ -325,7 +339,8 @@ class DemoApp:
             gr.Markdown(
                 f"Limits: up to {MAX_IMAGES} images and {MAX_STEPS} steps per request; one request runs at a time."
             )
-        return demo
+        # bounded whoever launches it: one request at a time, at most QUEUE_SIZE waiting
+        return demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -337,11 +352,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         models = load_models(configured_sources(args.model), args.device)
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # nothing configured, not a model folder, Hub repo not reachable
         sys.exit(f"error: {error}")
-    demo = DemoApp(models).build()
-    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
-    demo.launch(server_name=args.host, server_port=args.port)
+    DemoApp(models).build().launch(server_name=args.host, server_port=args.port, css=CSS)
 
 
 if __name__ == "__main__":

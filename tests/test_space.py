@@ -241,6 +241,8 @@ def test_select_model_resets_classes_schedulers_and_guidance(demo_app):
         (dict(classes=("../../etc/passwd",)), "Unknown class"),
         (dict(steps=101), "between 1 and 100"),
         (dict(steps=2.5), "whole number"),
+        (dict(steps="many"), "Steps must be a whole number"),
+        (dict(guidance=float("nan")), "Guidance scale"),
         (dict(guidance=-1), "Guidance scale"),
         (dict(scheduler="DDPMScheduler"), "not available for this model"),
         (dict(seed=-3), "Seed"),
@@ -266,8 +268,8 @@ def test_renderers_handle_unrouted_patches_and_many_experts():
 @pytest.fixture(scope="module")
 def served(demo_app):
     demo = demo_app.build()
-    demo.queue(max_size=space_app.QUEUE_SIZE, default_concurrency_limit=1)
-    demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    assert demo._queue.max_size == space_app.QUEUE_SIZE and demo._queue.default_concurrency_limit == 1
+    demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, css=space_app.CSS)
     try:
         yield demo.local_url
     finally:
