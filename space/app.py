@@ -297,7 +297,8 @@ class DemoApp:
                                                  elem_id="images_per_class")  # fmt: skip
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Column(scale=2):
-                    gallery = gr.Gallery(label="Samples", columns=4, height="auto", elem_id="gallery")
+                    # lossless: webp (the default) blurs the colours of small samples
+                    gallery = gr.Gallery(label="Samples", columns=4, height="auto", format="png", elem_id="gallery")
                     used_seed = gr.Number(label="Seed used", interactive=False, precision=0, elem_id="used_seed")
             gr.Markdown("## Routing")
             with gr.Row():
@@ -305,8 +306,9 @@ class DemoApp:
                 step = gr.Slider(1, DEFAULT_STEPS, value=DEFAULT_STEPS, step=1, label="Sampling step", elem_id="step")
             caption = gr.Markdown("Generate images to see where the experts work.", elem_id="routing_caption")
             with gr.Row():
-                routing_map = gr.Image(label="Experts per patch (first image)", type="pil", elem_id="routing_map")
-                load_plot = gr.Image(label="Expert load per layer (%)", type="pil", elem_id="load_plot")
+                routing_map = gr.Image(label="Experts per patch (first image)", type="pil", format="png",
+                                       elem_id="routing_map")  # fmt: skip
+                load_plot = gr.Image(label="Expert load per layer (%)", type="pil", format="png", elem_id="load_plot")
             load_numbers = gr.Dataframe(
                 value=None, headers=["layer"], label="Expert load (%)", interactive=False, elem_id="load_table"
             )
