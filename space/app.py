@@ -242,10 +242,16 @@ class DemoApp:
         loads = view.loads[step - 1]
         headers = ["layer", *[f"E{expert} %" for expert in range(loads.shape[1])]]
         table = {"headers": headers, "data": load_table(loads, view.layers)}
+        if view.expert_choice[index]:
+            routing = (
+                "its experts choose tokens from the whole batch; each patch of the first image (conditional pass) "
+                "shows the highest-scoring expert that took it, dark where none did."
+            )
+        else:
+            routing = "the expert with the highest router score for each patch of the first image (conditional pass)."
         caption = (
-            f"**{layer_label(layer)}, {view.step_labels[step - 1]} of {view.num_steps}**: the expert with the highest "
-            "router score for each patch of the first image (conditional pass). Load: share of the (token, expert) "
-            "assignments of each layer in this step, over all images and guidance passes."
+            f"**{layer_label(layer)}, {view.step_labels[step - 1]} of {view.num_steps}**: {routing} Load: share of the "
+            "(token, expert) assignments of each layer in this step, over all images and guidance passes."
         )
         return picture, render_load(loads, view.layers, view.num_experts), table, caption
 

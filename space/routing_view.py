@@ -45,16 +45,19 @@ class RoutingView:
     Attributes:
         layers: MoE layer names in model order.
         num_experts: Routed experts per layer (E).
+        expert_choice: Per layer, whether its experts choose their tokens (DiffMoE by Shi et al.: a token may be
+            taken by several experts or by none) instead of tokens choosing their top-k experts.
         step_labels: One label per sampling step (a transformer evaluation round of the pipeline loop).
         expert_maps: `expert_maps[step][layer]` is a (grid, grid) int array with the top expert of each patch of the
-            first image (conditional pass; -1 where no expert took the patch), or `None` when the layer's routing is
-            not per token (expert-choice layers record only their load).
+            first image (conditional pass): the highest-scoring of the experts that took it, -1 where none did; `None`
+            when the layer does not expose its per-token routing.
         loads: `loads[step]` is a (layers, E) int array of (token, expert) assignments in that step, over all images
             and guidance passes.
     """
 
     layers: list[str]
     num_experts: list[int]
+    expert_choice: list[bool]
     step_labels: list[str] = field(default_factory=list)
     expert_maps: list[list[np.ndarray | None]] = field(default_factory=list)
     loads: list[np.ndarray] = field(default_factory=list)
@@ -77,6 +80,8 @@ class RoutingCollector:
     The first image's map comes from the first transformer call of each step (the conditional pass: the pipeline
     puts the conditional batch first, or runs it first when cond and uncond are separate calls), and from its last
     `grid * grid` tokens (models with in-context prefix tokens, such as JiT, put them before the image tokens).
+    Token-choice layers give their experts through `record_routing`; expert-choice layers (`DynamicTokenMoE`) through
+    their `selection` attribute, read after each of their calls.
     """
 
     def __init__(self, transformer: torch.nn.Module):
@@ -88,21 +93,41 @@ class RoutingCollector:
         self._call_batches: list[int] = []  # batch size of every transformer call
         self._step_start = 0  # index of the first transformer call of the current step
         self._last_counts: list[torch.Tensor] = []
-        self._hook = None
+        self._selections: dict[str, list[torch.Tensor]] = {}  # expert-choice layer -> (S, 1) top expert per call
+        self._hooks = []
         self.view: RoutingView | None = None
 
     def __enter__(self) -> "RoutingCollector":
         self._context = record_routing(self.transformer)
         self._record = self._context.__enter__()
-        self._hook = self.transformer.register_forward_pre_hook(self._count_call, with_kwargs=True)
+        self._hooks = [self.transformer.register_forward_pre_hook(self._count_call, with_kwargs=True)]
         layers = list(self._record)
-        self.view = RoutingView(layers=layers, num_experts=[self._record[name].num_experts for name in layers])
+        for name in layers:
+            module = self.transformer.get_submodule(name)
+            if not isinstance(getattr(module, "router", None), torch.nn.Module) and hasattr(module, "selection"):
+                self._selections[name] = []
+                self._hooks.append(module.register_forward_hook(self._read_selection(name)))
+        num_experts = [self._record[name].num_experts for name in layers]
+        self.view = RoutingView(layers, num_experts, expert_choice=[name in self._selections for name in layers])
         self._last_counts = [self._record[name].counts.clone() for name in layers]
         return self
 
     def __exit__(self, *exc_info):
-        self._hook.remove()
+        for hook in self._hooks:
+            hook.remove()
         return self._context.__exit__(*exc_info)
+
+    def _read_selection(self, name: str):
+        num_experts = self._record[name].num_experts
+
+        def hook(module, inputs, output):
+            selection, num_tokens = module.selection, inputs[0].shape[:-1].numel()
+            weights = torch.full((num_tokens, num_experts), float("-inf"), device=selection.token_index.device)
+            weights[selection.token_index, selection.expert_index] = selection.weights.float()
+            best, top_expert = weights.max(dim=1)
+            self._selections[name].append(torch.where(best > float("-inf"), top_expert, -1).unsqueeze(1))
+
+        return hook
 
     def _count_call(self, module, args, kwargs):
         hidden_states = args[0] if args else kwargs["hidden_states"]
@@ -116,8 +141,9 @@ class RoutingCollector:
             counts = layer.counts.detach().cpu().clone()
             loads.append((counts - self._last_counts[index].cpu()).numpy())
             self._last_counts[index] = counts
-            maps.append(self._first_image_map(layer.expert_ids))
-            layer.expert_ids.clear()  # only the first image's map of each step is kept
+            expert_ids = self._selections.get(name, layer.expert_ids)
+            maps.append(self._first_image_map(expert_ids))
+            expert_ids.clear()  # only the first image's map of each step is kept
         self._step_start = len(self._call_batches)
         self.view.step_labels.append(f"step {step + 1} (timestep {float(timestep):.4g})")
         self.view.expert_maps.append(maps)
@@ -126,7 +152,7 @@ class RoutingCollector:
 
     def _first_image_map(self, expert_ids: list[torch.Tensor]) -> np.ndarray | None:
         if not expert_ids or self._step_start >= len(self._call_batches):
-            return None  # expert-choice layer (no per-token ids), or a step without a transformer call
+            return None  # a layer without per-token routing, or a step without a transformer call
         ids = expert_ids[0]  # the first call of this step: ids were cleared at the end of the previous step
         batch = self._call_batches[self._step_start]
         tokens, image_tokens = ids.shape[0] // batch, self.grid * self.grid
@@ -167,7 +193,7 @@ def render_expert_map(
         x0 = size + 12
     if expert_map is None:
         draw.rectangle([x0, 0, x0 + size - 1, size - 1], fill=(235, 235, 235))
-        message = "expert-choice layer:\nexperts pick tokens\nfrom the whole batch;\nsee the load below"
+        message = "this layer does not\nexpose its routing\nper token;\nsee the load below"
         draw.multiline_text((x0 + 12, size // 2 - 40), message, fill="black", font=font, spacing=6)
     else:
         grid = expert_map.shape[0]

@@ -196,13 +196,31 @@ def test_same_seed_same_images_and_randomize_draws_a_seed(demo_app):
 def test_latent_and_expert_choice_models(demo_app):
     gallery, _, state, *_, picture, _, _, _ = _generate(demo_app, model="dsmoe", guidance=1.5, steps=2)
     assert gallery[0][0].size == (8, 8) and state["view"].expert_maps[0][0].shape == (4, 4)
-    gallery, _, state, *_ = _generate(demo_app, model="dynamic", guidance=1.5, steps=2)
+    layer = demo_app.models["dynamic"].pipe.transformer.transformer_blocks[1].ff
+    selections = []
+    handle = layer.register_forward_hook(lambda module, i, o: selections.append(module.selection))
+    try:
+        gallery, _, state, *_ = _generate(demo_app, model="dynamic", guidance=1.5, steps=2)
+    finally:
+        handle.remove()
     view = state["view"]
-    assert view.layers == ["transformer_blocks.0.ff", "transformer_blocks.1.ff"]
-    assert view.expert_maps[0] == [None, None]  # experts choose tokens: only the load is recorded
+    assert view.layers == ["transformer_blocks.0.ff", "transformer_blocks.1.ff"] and view.expert_choice == [True, True]
     assert view.loads[0].shape == (2, 4)
+    # DiffMoE runs cond and uncond as separate calls; the map is the first call's first image, 16 patches
+    first = selections[0]
+    for patch, expert in enumerate(view.expert_maps[0][1].reshape(-1)):
+        took = first.expert_index[first.token_index == patch]
+        if expert == -1:
+            assert len(took) == 0
+        else:
+            weights = first.weights[first.token_index == patch]
+            assert expert == int(took[weights.argmax()])
+    assert view.loads[0][1].tolist() == torch.bincount(
+        torch.cat([s.expert_index for s in selections[:2]]), minlength=4
+    ).tolist()
     picture, chart, _, caption = demo_app.show_routing(state, view.layers[1], 1)
     assert isinstance(picture, Image.Image) and isinstance(chart, Image.Image) and "block 1, step 1" in caption
+    assert "experts choose tokens" in caption
 
 
 @pytest.mark.parametrize("scheduler", ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler"])
