@@ -73,9 +73,11 @@ def configured_sources(cli_models: list[str] | None = None) -> dict[str, str]:
         )
     named = {}
     for source in sources:
-        name = os.path.basename(os.path.normpath(source)) if os.path.isdir(source) else source
-        while name in named:
-            name += "'"
+        base = os.path.basename(os.path.normpath(source)) if os.path.isdir(source) else source
+        name, copy = base, 1
+        while name in named:  # two folders with the same name
+            copy += 1
+            name = f"{base} ({copy})"
         named[name] = source
     return named
 
@@ -270,7 +272,7 @@ class DemoApp:
         """The Gradio app (a model picker appears when several models are served), queued with the demo's limits."""
         first = next(iter(self.models.values()))
         first_scheduler = next(iter(first.schedulers))
-        with gr.Blocks(title="Diffusion MoE demo (diffmoe_hf)") as demo:
+        with gr.Blocks(title="Diffusion MoE demo (diffmoe_hf)", analytics_enabled=False) as demo:
             gr.Markdown(
                 "# Diffusion Mixture-of-Experts\n"
                 "Class-conditional samples from a diffusion MoE transformer ported to diffusers, and the "

@@ -24,7 +24,7 @@ from diffmoe_hf import (
 from diffmoe_hf.conversion import convert_checkpoint
 from diffmoe_hf.formulations import FORMULATIONS
 from diffmoe_hf.space import app as space_app
-from diffmoe_hf.space.routing_view import render_expert_map, render_load
+from diffmoe_hf.space.routing_view import RoutingView, render_expert_map, render_load
 
 from .conftest import REPO_ROOT, parity_root
 from .helpers import tiny_dsmoe, tiny_vae
@@ -85,6 +85,8 @@ def test_models_come_from_the_command_line_then_the_environment_then_the_package
     assert space_app.configured_sources() == {"dsmoe": model_folders["dsmoe"], "org/repo": "org/repo"}
     monkeypatch.delenv(space_app.MODELS_ENV)
     assert space_app.configured_sources() == {"embedded": "/pkg/embedded"}
+    twice = space_app.configured_sources([model_folders["jitmoe"], model_folders["jitmoe"] + os.sep])
+    assert list(twice) == ["jitmoe", "jitmoe (2)"]
 
 
 def test_default_models_lists_the_embedded_model_folders(monkeypatch, tmp_path, model_folders):
@@ -242,6 +244,8 @@ def test_show_routing_picks_layer_and_step(demo_app):
     assert "block 3, step 1 (timestep 1000) of 2" in caption and isinstance(picture, Image.Image)
     assert demo_app.show_routing(state, "not a layer", 99)[3].startswith("**block 1, step 2")
     assert demo_app.show_routing(None, None, None)[0] is None
+    dense = RoutingView([], [], [], ["step 1"], [[]], [np.zeros((0, 0), dtype=np.int64)])
+    assert demo_app.show_routing({"view": dense, "image": None}, None, 1)[3].startswith("This model has no MoE layer")
 
 
 def test_select_model_resets_classes_schedulers_and_guidance(demo_app):
