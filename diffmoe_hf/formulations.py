@@ -260,18 +260,6 @@ class DDPMLearnedSigma(Formulation):
         return prediction[:, :channels]
 
 
-FORMULATIONS: dict[str, Formulation] = {
-    f.name: f for f in (RectifiedFlowNoiseAtZero(), RectifiedFlowNoiseAtOne(), DDPMLearnedSigma())
-}
-
-
-def get_formulation(name: str) -> Formulation:
-    """The registered formulation called `name` (a transformer's `config.formulation`)."""
-    if name not in FORMULATIONS:
-        raise ValueError(f"Unknown formulation {name!r}; known: {', '.join(FORMULATIONS)}.")
-    return FORMULATIONS[name]
-
-
 class JiTXPrediction(RectifiedFlowNoiseAtZero):
     """
     JiT / JiTMoE (`JiTMoE/denoiser.py`): flow in pixel space with t = 0 at noise,
@@ -371,4 +359,13 @@ class JiTXPrediction(RectifiedFlowNoiseAtZero):
         return velocity_uncond + scale.to(sample.dtype) * (velocity_cond - velocity_uncond)
 
 
-FORMULATIONS[JiTXPrediction.name] = JiTXPrediction()
+FORMULATIONS: dict[str, Formulation] = {
+    f.name: f for f in (RectifiedFlowNoiseAtZero(), RectifiedFlowNoiseAtOne(), DDPMLearnedSigma(), JiTXPrediction())
+}
+
+
+def get_formulation(name: str) -> Formulation:
+    """The registered formulation called `name` (a transformer's `config.formulation`)."""
+    if name not in FORMULATIONS:
+        raise ValueError(f"Unknown formulation {name!r}; known: {', '.join(FORMULATIONS)}.")
+    return FORMULATIONS[name]
