@@ -426,9 +426,12 @@ def main(args):
         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
     )  # fmt: skip
 
+    # its own generator: starting an epoch then draws no number from the global RNG, so a resumed run that skips
+    # batches consumes the same random numbers as an uninterrupted one
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
         num_workers=args.dataloader_num_workers, drop_last=True,
+        generator=torch.Generator().manual_seed(args.seed or 0),
     )  # fmt: skip
     if len(train_dataloader) == 0:
         raise ValueError(f"The dataset has {len(train_dataset)} samples, fewer than one batch of {args.train_batch_size}.")
