@@ -12,7 +12,7 @@ from diffusers.training_utils import _collate_lora_metadata
 
 from .training_helpers import NUM_CLASSES, save_tiny_pipeline
 
-FAMILIES = ["dsmoe", "diff-moe", "diffmoe-dts", "jit"]
+FAMILIES = ["dsmoe", "diff-moe", "diffmoe-dts", "dit-moe", "jit"]
 
 
 def _output(transformer, **kwargs):

@@ -22,7 +22,7 @@ from diffmoe_hf.training.train_class_conditional import main, parse_args
 from .conftest import REPO_ROOT
 from .training_helpers import NUM_CLASSES, make_image_folder, resolution, save_tiny_pipeline, tiny_transformer
 
-FAMILIES = ["dsmoe", "diff-moe", "diffmoe-dts", "jit"]
+FAMILIES = ["dsmoe", "diff-moe", "diffmoe-dts", "dit-moe", "jit"]
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 

@@ -8,6 +8,7 @@ from PIL import Image
 
 from diffmoe_hf import (
     ClassConditionalMoEPipeline,
+    DiTMoETransformer2DModel,
     DynamicTokenMoETransformer2DModel,
     JiTTransformer2DModel,
     SpatialTemporalMoETransformer2DModel,
@@ -15,6 +16,7 @@ from diffmoe_hf import (
 from diffmoe_hf.formulations import get_formulation
 
 from .helpers import tiny_dsmoe, tiny_vae
+from .test_dit_moe import TINY as DIT_MOE_TINY
 from .test_jit import TINY as JIT_TINY
 from .test_spatial_temporal_moe import TINY as SPATIAL_TEMPORAL_TINY
 
@@ -33,6 +35,8 @@ def tiny_transformer(family: str):
             sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=2,
             attention_head_dim=4, mlp_ratio=1.0, num_classes=NUM_CLASSES, num_experts=4, num_shared_experts=1,
         )  # fmt: skip
+    if family == "dit-moe":  # the rectified-flow variant (Diff-MoE covers DDPM)
+        return DiTMoETransformer2DModel(**{**DIT_MOE_TINY, "num_classes": NUM_CLASSES, "formulation": "rf-noise-at-1"})
     if family == "jit":
         return JiTTransformer2DModel(**{**JIT_TINY, "num_classes": NUM_CLASSES})
     raise ValueError(family)
