@@ -4,7 +4,6 @@ two DDP processes end with identical weights."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -23,7 +22,14 @@ from .conftest import REPO_ROOT
 from .training_helpers import NUM_CLASSES, make_image_folder, resolution, save_tiny_pipeline, tiny_transformer
 
 FAMILIES = ["dsmoe", "diff-moe", "diffmoe-dts", "dit-moe", "jit"]
-os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """No network: the model-card helper would otherwise retry Hub requests (the subprocess gets HF_HUB_OFFLINE)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 def train(pretrained: str, data: str, output_dir: str, *extra: str, family: str = "dsmoe"):
@@ -106,8 +112,18 @@ def test_resume_continues_exactly(images, tmp_path):
 def test_full_training_from_preset_in_pixel_space(tmp_path):
     """Fresh weights from a preset (num_classes from the data), pixel space without a VAE for 1-channel images."""
     data = make_image_folder(str(tmp_path / "gray"), num_classes=2, mode="L")
-    tiny = {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8, "in_channels": 1, "patch_size": 4,
-            "bottleneck_dim": 4, "in_context_len": 0, "moe_layers": [1], "num_experts": 4, "moe_intermediate_size": 8}
+    tiny = {
+        "num_layers": 2,
+        "num_attention_heads": 2,
+        "attention_head_dim": 8,
+        "in_channels": 1,
+        "patch_size": 4,
+        "bottleneck_dim": 4,
+        "in_context_len": 0,
+        "moe_layers": [1],
+        "num_experts": 4,
+        "moe_intermediate_size": 8,
+    }
     out = str(tmp_path / "out")
     args = [
         "--preset", "JiT-B/16", "--model_family", "jit", "--model_config_overrides", json.dumps(tiny),
@@ -209,3 +225,22 @@ def test_two_ddp_processes_end_with_identical_weights(images, tmp_path):
     idle = "transformer_blocks.1.ff.experts.0.up_proj.weight"
     assert torch.equal(rank0[idle], initial[idle])  # untouched experts: no gradient, no update (AdamW, no decay)
     assert not torch.equal(rank0["proj_out.proj.weight"], initial["proj_out.proj.weight"])
+
+
+def test_accelerate_configs_wrap_each_familys_block():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    import diffmoe_hf
+
+    folder = os.path.join(REPO_ROOT, "training", "configs")
+    wrap = {}
+    for name in sorted(os.listdir(folder)):
+        config = load_config_from_file(os.path.join(folder, name))
+        if config.distributed_type == "FSDP":
+            wrap[name] = config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"]
+        elif config.distributed_type == "DEEPSPEED":
+            assert config.deepspeed_config["zero_stage"] == int(name[-6])
+    assert {"ddp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"} <= set(os.listdir(folder))
+    blocks = {cls._no_split_modules[0] for cls in (getattr(diffmoe_hf, n) for n in dir(diffmoe_hf)) if hasattr(
+        cls, "_no_split_modules") and cls.__module__.startswith("diffmoe_hf")}  # fmt: skip
+    assert set(wrap.values()) == blocks == {"AdaLNZeroTransformerBlock", "SpatialTemporalMoEBlock"}

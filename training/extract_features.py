@@ -41,17 +41,31 @@ def parse_args(input_args=None):
     parser.add_argument("--image_column", type=str, default="image")
     parser.add_argument("--label_column", type=str, default="label")
     parser.add_argument("--cache_dir", type=str, default=None)
-    parser.add_argument("--vae_name_or_path", type=str, default="stabilityai/sd-vae-ft-mse",
-                        help="An AutoencoderKL folder or Hub repo, or a pipeline with a vae/ subfolder.")
+    parser.add_argument(
+        "--vae_name_or_path",
+        type=str,
+        default="stabilityai/sd-vae-ft-mse",
+        help="An AutoencoderKL folder or Hub repo, or a pipeline with a vae/ subfolder.",
+    )
     parser.add_argument("--vae_subfolder", type=str, default=None, help="e.g. 'vae' for a pipeline folder.")
     parser.add_argument("--num_classes", type=int, default=None, help="Check that labels are below this.")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--shard_size", type=int, default=4096)
-    parser.add_argument("--latent_sample", type=str, default="sample", choices=["sample", "mean"],
-                        help="Store a posterior sample (upstream) or the posterior mean.")
-    parser.add_argument("--dtype", type=str, default="fp32", choices=["fp32", "fp16", "bf16"],
-                        help="Storage dtype of the latents (the VAE runs in float32).")
+    parser.add_argument(
+        "--latent_sample",
+        type=str,
+        default="sample",
+        choices=["sample", "mean"],
+        help="Store a posterior sample (upstream) or the posterior mean.",
+    )
+    parser.add_argument(
+        "--dtype",
+        type=str,
+        default="fp32",
+        choices=["fp32", "fp16", "bf16"],
+        help="Storage dtype of the latents (the VAE runs in float32).",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
     parser.add_argument("--output_dir", type=str, required=True)

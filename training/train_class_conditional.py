@@ -62,21 +62,40 @@ DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="Train a class-conditional diffmoe_hf transformer.")
     # model
-    parser.add_argument("--pretrained_model_name_or_path", type=str, default=None,
-                        help="A converted pipeline folder or Hub repo (model_index.json), or a transformer folder.")
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default=None,
+        help="A converted pipeline folder or Hub repo (model_index.json), or a transformer folder.",
+    )
     parser.add_argument("--revision", type=str, default=None)
     parser.add_argument("--variant", type=str, default=None)
-    parser.add_argument("--preset", type=str, default=None,
-                        help="Start from fresh weights with a released architecture, e.g. 'DSMoE-S-E16' (needs "
-                             "--model_family).")
-    parser.add_argument("--model_family", type=str, default=None, choices=sorted(FAMILY_CLASSES),
-                        help="Family of --preset.")
-    parser.add_argument("--model_config_overrides", type=str, default=None,
-                        help='JSON dict of config overrides for --preset, e.g. \'{"num_classes": 10}\'.')
-    parser.add_argument("--vae_name_or_path", type=str, default=None,
-                        help=f"VAE for latent models started from --preset (default {DEFAULT_VAE} for 4 channels).")
-    parser.add_argument("--no_vae", action="store_true",
-                        help="Pixel-space training without a VAE (automatic for 1- or 3-channel models without one).")
+    parser.add_argument(
+        "--preset",
+        type=str,
+        default=None,
+        help="Start from fresh weights with a released architecture, e.g. 'DSMoE-S-E16' (needs --model_family).",
+    )
+    parser.add_argument(
+        "--model_family", type=str, default=None, choices=sorted(FAMILY_CLASSES), help="Family of --preset."
+    )
+    parser.add_argument(
+        "--model_config_overrides",
+        type=str,
+        default=None,
+        help="JSON dict of config overrides for --preset, e.g. '{\"num_classes\": 10}'.",
+    )
+    parser.add_argument(
+        "--vae_name_or_path",
+        type=str,
+        default=None,
+        help=f"VAE for latent models started from --preset (default {DEFAULT_VAE} for 4 channels).",
+    )
+    parser.add_argument(
+        "--no_vae",
+        action="store_true",
+        help="Pixel-space training without a VAE (automatic for 1- or 3-channel models without one).",
+    )
     # data
     parser.add_argument("--dataset_name", type=str, default=None)
     parser.add_argument("--dataset_config_name", type=str, default=None)
@@ -91,22 +110,39 @@ def parse_args(input_args=None):
     parser.add_argument("--cache_latents", action="store_true", help="Encode the images once before training.")
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
     # objective
-    parser.add_argument("--weighting_scheme", type=str, default=None, choices=["uniform", "logit_normal"],
-                        help="Flow time sampling; default: the formulation's upstream one.")
+    parser.add_argument(
+        "--weighting_scheme",
+        type=str,
+        default=None,
+        choices=["uniform", "logit_normal"],
+        help="Flow time sampling; default: the formulation's upstream one.",
+    )
     parser.add_argument("--logit_mean", type=float, default=None)
     parser.add_argument("--logit_std", type=float, default=None)
-    parser.add_argument("--aux_loss_coef", type=float, default=1.0,
-                        help="Multiplier on the MoE losses the layers compute (routers' load-balancing losses at their "
-                             "configured alpha, DiffMoE's capacity-predictor loss); 1 trains as upstream, 0 disables.")
-    parser.add_argument("--class_dropout_prob", type=float, default=None,
-                        help="Override the model's label dropout for classifier-free guidance.")
+    parser.add_argument(
+        "--aux_loss_coef",
+        type=float,
+        default=1.0,
+        help="Multiplier on the MoE losses the layers compute (routers' load-balancing losses at their "
+        "configured alpha, DiffMoE's capacity-predictor loss); 1 trains as upstream, 0 disables.",
+    )
+    parser.add_argument(
+        "--class_dropout_prob",
+        type=float,
+        default=None,
+        help="Override the model's label dropout for classifier-free guidance.",
+    )
     # LoRA
     parser.add_argument("--use_lora", action="store_true")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--lora_alpha", type=int, default=None, help="Defaults to --rank.")
     parser.add_argument("--lora_dropout", type=float, default=0.0)
-    parser.add_argument("--lora_layers", type=str, default="attention,experts,shared_experts,dense_ff",
-                        help=f"Comma-separated kinds of {LORA_LAYER_KINDS} (routers are never adapted).")
+    parser.add_argument(
+        "--lora_layers",
+        type=str,
+        default="attention,experts,shared_experts,dense_ff",
+        help=f"Comma-separated kinds of {LORA_LAYER_KINDS} (routers are never adapted).",
+    )
     # full fine-tuning
     parser.add_argument("--use_ema", action="store_true")
     parser.add_argument("--ema_decay", type=float, default=0.9999)
@@ -186,7 +222,9 @@ def load_components(args, num_classes_from_data: int | None, class_names: list[s
     if args.pretrained_model_name_or_path is not None:
         path = args.pretrained_model_name_or_path
         load_kwargs = dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
-        if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, "model_index.json")):
+        if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(
+            os.path.join(path, "model_index.json")
+        ):
             from diffusers import AutoModel
 
             transformer = AutoModel.from_pretrained(path, **load_kwargs)
@@ -434,7 +472,9 @@ def main(args):
         generator=torch.Generator().manual_seed(args.seed or 0),
     )  # fmt: skip
     if len(train_dataloader) == 0:
-        raise ValueError(f"The dataset has {len(train_dataset)} samples, fewer than one batch of {args.train_batch_size}.")
+        raise ValueError(
+            f"The dataset has {len(train_dataset)} samples, fewer than one batch of {args.train_batch_size}."
+        )
 
     num_warmup_steps = args.lr_warmup_steps * accelerator.num_processes
     if args.max_train_steps is None:
@@ -471,7 +511,9 @@ def main(args):
     if args.resume_from_checkpoint:
         path = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
         if path is None:
-            accelerator.print(f"Checkpoint '{args.resume_from_checkpoint}' does not exist. Starting a new training run.")
+            accelerator.print(
+                f"Checkpoint '{args.resume_from_checkpoint}' does not exist. Starting a new training run."
+            )
         else:
             accelerator.print(f"Resuming from checkpoint {path}")
             accelerator.load_state(path)
@@ -536,11 +578,14 @@ def main(args):
 
     elapsed = time.perf_counter() - start_time
     if global_step > start_step:
-        logger.info(f"  {global_step - start_step} steps in {elapsed:.1f}s ({(global_step - start_step) / elapsed:.2f} steps/s)")
+        logger.info(
+            f"  {global_step - start_step} steps in {elapsed:.1f}s ({(global_step - start_step) / elapsed:.2f} steps/s)"
+        )
 
     accelerator.wait_for_everyone()
-    save_final(accelerator, transformer, model, vae, noise_scheduler, id2label, ema, args, native_checkpoints,
-               sharded_params)
+    save_final(
+        accelerator, transformer, model, vae, noise_scheduler, id2label, ema, args, native_checkpoints, sharded_params
+    )
     accelerator.end_training()
 
 
@@ -568,9 +613,13 @@ def encode_dataset(dataset, vae, args, accelerator) -> list[dict]:
 
 def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str) -> str | None:
     if resume_from_checkpoint != "latest":
-        return resume_from_checkpoint if os.path.isdir(resume_from_checkpoint) else os.path.join(
-            output_dir, resume_from_checkpoint
-        ) if os.path.isdir(os.path.join(output_dir, resume_from_checkpoint)) else None
+        return (
+            resume_from_checkpoint
+            if os.path.isdir(resume_from_checkpoint)
+            else os.path.join(output_dir, resume_from_checkpoint)
+            if os.path.isdir(os.path.join(output_dir, resume_from_checkpoint))
+            else None
+        )
     checkpoints = sorted(
         (d for d in os.listdir(output_dir) if d.startswith("checkpoint-")) if os.path.isdir(output_dir) else [],
         key=lambda d: int(d.split("-")[1]),
@@ -725,7 +774,14 @@ batch size {args.train_batch_size} per device, mixed precision {args.mixed_preci
         repo_id_or_path=repo_id, from_training=True, license="apache-2.0",
         base_model=args.pretrained_model_name_or_path, model_description=description,
     )  # fmt: skip
-    tags = ["diffusers", "diffmoe_hf", "class-conditional", "mixture-of-experts", family, "lora" if args.use_lora else "full"]
+    tags = [
+        "diffusers",
+        "diffmoe_hf",
+        "class-conditional",
+        "mixture-of-experts",
+        family,
+        "lora" if args.use_lora else "full",
+    ]
     card = populate_model_card(card, tags=tags)
     card.save(os.path.join(args.output_dir, "README.md"))
 
