@@ -109,6 +109,18 @@ def test_resume_continues_exactly(images, tmp_path):
     assert not torch.equal(ema["proj_out.proj.weight"], final["proj_out.proj.weight"])
 
 
+def test_lora_resume_continues_exactly(images, tmp_path):
+    pretrained = save_tiny_pipeline(str(tmp_path / "pipe"), "dsmoe")
+    common = ["--use_lora", "--rank", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-2"]
+    full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
+    train(pretrained, images, full, *common, "--max_train_steps", "3")
+    train(pretrained, images, resumed, *common, "--max_train_steps", "2")
+    train(pretrained, images, resumed, *common, "--max_train_steps", "3", "--resume_from_checkpoint", "latest")
+    a = load_file(os.path.join(full, "pytorch_lora_weights.safetensors"))
+    b = load_file(os.path.join(resumed, "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_full_training_from_preset_in_pixel_space(tmp_path):
     """Fresh weights from a preset (num_classes from the data), pixel space without a VAE for 1-channel images."""
     data = make_image_folder(str(tmp_path / "gray"), num_classes=2, mode="L")

@@ -526,6 +526,12 @@ def main(args):
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     model = unwrap(accelerator, transformer)
+
+    def denoiser(sample, timestep, class_labels):
+        # a LoRA model's frozen weights are in weight_dtype: feed it inputs of that dtype (autocast may be off, e.g.
+        # fp16 on the CPU); the losses are computed in float32 from its output
+        return transformer(sample.to(weight_dtype) if args.use_lora else sample, timestep, class_labels)
+
     start_time, start_step = time.perf_counter(), global_step
     for epoch in range(first_epoch, args.num_train_epochs):
         train_dataloader.set_epoch(epoch)
@@ -539,7 +545,7 @@ def main(args):
                 recording = record_routing(model, keep_expert_ids=False) if log_routing else contextlib.nullcontext()
                 with recording as routing:
                     result = diffusion_training_loss(
-                        formulation, transformer, x0, batch["class_labels"], scheduler=noise_scheduler,
+                        formulation, denoiser, x0, batch["class_labels"], scheduler=noise_scheduler,
                         time_sampling=time_sampling,
                     )  # fmt: skip
                 aux = moe_aux_loss(model)
@@ -579,7 +585,8 @@ def main(args):
     elapsed = time.perf_counter() - start_time
     if global_step > start_step:
         logger.info(
-            f"  {global_step - start_step} steps in {elapsed:.1f}s ({(global_step - start_step) / elapsed:.2f} steps/s)"
+            f"  {global_step - start_step} steps in {elapsed:.1f}s ({(global_step - start_step) / elapsed:.2f} steps/s, "
+            "checkpoints and validation included)"
         )
 
     accelerator.wait_for_everyone()
