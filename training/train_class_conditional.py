@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -229,7 +230,7 @@ def load_components(args, num_classes_from_data: int | None, class_names: list[s
 
             transformer = AutoModel.from_pretrained(path, **load_kwargs)
             formulation = get_formulation(transformer.config.formulation)
-            return transformer, load_vae(args, transformer), formulation.default_scheduler(), None
+            return transformer, load_vae(args, transformer.config.in_channels), formulation.default_scheduler(), None
         pipeline = ClassConditionalMoEPipeline.from_pretrained(path, **load_kwargs)
         vae = None if args.no_vae else pipeline.vae
         return pipeline.transformer, vae, pipeline.scheduler, pipeline.config.id2label
@@ -238,21 +239,21 @@ def load_components(args, num_classes_from_data: int | None, class_names: list[s
     cls = transformer_class(args.model_family)
     if "num_classes" not in overrides and num_classes_from_data is not None:
         overrides["num_classes"] = num_classes_from_data
-    transformer = cls.from_preset(args.preset, **overrides)
+    with torch.device("meta"):  # the architecture only, to know its input channels
+        in_channels = cls.from_preset(args.preset, **overrides).config.in_channels
+    vae = load_vae(args, in_channels)
     if "sample_size" not in overrides:
-        vae = load_vae(args, transformer)
-        scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-        transformer = cls.from_preset(args.preset, **overrides, sample_size=args.resolution // scale)
-    vae = load_vae(args, transformer)
+        downsampling = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        overrides["sample_size"] = args.resolution // downsampling
+    transformer = cls.from_preset(args.preset, **overrides)
     id2label = None
     if class_names is not None and len(class_names) == transformer.config.num_classes:
         id2label = {str(i): name for i, name in enumerate(class_names)}
     return transformer, vae, get_formulation(transformer.config.formulation).default_scheduler(), id2label
 
 
-def load_vae(args, transformer) -> AutoencoderKL | None:
+def load_vae(args, channels: int) -> AutoencoderKL | None:
     """The VAE for a model started without one: none for pixel-space models (1 or 3 channels) or with --no_vae."""
-    channels = transformer.config.in_channels
     if args.no_vae or (args.vae_name_or_path is None and channels in (1, 3)):
         return None
     vae = AutoencoderKL.from_pretrained(args.vae_name_or_path or DEFAULT_VAE, cache_dir=args.cache_dir)
@@ -268,8 +269,6 @@ def lora_target_modules(transformer, kinds: list[str]) -> str:
     up_proj / down_proj or DiffMoE's net.0.proj / net.2), `shared_experts`, `dense_ff` (feed-forwards of blocks
     without experts). Routers, capacity predictors and modulation / embedding layers are never selected.
     """
-    import re
-
     patterns = []
     for name, module in transformer.named_modules():
         if not isinstance(module, torch.nn.Linear) or not name.startswith("transformer_blocks."):
@@ -360,9 +359,12 @@ def main(args):
         train_dataset = image_dataset.with_transform(
             ImageTransform(args.resolution, channels, args.image_column, args.label_column)
         )
-        image_shape = (channels, args.resolution, args.resolution)
-        if vae is None and image_shape != sample_shape:
-            raise ValueError(f"Images of shape {image_shape} do not fit the pixel-space model's {sample_shape}.")
+        size = args.resolution // (2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1)
+        if (config.in_channels, size, size) != sample_shape:
+            raise ValueError(
+                f"--resolution {args.resolution} gives inputs of shape {(config.in_channels, size, size)} but the model"
+                f" takes {sample_shape}."
+            )
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     if vae is not None:
@@ -569,7 +571,7 @@ def main(args):
             if aux is not None:
                 logs["moe_aux_loss"] = aux.detach().item()
             if log_routing:
-                logs.update(routing.summary())
+                logs.update(routing.summary(per_expert=True))
             progress_bar.set_postfix(loss=logs["loss"])
             accelerator.log(logs, step=global_step)
 
@@ -585,8 +587,8 @@ def main(args):
     elapsed = time.perf_counter() - start_time
     if global_step > start_step:
         logger.info(
-            f"  {global_step - start_step} steps in {elapsed:.1f}s ({(global_step - start_step) / elapsed:.2f} steps/s, "
-            "checkpoints and validation included)"
+            f"  {global_step - start_step} steps in {elapsed:.1f}s ({(global_step - start_step) / elapsed:.2f} "
+            "steps/s, checkpoints and validation included)"
         )
 
     accelerator.wait_for_everyone()
@@ -619,14 +621,12 @@ def encode_dataset(dataset, vae, args, accelerator) -> list[dict]:
 
 
 def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str) -> str | None:
+    """The checkpoint folder to resume from: a path, a name inside output_dir, or the newest one for "latest"."""
     if resume_from_checkpoint != "latest":
-        return (
-            resume_from_checkpoint
-            if os.path.isdir(resume_from_checkpoint)
-            else os.path.join(output_dir, resume_from_checkpoint)
-            if os.path.isdir(os.path.join(output_dir, resume_from_checkpoint))
-            else None
-        )
+        for path in (resume_from_checkpoint, os.path.join(output_dir, resume_from_checkpoint)):
+            if os.path.isdir(path):
+                return path
+        return None
     checkpoints = sorted(
         (d for d in os.listdir(output_dir) if d.startswith("checkpoint-")) if os.path.isdir(output_dir) else [],
         key=lambda d: int(d.split("-")[1]),
