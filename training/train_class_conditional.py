@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DistributedType
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, _collate_lora_metadata, cast_training_params, free_memory
@@ -307,14 +307,16 @@ def main(args):
         log_with=args.report_to if args.report_to != "none" else None,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        # experts that receive no tokens in a step get no gradient
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
     native_checkpoints = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
     zero_stage = accelerator.state.deepspeed_plugin.zero_stage if accelerator.state.deepspeed_plugin else 0
     sharded_params = accelerator.distributed_type == DistributedType.FSDP or zero_stage == 3
+    # DDP reduces every parameter's gradient once per step; experts that received no token and DiffMoE's capacity
+    # predictor (trained only through its side loss, which DDP's unused-parameter search cannot see) get theirs through
+    # a zero-weighted term, which also keeps gradient checkpointing compatible with DDP
+    touch_all_parameters = accelerator.num_processes > 1 and not native_checkpoints
     if args.use_ema and sharded_params:
         raise ValueError("--use_ema needs every rank to hold full parameters: use DDP or DeepSpeed ZeRO-2.")
     if args.seed is not None:
@@ -552,6 +554,8 @@ def main(args):
                     )  # fmt: skip
                 aux = moe_aux_loss(model)
                 loss = result.loss if aux is None or args.aux_loss_coef == 0 else result.loss + args.aux_loss_coef * aux
+                if touch_all_parameters:
+                    loss = loss + 0.0 * sum(p.sum() for p in params)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
