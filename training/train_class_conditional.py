@@ -409,7 +409,11 @@ def main(args):
     # checkpoints in diffusers formats (LoRA via save_lora_weights, full models via save_pretrained); DeepSpeed and FSDP
     # keep their own sharded formats and the final model is gathered at the end
     def save_model_hook(models, weights, output_dir):
-        if not accelerator.is_main_process or native_checkpoints:
+        if not accelerator.is_main_process:
+            return
+        if ema is not None:
+            ema.save_pretrained(os.path.join(output_dir, "transformer_ema"))
+        if native_checkpoints:
             return
         for model in models:
             model = unwrap(accelerator, model)
@@ -425,8 +429,6 @@ def main(args):
                 model.save_pretrained(os.path.join(output_dir, "transformer"))
             if weights:
                 weights.pop()
-        if ema is not None:
-            ema.save_pretrained(os.path.join(output_dir, "transformer_ema"))
 
     def load_model_hook(models, input_dir):
         if ema is not None:
@@ -714,6 +716,7 @@ def save_final(
     if state_dict is not None and not args.use_lora:  # gathered from DeepSpeed / FSDP shards
         model = type(model).from_config(model.config)
         model.load_state_dict(state_dict)
+        model.to(accelerator.device)
     if not args.use_lora:
         model = model.to(torch.float32)
     if args.use_lora:
