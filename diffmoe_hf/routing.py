@@ -64,11 +64,11 @@ class LayerRouting:
 class RoutingRecord(dict):
     """`{layer name: LayerRouting}` in model order, filled while `record_routing` is active."""
 
-    def summary(self, prefix: str = "routing/") -> dict[str, float]:
+    def summary(self, prefix: str = "routing/", per_expert: bool = False) -> dict[str, float]:
         """
         Flat per-layer statistics for a tracker (`accelerator.log`): `<prefix><layer>/imbalance`, `/max_share`,
-        `/min_share`, `/unused_experts`, plus `<prefix>mean_imbalance` and `<prefix>max_imbalance` over layers.
-        Layers that were not called are skipped.
+        `/min_share`, `/unused_experts` (and with `per_expert` each expert's token share, `/expert_<e>`), plus
+        `<prefix>mean_imbalance` and `<prefix>max_imbalance` over layers. Layers that were not called are skipped.
         """
         stats, imbalances = {}, []
         for name, layer in self.items():
@@ -80,6 +80,8 @@ class RoutingRecord(dict):
             stats[f"{prefix}{name}/max_share"] = float(load.max())
             stats[f"{prefix}{name}/min_share"] = float(load.min())
             stats[f"{prefix}{name}/unused_experts"] = float(layer.unused_experts())
+            if per_expert:
+                stats.update({f"{prefix}{name}/expert_{e}": float(share) for e, share in enumerate(load)})
         if imbalances:
             stats[f"{prefix}mean_imbalance"] = sum(imbalances) / len(imbalances)
             stats[f"{prefix}max_imbalance"] = max(imbalances)

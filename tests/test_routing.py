@@ -54,6 +54,8 @@ def test_counts_accumulate_and_summary_flags_collapse():
     assert stats["routing/transformer_blocks.1.ff/unused_experts"] == 2.0
     assert stats["routing/max_imbalance"] == 2.0
     assert routing.expert_shares()["transformer_blocks.1.ff"] == [0.0, 0.0, 0.5, 0.5]
+    shares = routing.summary(per_expert=True)
+    assert [shares[f"routing/transformer_blocks.1.ff/expert_{e}"] for e in range(4)] == [0.0, 0.0, 0.5, 0.5]
 
 
 def test_every_family_is_recorded():

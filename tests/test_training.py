@@ -109,6 +109,18 @@ def test_resume_continues_exactly(images, tmp_path):
     assert not torch.equal(ema["proj_out.proj.weight"], final["proj_out.proj.weight"])
 
 
+def test_lora_resume_continues_exactly(images, tmp_path):
+    pretrained = save_tiny_pipeline(str(tmp_path / "pipe"), "dsmoe")
+    common = ["--use_lora", "--rank", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-2"]
+    full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
+    train(pretrained, images, full, *common, "--max_train_steps", "3")
+    train(pretrained, images, resumed, *common, "--max_train_steps", "2")
+    train(pretrained, images, resumed, *common, "--max_train_steps", "3", "--resume_from_checkpoint", "latest")
+    a = load_file(os.path.join(full, "pytorch_lora_weights.safetensors"))
+    b = load_file(os.path.join(resumed, "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_full_training_from_preset_in_pixel_space(tmp_path):
     """Fresh weights from a preset (num_classes from the data), pixel space without a VAE for 1-channel images."""
     data = make_image_folder(str(tmp_path / "gray"), num_classes=2, mode="L")
@@ -200,12 +212,17 @@ def test_bad_data_is_named(images, tmp_path):
         parse_args(["--preset", "x", "--model_family", "dsmoe", "--train_data_dir", ".", "--lora_layers", "router"])
 
 
-def test_two_ddp_processes_end_with_identical_weights(images, tmp_path):
-    """torchrun, 2 CPU processes: DDP keeps the ranks in sync although a collapsed router leaves experts idle."""
-    transformer = tiny_transformer("dsmoe")
-    with torch.no_grad():  # every token of block 1 prefers experts 2 and 3: experts 0 and 1 get no tokens
-        transformer.transformer_blocks[1].ff.router.e_score_correction_bias.copy_(torch.tensor([0.0, 0.0, 10, 20]))
-    pretrained = save_tiny_pipeline(str(tmp_path / "pipe"), "dsmoe", transformer)
+@pytest.mark.parametrize("family", ["dsmoe", "diffmoe-dts"])
+def test_two_ddp_processes_end_with_identical_weights(family, images, tmp_path):
+    """torchrun, 2 CPU processes: DDP keeps the ranks in sync although a collapsed router leaves experts idle (DSMoE)
+    and DiffMoE's capacity predictor learns only through its side loss (with EMA and gradient checkpointing)."""
+    transformer = tiny_transformer(family)
+    extra = ["--use_ema", "--gradient_checkpointing"] if family == "diffmoe-dts" else []
+    if family == "dsmoe":
+        with torch.no_grad():  # every token of block 1 prefers experts 2 and 3: experts 0 and 1 get no tokens
+            bias = transformer.transformer_blocks[1].ff.router.e_score_correction_bias
+            bias.copy_(torch.tensor([0.0, 0.0, 10, 20]))
+    pretrained = save_tiny_pipeline(str(tmp_path / "pipe"), family, transformer)
     out = str(tmp_path / "ddp")
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [
@@ -214,6 +231,7 @@ def test_two_ddp_processes_end_with_identical_weights(images, tmp_path):
         "--pretrained_model_name_or_path", pretrained, "--train_data_dir", images, "--output_dir", out,
         "--resolution", "8", "--train_batch_size", "2", "--max_train_steps", "3", "--seed", "0",
         "--report_to", "none", "--validation_epochs", "0", "--checkpointing_steps", "10", "--learning_rate", "1e-3",
+        *extra,
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -222,9 +240,13 @@ def test_two_ddp_processes_end_with_identical_weights(images, tmp_path):
     assert rank0.keys() == rank1.keys()
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
-    idle = "transformer_blocks.1.ff.experts.0.up_proj.weight"
-    assert torch.equal(rank0[idle], initial[idle])  # untouched experts: no gradient, no update (AdamW, no decay)
     assert not torch.equal(rank0["proj_out.proj.weight"], initial["proj_out.proj.weight"])
+    if family == "dsmoe":  # idle experts: zero gradient, no update (AdamW without weight decay)
+        idle = "transformer_blocks.1.ff.experts.0.up_proj.weight"
+        assert torch.equal(rank0[idle], initial[idle])
+    else:  # the capacity predictor learned and its thresholds were averaged over the ranks
+        predictor = "transformer_blocks.1.ff.capacity_predictor.linear_1.weight"
+        assert not torch.equal(rank0[predictor], initial[predictor])
 
 
 def test_accelerate_configs_wrap_each_familys_block():

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DistributedType
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, _collate_lora_metadata, cast_training_params, free_memory
@@ -229,7 +230,7 @@ def load_components(args, num_classes_from_data: int | None, class_names: list[s
 
             transformer = AutoModel.from_pretrained(path, **load_kwargs)
             formulation = get_formulation(transformer.config.formulation)
-            return transformer, load_vae(args, transformer), formulation.default_scheduler(), None
+            return transformer, load_vae(args, transformer.config.in_channels), formulation.default_scheduler(), None
         pipeline = ClassConditionalMoEPipeline.from_pretrained(path, **load_kwargs)
         vae = None if args.no_vae else pipeline.vae
         return pipeline.transformer, vae, pipeline.scheduler, pipeline.config.id2label
@@ -238,21 +239,21 @@ def load_components(args, num_classes_from_data: int | None, class_names: list[s
     cls = transformer_class(args.model_family)
     if "num_classes" not in overrides and num_classes_from_data is not None:
         overrides["num_classes"] = num_classes_from_data
-    transformer = cls.from_preset(args.preset, **overrides)
+    with torch.device("meta"):  # the architecture only, to know its input channels
+        in_channels = cls.from_preset(args.preset, **overrides).config.in_channels
+    vae = load_vae(args, in_channels)
     if "sample_size" not in overrides:
-        vae = load_vae(args, transformer)
-        scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-        transformer = cls.from_preset(args.preset, **overrides, sample_size=args.resolution // scale)
-    vae = load_vae(args, transformer)
+        downsampling = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        overrides["sample_size"] = args.resolution // downsampling
+    transformer = cls.from_preset(args.preset, **overrides)
     id2label = None
     if class_names is not None and len(class_names) == transformer.config.num_classes:
         id2label = {str(i): name for i, name in enumerate(class_names)}
     return transformer, vae, get_formulation(transformer.config.formulation).default_scheduler(), id2label
 
 
-def load_vae(args, transformer) -> AutoencoderKL | None:
+def load_vae(args, channels: int) -> AutoencoderKL | None:
     """The VAE for a model started without one: none for pixel-space models (1 or 3 channels) or with --no_vae."""
-    channels = transformer.config.in_channels
     if args.no_vae or (args.vae_name_or_path is None and channels in (1, 3)):
         return None
     vae = AutoencoderKL.from_pretrained(args.vae_name_or_path or DEFAULT_VAE, cache_dir=args.cache_dir)
@@ -268,8 +269,6 @@ def lora_target_modules(transformer, kinds: list[str]) -> str:
     up_proj / down_proj or DiffMoE's net.0.proj / net.2), `shared_experts`, `dense_ff` (feed-forwards of blocks
     without experts). Routers, capacity predictors and modulation / embedding layers are never selected.
     """
-    import re
-
     patterns = []
     for name, module in transformer.named_modules():
         if not isinstance(module, torch.nn.Linear) or not name.startswith("transformer_blocks."):
@@ -308,14 +307,16 @@ def main(args):
         log_with=args.report_to if args.report_to != "none" else None,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        # experts that receive no tokens in a step get no gradient
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
     native_checkpoints = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
     zero_stage = accelerator.state.deepspeed_plugin.zero_stage if accelerator.state.deepspeed_plugin else 0
     sharded_params = accelerator.distributed_type == DistributedType.FSDP or zero_stage == 3
+    # DDP reduces every parameter's gradient once per step; experts that received no token and DiffMoE's capacity
+    # predictor (trained only through its side loss, which DDP's unused-parameter search cannot see) get theirs through
+    # a zero-weighted term, which also keeps gradient checkpointing compatible with DDP
+    touch_all_parameters = accelerator.num_processes > 1 and not native_checkpoints
     if args.use_ema and sharded_params:
         raise ValueError("--use_ema needs every rank to hold full parameters: use DDP or DeepSpeed ZeRO-2.")
     if args.seed is not None:
@@ -360,9 +361,12 @@ def main(args):
         train_dataset = image_dataset.with_transform(
             ImageTransform(args.resolution, channels, args.image_column, args.label_column)
         )
-        image_shape = (channels, args.resolution, args.resolution)
-        if vae is None and image_shape != sample_shape:
-            raise ValueError(f"Images of shape {image_shape} do not fit the pixel-space model's {sample_shape}.")
+        size = args.resolution // (2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1)
+        if (config.in_channels, size, size) != sample_shape:
+            raise ValueError(
+                f"--resolution {args.resolution} gives inputs of shape {(config.in_channels, size, size)} but the model"
+                f" takes {sample_shape}."
+            )
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     if vae is not None:
@@ -405,7 +409,11 @@ def main(args):
     # checkpoints in diffusers formats (LoRA via save_lora_weights, full models via save_pretrained); DeepSpeed and FSDP
     # keep their own sharded formats and the final model is gathered at the end
     def save_model_hook(models, weights, output_dir):
-        if not accelerator.is_main_process or native_checkpoints:
+        if not accelerator.is_main_process:
+            return
+        if ema is not None:
+            ema.save_pretrained(os.path.join(output_dir, "transformer_ema"))
+        if native_checkpoints:
             return
         for model in models:
             model = unwrap(accelerator, model)
@@ -421,8 +429,6 @@ def main(args):
                 model.save_pretrained(os.path.join(output_dir, "transformer"))
             if weights:
                 weights.pop()
-        if ema is not None:
-            ema.save_pretrained(os.path.join(output_dir, "transformer_ema"))
 
     def load_model_hook(models, input_dir):
         if ema is not None:
@@ -526,6 +532,12 @@ def main(args):
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     model = unwrap(accelerator, transformer)
+
+    def denoiser(sample, timestep, class_labels):
+        # a LoRA model's frozen weights are in weight_dtype: feed it inputs of that dtype (autocast may be off, e.g.
+        # fp16 on the CPU); the losses are computed in float32 from its output
+        return transformer(sample.to(weight_dtype) if args.use_lora else sample, timestep, class_labels)
+
     start_time, start_step = time.perf_counter(), global_step
     for epoch in range(first_epoch, args.num_train_epochs):
         train_dataloader.set_epoch(epoch)
@@ -539,11 +551,13 @@ def main(args):
                 recording = record_routing(model, keep_expert_ids=False) if log_routing else contextlib.nullcontext()
                 with recording as routing:
                     result = diffusion_training_loss(
-                        formulation, transformer, x0, batch["class_labels"], scheduler=noise_scheduler,
+                        formulation, denoiser, x0, batch["class_labels"], scheduler=noise_scheduler,
                         time_sampling=time_sampling,
                     )  # fmt: skip
                 aux = moe_aux_loss(model)
                 loss = result.loss if aux is None or args.aux_loss_coef == 0 else result.loss + args.aux_loss_coef * aux
+                if touch_all_parameters:
+                    loss = loss + 0.0 * sum(p.sum() for p in params)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
@@ -563,7 +577,7 @@ def main(args):
             if aux is not None:
                 logs["moe_aux_loss"] = aux.detach().item()
             if log_routing:
-                logs.update(routing.summary())
+                logs.update(routing.summary(per_expert=True))
             progress_bar.set_postfix(loss=logs["loss"])
             accelerator.log(logs, step=global_step)
 
@@ -579,7 +593,8 @@ def main(args):
     elapsed = time.perf_counter() - start_time
     if global_step > start_step:
         logger.info(
-            f"  {global_step - start_step} steps in {elapsed:.1f}s ({(global_step - start_step) / elapsed:.2f} steps/s)"
+            f"  {global_step - start_step} steps in {elapsed:.1f}s ({(global_step - start_step) / elapsed:.2f} "
+            "steps/s, checkpoints and validation included)"
         )
 
     accelerator.wait_for_everyone()
@@ -612,14 +627,12 @@ def encode_dataset(dataset, vae, args, accelerator) -> list[dict]:
 
 
 def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str) -> str | None:
+    """The checkpoint folder to resume from: a path, a name inside output_dir, or the newest one for "latest"."""
     if resume_from_checkpoint != "latest":
-        return (
-            resume_from_checkpoint
-            if os.path.isdir(resume_from_checkpoint)
-            else os.path.join(output_dir, resume_from_checkpoint)
-            if os.path.isdir(os.path.join(output_dir, resume_from_checkpoint))
-            else None
-        )
+        for path in (resume_from_checkpoint, os.path.join(output_dir, resume_from_checkpoint)):
+            if os.path.isdir(path):
+                return path
+        return None
     checkpoints = sorted(
         (d for d in os.listdir(output_dir) if d.startswith("checkpoint-")) if os.path.isdir(output_dir) else [],
         key=lambda d: int(d.split("-")[1]),
@@ -703,6 +716,7 @@ def save_final(
     if state_dict is not None and not args.use_lora:  # gathered from DeepSpeed / FSDP shards
         model = type(model).from_config(model.config)
         model.load_state_dict(state_dict)
+        model.to(accelerator.device)
     if not args.use_lora:
         model = model.to(torch.float32)
     if args.use_lora:
