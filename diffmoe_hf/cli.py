@@ -145,7 +145,8 @@ def _default_model() -> str:
     return next(iter(models.values()))
 
 
-def _image_grid(images, columns: int, min_cell_size: int = 1):
+def _image_grid(images, columns: int, min_cell_size: int = 1, padding: int = 0):
+    """One row per `columns` images; small images enlarged (nearest) to `min_cell_size`; `padding` grey pixels between."""
     from PIL import Image
 
     width, height = images[0].size
@@ -154,9 +155,11 @@ def _image_grid(images, columns: int, min_cell_size: int = 1):
         width, height = width * factor, height * factor
         images = [image.resize((width, height), Image.NEAREST) for image in images]
     rows = (len(images) + columns - 1) // columns
-    grid = Image.new(images[0].mode, (columns * width, rows * height))
+    step_x, step_y = width + padding, height + padding
+    size = (columns * step_x - padding, rows * step_y - padding)
+    grid = Image.new(images[0].mode, size, color="gray" if padding else "black")
     for index, image in enumerate(images):
-        grid.paste(image, ((index % columns) * width, (index // columns) * height))
+        grid.paste(image, ((index % columns) * step_x, (index // columns) * step_y))
     return grid
 
 

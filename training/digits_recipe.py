@@ -51,7 +51,7 @@ def sample_grid(pipe, per_class: int = 8):
     labels = [c for c in range(10) for _ in range(per_class)]
     generator = torch.Generator().manual_seed(SEED)
     images = pipe(class_labels=labels, num_inference_steps=STEPS, generator=generator).images
-    return _image_grid(images, columns=per_class, min_cell_size=32)
+    return _image_grid(images, columns=per_class, min_cell_size=64, padding=4)
 
 
 def model_card(model: str, pipe, metrics: dict, train_info: dict) -> str:
