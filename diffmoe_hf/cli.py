@@ -43,7 +43,7 @@ def _add_generate_parser(subparsers) -> None:
         help="generate a grid of class-conditional samples",
         description="Generate images for the given classes and write them as one PNG grid (one row per class). "
         "Without --model it samples the first model shipped in the package (diffmoe_hf.default_models(), "
-        "e.g. digits-dsmoe: handwritten digits trained on scikit-learn's digits).",
+        "digits-jitmoe: handwritten digits trained on scikit-learn's digits).",
     )
     parser.add_argument(
         "--model", default=None, help="converted folder or Hub repo id (default: the first model shipped in the package)"

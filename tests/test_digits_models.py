@@ -31,14 +31,15 @@ def test_shipped_model_loads_as_a_pipeline_folder(name):
     assert (config.in_channels, config.sample_size, config.num_classes) == (1, 16, 10) and pipe.vae is None
     assert config.moe_layers and config.num_experts == 4
     assert pipe.get_label_ids(["zero", "seven", "9"]) == [0, 7, 9]
+    assert pipe.config.default_guidance_scale == 1.5  # the scale its model card was measured with
 
 
 def test_generate_without_arguments_samples_the_default_model(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert next(iter(default_models())) == "digits-dsmoe"  # the documented default
+    assert next(iter(default_models())) == "digits-jitmoe"  # the documented default
     assert main(["generate"]) == 0
     out = capsys.readouterr().out
-    assert "samples.png" in out and "digits-dsmoe" in out and "10 classes x 4" in out
+    assert "samples.png" in out and "digits-jitmoe" in out and "10 classes x 4" in out
     assert Image.open(tmp_path / "samples.png").size == (4 * 64, 10 * 64)  # 16 px images enlarged x4
 
 
@@ -55,19 +56,19 @@ def shipped_metrics(request, reference):
 
 def test_shipped_model_quality_does_not_regress(shipped_metrics):
     """Bounds a little looser than the measured quality (model cards, 1000 samples: accuracy 0.996 / 1.000, worst
-    class 0.99 / 1.00, Frechet 4.5x / 5.0x the real floor, c2st 0.79 / 0.92, memorisation 0.001 / 0.053 for
+    class 0.99 / 1.00, Frechet 4.5x / 2.1x the real floor, c2st 0.79 / 0.76, memorisation 0.001 / 0.079 for
     digits-dsmoe / digits-jitmoe); fewer samples inflate the Frechet distance and coarsen per-class accuracy."""
     metrics = shipped_metrics
     assert metrics.accuracy >= 0.95 and metrics.worst_class_accuracy >= 0.85, metrics
-    assert metrics.frechet_distance <= 8 * metrics.frechet_floor, metrics
-    assert metrics.c2st_accuracy <= 0.97 and metrics.memorisation_rate <= 0.15, metrics
+    assert metrics.frechet_distance <= 7 * metrics.frechet_floor, metrics
+    assert metrics.c2st_accuracy <= 0.85 and metrics.memorisation_rate <= 0.15, metrics
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped models miss the Frechet target (4.5x and 5.0x the floor at 1000 "
-                   "samples) and digits-jitmoe the c2st target (0.92); see their model cards")  # fmt: skip
-def test_shipped_model_meets_the_issue_targets(shipped_metrics):
+def test_shipped_model_meets_the_issue_targets(shipped_metrics, request):
     """The targets of issue 8 (accuracy >= 0.98, every class >= 0.90, Frechet <= 3x floor, c2st <= 0.80,
     memorisation <= 0.10), with the sample-size allowance of 400 samples: Frechet <= 4x floor, worst class >= 0.85."""
+    if "digits-dsmoe" in request.node.name:  # measured at 1000 samples: Frechet 4.5x the floor, see its model card
+        request.applymarker(pytest.mark.xfail(strict=True, reason="digits-dsmoe misses the Frechet target"))
     metrics = shipped_metrics
     assert metrics.accuracy >= 0.98 and metrics.worst_class_accuracy >= 0.85, metrics
     assert metrics.frechet_distance <= 4 * metrics.frechet_floor, metrics
