@@ -65,6 +65,8 @@ def _add_generate_parser(subparsers) -> None:
         "--min-cell-size", type=int, default=64,
         help="enlarge small images by an integer factor (nearest neighbour) to at least this many pixels (default 64)",
     )
+    parser.add_argument("--padding", type=int, default=None, help="grey pixels between images (default: 4 for enlarged "
+                        "images, else 0)")  # fmt: skip
     parser.set_defaults(handler=_run_generate)
 
 
@@ -196,7 +198,9 @@ def _run_generate(args) -> None:
         call_kwargs["guidance_scale"] = args.guidance_scale
     generator = torch.Generator(device).manual_seed(args.seed)
     images = pipe(class_labels=labels, generator=generator, **call_kwargs).images
-    grid = _image_grid(images, columns=args.per_class, min_cell_size=args.min_cell_size)
+    enlarged = min(images[0].size) < args.min_cell_size
+    padding = args.padding if args.padding is not None else (4 if enlarged else 0)
+    grid = _image_grid(images, columns=args.per_class, min_cell_size=args.min_cell_size, padding=padding)
     directory = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(directory, exist_ok=True)
     partial = args.output + ".partial.png"

@@ -40,7 +40,7 @@ def test_generate_without_arguments_samples_the_default_model(tmp_path, capsys, 
     assert main(["generate"]) == 0
     out = capsys.readouterr().out
     assert "samples.png" in out and "digits-jitmoe" in out and "10 classes x 4" in out
-    assert Image.open(tmp_path / "samples.png").size == (4 * 64, 10 * 64)  # 16 px images enlarged x4
+    assert Image.open(tmp_path / "samples.png").size == (4 * 64 + 3 * 4, 10 * 64 + 9 * 4)  # 16 px enlarged x4
 
 
 # 400 samples instead of the 1000 of the model cards, 25 steps and the default guidance as there; one evaluation per
