@@ -68,7 +68,17 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={"diffmoe_hf": ["data/*.json"]},
+    package_data={
+        "diffmoe_hf": [
+            "data/*.json",
+            # the digits models shipped with the package (diffmoe_hf.default_models())
+            "data/models/*/*.json",
+            "data/models/*/*.md",
+            "data/models/*/*.png",
+            "data/models/*/*/*.json",
+            "data/models/*/*/*.safetensors",
+        ]
+    },
     install_requires=core,
     extras_require=extras,
     entry_points={"console_scripts": ["diffmoe = diffmoe_hf.cli:main"]},

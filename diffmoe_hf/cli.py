@@ -41,12 +41,17 @@ def _add_generate_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "generate",
         help="generate a grid of class-conditional samples",
-        description="Generate images for the given classes and write them as one PNG grid (one row per class).",
+        description="Generate images for the given classes and write them as one PNG grid (one row per class). "
+        "Without --model it samples the first model shipped in the package (diffmoe_hf.default_models(), "
+        "digits-jitmoe: handwritten digits trained on scikit-learn's digits).",
     )
-    parser.add_argument("--model", required=True, help="converted folder or Hub repo id")
+    parser.add_argument(
+        "--model", default=None, help="converted folder or Hub repo id (default: the first model shipped in the package)"
+    )
     parser.add_argument("--vae", help="AutoencoderKL folder or repo, for latent models saved without vae/")
     parser.add_argument(
-        "--classes", nargs="+", default=None, help="class ids or names (default: the first 4 classes)"
+        "--classes", nargs="+", default=None,
+        help="class ids or names (default: every class of models with at most 10 classes, else the first 4)",
     )
     parser.add_argument("--per-class", type=int, default=4, help="images per class (default 4)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline default)")
@@ -56,6 +61,12 @@ def _add_generate_parser(subparsers) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--output", default="samples.png", help="PNG file to write (default samples.png)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument(
+        "--min-cell-size", type=int, default=64,
+        help="enlarge small images by an integer factor (nearest neighbour) to at least this many pixels (default 64)",
+    )
+    parser.add_argument("--padding", type=int, default=None, help="grey pixels between images (default: 4 for enlarged "
+                        "images, else 0)")  # fmt: skip
     parser.set_defaults(handler=_run_generate)
 
 
@@ -127,14 +138,30 @@ def _parse_classes(values: list[str] | None) -> list[int | str] | None:
     return [int(v) if v.lstrip("-").isdigit() else v for v in values]
 
 
-def _image_grid(images, columns: int):
+def _default_model() -> str:
+    from diffmoe_hf.embedded_models import default_models
+
+    models = default_models()
+    if not models:
+        raise FileNotFoundError("No model is shipped in this installation; pass --model <folder or Hub repo id>.")
+    return next(iter(models.values()))
+
+
+def _image_grid(images, columns: int, min_cell_size: int = 1, padding: int = 0):
+    """One row per `columns` images; small images enlarged (nearest) to `min_cell_size`; `padding` grey pixels between."""
     from PIL import Image
 
     width, height = images[0].size
+    factor = max(1, -(-min_cell_size // min(width, height)))  # ceil division: small images are enlarged whole
+    if factor > 1:
+        width, height = width * factor, height * factor
+        images = [image.resize((width, height), Image.NEAREST) for image in images]
     rows = (len(images) + columns - 1) // columns
-    grid = Image.new(images[0].mode, (columns * width, rows * height))
+    step_x, step_y = width + padding, height + padding
+    size = (columns * step_x - padding, rows * step_y - padding)
+    grid = Image.new(images[0].mode, size, color="gray" if padding else "black")
     for index, image in enumerate(images):
-        grid.paste(image, ((index % columns) * width, (index // columns) * height))
+        grid.paste(image, ((index % columns) * step_x, (index // columns) * step_y))
     return grid
 
 
@@ -154,13 +181,15 @@ def _run_generate(args) -> None:
         from diffusers import AutoencoderKL
 
         components["vae"] = AutoencoderKL.from_pretrained(args.vae)
-    pipe = ClassConditionalMoEPipeline.from_pretrained(args.model, **components).to(device)
+    model = args.model or _default_model()
+    pipe = ClassConditionalMoEPipeline.from_pretrained(model, **components).to(device)
     if args.scheduler:
         scheduler_class = getattr(schedulers, args.scheduler, None)
         if scheduler_class is None:
             raise ValueError(f"Unknown diffusers scheduler {args.scheduler!r}.")
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
-    classes = _parse_classes(args.classes) or list(range(min(4, pipe.transformer.config.num_classes)))
+    num_classes = pipe.transformer.config.num_classes
+    classes = _parse_classes(args.classes) or list(range(num_classes if num_classes <= 10 else 4))
     labels = [c for c in classes for _ in range(args.per_class)]
     call_kwargs = {}
     if args.steps is not None:
@@ -169,13 +198,15 @@ def _run_generate(args) -> None:
         call_kwargs["guidance_scale"] = args.guidance_scale
     generator = torch.Generator(device).manual_seed(args.seed)
     images = pipe(class_labels=labels, generator=generator, **call_kwargs).images
-    grid = _image_grid(images, columns=args.per_class)
+    enlarged = min(images[0].size) < args.min_cell_size
+    padding = args.padding if args.padding is not None else (4 if enlarged else 0)
+    grid = _image_grid(images, columns=args.per_class, min_cell_size=args.min_cell_size, padding=padding)
     directory = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(directory, exist_ok=True)
     partial = args.output + ".partial.png"
     grid.save(partial)
     os.replace(partial, args.output)
-    print(f"Wrote {len(images)} images ({len(classes)} classes x {args.per_class}) to {args.output}")
+    print(f"Wrote {len(images)} images ({len(classes)} classes x {args.per_class}) from {model} to {args.output}")
 
 
 def build_parser() -> argparse.ArgumentParser:

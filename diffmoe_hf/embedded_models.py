@@ -10,6 +10,8 @@ import os
 from importlib import resources
 
 EMBEDDED_MODELS_DIR = os.path.join("data", "models")  # relative to the diffmoe_hf package
+# listed first when installed: the shipped model that meets all quality targets of its model card
+DEFAULT_MODEL = "digits-jitmoe"
 
 
 def embedded_models_root() -> str:
@@ -19,7 +21,8 @@ def embedded_models_root() -> str:
 
 def default_models() -> dict[str, str]:
     """
-    The models embedded in the package, `{name: folder}`, sorted by name; empty when none is installed.
+    The models embedded in the package, `{name: folder}`: `DEFAULT_MODEL` first (what `diffmoe generate` and the
+    Space use without a model argument), then the others sorted by name; empty when none is installed.
 
     A folder counts only when it holds a `model_index.json`, so half-written or unrelated folders are ignored.
     """
@@ -31,4 +34,6 @@ def default_models() -> dict[str, str]:
         folder = os.path.join(root, name)
         if os.path.isfile(os.path.join(folder, "model_index.json")):
             models[name] = folder
+    if DEFAULT_MODEL in models:
+        models = {DEFAULT_MODEL: models.pop(DEFAULT_MODEL), **models}
     return models

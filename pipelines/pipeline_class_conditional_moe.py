@@ -31,6 +31,9 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         vae (`AutoencoderKL`, *optional*): Decodes latents to images. Without it the transformer works in pixel space
             (1 or 3 channels in [-1, 1]) or only `output_type="latent"` is available.
         id2label (`dict[str, str]`, *optional*): Class names (comma-separated synonyms), stored in `model_index.json`.
+        default_guidance_scale (`float`, *optional*): The guidance scale used when a call gives none, stored in
+            `model_index.json` (e.g. for a model trained with a recipe that measured its quality at that scale);
+            `None` uses the formulation's default.
     """
 
     model_cpu_offload_seq = "transformer->vae"
@@ -43,10 +46,13 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         scheduler: SchedulerMixin,
         vae: AutoencoderKL | None = None,
         id2label: dict[str, str] | None = None,
+        default_guidance_scale: float | None = None,
     ):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
         self.register_to_config(id2label=id2label)
+        if default_guidance_scale is not None:
+            self.register_to_config(default_guidance_scale=default_guidance_scale)
         self.labels = {}
         for class_id, names in (id2label or {}).items():
             for name in names.split(","):
@@ -225,7 +231,8 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 null class id `num_classes` gives an unconditional sample (as the original samplers allow).
             num_inference_steps: Number of denoising steps.
             guidance_scale: Classifier-free guidance scale; values <= 1 disable guidance (one pass per step).
-                Defaults to the formulation's (the original sampling scripts': 1.5 for DSMoE, 2.9 for JiT).
+                Defaults to the pipeline's `default_guidance_scale` if set, else the formulation's (the original
+                sampling scripts': 1.5 for DSMoE, 2.9 for JiT).
             guidance_interval: `(low, high)` in model time: guidance only where `low < t < high` (`t < high` when
                 low is 0), one conditional pass elsewhere. Defaults to the formulation's ((0.1, 1.0) for JiT, none
                 for the other families); `(0, float("inf"))` guides at every step.
@@ -255,7 +262,7 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         """
         formulation = get_formulation(self.transformer.config.formulation).for_model(self.transformer.config)
         if guidance_scale is None:
-            guidance_scale = formulation.default_guidance_scale
+            guidance_scale = self.config.get("default_guidance_scale") or formulation.default_guidance_scale
         if guidance_interval is None:
             guidance_interval = formulation.default_guidance_interval
         self.check_inputs(

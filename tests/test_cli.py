@@ -26,7 +26,8 @@ def test_convert_then_generate(tmp_path, capsys):
     assert "no VAE" in capsys.readouterr().err and not grid.exists()
     assert main(["generate", "--model", str(tmp_path / "m"), "--vae", str(tmp_path / "vae"), "--classes", "1", "7",
                  "--per-class", "3", "--steps", "2", "--output", str(grid)]) == 0  # fmt: skip
-    assert Image.open(grid).size == (3 * 8, 2 * 8) and str(grid) in capsys.readouterr().out
+    # 8 px images enlarged x8, 4 grey pixels between them
+    assert Image.open(grid).size == (3 * 64 + 2 * 4, 2 * 64 + 4) and str(grid) in capsys.readouterr().out
     assert main(["generate", "--model", str(tmp_path / "m"), "--vae", str(tmp_path / "vae"), "--steps", "1",
                  "--output", str(grid)]) == 2  # fmt: skip
     assert "--overwrite" in capsys.readouterr().err

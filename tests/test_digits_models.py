@@ -1,0 +1,75 @@
+"""The digits models shipped in the package (diffmoe_hf/data/models/digits-*): they load like any converted model,
+`diffmoe generate` samples them with no arguments, and they still meet the quality targets on a smaller sample."""
+
+import os
+
+import pytest
+from PIL import Image
+
+from diffmoe_hf import ClassConditionalMoEPipeline, default_models
+from diffmoe_hf.cli import main
+
+SHIPPED = ("digits-dsmoe", "digits-jitmoe")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    pytest.importorskip("sklearn")
+    from diffmoe_hf.evaluation import DigitsReference
+
+    return DigitsReference(seed=0)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_loads_as_a_pipeline_folder(name):
+    folder = default_models()[name]
+    weights = os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors")
+    assert os.path.getsize(weights) < 5_000_000
+    assert os.path.isfile(os.path.join(folder, "README.md"))
+    pipe = ClassConditionalMoEPipeline.from_pretrained(folder)
+    config = pipe.transformer.config
+    assert (config.in_channels, config.sample_size, config.num_classes) == (1, 16, 10) and pipe.vae is None
+    assert config.moe_layers and config.num_experts == 4
+    assert pipe.get_label_ids(["zero", "seven", "9"]) == [0, 7, 9]
+    assert pipe.config.default_guidance_scale == 1.5  # the scale its model card was measured with
+
+
+def test_generate_without_arguments_samples_the_default_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert next(iter(default_models())) == "digits-jitmoe"  # the documented default
+    assert main(["generate"]) == 0
+    out = capsys.readouterr().out
+    assert "samples.png" in out and "digits-jitmoe" in out and "10 classes x 4" in out
+    assert Image.open(tmp_path / "samples.png").size == (4 * 64 + 3 * 4, 10 * 64 + 9 * 4)  # 16 px enlarged x4
+
+
+# 400 samples instead of the 1000 of the model cards, 25 steps and the default guidance as there; one evaluation per
+# model shared by the two tests below.
+@pytest.fixture(scope="module", params=SHIPPED)
+def shipped_metrics(request, reference):
+    from diffmoe_hf.evaluation import evaluate_pipeline
+
+    pipe = ClassConditionalMoEPipeline.from_pretrained(default_models()[request.param])
+    pipe.set_progress_bar_config(disable=True)
+    return evaluate_pipeline(pipe, 400, seed=0, batch_size=200, reference=reference, num_inference_steps=25)
+
+
+def test_shipped_model_quality_does_not_regress(shipped_metrics):
+    """Bounds a little looser than the measured quality (model cards, 1000 samples: accuracy 0.996 / 1.000, worst
+    class 0.99 / 1.00, Frechet 4.5x / 2.1x the real floor, c2st 0.79 / 0.76, memorisation 0.001 / 0.079 for
+    digits-dsmoe / digits-jitmoe); fewer samples inflate the Frechet distance and coarsen per-class accuracy."""
+    metrics = shipped_metrics
+    assert metrics.accuracy >= 0.95 and metrics.worst_class_accuracy >= 0.85, metrics
+    assert metrics.frechet_distance <= 7 * metrics.frechet_floor, metrics
+    assert metrics.c2st_accuracy <= 0.85 and metrics.memorisation_rate <= 0.15, metrics
+
+
+def test_shipped_model_meets_the_issue_targets(shipped_metrics, request):
+    """The targets of issue 8 (accuracy >= 0.98, every class >= 0.90, Frechet <= 3x floor, c2st <= 0.80,
+    memorisation <= 0.10), with the sample-size allowance of 400 samples: Frechet <= 4x floor, worst class >= 0.85."""
+    if "digits-dsmoe" in request.node.name:  # measured at 1000 samples: Frechet 4.5x the floor, see its model card
+        request.applymarker(pytest.mark.xfail(strict=True, reason="digits-dsmoe misses the Frechet target"))
+    metrics = shipped_metrics
+    assert metrics.accuracy >= 0.98 and metrics.worst_class_accuracy >= 0.85, metrics
+    assert metrics.frechet_distance <= 4 * metrics.frechet_floor, metrics
+    assert metrics.c2st_accuracy <= 0.80 and metrics.memorisation_rate <= 0.10, metrics
