@@ -82,11 +82,11 @@ def model_inputs(model: nn.Module, batch_size: int, device, dtype) -> dict:
     )
 
 
-def calibrate_capacity(model: nn.Module, inputs: dict) -> None:
+def calibrate_capacity(model: nn.Module, inputs: dict | Callable[[], object]) -> None:
     """
     Sets DiffMoE's capacity thresholds as training would (each expert expects tokens / E tokens): a randomly
-    initialised predictor has threshold 0, which sends every token to every expert at inference. No-op for the
-    other families.
+    initialised predictor has threshold 0, which sends every token to every expert at inference. `inputs` are the
+    model's keyword inputs, or a closure calling `model` on the data to calibrate on. No-op for the other families.
     """
     layers = [m for m in model.modules() if isinstance(m, DynamicTokenMoE)]
     if not layers:
@@ -96,7 +96,7 @@ def calibrate_capacity(model: nn.Module, inputs: dict) -> None:
         layer.capacity_predictor.ema_decay.zero_()  # take this batch's quantile as the threshold
     model.train()
     with torch.no_grad():
-        model(**inputs)
+        inputs() if callable(inputs) else model(**inputs)
     model.eval()
     for layer, decay in zip(layers, decays):
         layer.capacity_predictor.ema_decay.copy_(decay)

@@ -59,7 +59,6 @@ def _to(module, device, dtype):
 
 def bench_layer(family, args, device, dtype) -> dict:
     model = _to(family.build(args.size), device, dtype)
-    models.calibrate_capacity(model, models.model_inputs(model, args.batch_size, device, dtype))
     layer = models.first_moe_layer(model)
     dense, width = models.dense_equivalent_layer(layer)
     dense = dense.to(device, dtype).eval()
@@ -69,6 +68,7 @@ def bench_layer(family, args, device, dtype) -> dict:
     tokens = torch.randn(args.batch_size, num_tokens, dim, generator=generator).to(device, dtype)
     conditioning = torch.randn(args.batch_size, dim, generator=generator).to(device, dtype)
     run_moe = models.layer_call(layer, tokens, conditioning)
+    models.calibrate_capacity(layer, run_moe)
     with torch.no_grad():
         result = interleaved({"moe": run_moe, "dense": lambda: dense(tokens)}, args.repeats, device=device)
     result.update(ratios(result, "moe", "dense"))
