@@ -35,6 +35,7 @@ def machine_info(device: torch.device) -> dict:
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ},
     }
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -188,7 +189,8 @@ BENCHES = {"layer": bench_layer, "forward": bench_forward, "train": bench_train,
 
 
 def print_table(results: dict) -> None:
-    print(f"\n{'section':9s} {'family':12s} {'moe med/min ms':>20s} {'dense med/min ms':>20s} {'ratio med':>9s} {'ratio min':>9s}")
+    header = ("section", "family", "moe med/min ms", "dense med/min ms", "ratio med", "ratio min")
+    print("\n{:9s} {:12s} {:>20s} {:>20s} {:>9s} {:>9s}".format(*header))
     for section, per_family in results.items():
         for name, r in per_family.items():
             if "error" in r:

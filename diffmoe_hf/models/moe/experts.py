@@ -58,9 +58,10 @@ class StackedLinearExperts(GroupedExperts):
     """
     A `GroupedExperts` bank whose experts are made of `nn.Linear` projections (at the sub-module paths
     `_linear_paths`). Where `F.grouped_mm` has a grouped kernel (CUDA) they run as grouped GEMMs over stacked weights,
-    cached for inference (`_StackedWeightCache`); elsewhere (CPU) `segment_linear` runs each expert's own weights on
-    its segment, with no stacked copy. When any projection is wrapped (e.g. by a LoRA layer) the bank falls back to
-    calling the expert modules one segment at a time.
+    cached for inference (`_StackedWeightCache`); elsewhere (CPU) `segment_linear` runs one GEMM per expert and
+    projection, on each expert's own weights when gradients are recorded (no stacking copy per training step). When
+    any projection is wrapped (e.g. by a LoRA layer) the bank falls back to calling the expert modules one segment at
+    a time.
 
     Subclasses set `_linear_paths`, build their stacked tensors in `_stack()` and use them in `forward_grouped`.
     """
@@ -124,7 +125,13 @@ class SwiGLUExperts(StackedLinearExperts):
         if not self._plain_linears():
             return super().forward_grouped(rows, segments)
         if not uses_stacked_weights(rows):
-            gate, up = self.segment_linear(rows, segments, "gate_proj", "up_proj").chunk(2, dim=-1)
+            if torch.is_grad_enabled():  # the experts' own weights: no stacking copy per training step
+                gate_up = self.segment_linear(rows, segments, "gate_proj", "up_proj")
+            else:  # inference: gate and up as one GEMM per expert, over the cached stacked `[gate; up]` weights
+                stacked = self.stacked_weights()
+                biases = [] if stacked["gate_up_bias"] is None else list(stacked["gate_up_bias"].unbind(0))
+                gate_up = segment_linear(rows, list(stacked["gate_up"].unbind(0)), biases, segments.offsets)
+            gate, up = gate_up.chunk(2, dim=-1)
             return self.segment_linear(F.silu(gate) * up, segments, "down_proj")
         stacked = self.stacked_weights()
         gate, up = grouped_linear(rows, stacked["gate_up"], segments, stacked["gate_up_bias"]).chunk(2, dim=-1)

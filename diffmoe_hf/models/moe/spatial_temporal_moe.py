@@ -115,12 +115,16 @@ class ModulatedSwiGLUExperts(GroupedExperts):
             **self._stack_modulations(),
         }
 
-    def _projections(self, rows: torch.Tensor, segments: ExpertSegments, stacked, *names: str) -> torch.Tensor:
-        """The named projections of each row's expert, concatenated: grouped GEMM over `stacked` weights where
-        available, else `segment_linear` over the experts' own weights."""
+    def _projections(self, rows, segments: ExpertSegments, stacked, grouped: bool, *names: str) -> torch.Tensor:
+        """The named projections of each row's expert, concatenated: one grouped GEMM over the `stacked` weights
+        (`grouped`), else `segment_linear` over the stacked weights' views or, without them, the experts' own."""
+        key = "gate_up" if len(names) == 2 else "down"
+        if grouped:
+            return grouped_linear(rows, stacked[key], segments)
         if stacked is not None:
-            return grouped_linear(rows, stacked["gate_up" if len(names) == 2 else "down"], segments)
-        weights = [getattr(expert, name).weight for expert in self for name in names]
+            weights = list(stacked[key].unbind(0))
+        else:
+            weights = [getattr(expert, name).weight for expert in self for name in names]
         return segment_linear(rows, weights, [], segments.offsets)
 
     def forward_grouped(
@@ -145,8 +149,11 @@ class ModulatedSwiGLUExperts(GroupedExperts):
         sample_index = segments.token_index // tokens_per_sample
         if not self._plain_linears():
             return self._forward_per_expert(rows, segments, conditioning[sample_index], channel_weights[sample_index])
-        stacked = self._stacked.get(list(self.parameters()), self._stack) if uses_stacked_weights(rows) else None
-        # without a grouped kernel only the small modulation weights are stacked (the projections read their own)
+        grouped = uses_stacked_weights(rows)
+        # stacked weights: cached for inference; when training without a grouped kernel only the small modulation
+        # weights are stacked and the projections read the experts' own weights (no stacking copy per step)
+        use_stacked = grouped or not torch.is_grad_enabled()
+        stacked = self._stacked.get(list(self.parameters()), self._stack) if use_stacked else None
         modulation_weights = stacked if stacked is not None else self._stack_modulations()
         # modulation of every expert for every sample: (B, E, 3D), then one row per routed token
         bottleneck = F.relu(torch.einsum("bd,erd->ber", conditioning, modulation_weights["modulation_1"]))
@@ -154,9 +161,10 @@ class ModulatedSwiGLUExperts(GroupedExperts):
         modulation = modulation + modulation_weights["modulation_2_bias"]
         shift, scale, gate = modulation[sample_index, segments.expert_index].chunk(3, dim=-1)
         modulated = F.layer_norm(rows, rows.shape[-1:], eps=1e-6) * (1 + scale) + shift  # each expert's `norm`
-        gate_proj, up_proj = self._projections(modulated, segments, stacked, "gate_proj", "up_proj").chunk(2, dim=-1)
+        gate_up = self._projections(modulated, segments, stacked, grouped, "gate_proj", "up_proj")
+        gate_proj, up_proj = gate_up.chunk(2, dim=-1)
         intermediate = F.silu(gate_proj) * up_proj * channel_weights[sample_index]
-        return rows + gate * self._projections(intermediate, segments, stacked, "down_proj")
+        return rows + gate * self._projections(intermediate, segments, stacked, grouped, "down_proj")
 
     def _forward_per_expert(self, rows, segments, conditioning, channel_weights) -> torch.Tensor:
         sizes = segments.sizes()
