@@ -43,6 +43,7 @@ packages, package_dir = _packages()
 core = [
     "torch>=2.4",
     "diffusers>=0.35",
+    "accelerate>=1.0",  # meta-device model construction for low-memory checkpoint conversion
     "safetensors>=0.4",
     "huggingface_hub>=0.34",
     "numpy",
@@ -53,6 +54,7 @@ core = [
 extras = {
     "train": ["accelerate>=1.0", "peft>=0.17", "datasets>=3.0"],
     "space": ["gradio>=5.0"],
+    "eval": ["scikit-learn>=1.3", "scipy"],
 }
 extras["dev"] = sorted({dep for deps in extras.values() for dep in deps} | {"pytest>=8", "transformers"})
 

@@ -13,6 +13,7 @@ import collections
 import os
 import pickle
 import typing
+import zipfile
 from dataclasses import dataclass, field
 
 import torch
@@ -80,12 +81,14 @@ class LoadedCheckpoint:
     top_level_keys: list[str] = field(default_factory=list)
 
 
-def _torch_load(path: str, trust_checkpoint: bool):
+def _torch_load(path: str, trust_checkpoint: bool, mmap: bool = False):
+    if mmap and not zipfile.is_zipfile(path):
+        mmap = False  # only the zip format (torch >= 1.6 default) can be memory-mapped
     if trust_checkpoint:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     try:
         with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         try:
             extra = torch.serialization.get_unsafe_globals_in_checkpoint(path)
@@ -124,7 +127,9 @@ def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
     return stripped
 
 
-def load_original_checkpoint(path: str, weights: str = "ema", trust_checkpoint: bool = False) -> LoadedCheckpoint:
+def load_original_checkpoint(
+    path: str, weights: str = "ema", trust_checkpoint: bool = False, mmap: bool = False
+) -> LoadedCheckpoint:
     """
     Loads an original checkpoint and picks its weights.
 
@@ -132,6 +137,8 @@ def load_original_checkpoint(path: str, weights: str = "ema", trust_checkpoint: 
         path: `.pt`/`.pth`/`.bin` written by `torch.save`, or `.safetensors`.
         weights: `"ema"` (default: what the original samplers use; JiT's `model_ema1`) or `"model"` (raw weights).
         trust_checkpoint: Allow arbitrary pickled objects (`weights_only=False`). Only for files you trust.
+        mmap: Memory-map the tensors of a `torch.save` file instead of reading them all (pages are read on use, so
+            the unused `model`/`opt` entries of a training dict cost no memory).
     """
     path = os.fspath(path)
     if weights not in WEIGHT_KEYS:
@@ -147,7 +154,7 @@ def load_original_checkpoint(path: str, weights: str = "ema", trust_checkpoint: 
             raise CheckpointError(f"{path} is not a readable safetensors file ({err}).") from None
         return LoadedCheckpoint(strip_wrapper_prefixes(state_dict), "state_dict", "safetensors")
 
-    obj = _torch_load(path, trust_checkpoint)
+    obj = _torch_load(path, trust_checkpoint, mmap)
     if _is_state_dict(obj):
         return LoadedCheckpoint(strip_wrapper_prefixes(obj), "state_dict", "bare-state-dict")
     if not isinstance(obj, dict):

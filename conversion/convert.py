@@ -11,6 +11,7 @@ from diffmoe_hf.labels import imagenet_id2label
 from diffmoe_hf.pipelines import ClassConditionalMoEPipeline
 
 from .checkpoint_io import load_original_checkpoint
+from .convert_dit_moe import DIT_MOE_MODEL_CARD, build_dit_moe_transformer
 from .convert_dsmoe import DSMOE_MODEL_CARD, build_dsmoe_transformer
 from .convert_jit import JIT_MODEL_CARD, build_jit_transformer
 from .convert_dynamic_token_moe import DIFFMOE_DTS_MODEL_CARD, build_dynamic_token_moe_transformer
@@ -36,6 +37,7 @@ CONVERTERS = {
     "diff-moe": FamilyConverter(build_spatial_temporal_moe_transformer, SPATIAL_TEMPORAL_MOE_MODEL_CARD),
     "diffmoe-dts": FamilyConverter(build_dynamic_token_moe_transformer, DIFFMOE_DTS_MODEL_CARD),
     "jit": FamilyConverter(build_jit_transformer, JIT_MODEL_CARD),
+    "dit-moe": FamilyConverter(build_dit_moe_transformer, DIT_MOE_MODEL_CARD),
 }
 
 
@@ -91,7 +93,7 @@ def convert_checkpoint(
     Nothing is written unless the whole conversion succeeds.
 
     Args:
-        family: `"dsmoe"`, `"diff-moe"` (see `CONVERTERS`).
+        family: `"dsmoe"`, `"diff-moe"`, `"dit-moe"`, ... (see `CONVERTERS`).
         checkpoint_path: original `.pt`/`.pth` or `.safetensors` file.
         output_dir: folder to create; an existing non-empty one is refused unless `overwrite`.
         config_path, preset: the architecture, for families whose checkpoints do not record it.
@@ -122,7 +124,9 @@ def convert_checkpoint(
         )
     check_output_dir(output_dir, overwrite)
     converter = CONVERTERS[family]
-    checkpoint = load_original_checkpoint(checkpoint_path, weights=weights, trust_checkpoint=trust_checkpoint)
+    checkpoint = load_original_checkpoint(
+        checkpoint_path, weights=weights, trust_checkpoint=trust_checkpoint, mmap=True
+    )
     transformer = converter.build(checkpoint, config_path=config_path, preset=preset, **options)
     pipeline = build_pipeline(cast_for_saving(transformer, DTYPES[dtype]), vae_path, id2label_path)
     card = render_model_card(

@@ -4,13 +4,12 @@ The architecture is not stored in DSMoE checkpoints: it comes from the training 
 arguments of `models_DSMoE.DiT`) or from a released preset name.
 """
 
-import torch
 import yaml
 
 from diffmoe_hf.models.transformer_dsmoe import _RELEASED_COMMON, DSMOE_PRESETS, DSMoETransformer2DModel
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
-from .state_dict_utils import load_converted_state_dict, rename_keys, split_fused_projection
+from .state_dict_utils import build_converted_model
 
 _ROPE = {"2d": "rope_2d", "1d": "rope_1d", "none": "sincos"}
 _NORM = {"layernorm": "layer_norm", "rmsnorm": "rms_norm"}
@@ -115,24 +114,6 @@ _RENAME_RULES = [
 ]  # fmt: skip
 
 
-def check_fixed_pos_embed(source: dict[str, torch.Tensor], model, atol: float = 1e-5) -> None:
-    """The checkpoint's frozen sin-cos `pos_embed` must equal the table the model computes (EMA moves it by ~1 ulp);
-    it is consumed here because diffusers' `PatchEmbed` keeps it as a non-persistent buffer."""
-    stored = source.pop("pos_embed", None)
-    computed = getattr(model.pos_embed, "pos_embed", None)
-    if stored is None and computed is None:
-        return
-    if stored is None or computed is None or stored.shape != computed.shape:
-        raise CheckpointError(
-            "pos_embed does not match the configured positional embedding "
-            f"(checkpoint {None if stored is None else tuple(stored.shape)}, "
-            f"model {None if computed is None else tuple(computed.shape)}): check rope_type in the config."
-        )
-    error = (stored.float() - computed.float()).abs().max().item()
-    if error > atol:
-        raise CheckpointError(f"The checkpoint's pos_embed differs from the fixed sin-cos table by {error:.2e}.")
-
-
 def convert_dsmoe(checkpoint: LoadedCheckpoint, config: dict) -> DSMoETransformer2DModel:
     """
     Builds a `DSMoETransformer2DModel` with `config` and fills it from `checkpoint`, consuming every source key.
@@ -140,16 +121,13 @@ def convert_dsmoe(checkpoint: LoadedCheckpoint, config: dict) -> DSMoETransforme
     Raises:
         CheckpointError: listing unconsumed, missing and mismatched keys when checkpoint and config disagree.
     """
-    try:
-        model = DSMoETransformer2DModel(**config)
-    except ValueError as err:
-        raise CheckpointError(f"Invalid DSMoE configuration: {err}") from None
-    source = dict(checkpoint.state_dict)
-    check_fixed_pos_embed(source, model)
-    converted = rename_keys(source, _RENAME_RULES)
-    split_fused_projection(converted, "attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v"))
-    load_converted_state_dict(model, converted, leftovers=source)
-    return model.eval()
+    return build_converted_model(
+        DSMoETransformer2DModel,
+        config,
+        checkpoint.state_dict,
+        _RENAME_RULES,
+        "DSMoE",
+    )
 
 
 def build_dsmoe_transformer(

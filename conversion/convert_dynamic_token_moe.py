@@ -13,8 +13,8 @@ from diffmoe_hf.models.transformer_dynamic_token_moe import (
 )
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
-from .convert_dsmoe import check_fixed_pos_embed, read_yaml_model_params
-from .state_dict_utils import load_converted_state_dict, rename_keys, split_fused_projection
+from .convert_dsmoe import read_yaml_model_params
+from .state_dict_utils import build_converted_model
 
 
 def diffmoe_config_from_params(params: dict) -> dict:
@@ -90,16 +90,13 @@ def convert_dynamic_token_moe(checkpoint: LoadedCheckpoint, config: dict) -> Dyn
     Raises:
         CheckpointError: listing unconsumed, missing and mismatched keys when checkpoint and config disagree.
     """
-    try:
-        model = DynamicTokenMoETransformer2DModel(**config)
-    except ValueError as err:
-        raise CheckpointError(f"Invalid DiffMoE configuration: {err}") from None
-    source = dict(checkpoint.state_dict)
-    check_fixed_pos_embed(source, model)
-    converted = rename_keys(source, _RENAME_RULES)
-    split_fused_projection(converted, "attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v"))
-    load_converted_state_dict(model, converted, leftovers=source)
-    return model.eval()
+    return build_converted_model(
+        DynamicTokenMoETransformer2DModel,
+        config,
+        checkpoint.state_dict,
+        _RENAME_RULES,
+        "DiffMoE",
+    )
 
 
 def build_dynamic_token_moe_transformer(

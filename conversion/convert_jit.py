@@ -9,13 +9,12 @@ constructor arguments; the sampling parameters (`noise_scale`, `t_eps`, `label_d
 import argparse
 import logging
 
-import torch
 import yaml
 
 from diffmoe_hf.models.transformer_jit import JiTTransformer2DModel, jit_preset_config, resolve_jit_preset
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
-from .state_dict_utils import load_converted_state_dict, rename_keys, split_fused_projection
+from .state_dict_utils import QKV_SPLIT, build_converted_model
 
 logger = logging.getLogger(__name__)
 
@@ -148,23 +147,6 @@ def read_jit_config_file(path: str) -> tuple[dict, dict]:
     )
 
 
-def _check_pos_embed(source: dict[str, torch.Tensor], model: JiTTransformer2DModel, atol: float = 1e-5) -> None:
-    """The checkpoint's frozen sin-cos table must equal the one the model computes; it is consumed here."""
-    stored = source.pop("pos_embed", None)
-    computed = model.pos_embed.pos_embed
-    if stored is None:
-        raise CheckpointError("The checkpoint has no pos_embed: this does not look like a JiT checkpoint.")
-    if stored.shape != computed.shape:
-        raise CheckpointError(
-            f"pos_embed has shape {tuple(stored.shape)} but the configured model needs {tuple(computed.shape)}: the "
-            "image size or patch size does not match the checkpoint (set img_size in the config or use the right "
-            "preset)."
-        )
-    error = (stored.float() - computed.float()).abs().max().item()
-    if error > atol:
-        raise CheckpointError(f"The checkpoint's pos_embed differs from the fixed sin-cos table by {error:.2e}.")
-
-
 def convert_jit(checkpoint: LoadedCheckpoint, config: dict) -> JiTTransformer2DModel:
     """
     Builds a `JiTTransformer2DModel` with `config` and fills it from `checkpoint`, consuming every source key.
@@ -172,18 +154,9 @@ def convert_jit(checkpoint: LoadedCheckpoint, config: dict) -> JiTTransformer2DM
     Raises:
         CheckpointError: listing unconsumed, missing and mismatched keys when checkpoint and config disagree.
     """
-    try:
-        model = JiTTransformer2DModel(**config)
-    except ValueError as err:
-        raise CheckpointError(f"Invalid JiT configuration: {err}") from None
-    source = dict(checkpoint.state_dict)
-    _check_pos_embed(source, model)
-    converted = rename_keys(source, _RENAME_RULES)
-    split_fused_projection(converted, "attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v"))
     # SwiGLUFFN computes w3(silu(a) * b) for the halves (a, b) of w12
-    split_fused_projection(converted, "w12", ("gate_proj", "up_proj"))
-    load_converted_state_dict(model, converted, leftovers=source)
-    return model.eval()
+    fused = (QKV_SPLIT, ("w12", ("gate_proj", "up_proj")))
+    return build_converted_model(JiTTransformer2DModel, config, checkpoint.state_dict, _RENAME_RULES, "JiT", fused)
 
 
 def _same_preset(first: str, second: str) -> bool:

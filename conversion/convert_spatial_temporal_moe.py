@@ -29,7 +29,7 @@ from diffmoe_hf.models.transformer_spatial_temporal_moe import (
 )
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
-from .state_dict_utils import load_converted_state_dict, rename_keys, split_fused_projection
+from .state_dict_utils import build_converted_model
 
 logger = logging.getLogger(__name__)
 
@@ -309,16 +309,15 @@ def convert_spatial_temporal_moe(checkpoint: LoadedCheckpoint, config: dict) -> 
     Raises:
         CheckpointError: listing unconsumed, missing and mismatched keys when checkpoint and config disagree.
     """
-    try:
-        model = SpatialTemporalMoETransformer2DModel(**config)
-    except ValueError as err:
-        raise CheckpointError(f"Invalid Diff-MoE configuration: {err}") from None
-    source = dict(checkpoint.state_dict)
-    _check_zero_pos_embed(source, config["patch_size"], config["num_attention_heads"] * config["attention_head_dim"])
-    converted = rename_keys(source, _RENAME_RULES)
-    split_fused_projection(converted, "attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v"))
-    load_converted_state_dict(model, converted, leftovers=source)
-    return model.eval()
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    return build_converted_model(
+        SpatialTemporalMoETransformer2DModel,
+        config,
+        checkpoint.state_dict,
+        _RENAME_RULES,
+        "Diff-MoE",
+        consume_fixed_tensors=lambda source, model: _check_zero_pos_embed(source, config["patch_size"], width),
+    )
 
 
 def build_spatial_temporal_moe_transformer(

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .checkpoint_io import CheckpointError
+from .low_memory import init_empty_model
 
 
 def rename_keys(source: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
@@ -39,6 +40,10 @@ def load_converted_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
     """
     Loads `state_dict` into `model` only if it fits exactly: every target key filled with the right shape, no key
     unused, and no unconsumed source key (`leftovers`). Otherwise raises `CheckpointError` listing every problem.
+
+    A model built with `low_memory.init_empty_model` (parameters on the meta device) adopts the tensors of
+    `state_dict` instead of copying them, emptying `state_dict` one cast at a time, so no second copy of the weights
+    is made.
     """
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
@@ -63,4 +68,67 @@ def load_converted_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
             "The checkpoint does not match the model configuration (wrong config/preset, or not a checkpoint of "
             "this family):\n" + "\n".join(problems)
         )
+    if any(param.is_meta for param in model.parameters()):
+        adopted = {key: state_dict.pop(key).to(expected[key].dtype) for key in list(state_dict)}
+        model.load_state_dict(adopted, strict=True, assign=True)
+        return
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state_dict.items()}, strict=True)
+
+
+QKV_SPLIT = ("attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v"))
+
+
+def check_fixed_pos_embed(source: dict[str, torch.Tensor], model) -> None:
+    """
+    Pops the checkpoint's frozen sin-cos `pos_embed` and checks it against the table the model computes itself
+    (diffusers' `PatchEmbed` keeps it as a non-persistent buffer). EMA moves the stored table by about 1 ulp and
+    half-precision training stores it rounded, so they must agree to the stored precision.
+    """
+    stored = source.pop("pos_embed", None)
+    computed = getattr(model.pos_embed, "pos_embed", None)
+    if stored is None and computed is None:
+        return
+    if stored is None or computed is None or stored.shape != computed.shape:
+        raise CheckpointError(
+            f"The checkpoint's pos_embed ({None if stored is None else tuple(stored.shape)}) does not fit the "
+            f"configured model ({None if computed is None else tuple(computed.shape)}): check the image size, patch "
+            "size and positional embedding type (sin-cos table or rotary) in the config."
+        )
+    error = (stored.float() - computed.float()).abs().max().item()
+    if error > max(1e-5, torch.finfo(stored.dtype).eps):
+        raise CheckpointError(f"The checkpoint's pos_embed differs from the fixed sin-cos table by {error:.2e}.")
+
+
+def build_converted_model(
+    model_class,
+    config: dict,
+    state_dict: dict[str, torch.Tensor],
+    rename_rules: list[tuple[str, str]],
+    family: str,
+    fused_projections: tuple[tuple[str, tuple[str, ...]], ...] = (QKV_SPLIT,),
+    consume_fixed_tensors=check_fixed_pos_embed,
+):
+    """
+    The conversion every family shares, without a second copy of the weights: build `model_class(**config)` with its
+    parameters on the meta device, let `consume_fixed_tensors(source, model)` check and pop tensors the model
+    recomputes (fixed position tables), rename the rest with `rename_rules`, split fused projections (`(fused, parts)`
+    pairs), and load strictly: the model adopts the source tensors (see `load_converted_state_dict`).
+
+    Args:
+        state_dict: the original weights; consumed (emptied) as they move into the model.
+        family: the family name used in error messages.
+
+    Returns:
+        The loaded model in eval mode.
+    """
+    try:
+        model = init_empty_model(model_class, **config)
+    except ValueError as err:
+        raise CheckpointError(f"Invalid {family} configuration: {err}") from None
+    if consume_fixed_tensors is not None:
+        consume_fixed_tensors(state_dict, model)
+    converted = rename_keys(state_dict, rename_rules)
+    for fused, parts in fused_projections:
+        split_fused_projection(converted, fused, parts)
+    load_converted_state_dict(model, converted, leftovers=state_dict)
+    return model.eval()

@@ -8,10 +8,12 @@ from diffusers import ModelMixin
 
 from .formulations import FORMULATIONS, get_formulation
 from .models import (
+    DIT_MOE_PRESETS,
     DSMOE_PRESETS,
     DYNAMIC_TOKEN_MOE_PRESETS,
     JIT_PRESETS,
     SPATIAL_TEMPORAL_MOE_PRESETS,
+    DiTMoETransformer2DModel,
     DSMoETransformer2DModel,
     DynamicTokenMoETransformer2DModel,
     JiTTransformer2DModel,
@@ -22,12 +24,14 @@ from .pipelines import ClassConditionalMoEPipeline
 __version__ = "0.1.0"
 
 __all__ = [
+    "DIT_MOE_PRESETS",
     "DSMOE_PRESETS",
     "DYNAMIC_TOKEN_MOE_PRESETS",
     "FORMULATIONS",
     "JIT_PRESETS",
     "SPATIAL_TEMPORAL_MOE_PRESETS",
     "ClassConditionalMoEPipeline",
+    "DiTMoETransformer2DModel",
     "DSMoETransformer2DModel",
     "DynamicTokenMoETransformer2DModel",
     "JiTTransformer2DModel",

@@ -20,12 +20,15 @@ def test_convert_then_generate(tmp_path, capsys):
     case = dsmoe_case()
     tiny_vae().save_pretrained(tmp_path / "vae")
     assert main(["convert", "dsmoe", "--checkpoint", os.path.join(case, "checkpoint.pt"), "--config",
-                 os.path.join(case, "config.yaml"), "--vae", str(tmp_path / "vae"), "--output", str(tmp_path / "m")]) == 0  # fmt: skip
+                 os.path.join(case, "config.yaml"), "--output", str(tmp_path / "m")]) == 0  # fmt: skip
     grid = tmp_path / "grid.png"
-    assert main(["generate", "--model", str(tmp_path / "m"), "--classes", "1", "7", "--per-class", "3",
-                 "--steps", "2", "--output", str(grid)]) == 0  # fmt: skip
-    assert Image.open(grid).size == (3 * 8, 2 * 8) and str(grid) in capsys.readouterr().out
     assert main(["generate", "--model", str(tmp_path / "m"), "--steps", "1", "--output", str(grid)]) == 2
+    assert "no VAE" in capsys.readouterr().err and not grid.exists()
+    assert main(["generate", "--model", str(tmp_path / "m"), "--vae", str(tmp_path / "vae"), "--classes", "1", "7",
+                 "--per-class", "3", "--steps", "2", "--output", str(grid)]) == 0  # fmt: skip
+    assert Image.open(grid).size == (3 * 8, 2 * 8) and str(grid) in capsys.readouterr().out
+    assert main(["generate", "--model", str(tmp_path / "m"), "--vae", str(tmp_path / "vae"), "--steps", "1",
+                 "--output", str(grid)]) == 2  # fmt: skip
     assert "--overwrite" in capsys.readouterr().err
 
 

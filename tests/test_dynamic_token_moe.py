@@ -14,7 +14,6 @@ from diffmoe_hf.conversion.convert_dynamic_token_moe import build_dynamic_token_
 from diffmoe_hf.formulations import get_formulation
 from diffmoe_hf.models.moe import DynamicTokenMoE, GroupedExperts, moe_aux_loss, segments_from_expert_choice
 from diffmoe_hf.models.moe import dynamic_token
-from diffmoe_hf.models.transformer_dynamic_token_moe import DYNAMIC_TOKEN_MOE_PRESETS
 
 from .conftest import parity_root
 

@@ -29,10 +29,10 @@ FAMILIES = {
     # source.json `kwargs` holds the original constructor arguments (tiny dims no preset has)
     "diff-moe": dict(converter="diff-moe",
                      convert_kwargs=lambda case: {"config_path": os.path.join(case, "source.json")}),
+    "dit-moe": dict(converter="dit-moe",
+                    convert_kwargs=lambda case: {"config_path": os.path.join(case, "source.json")}),
 }
-PENDING = {
-    "dit-moe": "DiT-MoE port (issue 4)",
-}
+PENDING = {}
 
 
 def _cases():

@@ -174,8 +174,8 @@ class DynamicTokenMoETransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixi
         Returns:
             (B, out_channels, H, W); the first C channels are the velocity `data - noise`.
         """
-        _, _, height, width = hidden_states.shape
         timestep, class_labels = check_model_inputs(self.config, hidden_states, timestep, class_labels)
+        height, width = hidden_states.shape[-2:]
         tokens = self.pos_embed(hidden_states)
         conditioning = self.embedding(timestep, class_labels).to(tokens.dtype)
 

@@ -223,8 +223,8 @@ class SpatialTemporalMoETransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterM
             (B, out_channels, H, W): epsilon (DDPM) or the velocity `noise - data` (RF) in the first C channels, the
             learned-variance values in the others.
         """
-        _, _, height, width = hidden_states.shape
         timestep, class_labels = check_model_inputs(self.config, hidden_states, timestep, class_labels)
+        height, width = hidden_states.shape[-2:]
         tokens = self.pos_embed(hidden_states)
         conditioning = self.embedding(timestep, class_labels).to(tokens.dtype)
         grid_size = (height // self.config.patch_size, width // self.config.patch_size)

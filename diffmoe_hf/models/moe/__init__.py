@@ -3,6 +3,6 @@ from .dispatch import segments_from_expert_choice
 from .dynamic_token import CapacityPredictor, DynamicTokenMoE
 from .experts import GroupedExperts, SwiGLU, SwiGLUExperts
 from .experts import GeluMLPExperts, StackedLinearExperts
-from .layers import DeepSeekMoE
+from .layers import DeepSeekMoE, SoftmaxTopKMoE
 from .routers import SigmoidGroupLimitedRouter, SoftmaxTopKRouter, moe_aux_loss
 from .spatial_temporal_moe import LowRankModulation, ModulatedSwiGLU, ModulatedSwiGLUExperts, SpatialTemporalMoE

@@ -1,0 +1,368 @@
+"""DiT-MoE (feizc/DiT-MoE, Fei et al.) checkpoints -> `DiTMoETransformer2DModel`.
+
+Files: train.py dicts `{"model", "ema", "opt", "args"}` (EMA weights by default), bare EMA state dicts, the release
+layout `{"ema": state_dict}`, DeepSpeed `"module"` dicts (see `checkpoint_io`); both attention key layouts (timm
+`attn.qkv/proj`, and the flash-attention `attn.Wqkv/q_norm/k_norm/out_proj` of the XL/G models).
+
+The architecture is gathered from three sources and must agree:
+1. explicit options: `preset`, an original architecture name (`"DiT-XL/2"`) or a released file name
+   (`"dit_moe_xl_8E2A"`, which also fixes experts, experts per token and formulation); `config_path`, a JSON or YAML
+   file with `models.DiT` constructor arguments (`hidden_size`, `num_heads`, `num_experts_per_tok`, ...) at the top
+   level or under `"kwargs"`, optionally `model` / `image_size` as in train.py, and `formulation` (or `rf`); and the
+   `num_experts`, `experts_per_token` and `formulation` options (the same as the Diff-MoE converter's);
+2. the train.py `args` stored in the checkpoint (`model`, `image_size`, `num_classes`, `num_experts`,
+   `num_experts_per_tok`, `rf`), overridden by explicit options;
+3. the weights, which fix everything except the number of heads (timm layout), the experts per token and the
+   formulation; a value from 1. or 2. that contradicts them is an error.
+
+The model is built on the meta device and adopts the source tensors (`low_memory`), so a 16B checkpoint converts with
+one copy of its weights in memory.
+"""
+
+import os
+import re
+
+import torch
+import yaml
+
+from diffmoe_hf.models.transformer_dit_moe import DIT_MOE_PRESETS, DiTMoETransformer2DModel
+
+from .checkpoint_io import CheckpointError, LoadedCheckpoint
+from .state_dict_utils import build_converted_model
+
+FORMULATIONS = ("ddpm-learned-sigma", "rf-noise-at-1")
+# short names accepted for the `formulation` option and config field (as the Diff-MoE converter)
+FORMULATION_ALIASES = {"ddpm": "ddpm-learned-sigma", "rf": "rf-noise-at-1"}
+# `models.DiT` constructor arguments (upstream names)
+CONSTRUCTOR_ARGS = (
+    "input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio", "class_dropout_prob",
+    "num_classes", "num_experts", "num_experts_per_tok", "pretraining_tp", "learn_sigma", "use_flash_attn",
+)  # fmt: skip
+# train.py-style fields a config file may use besides the constructor arguments
+CONFIG_EXTRAS = ("model", "image_size", "rf", "formulation")
+
+# The files of huggingface.co/feizhengcong/DiT-MoE (README table): architecture, experts, experts per token, sampler.
+DIT_MOE_RELEASES = {
+    "dit_moe_s_8E2A": dict(model="DiT-S/2", num_experts=8, num_experts_per_tok=2, formulation="ddpm-learned-sigma"),
+    "dit_moe_s_16E2A": dict(model="DiT-S/2", num_experts=16, num_experts_per_tok=2, formulation="ddpm-learned-sigma"),
+    "dit_moe_b_8E2A": dict(model="DiT-B/2", num_experts=8, num_experts_per_tok=2, formulation="ddpm-learned-sigma"),
+    "dit_moe_xl_8E2A": dict(model="DiT-XL/2", num_experts=8, num_experts_per_tok=2, formulation="rf-noise-at-1"),
+    "dit_moe_g_16E2A": dict(model="DiT-G/2", num_experts=16, num_experts_per_tok=2, formulation="rf-noise-at-1"),
+}  # fmt: skip
+
+
+class _Sourced(dict):
+    """Architecture fields in upstream names, each remembering where its value came from (for error messages)."""
+
+    def __init__(self):
+        super().__init__()
+        self.origin = {}
+
+    def put(self, key, value, origin: str, override: bool = False) -> None:
+        """Sets `key`; a different value for a key already set is an error unless `override`."""
+        if key in self and self[key] != value and not override:
+            raise CheckpointError(f"Contradicting options: {self.describe(key)} but {key}={value!r} ({origin}).")
+        if override or key not in self:
+            self[key], self.origin[key] = value, origin
+
+    def merge(self, other: "_Sourced", override: bool = False) -> None:
+        for key, value in other.items():
+            self.put(key, value, other.origin[key], override)
+
+    def describe(self, key) -> str:
+        return f"{key}={self[key]!r} ({self.origin[key]})"
+
+
+def _preset_fields(name: str, origin: str) -> dict:
+    """Upstream architecture fields of a `DiT_models` name."""
+    if name not in DIT_MOE_PRESETS:
+        raise CheckpointError(f"Unknown DiT-MoE architecture {name!r} ({origin}); known: {', '.join(DIT_MOE_PRESETS)}.")
+    preset = DIT_MOE_PRESETS[name]
+    return dict(
+        depth=preset["num_layers"],
+        hidden_size=preset["num_attention_heads"] * preset["attention_head_dim"],
+        num_heads=preset["num_attention_heads"],
+        patch_size=preset["patch_size"],
+    )
+
+
+def _train_fields(fields: dict, origin: str) -> _Sourced:
+    """Constructor fields plus `formulation` from train.py-style fields (`model`, `image_size`, `rf` included)."""
+    fields = dict(fields)
+    out = _Sourced()
+    model = fields.pop("model", None)
+    if model is not None:
+        for key, value in _preset_fields(model, origin).items():
+            out.put(key, value, f"{origin}, model={model!r}")
+    image_size = fields.pop("image_size", None)
+    if image_size is not None:
+        if image_size % 8:
+            raise CheckpointError(f"image_size={image_size} ({origin}) is not a multiple of the VAE factor 8.")
+        out.put("input_size", image_size // 8, f"{origin}, image_size={image_size}")
+    rf = fields.pop("rf", None)
+    if rf is not None:
+        out.put("formulation", "rf-noise-at-1" if rf else "ddpm-learned-sigma", f"{origin}, rf={rf!r}")
+    if "formulation" in fields:
+        fields["formulation"] = FORMULATION_ALIASES.get(fields["formulation"], fields["formulation"])
+        if fields["formulation"] not in FORMULATIONS:
+            raise CheckpointError(
+                f"formulation={fields['formulation']!r} ({origin}); DiT-MoE models use {', '.join(FORMULATIONS)} "
+                f"(or {', '.join(FORMULATION_ALIASES)})."
+            )
+    for key, value in fields.items():
+        out.put(key, value, origin)
+    return out
+
+
+def read_config_file(path: str) -> dict:
+    """
+    The constructor arguments of a JSON/YAML config: a mapping of `models.DiT` arguments (plus `model`, `image_size`,
+    `rf`, `formulation`), or a construction record with the arguments under `"kwargs"` and an optional top-level
+    `formulation` / `rf`.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as err:
+        raise CheckpointError(f"Could not read the DiT-MoE config {path}: {err}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a mapping of DiT-MoE constructor arguments.")
+    if isinstance(config.get("kwargs"), dict):
+        fields = dict(config["kwargs"])
+        fields.update({key: config[key] for key in ("formulation", "rf") if key in config})
+    else:
+        fields = config
+    unknown = sorted(set(fields) - set(CONSTRUCTOR_ARGS) - set(CONFIG_EXTRAS))
+    if unknown:
+        raise CheckpointError(
+            f"{path} has keys that are not DiT-MoE constructor arguments: {unknown}. Known: "
+            f"{', '.join(CONSTRUCTOR_ARGS + CONFIG_EXTRAS)}."
+        )
+    return fields
+
+
+def _explicit_fields(config_path: str | None, preset: str | None, options: dict) -> _Sourced:
+    explicit = _Sourced()
+    for key, value in _train_fields({k: v for k, v in options.items() if v is not None}, "option").items():
+        name = {"num_experts_per_tok": "experts_per_token"}.get(key, key)
+        explicit.put(key, value, f"the {name} option")
+    if preset is not None:
+        name = os.path.splitext(os.path.basename(preset))[0] if preset.endswith(".pt") else preset
+        if name in DIT_MOE_RELEASES:
+            explicit.merge(_train_fields(DIT_MOE_RELEASES[name], f"preset {name}"))
+        elif name in DIT_MOE_PRESETS:
+            for key, value in _preset_fields(name, "preset").items():
+                explicit.put(key, value, f"preset {name}")
+        else:
+            raise CheckpointError(
+                f"Unknown DiT-MoE preset {preset!r}; use an architecture ({', '.join(DIT_MOE_PRESETS)}) or a released "
+                f"file name ({', '.join(DIT_MOE_RELEASES)})."
+            )
+    if config_path is not None:
+        explicit.merge(_train_fields(read_config_file(config_path), config_path))
+    return explicit
+
+
+def _recorded_fields(checkpoint: LoadedCheckpoint) -> _Sourced:
+    """The architecture recorded in train.py `args` (empty for bare and release files)."""
+    if checkpoint.args is None:
+        return _Sourced()
+    args = vars(checkpoint.args)
+    fields = {key: args[key] for key in ("image_size", "num_classes", "num_experts", "num_experts_per_tok", "rf")
+              if args.get(key) is not None}  # fmt: skip
+    if args.get("model") in DIT_MOE_PRESETS:
+        fields["model"] = args["model"]
+    return _train_fields(fields, "checkpoint args")
+
+
+_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
+
+
+def infer_from_weights(state_dict: dict[str, torch.Tensor], class_dropout_prob: float) -> dict:
+    """The architecture fields (upstream names) that the shapes of a DiT-MoE state dict determine."""
+    required = ("x_embedder.proj.weight", "blocks.0.moe.gate.weight", "y_embedder.embedding_table.weight",
+                "final_layer.linear.weight", "blocks.0.moe.experts.0.gate_proj.weight")  # fmt: skip
+    absent = [key for key in required if key not in state_dict]
+    if absent:
+        raise CheckpointError(
+            f"This does not look like a DiT-MoE state dict: missing {absent} (found e.g. {sorted(state_dict)[:5]})."
+        )
+    if "blocks.0.dwconv.weight" in state_dict or "blocks.0.moe.se.0.weight" in state_dict:
+        raise CheckpointError(
+            "This is a Diff-MoE (Cheng et al.) checkpoint (depthwise conv and expert recalibration weights): use the "
+            "diff-moe converter."
+        )
+    hidden, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
+    flash = {"Wqkv" in key for key in state_dict if re.fullmatch(r"blocks\.\d+\.attn\.(qkv|Wqkv)\.weight", key)}
+    if len(flash) > 1:
+        raise CheckpointError("The checkpoint mixes the timm (attn.qkv) and flash (attn.Wqkv) attention layouts.")
+    table_rows = state_dict["y_embedder.embedding_table.weight"].shape[0]
+    out_rows = state_dict["final_layer.linear.weight"].shape[0]
+    if out_rows not in (patch * patch * in_channels, 2 * patch * patch * in_channels):
+        raise CheckpointError(f"final_layer.linear has {out_rows} rows; expected p²·C or p²·2C.")
+    fields = dict(
+        hidden_size=hidden,
+        in_channels=in_channels,
+        patch_size=patch,
+        depth=1 + max(int(_BLOCK_KEY.match(key).group(1)) for key in state_dict if _BLOCK_KEY.match(key)),
+        num_experts=state_dict["blocks.0.moe.gate.weight"].shape[0],
+        moe_intermediate_size=state_dict["blocks.0.moe.experts.0.gate_proj.weight"].shape[0],
+        num_classes=table_rows - (1 if class_dropout_prob > 0 else 0),
+        learn_sigma=out_rows == 2 * patch * patch * in_channels,
+        use_flash_attn=flash == {True},
+    )
+    shared = state_dict.get("blocks.0.moe.shared_experts.gate_proj.weight")
+    fields["shared_expert_intermediate_size"] = 0 if shared is None else shared.shape[0]
+    if "pos_embed" in state_dict:
+        grid = int(round(state_dict["pos_embed"].shape[1] ** 0.5))
+        fields["input_size"] = grid * patch
+    if fields["use_flash_attn"]:
+        fields["num_heads"] = hidden // state_dict["blocks.0.attn.q_norm.weight"].shape[0]
+    return fields
+
+
+def dit_moe_config(
+    checkpoint: LoadedCheckpoint,
+    config_path: str | None = None,
+    preset: str | None = None,
+    num_experts: int | None = None,
+    experts_per_token: int | None = None,
+    formulation: str | None = None,
+) -> dict:
+    """
+    The `DiTMoETransformer2DModel` config of `checkpoint` (see the module docstring for the sources).
+
+    Args:
+        checkpoint: the loaded original checkpoint.
+        config_path, preset: see the module docstring.
+        num_experts, experts_per_token, formulation: explicit settings (`formulation`: `"ddpm-learned-sigma"` /
+            `"ddpm"` or `"rf-noise-at-1"` / `"rf"`); `num_experts` is only checked against the weights.
+
+    Raises:
+        CheckpointError: when sources contradict each other or the weights, or a field no source gives is needed.
+    """
+    options = dict(num_experts=num_experts, num_experts_per_tok=experts_per_token, formulation=formulation)
+    explicit = _explicit_fields(config_path, preset, options)
+    fields = _recorded_fields(checkpoint)
+    fields.merge(explicit, override=True)
+    if "class_dropout_prob" not in fields:  # the upstream default; it decides whether the label table has a null row
+        fields.put("class_dropout_prob", 0.1, "default")
+
+    for key, value in infer_from_weights(checkpoint.state_dict, fields["class_dropout_prob"]).items():
+        if key in fields and fields[key] != value:
+            raise CheckpointError(
+                f"{fields.describe(key)} contradicts the checkpoint weights, which have {key}={value!r}."
+            )
+        fields.put(key, value, "checkpoint weights")
+    if "mlp_ratio" in fields and fields["mlp_ratio"] * fields["hidden_size"] != fields["moe_intermediate_size"]:
+        raise CheckpointError(
+            f"{fields.describe('mlp_ratio')} contradicts the checkpoint weights, whose experts are "
+            f"{fields['moe_intermediate_size']} wide for hidden size {fields['hidden_size']}."
+        )
+
+    missing = [key for key in ("num_heads", "num_experts_per_tok", "formulation", "input_size") if key not in fields]
+    if missing:
+        raise CheckpointError(
+            f"The DiT-MoE architecture is incomplete: {', '.join(missing)} cannot be read from this checkpoint. Pass a "
+            f"preset (e.g. a released file name, {', '.join(DIT_MOE_RELEASES)}, or an architecture such as DiT-S/2), "
+            "a config file with the original constructor arguments (num_heads, num_experts_per_tok, ...) and "
+            "formulation, and/or the experts_per_token and formulation ('ddpm' or 'rf') options."
+        )
+    hidden, heads = fields["hidden_size"], fields["num_heads"]
+    if hidden % heads:
+        raise CheckpointError(f"hidden_size={hidden} is not divisible by {fields.describe('num_heads')}.")
+    if not 1 <= fields["num_experts_per_tok"] <= fields["num_experts"]:
+        raise CheckpointError(
+            f"{fields.describe('num_experts_per_tok')} must be between 1 and the {fields['num_experts']} experts."
+        )
+    in_channels = fields["in_channels"]
+    return dict(
+        sample_size=fields["input_size"],
+        patch_size=fields["patch_size"],
+        in_channels=in_channels,
+        out_channels=2 * in_channels if fields["learn_sigma"] else in_channels,
+        num_layers=fields["depth"],
+        num_attention_heads=heads,
+        attention_head_dim=hidden // heads,
+        num_classes=fields["num_classes"],
+        class_dropout_prob=fields["class_dropout_prob"],
+        num_experts=fields["num_experts"],
+        num_experts_per_tok=fields["num_experts_per_tok"],
+        moe_intermediate_size=fields["moe_intermediate_size"],
+        shared_expert_intermediate_size=fields["shared_expert_intermediate_size"],
+        qk_norm="layer_norm" if fields["use_flash_attn"] else None,
+        formulation=fields["formulation"],
+    )
+
+
+_RENAME_RULES = [
+    (r"x_embedder\.proj\.(weight|bias)", r"pos_embed.proj.\1"),
+    (r"t_embedder\.mlp\.0\.(weight|bias)", r"embedding.timestep_embedder.linear_1.\1"),
+    (r"t_embedder\.mlp\.2\.(weight|bias)", r"embedding.timestep_embedder.linear_2.\1"),
+    (r"y_embedder\.embedding_table\.weight", r"embedding.class_embedder.embedding_table.weight"),
+    (r"blocks\.(\d+)\.attn\.(?:qkv|Wqkv)\.(weight|bias)", r"transformer_blocks.\1.attn.qkv.\2"),
+    (r"blocks\.(\d+)\.attn\.(?:proj|out_proj)\.(weight|bias)", r"transformer_blocks.\1.attn.to_out.0.\2"),
+    (r"blocks\.(\d+)\.attn\.q_norm\.(weight|bias)", r"transformer_blocks.\1.attn.norm_q.\2"),
+    (r"blocks\.(\d+)\.attn\.k_norm\.(weight|bias)", r"transformer_blocks.\1.attn.norm_k.\2"),
+    (r"blocks\.(\d+)\.adaLN_modulation\.1\.(weight|bias)", r"transformer_blocks.\1.modulation.linear.\2"),
+    (r"blocks\.(\d+)\.moe\.gate\.weight", r"transformer_blocks.\1.ff.router.weight"),
+    (r"blocks\.(\d+)\.moe\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight",
+     r"transformer_blocks.\1.ff.experts.\2.\3.weight"),
+    (r"blocks\.(\d+)\.moe\.shared_experts\.(gate_proj|up_proj|down_proj)\.weight",
+     r"transformer_blocks.\1.ff.shared_experts.\2.weight"),
+    (r"final_layer\.linear\.(weight|bias)", r"proj_out.proj.\1"),
+    (r"final_layer\.adaLN_modulation\.1\.(weight|bias)", r"proj_out.modulation.linear.\1"),
+]  # fmt: skip
+
+
+def convert_dit_moe(checkpoint: LoadedCheckpoint, config: dict) -> DiTMoETransformer2DModel:
+    """
+    Builds a `DiTMoETransformer2DModel` with `config` on the meta device and fills it with the tensors of
+    `checkpoint`, consuming `checkpoint.state_dict` (its tensors become the model's parameters).
+
+    Raises:
+        CheckpointError: listing unconsumed, missing and mismatched keys when checkpoint and config disagree.
+    """
+    return build_converted_model(DiTMoETransformer2DModel, config, checkpoint.state_dict, _RENAME_RULES, "DiT-MoE")
+
+
+def build_dit_moe_transformer(
+    checkpoint: LoadedCheckpoint,
+    config_path: str | None = None,
+    preset: str | None = None,
+    num_experts: int | None = None,
+    experts_per_token: int | None = None,
+    formulation: str | None = None,
+) -> DiTMoETransformer2DModel:
+    """
+    Converts a DiT-MoE checkpoint; the options complete or override what the checkpoint records (see
+    `dit_moe_config`).
+    """
+    config = dit_moe_config(checkpoint, config_path, preset, num_experts, experts_per_token, formulation)
+    return convert_dit_moe(checkpoint, config)
+
+
+DIT_MOE_MODEL_CARD = dict(
+    family="DiT-MoE",
+    paper="Scaling Diffusion Transformers to 16 Billion Parameters (Fei et al., 2024)",
+    paper_url="https://arxiv.org/abs/2407.11633",
+    upstream="https://github.com/feizc/DiT-MoE",
+    license="other",
+    license_note="The upstream repository ships no license file; check the original release before redistributing.",
+    sampler=(
+        "DDPM models (`ddpm-learned-sigma`, DiT-MoE-S/B): the folder's `DDPMScheduler` (linear betas, learned-range "
+        "variance, `linspace` spacing) reproduces the original ancestral sampler on its evenly respaced grid; "
+        "`DDIMScheduler.from_config(pipe.scheduler.config)` reproduces the original `ddimN` DDIM sampler (eta 0). "
+        "The original guidance (`forward_with_cfg`) mixes only latent channels 0..2: pass `guidance_channels=3` to "
+        "the pipeline to reproduce it exactly (the default guides all channels). Rectified-flow models "
+        "(`rf-noise-at-1`, DiT-MoE-XL/G): Euler from t = 1 (noise) to 0 at t_i = i/N with guidance on the "
+        "velocity; the folder's `FlowMatchEulerDiscreteScheduler(shift=1.0)` with sigmas i/N reproduces it (the "
+        "original RF script uses 50 steps and guidance 7)."
+    ),
+    default_steps=50,
+    default_guidance=4.0,
+    results=(
+        "ImageNet 256x256 class-conditional; see the paper for FID-50K of the released models "
+        "(DiT-MoE-S/2-8E2A, -S/2-16E2A, -B/2-8E2A, -XL/2-8E2A, -G/2-16E2A)."
+    ),
+)

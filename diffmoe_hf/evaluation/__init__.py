@@ -1,0 +1,3 @@
+"""Evaluation tooling (`diffmoe evaluate-digits`)."""
+
+from .digits import DigitsMetrics, DigitsReference, evaluate_pipeline, load_digits_split, to_digit_space

@@ -1,0 +1,208 @@
+"""DiT-MoE: DiT with softmax-routed SwiGLU experts (Fei et al. 2024, "Scaling Diffusion Transformers to 16 Billion
+Parameters"; original code feizc/DiT-MoE, `models.py`).
+
+Not to be confused with Diff-MoE (Cheng et al., `SpatialTemporalMoETransformer2DModel`) or DiffMoE (Shi et al.,
+`DynamicTokenMoETransformer2DModel`).
+
+Differences from diffusers' `DiTTransformer2DModel`, all deliberate (they are what the released checkpoints compute):
+- the timestep is embedded with DiT's original frequencies (see `TimestepClassEmbedding`) and never rescaled: DDPM
+  models take the integer DDPM index 0..999, rectified-flow models the raw flow time in [0, 1] (1 = noise);
+- every block's feed-forward is a MoE layer: softmax top-k routing whose weights are the raw probabilities (not
+  renormalised), SwiGLU experts, plus a shared SwiGLU expert of width 2D;
+- the XL/G checkpoints (trained with flash attention) have an affine LayerNorm on each head's queries and keys
+  (`qk_norm="layer_norm"`). The original casts the normalised q/k to float16 before attention, which only rounds them
+  in a float32 run; this port does not (the fixtures' reference outputs are computed without that rounding too);
+- the output keeps 2C channels (`learn_sigma=True` upstream): DDPM models predict [eps, variance interpolation], RF
+  models predict the velocity `noise - data` in the first C channels (the upper half is untrained).
+The original's `pretraining_tp` (tensor-parallel slicing of the expert matmuls) only changes float summation order and
+is not reproduced.
+"""
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import AttentionMixin
+from diffusers.models.embeddings import PatchEmbed
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import apply_lora_scale
+from torch import nn
+
+from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer, unpatchify
+from .embeddings import TimestepClassEmbedding
+from .moe import SoftmaxTopKMoE
+from .validation import check_model_inputs
+
+# `DiT_models` of feizc/DiT-MoE: depth, width and heads of each named architecture (width = heads * head dim).
+DIT_MOE_PRESETS = {
+    "DiT-S/2": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, patch_size=2),
+    "DiT-S/4": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, patch_size=4),
+    "DiT-S/8": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, patch_size=8),
+    "DiT-B/2": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64, patch_size=2),
+    "DiT-B/4": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64, patch_size=4),
+    "DiT-B/8": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64, patch_size=8),
+    "DiT-L/2": dict(num_layers=24, num_attention_heads=16, attention_head_dim=64, patch_size=2),
+    "DiT-L/4": dict(num_layers=24, num_attention_heads=16, attention_head_dim=64, patch_size=4),
+    "DiT-L/8": dict(num_layers=24, num_attention_heads=16, attention_head_dim=64, patch_size=8),
+    "DiT-XL/2": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, patch_size=2),
+    "DiT-XL/4": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, patch_size=4),
+    "DiT-XL/8": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, patch_size=8),
+    "DiT-G/2": dict(num_layers=40, num_attention_heads=16, attention_head_dim=88, patch_size=2),
+}  # fmt: skip
+QK_NORMS = (None, "layer_norm")
+
+
+class DiTMoETransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
+    """
+    DiT-MoE transformer (Fei et al.) for class-conditional latent diffusion (DDPM with learned sigma, or rectified
+    flow). It is neither Diff-MoE (Cheng et al.) nor DiffMoE (Shi et al.).
+
+    Args:
+        sample_size (`int`): Side of the square latent the model was trained on (`image_size // 8`).
+        patch_size (`int`): Patch side p.
+        in_channels (`int`): Latent channels C.
+        out_channels (`int`, *optional*): Output channels; the released models have 2C (learned sigma). Defaults to
+            `in_channels`.
+        num_layers (`int`): Number of transformer blocks.
+        num_attention_heads (`int`), attention_head_dim (`int`): Attention shape; the hidden width D is their product.
+        num_classes (`int`): Number of classes; id `num_classes` is the null class used for guidance.
+        class_dropout_prob (`float`): Label dropout in training mode (the null row exists only when it is > 0).
+        num_experts (`int`): Routed experts E per block.
+        num_experts_per_tok (`int`): Experts each token is sent to (k).
+        moe_intermediate_size (`int`, *optional*): Hidden width of each routed SwiGLU expert; defaults to 4D
+            (`mlp_ratio` 4 upstream).
+        shared_expert_intermediate_size (`int`, *optional*): Hidden width of the shared SwiGLU expert; defaults to
+            2D (fixed upstream). 0 removes it.
+        qk_norm (`str`, *optional*): `None` (timm attention layout: DiT-MoE S/B) or `"layer_norm"` (affine
+            per-head LayerNorm on q and k, eps 1e-6: the flash-attention layout of the XL/G checkpoints).
+        aux_loss_alpha (`float`): Weight of the load-balancing loss computed in training mode (see
+            `diffmoe_hf.models.moe.moe_aux_loss`); 0.01 upstream.
+        formulation (`str`): Meaning of the timestep input and output (`"ddpm-learned-sigma"` or `"rf-noise-at-1"`);
+            see `diffmoe_hf.formulations`.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["AdaLNZeroTransformerBlock"]
+    _repeated_blocks = ["AdaLNZeroTransformerBlock"]
+    _skip_layerwise_casting_patterns = ["pos_embed", "norm", "embedding", "router"]
+    _keep_in_fp32_modules = ["router"]
+    # Routing is per token: a sample's output does not depend on the rest of the batch.
+    routing_depends_on_batch = False
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        out_channels: int | None = None,
+        num_layers: int = 28,
+        num_attention_heads: int = 16,
+        attention_head_dim: int = 72,
+        num_classes: int = 1000,
+        class_dropout_prob: float = 0.1,
+        num_experts: int = 8,
+        num_experts_per_tok: int = 2,
+        moe_intermediate_size: int | None = None,
+        shared_expert_intermediate_size: int | None = None,
+        qk_norm: str | None = None,
+        aux_loss_alpha: float = 0.01,
+        formulation: str = "ddpm-learned-sigma",
+    ):
+        super().__init__()
+        if qk_norm not in QK_NORMS:
+            raise ValueError(f"qk_norm={qk_norm!r}; expected one of {QK_NORMS}.")
+        dim = num_attention_heads * attention_head_dim
+        # the widths are stored explicitly: a float ratio would not round-trip them
+        moe_intermediate_size = 4 * dim if moe_intermediate_size is None else moe_intermediate_size
+        if shared_expert_intermediate_size is None:
+            shared_expert_intermediate_size = 2 * dim
+        self.register_to_config(
+            moe_intermediate_size=moe_intermediate_size, shared_expert_intermediate_size=shared_expert_intermediate_size
+        )
+        self.out_channels = out_channels if out_channels is not None else in_channels
+
+        self.pos_embed = PatchEmbed(
+            height=sample_size,
+            width=sample_size,
+            patch_size=patch_size,
+            in_channels=in_channels,
+            embed_dim=dim,
+            pos_embed_type="sincos",
+        )
+        self.embedding = TimestepClassEmbedding(num_classes, dim, class_dropout_prob)
+        self.transformer_blocks = nn.ModuleList(
+            [
+                AdaLNZeroTransformerBlock(
+                    dim,
+                    num_attention_heads,
+                    attention_head_dim,
+                    SoftmaxTopKMoE(
+                        dim,
+                        num_experts=num_experts,
+                        intermediate_size=moe_intermediate_size,
+                        num_experts_per_tok=num_experts_per_tok,
+                        shared_intermediate_size=shared_expert_intermediate_size,
+                        aux_loss_alpha=aux_loss_alpha,
+                    ),
+                    norm_type="layer_norm",
+                    qk_norm=qk_norm,
+                )
+                for _ in range(num_layers)
+            ]
+        )
+        self.proj_out = PatchOutputLayer(dim, patch_size, self.out_channels, norm_type="layer_norm")
+        self.gradient_checkpointing = False
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "DiTMoETransformer2DModel":
+        """
+        A randomly initialised model with one of the original architectures (`DIT_MOE_PRESETS`, e.g. `"DiT-G/2"`)
+        and the original defaults (256px ImageNet latents, 8 experts, 2 per token, learned-sigma output);
+        `overrides` replace any config field, e.g. `num_experts=16, qk_norm="layer_norm"`.
+        """
+        if name not in DIT_MOE_PRESETS:
+            raise ValueError(f"Unknown DiT-MoE preset {name!r}; available: {', '.join(DIT_MOE_PRESETS)}.")
+        config = {**DIT_MOE_PRESETS[name], **overrides}
+        config.setdefault("out_channels", 2 * config.get("in_channels", 4))
+        return cls(**config)
+
+    @apply_lora_scale("attention_kwargs")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor | float,
+        class_labels: torch.LongTensor,
+        attention_kwargs: dict | None = None,
+        return_dict: bool = True,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """
+        Args:
+            hidden_states: (B, C, H, W) noisy latents.
+            timestep: (B,) or scalar model time, unscaled: the DDPM index 0..999 (`ddpm-learned-sigma`) or the flow
+                time in [0, 1] with 1 = pure noise (`rf-noise-at-1`).
+            class_labels: (B,) int64 class ids; `num_classes` is the null class.
+            attention_kwargs: `{"scale": s}` scales LoRA layers.
+            return_dict: Whether to return a `Transformer2DModelOutput`.
+
+        Returns:
+            (B, out_channels, H, W): [eps, variance interpolation in [-1, 1]] for DDPM models, [velocity
+            `noise - data`, unused] for rectified-flow models.
+        """
+        _, _, height, width = hidden_states.shape
+        timestep, class_labels = check_model_inputs(self.config, hidden_states, timestep, class_labels)
+        tokens = self.pos_embed(hidden_states)
+        conditioning = self.embedding(timestep, class_labels).to(tokens.dtype)
+
+        for block in self.transformer_blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                tokens = self._gradient_checkpointing_func(block, tokens, conditioning)
+            else:
+                tokens = block(tokens, conditioning)
+
+        output = unpatchify(
+            self.proj_out(tokens, conditioning), self.config.patch_size, self.out_channels, height, width
+        )
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)
