@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from diffmoe_hf.models import (
+    DiTMoETransformer2DModel,
     DSMoETransformer2DModel,
     DynamicTokenMoETransformer2DModel,
     JiTTransformer2DModel,
@@ -30,6 +31,12 @@ from diffmoe_hf.models.moe import DynamicTokenMoE, GeluMLPExperts, SpatialTempor
 @register_flop_formula(torch.ops.diffmoe_hf.segment_mm)
 def _segment_mm_flops(rows_shape, weight_shape, offsets_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * rows_shape[0] * rows_shape[1] * weight_shape[1]
+
+
+@register_flop_formula(torch.ops.diffmoe_hf.segment_linear)
+def _segment_linear_flops(rows_shape, weight_shapes, bias_shapes, offsets_shape, *args, out_shape=None, **kwargs):
+    num_parts = len(weight_shapes) // offsets_shape[0]
+    return 2 * rows_shape[0] * rows_shape[1] * sum(shape[0] for shape in weight_shapes[:num_parts])
 
 
 @dataclass
@@ -56,12 +63,15 @@ FAMILIES = {
                          topk_group=2)),
     "dsmoe-e48": Family("dsmoe-e48", DSMoETransformer2DModel, {"S": "DSMoE-S-E48", "B": "DSMoE-B-E48"},
                         dict(_TINY_LATENT, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=16)),
-    # JiTMoE exists in B, L and H only: its "S" entry is the B model (pixel space, 256 patches + 32 class tokens)
-    "jitmoe": Family("jitmoe", JiTTransformer2DModel, {"S": "JiT-B/16-E16", "B": "JiT-B/16-E16"},
+    # JiTMoE exists in B, L and H only (pixel space, 256 patches + 32 class tokens): not in the S runs
+    "jitmoe": Family("jitmoe", JiTTransformer2DModel, {"B": "JiT-B/16-E16"},
                      dict(sample_size=32, patch_size=8, in_channels=3, num_layers=2, num_attention_heads=2,
                           attention_head_dim=16, num_classes=10, bottleneck_dim=16, in_context_len=4,
                           in_context_start=0, moe_layers=[1], num_experts=4, num_experts_per_tok=2,
                           moe_intermediate_size=32, n_group=2, topk_group=2, num_shared_experts=1)),
+    "dit-moe": Family("dit-moe", DiTMoETransformer2DModel, {"S": "DiT-S/2", "B": "DiT-B/2"},
+                      dict(_TINY_LATENT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                           shared_expert_intermediate_size=32)),
     "diffmoe-dts": Family("diffmoe-dts", DynamicTokenMoETransformer2DModel,
                           {"S": "DiffMoE-S-E16", "B": "DiffMoE-B-E16"}, dict(_TINY_LATENT, num_experts=4)),
     "diff-moe": Family("diff-moe", SpatialTemporalMoETransformer2DModel, {"S": "DiT-S/2", "B": "DiT-B/2"},

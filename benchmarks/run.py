@@ -143,7 +143,7 @@ def bench_train(family, args, device, dtype) -> dict:
         "moe": _train_step(model, inputs, torch.optim.AdamW(model.parameters(), lr=1e-5)),
         "dense": _train_step(dense, dense_inputs, torch.optim.AdamW(dense.parameters(), lr=1e-5)),
     }
-    result = interleaved(steps, args.repeats, device=device)
+    result = interleaved(steps, args.train_repeats or args.repeats, device=device)
     result.update(ratios(result, "moe", "dense"))
     result.update(info)
     return result
@@ -214,6 +214,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--size", default="S", choices=("S", "B", "tiny"), help="preset size (--quick: tiny)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison (default 7, quick 3)")
+    parser.add_argument("--train-repeats", type=int, default=None, help="timed training steps (default: --repeats)")
     parser.add_argument("--families", nargs="+", default=list(models.FAMILIES), choices=list(models.FAMILIES))
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
@@ -228,6 +229,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.repeats is None:
         args.repeats = 3 if args.quick else 7
     return args
+
+
+def _write(report: dict, path: str) -> None:
+    with open(path, "w") as file:
+        json.dump(report, file, indent=1)
 
 
 def main(argv=None) -> dict:
@@ -245,6 +251,8 @@ def main(argv=None) -> dict:
         report["results"][section] = {}
         for name in args.families:
             family = models.FAMILIES[name]
+            if args.size not in family.presets and args.size != "tiny":
+                continue
             started = time.perf_counter()
             try:
                 result = BENCHES[section](family, args, device, dtype)
@@ -254,9 +262,9 @@ def main(argv=None) -> dict:
             result["load_average"] = _load()
             report["results"][section][name] = result
             print(f"[{section}] {name} done in {result['wall_s']} s (load {result['load_average']})", flush=True)
+            _write(report, args.output)  # partial results survive an interrupted run
     report["load_average_end"] = _load()
-    with open(args.output, "w") as file:
-        json.dump(report, file, indent=1)
+    _write(report, args.output)
     print_table(report["results"])
     print(f"\nwrote {args.output}; load average start {report['load_average_start']}, end {report['load_average_end']}")
     return report

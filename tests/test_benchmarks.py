@@ -7,16 +7,18 @@ from benchmarks import run
 
 def test_quick_benchmark_run_writes_every_section(tmp_path):
     output = tmp_path / "results.json"
-    families = ["dsmoe", "diffmoe-dts", "diff-moe"]  # the three expert banks (SwiGLU, GELU MLP, modulated SwiGLU)
+    families = ["dit-moe", "diffmoe-dts", "diff-moe"]  # the three expert banks (SwiGLU, GELU MLP, modulated SwiGLU)
     report = run.main(["--quick", "--repeats", "1", "--families", *families, "--output", str(output)])
     assert json.loads(output.read_text())["settings"]["size"] == "tiny"
     for section in run.SECTIONS:
         for family, result in report["results"][section].items():
             assert "error" not in result, (section, family, result.get("error"))
-    forward = report["results"]["forward"]["dsmoe"]
+    forward = report["results"]["forward"]["dit-moe"]
     assert {"median_ratio", "min_ratio", "moe_flops", "dense_flops", "gflops_per_s_median"} <= forward.keys()
     assert abs(forward["dense_flops"] / forward["moe_flops"] - 1) < 0.25  # the dense DiT is sized to the MoE FLOPs
     assert report["results"]["pipeline"]["diff-moe"]["images_per_s"] > 0
+    for family, layer in report["results"]["layer"].items():  # every expert GEMM is counted
+        assert 0.95 < layer["moe_flops"] / layer["dense_flops"] < 1.6, family
 
 
 def test_regional_compile_of_the_repeated_blocks():

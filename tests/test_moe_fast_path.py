@@ -4,7 +4,7 @@ modules, in values and gradients, for every family's MoE layer, and compile with
 import pytest
 import torch
 
-from diffmoe_hf.models.moe import DeepSeekMoE, DynamicTokenMoE, SpatialTemporalMoE
+from diffmoe_hf.models.moe import DeepSeekMoE, DynamicTokenMoE, SoftmaxTopKMoE, SpatialTemporalMoE
 from diffmoe_hf.models.moe import experts as experts_module
 from diffmoe_hf.models.moe import spatial_temporal_moe as spatial_temporal_module
 from diffmoe_hf.models.moe.dispatch import segment_linear, uses_stacked_weights
@@ -16,6 +16,8 @@ def _layers():
     return {
         "deepseek": DeepSeekMoE(16, num_experts=4, intermediate_size=8, num_experts_per_tok=2, n_group=2, topk_group=2),
         "deepseek-bias": DeepSeekMoE(16, num_experts=4, intermediate_size=8, num_experts_per_tok=2, bias=True),
+        "softmax-topk": SoftmaxTopKMoE(16, num_experts=4, intermediate_size=8, num_experts_per_tok=2,
+                                       shared_intermediate_size=8),
         "dynamic-token": DynamicTokenMoE(16, num_experts=4, intermediate_size=32),
         "spatial-temporal": SpatialTemporalMoE(16, 4, 2, intermediate_size=8, shared_intermediate_size=8, rank=4),
     }
@@ -47,7 +49,7 @@ def _run(layer, path, monkeypatch, grad=False):
         return out, {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("name", ["deepseek", "deepseek-bias", "dynamic-token", "spatial-temporal"])
+@pytest.mark.parametrize("name", ["deepseek", "deepseek-bias", "softmax-topk", "dynamic-token", "spatial-temporal"])
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_fast_path_matches_stacked_and_module_paths(name, mode, monkeypatch):
     layer = _layers()[name].train(mode == "train")
@@ -88,7 +90,7 @@ def test_segment_linear_values_and_gradients_match_per_segment_linears():
             torch.testing.assert_close(g, torch.zeros_like(g) if w is None else w)
 
 
-@pytest.mark.parametrize("name", ["deepseek", "dynamic-token", "spatial-temporal"])
+@pytest.mark.parametrize("name", ["softmax-topk", "dynamic-token", "spatial-temporal"])
 def test_each_family_layer_compiles_fullgraph_forward_and_backward(name):
     layer = _layers()[name].train()  # training: fixed expert-choice counts for DiffMoE, aux losses for the routers
     hidden, conditioning = torch.randn(2, 6, 16), torch.randn(2, 16)
