@@ -158,13 +158,15 @@ class ModulatedSwiGLUExperts(GroupedExperts):
         # modulation of every expert for every sample: (B, E, 3D), then one row per routed token
         bottleneck = F.relu(torch.einsum("bd,erd->ber", conditioning, modulation_weights["modulation_1"]))
         modulation = torch.einsum("ber,efr->bef", bottleneck, modulation_weights["modulation_2"])
-        modulation = modulation + modulation_weights["modulation_2_bias"]
-        shift, scale, gate = modulation[sample_index, segments.expert_index].chunk(3, dim=-1)
-        modulated = F.layer_norm(rows, rows.shape[-1:], eps=1e-6) * (1 + scale) + shift  # each expert's `norm`
+        shift, scale, gate = (modulation + modulation_weights["modulation_2_bias"]).chunk(3, dim=-1)
+        # `1 + scale` on the small (B, E, D) table, then one gather of all three per routed row
+        per_row = torch.cat([shift, 1 + scale, gate], dim=-1)[sample_index, segments.expert_index]
+        shift, scale, gate = per_row.chunk(3, dim=-1)
+        modulated = torch.addcmul(shift, F.layer_norm(rows, rows.shape[-1:], eps=1e-6), scale)  # each expert's `norm`
         gate_up = self._projections(modulated, segments, stacked, grouped, "gate_proj", "up_proj")
         gate_proj, up_proj = gate_up.chunk(2, dim=-1)
         intermediate = F.silu(gate_proj) * up_proj * channel_weights[sample_index]
-        return rows + gate * self._projections(intermediate, segments, stacked, grouped, "down_proj")
+        return torch.addcmul(rows, gate, self._projections(intermediate, segments, stacked, grouped, "down_proj"))
 
     def _forward_per_expert(self, rows, segments, conditioning, channel_weights) -> torch.Tensor:
         sizes = segments.sizes()
