@@ -235,9 +235,9 @@ segment_linear.register_autograd(_segment_linear_backward, setup_context=_segmen
 def uses_stacked_weights(rows: torch.Tensor) -> bool:
     """
     Whether expert banks should run on stacked weights (`grouped_linear`, one grouped GEMM per projection) rather than
-    on each expert's own weights (`segment_linear`): only where `F.grouped_mm` has a real grouped kernel (CUDA).
+    on each expert's own weights (`segment_linear`): only where `F.grouped_mm` has a real grouped kernel (CUDA, bf16).
     """
-    return rows.device.type == "cuda" and hasattr(F, "grouped_mm")
+    return rows.device.type == "cuda" and rows.dtype == torch.bfloat16 and hasattr(F, "grouped_mm")
 
 
 def grouped_linear(
