@@ -1,10 +1,11 @@
 """The one token -> expert dispatch path shared by every MoE family.
 
 Routed (token, expert) pairs are sorted by expert once, the token rows gathered once, every expert runs on its
-contiguous segment (one grouped GEMM per projection where the backend has one), and the weighted results are
-combined with a single `index_add_`. Nothing on this path moves data to the host, so it compiles with
-`torch.compile(fullgraph=True)`; only the per-module fallback (used when experts are wrapped, e.g. by LoRA) reads the
-segment sizes on the host.
+contiguous segment (one grouped GEMM per projection where the backend has one, `grouped_linear`; elsewhere one GEMM
+per expert on its own weights, `segment_linear`), and the weighted results are combined with a single `index_add_`.
+On CUDA nothing on this path moves data to the host; on CPU `segment_linear` reads the segment sizes (already on the
+host) inside a custom op. Either way it compiles with `torch.compile(fullgraph=True)`; only the per-module fallback
+(used when experts are wrapped, e.g. by LoRA) reads the segment sizes in Python.
 """
 
 from typing import NamedTuple
