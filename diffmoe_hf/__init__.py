@@ -6,6 +6,7 @@ Every model and pipeline module is imported eagerly: diffusers resolves classes 
 
 from diffusers import ModelMixin
 
+from .embedded_models import default_models
 from .formulations import FORMULATIONS, get_formulation
 from .models import (
     DIT_MOE_PRESETS,
@@ -37,5 +38,6 @@ __all__ = [
     "JiTTransformer2DModel",
     "SpatialTemporalMoETransformer2DModel",
     "ModelMixin",
+    "default_models",
     "get_formulation",
 ]

@@ -16,6 +16,7 @@ import torch
 from diffusers.schedulers import (
     DDIMScheduler,
     DDPMScheduler,
+    DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     FlowMatchHeunDiscreteScheduler,
     SchedulerMixin,
@@ -29,6 +30,8 @@ class Formulation:
     # pipeline defaults when the caller gives none (the original sampling scripts' values)
     default_guidance_scale: float = 1.5
     default_guidance_interval: tuple[float, float] | None = None
+    # the scheduler classes this formulation can drive (the default scheduler's class first)
+    compatible_schedulers: tuple[type[SchedulerMixin], ...] = ()
 
     def for_model(self, config) -> "Formulation":
         """This formulation with the parameters a transformer records in its config (none by default)."""
@@ -101,6 +104,7 @@ class RectifiedFlowNoiseAtZero(Formulation):
     """
 
     name = "rf-noise-at-0"
+    compatible_schedulers = (FlowMatchEulerDiscreteScheduler,)
 
     def default_scheduler(self) -> SchedulerMixin:
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
@@ -128,6 +132,7 @@ class RectifiedFlowNoiseAtOne(Formulation):
     """
 
     name = "rf-noise-at-1"
+    compatible_schedulers = (FlowMatchEulerDiscreteScheduler,)
 
     def default_scheduler(self) -> SchedulerMixin:
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
@@ -191,6 +196,7 @@ class DDPMLearnedSigma(Formulation):
     """
 
     name = "ddpm-learned-sigma"
+    compatible_schedulers = (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler)
 
     def default_scheduler(self) -> SchedulerMixin:
         return DDPMScheduler(
@@ -254,18 +260,6 @@ class DDPMLearnedSigma(Formulation):
         return prediction[:, :channels]
 
 
-FORMULATIONS: dict[str, Formulation] = {
-    f.name: f for f in (RectifiedFlowNoiseAtZero(), RectifiedFlowNoiseAtOne(), DDPMLearnedSigma())
-}
-
-
-def get_formulation(name: str) -> Formulation:
-    """The registered formulation called `name` (a transformer's `config.formulation`)."""
-    if name not in FORMULATIONS:
-        raise ValueError(f"Unknown formulation {name!r}; known: {', '.join(FORMULATIONS)}.")
-    return FORMULATIONS[name]
-
-
 class JiTXPrediction(RectifiedFlowNoiseAtZero):
     """
     JiT / JiTMoE (`JiTMoE/denoiser.py`): flow in pixel space with t = 0 at noise,
@@ -284,6 +278,7 @@ class JiTXPrediction(RectifiedFlowNoiseAtZero):
     """
 
     name = "jit-xpred"
+    compatible_schedulers = (FlowMatchHeunDiscreteScheduler, FlowMatchEulerDiscreteScheduler)
     default_guidance_scale = 2.9
     default_guidance_interval = (0.1, 1.0)
 
@@ -364,4 +359,13 @@ class JiTXPrediction(RectifiedFlowNoiseAtZero):
         return velocity_uncond + scale.to(sample.dtype) * (velocity_cond - velocity_uncond)
 
 
-FORMULATIONS[JiTXPrediction.name] = JiTXPrediction()
+FORMULATIONS: dict[str, Formulation] = {
+    f.name: f for f in (RectifiedFlowNoiseAtZero(), RectifiedFlowNoiseAtOne(), DDPMLearnedSigma(), JiTXPrediction())
+}
+
+
+def get_formulation(name: str) -> Formulation:
+    """The registered formulation called `name` (a transformer's `config.formulation`)."""
+    if name not in FORMULATIONS:
+        raise ValueError(f"Unknown formulation {name!r}; known: {', '.join(FORMULATIONS)}.")
+    return FORMULATIONS[name]

@@ -22,3 +22,9 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("parity (max abs error / tolerance)")
         for line in PARITY_REPORT:
             terminalreporter.write_line(line)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "browser: drives the Gradio demo in Debian's chromium through Playwright (slow; CI runs it)"
+    )

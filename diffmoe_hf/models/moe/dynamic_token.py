@@ -82,6 +82,9 @@ class DynamicTokenMoE(nn.Module):
 
     Attributes:
         tokens_per_expert: (E,) int64 tokens each expert took in the last forward (`None` before the first).
+        selection: the (token, expert) pairs of the last forward as `ExpertSegments` (`token_index` into the B*N
+            flattened tokens, `expert_index`, detached gate `weights`), for inspecting the routing (`None` before the
+            first).
         aux_loss: in training mode, `capacity_loss_weight * BCEWithLogits(capacity logits, chosen)` of the last
             forward (`None` in eval mode); `moe_aux_loss(model)` sums it over a model.
 
@@ -120,6 +123,7 @@ class DynamicTokenMoE(nn.Module):
             width = num_shared_experts * (shared_intermediate_size or 8 * dim)
             self.shared_experts = FeedForward(dim, inner_dim=width, activation_fn="gelu-approximate", bias=True)
         self.tokens_per_expert = None
+        self.selection = None
         self.aux_loss = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -131,6 +135,7 @@ class DynamicTokenMoE(nn.Module):
             segments = self._select_for_training(scores, capacity_logits)
         else:
             segments = self._select_for_inference(scores, capacity_logits)
+        self.selection = segments._replace(weights=segments.weights.detach())
         routed = dispatch(tokens, segments, self.experts).to(hidden_states.dtype).view_as(hidden_states)
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(hidden_states)

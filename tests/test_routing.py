@@ -1,0 +1,83 @@
+"""`diffmoe_hf.routing.record_routing` on every family's MoE layers."""
+
+import torch
+
+from diffmoe_hf import DynamicTokenMoETransformer2DModel, JiTTransformer2DModel, SpatialTemporalMoETransformer2DModel
+from diffmoe_hf.routing import record_routing
+
+from .helpers import tiny_dsmoe
+from .test_jit import TINY as JIT_TINY
+from .test_spatial_temporal_moe import TINY as SPATIAL_TEMPORAL_TINY
+
+
+def _inputs(model, batch=2):
+    config = model.config
+    x = torch.randn(batch, config.in_channels, config.sample_size, config.sample_size)
+    t = torch.rand(batch) if config.formulation != "ddpm-learned-sigma" else torch.randint(0, 1000, (batch,))
+    return x, t, torch.randint(0, config.num_classes, (batch,))
+
+
+def test_token_choice_routing_matches_the_router_outputs():
+    model = tiny_dsmoe()
+    x, t, y = _inputs(model)
+    seen = {}
+    handle = model.transformer_blocks[1].ff.router.register_forward_hook(lambda m, i, o: seen.update(ids=o[0]))
+    with record_routing(model) as routing:
+        model(x, t, y)
+    handle.remove()
+    assert list(routing) == ["transformer_blocks.1.ff"]  # block 0 is dense
+    layer = routing["transformer_blocks.1.ff"]
+    tokens = 2 * (8 // 2) ** 2
+    assert layer.calls == 1 and layer.expert_ids[0].shape == (tokens, 2)
+    assert torch.equal(layer.expert_ids[0], seen["ids"])
+    assert torch.equal(layer.counts, torch.bincount(seen["ids"].reshape(-1), minlength=4))
+    assert abs(float(layer.load().sum()) - 1.0) < 1e-6
+    assert 1.0 <= layer.imbalance() <= 4.0
+    model(x, t, y)  # hooks are gone after the context
+    assert layer.calls == 1
+
+
+def test_counts_accumulate_and_summary_flags_collapse():
+    model = tiny_dsmoe()
+    x, t, y = _inputs(model)
+    router = model.transformer_blocks[1].ff.router
+    with torch.no_grad():  # every token prefers expert 3 (and 2 as second choice)
+        router.e_score_correction_bias.copy_(torch.tensor([0.0, 0.0, 10.0, 20.0]))
+    with record_routing(model, keep_expert_ids=False) as routing:
+        model(x, t, y)
+        model(x, t, y)
+    layer = routing["transformer_blocks.1.ff"]
+    assert layer.calls == 2 and layer.expert_ids == []
+    assert layer.counts.tolist() == [0, 0, 64, 64]
+    assert layer.unused_experts() == 2 and layer.imbalance() == 2.0
+    stats = routing.summary()
+    assert stats["routing/transformer_blocks.1.ff/unused_experts"] == 2.0
+    assert stats["routing/max_imbalance"] == 2.0
+    assert routing.expert_shares()["transformer_blocks.1.ff"] == [0.0, 0.0, 0.5, 0.5]
+    shares = routing.summary(per_expert=True)
+    assert [shares[f"routing/transformer_blocks.1.ff/expert_{e}"] for e in range(4)] == [0.0, 0.0, 0.5, 0.5]
+
+
+def test_every_family_is_recorded():
+    models = [
+        JiTTransformer2DModel(**JIT_TINY),
+        SpatialTemporalMoETransformer2DModel(**SPATIAL_TEMPORAL_TINY),
+        DynamicTokenMoETransformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=4,
+            num_classes=10, num_experts=4,
+        ),
+    ]  # fmt: skip
+    for model in models:
+        x, t, y = _inputs(model)
+        for training in (True, False):
+            model.train(training)
+            with record_routing(model) as routing:
+                model(x, t, y)
+            assert routing, type(model).__name__
+            for layer in routing.values():
+                assert layer.calls == 1 and int(layer.counts.sum()) > 0
+    # DiffMoE (expert choice): every expert takes the same number of tokens in training
+    model.train()
+    with record_routing(model) as routing:
+        model(x, t, y)
+    assert all(layer.imbalance() == 1.0 and layer.expert_ids == [] for layer in routing.values())

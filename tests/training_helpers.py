@@ -1,0 +1,71 @@
+"""Tiny pipelines and datasets for the training tests (generated in a temporary folder; no network)."""
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffmoe_hf import (
+    ClassConditionalMoEPipeline,
+    DiTMoETransformer2DModel,
+    DynamicTokenMoETransformer2DModel,
+    JiTTransformer2DModel,
+    SpatialTemporalMoETransformer2DModel,
+)
+from diffmoe_hf.formulations import get_formulation
+
+from .helpers import tiny_dsmoe, tiny_vae
+from .test_dit_moe import TINY as DIT_MOE_TINY
+from .test_jit import TINY as JIT_TINY
+from .test_spatial_temporal_moe import TINY as SPATIAL_TEMPORAL_TINY
+
+NUM_CLASSES = 3
+
+
+def tiny_transformer(family: str):
+    """A tiny randomly initialised transformer of `family` (latent families: 4 x 8 x 8; JiT: 3 x 16 x 16 pixels)."""
+    torch.manual_seed(0)
+    if family == "dsmoe":
+        return tiny_dsmoe(num_classes=NUM_CLASSES)
+    if family == "diff-moe":
+        return SpatialTemporalMoETransformer2DModel(**{**SPATIAL_TEMPORAL_TINY, "num_classes": NUM_CLASSES})
+    if family == "diffmoe-dts":
+        return DynamicTokenMoETransformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=2,
+            attention_head_dim=4, mlp_ratio=1.0, num_classes=NUM_CLASSES, num_experts=4, num_shared_experts=1,
+        )  # fmt: skip
+    if family == "dit-moe":  # the rectified-flow variant (Diff-MoE covers DDPM)
+        return DiTMoETransformer2DModel(**{**DIT_MOE_TINY, "num_classes": NUM_CLASSES, "formulation": "rf-noise-at-1"})
+    if family == "jit":
+        return JiTTransformer2DModel(**{**JIT_TINY, "num_classes": NUM_CLASSES})
+    raise ValueError(family)
+
+
+def save_tiny_pipeline(folder: str, family: str, transformer=None) -> str:
+    transformer = transformer if transformer is not None else tiny_transformer(family)
+    vae = tiny_vae() if transformer.config.in_channels == 4 else None
+    pipe = ClassConditionalMoEPipeline(
+        transformer=transformer,
+        scheduler=get_formulation(transformer.config.formulation).default_scheduler(),
+        vae=vae,
+        id2label={str(i): f"class {i}" for i in range(NUM_CLASSES)},
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def resolution(family: str) -> int:
+    return 16 if family == "jit" else 8
+
+
+def make_image_folder(root: str, num_classes: int = NUM_CLASSES, per_class: int = 4, size: int = 12, mode="RGB"):
+    """`root/class_<i>/<j>.png` random images (datasets' imagefolder layout)."""
+    rng = np.random.default_rng(0)
+    channels = 1 if mode == "L" else 3
+    for label in range(num_classes):
+        os.makedirs(os.path.join(root, f"class_{label}"), exist_ok=True)
+        for j in range(per_class):
+            pixels = rng.integers(0, 256, (size, size + 2, channels), dtype=np.uint8).squeeze(-1 if mode == "L" else ())
+            Image.fromarray(pixels, mode=None).save(os.path.join(root, f"class_{label}", f"{j}.png"))
+    return root

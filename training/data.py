@@ -1,0 +1,212 @@
+"""Training data for class-conditional models: image datasets (folders or Hub datasets with a class-label column) and
+pre-extracted VAE latents (the Fast-DiT layout, written by `extract_features.py`).
+
+Every dataset yields `{"x0": (C, H, W) float32, "class_labels": int64 scalar}`, where x0 is an image in [-1, 1]
+(the VAE or a pixel-space model takes it) or an already scaled latent. Bad data is reported with the file or row that
+holds it.
+"""
+
+import io
+import json
+import os
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+LATENTS_METADATA = "metadata.json"
+
+
+def load_image_dataset(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_data_dir: str | None = None,
+    cache_dir: str | None = None,
+    image_column: str = "image",
+    label_column: str = "label",
+):
+    """
+    The `train` split of a Hub dataset (`dataset_name`) or of an image folder with one sub-folder per class
+    (`train_data_dir`, read by `datasets`' `imagefolder` builder), with images left undecoded so that
+    `ImageTransform` can name the file of an unreadable image.
+
+    Returns:
+        `(dataset, class_names)`; `class_names` is the `ClassLabel` names of `label_column`, or None.
+    """
+    from datasets import Image as ImageFeature
+    from datasets import load_dataset
+
+    if (dataset_name is None) == (train_data_dir is None):
+        raise ValueError("Give exactly one of --dataset_name and --train_data_dir (or --train_latents_dir).")
+    if dataset_name is not None:
+        dataset = load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
+    else:
+        dataset = load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split="train")
+    for column in (image_column, label_column):
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"Column {column!r} not found in the dataset; its columns are {', '.join(dataset.column_names)} "
+                "(set --image_column / --label_column)."
+            )
+    dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
+    label_feature = dataset.features[label_column]
+    class_names = list(label_feature.names) if hasattr(label_feature, "names") else None
+    return dataset, class_names
+
+
+def _describe_row(dataset, row: int, image_column: str) -> str:
+    image = dataset[row][image_column]
+    path = image.get("path") if isinstance(image, dict) else None
+    return f"row {row}" + (f" ({path})" if path else "")
+
+
+def check_labels(dataset, label_column: str, num_classes: int, image_column: str | None = None) -> None:
+    """Raises a `ValueError` naming the first row (and its file) whose class label is not in 0..num_classes-1."""
+    labels = np.asarray(dataset[label_column])
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"Column {label_column!r} must hold one integer class id per row, got dtype {labels.dtype}.")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        row = int(bad[0])
+        where = _describe_row(dataset, row, image_column) if image_column else f"row {row}"
+        raise ValueError(
+            f"Class label {int(labels[row])} at {where} is outside 0..{num_classes - 1} (the model has {num_classes} "
+            f"classes; {bad.size} rows are out of range)."
+        )
+
+
+def center_crop_resize(image: Image.Image, resolution: int) -> Image.Image:
+    """ADM/DiT `center_crop_arr`: halve with BOX while the short side is >= 2x, resize it to `resolution` with
+    BICUBIC, then take the central square."""
+    while min(*image.size) >= 2 * resolution:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = resolution / min(*image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    left, top = (image.size[0] - resolution) // 2, (image.size[1] - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+class ImageTransform:
+    """
+    `dataset.with_transform` callable: decodes, converts to RGB (or L for 1-channel pixel models), center-crops to
+    `resolution` and scales to [-1, 1]. Random flips happen in the training step instead, so skipped batches of a
+    resumed run draw no random numbers.
+    """
+
+    def __init__(self, resolution: int, channels: int = 3, image_column: str = "image", label_column: str = "label"):
+        if channels not in (1, 3):
+            raise ValueError(f"Images have 1 or 3 channels, got {channels}.")
+        self.resolution = resolution
+        self.mode = "L" if channels == 1 else "RGB"
+        self.image_column = image_column
+        self.label_column = label_column
+
+    def load(self, image) -> torch.Tensor:
+        """One undecoded `datasets` image (`{"bytes", "path"}`), a path or a PIL image -> (C, R, R) in [-1, 1]."""
+        path = image.get("path") if isinstance(image, dict) else image if isinstance(image, str) else None
+        try:
+            if isinstance(image, dict):
+                pil = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
+            elif isinstance(image, str):
+                pil = Image.open(image)
+            else:
+                pil = image
+            pil.load()
+        except (UnidentifiedImageError, OSError, ValueError) as error:
+            raise ValueError(f"Cannot read image {path or '<bytes without a path>'}: {error}") from error
+        pil = center_crop_resize(pil.convert(self.mode), self.resolution)
+        array = np.asarray(pil, dtype=np.float32).reshape(self.resolution, self.resolution, -1)
+        return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+
+    def __call__(self, examples: dict) -> dict:
+        return {
+            "x0": [self.load(image) for image in examples[self.image_column]],
+            "class_labels": [torch.tensor(label, dtype=torch.long) for label in examples[self.label_column]],
+        }
+
+
+def collate(examples: list[dict]) -> dict:
+    return {
+        "x0": torch.stack([example["x0"] for example in examples]).contiguous().float(),
+        "class_labels": torch.stack([example["class_labels"] for example in examples]),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# pre-extracted latents
+
+
+def shard_name(index: int) -> str:
+    return f"latents-{index:05d}.safetensors"
+
+
+def write_latent_shard(folder: str, index: int, latents: torch.Tensor, labels: torch.Tensor) -> None:
+    """Writes shard `index` atomically (a partly written shard never has its final name)."""
+    path = os.path.join(folder, shard_name(index))
+    save_file({"latents": latents.contiguous(), "labels": labels.long().contiguous()}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """
+    Pre-extracted latents: `metadata.json` plus shards `latents-00000.safetensors`, ... each holding `latents`
+    (n, C, h, w), already multiplied by the VAE scaling factor, and `labels` (n,) int64.
+
+    Args:
+        folder: The folder `extract_features.py` wrote.
+        sample_shape: (C, h, w) the model expects; every shard is checked against it.
+        num_classes: Labels must be in 0..num_classes-1.
+    """
+
+    def __init__(self, folder: str, sample_shape: tuple[int, int, int] | None = None, num_classes: int | None = None):
+        metadata_path = os.path.join(folder, LATENTS_METADATA)
+        if not os.path.isfile(metadata_path):
+            raise ValueError(f"{folder} has no {LATENTS_METADATA}; write it with training/extract_features.py.")
+        with open(metadata_path, encoding="utf-8") as f:
+            self.metadata = json.load(f)
+        if not self.metadata.get("complete"):
+            raise ValueError(f"The feature extraction into {folder} did not finish; run it again to resume it.")
+        self.folder = folder
+        self.paths, self.offsets, labels = [], [0], []
+        for index in range(self.metadata["num_shards"]):
+            path = os.path.join(folder, shard_name(index))
+            if not os.path.isfile(path):
+                raise ValueError(f"Latent shard {path} is missing.")
+            with safe_open(path, framework="pt") as shard:
+                shape = tuple(shard.get_slice("latents").get_shape())
+                shard_labels = shard.get_tensor("labels")
+            if sample_shape is not None and tuple(shape[1:]) != tuple(sample_shape):
+                raise ValueError(
+                    f"{path} holds latents of shape {tuple(shape[1:])} per sample but the model expects "
+                    f"{tuple(sample_shape)} (in_channels, sample_size, sample_size)."
+                )
+            if shard_labels.shape != (shape[0],):
+                raise ValueError(f"{path} has {shape[0]} latents but labels of shape {tuple(shard_labels.shape)}.")
+            if num_classes is not None:
+                bad = ((shard_labels < 0) | (shard_labels >= num_classes)).nonzero().flatten()
+                if bad.numel():
+                    row = int(bad[0])
+                    raise ValueError(
+                        f"{path} row {row} (sample {self.offsets[-1] + row}) has class label {int(shard_labels[row])}"
+                        f", outside 0..{num_classes - 1}."
+                    )
+            self.paths.append(path)
+            self.offsets.append(self.offsets[-1] + shape[0])
+            labels.append(shard_labels)
+        self.labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+        self._handles = {}
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def __getitem__(self, index: int) -> dict:
+        shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        if shard not in self._handles:  # opened lazily, so each dataloader worker has its own handles
+            self._handles[shard] = safe_open(self.paths[shard], framework="pt")
+        latent = self._handles[shard].get_slice("latents")[index - self.offsets[shard]]
+        return {"x0": latent.float(), "class_labels": self.labels[index]}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_handles": {}}

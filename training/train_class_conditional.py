@@ -1,0 +1,804 @@
+#!/usr/bin/env python
+"""
+Fine-tunes (LoRA or full, with EMA) or pre-trains a class-conditional diffmoe_hf transformer of any family.
+
+    accelerate launch training/train_class_conditional.py \
+        --pretrained_model_name_or_path <converted pipeline folder or Hub id> \
+        --train_data_dir <folder with one sub-folder per class> --resolution 256 \
+        --use_lora --rank 16 --output_dir my-lora
+
+The family comes from the model config: the loss is the one of the transformer's `config.formulation`
+(`diffmoe_hf.training_losses`) and the MoE terms are the ones its layers compute (`moe_aux_loss`). See
+training/README.md for every recipe (LoRA, full training, latents, resume, multi-GPU).
+"""
+
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DistributedType
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, _collate_lora_metadata, cast_training_params, free_memory
+from diffusers.utils import check_min_version
+from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+from tqdm.auto import tqdm
+
+import diffmoe_hf
+from diffmoe_hf.formulations import get_formulation
+from diffmoe_hf.models.moe import moe_aux_loss
+from diffmoe_hf.pipelines import ClassConditionalMoEPipeline
+from diffmoe_hf.routing import record_routing
+from diffmoe_hf.training.data import ImageTransform, LatentDataset, check_labels, collate, load_image_dataset
+from diffmoe_hf.training_losses import TimeSampling, diffusion_training_loss
+
+check_min_version("0.35.0")
+
+logger = get_logger(__name__)
+
+# model family (the converter's name) -> transformer class, for --preset
+FAMILY_CLASSES = {
+    "dsmoe": "DSMoETransformer2DModel",
+    "diff-moe": "SpatialTemporalMoETransformer2DModel",
+    "diffmoe-dts": "DynamicTokenMoETransformer2DModel",
+    "dit-moe": "DiTMoETransformer2DModel",
+    "jit": "JiTTransformer2DModel",
+}
+LORA_LAYER_KINDS = ("attention", "experts", "shared_experts", "dense_ff")
+DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description="Train a class-conditional diffmoe_hf transformer.")
+    # model
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default=None,
+        help="A converted pipeline folder or Hub repo (model_index.json), or a transformer folder.",
+    )
+    parser.add_argument("--revision", type=str, default=None)
+    parser.add_argument("--variant", type=str, default=None)
+    parser.add_argument(
+        "--preset",
+        type=str,
+        default=None,
+        help="Start from fresh weights with a released architecture, e.g. 'DSMoE-S-E16' (needs --model_family).",
+    )
+    parser.add_argument(
+        "--model_family", type=str, default=None, choices=sorted(FAMILY_CLASSES), help="Family of --preset."
+    )
+    parser.add_argument(
+        "--model_config_overrides",
+        type=str,
+        default=None,
+        help="JSON dict of config overrides for --preset, e.g. '{\"num_classes\": 10}'.",
+    )
+    parser.add_argument(
+        "--vae_name_or_path",
+        type=str,
+        default=None,
+        help=f"VAE for latent models started from --preset (default {DEFAULT_VAE} for 4 channels).",
+    )
+    parser.add_argument(
+        "--no_vae",
+        action="store_true",
+        help="Pixel-space training without a VAE (automatic for 1- or 3-channel models without one).",
+    )
+    # data
+    parser.add_argument("--dataset_name", type=str, default=None)
+    parser.add_argument("--dataset_config_name", type=str, default=None)
+    parser.add_argument("--train_data_dir", type=str, default=None, help="Image folder with one sub-folder per class.")
+    parser.add_argument("--train_latents_dir", type=str, default=None, help="Latents from extract_features.py.")
+    parser.add_argument("--image_column", type=str, default="image")
+    parser.add_argument("--label_column", type=str, default="label")
+    parser.add_argument("--cache_dir", type=str, default=None)
+    parser.add_argument("--resolution", type=int, default=256, help="Image size (center crop as ADM/DiT).")
+    parser.add_argument("--random_flip", action="store_true", help="Flip images horizontally with probability 0.5.")
+    parser.add_argument("--max_train_samples", type=int, default=None)
+    parser.add_argument("--cache_latents", action="store_true", help="Encode the images once before training.")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    # objective
+    parser.add_argument(
+        "--weighting_scheme",
+        type=str,
+        default=None,
+        choices=["uniform", "logit_normal"],
+        help="Flow time sampling; default: the formulation's upstream one.",
+    )
+    parser.add_argument("--logit_mean", type=float, default=None)
+    parser.add_argument("--logit_std", type=float, default=None)
+    parser.add_argument(
+        "--aux_loss_coef",
+        type=float,
+        default=1.0,
+        help="Multiplier on the MoE losses the layers compute (routers' load-balancing losses at their "
+        "configured alpha, DiffMoE's capacity-predictor loss); 1 trains as upstream, 0 disables.",
+    )
+    parser.add_argument(
+        "--class_dropout_prob",
+        type=float,
+        default=None,
+        help="Override the model's label dropout for classifier-free guidance.",
+    )
+    # LoRA
+    parser.add_argument("--use_lora", action="store_true")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--lora_alpha", type=int, default=None, help="Defaults to --rank.")
+    parser.add_argument("--lora_dropout", type=float, default=0.0)
+    parser.add_argument(
+        "--lora_layers",
+        type=str,
+        default="attention,experts,shared_experts,dense_ff",
+        help=f"Comma-separated kinds of {LORA_LAYER_KINDS} (routers are never adapted).",
+    )
+    # full fine-tuning
+    parser.add_argument("--use_ema", action="store_true")
+    parser.add_argument("--ema_decay", type=float, default=0.9999)
+    parser.add_argument("--offload_ema", action="store_true", help="Keep the EMA weights on the CPU.")
+    # optimisation
+    parser.add_argument("--output_dir", type=str, default="diffmoe-model")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--train_batch_size", type=int, default=16)
+    parser.add_argument("--num_train_epochs", type=int, default=100)
+    parser.add_argument("--max_train_steps", type=int, default=None)
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--scale_lr", action="store_true")
+    parser.add_argument("--lr_scheduler", type=str, default="constant")
+    parser.add_argument("--lr_warmup_steps", type=int, default=0)
+    parser.add_argument("--lr_num_cycles", type=int, default=1)
+    parser.add_argument("--lr_power", type=float, default=1.0)
+    parser.add_argument("--use_8bit_adam", action="store_true")
+    parser.add_argument("--adam_beta1", type=float, default=0.9)
+    parser.add_argument("--adam_beta2", type=float, default=0.999)
+    parser.add_argument("--adam_weight_decay", type=float, default=0.0)
+    parser.add_argument("--adam_epsilon", type=float, default=1e-8)
+    parser.add_argument("--max_grad_norm", type=float, default=1.0)
+    parser.add_argument("--allow_tf32", action="store_true")
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    # logging, validation, checkpoints, hub
+    parser.add_argument("--report_to", type=str, default="tensorboard")
+    parser.add_argument("--logging_dir", type=str, default="logs")
+    parser.add_argument("--routing_log_steps", type=int, default=50, help="Log the expert load every N steps.")
+    parser.add_argument("--validation_epochs", type=int, default=1)
+    parser.add_argument("--validation_class_labels", type=str, default=None, help="e.g. '0,1,2'.")
+    parser.add_argument("--num_validation_images", type=int, default=1, help="Images per validation class.")
+    parser.add_argument("--validation_inference_steps", type=int, default=50)
+    parser.add_argument("--validation_guidance_scale", type=float, default=None)
+    parser.add_argument("--checkpointing_steps", type=int, default=500)
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder or 'latest'.")
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--hub_token", type=str, default=None)
+    parser.add_argument("--hub_model_id", type=str, default=None)
+    parser.add_argument("--local_rank", type=int, default=-1)
+    args = parser.parse_args(input_args)  # fmt: skip
+
+    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_local_rank != -1 and env_local_rank != args.local_rank:
+        args.local_rank = env_local_rank
+    if (args.pretrained_model_name_or_path is None) == (args.preset is None):
+        raise ValueError("Give exactly one of --pretrained_model_name_or_path and --preset.")
+    if args.preset is not None and args.model_family is None:
+        raise ValueError("--preset needs --model_family (one of " + ", ".join(sorted(FAMILY_CLASSES)) + ").")
+    if sum(x is not None for x in (args.dataset_name, args.train_data_dir, args.train_latents_dir)) != 1:
+        raise ValueError("Give exactly one of --dataset_name, --train_data_dir and --train_latents_dir.")
+    if args.use_lora and args.use_ema:
+        raise ValueError("--use_ema is for full fine-tuning; LoRA training keeps no EMA.")
+    unknown = set(filter(None, args.lora_layers.split(","))) - set(LORA_LAYER_KINDS)
+    if "router" in unknown:
+        raise ValueError("Routers are never LoRA-adapted (they score experts in float32 from their raw weight).")
+    if unknown:
+        raise ValueError(f"Unknown --lora_layers {sorted(unknown)}; choose from {LORA_LAYER_KINDS}.")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# models
+
+
+def transformer_class(family: str):
+    cls = getattr(diffmoe_hf, FAMILY_CLASSES[family], None)
+    if cls is None:
+        raise ValueError(f"This diffmoe_hf version has no {FAMILY_CLASSES[family]} (family {family!r}).")
+    return cls
+
+
+def load_components(args, num_classes_from_data: int | None, class_names: list[str] | None):
+    """Transformer, VAE (or None) and scheduler to train, plus the class names for the saved pipeline."""
+    if args.pretrained_model_name_or_path is not None:
+        path = args.pretrained_model_name_or_path
+        load_kwargs = dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
+        if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(
+            os.path.join(path, "model_index.json")
+        ):
+            from diffusers import AutoModel
+
+            transformer = AutoModel.from_pretrained(path, **load_kwargs)
+            formulation = get_formulation(transformer.config.formulation)
+            return transformer, load_vae(args, transformer.config.in_channels), formulation.default_scheduler(), None
+        pipeline = ClassConditionalMoEPipeline.from_pretrained(path, **load_kwargs)
+        vae = None if args.no_vae else pipeline.vae
+        return pipeline.transformer, vae, pipeline.scheduler, pipeline.config.id2label
+
+    overrides = json.loads(args.model_config_overrides) if args.model_config_overrides else {}
+    cls = transformer_class(args.model_family)
+    if "num_classes" not in overrides and num_classes_from_data is not None:
+        overrides["num_classes"] = num_classes_from_data
+    with torch.device("meta"):  # the architecture only, to know its input channels
+        in_channels = cls.from_preset(args.preset, **overrides).config.in_channels
+    vae = load_vae(args, in_channels)
+    if "sample_size" not in overrides:
+        downsampling = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        overrides["sample_size"] = args.resolution // downsampling
+    transformer = cls.from_preset(args.preset, **overrides)
+    id2label = None
+    if class_names is not None and len(class_names) == transformer.config.num_classes:
+        id2label = {str(i): name for i, name in enumerate(class_names)}
+    return transformer, vae, get_formulation(transformer.config.formulation).default_scheduler(), id2label
+
+
+def load_vae(args, channels: int) -> AutoencoderKL | None:
+    """The VAE for a model started without one: none for pixel-space models (1 or 3 channels) or with --no_vae."""
+    if args.no_vae or (args.vae_name_or_path is None and channels in (1, 3)):
+        return None
+    vae = AutoencoderKL.from_pretrained(args.vae_name_or_path or DEFAULT_VAE, cache_dir=args.cache_dir)
+    if vae.config.latent_channels != channels:
+        raise ValueError(f"The VAE has {vae.config.latent_channels} latent channels, the transformer takes {channels}.")
+    return vae
+
+
+def lora_target_modules(transformer, kinds: list[str]) -> str:
+    """
+    A regular expression over module names (peft matches it in full) selecting the `nn.Linear` layers of the given
+    kinds: `attention` (to_q, to_k, to_v, to_out.0), `experts` (every linear of the routed experts, e.g. gate_proj /
+    up_proj / down_proj or DiffMoE's net.0.proj / net.2), `shared_experts`, `dense_ff` (feed-forwards of blocks
+    without experts). Routers, capacity predictors and modulation / embedding layers are never selected.
+    """
+    patterns = []
+    for name, module in transformer.named_modules():
+        if not isinstance(module, torch.nn.Linear) or not name.startswith("transformer_blocks."):
+            continue
+        if re.search(r"\.attn\.(to_q|to_k|to_v|to_out\.0)$", name):
+            kind = "attention"
+        elif ".ff.shared_experts." in name:
+            kind = "shared_experts"
+        elif ".ff.experts." in name:
+            kind = "experts"
+        elif ".ff." in name and not re.search(r"\.ff\.(router|gate|capacity_predictor|recalibration)\b", name):
+            kind = "dense_ff"
+        else:
+            continue
+        if kind in kinds:
+            patterns.append(re.sub(r"\\\.(\d+)\\\.", r"\\.\\d+\\.", re.escape(name)))
+    if not patterns:
+        raise ValueError(f"The transformer has no layers of the kinds {kinds} to adapt.")
+    return "|".join(sorted(set(patterns)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# training
+
+
+def unwrap(accelerator, model):
+    model = accelerator.unwrap_model(model)
+    return model._orig_mod if hasattr(model, "_orig_mod") else model
+
+
+def main(args):
+    logging_dir = Path(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to if args.report_to != "none" else None,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    native_checkpoints = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    zero_stage = accelerator.state.deepspeed_plugin.zero_stage if accelerator.state.deepspeed_plugin else 0
+    sharded_params = accelerator.distributed_type == DistributedType.FSDP or zero_stage == 3
+    # DDP reduces every parameter's gradient once per step; experts that received no token and DiffMoE's capacity
+    # predictor (trained only through its side loss, which DDP's unused-parameter search cannot see) get theirs through
+    # a zero-weighted term, which also keeps gradient checkpointing compatible with DDP
+    touch_all_parameters = accelerator.num_processes > 1 and not native_checkpoints
+    if args.use_ema and sharded_params:
+        raise ValueError("--use_ema needs every rank to hold full parameters: use DDP or DeepSpeed ZeRO-2.")
+    if args.seed is not None:
+        set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    # data (first: a fresh model takes its number of classes from it)
+    class_names, image_dataset = None, None
+    if args.train_latents_dir is None:
+        with accelerator.main_process_first():
+            image_dataset, class_names = load_image_dataset(
+                args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir,
+                args.image_column, args.label_column,
+            )  # fmt: skip
+    num_classes_from_data = len(class_names) if class_names is not None else None
+
+    transformer, vae, noise_scheduler, id2label = load_components(args, num_classes_from_data, class_names)
+    config = transformer.config
+    formulation = get_formulation(config.formulation).for_model(config)
+    if args.class_dropout_prob is not None:
+        labels = transformer.embedding.class_embedder
+        if args.class_dropout_prob > 0 and labels.embedding_table.num_embeddings <= config.num_classes:
+            raise ValueError("This model has no null-class embedding, so its labels cannot be dropped.")
+        labels.dropout_prob = args.class_dropout_prob
+        transformer.register_to_config(class_dropout_prob=args.class_dropout_prob)
+    sample_shape = (config.in_channels, config.sample_size, config.sample_size)
+    if vae is None and config.in_channels not in (1, 3) and args.train_latents_dir is None:
+        raise ValueError(f"A {config.in_channels}-channel model trained on images needs a VAE (--vae_name_or_path).")
+
+    if args.train_latents_dir is not None:
+        train_dataset = LatentDataset(args.train_latents_dir, sample_shape, config.num_classes)
+        if vae is not None and abs(train_dataset.metadata["scaling_factor"] - vae.config.scaling_factor) > 1e-8:
+            raise ValueError("The latents were scaled with another scaling factor than this VAE's.")
+    else:
+        check_labels(image_dataset, args.label_column, config.num_classes, args.image_column)
+        if args.max_train_samples is not None:
+            image_dataset = image_dataset.shuffle(seed=args.seed).select(range(args.max_train_samples))
+        channels = 3 if vae is not None else config.in_channels
+        train_dataset = image_dataset.with_transform(
+            ImageTransform(args.resolution, channels, args.image_column, args.label_column)
+        )
+        size = args.resolution // (2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1)
+        if (config.in_channels, size, size) != sample_shape:
+            raise ValueError(
+                f"--resolution {args.resolution} gives inputs of shape {(config.in_channels, size, size)} but the model"
+                f" takes {sample_shape}."
+            )
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if vae is not None:
+        vae.requires_grad_(False).to(accelerator.device, dtype=torch.float32).eval()
+    if args.cache_latents and vae is not None and args.train_latents_dir is None:
+        train_dataset = encode_dataset(train_dataset, vae, args, accelerator)
+
+    # model to train
+    if args.use_lora:
+        from peft import LoraConfig
+
+        transformer.requires_grad_(False)
+        transformer.to(accelerator.device, dtype=weight_dtype)
+        kinds = [kind for kind in args.lora_layers.split(",") if kind]
+        transformer.add_adapter(
+            LoraConfig(
+                r=args.rank,
+                lora_alpha=args.lora_alpha or args.rank,
+                lora_dropout=args.lora_dropout,
+                init_lora_weights="gaussian",
+                target_modules=lora_target_modules(transformer, kinds),
+            )
+        )
+        if args.mixed_precision == "fp16":
+            cast_training_params(transformer, dtype=torch.float32)
+    else:
+        transformer.requires_grad_(True).to(accelerator.device)
+    transformer.train()
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(
+            [p.detach().clone() for p in transformer.parameters()], decay=args.ema_decay,
+            model_cls=type(transformer), model_config=transformer.config,
+        )  # fmt: skip
+        ema.to("cpu" if args.offload_ema else accelerator.device)
+
+    # checkpoints in diffusers formats (LoRA via save_lora_weights, full models via save_pretrained); DeepSpeed and FSDP
+    # keep their own sharded formats and the final model is gathered at the end
+    def save_model_hook(models, weights, output_dir):
+        if not accelerator.is_main_process:
+            return
+        if ema is not None:
+            ema.save_pretrained(os.path.join(output_dir, "transformer_ema"))
+        if native_checkpoints:
+            return
+        for model in models:
+            model = unwrap(accelerator, model)
+            if args.use_lora:
+                from peft.utils import get_peft_model_state_dict
+
+                ClassConditionalMoEPipeline.save_lora_weights(
+                    output_dir,
+                    transformer_lora_layers=get_peft_model_state_dict(model),
+                    **_collate_lora_metadata({"transformer": model}),
+                )
+            else:
+                model.save_pretrained(os.path.join(output_dir, "transformer"))
+            if weights:
+                weights.pop()
+
+    def load_model_hook(models, input_dir):
+        if ema is not None:
+            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "transformer_ema"), type(transformer))
+            ema.load_state_dict(loaded.state_dict())
+            ema.to("cpu" if args.offload_ema else accelerator.device)
+        if native_checkpoints:
+            return
+        while models:
+            model = unwrap(accelerator, models.pop())
+            if args.use_lora:
+                from peft.utils import set_peft_model_state_dict
+
+                state = ClassConditionalMoEPipeline.lora_state_dict(input_dir)
+                state = {k.removeprefix("transformer."): v for k, v in state.items()}
+                incompatible = set_peft_model_state_dict(model, state, adapter_name="default")
+                if getattr(incompatible, "unexpected_keys", None):
+                    raise ValueError(f"Unexpected LoRA keys in {input_dir}: {incompatible.unexpected_keys[:5]}")
+                if args.mixed_precision == "fp16":
+                    cast_training_params(model, dtype=torch.float32)
+            else:
+                loaded = type(model).from_pretrained(input_dir, subfolder="transformer")
+                model.load_state_dict(loaded.state_dict())
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    optimizer = optimizer_cls(
+        params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+    )  # fmt: skip
+
+    # its own generator: starting an epoch then draws no number from the global RNG, so a resumed run that skips
+    # batches consumes the same random numbers as an uninterrupted one
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
+        num_workers=args.dataloader_num_workers, drop_last=True,
+        generator=torch.Generator().manual_seed(args.seed or 0),
+    )  # fmt: skip
+    if len(train_dataloader) == 0:
+        raise ValueError(
+            f"The dataset has {len(train_dataset)} samples, fewer than one batch of {args.train_batch_size}."
+        )
+
+    num_warmup_steps = args.lr_warmup_steps * accelerator.num_processes
+    if args.max_train_steps is None:
+        batches_per_process = math.ceil(len(train_dataloader) / accelerator.num_processes)
+        steps_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
+        num_training_steps = args.num_train_epochs * steps_per_epoch * accelerator.num_processes
+    else:
+        num_training_steps = args.max_train_steps * accelerator.num_processes
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=num_warmup_steps,
+        num_training_steps=num_training_steps, num_cycles=args.lr_num_cycles, power=args.lr_power,
+    )  # fmt: skip
+
+    transformer, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        transformer, optimizer, train_dataloader, lr_scheduler
+    )
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+
+    if accelerator.is_main_process:
+        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("diffmoe-training", config=tracker_config)
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Running training *****")
+    logger.info(f"  Family = {type(unwrap(accelerator, transformer)).__name__}, formulation = {formulation.name}")
+    logger.info(f"  Num examples = {len(train_dataset)}, num epochs = {args.num_train_epochs}")
+    logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
+    logger.info(f"  Total optimization steps = {args.max_train_steps}")
+
+    global_step, first_epoch, resume_batches = 0, 0, 0
+    if args.resume_from_checkpoint:
+        path = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+        if path is None:
+            accelerator.print(
+                f"Checkpoint '{args.resume_from_checkpoint}' does not exist. Starting a new training run."
+            )
+        else:
+            accelerator.print(f"Resuming from checkpoint {path}")
+            accelerator.load_state(path)
+            global_step = int(os.path.basename(path).split("-")[1])
+            first_epoch = global_step // steps_per_epoch
+            resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+
+    time_sampling = TimeSampling(args.weighting_scheme, args.logit_mean, args.logit_std)
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    model = unwrap(accelerator, transformer)
+
+    def denoiser(sample, timestep, class_labels):
+        # a LoRA model's frozen weights are in weight_dtype: feed it inputs of that dtype (autocast may be off, e.g.
+        # fp16 on the CPU); the losses are computed in float32 from its output
+        return transformer(sample.to(weight_dtype) if args.use_lora else sample, timestep, class_labels)
+
+    start_time, start_step = time.perf_counter(), global_step
+    for epoch in range(first_epoch, args.num_train_epochs):
+        train_dataloader.set_epoch(epoch)
+        batches = train_dataloader
+        if epoch == first_epoch and resume_batches:
+            batches = accelerator.skip_first_batches(train_dataloader, resume_batches)
+        for batch in batches:
+            log_routing = (global_step + 1) % args.routing_log_steps == 0
+            with accelerator.accumulate(transformer):
+                x0 = prepare_x0(batch["x0"], vae, args.random_flip)
+                recording = record_routing(model, keep_expert_ids=False) if log_routing else contextlib.nullcontext()
+                with recording as routing:
+                    result = diffusion_training_loss(
+                        formulation, denoiser, x0, batch["class_labels"], scheduler=noise_scheduler,
+                        time_sampling=time_sampling,
+                    )  # fmt: skip
+                aux = moe_aux_loss(model)
+                loss = result.loss if aux is None or args.aux_loss_coef == 0 else result.loss + args.aux_loss_coef * aux
+                if touch_all_parameters:
+                    loss = loss + 0.0 * sum(p.sum() for p in params)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+
+            if not accelerator.sync_gradients:
+                continue
+            if ema is not None:
+                ema.step(model.parameters())
+            global_step += 1
+            progress_bar.update(1)
+            logs = {"loss": result.loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
+            if result.vb is not None:
+                logs["vb"] = result.vb.detach().item()
+            if aux is not None:
+                logs["moe_aux_loss"] = aux.detach().item()
+            if log_routing:
+                logs.update(routing.summary(per_expert=True))
+            progress_bar.set_postfix(loss=logs["loss"])
+            accelerator.log(logs, step=global_step)
+
+            if global_step % args.checkpointing_steps == 0 and (accelerator.is_main_process or native_checkpoints):
+                save_checkpoint(accelerator, args, global_step)
+            if global_step >= args.max_train_steps:
+                break
+
+        validate = args.validation_epochs and (epoch + 1) % args.validation_epochs == 0
+        if validate and (accelerator.is_main_process or sharded_params):  # sharded weights: every rank samples
+            log_validation(model, vae, noise_scheduler, id2label, args, accelerator, ema, global_step)
+
+    elapsed = time.perf_counter() - start_time
+    if global_step > start_step:
+        logger.info(
+            f"  {global_step - start_step} steps in {elapsed:.1f}s ({(global_step - start_step) / elapsed:.2f} "
+            "steps/s, checkpoints and validation included)"
+        )
+
+    accelerator.wait_for_everyone()
+    save_final(
+        accelerator, transformer, model, vae, noise_scheduler, id2label, ema, args, native_checkpoints, sharded_params
+    )
+    accelerator.end_training()
+
+
+def prepare_x0(x0: torch.Tensor, vae, random_flip: bool) -> torch.Tensor:
+    """The batch's clean data: images (flipped at random, encoded when a VAE is used) or pre-extracted latents."""
+    if random_flip:
+        flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
+        x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+    if vae is None or x0.shape[1] == vae.config.latent_channels:
+        return x0
+    with torch.no_grad():
+        latents = vae.encode(x0.to(vae.dtype)).latent_dist.sample()
+    return (latents * vae.config.scaling_factor).float()
+
+
+def encode_dataset(dataset, vae, args, accelerator) -> list[dict]:
+    """--cache_latents: every image encoded once (one VAE posterior sample, DiT-style)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, collate_fn=collate)
+    cached = []
+    for batch in tqdm(loader, desc="Caching latents", disable=not accelerator.is_local_main_process):
+        latents = prepare_x0(batch["x0"].to(accelerator.device), vae, random_flip=False).cpu()
+        cached.extend({"x0": x, "class_labels": y} for x, y in zip(latents, batch["class_labels"]))
+    return cached
+
+
+def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str) -> str | None:
+    """The checkpoint folder to resume from: a path, a name inside output_dir, or the newest one for "latest"."""
+    if resume_from_checkpoint != "latest":
+        for path in (resume_from_checkpoint, os.path.join(output_dir, resume_from_checkpoint)):
+            if os.path.isdir(path):
+                return path
+        return None
+    checkpoints = sorted(
+        (d for d in os.listdir(output_dir) if d.startswith("checkpoint-")) if os.path.isdir(output_dir) else [],
+        key=lambda d: int(d.split("-")[1]),
+    )
+    return os.path.join(output_dir, checkpoints[-1]) if checkpoints else None
+
+
+def save_checkpoint(accelerator, args, global_step: int) -> None:
+    """`checkpoint-<step>`, after pruning the oldest so that at most `checkpoints_total_limit` remain."""
+    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+        checkpoints = sorted(
+            (d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1])
+        )
+        if len(checkpoints) >= args.checkpoints_total_limit:
+            removing = checkpoints[: len(checkpoints) - args.checkpoints_total_limit + 1]
+            logger.info(f"Removing {len(removing)} old checkpoints: {', '.join(removing)}")
+            for name in removing:
+                shutil.rmtree(os.path.join(args.output_dir, name))
+    path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    accelerator.save_state(path)
+    logger.info(f"Saved state to {path}")
+
+
+def validation_labels(args, num_classes: int) -> list[int]:
+    if args.validation_class_labels:
+        labels = [int(x) for x in args.validation_class_labels.split(",")]
+    else:
+        labels = list(range(min(4, num_classes)))
+    return [label for label in labels for _ in range(args.num_validation_images)]
+
+
+def log_validation(model, vae, scheduler, id2label, args, accelerator, ema, global_step: int, final: bool = False):
+    """Samples the validation classes (with the EMA weights if any), saves the images and logs them to the trackers."""
+    logger.info(f"Running validation at step {global_step}")
+    if ema is not None:
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+    pipeline = ClassConditionalMoEPipeline(
+        transformer=model, scheduler=copy.deepcopy(scheduler), vae=vae, id2label=id2label
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    labels = validation_labels(args, model.config.num_classes)
+    generator = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
+    model.eval()
+    with torch.random.fork_rng(devices=[]), accelerator.autocast():
+        images = pipeline(
+            class_labels=labels, num_inference_steps=args.validation_inference_steps,
+            guidance_scale=args.validation_guidance_scale, generator=generator, output_type="pil",
+        ).images  # fmt: skip
+    model.train()
+    if ema is not None:
+        ema.restore(model.parameters())
+
+    if not accelerator.is_main_process:
+        return images
+    folder = os.path.join(args.output_dir, "validation", "final" if final else f"step-{global_step}")
+    os.makedirs(folder, exist_ok=True)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        image.save(os.path.join(folder, f"{i:03d}-class{label}.png"))
+    phase = "test" if final else "validation"
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            stacked = np.stack([np.asarray(image.convert("RGB")) for image in images])
+            tracker.writer.add_images(phase, stacked, global_step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({phase: [wandb.Image(img, caption=f"class {y}") for img, y in zip(images, labels)]})
+    del pipeline
+    free_memory()
+    return images
+
+
+def save_final(
+    accelerator, transformer, model, vae, scheduler, id2label, ema, args, native_checkpoints, sharded_params
+) -> None:
+    """LoRA weights (`save_lora_weights`) or the whole pipeline (EMA weights if kept), a model card, optional push."""
+    state_dict = accelerator.get_state_dict(transformer) if native_checkpoints else None  # collective
+    if not accelerator.is_main_process:
+        return
+    if state_dict is not None and not args.use_lora:  # gathered from DeepSpeed / FSDP shards
+        model = type(model).from_config(model.config)
+        model.load_state_dict(state_dict)
+        model.to(accelerator.device)
+    if not args.use_lora:
+        model = model.to(torch.float32)
+    if args.use_lora:
+        from peft.utils import get_peft_model_state_dict
+
+        ClassConditionalMoEPipeline.save_lora_weights(
+            args.output_dir,
+            transformer_lora_layers=get_peft_model_state_dict(model, state_dict=state_dict),
+            **_collate_lora_metadata({"transformer": model}),
+        )
+    else:
+        if ema is not None:
+            ema.copy_to(model.parameters())
+        pipeline = ClassConditionalMoEPipeline(transformer=model, scheduler=scheduler, vae=vae, id2label=id2label)
+        pipeline.save_pretrained(args.output_dir)
+
+    images = None
+    if args.validation_epochs and not (sharded_params and args.use_lora):
+        images = log_validation(model, vae, scheduler, id2label, args, accelerator, None, args.max_train_steps, True)
+    repo_id = args.hub_model_id or Path(args.output_dir).name
+    save_model_card(repo_id, args, model, images)
+    if args.push_to_hub:
+        from huggingface_hub import create_repo, upload_folder
+
+        repo_id = create_repo(repo_id=repo_id, exist_ok=True, token=args.hub_token).repo_id
+        upload_folder(
+            repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training", token=args.hub_token,
+            ignore_patterns=["step_*", "epoch_*", "checkpoint-*", "logs/*"],
+        )  # fmt: skip
+
+
+def save_model_card(repo_id: str, args, model, images) -> None:
+    base = args.pretrained_model_name_or_path or f"{args.model_family} preset {args.preset} (fresh weights)"
+    kind = "LoRA adapter" if args.use_lora else "model"
+    family = type(model).__name__
+    images_md = ""
+    if images:
+        folder = os.path.join(args.output_dir, "validation", "final")
+        images_md = "\n".join(f"![{name}](validation/final/{name})" for name in sorted(os.listdir(folder)))
+    if args.use_lora:
+        usage = (
+            "```python\nfrom diffmoe_hf import ClassConditionalMoEPipeline\n\n"
+            f'pipe = ClassConditionalMoEPipeline.from_pretrained("{args.pretrained_model_name_or_path}")\n'
+            f'pipe.load_lora_weights("{repo_id}")\nimage = pipe(class_labels=[0]).images[0]\n```'
+        )
+    else:
+        usage = (
+            "```python\nfrom diffmoe_hf import ClassConditionalMoEPipeline\n\n"
+            f'pipe = ClassConditionalMoEPipeline.from_pretrained("{repo_id}")\n'
+            "image = pipe(class_labels=[0]).images[0]\n```"
+        )
+    description = f"""
+# {repo_id}
+
+A class-conditional {family} {kind} trained with `diffmoe_hf`'s `training/train_class_conditional.py` from
+{base}, formulation `{model.config.formulation}`, {args.max_train_steps} steps, learning rate {args.learning_rate},
+batch size {args.train_batch_size} per device, mixed precision {args.mixed_precision}
+{f"(LoRA rank {args.rank}, layers {args.lora_layers})" if args.use_lora else ("(EMA weights)" if args.use_ema else "")}.
+
+## Usage
+
+{usage}
+
+## Validation samples
+
+{images_md or "None logged."}
+"""
+    card = load_or_create_model_card(
+        repo_id_or_path=repo_id, from_training=True, license="apache-2.0",
+        base_model=args.pretrained_model_name_or_path, model_description=description,
+    )  # fmt: skip
+    tags = [
+        "diffusers",
+        "diffmoe_hf",
+        "class-conditional",
+        "mixture-of-experts",
+        family,
+        "lora" if args.use_lora else "full",
+    ]
+    card = populate_model_card(card, tags=tags)
+    card.save(os.path.join(args.output_dir, "README.md"))
+
+
+if __name__ == "__main__":
+    main(parse_args())
