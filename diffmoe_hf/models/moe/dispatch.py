@@ -1,10 +1,11 @@
 """The one token -> expert dispatch path shared by every MoE family.
 
 Routed (token, expert) pairs are sorted by expert once, the token rows gathered once, every expert runs on its
-contiguous segment (one grouped GEMM per projection where the backend has one), and the weighted results are
-combined with a single `index_add_`. Nothing on this path moves data to the host, so it compiles with
-`torch.compile(fullgraph=True)`; only the per-module fallback (used when experts are wrapped, e.g. by LoRA) reads the
-segment sizes on the host.
+contiguous segment (one grouped GEMM per projection where the backend has one, `grouped_linear`; elsewhere one GEMM
+per expert on its own weights, `segment_linear`), and the weighted results are combined with a single `index_add_`.
+On CUDA nothing on this path moves data to the host; on CPU `segment_linear` reads the segment sizes (already on the
+host) inside a custom op. Either way it compiles with `torch.compile(fullgraph=True)`; only the per-module fallback
+(used when experts are wrapped, e.g. by LoRA) reads the segment sizes in Python.
 """
 
 from typing import NamedTuple
@@ -134,6 +135,110 @@ def _segment_mm_backward(ctx, grad_out):
 
 
 segment_mm.register_autograd(_segment_mm_backward, setup_context=_segment_mm_setup)
+
+
+@torch.library.custom_op("diffmoe_hf::segment_linear", mutates_args=())
+def segment_linear(
+    rows: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], offsets: torch.Tensor
+) -> torch.Tensor:
+    """
+    Expert e's `nn.Linear` projections on its segment of rows, reading the experts' own weights (no stacked copy).
+
+    With E = `offsets.numel()` experts and P = `len(weights) // E` projections per expert (e.g. gate and up), rows
+    of segment e get `concat_p(rows @ weights[e * P + p].T + biases[e * P + p])`: one GEMM per (expert, projection),
+    written in place into its block of the output, the bias fused into the GEMM. This is the path where
+    `F.grouped_mm` has no kernel of its own (on CPU it is a loop of GEMMs too): it avoids stacking the expert weights
+    (a copy of all of them per training step) and the per-row bias gather. A custom op (with a two-op backward), so
+    `torch.compile(fullgraph=True)` traces it although it reads the segment sizes on the host.
+
+    Args:
+        rows: (R, in) rows sorted by expert.
+        weights: E * P tensors (out_p, in), expert-major.
+        biases: as many (out_p,) biases, or an empty list.
+        offsets: (E,) int32 segment end offsets.
+
+    Returns:
+        (R, sum_p out_p).
+    """
+    num_parts = len(weights) // offsets.numel()
+    widths = [w.shape[0] for w in weights[:num_parts]]
+    out = rows.new_empty(rows.shape[0], sum(widths))
+    start = 0
+    for expert, end in enumerate(offsets.tolist()):
+        if end > start:
+            chunk, column = rows[start:end], 0
+            for part, width in enumerate(widths):
+                index, target = expert * num_parts + part, out[start:end, column : column + width]
+                if biases:
+                    torch.addmm(biases[index], chunk, weights[index].t(), out=target)
+                else:
+                    torch.mm(chunk, weights[index].t(), out=target)
+                column += width
+        start = end
+    return out
+
+
+@segment_linear.register_fake
+def _(rows, weights, biases, offsets):
+    num_parts = len(weights) // offsets.numel()
+    return rows.new_empty(rows.shape[0], sum(w.shape[0] for w in weights[:num_parts]))
+
+
+@torch.library.custom_op("diffmoe_hf::segment_linear_backward", mutates_args=())
+def _segment_linear_backward_op(
+    grad_out: torch.Tensor, rows: torch.Tensor, weights: list[torch.Tensor], offsets: torch.Tensor, has_bias: bool
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Gradients of `segment_linear` w.r.t. rows, weights and (if `has_bias`) biases, per segment."""
+    num_parts = len(weights) // offsets.numel()
+    widths = [w.shape[0] for w in weights[:num_parts]]
+    grad_rows = torch.zeros_like(rows)
+    grad_weights = [torch.zeros_like(w) for w in weights]
+    grad_biases = [w.new_zeros(w.shape[0]) for w in weights] if has_bias else []
+    start = 0
+    for expert, end in enumerate(offsets.tolist()):
+        if end > start:
+            chunk, column = rows[start:end], 0
+            for part, width in enumerate(widths):
+                index, grad = expert * num_parts + part, grad_out[start:end, column : column + width]
+                grad_rows[start:end].addmm_(grad, weights[index])
+                torch.mm(grad.t(), chunk, out=grad_weights[index])
+                if has_bias:
+                    torch.sum(grad, dim=0, out=grad_biases[index])
+                column += width
+        start = end
+    return grad_rows, grad_weights, grad_biases
+
+
+@_segment_linear_backward_op.register_fake
+def _(grad_out, rows, weights, offsets, has_bias):
+    grad_biases = [w.new_empty(w.shape[0]) for w in weights] if has_bias else []
+    return rows.new_empty(rows.shape), [torch.empty_like(w) for w in weights], grad_biases
+
+
+def _segment_linear_setup(ctx, inputs, output):
+    rows, weights, biases, offsets = inputs
+    ctx.has_bias = len(biases) > 0
+    ctx.num_weights = len(weights)
+    ctx.save_for_backward(rows, offsets, *weights)
+
+
+def _segment_linear_backward(ctx, grad_out):
+    rows, offsets, *weights = ctx.saved_tensors
+    grad_rows, grad_weights, grad_biases = _segment_linear_backward_op(
+        grad_out.contiguous(), rows, weights, offsets, ctx.has_bias
+    )
+    return grad_rows, grad_weights, grad_biases, None
+
+
+segment_linear.register_autograd(_segment_linear_backward, setup_context=_segment_linear_setup)
+
+
+def uses_stacked_weights(rows: torch.Tensor) -> bool:
+    """
+    Whether expert banks should run on stacked weights (`grouped_linear`, one grouped GEMM per projection) rather than
+    on each expert's own weights (`segment_linear`): only where `F.grouped_mm` has a real grouped kernel (CUDA, bf16).
+    """
+    return rows.device.type == "cuda" and rows.dtype == torch.bfloat16 and hasattr(F, "grouped_mm")
 
 
 def grouped_linear(

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from diffusers.models.attention import FeedForward
 from torch import nn
 
-from .dispatch import ExpertSegments, grouped_linear
+from .dispatch import ExpertSegments, grouped_linear, segment_linear, uses_stacked_weights
 
 
 class SwiGLU(nn.Module):
@@ -57,9 +57,11 @@ class _StackedWeightCache:
 class StackedLinearExperts(GroupedExperts):
     """
     A `GroupedExperts` bank whose experts are made of `nn.Linear` projections (at the sub-module paths
-    `_linear_paths`) and that runs them as grouped GEMMs over stacked weights. The stacked copies are cached for
-    inference (`_StackedWeightCache`); when any projection is wrapped (e.g. by a LoRA layer) the bank falls back to
-    calling the expert modules one segment at a time.
+    `_linear_paths`). Where `F.grouped_mm` has a grouped kernel (CUDA) they run as grouped GEMMs over stacked weights,
+    cached for inference (`_StackedWeightCache`); elsewhere (CPU) `segment_linear` runs one GEMM per expert and
+    projection, on each expert's own weights when gradients are recorded (no stacking copy per training step). When
+    any projection is wrapped (e.g. by a LoRA layer) the bank falls back to calling the expert modules one segment at
+    a time.
 
     Subclasses set `_linear_paths`, build their stacked tensors in `_stack()` and use them in `forward_grouped`.
     """
@@ -79,6 +81,17 @@ class StackedLinearExperts(GroupedExperts):
     def stacked_weights(self) -> dict[str, torch.Tensor | None]:
         """The `_stack()` tensors, cached while the weights do not change and no gradient is recorded."""
         return self._stacked.get(list(self.parameters()), self._stack)
+
+    def own_parameters(self, name: str, *paths: str) -> list[torch.Tensor]:
+        """Parameter `name` ("weight" or "bias") of the projections at `paths`, expert-major, for `segment_linear`
+        (an empty list when they have no bias)."""
+        tensors = [getattr(expert.get_submodule(path), name) for expert in self for path in paths]
+        return [] if tensors[0] is None else tensors
+
+    def segment_linear(self, rows: torch.Tensor, segments: ExpertSegments, *paths: str) -> torch.Tensor:
+        """The projections at `paths` of each row's expert, concatenated, from the experts' own weights."""
+        weights, biases = self.own_parameters("weight", *paths), self.own_parameters("bias", *paths)
+        return segment_linear(rows, weights, biases, segments.offsets)
 
 
 class SwiGLUExperts(StackedLinearExperts):
@@ -111,6 +124,15 @@ class SwiGLUExperts(StackedLinearExperts):
     def forward_grouped(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
         if not self._plain_linears():
             return super().forward_grouped(rows, segments)
+        if not uses_stacked_weights(rows):
+            if torch.is_grad_enabled():  # the experts' own weights: no stacking copy per training step
+                gate_up = self.segment_linear(rows, segments, "gate_proj", "up_proj")
+            else:  # inference: gate and up as one GEMM per expert, over the cached stacked `[gate; up]` weights
+                stacked = self.stacked_weights()
+                biases = [] if stacked["gate_up_bias"] is None else list(stacked["gate_up_bias"].unbind(0))
+                gate_up = segment_linear(rows, list(stacked["gate_up"].unbind(0)), biases, segments.offsets)
+            gate, up = gate_up.chunk(2, dim=-1)
+            return self.segment_linear(F.silu(gate) * up, segments, "down_proj")
         stacked = self.stacked_weights()
         gate, up = grouped_linear(rows, stacked["gate_up"], segments, stacked["gate_up_bias"]).chunk(2, dim=-1)
         return grouped_linear(F.silu(gate) * up, stacked["down"], segments, stacked["down_bias"])
@@ -149,6 +171,9 @@ class GeluMLPExperts(StackedLinearExperts):
     def forward_grouped(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
         if not self._plain_linears():
             return super().forward_grouped(rows, segments)
+        if not uses_stacked_weights(rows):
+            hidden = F.gelu(self.segment_linear(rows, segments, "net.0.proj"), approximate="tanh")
+            return self.segment_linear(hidden, segments, "net.2")
         stacked = self.stacked_weights()
         hidden = F.gelu(grouped_linear(rows, stacked["fc1"], segments, stacked["fc1_bias"]), approximate="tanh")
         return grouped_linear(hidden, stacked["fc2"], segments, stacked["fc2_bias"])

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dispatch import ExpertSegments, dispatch, grouped_linear, segments_from_topk
+from .dispatch import ExpertSegments, dispatch, grouped_linear, segment_linear, segments_from_topk, uses_stacked_weights
 from .experts import GroupedExperts, _StackedWeightCache
 from .routers import SoftmaxTopKRouter
 
@@ -80,7 +80,8 @@ class ModulatedSwiGLUExperts(GroupedExperts):
 
     - the E experts' modulations are computed once per (sample, expert), then gathered per row;
     - gate and up projections run as one grouped GEMM over the stacked `[gate; up]` weights, the down projection as a
-      second one (`grouped_linear`), as in `SwiGLUExperts`.
+      second one (`grouped_linear`), as in `SwiGLUExperts`; where `F.grouped_mm` has no grouped kernel (CPU),
+      `segment_linear` runs each expert's own weights instead.
 
     Experts whose linears are wrapped (e.g. by LoRA) run one segment at a time through their modules instead.
 
@@ -100,14 +101,31 @@ class ModulatedSwiGLUExperts(GroupedExperts):
     def _plain_linears(self) -> bool:
         return all(type(expert.get_submodule(name)) is nn.Linear for expert in self for name in self._LINEARS)
 
-    def _stack(self) -> dict[str, torch.Tensor]:
+    def _stack_modulations(self) -> dict[str, torch.Tensor]:
         return {
-            "gate_up": torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self]),
-            "down": torch.stack([e.down_proj.weight for e in self]),
             "modulation_1": torch.stack([e.modulation.linear_1.weight for e in self]),
             "modulation_2": torch.stack([e.modulation.linear_2.weight for e in self]),
             "modulation_2_bias": torch.stack([e.modulation.linear_2.bias for e in self]),
         }
+
+    def _stack(self) -> dict[str, torch.Tensor]:
+        return {
+            "gate_up": torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self]),
+            "down": torch.stack([e.down_proj.weight for e in self]),
+            **self._stack_modulations(),
+        }
+
+    def _projections(self, rows, segments: ExpertSegments, stacked, grouped: bool, *names: str) -> torch.Tensor:
+        """The named projections of each row's expert, concatenated: one grouped GEMM over the `stacked` weights
+        (`grouped`), else `segment_linear` over the stacked weights' views or, without them, the experts' own."""
+        key = "gate_up" if len(names) == 2 else "down"
+        if grouped:
+            return grouped_linear(rows, stacked[key], segments)
+        if stacked is not None:
+            weights = list(stacked[key].unbind(0))
+        else:
+            weights = [getattr(expert, name).weight for expert in self for name in names]
+        return segment_linear(rows, weights, [], segments.offsets)
 
     def forward_grouped(
         self,
@@ -131,15 +149,24 @@ class ModulatedSwiGLUExperts(GroupedExperts):
         sample_index = segments.token_index // tokens_per_sample
         if not self._plain_linears():
             return self._forward_per_expert(rows, segments, conditioning[sample_index], channel_weights[sample_index])
-        stacked = self._stacked.get(list(self.parameters()), self._stack)
+        grouped = uses_stacked_weights(rows)
+        # stacked weights: cached for inference; when training without a grouped kernel only the small modulation
+        # weights are stacked and the projections read the experts' own weights (no stacking copy per step)
+        use_stacked = grouped or not torch.is_grad_enabled()
+        stacked = self._stacked.get(list(self.parameters()), self._stack) if use_stacked else None
+        modulation_weights = stacked if stacked is not None else self._stack_modulations()
         # modulation of every expert for every sample: (B, E, 3D), then one row per routed token
-        bottleneck = F.relu(torch.einsum("bd,erd->ber", conditioning, stacked["modulation_1"]))
-        modulation = torch.einsum("ber,efr->bef", bottleneck, stacked["modulation_2"]) + stacked["modulation_2_bias"]
-        shift, scale, gate = modulation[sample_index, segments.expert_index].chunk(3, dim=-1)
-        modulated = F.layer_norm(rows, rows.shape[-1:], eps=1e-6) * (1 + scale) + shift  # each expert's `norm`
-        gate_proj, up_proj = grouped_linear(modulated, stacked["gate_up"], segments).chunk(2, dim=-1)
+        bottleneck = F.relu(torch.einsum("bd,erd->ber", conditioning, modulation_weights["modulation_1"]))
+        modulation = torch.einsum("ber,efr->bef", bottleneck, modulation_weights["modulation_2"])
+        shift, scale, gate = (modulation + modulation_weights["modulation_2_bias"]).chunk(3, dim=-1)
+        # `1 + scale` on the small (B, E, D) table, then one gather of all three per routed row
+        per_row = torch.cat([shift, 1 + scale, gate], dim=-1)[sample_index, segments.expert_index]
+        shift, scale, gate = per_row.chunk(3, dim=-1)
+        modulated = torch.addcmul(shift, F.layer_norm(rows, rows.shape[-1:], eps=1e-6), scale)  # each expert's `norm`
+        gate_up = self._projections(modulated, segments, stacked, grouped, "gate_proj", "up_proj")
+        gate_proj, up_proj = gate_up.chunk(2, dim=-1)
         intermediate = F.silu(gate_proj) * up_proj * channel_weights[sample_index]
-        return rows + gate * grouped_linear(intermediate, stacked["down"], segments)
+        return torch.addcmul(rows, gate, self._projections(intermediate, segments, stacked, grouped, "down_proj"))
 
     def _forward_per_expert(self, rows, segments, conditioning, channel_weights) -> torch.Tensor:
         sizes = segments.sizes()

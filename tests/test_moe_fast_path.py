@@ -1,0 +1,114 @@
+"""The fast expert paths users run (CPU `segment_linear`, CUDA-style stacked grouped GEMM) agree with the per-expert
+modules, in values and gradients, for every family's MoE layer, and compile without graph breaks."""
+
+import pytest
+import torch
+
+from diffmoe_hf.models.moe import DeepSeekMoE, DynamicTokenMoE, SoftmaxTopKMoE, SpatialTemporalMoE
+from diffmoe_hf.models.moe import experts as experts_module
+from diffmoe_hf.models.moe import spatial_temporal_moe as spatial_temporal_module
+from diffmoe_hf.models.moe.dispatch import segment_linear, uses_stacked_weights
+from diffmoe_hf.models.moe.experts import StackedLinearExperts
+
+
+def _layers():
+    torch.manual_seed(0)
+    return {
+        "deepseek": DeepSeekMoE(16, num_experts=4, intermediate_size=8, num_experts_per_tok=2, n_group=2, topk_group=2),
+        "deepseek-bias": DeepSeekMoE(16, num_experts=4, intermediate_size=8, num_experts_per_tok=2, bias=True),
+        "softmax-topk": SoftmaxTopKMoE(16, num_experts=4, intermediate_size=8, num_experts_per_tok=2,
+                                       shared_intermediate_size=8),
+        "dynamic-token": DynamicTokenMoE(16, num_experts=4, intermediate_size=32),
+        "spatial-temporal": SpatialTemporalMoE(16, 4, 2, intermediate_size=8, shared_intermediate_size=8, rank=4),
+    }
+
+
+def _call(layer, hidden, conditioning):
+    return layer(hidden, conditioning) if isinstance(layer, SpatialTemporalMoE) else layer(hidden)
+
+
+def _run(layer, path, monkeypatch, grad=False):
+    """Output (and parameter gradients) of `layer` on fixed inputs through `path`: "fast" (what runs on CPU),
+    "stacked" (the grouped-GEMM path over stacked weights) or "modules" (per-expert modules, the LoRA path)."""
+    with monkeypatch.context() as patch:
+        if path == "stacked":
+            patch.setattr(experts_module, "uses_stacked_weights", lambda rows: True)
+            patch.setattr(spatial_temporal_module, "uses_stacked_weights", lambda rows: True)
+        if path == "modules":
+            patch.setattr(StackedLinearExperts, "_plain_linears", lambda self: False)
+            patch.setattr(type(layer.experts), "_plain_linears", lambda self: False)
+        generator = torch.Generator().manual_seed(1)
+        hidden = torch.randn(2, 6, 16, generator=generator)
+        conditioning = torch.randn(2, 16, generator=generator)
+        layer.zero_grad()
+        with torch.set_grad_enabled(grad):
+            out = _call(layer, hidden, conditioning)
+        if not grad:
+            return out, {}
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out, {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", ["deepseek", "deepseek-bias", "softmax-topk", "dynamic-token", "spatial-temporal"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_fast_path_matches_stacked_and_module_paths(name, mode, monkeypatch):
+    layer = _layers()[name].train(mode == "train")
+    if isinstance(layer, DynamicTokenMoE):
+        layer.capacity_predictor.expert_threshold.fill_(0.5)  # eval: variable counts per expert
+    grad = mode == "train"
+    fast, fast_grads = _run(layer, "fast", monkeypatch, grad)
+    for path in ("stacked", "modules"):
+        out, grads = _run(layer, path, monkeypatch, grad)
+        torch.testing.assert_close(out, fast, atol=1e-5, rtol=1e-5)
+        assert grads.keys() == fast_grads.keys()
+        for key in grads:
+            torch.testing.assert_close(grads[key], fast_grads[key], atol=1e-5, rtol=1e-5, msg=f"{path}: {key}")
+
+
+def test_segment_linear_values_and_gradients_match_per_segment_linears():
+    torch.manual_seed(0)
+    offsets = torch.tensor([4, 4, 10], dtype=torch.int32)  # the middle expert gets no rows
+    rows = torch.randn(10, 8, requires_grad=True)
+    weights = [torch.randn(6 if i % 2 == 0 else 5, 8, requires_grad=True) for i in range(6)]  # (gate, up) x 3
+    biases = [torch.randn(w.shape[0], requires_grad=True) for w in weights]
+    for bias in (biases, []):
+        out = segment_linear(rows, weights, bias, offsets)
+        bounds = [(0, 4), (4, 4), (4, 10)]
+        ref = torch.cat(
+            [
+                torch.cat([torch.nn.functional.linear(rows[s:e], weights[2 * i + p], *bias[2 * i + p : 2 * i + p + 1])
+                           for p in range(2)], dim=1)
+                for i, (s, e) in enumerate(bounds)
+            ]
+        )  # fmt: skip
+        upstream = torch.randn_like(out)
+        inputs = [rows, *weights, *bias]
+        got = torch.autograd.grad((out * upstream).sum(), inputs, allow_unused=True)
+        want = torch.autograd.grad((ref * upstream).sum(), inputs, allow_unused=True)
+        torch.testing.assert_close(out, ref)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, torch.zeros_like(g) if w is None else w)
+
+
+@pytest.mark.parametrize("name", ["softmax-topk", "dynamic-token", "spatial-temporal"])
+def test_each_family_layer_compiles_fullgraph_forward_and_backward(name):
+    layer = _layers()[name].train()  # training: fixed expert-choice counts for DiffMoE, aux losses for the routers
+    hidden, conditioning = torch.randn(2, 6, 16), torch.randn(2, 16)
+    compiled = torch.compile(lambda h, c: _call(layer, h, c), fullgraph=True, backend="aot_eager")
+    torch.manual_seed(0)
+    want = _call(layer, hidden, conditioning)
+    want_grad = torch.autograd.grad(want.square().sum(), list(layer.experts.parameters()), allow_unused=True)
+    got = compiled(hidden, conditioning)
+    got_grad = torch.autograd.grad(got.square().sum(), list(layer.experts.parameters()), allow_unused=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for g, w in zip(got_grad, want_grad):
+        assert (g is None) == (w is None)
+        if g is not None:
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_training_path_stacks_no_expert_weights():
+    layer = _layers()["deepseek"].train()
+    layer(torch.randn(2, 6, 16)).sum().backward()
+    assert layer.experts._stacked.value is None
+    assert not uses_stacked_weights(torch.zeros(1))
