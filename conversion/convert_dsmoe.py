@@ -130,21 +130,30 @@ def convert_dsmoe(checkpoint: LoadedCheckpoint, config: dict) -> DSMoETransforme
     )
 
 
+def config_from_yaml_or_preset(config_path, preset, from_params, from_preset, family: str, presets) -> dict:
+    """
+    The architecture of a family whose checkpoints do not record it (DSMoE, DiffMoE): `from_params` applied to the
+    training yaml's `model.params`, or `from_preset(preset)`; exactly one of `config_path` and `preset` is needed.
+    """
+    if config_path is not None and preset is not None:
+        raise CheckpointError("Pass either the training yaml (--config) or a preset (--preset), not both.")
+    if config_path is not None:
+        return from_params(read_yaml_model_params(config_path))
+    if preset is not None:
+        return from_preset(preset)
+    raise CheckpointError(
+        f"{family} checkpoints do not store their architecture: pass the training yaml (--config ORIGINAL.yaml) or "
+        f"a preset (--preset, one of {', '.join(presets)})."
+    )
+
+
 def build_dsmoe_transformer(
     checkpoint: LoadedCheckpoint, config_path: str | None = None, preset: str | None = None
 ) -> DSMoETransformer2DModel:
     """Converts a DSMoE checkpoint whose architecture is given by its training yaml or a released preset name."""
-    if config_path is not None and preset is not None:
-        raise CheckpointError("Pass either the training yaml (--config) or a preset (--preset), not both.")
-    if config_path is not None:
-        config = dsmoe_config_from_params(read_yaml_model_params(config_path))
-    elif preset is not None:
-        config = dsmoe_config_from_preset(preset)
-    else:
-        raise CheckpointError(
-            "DSMoE checkpoints do not store their architecture: pass the training yaml (--config ORIGINAL.yaml) or "
-            f"a preset (--preset, one of {', '.join(DSMOE_PRESETS)})."
-        )
+    config = config_from_yaml_or_preset(
+        config_path, preset, dsmoe_config_from_params, dsmoe_config_from_preset, "DSMoE", DSMOE_PRESETS
+    )
     return convert_dsmoe(checkpoint, config)
 
 

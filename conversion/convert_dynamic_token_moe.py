@@ -13,7 +13,7 @@ from diffmoe_hf.models.transformer_dynamic_token_moe import (
 )
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
-from .convert_dsmoe import read_yaml_model_params
+from .convert_dsmoe import config_from_yaml_or_preset
 from .state_dict_utils import build_converted_model
 
 
@@ -103,17 +103,10 @@ def build_dynamic_token_moe_transformer(
     checkpoint: LoadedCheckpoint, config_path: str | None = None, preset: str | None = None
 ) -> DynamicTokenMoETransformer2DModel:
     """Converts a DiffMoE checkpoint whose architecture is given by its training yaml or a preset name."""
-    if config_path is not None and preset is not None:
-        raise CheckpointError("Pass either the training yaml (--config) or a preset (--preset), not both.")
-    if config_path is not None:
-        config = diffmoe_config_from_params(read_yaml_model_params(config_path))
-    elif preset is not None:
-        config = diffmoe_config_from_preset(preset)
-    else:
-        raise CheckpointError(
-            "DiffMoE checkpoints do not store their architecture: pass the training yaml (--config ORIGINAL.yaml) or "
-            f"a preset (--preset, one of {', '.join(DYNAMIC_TOKEN_MOE_PRESETS)})."
-        )
+    config = config_from_yaml_or_preset(
+        config_path, preset, diffmoe_config_from_params, diffmoe_config_from_preset, "DiffMoE",
+        DYNAMIC_TOKEN_MOE_PRESETS,
+    )  # fmt: skip
     return convert_dynamic_token_moe(checkpoint, config)
 
 
