@@ -28,7 +28,7 @@ import yaml
 from diffmoe_hf.models.transformer_dit_moe import DIT_MOE_PRESETS, DiTMoETransformer2DModel
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
-from .state_dict_utils import build_converted_model
+from .state_dict_utils import DIT_SKELETON_RENAME_RULES, build_converted_model
 
 FORMULATIONS = ("ddpm-learned-sigma", "rf-noise-at-1")
 # short names accepted for the `formulation` option and config field (as the Diff-MoE converter)
@@ -295,23 +295,16 @@ def dit_moe_config(
     )
 
 
-_RENAME_RULES = [
-    (r"x_embedder\.proj\.(weight|bias)", r"pos_embed.proj.\1"),
-    (r"t_embedder\.mlp\.0\.(weight|bias)", r"embedding.timestep_embedder.linear_1.\1"),
-    (r"t_embedder\.mlp\.2\.(weight|bias)", r"embedding.timestep_embedder.linear_2.\1"),
-    (r"y_embedder\.embedding_table\.weight", r"embedding.class_embedder.embedding_table.weight"),
-    (r"blocks\.(\d+)\.attn\.(?:qkv|Wqkv)\.(weight|bias)", r"transformer_blocks.\1.attn.qkv.\2"),
-    (r"blocks\.(\d+)\.attn\.(?:proj|out_proj)\.(weight|bias)", r"transformer_blocks.\1.attn.to_out.0.\2"),
+_RENAME_RULES = DIT_SKELETON_RENAME_RULES + [
+    (r"blocks\.(\d+)\.attn\.Wqkv\.(weight|bias)", r"transformer_blocks.\1.attn.qkv.\2"),  # flash layout
+    (r"blocks\.(\d+)\.attn\.out_proj\.(weight|bias)", r"transformer_blocks.\1.attn.to_out.0.\2"),
     (r"blocks\.(\d+)\.attn\.q_norm\.(weight|bias)", r"transformer_blocks.\1.attn.norm_q.\2"),
     (r"blocks\.(\d+)\.attn\.k_norm\.(weight|bias)", r"transformer_blocks.\1.attn.norm_k.\2"),
-    (r"blocks\.(\d+)\.adaLN_modulation\.1\.(weight|bias)", r"transformer_blocks.\1.modulation.linear.\2"),
     (r"blocks\.(\d+)\.moe\.gate\.weight", r"transformer_blocks.\1.ff.router.weight"),
     (r"blocks\.(\d+)\.moe\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight",
      r"transformer_blocks.\1.ff.experts.\2.\3.weight"),
     (r"blocks\.(\d+)\.moe\.shared_experts\.(gate_proj|up_proj|down_proj)\.weight",
      r"transformer_blocks.\1.ff.shared_experts.\2.weight"),
-    (r"final_layer\.linear\.(weight|bias)", r"proj_out.proj.\1"),
-    (r"final_layer\.adaLN_modulation\.1\.(weight|bias)", r"proj_out.modulation.linear.\1"),
 ]  # fmt: skip
 
 

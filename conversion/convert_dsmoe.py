@@ -9,7 +9,7 @@ import yaml
 from diffmoe_hf.models.transformer_dsmoe import _RELEASED_COMMON, DSMOE_PRESETS, DSMoETransformer2DModel
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
-from .state_dict_utils import build_converted_model
+from .state_dict_utils import DIT_SKELETON_RENAME_RULES, build_converted_model
 
 _ROPE = {"2d": "rope_2d", "1d": "rope_1d", "none": "sincos"}
 _NORM = {"layernorm": "layer_norm", "rmsnorm": "rms_norm"}
@@ -93,14 +93,7 @@ def dsmoe_config_from_preset(name: str) -> dict:
     return {**_RELEASED_COMMON, **DSMOE_PRESETS[name]}
 
 
-_RENAME_RULES = [
-    (r"x_embedder\.proj\.(weight|bias)", r"pos_embed.proj.\1"),
-    (r"t_embedder\.mlp\.0\.(weight|bias)", r"embedding.timestep_embedder.linear_1.\1"),
-    (r"t_embedder\.mlp\.2\.(weight|bias)", r"embedding.timestep_embedder.linear_2.\1"),
-    (r"y_embedder\.embedding_table\.weight", r"embedding.class_embedder.embedding_table.weight"),
-    (r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", r"transformer_blocks.\1.attn.qkv.\2"),
-    (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"transformer_blocks.\1.attn.to_out.0.\2"),
-    (r"blocks\.(\d+)\.adaLN_modulation\.1\.(weight|bias)", r"transformer_blocks.\1.modulation.linear.\2"),
+_RENAME_RULES = DIT_SKELETON_RENAME_RULES + [
     (r"blocks\.(\d+)\.norm([12])\.weight", r"transformer_blocks.\1.norm\2.weight"),
     (r"blocks\.(\d+)\.mlp\.fc1\.(weight|bias)", r"transformer_blocks.\1.ff.net.0.proj.\2"),
     (r"blocks\.(\d+)\.mlp\.fc2\.(weight|bias)", r"transformer_blocks.\1.ff.net.2.\2"),
@@ -109,8 +102,6 @@ _RENAME_RULES = [
      r"transformer_blocks.\1.ff.experts.\2.\3.weight"),
     (r"blocks\.(\d+)\.mlp\.shared_experts\.(gate_proj|up_proj|down_proj)\.weight",
      r"transformer_blocks.\1.ff.shared_experts.\2.weight"),
-    (r"final_layer\.linear\.(weight|bias)", r"proj_out.proj.\1"),
-    (r"final_layer\.adaLN_modulation\.1\.(weight|bias)", r"proj_out.modulation.linear.\1"),
 ]  # fmt: skip
 
 

@@ -14,7 +14,7 @@ from diffmoe_hf.models.transformer_dynamic_token_moe import (
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
 from .convert_dsmoe import config_from_yaml_or_preset
-from .state_dict_utils import build_converted_model
+from .state_dict_utils import DIT_SKELETON_RENAME_RULES, build_converted_model
 
 
 def diffmoe_config_from_params(params: dict) -> dict:
@@ -59,14 +59,7 @@ def diffmoe_config_from_preset(name: str) -> dict:
     return {**_RELEASED_COMMON, **DYNAMIC_TOKEN_MOE_PRESETS[name]}
 
 
-_RENAME_RULES = [
-    (r"x_embedder\.proj\.(weight|bias)", r"pos_embed.proj.\1"),
-    (r"t_embedder\.mlp\.0\.(weight|bias)", r"embedding.timestep_embedder.linear_1.\1"),
-    (r"t_embedder\.mlp\.2\.(weight|bias)", r"embedding.timestep_embedder.linear_2.\1"),
-    (r"y_embedder\.embedding_table\.weight", r"embedding.class_embedder.embedding_table.weight"),
-    (r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", r"transformer_blocks.\1.attn.qkv.\2"),
-    (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"transformer_blocks.\1.attn.to_out.0.\2"),
-    (r"blocks\.(\d+)\.adaLN_modulation\.1\.(weight|bias)", r"transformer_blocks.\1.modulation.linear.\2"),
+_RENAME_RULES = DIT_SKELETON_RENAME_RULES + [
     # timm Mlp fc1 / fc2 -> diffusers FeedForward net.0.proj / net.2 (dense layers, experts, shared experts)
     (r"blocks\.(\d+)\.mlp\.((?:experts\.\d+\.|shared_experts\.)?)fc1\.(weight|bias)",
      r"transformer_blocks.\1.ff.\2net.0.proj.\3"),
@@ -78,8 +71,6 @@ _RENAME_RULES = [
     (r"blocks\.(\d+)\.mlp\.capacity_predictor\.2\.(weight|bias)",
      r"transformer_blocks.\1.ff.capacity_predictor.linear_2.\2"),
     (r"blocks\.(\d+)\.mlp\.(expert_threshold|ema_decay)", r"transformer_blocks.\1.ff.capacity_predictor.\2"),
-    (r"final_layer\.linear\.(weight|bias)", r"proj_out.proj.\1"),
-    (r"final_layer\.adaLN_modulation\.1\.(weight|bias)", r"proj_out.modulation.linear.\1"),
 ]  # fmt: skip
 
 

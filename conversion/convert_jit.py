@@ -14,7 +14,7 @@ import yaml
 from diffmoe_hf.models.transformer_jit import JiTTransformer2DModel, jit_preset_config, resolve_jit_preset
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
-from .state_dict_utils import QKV_SPLIT, build_converted_model
+from .state_dict_utils import DIT_SKELETON_RENAME_RULES, QKV_SPLIT, build_converted_model
 
 logger = logging.getLogger(__name__)
 
@@ -25,18 +25,12 @@ _JIT_DEFAULTS = dict(input_size=256, patch_size=16, in_channels=3, hidden_size=1
 # `main_jit.get_args_parser` defaults of the sampling / training parameters the converted config records
 _ARGS_DEFAULTS = dict(label_drop_prob=0.1, noise_scale=1.0, t_eps=0.05)
 
-_RENAME_RULES = [
+_RENAME_RULES = DIT_SKELETON_RENAME_RULES + [
     (r"x_embedder\.proj1\.weight", r"pos_embed.patch_proj.weight"),
     (r"x_embedder\.proj2\.(weight|bias)", r"pos_embed.hidden_proj.\1"),
     (r"in_context_posemb", r"in_context_pos_embed"),
-    (r"t_embedder\.mlp\.0\.(weight|bias)", r"embedding.timestep_embedder.linear_1.\1"),
-    (r"t_embedder\.mlp\.2\.(weight|bias)", r"embedding.timestep_embedder.linear_2.\1"),
-    (r"y_embedder\.embedding_table\.weight", r"embedding.class_embedder.embedding_table.weight"),
     (r"blocks\.(\d+)\.norm([12])\.weight", r"transformer_blocks.\1.norm\2.weight"),
     (r"blocks\.(\d+)\.attn\.([qk])_norm\.weight", r"transformer_blocks.\1.attn.norm_\2.weight"),
-    (r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", r"transformer_blocks.\1.attn.qkv.\2"),
-    (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"transformer_blocks.\1.attn.to_out.0.\2"),
-    (r"blocks\.(\d+)\.adaLN_modulation\.1\.(weight|bias)", r"transformer_blocks.\1.modulation.linear.\2"),
     (r"blocks\.(\d+)\.mlp\.w12\.(weight|bias)", r"transformer_blocks.\1.ff.w12.\2"),
     (r"blocks\.(\d+)\.mlp\.w3\.(weight|bias)", r"transformer_blocks.\1.ff.down_proj.\2"),
     (r"blocks\.(\d+)\.mlp\.gate\.(weight|e_score_correction_bias)", r"transformer_blocks.\1.ff.router.\2"),
@@ -46,8 +40,6 @@ _RENAME_RULES = [
     (r"blocks\.(\d+)\.mlp\.shared_experts\.w12\.(weight|bias)", r"transformer_blocks.\1.ff.shared_experts.w12.\2"),
     (r"blocks\.(\d+)\.mlp\.shared_experts\.w3\.(weight|bias)", r"transformer_blocks.\1.ff.shared_experts.down_proj.\2"),
     (r"final_layer\.norm_final\.weight", r"proj_out.norm.weight"),
-    (r"final_layer\.linear\.(weight|bias)", r"proj_out.proj.\1"),
-    (r"final_layer\.adaLN_modulation\.1\.(weight|bias)", r"proj_out.modulation.linear.\1"),
 ]  # fmt: skip
 
 

@@ -29,7 +29,7 @@ from diffmoe_hf.models.transformer_spatial_temporal_moe import (
 )
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
-from .state_dict_utils import build_converted_model
+from .state_dict_utils import DIT_SKELETON_RENAME_RULES, build_converted_model
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +42,7 @@ FORMULATION_NAMES = {
 # `DiT(**kwargs)` defaults of the original models.py
 _UPSTREAM_DEFAULTS = dict(class_dropout_prob=0.1, num_experts_per_tok=2, mlp_ratio=4, n_shared_experts=2)
 
-_RENAME_RULES = [
-    (r"x_embedder\.proj\.(weight|bias)", r"pos_embed.proj.\1"),
-    (r"t_embedder\.mlp\.0\.(weight|bias)", r"embedding.timestep_embedder.linear_1.\1"),
-    (r"t_embedder\.mlp\.2\.(weight|bias)", r"embedding.timestep_embedder.linear_2.\1"),
-    (r"y_embedder\.embedding_table\.weight", r"embedding.class_embedder.embedding_table.weight"),
-    (r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", r"transformer_blocks.\1.attn.qkv.\2"),
-    (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"transformer_blocks.\1.attn.to_out.0.\2"),
-    (r"blocks\.(\d+)\.adaLN_modulation\.1\.(weight|bias)", r"transformer_blocks.\1.modulation.linear.\2"),
+_RENAME_RULES = DIT_SKELETON_RENAME_RULES + [
     (r"blocks\.(\d+)\.dwconv\.(weight|bias)", r"transformer_blocks.\1.depthwise_conv.\2"),
     (r"blocks\.(\d+)\.moe\.gate\.weight", r"transformer_blocks.\1.ff.router.weight"),
     (r"blocks\.(\d+)\.moe\.se\.(0|2)\.weight", r"transformer_blocks.\1.ff.recalibration.\2.weight"),
@@ -59,8 +52,6 @@ _RENAME_RULES = [
      r"transformer_blocks.\1.ff.\2.modulation.linear_1.weight"),
     (r"blocks\.(\d+)\.moe\.(experts\.\d+|shared_experts)\.adaLN_modulation\.2\.(weight|bias)",
      r"transformer_blocks.\1.ff.\2.modulation.linear_2.\3"),
-    (r"final_layer\.linear\.(weight|bias)", r"proj_out.proj.\1"),
-    (r"final_layer\.adaLN_modulation\.1\.(weight|bias)", r"proj_out.modulation.linear.\1"),
 ]  # fmt: skip
 
 

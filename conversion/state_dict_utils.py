@@ -9,6 +9,21 @@ from .checkpoint_io import CheckpointError
 from .low_memory import init_empty_model
 
 
+# Keys of the DiT skeleton the original families share (timm PatchEmbed, DiT timestep / label embedders, timm attention,
+# block adaLN, final layer), as `rename_keys` rules to the shared diffmoe_hf modules; each family adds its own.
+DIT_SKELETON_RENAME_RULES = [
+    (r"x_embedder\.proj\.(weight|bias)", r"pos_embed.proj.\1"),
+    (r"t_embedder\.mlp\.0\.(weight|bias)", r"embedding.timestep_embedder.linear_1.\1"),
+    (r"t_embedder\.mlp\.2\.(weight|bias)", r"embedding.timestep_embedder.linear_2.\1"),
+    (r"y_embedder\.embedding_table\.weight", r"embedding.class_embedder.embedding_table.weight"),
+    (r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", r"transformer_blocks.\1.attn.qkv.\2"),
+    (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"transformer_blocks.\1.attn.to_out.0.\2"),
+    (r"blocks\.(\d+)\.adaLN_modulation\.1\.(weight|bias)", r"transformer_blocks.\1.modulation.linear.\2"),
+    (r"final_layer\.linear\.(weight|bias)", r"proj_out.proj.\1"),
+    (r"final_layer\.adaLN_modulation\.1\.(weight|bias)", r"proj_out.modulation.linear.\1"),
+]  # fmt: skip
+
+
 def rename_keys(source: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
     """
     Moves every key of `source` matching one of `rules` (`(regex, replacement)`, first full match wins) into a new
