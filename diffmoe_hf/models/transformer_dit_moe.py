@@ -28,10 +28,10 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import apply_lora_scale
 from torch import nn
 
-from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer, unpatchify
+from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer
 from .embeddings import TimestepClassEmbedding
+from .modeling_common import DiTForwardMixin
 from .moe import SoftmaxTopKMoE
-from .validation import check_model_inputs
 
 # `DiT_models` of feizc/DiT-MoE: depth, width and heads of each named architecture (width = heads * head dim).
 DIT_MOE_PRESETS = {
@@ -52,7 +52,7 @@ DIT_MOE_PRESETS = {
 QK_NORMS = (None, "layer_norm")
 
 
-class DiTMoETransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
+class DiTMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
     """
     DiT-MoE transformer (Fei et al.) for class-conditional latent diffusion (DDPM with learned sigma, or rectified
     flow). It is neither Diff-MoE (Cheng et al.) nor DiffMoE (Shi et al.).
@@ -189,20 +189,10 @@ class DiTMoETransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attent
             (B, out_channels, H, W): [eps, variance interpolation in [-1, 1]] for DDPM models, [velocity
             `noise - data`, unused] for rectified-flow models.
         """
-        _, _, height, width = hidden_states.shape
-        timestep, class_labels = check_model_inputs(self.config, hidden_states, timestep, class_labels)
-        tokens = self.pos_embed(hidden_states)
-        conditioning = self.embedding(timestep, class_labels).to(tokens.dtype)
+        tokens, conditioning, _, _ = self.embed_inputs(hidden_states, timestep, class_labels)
+        height, width = hidden_states.shape[-2:]
 
         for block in self.transformer_blocks:
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                tokens = self._gradient_checkpointing_func(block, tokens, conditioning)
-            else:
-                tokens = block(tokens, conditioning)
+            tokens = self.run_block(block, tokens, conditioning)
 
-        output = unpatchify(
-            self.proj_out(tokens, conditioning), self.config.patch_size, self.out_channels, height, width
-        )
-        if not return_dict:
-            return (output,)
-        return Transformer2DModelOutput(sample=output)
+        return self.patch_output(tokens, conditioning, height, width, self.out_channels, return_dict)

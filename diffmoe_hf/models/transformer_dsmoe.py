@@ -21,10 +21,10 @@ from diffusers.utils import apply_lora_scale
 from torch import nn
 
 from .attention import rotary_tables
-from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer, unpatchify
+from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer
 from .embeddings import TimestepClassEmbedding
+from .modeling_common import DiTForwardMixin
 from .moe import DeepSeekMoE
-from .validation import check_model_inputs
 
 # The seven released models (yaml configs of yhlleo/EfficientMoE, DSMoE/config/). All: 256px ImageNet (latent 32x32x4),
 # patch 2, learned-sigma output (8 channels), rope 2d, LayerNorm, MoE on odd layers, one shared expert.
@@ -56,7 +56,7 @@ _RELEASED_COMMON = dict(sample_size=32, patch_size=2, in_channels=4, out_channel
 POSITIONAL_EMBEDDINGS = ("rope_2d", "rope_1d", "sincos")
 
 
-class DSMoETransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
+class DSMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
     """
     DSMoE transformer for class-conditional latent flow matching.
 
@@ -187,10 +187,8 @@ class DSMoETransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attenti
         Returns:
             (B, out_channels, H, W); the first C channels are the velocity `data - noise`.
         """
-        timestep, class_labels = check_model_inputs(self.config, hidden_states, timestep, class_labels)
+        tokens, conditioning, _, _ = self.embed_inputs(hidden_states, timestep, class_labels)
         height, width = hidden_states.shape[-2:]
-        tokens = self.pos_embed(hidden_states)
-        conditioning = self.embedding(timestep, class_labels).to(tokens.dtype)
         rotary_emb = None
         if self.config.positional_embedding != "sincos":
             patch = self.config.patch_size
@@ -203,14 +201,6 @@ class DSMoETransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attenti
             )
 
         for block in self.transformer_blocks:
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                tokens = self._gradient_checkpointing_func(block, tokens, conditioning, rotary_emb)
-            else:
-                tokens = block(tokens, conditioning, rotary_emb)
+            tokens = self.run_block(block, tokens, conditioning, rotary_emb)
 
-        output = unpatchify(
-            self.proj_out(tokens, conditioning), self.config.patch_size, self.out_channels, height, width
-        )
-        if not return_dict:
-            return (output,)
-        return Transformer2DModelOutput(sample=output)
+        return self.patch_output(tokens, conditioning, height, width, self.out_channels, return_dict)

@@ -20,10 +20,10 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import apply_lora_scale
 from torch import nn
 
-from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer, unpatchify
+from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer
 from .embeddings import TimestepClassEmbedding
+from .modeling_common import DiTForwardMixin
 from .moe import DynamicTokenMoE
-from .validation import check_model_inputs
 
 # The DiffMoE configs of yhlleo/EfficientMoE (DSMoE/config/000_DiffMoE_*_Flow.yaml). All: 256px ImageNet (latent
 # 32x32x4), patch 2, learned-sigma output (8 channels), mlp_ratio 4, capacity 1, MoE on odd layers, no shared expert.
@@ -39,7 +39,7 @@ _RELEASED_COMMON = dict(
 )
 
 
-class DynamicTokenMoETransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
+class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
     """
     DiffMoE transformer (Shi et al. 2025, dynamic token selection) for class-conditional latent flow matching. Not
     Diff-MoE (Cheng et al.).
@@ -174,20 +174,10 @@ class DynamicTokenMoETransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixi
         Returns:
             (B, out_channels, H, W); the first C channels are the velocity `data - noise`.
         """
-        timestep, class_labels = check_model_inputs(self.config, hidden_states, timestep, class_labels)
+        tokens, conditioning, _, _ = self.embed_inputs(hidden_states, timestep, class_labels)
         height, width = hidden_states.shape[-2:]
-        tokens = self.pos_embed(hidden_states)
-        conditioning = self.embedding(timestep, class_labels).to(tokens.dtype)
 
         for block in self.transformer_blocks:
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                tokens = self._gradient_checkpointing_func(block, tokens, conditioning)
-            else:
-                tokens = block(tokens, conditioning)
+            tokens = self.run_block(block, tokens, conditioning)
 
-        output = unpatchify(
-            self.proj_out(tokens, conditioning), self.config.patch_size, self.out_channels, height, width
-        )
-        if not return_dict:
-            return (output,)
-        return Transformer2DModelOutput(sample=output)
+        return self.patch_output(tokens, conditioning, height, width, self.out_channels, return_dict)

@@ -33,8 +33,9 @@ from diffusers.utils import apply_lora_scale
 from torch import nn
 
 from .attention import pad_rotary_tables, rotary_tables
-from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer, unpatchify
+from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer
 from .embeddings import TimestepClassEmbedding
+from .modeling_common import DiTForwardMixin
 from .moe import DeepSeekMoE, SwiGLU
 from .validation import check_model_inputs
 
@@ -108,7 +109,7 @@ class JiTPatchEmbed(nn.Module):
         return tokens + self.pos_embed.to(tokens.dtype)
 
 
-class JiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
+class JiTTransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
     """
     JiT / JiTMoE transformer: pixel-space x-prediction for class-conditional flow matching (t = 0 noise, 1 data).
 
@@ -272,13 +273,7 @@ class JiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attention
             if num_prefix and index == self.config.in_context_start:
                 tokens = torch.cat([self._class_tokens(label_embedding.to(tokens.dtype)), tokens], dim=1)
                 rotary_emb = pad_rotary_tables(image_rotary, num_prefix)
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                tokens = self._gradient_checkpointing_func(block, tokens, conditioning, rotary_emb)
-            else:
-                tokens = block(tokens, conditioning, rotary_emb)
+            tokens = self.run_block(block, tokens, conditioning, rotary_emb)
 
         tokens = tokens[:, num_prefix:]
-        output = unpatchify(self.proj_out(tokens, conditioning), patch, self.config.in_channels, height, width)
-        if not return_dict:
-            return (output,)
-        return Transformer2DModelOutput(sample=output)
+        return self.patch_output(tokens, conditioning, height, width, self.config.in_channels, return_dict)

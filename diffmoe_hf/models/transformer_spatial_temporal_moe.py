@@ -25,10 +25,10 @@ from diffusers.utils import apply_lora_scale
 from torch import nn
 
 from .attention import RotaryTables, rotary_tables
-from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer, modulate, unpatchify
+from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer, modulate
 from .embeddings import TimestepClassEmbedding
+from .modeling_common import DiTForwardMixin
 from .moe import SpatialTemporalMoE
-from .validation import check_model_inputs
 
 
 def _preset(num_layers: int, dim: int, heads: int, patch_size: int, intermediate_size: int, shared: int) -> dict:
@@ -98,7 +98,7 @@ class SpatialTemporalMoEBlock(AdaLNZeroTransformerBlock):
         return hidden_states + gate_mlp.unsqueeze(1) * self.ff(ff_input, conditioning)
 
 
-class SpatialTemporalMoETransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
+class SpatialTemporalMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
     """
     Diff-MoE transformer (Cheng et al.) for class-conditional latent diffusion; see the module docstring. This is NOT
     DiffMoE (Shi et al., `DynamicTokenMoETransformer2DModel`).
@@ -223,24 +223,14 @@ class SpatialTemporalMoETransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterM
             (B, out_channels, H, W): epsilon (DDPM) or the velocity `noise - data` (RF) in the first C channels, the
             learned-variance values in the others.
         """
-        timestep, class_labels = check_model_inputs(self.config, hidden_states, timestep, class_labels)
+        tokens, conditioning, _, _ = self.embed_inputs(hidden_states, timestep, class_labels)
         height, width = hidden_states.shape[-2:]
-        tokens = self.pos_embed(hidden_states)
-        conditioning = self.embedding(timestep, class_labels).to(tokens.dtype)
         grid_size = (height // self.config.patch_size, width // self.config.patch_size)
         rotary_emb = rotary_tables(
             "rope_2d_alternating", self.config.attention_head_dim, *grid_size, device=tokens.device
         )
 
         for block in self.transformer_blocks:
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                tokens = self._gradient_checkpointing_func(block, tokens, conditioning, rotary_emb, grid_size)
-            else:
-                tokens = block(tokens, conditioning, rotary_emb, grid_size)
+            tokens = self.run_block(block, tokens, conditioning, rotary_emb, grid_size)
 
-        output = unpatchify(
-            self.proj_out(tokens, conditioning), self.config.patch_size, self.out_channels, height, width
-        )
-        if not return_dict:
-            return (output,)
-        return Transformer2DModelOutput(sample=output)
+        return self.patch_output(tokens, conditioning, height, width, self.out_channels, return_dict)

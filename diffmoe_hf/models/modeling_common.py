@@ -1,0 +1,43 @@
+"""Forward pieces every DiT-style family shares; each family's `forward` composes them around its own blocks."""
+
+import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+from .blocks import unpatchify
+from .validation import check_model_inputs
+
+
+class DiTForwardMixin:
+    """
+    For transformers with `pos_embed` (patch embedding), `embedding` (`TimestepClassEmbedding`),
+    `transformer_blocks`, `proj_out` (`PatchOutputLayer`) and `gradient_checkpointing`.
+    """
+
+    def embed_inputs(
+        self, hidden_states: torch.Tensor, timestep, class_labels
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        Validates a call and embeds it.
+
+        Returns:
+            `(tokens (B, N, D), conditioning (B, D), timestep (B,), class_labels (B,))`.
+        """
+        timestep, class_labels = check_model_inputs(self.config, hidden_states, timestep, class_labels)
+        tokens = self.pos_embed(hidden_states)
+        return tokens, self.embedding(timestep, class_labels).to(tokens.dtype), timestep, class_labels
+
+    def run_block(self, block, tokens: torch.Tensor, *block_args) -> torch.Tensor:
+        """`block(tokens, *block_args)`, recomputed in backward when gradient checkpointing is on."""
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(block, tokens, *block_args)
+        return block(tokens, *block_args)
+
+    def patch_output(
+        self, tokens: torch.Tensor, conditioning: torch.Tensor, height: int, width: int, out_channels: int,
+        return_dict: bool,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:  # fmt: skip
+        """(B, N, D) image tokens -> (B, out_channels, height, width) through the output layer and unpatchify."""
+        output = unpatchify(self.proj_out(tokens, conditioning), self.config.patch_size, out_channels, height, width)
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)
