@@ -102,8 +102,10 @@ def _torch_load(path: str, trust_checkpoint: bool, mmap: bool = False):
             "If you trust the file, pass --trust-checkpoint (trust_checkpoint=True) to load it with "
             "weights_only=False."
         ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint ({err}). Is the file complete?") from None
+    except Exception as err:  # a truncated or corrupt file fails anywhere in the unpickler (EOFError, IndexError, ...)
+        raise CheckpointError(
+            f"{path} could not be read as a PyTorch checkpoint ({type(err).__name__}: {err}). Is the file complete?"
+        ) from None
 
 
 def _is_state_dict(obj) -> bool:

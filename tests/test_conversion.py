@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import random
 import shutil
 
 import pytest
@@ -53,8 +54,9 @@ def test_dict_without_ema_asks_for_weights_model(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_not_a_checkpoint_is_refused(tmp_path):
-    (tmp_path / "junk.pt").write_bytes(os.urandom(2048))
+@pytest.mark.parametrize("seed", [0, 2, 20, 195])  # random bytes that fail in different places of the unpickler
+def test_not_a_checkpoint_is_refused(tmp_path, seed):
+    (tmp_path / "junk.pt").write_bytes(random.Random(seed).randbytes(2048))
     with pytest.raises(CheckpointError, match="could not be read|not a PyTorch checkpoint"):
         _convert(tmp_path / "out", tmp_path / "junk.pt")
     assert not (tmp_path / "out").exists()
