@@ -34,6 +34,25 @@ def test_grouped_dispatch_matches_naive_loop():
             torch.testing.assert_close(got, _naive(hidden, ids, weights, experts), atol=1e-5, rtol=1e-5)
 
 
+def test_in_place_inference_matches_autograd_path_and_frozen_experts_still_pass_gradients():
+    """Without autograd the activation and the routing weights are applied in place; with it (here: frozen experts,
+    trainable routing weights and inputs) the result is the same and the gradients are those of the naive loop."""
+    torch.manual_seed(0)
+    for bias in (False, True):
+        experts = SwiGLUExperts(6, 16, 12, bias=bias).requires_grad_(False)
+        hidden, ids, weights = _routing()
+        with torch.no_grad():
+            inference = dispatch(hidden, segments_from_topk(ids, weights, 6), experts)
+        leaves = [hidden.clone().requires_grad_(), weights.clone().requires_grad_()]
+        reference = [hidden.clone().requires_grad_(), weights.clone().requires_grad_()]
+        trained = dispatch(leaves[0], segments_from_topk(ids, leaves[1], 6), experts)
+        torch.testing.assert_close(trained, inference, atol=1e-6, rtol=1e-6)
+        trained.square().sum().backward()
+        _naive(reference[0], ids, reference[1], experts).square().sum().backward()
+        for got, expected in zip(leaves, reference):
+            torch.testing.assert_close(got.grad, expected.grad, atol=1e-5, rtol=1e-5)
+
+
 def test_lora_wrapped_experts_take_the_module_path_and_agree():
     torch.manual_seed(0)
     experts = SwiGLUExperts(6, 16, 12)

@@ -267,10 +267,16 @@ def grouped_linear(
     return out
 
 
-def combine_segments(expert_out: torch.Tensor, segments: ExpertSegments, num_tokens: int) -> torch.Tensor:
-    """Sums the (R, D) weighted expert outputs back onto their tokens -> (num_tokens, D)."""
+def combine_segments(
+    expert_out: torch.Tensor, segments: ExpertSegments, num_tokens: int, scale_in_place: bool = False
+) -> torch.Tensor:
+    """
+    Sums the (R, D) weighted expert outputs back onto their tokens -> (num_tokens, D). With `scale_in_place` the
+    routing weights are applied in `expert_out` itself (the caller no longer needs it), saving an (R, D) temporary.
+    """
     if segments.weights is not None:
-        expert_out = expert_out * segments.weights.unsqueeze(-1).to(expert_out.dtype)
+        weights = segments.weights.unsqueeze(-1).to(expert_out.dtype)
+        expert_out = expert_out.mul_(weights) if scale_in_place else expert_out * weights
     out = expert_out.new_zeros(num_tokens, expert_out.shape[-1])
     return out.index_add_(0, segments.token_index, expert_out)
 
@@ -289,6 +295,6 @@ def dispatch(hidden_states: torch.Tensor, segments: ExpertSegments, experts, **e
     Returns:
         (S, D) weighted sum of each token's expert outputs (zero for tokens no expert took).
     """
-    rows = hidden_states[segments.token_index]
-    expert_out = experts.forward_grouped(rows, segments, **expert_kwargs)
-    return combine_segments(expert_out, segments, hidden_states.shape[0])
+    rows = hidden_states.index_select(0, segments.token_index)
+    expert_out = experts.forward_grouped(rows, segments, **expert_kwargs)  # a new tensor
+    return combine_segments(expert_out, segments, hidden_states.shape[0], scale_in_place=not torch.is_grad_enabled())

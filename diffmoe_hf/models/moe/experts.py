@@ -22,6 +22,26 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
 
 
+def swiglu_activation(gate_up: torch.Tensor) -> torch.Tensor:
+    """
+    `silu(gate) * up` of a (R, 2I) `[gate | up]` projection -> (R, I).
+
+    When `gate_up` records no gradient (inference) the result is computed in place in its gate half and returned as
+    that (row stride 2I) view, which the down projection's GEMM reads as is: no (R, I) temporaries are allocated.
+    """
+    gate, up = gate_up.chunk(2, dim=-1)
+    if gate_up.requires_grad:
+        return F.silu(gate) * up
+    return F.silu(gate, inplace=True).mul_(up)
+
+
+def gelu_tanh_activation(hidden: torch.Tensor) -> torch.Tensor:
+    """GELU (tanh approximation) of a new (R, I) projection, in place when it records no gradient (inference)."""
+    if hidden.requires_grad:
+        return F.gelu(hidden, approximate="tanh")
+    return torch.ops.aten.gelu_(hidden, approximate="tanh")
+
+
 class GroupedExperts(nn.ModuleList):
     """
     E experts stored as `experts.{e}.<module>` (state-dict and LoRA friendly). `forward_grouped` runs expert e on the
@@ -131,8 +151,7 @@ class SwiGLUExperts(StackedLinearExperts):
                 stacked = self.stacked_weights()
                 biases = [] if stacked["gate_up_bias"] is None else list(stacked["gate_up_bias"].unbind(0))
                 gate_up = segment_linear(rows, list(stacked["gate_up"].unbind(0)), biases, segments.offsets)
-            gate, up = gate_up.chunk(2, dim=-1)
-            return self.segment_linear(F.silu(gate) * up, segments, "down_proj")
+            return self.segment_linear(swiglu_activation(gate_up), segments, "down_proj")
         stacked = self.stacked_weights()
         gate, up = grouped_linear(rows, stacked["gate_up"], segments, stacked["gate_up_bias"]).chunk(2, dim=-1)
         return grouped_linear(F.silu(gate) * up, stacked["down"], segments, stacked["down_bias"])
@@ -172,7 +191,7 @@ class GeluMLPExperts(StackedLinearExperts):
         if not self._plain_linears():
             return super().forward_grouped(rows, segments)
         if not uses_stacked_weights(rows):
-            hidden = F.gelu(self.segment_linear(rows, segments, "net.0.proj"), approximate="tanh")
+            hidden = gelu_tanh_activation(self.segment_linear(rows, segments, "net.0.proj"))
             return self.segment_linear(hidden, segments, "net.2")
         stacked = self.stacked_weights()
         hidden = F.gelu(grouped_linear(rows, stacked["fc1"], segments, stacked["fc1_bias"]), approximate="tanh")

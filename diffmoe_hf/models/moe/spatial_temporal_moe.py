@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dispatch import ExpertSegments, dispatch, grouped_linear, segment_linear, segments_from_topk, uses_stacked_weights
-from .experts import GroupedExperts, _StackedWeightCache
+from .experts import GroupedExperts, _StackedWeightCache, swiglu_activation
 from .routers import SoftmaxTopKRouter
 
 
@@ -164,8 +164,12 @@ class ModulatedSwiGLUExperts(GroupedExperts):
         shift, scale, gate = per_row.chunk(3, dim=-1)
         modulated = torch.addcmul(shift, F.layer_norm(rows, rows.shape[-1:], eps=1e-6), scale)  # each expert's `norm`
         gate_up = self._projections(modulated, segments, stacked, grouped, "gate_proj", "up_proj")
-        gate_proj, up_proj = gate_up.chunk(2, dim=-1)
-        intermediate = F.silu(gate_proj) * up_proj * channel_weights[sample_index]
+        intermediate = swiglu_activation(gate_up)
+        row_channel_weights = channel_weights.index_select(0, sample_index)
+        if torch.is_grad_enabled():
+            intermediate = intermediate * row_channel_weights
+        else:  # inference: in place, in the (new) projection output
+            intermediate = intermediate.mul_(row_channel_weights)
         return torch.addcmul(rows, gate, self._projections(intermediate, segments, stacked, grouped, "down_proj"))
 
     def _forward_per_expert(self, rows, segments, conditioning, channel_weights) -> torch.Tensor:
