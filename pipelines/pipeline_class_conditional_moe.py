@@ -124,6 +124,15 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 )
         return torch.tensor(ids, device=device, dtype=torch.long)
 
+    def default_guidance(self) -> tuple[float, tuple[float, float] | None]:
+        """
+        The guidance scale and interval a call uses when it gives none: the folder's `default_guidance_scale`
+        (`model_index.json`) if set, else the formulation's, and the formulation's interval (in model time units).
+        """
+        formulation = get_formulation(self.transformer.config.formulation).for_model(self.transformer.config)
+        scale = self.config.get("default_guidance_scale") or formulation.default_guidance_scale
+        return scale, formulation.default_guidance_interval
+
     def check_inputs(
         self,
         num_inference_steps,
@@ -261,10 +270,9 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             `ImagePipelineOutput` with `images`, or `(images,)`.
         """
         formulation = get_formulation(self.transformer.config.formulation).for_model(self.transformer.config)
-        if guidance_scale is None:
-            guidance_scale = self.config.get("default_guidance_scale") or formulation.default_guidance_scale
-        if guidance_interval is None:
-            guidance_interval = formulation.default_guidance_interval
+        default_scale, default_interval = self.default_guidance()
+        guidance_scale = default_scale if guidance_scale is None else guidance_scale
+        guidance_interval = default_interval if guidance_interval is None else guidance_interval
         self.check_inputs(
             num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs, guidance_interval
         )

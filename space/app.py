@@ -40,10 +40,6 @@ class DemoModel:
     schedulers: dict  # scheduler class name -> scheduler instance (the folder's own first)
 
     @property
-    def formulation(self):
-        return get_formulation(self.pipe.transformer.config.formulation)
-
-    @property
     def num_classes(self) -> int:
         return self.pipe.transformer.config.num_classes
 
@@ -265,7 +261,7 @@ class DemoApp:
         return (
             gr.update(choices=choices, value=[choices[0][1]]),
             gr.update(choices=schedulers, value=schedulers[0]),
-            gr.update(value=model.formulation.default_guidance_scale),
+            gr.update(value=model.pipe.default_guidance()[0]),
         )
 
     def build(self) -> gr.Blocks:
@@ -292,7 +288,7 @@ class DemoApp:
                         label="Classes (type to search)",
                         elem_id="classes",
                     )
-                    guidance = gr.Slider(0.0, MAX_GUIDANCE, value=first.formulation.default_guidance_scale, step=0.1,
+                    guidance = gr.Slider(0.0, MAX_GUIDANCE, value=first.pipe.default_guidance()[0], step=0.1,
                                          label="Guidance scale (<= 1: no guidance)", elem_id="guidance")  # fmt: skip
                     steps = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps", elem_id="steps")
                     scheduler = gr.Dropdown(choices=list(first.schedulers), value=first_scheduler, label="Scheduler",
@@ -338,7 +334,7 @@ class DemoApp:
                 self.select_model, model_picker, [classes, scheduler, guidance], api_visibility="private"
             )
             class_ids = [class_id for _, class_id in first.class_choices()]
-            guidance_default = first.formulation.default_guidance_scale
+            guidance_default = first.pipe.default_guidance()[0]
             gr.Examples(
                 examples=[
                     [first.name, class_ids[:1], guidance_default, 10, first_scheduler, 0, False, 2],

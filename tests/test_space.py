@@ -19,6 +19,7 @@ from diffmoe_hf import (
     ClassConditionalMoEPipeline,
     DynamicTokenMoETransformer2DModel,
     SpatialTemporalMoETransformer2DModel,
+    default_models,
     get_formulation,
 )
 from diffmoe_hf.conversion import convert_checkpoint
@@ -253,6 +254,16 @@ def test_select_model_resets_classes_schedulers_and_guidance(demo_app):
     assert classes["choices"][3] == ("3: three", 3) and classes["value"] == [0]
     assert scheduler["choices"] == ["FlowMatchEulerDiscreteScheduler"]
     assert guidance["value"] == get_formulation("rf-noise-at-0").default_guidance_scale
+
+
+def test_guidance_control_starts_at_the_folders_own_default():
+    """The shipped digits models set `default_guidance_scale` in `model_index.json` (the scale their model cards were
+    measured with), which the app offers instead of the formulation's ImageNet default (2.9 for JiT)."""
+    shipped = {name: default_models()[name] for name in ("digits-jitmoe", "digits-dsmoe")}
+    app = space_app.DemoApp(space_app.load_models(shipped, device="cpu"))
+    for name, model in app.models.items():
+        assert app.select_model(name)[2]["value"] == model.pipe.config.default_guidance_scale
+    assert app.select_model("digits-jitmoe")[2]["value"] == 1.5 != get_formulation("jit-xpred").default_guidance_scale
 
 
 @pytest.mark.parametrize(
