@@ -124,12 +124,16 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 )
         return torch.tensor(ids, device=device, dtype=torch.long)
 
+    def _formulation(self):
+        """The transformer's formulation with the parameters its config records."""
+        return get_formulation(self.transformer.config.formulation).for_model(self.transformer.config)
+
     def default_guidance(self) -> tuple[float, tuple[float, float] | None]:
         """
         The guidance scale and interval a call uses when it gives none: the folder's `default_guidance_scale`
         (`model_index.json`) if set, else the formulation's, and the formulation's interval (in model time units).
         """
-        formulation = get_formulation(self.transformer.config.formulation).for_model(self.transformer.config)
+        formulation = self._formulation()
         scale = self.config.get("default_guidance_scale") or formulation.default_guidance_scale
         return scale, formulation.default_guidance_interval
 
@@ -269,7 +273,7 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         Returns:
             `ImagePipelineOutput` with `images`, or `(images,)`.
         """
-        formulation = get_formulation(self.transformer.config.formulation).for_model(self.transformer.config)
+        formulation = self._formulation()
         default_scale, default_interval = self.default_guidance()
         guidance_scale = default_scale if guidance_scale is None else guidance_scale
         guidance_interval = default_interval if guidance_interval is None else guidance_interval

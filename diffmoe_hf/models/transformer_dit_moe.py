@@ -30,7 +30,7 @@ from torch import nn
 
 from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer
 from .embeddings import TimestepClassEmbedding
-from .modeling_common import DiTForwardMixin
+from .modeling_common import DiTForwardMixin, preset_config
 from .moe import SoftmaxTopKMoE
 
 # `DiT_models` of feizc/DiT-MoE: depth, width and heads of each named architecture (width = heads * head dim).
@@ -161,9 +161,7 @@ class DiTMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAda
         and the original defaults (256px ImageNet latents, 8 experts, 2 per token, learned-sigma output);
         `overrides` replace any config field, e.g. `num_experts=16, qk_norm="layer_norm"`.
         """
-        if name not in DIT_MOE_PRESETS:
-            raise ValueError(f"Unknown DiT-MoE preset {name!r}; available: {', '.join(DIT_MOE_PRESETS)}.")
-        config = {**DIT_MOE_PRESETS[name], **overrides}
+        config = {**preset_config("DiT-MoE", DIT_MOE_PRESETS, name), **overrides}
         config.setdefault("out_channels", 2 * config.get("in_channels", 4))
         return cls(**config)
 

@@ -23,7 +23,7 @@ from torch import nn
 from .attention import rotary_tables
 from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer
 from .embeddings import TimestepClassEmbedding
-from .modeling_common import DiTForwardMixin
+from .modeling_common import DiTForwardMixin, preset_config
 from .moe import DeepSeekMoE
 
 # The seven released models (yaml configs of yhlleo/EfficientMoE, DSMoE/config/). All: 256px ImageNet (latent 32x32x4),
@@ -163,9 +163,7 @@ class DSMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdap
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DSMoETransformer2DModel":
         """A randomly initialised model with the architecture of a released checkpoint (see `DSMOE_PRESETS`)."""
-        if name not in DSMOE_PRESETS:
-            raise ValueError(f"Unknown DSMoE preset {name!r}; available: {', '.join(DSMOE_PRESETS)}.")
-        return cls(**{**_RELEASED_COMMON, **DSMOE_PRESETS[name], **overrides})
+        return cls(**{**preset_config("DSMoE", DSMOE_PRESETS, name, _RELEASED_COMMON), **overrides})
 
     @apply_lora_scale("attention_kwargs")
     def forward(

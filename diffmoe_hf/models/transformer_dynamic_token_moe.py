@@ -22,7 +22,7 @@ from torch import nn
 
 from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer
 from .embeddings import TimestepClassEmbedding
-from .modeling_common import DiTForwardMixin
+from .modeling_common import DiTForwardMixin, preset_config
 from .moe import DynamicTokenMoE
 
 # The DiffMoE configs of yhlleo/EfficientMoE (DSMoE/config/000_DiffMoE_*_Flow.yaml). All: 256px ImageNet (latent
@@ -150,9 +150,7 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DynamicTokenMoETransformer2DModel":
         """A randomly initialised model with the architecture of an EfficientMoE DiffMoE config (`DYNAMIC_TOKEN_MOE_PRESETS`)."""
-        if name not in DYNAMIC_TOKEN_MOE_PRESETS:
-            raise ValueError(f"Unknown DiffMoE preset {name!r}; available: {', '.join(DYNAMIC_TOKEN_MOE_PRESETS)}.")
-        return cls(**{**_RELEASED_COMMON, **DYNAMIC_TOKEN_MOE_PRESETS[name], **overrides})
+        return cls(**{**preset_config("DiffMoE", DYNAMIC_TOKEN_MOE_PRESETS, name, _RELEASED_COMMON), **overrides})
 
     @apply_lora_scale("attention_kwargs")
     def forward(

@@ -27,7 +27,7 @@ from torch import nn
 from .attention import RotaryTables, rotary_tables
 from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer, modulate
 from .embeddings import TimestepClassEmbedding
-from .modeling_common import DiTForwardMixin
+from .modeling_common import DiTForwardMixin, preset_config
 from .moe import SpatialTemporalMoE
 
 
@@ -197,9 +197,7 @@ class SpatialTemporalMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMi
         `SPATIAL_TEMPORAL_MOE_PRESETS`), 256px ImageNet latents and 8 experts, top-2, unless overridden (e.g.
         `num_experts=16`).
         """
-        if name not in SPATIAL_TEMPORAL_MOE_PRESETS:
-            raise ValueError(f"Unknown Diff-MoE preset {name!r}; available: {', '.join(SPATIAL_TEMPORAL_MOE_PRESETS)}.")
-        return cls(**{**_PRESET_COMMON, **SPATIAL_TEMPORAL_MOE_PRESETS[name], **overrides})
+        return cls(**{**preset_config("Diff-MoE", SPATIAL_TEMPORAL_MOE_PRESETS, name, _PRESET_COMMON), **overrides})
 
     @apply_lora_scale("attention_kwargs")
     def forward(
