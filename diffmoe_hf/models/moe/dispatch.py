@@ -13,6 +13,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .mkl_grouped_gemm import grouped_matmul_
+
 
 class ExpertSegments(NamedTuple):
     """
@@ -137,6 +139,41 @@ def _segment_mm_backward(ctx, grad_out):
 segment_mm.register_autograd(_segment_mm_backward, setup_context=_segment_mm_setup)
 
 
+class _Block(NamedTuple):
+    """One (expert, projection) GEMM of `segment_linear`: rows `start:end`, output columns `column:column + width`,
+    weight `index` of the expert-major list."""
+
+    index: int
+    start: int
+    end: int
+    column: int
+    width: int
+
+
+def _blocks(offsets: torch.Tensor, widths: list[int]) -> list[_Block]:
+    """The GEMMs of every non-empty segment, for P = `len(widths)` projections per expert."""
+    blocks, start = [], 0
+    for expert, end in enumerate(offsets.tolist()):
+        if end > start:
+            column = 0
+            for part, width in enumerate(widths):
+                blocks.append(_Block(expert * len(widths) + part, start, end, column, width))
+                column += width
+        start = end
+    return blocks
+
+
+def _matmul_into(outs: list[torch.Tensor], lefts: list[torch.Tensor], rights: list[torch.Tensor], accumulate: bool):
+    """`outs[i] (+)= lefts[i] @ rights[i]`: one MKL grouped GEMM for float32 on x86 CPUs, else one GEMM each."""
+    if grouped_matmul_(outs, lefts, rights, accumulate):
+        return
+    for out, left, right in zip(outs, lefts, rights):
+        if accumulate:
+            out.addmm_(left, right)
+        else:
+            torch.mm(left, right, out=out)
+
+
 @torch.library.custom_op("diffmoe_hf::segment_linear", mutates_args=())
 def segment_linear(
     rows: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], offsets: torch.Tensor
@@ -146,10 +183,12 @@ def segment_linear(
 
     With E = `offsets.numel()` experts and P = `len(weights) // E` projections per expert (e.g. gate and up), rows
     of segment e get `concat_p(rows @ weights[e * P + p].T + biases[e * P + p])`: one GEMM per (expert, projection),
-    written in place into its block of the output, the bias fused into the GEMM. This is the path where
-    `F.grouped_mm` has no kernel of its own (on CPU it is a loop of GEMMs too): it avoids stacking the expert weights
-    (a copy of all of them per training step) and the per-row bias gather. A custom op (with a two-op backward), so
-    `torch.compile(fullgraph=True)` traces it although it reads the segment sizes on the host.
+    written in place into its block of the output (on a bias copied there first, as `torch.addmm` does). For float32
+    on x86 all of them run as one MKL grouped GEMM (`mkl_grouped_gemm`), which threads across the GEMMs instead of
+    within each; elsewhere they run one after the other. This is the path where `F.grouped_mm` has no kernel of its
+    own (on CPU it is a loop of GEMMs): it avoids stacking the expert weights (a copy of all of them per training
+    step) and a per-row bias gather. A custom op (with a custom-op backward), so `torch.compile(fullgraph=True)`
+    traces it although it reads the segment sizes on the host.
 
     Args:
         rows: (R, in) rows sorted by expert.
@@ -163,18 +202,13 @@ def segment_linear(
     num_parts = len(weights) // offsets.numel()
     widths = [w.shape[0] for w in weights[:num_parts]]
     out = rows.new_empty(rows.shape[0], sum(widths))
-    start = 0
-    for expert, end in enumerate(offsets.tolist()):
-        if end > start:
-            chunk, column = rows[start:end], 0
-            for part, width in enumerate(widths):
-                index, target = expert * num_parts + part, out[start:end, column : column + width]
-                if biases:
-                    torch.addmm(biases[index], chunk, weights[index].t(), out=target)
-                else:
-                    torch.mm(chunk, weights[index].t(), out=target)
-                column += width
-        start = end
+    blocks = _blocks(offsets, widths)
+    targets = [out[b.start : b.end, b.column : b.column + b.width] for b in blocks]
+    if biases:
+        for block, target in zip(blocks, targets):
+            target.copy_(biases[block.index])
+    lefts = [rows[b.start : b.end] for b in blocks]
+    _matmul_into(targets, lefts, [weights[b.index].t() for b in blocks], accumulate=bool(biases))
     return out
 
 
@@ -192,20 +226,27 @@ def _segment_linear_backward_op(
     num_parts = len(weights) // offsets.numel()
     widths = [w.shape[0] for w in weights[:num_parts]]
     grad_rows = torch.zeros_like(rows)
-    grad_weights = [torch.zeros_like(w) for w in weights]
+    grad_weights = [torch.zeros_like(w) for w in weights]  # stays zero for experts without rows
     grad_biases = [w.new_zeros(w.shape[0]) for w in weights] if has_bias else []
-    start = 0
-    for expert, end in enumerate(offsets.tolist()):
-        if end > start:
-            chunk, column = rows[start:end], 0
-            for part, width in enumerate(widths):
-                index, grad = expert * num_parts + part, grad_out[start:end, column : column + width]
-                grad_rows[start:end].addmm_(grad, weights[index])
-                torch.mm(grad.t(), chunk, out=grad_weights[index])
-                if has_bias:
-                    torch.sum(grad, dim=0, out=grad_biases[index])
-                column += width
-        start = end
+    blocks = _blocks(offsets, widths)
+    grads = [grad_out[b.start : b.end, b.column : b.column + b.width] for b in blocks]
+    for part in range(num_parts):  # the P projections of a row all add to its gradient: one grouped GEMM each
+        in_part = [i for i, b in enumerate(blocks) if b.index % num_parts == part]
+        _matmul_into(
+            [grad_rows[blocks[i].start : blocks[i].end] for i in in_part],
+            [grads[i] for i in in_part],
+            [weights[blocks[i].index] for i in in_part],
+            accumulate=True,
+        )
+    _matmul_into(
+        [grad_weights[b.index] for b in blocks],
+        [grad.t() for grad in grads],
+        [rows[b.start : b.end] for b in blocks],
+        accumulate=False,
+    )
+    if has_bias:
+        for block, grad in zip(blocks, grads):
+            torch.sum(grad, dim=0, out=grad_biases[block.index])
     return grad_rows, grad_weights, grad_biases
 
 

@@ -1,0 +1,80 @@
+"""The MKL grouped GEMM behind CPU `segment_linear` computes what one `torch.mm` per GEMM computes, and the expert
+path gives the same values and gradients with and without it."""
+
+import importlib
+import platform
+
+import pytest
+import torch
+
+from diffmoe_hf.models.moe.dispatch import segment_linear
+from diffmoe_hf.models.moe.mkl_grouped_gemm import grouped_matmul_
+
+dispatch_module = importlib.import_module("diffmoe_hf.models.moe.dispatch")  # the package re-exports a function of that name
+
+mkl_on_x86 = pytest.mark.skipif(
+    not torch.backends.mkl.is_available() or platform.machine() not in ("x86_64", "AMD64"),
+    reason="MKL's grouped GEMM ships with PyTorch's x86 builds only",
+)
+
+
+def _problems():
+    """Mixed shapes and operand layouts: row-major, transposed, strided slices of larger tensors."""
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(11, 6, generator=generator)
+    weight = torch.randn(5, 6, generator=generator)
+    grad = torch.randn(11, 9, generator=generator)
+    out = torch.randn(11, 12, generator=generator)
+    outs = [out[:4, :5], out[4:11, 5:10], torch.zeros(9, 6)]
+    lefts = [rows[:4], rows[4:11], grad.t()]  # the last: (9, 11), a transposed operand
+    rights = [weight.t(), weight.t(), rows]
+    return outs, lefts, rights
+
+
+@mkl_on_x86
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_grouped_matmul_matches_one_mm_per_gemm(accumulate):
+    outs, lefts, rights = _problems()
+    expected = [(o if accumulate else 0) + a @ b for o, a, b in zip(outs, lefts, rights)]
+    assert grouped_matmul_(outs, lefts, rights, accumulate=accumulate)
+    for got, want in zip(outs, expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_grouped_matmul_declines_what_it_cannot_compute_and_writes_nothing():
+    outs, lefts, rights = _problems()
+    for cast in (torch.float64, torch.bfloat16):
+        typed = [t.to(cast) for t in outs]
+        before = [t.clone() for t in typed]
+        assert not grouped_matmul_(typed, [t.to(cast) for t in lefts], [t.to(cast) for t in rights])
+        for got, want in zip(typed, before):
+            assert torch.equal(got, want)
+    assert not grouped_matmul_([torch.empty(0, 5)], [torch.empty(0, 6)], [torch.empty(6, 5)])
+    assert not grouped_matmul_([], [], [])
+    broadcast = torch.randn(1, 6).expand(4, 6)  # overlapping rows: no CBLAS layout
+    assert not grouped_matmul_([torch.empty(4, 5)], [broadcast], [torch.randn(6, 5)])
+    with pytest.raises(ValueError, match="Cannot multiply"):
+        grouped_matmul_([torch.empty(4, 5)], [torch.randn(4, 6)], [torch.randn(5, 5)])
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["mkl-grouped", "one-gemm-each"])
+def test_segment_linear_agrees_with_and_without_the_grouped_gemm(grouped, monkeypatch):
+    torch.manual_seed(0)
+    offsets = torch.tensor([3, 3, 8, 12], dtype=torch.int32)  # expert 1 gets no rows
+    rows = torch.randn(12, 8, requires_grad=True)
+    weights = [torch.randn(5 if i % 2 == 0 else 4, 8, requires_grad=True) for i in range(8)]  # (gate, up) x 4
+    biases = [torch.randn(w.shape[0], requires_grad=True) for w in weights]
+    if not grouped:
+        monkeypatch.setattr(dispatch_module, "grouped_matmul_", lambda *args, **kwargs: False)
+    out = segment_linear(rows, weights, biases, offsets)
+    upstream = torch.randn_like(out)
+    grads = torch.autograd.grad((out * upstream).sum(), [rows, *weights, *biases])
+    bounds = [(0, 3), (3, 3), (3, 8), (8, 12)]
+    ref = torch.cat(
+        [torch.cat([torch.nn.functional.linear(rows[s:e], weights[2 * i + p], biases[2 * i + p]) for p in range(2)], 1)
+         for i, (s, e) in enumerate(bounds)]
+    )  # fmt: skip
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), [rows, *weights, *biases])
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
