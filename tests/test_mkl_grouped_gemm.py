@@ -58,10 +58,15 @@ def test_grouped_matmul_declines_what_it_cannot_compute_and_writes_nothing():
 
 
 @pytest.mark.parametrize("grouped", [True, False], ids=["mkl-grouped", "one-gemm-each"])
-def test_segment_linear_agrees_with_and_without_the_grouped_gemm(grouped, monkeypatch):
+@pytest.mark.parametrize(
+    "sizes",
+    [[3, 0, 5, 4], [300, 7, 0, 20]],  # expert 1 / 2 gets no rows; the 300 rows are cut into row blocks
+    ids=["small", "one-expert-takes-most-rows"],
+)
+def test_segment_linear_agrees_with_and_without_the_grouped_gemm(grouped, sizes, monkeypatch):
     torch.manual_seed(0)
-    offsets = torch.tensor([3, 3, 8, 12], dtype=torch.int32)  # expert 1 gets no rows
-    rows = torch.randn(12, 8, requires_grad=True)
+    offsets = torch.tensor(sizes, dtype=torch.int32).cumsum(0).to(torch.int32)
+    rows = torch.randn(sum(sizes), 8, requires_grad=True)
     weights = [torch.randn(5 if i % 2 == 0 else 4, 8, requires_grad=True) for i in range(8)]  # (gate, up) x 4
     biases = [torch.randn(w.shape[0], requires_grad=True) for w in weights]
     if not grouped:
@@ -69,12 +74,23 @@ def test_segment_linear_agrees_with_and_without_the_grouped_gemm(grouped, monkey
     out = segment_linear(rows, weights, biases, offsets)
     upstream = torch.randn_like(out)
     grads = torch.autograd.grad((out * upstream).sum(), [rows, *weights, *biases])
-    bounds = [(0, 3), (3, 3), (3, 8), (8, 12)]
     ref = torch.cat(
-        [torch.cat([torch.nn.functional.linear(rows[s:e], weights[2 * i + p], biases[2 * i + p]) for p in range(2)], 1)
-         for i, (s, e) in enumerate(bounds)]
+        [torch.cat([torch.nn.functional.linear(chunk, weights[2 * i + p], biases[2 * i + p]) for p in range(2)], 1)
+         for i, chunk in enumerate(rows.split(sizes))]
     )  # fmt: skip
     ref_grads = torch.autograd.grad((ref * upstream).sum(), [rows, *weights, *biases])
     torch.testing.assert_close(out, ref)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want)
+
+
+def test_long_segments_are_cut_into_balanced_row_blocks():
+    offsets = torch.tensor([300, 307, 307, 327], dtype=torch.int32)
+    blocks = dispatch_module._blocks(offsets, [5, 4], max_rows=64)
+    first_expert = [(b.start, b.end) for b in blocks if b.index == 0]
+    assert first_expert == [(0, 60), (60, 120), (120, 180), (180, 240), (240, 300)]
+    assert {(b.start, b.end) for b in blocks if b.index in (2, 3)} == {(300, 307)}
+    assert not [b for b in blocks if b.index in (4, 5)]  # the expert without rows has no GEMM
+    whole = [(b.index, b.start, b.end, b.column, b.width) for b in dispatch_module._blocks(offsets, [5, 4])]
+    assert whole == [(0, 0, 300, 0, 5), (1, 0, 300, 5, 4), (2, 300, 307, 0, 5), (3, 300, 307, 5, 4),
+                     (6, 307, 327, 0, 5), (7, 307, 327, 5, 4)]  # fmt: skip

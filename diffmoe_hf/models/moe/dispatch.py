@@ -1,8 +1,9 @@
 """The one token -> expert dispatch path shared by every MoE family.
 
 Routed (token, expert) pairs are sorted by expert once, the token rows gathered once, every expert runs on its
-contiguous segment (one grouped GEMM per projection where the backend has one, `grouped_linear`; elsewhere one GEMM
-per expert on its own weights, `segment_linear`), and the weighted results are combined with a single `index_add_`.
+contiguous segment (one grouped GEMM per projection: `grouped_linear` over stacked weights where `F.grouped_mm` has a
+kernel, i.e. CUDA bf16; elsewhere `segment_linear` on the experts' own weights, all the expert GEMMs as one MKL grouped
+GEMM on x86 CPUs), and the weighted results are combined with a single `index_add_`.
 On CUDA nothing on this path moves data to the host; on CPU `segment_linear` reads the segment sizes (already on the
 host) inside a custom op. Either way it compiles with `torch.compile(fullgraph=True)`; only the per-module fallback
 (used when experts are wrapped, e.g. by LoRA) reads the segment sizes in Python.
@@ -150,17 +151,28 @@ class _Block(NamedTuple):
     width: int
 
 
-def _blocks(offsets: torch.Tensor, widths: list[int]) -> list[_Block]:
-    """The GEMMs of every non-empty segment, for P = `len(widths)` projections per expert."""
+def _blocks(offsets: torch.Tensor, widths: list[int], max_rows: int | None = None) -> list[_Block]:
+    """
+    The GEMMs of every non-empty segment, for P = `len(widths)` projections per expert. With `max_rows`, longer
+    segments are cut into near-equal row blocks of at most that many rows (same weight), so that a grouped GEMM,
+    which gives each GEMM to one thread, can balance an expert that received most of the tokens.
+    """
     blocks, start = [], 0
     for expert, end in enumerate(offsets.tolist()):
-        if end > start:
+        pieces = 1 if max_rows is None else -(-(end - start) // max_rows)
+        for piece in range(pieces if end > start else 0):
+            first, last = start + (end - start) * piece // pieces, start + (end - start) * (piece + 1) // pieces
             column = 0
             for part, width in enumerate(widths):
-                blocks.append(_Block(expert * len(widths) + part, start, end, column, width))
+                blocks.append(_Block(expert * len(widths) + part, first, last, column, width))
                 column += width
         start = end
     return blocks
+
+
+def _balanced_rows_per_gemm(num_rows: int) -> int:
+    """Row-block size for `_blocks`: at least 4 blocks per intra-op thread, but no GEMM under 64 rows."""
+    return max(64, -(-num_rows // (4 * torch.get_num_threads())))
 
 
 def _matmul_into(outs: list[torch.Tensor], lefts: list[torch.Tensor], rights: list[torch.Tensor], accumulate: bool):
@@ -202,7 +214,7 @@ def segment_linear(
     num_parts = len(weights) // offsets.numel()
     widths = [w.shape[0] for w in weights[:num_parts]]
     out = rows.new_empty(rows.shape[0], sum(widths))
-    blocks = _blocks(offsets, widths)
+    blocks = _blocks(offsets, widths, _balanced_rows_per_gemm(rows.shape[0]))
     targets = [out[b.start : b.end, b.column : b.column + b.width] for b in blocks]
     if biases:
         for block, target in zip(blocks, targets):
@@ -228,16 +240,17 @@ def _segment_linear_backward_op(
     grad_rows = torch.zeros_like(rows)
     grad_weights = [torch.zeros_like(w) for w in weights]  # stays zero for experts without rows
     grad_biases = [w.new_zeros(w.shape[0]) for w in weights] if has_bias else []
-    blocks = _blocks(offsets, widths)
-    grads = [grad_out[b.start : b.end, b.column : b.column + b.width] for b in blocks]
+    row_blocks = _blocks(offsets, widths, _balanced_rows_per_gemm(rows.shape[0]))
     for part in range(num_parts):  # the P projections of a row all add to its gradient: one grouped GEMM each
-        in_part = [i for i, b in enumerate(blocks) if b.index % num_parts == part]
+        in_part = [b for b in row_blocks if b.index % num_parts == part]
         _matmul_into(
-            [grad_rows[blocks[i].start : blocks[i].end] for i in in_part],
-            [grads[i] for i in in_part],
-            [weights[blocks[i].index] for i in in_part],
+            [grad_rows[b.start : b.end] for b in in_part],
+            [grad_out[b.start : b.end, b.column : b.column + b.width] for b in in_part],
+            [weights[b.index] for b in in_part],
             accumulate=True,
         )
+    blocks = _blocks(offsets, widths)  # whole segments: each weight gradient is one GEMM (row blocks would race)
+    grads = [grad_out[b.start : b.end, b.column : b.column + b.width] for b in blocks]
     _matmul_into(
         [grad_weights[b.index] for b in blocks],
         [grad.t() for grad in grads],

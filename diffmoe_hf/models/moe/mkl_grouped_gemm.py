@@ -1,10 +1,11 @@
 """Many small float32 GEMMs in one Intel MKL call: the per-expert GEMMs of `segment_linear` on CPU.
 
-PyTorch's x86 CPU builds link MKL and export its CBLAS interface, including `cblas_sgemm_batch`, which runs groups of
-GEMMs of different shapes in one call and spreads the groups over the intra-op threads (each GEMM on one thread).
-One `torch.mm` per expert instead splits each small GEMM over all threads, which scales badly: at 2 threads, 48
-expert GEMMs of ~213 x 384 x 256 take 1.15x to 1.4x the time of one dense GEMM of the same FLOPs, and the grouped call
-about 1.0x (BENCHMARKS.md). The results are bitwise those of the per-expert `torch.mm` calls (same MKL kernels).
+PyTorch's x86 CPU builds link MKL and export its CBLAS interface, including `cblas_sgemm_batch` (the LP64 interface,
+32-bit integers; MKL names its ILP64 twin `cblas_sgemm_batch_64`), which runs groups of GEMMs of different shapes in
+one call and spreads the groups over the intra-op threads. One `torch.mm` per expert instead splits each small GEMM
+over all threads, which scales badly: at 2 threads, 48 expert GEMMs of ~213 x 384 x 256 take 1.15x to 1.4x the time
+of one dense GEMM of the same FLOPs, and the grouped call about 1.0x (BENCHMARKS.md). On our machine its results were
+bitwise those of the per-expert `torch.mm` calls.
 
 Where the symbol is missing (other BLAS, other architectures) or disagrees with `torch.mm` on a probe problem,
 `grouped_matmul_` reports that it did nothing and callers fall back to one `torch.mm` per GEMM.
@@ -38,6 +39,9 @@ def _call(sgemm_batch, outs, lefts, rights, accumulate: bool) -> bool:
     """`outs[i] (+)= lefts[i] @ rights[i]` through `sgemm_batch`, one group per GEMM; False if a layout is unusable."""
     layouts = [(_operand_layout(a), _operand_layout(b), _operand_layout(c)) for a, b, c in zip(lefts, rights, outs)]
     if any(a is None or b is None or c is None or c[0] != _NO_TRANS for a, b, c in layouts):
+        return False
+    largest = max(max(*c.shape, a.shape[1], la[1], lb[1], lc[1]) for c, a, (la, lb, lc) in zip(outs, lefts, layouts))
+    if largest >= 2**31:  # beyond LP64's 32-bit integers
         return False
     count = len(outs)
 
@@ -78,7 +82,11 @@ def _mkl_sgemm_batch():
             sgemm_batch = ctypes.CDLL(path).cblas_sgemm_batch
         except (OSError, AttributeError):
             continue
+        int_array, float_array, pointer_array = (ctypes.POINTER(t) for t in (ctypes.c_int, ctypes.c_float, ctypes.c_void_p))
         sgemm_batch.restype = None
+        sgemm_batch.argtypes = [ctypes.c_int, int_array, int_array, int_array, int_array, int_array, float_array,
+                                pointer_array, int_array, pointer_array, int_array, float_array, pointer_array,
+                                int_array, ctypes.c_int, int_array]  # fmt: skip
         if _agrees_with_torch(sgemm_batch):
             return sgemm_batch
     return None

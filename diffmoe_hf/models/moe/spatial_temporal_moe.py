@@ -230,7 +230,7 @@ class SpatialTemporalMoE(nn.Module):
             (B, N, D). Routing and recalibration are per token / per sample, so a sample's output does not depend on
             the rest of the batch.
         """
-        batch_size, num_tokens, dim = hidden_states.shape
+        num_tokens, dim = hidden_states.shape[1:]
         tokens = hidden_states.reshape(-1, dim)
         channel_weights = self.recalibration(hidden_states.mean(dim=1))
         expert_ids, expert_weights = self.router(tokens)
