@@ -94,3 +94,10 @@ def test_long_segments_are_cut_into_balanced_row_blocks():
     whole = [(b.index, b.start, b.end, b.column, b.width) for b in dispatch_module._blocks(offsets, [5, 4])]
     assert whole == [(0, 0, 300, 0, 5), (1, 0, 300, 5, 4), (2, 300, 307, 0, 5), (3, 300, 307, 5, 4),
                      (6, 307, 327, 0, 5), (7, 307, 327, 5, 4)]  # fmt: skip
+
+
+def test_only_the_grouped_gemm_cuts_segments():
+    rows = torch.zeros(300, 8)
+    assert dispatch_module._rows_per_gemm(rows.double()) is None  # one threaded GEMM per segment: no need to cut
+    if torch.backends.mkl.is_available() and platform.machine() in ("x86_64", "AMD64"):
+        assert dispatch_module._rows_per_gemm(rows) == max(64, -(-300 // (4 * torch.get_num_threads())))

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .mkl_grouped_gemm import grouped_matmul_
+from .mkl_grouped_gemm import grouped_gemm_available, grouped_matmul_
 
 
 class ExpertSegments(NamedTuple):
@@ -170,9 +170,15 @@ def _blocks(offsets: torch.Tensor, widths: list[int], max_rows: int | None = Non
     return blocks
 
 
-def _balanced_rows_per_gemm(num_rows: int) -> int:
-    """Row-block size for `_blocks`: at least 4 blocks per intra-op thread, but no GEMM under 64 rows."""
-    return max(64, -(-num_rows // (4 * torch.get_num_threads())))
+def _rows_per_gemm(rows: torch.Tensor) -> int | None:
+    """
+    `max_rows` of `_blocks` for these (R, in) rows: when their GEMMs go to MKL's grouped GEMM, which gives each GEMM
+    to one thread, at least 4 row blocks per intra-op thread but none under 64 rows; otherwise None (whole segments,
+    each GEMM threaded on its own).
+    """
+    if not grouped_gemm_available(rows):
+        return None
+    return max(64, -(-rows.shape[0] // (4 * torch.get_num_threads())))
 
 
 def _matmul_into(outs: list[torch.Tensor], lefts: list[torch.Tensor], rights: list[torch.Tensor], accumulate: bool):
@@ -214,7 +220,7 @@ def segment_linear(
     num_parts = len(weights) // offsets.numel()
     widths = [w.shape[0] for w in weights[:num_parts]]
     out = rows.new_empty(rows.shape[0], sum(widths))
-    blocks = _blocks(offsets, widths, _balanced_rows_per_gemm(rows.shape[0]))
+    blocks = _blocks(offsets, widths, _rows_per_gemm(rows))
     targets = [out[b.start : b.end, b.column : b.column + b.width] for b in blocks]
     if biases:
         for block, target in zip(blocks, targets):
@@ -240,7 +246,7 @@ def _segment_linear_backward_op(
     grad_rows = torch.zeros_like(rows)
     grad_weights = [torch.zeros_like(w) for w in weights]  # stays zero for experts without rows
     grad_biases = [w.new_zeros(w.shape[0]) for w in weights] if has_bias else []
-    row_blocks = _blocks(offsets, widths, _balanced_rows_per_gemm(rows.shape[0]))
+    row_blocks = _blocks(offsets, widths, _rows_per_gemm(rows))
     for part in range(num_parts):  # the P projections of a row all add to its gradient: one grouped GEMM each
         in_part = [b for b in row_blocks if b.index % num_parts == part]
         _matmul_into(

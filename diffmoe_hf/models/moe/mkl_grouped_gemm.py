@@ -106,6 +106,11 @@ def _agrees_with_torch(sgemm_batch) -> bool:
     return all(torch.allclose(o, e, atol=1e-5) for o, e in zip(outs, expected))
 
 
+def grouped_gemm_available(tensor: torch.Tensor) -> bool:
+    """Whether `grouped_matmul_` runs GEMMs on operands like `tensor`: float32 on CPU, with MKL's grouped GEMM."""
+    return tensor.device.type == "cpu" and tensor.dtype == torch.float32 and _mkl_sgemm_batch() is not None
+
+
 def grouped_matmul_(
     outs: list[torch.Tensor], lefts: list[torch.Tensor], rights: list[torch.Tensor], accumulate: bool = False
 ) -> bool:
@@ -125,10 +130,8 @@ def grouped_matmul_(
     for out, left, right in zip(outs, lefts, rights, strict=True):
         if left.shape[0] != out.shape[0] or right.shape != (left.shape[1], out.shape[1]):
             raise ValueError(f"Cannot multiply {tuple(left.shape)} by {tuple(right.shape)} into {tuple(out.shape)}.")
-    tensors = [*outs, *lefts, *rights]
-    if not outs or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+    if not outs or not all(grouped_gemm_available(t) for t in [*outs, *lefts, *rights]):
         return False
     if any(min(o.shape) == 0 or a.shape[1] == 0 for o, a in zip(outs, lefts)):
         return False
-    sgemm_batch = _mkl_sgemm_batch()
-    return sgemm_batch is not None and _call(sgemm_batch, outs, lefts, rights, accumulate)
+    return _call(_mkl_sgemm_batch(), outs, lefts, rights, accumulate)
