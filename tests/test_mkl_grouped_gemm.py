@@ -7,6 +7,7 @@ import platform
 import pytest
 import torch
 
+from diffmoe_hf.models.moe import mkl_grouped_gemm
 from diffmoe_hf.models.moe.dispatch import segment_linear
 from diffmoe_hf.models.moe.mkl_grouped_gemm import grouped_matmul_
 
@@ -60,7 +61,7 @@ def test_grouped_matmul_declines_what_it_cannot_compute_and_writes_nothing():
 @pytest.mark.parametrize("grouped", [True, False], ids=["mkl-grouped", "one-gemm-each"])
 @pytest.mark.parametrize(
     "sizes",
-    [[3, 0, 5, 4], [300, 7, 0, 20]],  # expert 1 / 2 gets no rows; the 300 rows are cut into row blocks
+    [[3, 0, 5, 4], [300, 7, 0, 20]],  # expert 1 / 2 gets no rows; the 300-row GEMMs are cut into row blocks
     ids=["small", "one-expert-takes-most-rows"],
 )
 def test_segment_linear_agrees_with_and_without_the_grouped_gemm(grouped, sizes, monkeypatch):
@@ -84,20 +85,21 @@ def test_segment_linear_agrees_with_and_without_the_grouped_gemm(grouped, sizes,
         torch.testing.assert_close(got, want)
 
 
-def test_long_segments_are_cut_into_balanced_row_blocks():
+def test_segments_are_one_gemm_per_projection():
     offsets = torch.tensor([300, 307, 307, 327], dtype=torch.int32)
-    blocks = dispatch_module._blocks(offsets, [5, 4], max_rows=64)
-    first_expert = [(b.start, b.end) for b in blocks if b.index == 0]
-    assert first_expert == [(0, 60), (60, 120), (120, 180), (180, 240), (240, 300)]
-    assert {(b.start, b.end) for b in blocks if b.index in (2, 3)} == {(300, 307)}
-    assert not [b for b in blocks if b.index in (4, 5)]  # the expert without rows has no GEMM
     whole = [(b.index, b.start, b.end, b.column, b.width) for b in dispatch_module._blocks(offsets, [5, 4])]
     assert whole == [(0, 0, 300, 0, 5), (1, 0, 300, 5, 4), (2, 300, 307, 0, 5), (3, 300, 307, 5, 4),
-                     (6, 307, 327, 0, 5), (7, 307, 327, 5, 4)]  # fmt: skip
+                     (6, 307, 327, 0, 5), (7, 307, 327, 5, 4)]  # fmt: skip  # the expert without rows has none
 
 
-def test_only_the_grouped_gemm_cuts_segments():
-    rows = torch.zeros(300, 8)
-    assert dispatch_module._rows_per_gemm(rows.double()) is None  # one threaded GEMM per segment: no need to cut
-    if torch.backends.mkl.is_available() and platform.machine() in ("x86_64", "AMD64"):
-        assert dispatch_module._rows_per_gemm(rows) == max(64, -(-300 // (4 * torch.get_num_threads())))
+def test_a_gemm_with_most_of_the_work_is_cut_into_balanced_row_blocks():
+    rows, weight = torch.randn(327, 8), torch.randn(8, 5)
+    out = torch.empty(327, 5)
+    bounds = [(0, 300), (300, 307), (307, 327)]  # one expert took 300 of 327 rows
+    outs, lefts, rights = mkl_grouped_gemm._balanced(
+        [out[a:b] for a, b in bounds], [rows[a:b] for a, b in bounds], [weight] * 3
+    )
+    assert [o.shape[0] for o in outs] == [75, 75, 75, 75, 7, 20]  # at most rows // 64 blocks, whatever the threads
+    assert [a.data_ptr() for a in lefts] == [rows[start].data_ptr() for start in (0, 75, 150, 225, 300, 307)]
+    assert [o.data_ptr() for o in outs] == [out[start].data_ptr() for start in (0, 75, 150, 225, 300, 307)]
+    assert all(r is weight for r in rights)

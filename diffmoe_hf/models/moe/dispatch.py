@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .mkl_grouped_gemm import grouped_gemm_available, grouped_matmul_
+from .mkl_grouped_gemm import grouped_matmul_
 
 
 class ExpertSegments(NamedTuple):
@@ -151,34 +151,17 @@ class _Block(NamedTuple):
     width: int
 
 
-def _blocks(offsets: torch.Tensor, widths: list[int], max_rows: int | None = None) -> list[_Block]:
-    """
-    The GEMMs of every non-empty segment, for P = `len(widths)` projections per expert. With `max_rows`, longer
-    segments are cut into near-equal row blocks of at most that many rows (same weight), so that a grouped GEMM,
-    which gives each GEMM to one thread, can balance an expert that received most of the tokens.
-    """
+def _blocks(offsets: torch.Tensor, widths: list[int]) -> list[_Block]:
+    """The GEMMs of every non-empty segment, for P = `len(widths)` projections per expert."""
     blocks, start = [], 0
     for expert, end in enumerate(offsets.tolist()):
-        pieces = 1 if max_rows is None else -(-(end - start) // max_rows)
-        for piece in range(pieces if end > start else 0):
-            first, last = start + (end - start) * piece // pieces, start + (end - start) * (piece + 1) // pieces
+        if end > start:
             column = 0
             for part, width in enumerate(widths):
-                blocks.append(_Block(expert * len(widths) + part, first, last, column, width))
+                blocks.append(_Block(expert * len(widths) + part, start, end, column, width))
                 column += width
         start = end
     return blocks
-
-
-def _rows_per_gemm(rows: torch.Tensor) -> int | None:
-    """
-    `max_rows` of `_blocks` for these (R, in) rows: when their GEMMs go to MKL's grouped GEMM, which gives each GEMM
-    to one thread, at least 4 row blocks per intra-op thread but none under 64 rows; otherwise None (whole segments,
-    each GEMM threaded on its own).
-    """
-    if not grouped_gemm_available(rows):
-        return None
-    return max(64, -(-rows.shape[0] // (4 * torch.get_num_threads())))
 
 
 def _matmul_into(outs: list[torch.Tensor], lefts: list[torch.Tensor], rights: list[torch.Tensor], accumulate: bool):
@@ -220,7 +203,7 @@ def segment_linear(
     num_parts = len(weights) // offsets.numel()
     widths = [w.shape[0] for w in weights[:num_parts]]
     out = rows.new_empty(rows.shape[0], sum(widths))
-    blocks = _blocks(offsets, widths, _rows_per_gemm(rows))
+    blocks = _blocks(offsets, widths)
     targets = [out[b.start : b.end, b.column : b.column + b.width] for b in blocks]
     if biases:
         for block, target in zip(blocks, targets):
@@ -246,17 +229,16 @@ def _segment_linear_backward_op(
     grad_rows = torch.zeros_like(rows)
     grad_weights = [torch.zeros_like(w) for w in weights]  # stays zero for experts without rows
     grad_biases = [w.new_zeros(w.shape[0]) for w in weights] if has_bias else []
-    row_blocks = _blocks(offsets, widths, _rows_per_gemm(rows))
+    blocks = _blocks(offsets, widths)
+    grads = [grad_out[b.start : b.end, b.column : b.column + b.width] for b in blocks]
     for part in range(num_parts):  # the P projections of a row all add to its gradient: one grouped GEMM each
-        in_part = [b for b in row_blocks if b.index % num_parts == part]
+        in_part = [i for i, b in enumerate(blocks) if b.index % num_parts == part]
         _matmul_into(
-            [grad_rows[b.start : b.end] for b in in_part],
-            [grad_out[b.start : b.end, b.column : b.column + b.width] for b in in_part],
-            [weights[b.index] for b in in_part],
+            [grad_rows[blocks[i].start : blocks[i].end] for i in in_part],
+            [grads[i] for i in in_part],
+            [weights[blocks[i].index] for i in in_part],
             accumulate=True,
         )
-    blocks = _blocks(offsets, widths)  # whole segments: each weight gradient is one GEMM (row blocks would race)
-    grads = [grad_out[b.start : b.end, b.column : b.column + b.width] for b in blocks]
     _matmul_into(
         [grad_weights[b.index] for b in blocks],
         [grad.t() for grad in grads],

@@ -14,6 +14,7 @@ Where the symbol is missing (other BLAS, other architectures) or disagrees with 
 import ctypes
 import functools
 import glob
+import math
 import os
 
 import torch
@@ -106,9 +107,24 @@ def _agrees_with_torch(sgemm_batch) -> bool:
     return all(torch.allclose(o, e, atol=1e-5) for o, e in zip(outs, expected))
 
 
-def grouped_gemm_available(tensor: torch.Tensor) -> bool:
-    """Whether `grouped_matmul_` runs GEMMs on operands like `tensor`: float32 on CPU, with MKL's grouped GEMM."""
-    return tensor.device.type == "cpu" and tensor.dtype == torch.float32 and _mkl_sgemm_batch() is not None
+def _balanced(outs, lefts, rights) -> tuple[list, list, list]:
+    """
+    The same products with every GEMM that carries more than a quarter of one thread's share of the work cut into
+    near-equal row blocks (of its output and left operand, 64 rows or more each): the grouped GEMM runs each GEMM on
+    one thread, so an expert that received most of the tokens would otherwise keep one thread busy alone.
+    """
+    work = [out.shape[0] * out.shape[1] * left.shape[1] for out, left in zip(outs, lefts)]
+    share = sum(work) / (4 * torch.get_num_threads())
+    balanced = ([], [], [])
+    for out, left, right, gemm_work in zip(outs, lefts, rights, work):
+        rows = out.shape[0]
+        pieces = max(1, min(math.ceil(gemm_work / share), rows // 64))
+        for piece in range(pieces):
+            first, last = rows * piece // pieces, rows * (piece + 1) // pieces
+            balanced[0].append(out[first:last])
+            balanced[1].append(left[first:last])
+            balanced[2].append(right)
+    return balanced
 
 
 def grouped_matmul_(
@@ -123,6 +139,8 @@ def grouped_matmul_(
         rights: (k_i, n_i) views of the same kinds (e.g. `weight.t()` of an `nn.Linear` weight).
         accumulate: add to `outs` instead of overwriting them.
 
+    GEMMs that carry much more than their share of the work are cut into row blocks first (`_balanced`).
+
     Returns:
         Whether the products were computed. False (nothing written) when MKL's grouped GEMM is unavailable, an
         operand is not float32 on CPU, or a layout is not one CBLAS accepts; the caller then loops over `torch.mm`.
@@ -130,8 +148,9 @@ def grouped_matmul_(
     for out, left, right in zip(outs, lefts, rights, strict=True):
         if left.shape[0] != out.shape[0] or right.shape != (left.shape[1], out.shape[1]):
             raise ValueError(f"Cannot multiply {tuple(left.shape)} by {tuple(right.shape)} into {tuple(out.shape)}.")
-    if not outs or not all(grouped_gemm_available(t) for t in [*outs, *lefts, *rights]):
+    if not outs or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in [*outs, *lefts, *rights]):
         return False
     if any(min(o.shape) == 0 or a.shape[1] == 0 for o, a in zip(outs, lefts)):
         return False
-    return _call(_mkl_sgemm_batch(), outs, lefts, rights, accumulate)
+    sgemm_batch = _mkl_sgemm_batch()
+    return sgemm_batch is not None and _call(sgemm_batch, *_balanced(outs, lefts, rights), accumulate)
