@@ -4,6 +4,7 @@ import os
 
 import torch
 from diffusers import AutoencoderKL
+from torch import nn
 
 from diffmoe_hf import ClassConditionalMoEPipeline, DSMoETransformer2DModel
 from diffmoe_hf.formulations import get_formulation
@@ -11,6 +12,57 @@ from diffmoe_hf.formulations import get_formulation
 from .conftest import parity_root
 
 DSMOE_CASE = "dsmoe-rope2d-e8g2k2"
+
+FLOAT32_EPS = torch.finfo(torch.float32).eps  # 2**-23, twice the unit roundoff of float32
+
+
+def float32_tolerance(reference: torch.Tensor, reduction_size: int, depth: int = 1) -> float:
+    """
+    Absolute tolerance for two float32 evaluations of the same computation that may add in another order (another
+    GEMM kernel, thread split or batch size, as on a different CPU), derived from the computation, not from a run.
+
+    A float32 dot product of length K is within K * u * sum|x_i * y_i| of the exact value (u = eps / 2, the standard
+    forward error bound), so two evaluations differ by at most K * eps of that sum; each of `depth` stacked layers adds
+    its own. The sum of |terms| is taken as twice the result's scale (moderate cancellation), and the scale is at least
+    1: the models' blocks work on layer-normalised (unit-scale) activations, so rounding errors are of that size even
+    where an output itself is small.
+
+    Args:
+        reference: One of the two results.
+        reduction_size: K, the longest dot product (GEMM inner dimension, or number of summed terms) on the way.
+        depth: Number of such reductions stacked one after the other.
+    """
+    scale = max(reference.detach().abs().max().item(), 1.0) if reference.numel() else 1.0
+    return 2 * depth * reduction_size * FLOAT32_EPS * scale
+
+
+def model_float32_tolerance(model: nn.Module, reference: torch.Tensor, tokens: int | None = None, calls: int = 1) -> float:
+    """
+    `float32_tolerance` of a whole transformer's result: the longest dot product is the widest `nn.Linear` input or
+    the sum over `tokens` (attention over a sample's tokens, by default those of the (B, C, H, W) `reference`; a weight
+    gradient sums over all tokens of the batch), and every block plus the embedding and the output layer is one level
+    of depth, for each of `calls` passes through the model (sampling steps; 2 for a forward and its backward).
+    """
+    widest = max(module.in_features for module in model.modules() if isinstance(module, nn.Linear))
+    if tokens is None:
+        tokens = reference.shape[-2] * reference.shape[-1] // model.config.patch_size**2
+        tokens += getattr(model.config, "in_context_len", 0) or 0
+    return float32_tolerance(reference, max(widest, tokens), depth=calls * (model.config.num_layers + 2))
+
+
+def assert_float32_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, msg: str = "") -> None:
+    """`actual` equals `expected` up to `tolerance` (from `float32_tolerance`); same shape, dtype and NaN pattern."""
+    torch.testing.assert_close(actual, expected, rtol=0, atol=tolerance, msg=lambda m: f"{msg} {m}".strip())
+
+
+def token_routing(model: nn.Module, *args) -> dict[str, list[torch.Tensor]]:
+    """The (S, k) expert ids (sorted per token) every token-choice MoE layer of `model` picked in one forward on
+    `args`, by layer name."""
+    from diffmoe_hf.routing import record_routing
+
+    with torch.no_grad(), record_routing(model) as routing:
+        model(*args)
+    return {name: [ids.sort(-1).values for ids in layer.expert_ids] for name, layer in routing.items()}
 
 
 def dsmoe_case(name: str = DSMOE_CASE) -> str:

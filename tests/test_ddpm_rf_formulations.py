@@ -8,6 +8,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from diffmoe_hf import ClassConditionalMoEPipeline, DSMoETransformer2DModel, get_formulation
 from diffmoe_hf.formulations import ddim_respacing, evenly_spaced_respacing
 
+from .helpers import assert_float32_close, float32_tolerance, model_float32_tolerance
+
 DDPM = get_formulation("ddpm-learned-sigma")
 RF = get_formulation("rf-noise-at-1")
 
@@ -72,7 +74,8 @@ def test_ddim_loop_matches_upstream_for_any_step_count(steps):
         step_input = DDPM.scheduler_output(prediction, sample, model_time, scheduler)
         assert step_input.shape == sample.shape  # DDIM gets eps only
         sample = scheduler.step(step_input, t, sample, eta=0.0).prev_sample
-    assert (sample - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max().item())
+    # diffusers' alphas_cumprod is a float32 product over the 1000 betas; every step reuses it
+    assert_float32_close(sample, expected, float32_tolerance(expected, 1000, depth=steps))
 
 
 @pytest.mark.parametrize("steps", sorted(UPSTREAM_ANCESTRAL))
@@ -119,7 +122,7 @@ def test_rf_noise_at_one_reproduces_the_upstream_euler_sampler():
         model_time = RF.model_time(scheduler, t)
         prediction = torch.cat([velocity(sample, model_time), torch.zeros_like(sample)], dim=1)
         sample = scheduler.step(RF.scheduler_output(prediction, sample, model_time, scheduler), t, sample).prev_sample
-    torch.testing.assert_close(sample, expected, atol=1e-5, rtol=1e-5)
+    assert_float32_close(sample, expected, float32_tolerance(expected, 2, depth=steps))  # x - v * dt per step
 
 
 def _tiny_ddpm_pipeline():
@@ -142,9 +145,11 @@ def test_guidance_channels_option_guides_only_the_first_channels():
         all_channels = pipe._predict(latents, torch.tensor(500.0), labels, 4.0, None)
         three = pipe._predict(latents, torch.tensor(500.0), labels, 4.0, None, guidance_channels=3)
     guided = uncond + 4.0 * (cond - uncond)
-    torch.testing.assert_close(all_channels[:, :4], guided[:, :4], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(three[:, :3], guided[:, :3], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(three[:, 3:], cond[:, 3:])
+    # the pipeline runs both passes as one batch: summation order only, times up to 1 + 2 * 4 through the guidance
+    tolerance = 9 * model_float32_tolerance(pipe.transformer, guided)
+    assert_float32_close(all_channels[:, :4], guided[:, :4], tolerance)
+    assert_float32_close(three[:, :3], guided[:, :3], tolerance)
+    assert_float32_close(three[:, 3:], cond[:, 3:], tolerance)
     with pytest.raises(ValueError, match="guidance_channels"):
         pipe(class_labels=[0], num_inference_steps=2, output_type="latent", guidance_channels=5)
 

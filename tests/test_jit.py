@@ -14,6 +14,7 @@ from diffmoe_hf.conversion.convert_jit import build_jit_transformer, jit_config_
 from diffmoe_hf.models.transformer_jit import JIT_PRESETS
 
 from .conftest import parity_root
+from .helpers import assert_float32_close, model_float32_tolerance
 
 TINY = dict(sample_size=16, patch_size=4, num_layers=4, num_attention_heads=2, attention_head_dim=8, mlp_ratio=1.0,
             num_classes=10, bottleneck_dim=4, in_context_len=2, in_context_start=1, moe_layers=[1, 3], num_experts=4,
@@ -96,9 +97,10 @@ def test_label_dropout_only_in_training_mode():
     null = torch.full_like(y, model.config.num_classes)
     with torch.no_grad():
         unconditional = model(x, t, null).sample
-        assert not torch.allclose(model(x, t, y).sample, unconditional)
+        tolerance = model_float32_tolerance(model, unconditional)
+        assert (model(x, t, y).sample - unconditional).abs().max() > tolerance
         model.train()
-        torch.testing.assert_close(model(x, t, y).sample, unconditional)
+        assert_float32_close(model(x, t, y).sample, unconditional, tolerance)
 
 
 def test_gradients_reach_every_kind_of_parameter_with_and_without_checkpointing():
@@ -112,8 +114,10 @@ def test_gradients_reach_every_kind_of_parameter_with_and_without_checkpointing(
     model.zero_grad()
     model.enable_gradient_checkpointing()
     model(x, t, y).sample.square().mean().backward()
+    batch_tokens = x.shape[0] * (x.shape[-2] * x.shape[-1] // model.config.patch_size**2 + TINY["in_context_len"])
     for name, grad in grads.items():
-        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=name)
+        tolerance = model_float32_tolerance(model, grad, tokens=batch_tokens, calls=2)
+        assert_float32_close(dict(model.named_parameters())[name].grad, grad, tolerance, msg=name)
 
 
 def test_guidance_interval_boundaries():
@@ -206,7 +210,9 @@ def test_pipeline_matches_guided_velocity_euler_step():
     sample = pipe(labels, num_inference_steps=1, latents=noise, guidance_scale=3.0, guidance_interval=(0.0, 1.0),
                   output_type="latent").images  # fmt: skip
     velocity = formulation.guided_velocity(pipe.transformer, noise, torch.zeros(2), labels, 3.0, (0.0, 1.0))
-    torch.testing.assert_close(sample, noise + velocity, rtol=1e-5, atol=1e-5)
+    # at t = 0 the velocity is x_hat - z; guidance u + 3 (c - u) adds up to 1 + 2 * 3 model errors
+    tolerance = 7 * model_float32_tolerance(pipe.transformer, velocity)
+    assert_float32_close(sample, noise + velocity, tolerance)
 
 
 # --- converter -------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from diffusers import DiffusionPipeline
 from diffmoe_hf import ClassConditionalMoEPipeline
 from diffmoe_hf.conversion import apply_hub_layout
 
-from .helpers import tiny_pipeline
+from .helpers import assert_float32_close, model_float32_tolerance, tiny_pipeline
 
 
 def test_get_label_ids_accepts_a_string_or_a_list_and_synonyms():
@@ -119,7 +119,9 @@ def test_guidance_matches_the_separate_pass_formula():
         cond = pipe.transformer(latents, torch.zeros(2), torch.tensor([1, 2])).sample[:, :4]
         uncond = pipe.transformer(latents, torch.zeros(2), torch.tensor([10, 10])).sample[:, :4]
     assert not torch.allclose(cond, uncond)
-    torch.testing.assert_close(one_step, latents + (uncond + 2.5 * (cond - uncond)), atol=1e-5, rtol=1e-5)
+    # one batch of both passes in the pipeline: summation order only, times up to 1 + 2 * 2.5 through the guidance
+    tolerance = 6 * model_float32_tolerance(pipe.transformer, cond)
+    assert_float32_close(one_step, latents + (uncond + 2.5 * (cond - uncond)), tolerance)
 
 
 def test_callback_on_step_end_sees_and_replaces_latents():
@@ -161,7 +163,7 @@ def test_save_and_reload_keeps_labels_and_outputs(tmp_path):
     loaded.set_progress_bar_config(disable=True)
     kwargs = dict(class_labels=[1, 2], num_inference_steps=2, output_type="latent")
     torch.testing.assert_close(loaded(generator=torch.manual_seed(0), **kwargs).images,
-                               pipe(generator=torch.manual_seed(0), **kwargs).images)  # fmt: skip
+                               pipe(generator=torch.manual_seed(0), **kwargs).images, atol=0, rtol=0)  # fmt: skip
     assert loaded.get_label_ids("goldfish") == [1]
 
 

@@ -104,6 +104,8 @@ def test_ddpm_eps_mse_plus_vb_with_detached_mean():
     lower = torch.where(x0[:1] < -0.999, torch.zeros_like(x0[:1]), decoder.cdf(x0[:1].double() - 1 / 255))
     decoder_bits = -(upper - lower).clamp_min(1e-12).log().mean() / math.log(2)
     vb = torch.cat([decoder_bits.view(1), kl_bits[1:]])
+    # not a float tolerance: the loss uses the original's tanh approximation of the normal CDF in the decoder term
+    # (absolute error up to about 2e-4 in the CDF), the reference the exact CDF
     torch.testing.assert_close(result.vb, vb.mean().float(), rtol=2e-3, atol=1e-4)
     torch.testing.assert_close(result.mse, mse.mean().float())
     torch.testing.assert_close(result.loss, result.mse + result.vb)
