@@ -11,6 +11,18 @@ from .dispatch import ExpertSegments, dispatch, segments_from_expert_choice
 from .experts import GeluMLPExperts
 
 
+class Float32Linear(nn.Linear):
+    """
+    An `nn.Linear` that computes in float32 whatever the dtype of its input and parameters (routing scores): (…, in)
+    -> (…, out) float32. Being an `nn.Linear` called as a module, hooks and wrappers that act on linears (group
+    offloading, LoRA, quantization) see it like any other.
+    """
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(hidden_states.float(), self.weight.float(), bias)
+
+
 class CapacityPredictor(nn.Module):
     """
     Predicts, per token and expert, whether the expert would pick the token, and holds the per-expert decision
@@ -29,17 +41,15 @@ class CapacityPredictor(nn.Module):
 
     def __init__(self, dim: int, num_experts: int, ema_decay: float = 0.95):
         super().__init__()
-        self.linear_1 = nn.Linear(dim, dim)
+        self.linear_1 = Float32Linear(dim, dim)
         self.act = nn.SiLU()
-        self.linear_2 = nn.Linear(dim, num_experts)
+        self.linear_2 = Float32Linear(dim, num_experts)
         self.register_buffer("expert_threshold", torch.zeros(num_experts))
         self.register_buffer("ema_decay", torch.tensor([ema_decay]))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(S, D) tokens -> (S, E) float32 logits."""
-        hidden_states = hidden_states.float()
-        hidden_states = F.linear(hidden_states, self.linear_1.weight.float(), self.linear_1.bias.float())
-        return F.linear(self.act(hidden_states), self.linear_2.weight.float(), self.linear_2.bias.float())
+        return self.linear_2(self.act(self.linear_1(hidden_states)))
 
     def tokens_per_expert(self, logits: torch.Tensor) -> torch.Tensor:
         """(S, E) logits -> (E,) int64 number of tokens each expert takes at inference."""
@@ -115,7 +125,7 @@ class DynamicTokenMoE(nn.Module):
         self.num_experts = num_experts
         self.capacity = capacity
         self.capacity_loss_weight = capacity_loss_weight
-        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.gate = Float32Linear(dim, num_experts, bias=False)
         self.capacity_predictor = CapacityPredictor(dim, num_experts)
         self.experts = GeluMLPExperts(num_experts, dim, intermediate_size)
         self.shared_experts = None
@@ -129,7 +139,7 @@ class DynamicTokenMoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, N, D) -> (B, N, D); routing runs over all B*N tokens together."""
         tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
-        scores = F.linear(tokens.float(), self.gate.weight.float()).softmax(dim=-1).t()  # (E, S)
+        scores = self.gate(tokens).softmax(dim=-1).t()  # (E, S)
         capacity_logits = self.capacity_predictor(tokens.detach())  # (S, E)
         if self.training:
             segments = self._select_for_training(scores, capacity_logits)
