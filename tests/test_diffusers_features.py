@@ -1,0 +1,239 @@
+"""diffusers' own machinery acting on the models of every family: layerwise casting, group offloading, loading and
+casting under `torch.inference_mode()`, `compile_repeated_blocks`, gradient checkpointing, LoRA and torchao
+quantization. Each feature is compared with the same tiny model without it, and the expert banks are checked to run
+the backend they should (a fast backend only where reading the experts' weights directly is valid)."""
+
+import copy
+import os
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from diffmoe_hf import (
+    DiTMoETransformer2DModel,
+    DSMoETransformer2DModel,
+    DynamicTokenMoETransformer2DModel,
+    JiTTransformer2DModel,
+    SpatialTemporalMoETransformer2DModel,
+)
+from diffmoe_hf.models.moe import DynamicTokenMoE, StackedLinearExperts, default_expert_backend
+from diffmoe_hf.models.moe import reads_weights_directly, resolve_expert_backend
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+_LATENT = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=4, num_attention_heads=2,
+               attention_head_dim=8, num_classes=10)  # fmt: skip
+# two blocks of each kind (dense and MoE where a family mixes them), four experts of hidden width 16
+FAMILIES = {
+    "dsmoe": (DSMoETransformer2DModel, dict(_LATENT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                            n_group=2, topk_group=2, mlp_ratio=2.0)),
+    "jitmoe": (JiTTransformer2DModel, dict(sample_size=16, patch_size=4, in_channels=3, num_layers=4,
+                                           num_attention_heads=2, attention_head_dim=8, num_classes=10,
+                                           bottleneck_dim=8, in_context_len=2, in_context_start=1, moe_layers=[1, 3],
+                                           num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, n_group=2,
+                                           topk_group=2, mlp_ratio=2.0)),
+    "dit-moe": (DiTMoETransformer2DModel, dict(_LATENT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                               shared_expert_intermediate_size=16)),
+    "diffmoe": (DynamicTokenMoETransformer2DModel, dict(_LATENT, num_experts=4, mlp_ratio=2.0)),
+    "diff-moe": (SpatialTemporalMoETransformer2DModel, dict(_LATENT, num_experts=4, num_experts_per_tok=2,
+                                                            moe_intermediate_size=16, shared_intermediate_size=16,
+                                                            modulation_rank=4)),
+}  # fmt: skip
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def tiny_model(family: str) -> nn.Module:
+    """A tiny eval-mode model whose every parameter matters (adaLN branches and gates are not zero)."""
+    model_class, config = FAMILIES[family]
+    torch.manual_seed(0)
+    model = model_class(**config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+        for layer in model.modules():
+            if isinstance(layer, DynamicTokenMoE):  # calibrated thresholds: a varying number of tokens per expert
+                layer.capacity_predictor.expert_threshold.fill_(0.5)
+    return model
+
+
+def model_inputs(model: nn.Module, batch_size: int = 2) -> dict:
+    config = model.config
+    generator = torch.Generator().manual_seed(1)
+    return dict(
+        hidden_states=torch.randn(batch_size, config.in_channels, config.sample_size, config.sample_size,
+                                  generator=generator),
+        timestep=torch.rand(batch_size, generator=generator),
+        class_labels=torch.randint(0, config.num_classes, (batch_size,), generator=generator),
+    )  # fmt: skip
+
+
+def expert_banks(model: nn.Module) -> list[StackedLinearExperts]:
+    return [m for m in model.modules() if isinstance(m, StackedLinearExperts)]
+
+
+def backends_seen(model: nn.Module, inputs: dict) -> set[str]:
+    """The backends the expert banks resolve to during a forward on `inputs` (on the rows they receive)."""
+    seen, banks = set(), expert_banks(model)
+    for bank in banks:
+        def forward_grouped(rows, *args, bank=bank, original=bank.forward_grouped, **kwargs):
+            seen.add(bank.backend(rows))
+            return original(rows, *args, **kwargs)
+
+        bank.forward_grouped = forward_grouped  # an instance attribute over the class's method
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for bank in banks:
+            del bank.forward_grouped
+    return seen
+
+
+def routing_record(model: nn.Module) -> tuple[list, list]:
+    """Hooks recording every routing decision of a forward: (expert ids per MoE layer, handles)."""
+    decisions, handles = [], []
+    for module in model.modules():
+        if isinstance(module, DynamicTokenMoE):
+            handles.append(module.register_forward_hook(
+                lambda layer, args, out: decisions.append(
+                    (layer.selection.token_index.clone(), layer.selection.expert_index.clone()))))  # fmt: skip
+        elif hasattr(module, "router") and hasattr(module, "experts"):
+            handles.append(module.router.register_forward_hook(lambda m, args, out: decisions.append(out[0].clone())))
+    return decisions, handles
+
+
+def run(model: nn.Module, inputs: dict, record_routing: bool = False):
+    decisions, handles = routing_record(model) if record_routing else ([], [])
+    try:
+        with torch.no_grad():
+            out = model(**inputs).sample
+    finally:
+        for handle in handles:
+            handle.remove()
+    return (out, decisions) if record_routing else out
+
+
+def float32_tolerance(reference: torch.Tensor, reduction_size: int, depth: int = 1) -> float:
+    """Worst-case rounding bound of fp32 dot products of length `reduction_size` summed in another order, over
+    `depth` stacked layers, relative to the output scale (`2 * depth * reduction_size * eps * max|reference|`)."""
+    return 2 * depth * reduction_size * EPS32 * reference.abs().max().item()
+
+
+def model_tolerance(model: nn.Module, reference: torch.Tensor) -> float:
+    """`float32_tolerance` for two fp32 runs of `model` that sum the expert GEMMs in another order: the longest
+    reduction is the widest hidden layer, accumulated over every block plus the output layer."""
+    widest = max(m.in_features for m in model.modules() if isinstance(m, nn.Linear))
+    return float32_tolerance(reference, widest, depth=len(model.transformer_blocks) + 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The rule that decides when a fast backend may read the experts' weights
+
+
+def test_fast_backends_step_aside_for_anything_that_changes_what_a_projection_computes():
+    from diffusers.hooks import HookRegistry, ModelHook
+    from peft import LoraConfig, inject_adapter_in_model
+
+    rows = torch.zeros(3, 8)
+
+    def linear():
+        return nn.Linear(8, 4)
+
+    assert reads_weights_directly(linear(), rows)
+    hooked = linear()
+    hooked.register_forward_hook(lambda *args: None)
+    pre_hooked = linear()
+    pre_hooked.register_forward_pre_hook(lambda *args: None)
+    diffusers_hooked = linear()
+    HookRegistry.check_if_exists_or_initialize(diffusers_hooked).register_hook(ModelHook(), "noop")
+    wrapped = inject_adapter_in_model(LoraConfig(r=2, target_modules=["proj"]), nn.ModuleDict({"proj": linear()}))
+    half = linear().half()
+    on_meta = nn.Linear(8, 4, device="meta")
+    subclass_weight = linear()
+    subclass_weight.weight = nn.Parameter(torch.zeros(4, 8).as_subclass(_MarkedTensor))
+    for module in (hooked, pre_hooked, diffusers_hooked, wrapped["proj"], half, on_meta, subclass_weight):
+        assert not reads_weights_directly(module, rows), module
+        assert resolve_expert_backend("segment_linear", [linear(), module], rows) == "modules"
+    assert reads_weights_directly(half, rows.half())
+    assert resolve_expert_backend("auto", [linear()], rows) == default_expert_backend(rows) == "segment_linear"
+    assert resolve_expert_backend("grouped_mm", [linear()], rows) == "grouped_mm"
+    assert resolve_expert_backend("modules", [linear()], rows) == "modules"
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        assert resolve_expert_backend("auto", [linear()], rows) == "modules"
+    finally:
+        handle.remove()
+
+
+class _MarkedTensor(torch.Tensor):
+    """A tensor subclass standing in for quantized weights (torchao's are subclasses too)."""
+
+
+def test_unknown_backend_is_refused_with_the_choices():
+    model = tiny_model("dsmoe")
+    with pytest.raises(ValueError, match="auto, modules, segment_linear, grouped_mm"):
+        model.set_expert_backend("triton")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_backend_gives_the_same_model_output(family):
+    model = tiny_model(family)
+    inputs = model_inputs(model)
+    assert backends_seen(model, inputs) == {"segment_linear"}
+    reference = run(model, inputs)
+    for backend in ("modules", "grouped_mm"):
+        model.set_expert_backend(backend)
+        assert backends_seen(model, inputs) == {backend}
+        torch.testing.assert_close(run(model, inputs), reference, atol=model_tolerance(model, reference), rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layerwise casting
+
+
+def _layerwise_cast_modules(model: nn.Module) -> list[str]:
+    from diffusers.hooks.layerwise_casting import _LAYERWISE_CASTING_HOOK
+
+    return [
+        name
+        for name, module in model.named_modules()
+        if hasattr(module, "_diffusers_hook") and module._diffusers_hook.get_hook(_LAYERWISE_CASTING_HOOK) is not None
+    ]
+
+
+_ROUTER = r"router|\.gate(\.|$)|capacity_predictor"  # DSMoE, JiTMoE, DiT-MoE, Diff-MoE routers; DiffMoE's gate
+
+
+@pytest.mark.parametrize("storage_dtype", [torch.float8_e4m3fn, torch.float16], ids=["fp8", "fp16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layerwise_casting_computes_with_the_stored_weights_and_exact_routers(family, storage_dtype):
+    model = tiny_model(family)
+    inputs = model_inputs(model)
+    reference = copy.deepcopy(model)
+    model.enable_layerwise_casting(storage_dtype=storage_dtype, compute_dtype=torch.float32)
+    cast = _layerwise_cast_modules(model)
+    # the reference holds the very values the hooks compute with: the cast modules' weights through the storage dtype
+    with torch.no_grad():
+        for name in cast:
+            for tensor in reference.get_submodule(name).parameters():
+                tensor.copy_(tensor.to(storage_dtype).float())
+    for bank in expert_banks(model):  # every expert projection is stored in the low precision
+        assert all(p.dtype == storage_dtype for p in bank.parameters() if p.dim() == 2)
+    routers = [n for n, _ in model.named_parameters() if re.search(_ROUTER, n)]
+    assert routers and all(model.get_parameter(n).dtype == torch.float32 for n in routers)
+    assert not any(re.search(_ROUTER, name) for name in cast)
+
+    assert backends_seen(model, inputs) == {"modules"}  # the experts' hooks must run
+    reference.set_expert_backend("modules")  # the same computation, on the same values
+    out, routing = run(model, inputs, record_routing=True)
+    want, want_routing = run(reference, inputs, record_routing=True)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    assert len(routing) == len(want_routing) > 0
+    for got, expected in zip(routing, want_routing):
+        if isinstance(got, tuple):
+            assert all(torch.equal(a, b) for a, b in zip(got, expected))
+        else:
+            assert torch.equal(got, expected)
