@@ -280,3 +280,120 @@ def test_group_offloading_with_cuda_streams(family, offload_type):
         out = run(model, inputs)
         assert not out.isnan().any()
         torch.testing.assert_close(out, want, atol=model_tolerance(model, want), rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading and casting under torch.inference_mode()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loading_casting_and_updating_under_inference_mode(family, tmp_path):
+    model = tiny_model(family)
+    inputs = model_inputs(model)
+    model.save_pretrained(tmp_path)
+    want = run(model, inputs)
+    with torch.inference_mode():
+        loaded = type(model).from_pretrained(tmp_path).eval()
+        assert all(p.is_inference() for p in loaded.parameters())
+        inside = loaded(**inputs).sample
+    torch.testing.assert_close(inside, want, atol=0, rtol=0)
+    torch.testing.assert_close(run(loaded, inputs), want, atol=0, rtol=0)  # a later forward, outside
+
+    with torch.inference_mode():
+        loaded.to(torch.float64)
+    torch.testing.assert_close(run(loaded, {**inputs, "hidden_states": inputs["hidden_states"].double()}),
+                               run(copy.deepcopy(model).double(), {**inputs, "hidden_states":
+                                                                    inputs["hidden_states"].double()}),
+                               atol=0, rtol=0)  # fmt: skip
+    # weights updated in place (no version counter on inference tensors) are what the next forward computes with
+    other = tiny_model(family)
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.mul_(1.5)
+    with torch.inference_mode():
+        loaded.to(torch.float32)
+        loaded.load_state_dict(other.state_dict())
+    torch.testing.assert_close(run(loaded, inputs), run(other, inputs), atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Regional compilation
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compile_repeated_blocks_fullgraph_compiles_each_block_class_once(family):
+    model = tiny_model(family)
+    inputs = model_inputs(model)
+    want = run(model, inputs)
+    block_classes = {type(block).__name__ for block in model.transformer_blocks}
+    assert block_classes <= set(model._repeated_blocks)
+    torch._dynamo.reset()
+    try:
+        model.compile_repeated_blocks(fullgraph=True, backend="eager")
+        with torch._dynamo.config.patch(error_on_recompile=True):  # a second graph for any block class fails
+            for _ in range(2):
+                torch.testing.assert_close(run(model, inputs), want, atol=model_tolerance(model, want), rtol=0)
+    finally:
+        torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gradient checkpointing
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_checkpointing_gives_the_same_gradients(family):
+    def gradients(checkpointing: bool):
+        model = tiny_model(family).train()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        inputs = model_inputs(model)
+        torch.manual_seed(2)  # label dropout draws the same labels in both runs
+        out = model(**inputs).sample
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    out, grads = gradients(False)
+    checkpointed_out, checkpointed_grads = gradients(True)
+    torch.testing.assert_close(checkpointed_out, out, atol=0, rtol=0)
+    assert grads.keys() == checkpointed_grads.keys()
+    assert any(".experts." in name for name in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, atol=0, rtol=0, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA
+
+
+_EXPERT_PROJECTIONS = {"dsmoe": ["gate_proj", "up_proj", "down_proj"], "jitmoe": ["gate_proj", "up_proj", "down_proj"],
+                       "dit-moe": ["gate_proj", "up_proj", "down_proj"], "diffmoe": [r".*\.experts\.\d+\.net\.(0\.proj|2)"],
+                       "diff-moe": ["gate_proj", "up_proj", "down_proj"]}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_keeps_the_fast_backend_unless_it_wraps_the_experts(family):
+    from peft import LoraConfig
+
+    model = tiny_model(family)
+    inputs = model_inputs(model)
+    base = run(model, inputs)
+    model.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_v"]), adapter_name="attention")
+    assert backends_seen(model, inputs) == {"segment_linear"}
+    torch.testing.assert_close(run(model, inputs), base, atol=0, rtol=0)  # lora_B starts at zero
+
+    targets = _EXPERT_PROJECTIONS[family]
+    target_modules = targets[0] if len(targets) == 1 else targets
+    model.add_adapter(LoraConfig(r=2, target_modules=target_modules), adapter_name="experts")
+    model.set_adapters(["attention", "experts"])
+    assert backends_seen(model, inputs) == {"modules"}
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05)
+    with_lora = run(model, inputs)
+    assert not torch.allclose(with_lora, base)
+    model.fuse_lora()  # the adapters merged into plain nn.Linear weights (the wrappers stay, inactive)
+    model.unload_lora()
+    assert backends_seen(model, inputs) == {"segment_linear"}
+    torch.testing.assert_close(run(model, inputs), with_lora, atol=model_tolerance(model, with_lora), rtol=0)
