@@ -397,3 +397,98 @@ def test_lora_keeps_the_fast_backend_unless_it_wraps_the_experts(family):
     model.unload_lora()
     assert backends_seen(model, inputs) == {"segment_linear"}
     torch.testing.assert_close(run(model, inputs), with_lora, atol=model_tolerance(model, with_lora), rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Quantization
+
+
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a parameter occupies, counting the inner tensors of a tensor subclass (torchao's quantized weights)."""
+    if type(tensor) in (nn.Parameter, torch.Tensor):
+        return tensor.nbytes
+    names, _ = tensor.__tensor_flatten__()
+    return sum(stored_bytes(getattr(tensor, name)) for name in names)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_torchao_int8_weight_only_quantizes_every_expert(family, tmp_path):
+    pytest.importorskip("torchao")
+    from diffusers import TorchAoConfig
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    model = tiny_model(family)
+    inputs = model_inputs(model)
+    model.save_pretrained(tmp_path)
+    quantized = type(model).from_pretrained(
+        tmp_path, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()), torch_dtype=torch.float32
+    ).eval()
+    expert_weights = [linear.weight for bank in expert_banks(quantized) for linear in bank.projections()]
+    assert len(expert_weights) > 0 and all(type(w) is not nn.Parameter for w in expert_weights)  # every one of them
+    routers = [p for n, p in quantized.named_parameters() if re.search(_ROUTER, n)]
+    assert routers and all(type(p) is nn.Parameter and p.dtype == torch.float32 for p in routers)
+    unquantized_bytes = sum(linear.weight.nbytes for bank in expert_banks(model) for linear in bank.projections())
+    quantized_bytes = sum(stored_bytes(w) for w in expert_weights)
+    # int8 values plus a scale and a zero point (at most 4 bytes each) per output row
+    rows = sum(w.shape[0] for w in expert_weights)
+    assert quantized_bytes <= unquantized_bytes // 4 + rows * 8
+
+    assert backends_seen(quantized, inputs) == {"modules"}  # the quantized linears compute, not their raw weights
+    # reference: the unquantized model holding the dequantized weights, i.e. the values the int8 kernels multiply by
+    dequantized = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, parameter in quantized.named_parameters():
+            if type(parameter) is not nn.Parameter:
+                dequantized.get_parameter(name).copy_(parameter.dequantize())
+    dequantized.set_expert_backend("modules")
+    out, routing = run(quantized, inputs, record_routing=True)
+    want, want_routing = run(dequantized, inputs, record_routing=True)
+    torch.testing.assert_close(out, want, atol=model_tolerance(model, want), rtol=0)
+    for got, expected in zip(routing, want_routing):
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)) if isinstance(got, tuple) else torch.equal(got, expected)
+    # and close to the unquantized model: symmetric int8 rounding moves a weight by at most max|row| / 254, i.e. a
+    # row's output by at most sqrt(in_features) / 254 of its norm; first order, the errors of the (at most 4 per
+    # block, plus input and output layers) quantized linears a signal passes in series add up
+    plain = run(model, inputs)
+    widest = max(m.in_features for m in model.modules() if isinstance(m, nn.Linear))
+    bound = (4 * len(model.transformer_blocks) + 2) * widest**0.5 / 254
+    assert (out - plain).norm() / plain.norm() < bound
+
+
+def test_pipeline_quantization_config_reaches_the_experts(tmp_path):
+    pytest.importorskip("torchao")
+    from diffusers import PipelineQuantizationConfig, TorchAoConfig
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    from diffmoe_hf import ClassConditionalMoEPipeline
+
+    from .helpers import tiny_pipeline
+
+    tiny_pipeline(with_vae=False).save_pretrained(tmp_path)
+    config = PipelineQuantizationConfig(quant_mapping={"transformer": TorchAoConfig(Int8WeightOnlyConfig())})
+    pipe = ClassConditionalMoEPipeline.from_pretrained(tmp_path, quantization_config=config, torch_dtype=torch.float32)
+    expert_weights = [linear.weight for bank in expert_banks(pipe.transformer) for linear in bank.projections()]
+    assert len(expert_weights) > 0 and all(type(w) is not nn.Parameter for w in expert_weights)
+    latents = pipe(class_labels=[1, 2], num_inference_steps=2, output_type="latent").images
+    assert latents.shape[0] == 2 and not latents.isnan().any()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="diffusers' bitsandbytes quantizer needs a CUDA GPU")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bitsandbytes_int8_quantizes_every_expert(family, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from diffusers import BitsAndBytesConfig
+
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path)
+    quantized = type(model).from_pretrained(
+        tmp_path, quantization_config=BitsAndBytesConfig(load_in_8bit=True), torch_dtype=torch.float32
+    ).eval()
+    linears = [linear for bank in expert_banks(quantized) for linear in bank.projections()]
+    assert len(linears) > 0 and all(type(linear) is not nn.Linear for linear in linears)
+    inputs = {k: v.cuda() for k, v in model_inputs(model).items()}
+    assert backends_seen(quantized, inputs) == {"modules"}
+    out, plain = run(quantized, inputs), run(model.cuda(), inputs)
+    widest = max(m.in_features for m in model.modules() if isinstance(m, nn.Linear))
+    bound = (4 * len(model.transformer_blocks) + 2) * widest**0.5 / 254  # as for torchao's int8 above
+    assert not out.isnan().any() and (out - plain).norm() / plain.norm() < bound
