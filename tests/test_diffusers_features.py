@@ -167,6 +167,38 @@ def test_fast_backends_step_aside_for_anything_that_changes_what_a_projection_co
         handle.remove()
 
 
+@pytest.mark.parametrize("change", ["diffusers_hook", "lora"])
+def test_a_compiled_layer_sees_experts_hooked_or_wrapped_after_compilation(change):
+    from diffusers.hooks import HookRegistry, ModelHook
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from diffmoe_hf.models.moe import DeepSeekMoE
+
+    class Double(ModelHook):
+        def post_forward(self, module, output):
+            return output * 2
+
+    torch.manual_seed(0)
+    layer = DeepSeekMoE(16, num_experts=4, intermediate_size=8, num_experts_per_tok=2).eval()
+    hidden = torch.randn(2, 6, 16)
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            before = compiled(hidden)
+            if change == "diffusers_hook":
+                for expert in layer.experts:
+                    HookRegistry.check_if_exists_or_initialize(expert.down_proj).register_hook(Double(), "double")
+            else:
+                config = LoraConfig(r=2, target_modules=["down_proj"], init_lora_weights=False)
+                inject_adapter_in_model(config, layer.experts)
+            after, eager = compiled(hidden), layer(hidden)
+    finally:
+        torch._dynamo.reset()
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, eager, atol=float32_tolerance(eager, 16, depth=2), rtol=0)
+
+
 class _MarkedTensor(torch.Tensor):
     """A tensor subclass standing in for quantized weights (torchao's are subclasses too)."""
 

@@ -20,6 +20,11 @@ runs `"modules"` instead whenever one of its projections is not a plain `nn.Line
 carries a hook (diffusers `HookRegistry`, accelerate, `register_forward_(pre_)hook`, global module hooks), or has a
 weight that is a tensor subclass (torchao's quantized weights), on another device than the rows (offloaded, meta)
 or of another dtype (stored in a lower precision).
+
+The check is O(experts) cheap attribute reads per call and traces under `torch.compile(fullgraph=True)`; a compiled
+graph is guarded on what it read, so wrapping a projection (LoRA), registering a diffusers or accelerate hook or
+changing a weight's dtype or device after compilation recompiles. Like every `torch.compile`d module, it does not see
+plain `register_forward_(pre_)hook` hooks added after compilation (`torch._dynamo.config.skip_nnmodule_hook_guards`).
 """
 
 import torch
@@ -49,11 +54,11 @@ def _global_module_hooks() -> bool:
     return bool(module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks)
 
 
-def _plain_tensor(tensor: torch.Tensor | None, rows: torch.Tensor) -> bool:
+def _plain_tensor(tensor: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> bool:
     """A parameter a fast backend may use as is: no tensor subclass, the rows' dtype and device."""
     if tensor is None:
         return True
-    return type(tensor) in (nn.Parameter, torch.Tensor) and tensor.dtype == rows.dtype and tensor.device == rows.device
+    return type(tensor) in (nn.Parameter, torch.Tensor) and tensor.dtype == dtype and tensor.device == device
 
 
 def reads_weights_directly(linear: nn.Module, rows: torch.Tensor) -> bool:
@@ -61,14 +66,33 @@ def reads_weights_directly(linear: nn.Module, rows: torch.Tensor) -> bool:
     Whether reading `linear.weight` / `linear.bias` gives exactly what calling `linear` on `rows` computes: a plain
     `nn.Linear` without hooks whose weight and bias are plain tensors of the rows' dtype on the rows' device.
     """
+    return _reads_weights_directly(linear, rows.dtype, rows.device)
+
+
+def _reads_weights_directly(linear: nn.Module, dtype: torch.dtype, device: torch.device) -> bool:
+    if torch.compiler.is_compiling():  # attribute lookups, which `torch.compile` guards on (it does not guard `__dict__`)
+        return (
+            type(linear) is nn.Linear
+            and not linear._forward_hooks
+            and not linear._forward_pre_hooks
+            and not hasattr(linear, "_diffusers_hook")
+            and not hasattr(linear, "_hf_hook")
+            and _plain_tensor(linear.weight, dtype, device)
+            and _plain_tensor(linear.bias, dtype, device)
+        )
+    # eager: the module's own dicts rather than attribute lookups (this runs for every projection of every expert per
+    # call, and a failing `hasattr` on a module costs an exception)
+    attributes = linear.__dict__
+    parameters = linear._parameters
     return (
         type(linear) is nn.Linear
         and not linear._forward_hooks
         and not linear._forward_pre_hooks
-        and not hasattr(linear, "_diffusers_hook")
-        and not hasattr(linear, "_hf_hook")
-        and _plain_tensor(linear.weight, rows)
-        and _plain_tensor(linear.bias, rows)
+        and "forward" not in attributes  # diffusers' HookRegistry and accelerate replace the bound forward
+        and "_diffusers_hook" not in attributes
+        and "_hf_hook" not in attributes
+        and _plain_tensor(parameters["weight"], dtype, device)
+        and _plain_tensor(parameters["bias"], dtype, device)
     )
 
 
@@ -87,7 +111,8 @@ def resolve_expert_backend(requested: str, projections: list[nn.Module], rows: t
     """
     if requested == "modules" or _global_module_hooks():
         return "modules"
-    if not all(reads_weights_directly(linear, rows) for linear in projections):
+    dtype, device = rows.dtype, rows.device
+    if not all(_reads_weights_directly(linear, dtype, device) for linear in projections):
         return "modules"
     return default_expert_backend(rows) if requested == "auto" else requested
 

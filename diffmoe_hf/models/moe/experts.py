@@ -43,6 +43,16 @@ def gelu_tanh_activation(hidden: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.gelu_(hidden, approximate="tanh")
 
 
+def _submodule(module: nn.Module, path: list[str]) -> nn.Module:
+    """`module.get_submodule(".".join(path))`; in eager mode through the `_modules` dicts (cheap enough to run per
+    call), under `torch.compile` through attribute lookups (which it guards on, so that wrapping a projection later,
+    e.g. with LoRA, recompiles)."""
+    compiling = torch.compiler.is_compiling()
+    for name in path:
+        module = getattr(module, name) if compiling else module._modules[name]
+    return module
+
+
 class GroupedExperts(nn.ModuleList):
     """
     E experts stored as `experts.{e}.<module>` (state-dict and LoRA friendly). `forward_grouped` runs expert e on the
@@ -92,9 +102,10 @@ class StackedLinearExperts(GroupedExperts):
 
     _linear_paths: tuple[str, ...] = ()
 
-    def projections(self) -> list[nn.Module]:
-        """The modules at `_linear_paths` of every expert, expert-major."""
-        return [expert.get_submodule(path) for expert in self for path in self._linear_paths]
+    def projections(self, *paths: str) -> list[nn.Module]:
+        """The modules at `paths` (default: `_linear_paths`) of every expert, expert-major."""
+        names = [path.split(".") for path in paths or self._linear_paths]
+        return [_submodule(expert, path) for expert in self for path in names]
 
     def backend(self, rows: torch.Tensor) -> str:
         """The backend a call on these (R, D) rows runs (`resolve_expert_backend` of `expert_backend`)."""
@@ -117,7 +128,10 @@ class StackedLinearExperts(GroupedExperts):
     def own_parameters(self, name: str, *paths: str) -> list[torch.Tensor]:
         """Parameter `name` ("weight" or "bias") of the projections at `paths`, expert-major, for `segment_linear`
         (an empty list when they have no bias)."""
-        tensors = [getattr(expert.get_submodule(path), name) for expert in self for path in paths]
+        if torch.compiler.is_compiling():
+            tensors = [getattr(linear, name) for linear in self.projections(*paths)]
+        else:
+            tensors = [linear._parameters[name] for linear in self.projections(*paths)]
         return [] if tensors[0] is None else tensors
 
     def stacked(self, name: str, *paths: str) -> torch.Tensor | None:
