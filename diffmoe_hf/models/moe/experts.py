@@ -1,5 +1,5 @@
 """Expert banks: a `ModuleList` of per-expert modules (checkpoint- and LoRA-friendly `nn.Linear`s) that can also
-run all experts at once on expert-sorted rows."""
+run all experts at once on expert-sorted rows, through the bank's expert backend (see `backends`)."""
 
 import torch
 import torch.nn.functional as F
@@ -154,8 +154,8 @@ class StackedLinearExperts(GroupedExperts):
 
 class SwiGLUExperts(StackedLinearExperts):
     """
-    E SwiGLU experts (`experts.{e}.gate_proj/up_proj/down_proj`). Gate and up projections run as one fused grouped
-    GEMM over the stacked `[gate; up]` weights, then the down projection as a second one.
+    E SwiGLU experts (`experts.{e}.gate_proj/up_proj/down_proj`). With a fast backend the gate and up projections
+    of all experts run as one grouped GEMM into a `[gate | up]` output, then the down projection as a second one.
 
     Args:
         num_experts (`int`): E.
@@ -168,7 +168,6 @@ class SwiGLUExperts(StackedLinearExperts):
 
     def __init__(self, num_experts: int, dim: int, intermediate_size: int, bias: bool = False):
         super().__init__([SwiGLU(dim, intermediate_size, bias=bias) for _ in range(num_experts)])
-        self.bias = bias
 
     def _forward_segment_linear(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
         gate_up = self.segment_linear(rows, segments, "gate_proj", "up_proj")  # (R, 2I) as [gate | up]
@@ -182,8 +181,8 @@ class SwiGLUExperts(StackedLinearExperts):
 class GeluMLPExperts(StackedLinearExperts):
     """
     E GELU-tanh MLPs with biases, `Linear(D, I) -> GELU(tanh) -> Linear(I, D)`, each a diffusers
-    `FeedForward(activation_fn="gelu-approximate")` (`experts.{e}.net.0.proj`, `experts.{e}.net.2`; DiffMoE). Both
-    projections run as grouped GEMMs with per-expert biases.
+    `FeedForward(activation_fn="gelu-approximate")` (`experts.{e}.net.0.proj`, `experts.{e}.net.2`; DiffMoE). With a
+    fast backend both projections run as grouped GEMMs with per-expert biases.
 
     Args:
         num_experts (`int`): E.
