@@ -238,19 +238,29 @@ def _layerwise_cast_modules(model: nn.Module) -> list[str]:
 _ROUTER = r"router|\.gate(\.|$)|capacity_predictor"  # DSMoE, JiTMoE, DiT-MoE, Diff-MoE routers; DiffMoE's gate
 
 
-@pytest.mark.parametrize("storage_dtype", [torch.float8_e4m3fn, torch.float16], ids=["fp8", "fp16"])
+@pytest.mark.parametrize(
+    "storage_dtype, compute_dtype",
+    [(torch.float8_e4m3fn, torch.float32), (torch.float16, torch.float32), (torch.float8_e4m3fn, torch.bfloat16)],
+    ids=["fp8-fp32", "fp16-fp32", "fp8-bf16"],
+)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_layerwise_casting_computes_with_the_stored_weights_and_exact_routers(family, storage_dtype):
+def test_layerwise_casting_computes_with_the_stored_weights_and_exact_routers(
+    family, storage_dtype, compute_dtype, tmp_path
+):
     model = tiny_model(family)
     inputs = model_inputs(model)
+    if compute_dtype != torch.float32:  # loaded in the compute dtype, routers kept float32 (`_keep_in_fp32_modules`)
+        model.save_pretrained(tmp_path)
+        model = type(model).from_pretrained(tmp_path, torch_dtype=compute_dtype).eval()
+        inputs["hidden_states"] = inputs["hidden_states"].to(compute_dtype)
     reference = copy.deepcopy(model)
-    model.enable_layerwise_casting(storage_dtype=storage_dtype, compute_dtype=torch.float32)
+    model.enable_layerwise_casting(storage_dtype=storage_dtype, compute_dtype=compute_dtype)
     cast = _layerwise_cast_modules(model)
     # the reference holds the very values the hooks compute with: the cast modules' weights through the storage dtype
     with torch.no_grad():
         for name in cast:
             for tensor in reference.get_submodule(name).parameters():
-                tensor.copy_(tensor.to(storage_dtype).float())
+                tensor.copy_(tensor.to(storage_dtype).to(compute_dtype))
     for bank in expert_banks(model):  # every expert projection is stored in the low precision
         assert all(p.dtype == storage_dtype for p in bank.parameters() if p.dim() == 2)
     routers = [n for n, _ in model.named_parameters() if re.search(_ROUTER, n)]
