@@ -133,6 +133,7 @@ def model_tolerance(model: nn.Module, reference: torch.Tensor) -> float:
 
 
 def test_fast_backends_step_aside_for_anything_that_changes_what_a_projection_computes():
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
     from diffusers.hooks import HookRegistry, ModelHook
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -148,12 +149,15 @@ def test_fast_backends_step_aside_for_anything_that_changes_what_a_projection_co
     pre_hooked.register_forward_pre_hook(lambda *args: None)
     diffusers_hooked = linear()
     HookRegistry.check_if_exists_or_initialize(diffusers_hooked).register_hook(ModelHook(), "noop")
+    accelerate_hooked = linear()
+    add_hook_to_module(accelerate_hooked, AlignDevicesHook(execution_device="cpu"))
     wrapped = inject_adapter_in_model(LoraConfig(r=2, target_modules=["proj"]), nn.ModuleDict({"proj": linear()}))
     half = linear().half()
     on_meta = nn.Linear(8, 4, device="meta")
     subclass_weight = linear()
     subclass_weight.weight = nn.Parameter(torch.zeros(4, 8).as_subclass(_MarkedTensor))
-    for module in (hooked, pre_hooked, diffusers_hooked, wrapped["proj"], half, on_meta, subclass_weight):
+    for module in (hooked, pre_hooked, diffusers_hooked, accelerate_hooked, wrapped["proj"], half, on_meta,
+                   subclass_weight):
         assert not reads_weights_directly(module, rows), module
         assert resolve_expert_backend("segment_linear", [linear(), module], rows) == "modules"
     assert reads_weights_directly(half, rows.half())
@@ -207,6 +211,9 @@ def test_unknown_backend_is_refused_with_the_choices():
     model = tiny_model("dsmoe")
     with pytest.raises(ValueError, match="auto, modules, segment_linear, grouped_mm"):
         model.set_expert_backend("triton")
+    expert_banks(model)[0].expert_backend = "triton"  # set on a bank directly: refused at the call
+    with pytest.raises(ValueError, match="Unknown expert backend 'triton'"):
+        run(model, model_inputs(model))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
