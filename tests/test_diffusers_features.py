@@ -104,6 +104,16 @@ def routing_record(model: nn.Module) -> tuple[list, list]:
     return decisions, handles
 
 
+def assert_same_routing(routing: list, want_routing: list) -> None:
+    """Every routing decision of two forwards (`routing_record`) is identical."""
+    assert len(routing) == len(want_routing) > 0
+    for got, expected in zip(routing, want_routing):
+        if isinstance(got, tuple):  # DiffMoE: (token_index, expert_index) of the selection
+            assert all(torch.equal(a, b) for a, b in zip(got, expected))
+        else:
+            assert torch.equal(got, expected)
+
+
 def run(model: nn.Module, inputs: dict, record_routing: bool = False):
     decisions, handles = routing_record(model) if record_routing else ([], [])
     try:
@@ -280,12 +290,7 @@ def test_layerwise_casting_computes_with_the_stored_weights_and_exact_routers(
     want, want_routing = run(reference, inputs, record_routing=True)
     assert not out.isnan().any()
     torch.testing.assert_close(out, want, atol=0, rtol=0)
-    assert len(routing) == len(want_routing) > 0
-    for got, expected in zip(routing, want_routing):
-        if isinstance(got, tuple):
-            assert all(torch.equal(a, b) for a, b in zip(got, expected))
-        else:
-            assert torch.equal(got, expected)
+    assert_same_routing(routing, want_routing)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -415,9 +420,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(family):
 # LoRA
 
 
-_EXPERT_PROJECTIONS = {"dsmoe": ["gate_proj", "up_proj", "down_proj"], "jitmoe": ["gate_proj", "up_proj", "down_proj"],
-                       "dit-moe": ["gate_proj", "up_proj", "down_proj"], "diffmoe": [r".*\.experts\.\d+\.net\.(0\.proj|2)"],
-                       "diff-moe": ["gate_proj", "up_proj", "down_proj"]}  # fmt: skip
+_SWIGLU_EXPERTS = ["gate_proj", "up_proj", "down_proj"]
+_EXPERT_PROJECTIONS = {"dsmoe": _SWIGLU_EXPERTS, "jitmoe": _SWIGLU_EXPERTS, "dit-moe": _SWIGLU_EXPERTS,
+                       "diffmoe": r".*\.experts\.\d+\.net\.(0\.proj|2)", "diff-moe": _SWIGLU_EXPERTS}  # fmt: skip
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -431,9 +436,7 @@ def test_lora_keeps_the_fast_backend_unless_it_wraps_the_experts(family):
     assert backends_seen(model, inputs) == {"segment_linear"}
     torch.testing.assert_close(run(model, inputs), base, atol=0, rtol=0)  # lora_B starts at zero
 
-    targets = _EXPERT_PROJECTIONS[family]
-    target_modules = targets[0] if len(targets) == 1 else targets
-    model.add_adapter(LoraConfig(r=2, target_modules=target_modules), adapter_name="experts")
+    model.add_adapter(LoraConfig(r=2, target_modules=_EXPERT_PROJECTIONS[family]), adapter_name="experts")
     model.set_adapters(["attention", "experts"])
     assert backends_seen(model, inputs) == {"modules"}
     with torch.no_grad():
@@ -493,8 +496,7 @@ def test_torchao_int8_weight_only_quantizes_every_expert(family, tmp_path):
     out, routing = run(quantized, inputs, record_routing=True)
     want, want_routing = run(dequantized, inputs, record_routing=True)
     torch.testing.assert_close(out, want, atol=model_tolerance(model, want), rtol=0)
-    for got, expected in zip(routing, want_routing):
-        assert all(torch.equal(a, b) for a, b in zip(got, expected)) if isinstance(got, tuple) else torch.equal(got, expected)
+    assert_same_routing(routing, want_routing)
     # and close to the unquantized model: symmetric int8 rounding moves a weight by at most max|row| / 254, i.e. a
     # row's output by at most sqrt(in_features) / 254 of its norm; first order, the errors of the (at most 4 per
     # block, plus input and output layers) quantized linears a signal passes in series add up

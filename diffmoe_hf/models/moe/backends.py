@@ -70,7 +70,7 @@ def reads_weights_directly(linear: nn.Module, rows: torch.Tensor) -> bool:
 
 
 def _reads_weights_directly(linear: nn.Module, dtype: torch.dtype, device: torch.device) -> bool:
-    if torch.compiler.is_compiling():  # attribute lookups, which `torch.compile` guards on (it does not guard `__dict__`)
+    if torch.compiler.is_compiling():  # attribute lookups, which `torch.compile` guards on (unlike `__dict__`)
         return (
             type(linear) is nn.Linear
             and not linear._forward_hooks

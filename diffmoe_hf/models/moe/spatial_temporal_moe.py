@@ -13,8 +13,8 @@ from .routers import SoftmaxTopKRouter
 
 class LowRankModulation(nn.Module):
     """
-    `linear_2(relu(linear_1(c)))`, the concatenated (shift, scale, gate), each (…, D). Unlike DiT's adaLN there is no SiLU
-    on the conditioning and the first projection has no bias.
+    `linear_2(relu(linear_1(c)))`: the concatenated (shift, scale, gate), each (…, D). Unlike DiT's adaLN there is no
+    SiLU on the conditioning and the first projection has no bias.
 
     Args:
         dim (`int`): Width D of the conditioning vector and of the modulated tokens.
