@@ -56,7 +56,7 @@ extras = {
     "space": ["gradio>=5.0"],
     "eval": ["scikit-learn>=1.3", "scipy"],
 }
-extras["dev"] = sorted({dep for deps in extras.values() for dep in deps} | {"pytest>=8", "playwright"})
+extras["dev"] = sorted({dep for deps in extras.values() for dep in deps} | {"pytest>=8", "playwright", "torchao>=0.18"})
 
 setup(
     name="diffmoe-hf",

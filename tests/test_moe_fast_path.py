@@ -5,10 +5,8 @@ import pytest
 import torch
 
 from diffmoe_hf.models.moe import DeepSeekMoE, DynamicTokenMoE, SoftmaxTopKMoE, SpatialTemporalMoE
-from diffmoe_hf.models.moe import experts as experts_module
-from diffmoe_hf.models.moe import spatial_temporal_moe as spatial_temporal_module
-from diffmoe_hf.models.moe.dispatch import segment_linear, uses_stacked_weights
-from diffmoe_hf.models.moe.experts import StackedLinearExperts
+from diffmoe_hf.models.moe import set_expert_backend
+from diffmoe_hf.models.moe.dispatch import segment_linear
 
 from .helpers import assert_float32_close, float32_tolerance
 
@@ -37,16 +35,11 @@ def _call(layer, hidden, conditioning):
     return layer(hidden, conditioning) if isinstance(layer, SpatialTemporalMoE) else layer(hidden)
 
 
-def _run(layer, path, monkeypatch, grad=False):
-    """Output (and parameter gradients) of `layer` on fixed inputs through `path`: "fast" (what runs on CPU),
-    "stacked" (the grouped-GEMM path over stacked weights) or "modules" (per-expert modules, the LoRA path)."""
-    with monkeypatch.context() as patch:
-        if path == "stacked":
-            patch.setattr(experts_module, "uses_stacked_weights", lambda rows: True)
-            patch.setattr(spatial_temporal_module, "uses_stacked_weights", lambda rows: True)
-        if path == "modules":
-            patch.setattr(StackedLinearExperts, "_plain_linears", lambda self: False)
-            patch.setattr(type(layer.experts), "_plain_linears", lambda self: False)
+def _run(layer, path, grad=False):
+    """Output (and parameter gradients) of `layer` on fixed inputs through expert backend `path`: "auto" (what runs
+    on CPU), "grouped_mm" (the grouped GEMM over stacked weights) or "modules" (per-expert modules, the LoRA path)."""
+    set_expert_backend(layer, path)
+    try:
         generator = torch.Generator().manual_seed(1)
         hidden = torch.randn(2, 6, 16, generator=generator)
         conditioning = torch.randn(2, 16, generator=generator)
@@ -57,18 +50,21 @@ def _run(layer, path, monkeypatch, grad=False):
             return out, {}
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         return out, {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    finally:
+        set_expert_backend(layer, "auto")
 
 
 @pytest.mark.parametrize("name", ["deepseek", "deepseek-bias", "softmax-topk", "dynamic-token", "spatial-temporal"])
 @pytest.mark.parametrize("mode", ["eval", "train"])
-def test_fast_path_matches_stacked_and_module_paths(name, mode, monkeypatch):
+def test_fast_path_matches_stacked_and_module_paths(name, mode):
     layer = _layers()[name].train(mode == "train")
     if isinstance(layer, DynamicTokenMoE):
         layer.capacity_predictor.expert_threshold.fill_(0.5)  # eval: variable counts per expert
     grad = mode == "train"
-    fast, fast_grads = _run(layer, "fast", monkeypatch, grad)
-    for path in ("stacked", "modules"):
-        out, grads = _run(layer, path, monkeypatch, grad)
+    assert layer.experts.backend(torch.zeros(1, 16)) == "segment_linear"
+    fast, fast_grads = _run(layer, "auto", grad)
+    for path in ("grouped_mm", "modules"):
+        out, grads = _run(layer, path, grad)
         _close(out, fast)
         assert grads.keys() == fast_grads.keys()
         for key in grads:
@@ -119,8 +115,20 @@ def test_each_family_layer_compiles_fullgraph_forward_and_backward(name):
             _close(g, w, backward=True)
 
 
-def test_cpu_training_path_stacks_no_expert_weights():
-    layer = _layers()["deepseek"].train()
-    layer(torch.randn(2, 6, 16)).sum().backward()
-    assert layer.experts._stacked.value is None
-    assert not uses_stacked_weights(torch.zeros(1))
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_cpu_default_backend_runs_segment_linear_on_the_experts_own_weights(mode, monkeypatch):
+    from diffmoe_hf.models.moe import experts as experts_module
+
+    layer = _layers()["deepseek"].train(mode == "train")
+    calls = []
+
+    def counting_segment_linear(rows, weights, biases, offsets):
+        calls.append([w.data_ptr() for w in weights])
+        return segment_linear(rows, weights, biases, offsets)
+
+    monkeypatch.setattr(experts_module, "segment_linear", counting_segment_linear)
+    monkeypatch.setattr(experts_module.StackedLinearExperts, "stacked", lambda *args: pytest.fail("stacked a copy"))
+    with torch.set_grad_enabled(mode == "train"):
+        layer(torch.randn(2, 6, 16))
+    own = {p.data_ptr() for p in layer.experts.parameters()}
+    assert len(calls) == 2 and all(set(ptrs) <= own for ptrs in calls)  # [gate | up], then down

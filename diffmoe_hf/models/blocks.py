@@ -116,3 +116,16 @@ class AdaLNZeroTransformerBlock(nn.Module):
         hidden_states = hidden_states + gate_msa.unsqueeze(1) * self.attn(attn_input, rotary_emb=rotary_emb)
         ff_input = modulate(self.norm2(hidden_states), shift_mlp, scale_mlp)
         return hidden_states + gate_mlp.unsqueeze(1) * self.ff(ff_input)
+
+
+class AdaLNZeroMoETransformerBlock(AdaLNZeroTransformerBlock):
+    """
+    `AdaLNZeroTransformerBlock` whose feed-forward is a MoE layer, in models that mix dense and MoE blocks (DSMoE,
+    JiTMoE, DiffMoE). It computes exactly what the parent class computes; being a class of its own with its own
+    `forward`, `compile_repeated_blocks` compiles the dense and the MoE blocks as two repeated blocks, one graph each,
+    instead of recompiling one `forward` whenever the kind of feed-forward changes from one block to the next.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, conditioning: torch.Tensor, rotary_emb=None) -> torch.Tensor:
+        """(B, N, D) tokens, (B, D) conditioning, optional `RotaryTables` -> (B, N, D)."""
+        return super().forward(hidden_states, conditioning, rotary_emb=rotary_emb)

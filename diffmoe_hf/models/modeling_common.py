@@ -4,6 +4,7 @@ import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from .blocks import unpatchify
+from .moe import set_expert_backend
 from .validation import check_model_inputs
 
 
@@ -56,3 +57,13 @@ class DiTForwardMixin:
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)
+
+    def set_expert_backend(self, backend: str) -> None:
+        """
+        How every MoE layer runs its experts: `"auto"` (default: `"grouped_mm"` for bf16 on CUDA, else
+        `"segment_linear"`), `"modules"` (each expert module on its tokens), `"segment_linear"` or `"grouped_mm"`. A
+        fast backend steps aside to `"modules"` by itself wherever the experts' weights cannot be read directly
+        (LoRA on experts, layerwise casting, leaf-level group offloading, quantized weights); see
+        `diffmoe_hf.models.moe.backends`.
+        """
+        set_expert_backend(self, backend)

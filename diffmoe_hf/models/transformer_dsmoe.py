@@ -21,7 +21,7 @@ from diffusers.utils import apply_lora_scale
 from torch import nn
 
 from .attention import rotary_tables
-from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer
+from .blocks import AdaLNZeroMoETransformerBlock, AdaLNZeroTransformerBlock, PatchOutputLayer
 from .embeddings import TimestepClassEmbedding
 from .modeling_common import DiTForwardMixin, preset_config
 from .moe import DeepSeekMoE
@@ -86,8 +86,8 @@ class DSMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdap
     """
 
     _supports_gradient_checkpointing = True
-    _no_split_modules = ["AdaLNZeroTransformerBlock"]
-    _repeated_blocks = ["AdaLNZeroTransformerBlock"]
+    _no_split_modules = ["AdaLNZeroTransformerBlock", "AdaLNZeroMoETransformerBlock"]
+    _repeated_blocks = ["AdaLNZeroTransformerBlock", "AdaLNZeroMoETransformerBlock"]
     _skip_layerwise_casting_patterns = ["pos_embed", "norm", "embedding", "router"]
     _keep_in_fp32_modules = ["router"]
     # Routing is per token: a sample's output does not depend on the rest of the batch.
@@ -151,9 +151,12 @@ class DSMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdap
                 )
             return FeedForward(dim, inner_dim=int(dim * mlp_ratio), activation_fn="linear-silu", bias=True)
 
+        def _block_class(index):
+            return AdaLNZeroMoETransformerBlock if index in moe_layers else AdaLNZeroTransformerBlock
+
         self.transformer_blocks = nn.ModuleList(
             [
-                AdaLNZeroTransformerBlock(dim, num_attention_heads, attention_head_dim, feed_forward(i), norm_type)
+                _block_class(i)(dim, num_attention_heads, attention_head_dim, feed_forward(i), norm_type)
                 for i in range(num_layers)
             ]
         )

@@ -20,7 +20,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import apply_lora_scale
 from torch import nn
 
-from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer
+from .blocks import AdaLNZeroMoETransformerBlock, AdaLNZeroTransformerBlock, PatchOutputLayer
 from .embeddings import TimestepClassEmbedding
 from .modeling_common import DiTForwardMixin, preset_config
 from .moe import DynamicTokenMoE
@@ -79,8 +79,8 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
     """
 
     _supports_gradient_checkpointing = True
-    _no_split_modules = ["AdaLNZeroTransformerBlock"]
-    _repeated_blocks = ["AdaLNZeroTransformerBlock"]
+    _no_split_modules = ["AdaLNZeroTransformerBlock", "AdaLNZeroMoETransformerBlock"]
+    _repeated_blocks = ["AdaLNZeroTransformerBlock", "AdaLNZeroMoETransformerBlock"]
     _skip_layerwise_casting_patterns = ["pos_embed", "norm", "embedding", "gate", "capacity_predictor"]
     _keep_in_fp32_modules = ["gate", "capacity_predictor"]
     # Routing is over the token pool of the whole call: cond and uncond must be separate transformer calls.
@@ -138,9 +138,12 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
                 )
             return FeedForward(dim, inner_dim=hidden, activation_fn="gelu-approximate", bias=True)
 
+        def _block_class(index):
+            return AdaLNZeroMoETransformerBlock if index in moe_layers else AdaLNZeroTransformerBlock
+
         self.transformer_blocks = nn.ModuleList(
             [
-                AdaLNZeroTransformerBlock(dim, num_attention_heads, attention_head_dim, feed_forward(i))
+                _block_class(i)(dim, num_attention_heads, attention_head_dim, feed_forward(i))
                 for i in range(num_layers)
             ]
         )

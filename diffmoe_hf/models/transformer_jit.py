@@ -32,8 +32,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import apply_lora_scale
 from torch import nn
 
-from .attention import pad_rotary_tables, rotary_tables
-from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer
+from .attention import RotaryTables, pad_rotary_tables, rotary_tables
+from .blocks import AdaLNZeroMoETransformerBlock, AdaLNZeroTransformerBlock, PatchOutputLayer
 from .embeddings import TimestepClassEmbedding
 from .modeling_common import DiTForwardMixin
 from .moe import DeepSeekMoE, SwiGLU
@@ -87,6 +87,19 @@ def jit_preset_config(name: str) -> dict:
     return {**_RELEASED_COMMON, **JIT_PRESETS[resolve_jit_preset(name)]}
 
 
+def _token_count_varies(tokens: torch.Tensor, rotary_emb: RotaryTables) -> None:
+    """
+    Tells `torch.compile` that the token count of a block's inputs varies (the in-context class tokens join after
+    the first blocks), so that blocks compiled by `compile_repeated_blocks` get one graph for both counts instead of
+    a recompilation at the block where the count changes. Eager-only hint; nothing changes in the computation.
+    """
+    if torch.compiler.is_compiling():
+        return
+    torch._dynamo.maybe_mark_dynamic(tokens, 1)
+    torch._dynamo.maybe_mark_dynamic(rotary_emb.cos, 0)
+    torch._dynamo.maybe_mark_dynamic(rotary_emb.sin, 0)
+
+
 class JiTPatchEmbed(nn.Module):
     """
     Bottleneck patch embedding plus the fixed sin-cos position embedding.
@@ -106,7 +119,8 @@ class JiTPatchEmbed(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         tokens = self.hidden_proj(self.patch_proj(images)).flatten(2).transpose(1, 2)
-        return tokens + self.pos_embed.to(tokens.dtype)
+        # row-major (B, T, D) like every block's output, so compiled blocks see one memory layout
+        return (tokens + self.pos_embed.to(tokens.dtype)).contiguous()
 
 
 class JiTTransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
@@ -141,8 +155,8 @@ class JiTTransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdapte
     """
 
     _supports_gradient_checkpointing = True
-    _no_split_modules = ["AdaLNZeroTransformerBlock"]
-    _repeated_blocks = ["AdaLNZeroTransformerBlock"]
+    _no_split_modules = ["AdaLNZeroTransformerBlock", "AdaLNZeroMoETransformerBlock"]
+    _repeated_blocks = ["AdaLNZeroTransformerBlock", "AdaLNZeroMoETransformerBlock"]
     _skip_layerwise_casting_patterns = ["pos_embed", "norm", "embedding", "router"]
     _keep_in_fp32_modules = ["router"]
     # Routing is per token: a sample's output does not depend on the rest of the batch.
@@ -209,9 +223,12 @@ class JiTTransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdapte
                 )
             return SwiGLU(dim, int(int(dim * mlp_ratio) * 2 / 3), bias=True)
 
+        def _block_class(index):
+            return AdaLNZeroMoETransformerBlock if index in moe_layers else AdaLNZeroTransformerBlock
+
         self.transformer_blocks = nn.ModuleList(
             [
-                AdaLNZeroTransformerBlock(
+                _block_class(i)(
                     dim, num_attention_heads, attention_head_dim, feed_forward(i), "rms_norm", qk_norm="rms_norm"
                 )
                 for i in range(num_layers)
@@ -273,6 +290,8 @@ class JiTTransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdapte
             if num_prefix and index == self.config.in_context_start:
                 tokens = torch.cat([self._class_tokens(label_embedding.to(tokens.dtype)), tokens], dim=1)
                 rotary_emb = pad_rotary_tables(image_rotary, num_prefix)
+            if num_prefix and self.config.in_context_start > 0:
+                _token_count_varies(tokens, rotary_emb)
             tokens = self.run_block(block, tokens, conditioning, rotary_emb)
 
         tokens = tokens[:, num_prefix:]

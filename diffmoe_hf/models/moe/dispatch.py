@@ -1,12 +1,12 @@
 """The one token -> expert dispatch path shared by every MoE family.
 
 Routed (token, expert) pairs are sorted by expert once, the token rows gathered once, every expert runs on its
-contiguous segment (one grouped GEMM per projection: `grouped_linear` over stacked weights where `F.grouped_mm` has a
-kernel, i.e. CUDA bf16; elsewhere `segment_linear` on the experts' own weights, all the expert GEMMs as one MKL grouped
-GEMM on x86 CPUs), and the weighted results are combined with a single `index_add_`.
-On CUDA nothing on this path moves data to the host; on CPU `segment_linear` reads the segment sizes (already on the
-host) inside a custom op. Either way it compiles with `torch.compile(fullgraph=True)`; only the per-module fallback
-(used when experts are wrapped, e.g. by LoRA) reads the segment sizes in Python.
+contiguous segment through its bank's expert backend (see `backends`: `segment_linear` on the experts' own weights,
+all the expert GEMMs as one MKL grouped GEMM on x86 CPUs; `grouped_linear` over stacked weights where `F.grouped_mm`
+has a kernel, i.e. CUDA bf16; or the expert modules themselves), and the weighted results are combined with a single
+`index_add_`. On CUDA nothing on the fast paths moves data to the host; on CPU `segment_linear` reads the segment
+sizes (already on the host) inside a custom op. Either way it compiles with `torch.compile(fullgraph=True)`; only the
+`"modules"` backend reads the segment sizes in Python.
 """
 
 from typing import NamedTuple
@@ -273,14 +273,6 @@ def _segment_linear_backward(ctx, grad_out):
 
 
 segment_linear.register_autograd(_segment_linear_backward, setup_context=_segment_linear_setup)
-
-
-def uses_stacked_weights(rows: torch.Tensor) -> bool:
-    """
-    Whether expert banks should run on stacked weights (`grouped_linear`, one grouped GEMM per projection) rather than
-    on each expert's own weights (`segment_linear`): only where `F.grouped_mm` has a real grouped kernel (CUDA, bf16).
-    """
-    return rows.device.type == "cuda" and rows.dtype == torch.bfloat16 and hasattr(F, "grouped_mm")
 
 
 def grouped_linear(

@@ -11,6 +11,18 @@ from .dispatch import ExpertSegments, dispatch, segments_from_expert_choice
 from .experts import GeluMLPExperts
 
 
+class Float32Linear(nn.Linear):
+    """
+    An `nn.Linear` that computes in float32 whatever the dtype of its input and parameters (routing scores): (…, in)
+    -> (…, out) float32. Being an `nn.Linear` called as a module, hooks and wrappers that act on linears (group
+    offloading, LoRA, quantization) see it like any other.
+    """
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(hidden_states.float(), self.weight.float(), bias)
+
+
 class CapacityPredictor(nn.Module):
     """
     Predicts, per token and expert, whether the expert would pick the token, and holds the per-expert decision
@@ -29,17 +41,29 @@ class CapacityPredictor(nn.Module):
 
     def __init__(self, dim: int, num_experts: int, ema_decay: float = 0.95):
         super().__init__()
-        self.linear_1 = nn.Linear(dim, dim)
+        self.linear_1 = Float32Linear(dim, dim)
         self.act = nn.SiLU()
-        self.linear_2 = nn.Linear(dim, num_experts)
+        self.linear_2 = Float32Linear(dim, num_experts)
         self.register_buffer("expert_threshold", torch.zeros(num_experts))
         self.register_buffer("ema_decay", torch.tensor([ema_decay]))
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(S, D) tokens -> (S, E) float32 logits."""
-        hidden_states = hidden_states.float()
-        hidden_states = F.linear(hidden_states, self.linear_1.weight.float(), self.linear_1.bias.float())
-        return F.linear(self.act(hidden_states), self.linear_2.weight.float(), self.linear_2.bias.float())
+    def forward(
+        self, hidden_states: torch.Tensor, train_tokens_per_expert: int | None = None, count_tokens: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """
+        (S, D) tokens -> (S, E) float32 logits. The steps that use the thresholds run here too, inside the module's
+        call, so that hooks which onload its buffers for the call (group offloading) cover them:
+
+        Args:
+            train_tokens_per_expert: k of a training step: the thresholds move towards the k-th largest predicted
+                probability of each expert (`update_threshold`).
+            count_tokens: also return the (E,) int64 number of tokens each expert takes at inference
+                (`tokens_per_expert`).
+        """
+        logits = self.linear_2(self.act(self.linear_1(hidden_states)))
+        if train_tokens_per_expert is not None:
+            self.update_threshold(logits, train_tokens_per_expert)
+        return (logits, self.tokens_per_expert(logits)) if count_tokens else logits
 
     def tokens_per_expert(self, logits: torch.Tensor) -> torch.Tensor:
         """(S, E) logits -> (E,) int64 number of tokens each expert takes at inference."""
@@ -115,7 +139,7 @@ class DynamicTokenMoE(nn.Module):
         self.num_experts = num_experts
         self.capacity = capacity
         self.capacity_loss_weight = capacity_loss_weight
-        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.gate = Float32Linear(dim, num_experts, bias=False)
         self.capacity_predictor = CapacityPredictor(dim, num_experts)
         self.experts = GeluMLPExperts(num_experts, dim, intermediate_size)
         self.shared_experts = None
@@ -129,27 +153,26 @@ class DynamicTokenMoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, N, D) -> (B, N, D); routing runs over all B*N tokens together."""
         tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
-        scores = F.linear(tokens.float(), self.gate.weight.float()).softmax(dim=-1).t()  # (E, S)
-        capacity_logits = self.capacity_predictor(tokens.detach())  # (S, E)
+        scores = self.gate(tokens).softmax(dim=-1).t()  # (E, S)
         if self.training:
-            segments = self._select_for_training(scores, capacity_logits)
+            segments = self._select_for_training(tokens, scores)
         else:
-            segments = self._select_for_inference(scores, capacity_logits)
+            segments = self._select_for_inference(tokens, scores)
         self.selection = segments._replace(weights=segments.weights.detach())
         routed = dispatch(tokens, segments, self.experts).to(hidden_states.dtype).view_as(hidden_states)
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(hidden_states)
         return routed
 
-    def _select_for_inference(self, scores: torch.Tensor, capacity_logits: torch.Tensor) -> ExpertSegments:
-        """(E, S) gate scores, (S, E) capacity logits -> expert e's k_e best-scoring tokens."""
+    def _select_for_inference(self, tokens: torch.Tensor, scores: torch.Tensor) -> ExpertSegments:
+        """(S, D) tokens, (E, S) gate scores -> expert e's k_e best-scoring tokens, k_e by the capacity predictor."""
         self.aux_loss = None
-        self.tokens_per_expert = self.capacity_predictor.tokens_per_expert(capacity_logits)
+        _, self.tokens_per_expert = self.capacity_predictor(tokens.detach(), count_tokens=True)
         weights, token_ids = scores.sort(dim=-1, descending=True)
         return segments_from_expert_choice(token_ids, weights, self.tokens_per_expert)
 
-    def _select_for_training(self, scores: torch.Tensor, capacity_logits: torch.Tensor) -> ExpertSegments:
-        """Expert-choice top-k; also sets `aux_loss` and updates the thresholds."""
+    def _select_for_training(self, tokens: torch.Tensor, scores: torch.Tensor) -> ExpertSegments:
+        """Expert-choice top-k; also sets `aux_loss` and updates the capacity predictor's thresholds."""
         num_tokens = scores.shape[1]
         k = int(num_tokens / self.num_experts * self.capacity)
         if not 1 <= k <= num_tokens:
@@ -157,10 +180,10 @@ class DynamicTokenMoE(nn.Module):
                 f"Training routes int({num_tokens} tokens / {self.num_experts} experts * capacity {self.capacity}) = "
                 f"{k} tokens per expert; it must be between 1 and the {num_tokens} tokens of the batch."
             )
+        capacity_logits = self.capacity_predictor(tokens.detach(), train_tokens_per_expert=k)  # (S, E)
         weights, token_ids = scores.topk(k, dim=-1)  # (E, k)
         chosen = torch.zeros_like(capacity_logits).scatter_(0, token_ids.t(), 1.0)  # (S, E)
         bce = F.binary_cross_entropy_with_logits(capacity_logits, chosen)
         self.aux_loss = self.capacity_loss_weight * bce
-        self.capacity_predictor.update_threshold(capacity_logits, k)
         self.tokens_per_expert = torch.full((self.num_experts,), k, dtype=torch.int64, device=scores.device)
         return segments_from_expert_choice(token_ids, weights)

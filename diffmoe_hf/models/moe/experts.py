@@ -1,12 +1,13 @@
 """Expert banks: a `ModuleList` of per-expert modules (checkpoint- and LoRA-friendly `nn.Linear`s) that can also
-run all experts at once on expert-sorted rows."""
+run all experts at once on expert-sorted rows, through the bank's expert backend (see `backends`)."""
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention import FeedForward
 from torch import nn
 
-from .dispatch import ExpertSegments, grouped_linear, segment_linear, uses_stacked_weights
+from .backends import check_expert_backend, resolve_expert_backend
+from .dispatch import ExpertSegments, grouped_linear, segment_linear
 
 
 class SwiGLU(nn.Module):
@@ -42,82 +43,119 @@ def gelu_tanh_activation(hidden: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.gelu_(hidden, approximate="tanh")
 
 
+def _submodule(module: nn.Module, path: list[str]) -> nn.Module:
+    """`module.get_submodule(".".join(path))`; in eager mode through the `_modules` dicts (cheap enough to run per
+    call), under `torch.compile` through attribute lookups (which it guards on, so that wrapping a projection later,
+    e.g. with LoRA, recompiles)."""
+    compiling = torch.compiler.is_compiling()
+    for name in path:
+        module = getattr(module, name) if compiling else module._modules[name]
+    return module
+
+
 class GroupedExperts(nn.ModuleList):
     """
     E experts stored as `experts.{e}.<module>` (state-dict and LoRA friendly). `forward_grouped` runs expert e on the
-    e-th segment of expert-sorted rows. This base version calls the modules one segment at a time; subclasses add a
-    grouped-GEMM path over stacked weights for plain (un-wrapped) `nn.Linear` experts.
+    e-th segment of expert-sorted rows, through the bank's `expert_backend` (see `backends`): this base class has only
+    the `"modules"` backend (each expert module called on its segment); subclasses add the fast backends for
+    experts made of `nn.Linear` projections, and fall back to `"modules"` whenever reading the projections' weights
+    directly would not give what calling them computes.
+
+    Attributes:
+        expert_backend (`str`): `"auto"` (default), `"modules"`, `"segment_linear"` or `"grouped_mm"`; set it for a
+            whole model with `set_expert_backend`.
     """
+
+    expert_backend: str = "auto"
 
     def forward_grouped(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
         """(R, D) rows sorted by expert -> (R, D) outputs of each row's expert."""
+        return self._forward_modules(rows, segments)
+
+    def _forward_modules(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
         chunks = rows.split(segments.sizes())
         return torch.cat([expert(chunk) for expert, chunk in zip(self, chunks)], dim=0)
 
 
-class _StackedWeightCache:
+def set_expert_backend(module: nn.Module, backend: str) -> None:
     """
-    Stacked copies of the experts' weights for inference, rebuilt when a source tensor changes (its version counter,
-    storage, dtype or device), so in-place updates, `.to()` and `load_state_dict` are picked up.
+    Sets the `expert_backend` of every expert bank in `module` (a model or a layer).
+
+    Args:
+        backend: `"auto"`, `"modules"`, `"segment_linear"` or `"grouped_mm"` (see `diffmoe_hf.models.moe.backends`).
     """
-
-    def __init__(self):
-        self.key = None
-        self.value = None
-
-    def get(self, tensors: list[torch.Tensor], build):
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return build()
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
-        if key != self.key:
-            self.key, self.value = key, build()
-        return self.value
+    check_expert_backend(backend)
+    for submodule in module.modules():
+        if isinstance(submodule, GroupedExperts):
+            submodule.expert_backend = backend
 
 
 class StackedLinearExperts(GroupedExperts):
     """
     A `GroupedExperts` bank whose experts are made of `nn.Linear` projections (at the sub-module paths
-    `_linear_paths`). Where `F.grouped_mm` has a grouped kernel (CUDA) they run as grouped GEMMs over stacked weights,
-    cached for inference (`_StackedWeightCache`); elsewhere (CPU) `segment_linear` runs one GEMM per expert and
-    projection, on each expert's own weights when gradients are recorded (no stacking copy per training step). When
-    any projection is wrapped (e.g. by a LoRA layer) the bank falls back to calling the expert modules one segment at
-    a time.
+    `_linear_paths`), with the three backends: `"segment_linear"` (the experts' own weights, one GEMM per expert and
+    projection), `"grouped_mm"` (weights stacked per call into (E, out, in) tensors, one grouped GEMM per projection)
+    and `"modules"`. `backend(rows)` says which one a call runs.
 
-    Subclasses set `_linear_paths`, build their stacked tensors in `_stack()` and use them in `forward_grouped`.
+    Subclasses set `_linear_paths` and implement `_forward_segment_linear` and `_forward_grouped_mm`.
     """
 
     _linear_paths: tuple[str, ...] = ()
 
-    def __init__(self, experts: list[nn.Module]):
-        super().__init__(experts)
-        self._stacked = _StackedWeightCache()
+    def projections(self, *paths: str) -> list[nn.Module]:
+        """The modules at `paths` (default: `_linear_paths`) of every expert, expert-major."""
+        names = [path.split(".") for path in paths or self._linear_paths]
+        return [_submodule(expert, path) for expert in self for path in names]
 
-    def _plain_linears(self) -> bool:
-        return all(type(expert.get_submodule(path)) is nn.Linear for expert in self for path in self._linear_paths)
+    def backend(self, rows: torch.Tensor) -> str:
+        """The backend a call on these (R, D) rows runs (`resolve_expert_backend` of `expert_backend`)."""
+        return resolve_expert_backend(self.expert_backend, self.projections(), rows)
 
-    def _stack(self) -> dict[str, torch.Tensor | None]:
+    def forward_grouped(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
+        backend = self.backend(rows)
+        if backend == "segment_linear":
+            return self._forward_segment_linear(rows, segments)
+        if backend == "grouped_mm":
+            return self._forward_grouped_mm(rows, segments)
+        return self._forward_modules(rows, segments)
+
+    def _forward_segment_linear(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
         raise NotImplementedError
 
-    def stacked_weights(self) -> dict[str, torch.Tensor | None]:
-        """The `_stack()` tensors, cached while the weights do not change and no gradient is recorded."""
-        return self._stacked.get(list(self.parameters()), self._stack)
+    def _forward_grouped_mm(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
+        raise NotImplementedError
 
     def own_parameters(self, name: str, *paths: str) -> list[torch.Tensor]:
         """Parameter `name` ("weight" or "bias") of the projections at `paths`, expert-major, for `segment_linear`
         (an empty list when they have no bias)."""
-        tensors = [getattr(expert.get_submodule(path), name) for expert in self for path in paths]
+        if torch.compiler.is_compiling():
+            tensors = [getattr(linear, name) for linear in self.projections(*paths)]
+        else:
+            tensors = [linear._parameters[name] for linear in self.projections(*paths)]
         return [] if tensors[0] is None else tensors
+
+    def stacked(self, name: str, *paths: str) -> torch.Tensor | None:
+        """(E, sum out, in) weights or (E, sum out) biases of the projections at `paths`, concatenated per expert and
+        stacked (a new tensor), or `None` when they have no bias."""
+        tensors = self.own_parameters(name, *paths)
+        if not tensors:
+            return None
+        return torch.stack([torch.cat(tensors[e : e + len(paths)]) for e in range(0, len(tensors), len(paths))])
 
     def segment_linear(self, rows: torch.Tensor, segments: ExpertSegments, *paths: str) -> torch.Tensor:
         """The projections at `paths` of each row's expert, concatenated, from the experts' own weights."""
         weights, biases = self.own_parameters("weight", *paths), self.own_parameters("bias", *paths)
         return segment_linear(rows, weights, biases, segments.offsets)
 
+    def grouped_linear(self, rows: torch.Tensor, segments: ExpertSegments, *paths: str) -> torch.Tensor:
+        """The projections at `paths` of each row's expert, concatenated, as one grouped GEMM over stacked weights."""
+        return grouped_linear(rows, self.stacked("weight", *paths), segments, self.stacked("bias", *paths))
+
 
 class SwiGLUExperts(StackedLinearExperts):
     """
-    E SwiGLU experts (`experts.{e}.gate_proj/up_proj/down_proj`). Gate and up projections run as one fused grouped
-    GEMM over the stacked `[gate; up]` weights, then the down projection as a second one.
+    E SwiGLU experts (`experts.{e}.gate_proj/up_proj/down_proj`). With a fast backend the gate and up projections
+    of all experts run as one grouped GEMM into a `[gate | up]` output, then the down projection as a second one.
 
     Args:
         num_experts (`int`): E.
@@ -130,38 +168,21 @@ class SwiGLUExperts(StackedLinearExperts):
 
     def __init__(self, num_experts: int, dim: int, intermediate_size: int, bias: bool = False):
         super().__init__([SwiGLU(dim, intermediate_size, bias=bias) for _ in range(num_experts)])
-        self.bias = bias
 
-    def _stack(self) -> dict[str, torch.Tensor | None]:
-        gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self])
-        down = torch.stack([e.down_proj.weight for e in self])
-        stacked = {"gate_up": gate_up, "down": down, "gate_up_bias": None, "down_bias": None}
-        if self.bias:
-            stacked["gate_up_bias"] = torch.stack([torch.cat([e.gate_proj.bias, e.up_proj.bias]) for e in self])
-            stacked["down_bias"] = torch.stack([e.down_proj.bias for e in self])
-        return stacked
+    def _forward_segment_linear(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
+        gate_up = self.segment_linear(rows, segments, "gate_proj", "up_proj")  # (R, 2I) as [gate | up]
+        return self.segment_linear(swiglu_activation(gate_up), segments, "down_proj")
 
-    def forward_grouped(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
-        if not self._plain_linears():
-            return super().forward_grouped(rows, segments)
-        if not uses_stacked_weights(rows):
-            if torch.is_grad_enabled():  # the experts' own weights: no stacking copy per training step
-                gate_up = self.segment_linear(rows, segments, "gate_proj", "up_proj")
-            else:  # inference: gate and up as one GEMM per expert, over the cached stacked `[gate; up]` weights
-                stacked = self.stacked_weights()
-                biases = [] if stacked["gate_up_bias"] is None else list(stacked["gate_up_bias"].unbind(0))
-                gate_up = segment_linear(rows, list(stacked["gate_up"].unbind(0)), biases, segments.offsets)
-            return self.segment_linear(swiglu_activation(gate_up), segments, "down_proj")
-        stacked = self.stacked_weights()
-        gate, up = grouped_linear(rows, stacked["gate_up"], segments, stacked["gate_up_bias"]).chunk(2, dim=-1)
-        return grouped_linear(F.silu(gate) * up, stacked["down"], segments, stacked["down_bias"])
+    def _forward_grouped_mm(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
+        gate_up = self.grouped_linear(rows, segments, "gate_proj", "up_proj")
+        return self.grouped_linear(swiglu_activation(gate_up), segments, "down_proj")
 
 
 class GeluMLPExperts(StackedLinearExperts):
     """
     E GELU-tanh MLPs with biases, `Linear(D, I) -> GELU(tanh) -> Linear(I, D)`, each a diffusers
-    `FeedForward(activation_fn="gelu-approximate")` (`experts.{e}.net.0.proj`, `experts.{e}.net.2`; DiffMoE). Both
-    projections run as grouped GEMMs with per-expert biases.
+    `FeedForward(activation_fn="gelu-approximate")` (`experts.{e}.net.0.proj`, `experts.{e}.net.2`; DiffMoE). With a
+    fast backend both projections run as grouped GEMMs with per-expert biases.
 
     Args:
         num_experts (`int`): E.
@@ -179,20 +200,10 @@ class GeluMLPExperts(StackedLinearExperts):
             ]
         )
 
-    def _stack(self) -> dict[str, torch.Tensor]:
-        return {
-            "fc1": torch.stack([e.net[0].proj.weight for e in self]),
-            "fc1_bias": torch.stack([e.net[0].proj.bias for e in self]),
-            "fc2": torch.stack([e.net[2].weight for e in self]),
-            "fc2_bias": torch.stack([e.net[2].bias for e in self]),
-        }
+    def _forward_segment_linear(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
+        hidden = gelu_tanh_activation(self.segment_linear(rows, segments, "net.0.proj"))
+        return self.segment_linear(hidden, segments, "net.2")
 
-    def forward_grouped(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
-        if not self._plain_linears():
-            return super().forward_grouped(rows, segments)
-        if not uses_stacked_weights(rows):
-            hidden = gelu_tanh_activation(self.segment_linear(rows, segments, "net.0.proj"))
-            return self.segment_linear(hidden, segments, "net.2")
-        stacked = self.stacked_weights()
-        hidden = F.gelu(grouped_linear(rows, stacked["fc1"], segments, stacked["fc1_bias"]), approximate="tanh")
-        return grouped_linear(hidden, stacked["fc2"], segments, stacked["fc2_bias"])
+    def _forward_grouped_mm(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
+        hidden = gelu_tanh_activation(self.grouped_linear(rows, segments, "net.0.proj"))
+        return self.grouped_linear(hidden, segments, "net.2")

@@ -6,15 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dispatch import ExpertSegments, dispatch, grouped_linear, segment_linear, segments_from_topk, uses_stacked_weights
-from .experts import GroupedExperts, _StackedWeightCache, swiglu_activation
+from .dispatch import ExpertSegments, dispatch, segments_from_topk
+from .experts import StackedLinearExperts, swiglu_activation
 from .routers import SoftmaxTopKRouter
 
 
 class LowRankModulation(nn.Module):
     """
-    `linear_2(relu(linear_1(c)))` split into (shift, scale, gate), each (…, D). Unlike DiT's adaLN there is no SiLU
-    on the conditioning and the first projection has no bias.
+    `linear_2(relu(linear_1(c)))`: the concatenated (shift, scale, gate), each (…, D). Unlike DiT's adaLN there is no
+    SiLU on the conditioning and the first projection has no bias.
 
     Args:
         dim (`int`): Width D of the conditioning vector and of the modulated tokens.
@@ -27,8 +27,9 @@ class LowRankModulation(nn.Module):
         self.act = nn.ReLU()
         self.linear_2 = nn.Linear(rank, 3 * dim)
 
-    def forward(self, conditioning: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.linear_2(self.act(self.linear_1(conditioning))).chunk(3, dim=-1)
+    def forward(self, conditioning: torch.Tensor) -> torch.Tensor:
+        """(…, D) conditioning -> (…, 3D) `[shift | scale | gate]`."""
+        return self.linear_2(self.act(self.linear_1(conditioning)))
 
 
 class ModulatedSwiGLU(nn.Module):
@@ -65,7 +66,7 @@ class ModulatedSwiGLU(nn.Module):
             conditioning: (…, D) conditioning vectors, broadcastable against `hidden_states`.
             channel_weights: (…, intermediate_size) multipliers of the hidden channels, or `None`.
         """
-        shift, scale, gate = self.modulation(conditioning)
+        shift, scale, gate = self.modulation(conditioning).chunk(3, dim=-1)
         modulated = self.norm(hidden_states) * (1 + scale) + shift
         intermediate = F.silu(self.gate_proj(modulated)) * self.up_proj(modulated)
         if channel_weights is not None:
@@ -73,17 +74,18 @@ class ModulatedSwiGLU(nn.Module):
         return hidden_states + gate * self.down_proj(intermediate)
 
 
-class ModulatedSwiGLUExperts(GroupedExperts):
+class ModulatedSwiGLUExperts(StackedLinearExperts):
     """
     E `ModulatedSwiGLU` experts (`experts.{e}.gate_proj/up_proj/down_proj/modulation`). `forward_grouped` takes each
-    row's conditioning from its sample (`segments.token_index // tokens_per_sample`):
+    row's conditioning from its sample (`segments.token_index // tokens_per_sample`). With a fast backend:
 
-    - the E experts' modulations are computed once per (sample, expert), then gathered per row;
-    - gate and up projections run as one grouped GEMM over the stacked `[gate; up]` weights, the down projection as a
-      second one (`grouped_linear`), as in `SwiGLUExperts`; where `F.grouped_mm` has no grouped kernel (CPU),
-      `segment_linear` runs each expert's own weights instead.
+    - the E experts' modulations are computed once per (sample, expert) by calling each expert's `modulation` module
+      on the (B, D) conditioning (so its hooks and wrappers run), then gathered per row;
+    - gate and up projections run as one grouped GEMM per expert over `[gate; up]`, the down projection as a second
+      one, through the bank's backend (`segment_linear` or `grouped_mm`, as in `SwiGLUExperts`).
 
-    Experts whose linears are wrapped (e.g. by LoRA) run one segment at a time through their modules instead.
+    With the `"modules"` backend (requested, or whenever a projection's weights cannot be read directly, e.g. under
+    LoRA, layerwise casting, leaf-level offloading or quantization) each expert module runs on its segment.
 
     Args:
         num_experts (`int`): E.
@@ -92,40 +94,10 @@ class ModulatedSwiGLUExperts(GroupedExperts):
         rank (`int`): Bottleneck of each expert's adaLN.
     """
 
-    _LINEARS = ("gate_proj", "up_proj", "down_proj", "modulation.linear_1", "modulation.linear_2")
+    _linear_paths = ("gate_proj", "up_proj", "down_proj")
 
     def __init__(self, num_experts: int, dim: int, intermediate_size: int, rank: int):
         super().__init__([ModulatedSwiGLU(dim, intermediate_size, rank) for _ in range(num_experts)])
-        self._stacked = _StackedWeightCache()
-
-    def _plain_linears(self) -> bool:
-        return all(type(expert.get_submodule(name)) is nn.Linear for expert in self for name in self._LINEARS)
-
-    def _stack_modulations(self) -> dict[str, torch.Tensor]:
-        return {
-            "modulation_1": torch.stack([e.modulation.linear_1.weight for e in self]),
-            "modulation_2": torch.stack([e.modulation.linear_2.weight for e in self]),
-            "modulation_2_bias": torch.stack([e.modulation.linear_2.bias for e in self]),
-        }
-
-    def _stack(self) -> dict[str, torch.Tensor]:
-        return {
-            "gate_up": torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self]),
-            "down": torch.stack([e.down_proj.weight for e in self]),
-            **self._stack_modulations(),
-        }
-
-    def _projections(self, rows, segments: ExpertSegments, stacked, grouped: bool, *names: str) -> torch.Tensor:
-        """The named projections of each row's expert, concatenated: one grouped GEMM over the `stacked` weights
-        (`grouped`), else `segment_linear` over the stacked weights' views or, without them, the experts' own."""
-        key = "gate_up" if len(names) == 2 else "down"
-        if grouped:
-            return grouped_linear(rows, stacked[key], segments)
-        if stacked is not None:
-            weights = list(stacked[key].unbind(0))
-        else:
-            weights = [getattr(expert, name).weight for expert in self for name in names]
-        return segment_linear(rows, weights, [], segments.offsets)
 
     def forward_grouped(
         self,
@@ -147,30 +119,24 @@ class ModulatedSwiGLUExperts(GroupedExperts):
             (R, D) each row's expert output (residual included).
         """
         sample_index = segments.token_index // tokens_per_sample
-        if not self._plain_linears():
+        backend = self.backend(rows)
+        if backend == "modules":
             return self._forward_per_expert(rows, segments, conditioning[sample_index], channel_weights[sample_index])
-        grouped = uses_stacked_weights(rows)
-        # stacked weights: cached for inference; when training without a grouped kernel only the small modulation
-        # weights are stacked and the projections read the experts' own weights (no stacking copy per step)
-        use_stacked = grouped or not torch.is_grad_enabled()
-        stacked = self._stacked.get(list(self.parameters()), self._stack) if use_stacked else None
-        modulation_weights = stacked if stacked is not None else self._stack_modulations()
+        project = self.segment_linear if backend == "segment_linear" else self.grouped_linear
         # modulation of every expert for every sample: (B, E, 3D), then one row per routed token
-        bottleneck = F.relu(torch.einsum("bd,erd->ber", conditioning, modulation_weights["modulation_1"]))
-        modulation = torch.einsum("ber,efr->bef", bottleneck, modulation_weights["modulation_2"])
-        shift, scale, gate = (modulation + modulation_weights["modulation_2_bias"]).chunk(3, dim=-1)
+        modulation = torch.stack([expert.modulation(conditioning) for expert in self], dim=1)
+        shift, scale, gate = modulation.chunk(3, dim=-1)
         # `1 + scale` on the small (B, E, D) table, then one gather of all three per routed row
         per_row = torch.cat([shift, 1 + scale, gate], dim=-1)[sample_index, segments.expert_index]
         shift, scale, gate = per_row.chunk(3, dim=-1)
         modulated = torch.addcmul(shift, F.layer_norm(rows, rows.shape[-1:], eps=1e-6), scale)  # each expert's `norm`
-        gate_up = self._projections(modulated, segments, stacked, grouped, "gate_proj", "up_proj")
-        intermediate = swiglu_activation(gate_up)
+        intermediate = swiglu_activation(project(modulated, segments, "gate_proj", "up_proj"))
         row_channel_weights = channel_weights.index_select(0, sample_index)
         if torch.is_grad_enabled():
             intermediate = intermediate * row_channel_weights
         else:  # inference: in place, in the (new) projection output
             intermediate = intermediate.mul_(row_channel_weights)
-        return torch.addcmul(rows, gate, self._projections(intermediate, segments, stacked, grouped, "down_proj"))
+        return torch.addcmul(rows, gate, project(intermediate, segments, "down_proj"))
 
     def _forward_per_expert(self, rows, segments, conditioning, channel_weights) -> torch.Tensor:
         sizes = segments.sizes()
