@@ -1,6 +1,7 @@
 """Forward pieces every DiT-style family shares; each family's `forward` composes them around its own blocks."""
 
 import torch
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from .blocks import unpatchify
@@ -22,11 +23,34 @@ def preset_config(family: str, presets: dict[str, dict], name: str, *defaults: d
     return merged
 
 
-class DiTForwardMixin:
+class DiTForwardMixin(CacheMixin):
     """
     For transformers with `pos_embed` (patch embedding), `embedding` (`TimestepClassEmbedding`),
     `transformer_blocks`, `proj_out` (`PatchOutputLayer`) and `gradient_checkpointing`.
+
+    `CacheMixin` gives `enable_cache(config)` / `disable_cache()` / `cache_context(name)` with diffusers' cache hooks
+    (FirstBlockCache, TaylorSeer, MagCache, ...); the blocks are registered for them by `import diffmoe_hf`.
     """
+
+    def enable_cache(self, config) -> None:
+        """
+        Enables a diffusers cache (`FirstBlockCacheConfig`, `TaylorSeerCacheConfig`, `MagCacheConfig`, ...) on this
+        transformer; see `diffusers.models.cache_utils.CacheMixin.enable_cache`.
+
+        Raises:
+            ValueError: for FirstBlockCache on a model that adds tokens after its first block (JiT with in-context
+                class tokens, `in_context_start > 0`): the cache would subtract outputs of different token counts.
+        """
+        from diffusers.hooks import FirstBlockCacheConfig
+
+        adds_tokens_after_first_block = self.config.get("in_context_len", 0) and self.config.get("in_context_start", 0)
+        if isinstance(config, FirstBlockCacheConfig) and adds_tokens_after_first_block:
+            raise ValueError(
+                f"FirstBlockCache cannot run on this {type(self).__name__}: it prepends {self.config.in_context_len} "
+                f"class tokens before block {self.config.in_context_start}, so the first and the last block return "
+                "different token counts. Use MagCacheConfig or TaylorSeerCacheConfig instead."
+            )
+        super().enable_cache(config)
 
     def embed_inputs(
         self, hidden_states: torch.Tensor, timestep, class_labels
