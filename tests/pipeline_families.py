@@ -13,9 +13,13 @@ FAMILIES = ("dsmoe", "jit", "diff-moe", "diffmoe-dts", "dit-moe")
 PER_TOKEN_ROUTING = tuple(f for f in FAMILIES if f != "diffmoe-dts")
 
 
-def family_transformer(family: str):
-    """A tiny transformer of `family` whose zero-initialised output layers are perturbed, so every block matters."""
+def family_transformer(family: str, **overrides):
+    """A tiny transformer of `family` (config `overrides` applied) whose zero-initialised output layers are perturbed,
+    so every block matters."""
     transformer = tiny_transformer(family).eval()
+    if overrides:
+        config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+        transformer = type(transformer)(**{**config, **overrides}).eval()
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for parameter in transformer.parameters():
@@ -23,8 +27,8 @@ def family_transformer(family: str):
     return transformer
 
 
-def family_pipeline(family: str) -> ClassConditionalMoEPipeline:
-    transformer = family_transformer(family)
+def family_pipeline(family: str, **transformer_overrides) -> ClassConditionalMoEPipeline:
+    transformer = family_transformer(family, **transformer_overrides)
     pipe = ClassConditionalMoEPipeline(
         transformer=transformer,
         scheduler=get_formulation(transformer.config.formulation).default_scheduler(),

@@ -1,8 +1,10 @@
 """Forward pieces every DiT-style family shares; each family's `forward` composes them around its own blocks."""
 
+import diffusers
 import torch
 from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from packaging import version
 
 from .blocks import unpatchify
 from .validation import check_model_inputs
@@ -38,18 +40,24 @@ class DiTForwardMixin(CacheMixin):
         transformer; see `diffusers.models.cache_utils.CacheMixin.enable_cache`.
 
         Raises:
-            ValueError: for FirstBlockCache on a model that adds tokens after its first block (JiT with in-context
-                class tokens, `in_context_start > 0`): the cache would subtract outputs of different token counts.
+            ValueError: for a cache that cannot handle a model adding tokens after its first block (JiT with in-context
+                class tokens, `in_context_start > 0`): FirstBlockCache (it subtracts block outputs of different token
+                counts), and MagCache before diffusers 0.42 (which first matched the residual to the image tokens).
         """
-        from diffusers.hooks import FirstBlockCacheConfig
+        from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig
 
-        adds_tokens_after_first_block = self.config.get("in_context_len", 0) and self.config.get("in_context_start", 0)
-        if isinstance(config, FirstBlockCacheConfig) and adds_tokens_after_first_block:
-            raise ValueError(
-                f"FirstBlockCache cannot run on this {type(self).__name__}: it prepends {self.config.in_context_len} "
-                f"class tokens before block {self.config.in_context_start}, so the first and the last block return "
-                "different token counts. Use MagCacheConfig or TaylorSeerCacheConfig instead."
+        if self.config.get("in_context_len", 0) and self.config.get("in_context_start", 0):
+            refused = isinstance(config, FirstBlockCacheConfig)
+            refused |= isinstance(config, MagCacheConfig) and version.parse(diffusers.__version__) < version.parse(
+                "0.42.0"
             )
+            if refused:
+                raise ValueError(
+                    f"{type(config).__name__} (diffusers {diffusers.__version__}) cannot run on this "
+                    f"{type(self).__name__}: it prepends {self.config.in_context_len} class tokens before block "
+                    f"{self.config.in_context_start}, so its first and last blocks return different token counts. Use "
+                    "TaylorSeerCacheConfig (or MagCacheConfig with diffusers >= 0.42) instead."
+                )
         super().enable_cache(config)
 
     def embed_inputs(
