@@ -192,3 +192,30 @@ def test_the_example_in_the_docstring_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code.replace("generator=", "num_inference_steps=4, generator="), "example", "exec"), {})
     assert (tmp_path / "three.png").is_file()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pt_np_and_pil_outputs_agree(family):
+    pipe = family_pipeline(family)
+    outputs = {kind: pipe(**latent_call(output_type=kind, generator=torch.manual_seed(0))).images
+               for kind in ("pt", "np", "pil")}  # fmt: skip
+    np.testing.assert_array_equal(outputs["pt"].permute(0, 2, 3, 1).numpy(), outputs["np"])
+    as_bytes = (outputs["np"] * 255).round().astype("uint8")
+    for image, expected in zip(outputs["pil"], as_bytes):
+        np.testing.assert_array_equal(np.asarray(image).reshape(expected.shape), expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_callback_gets_exactly_the_requested_tensors_and_may_replace_the_last_latents(family):
+    """diffusers' `test_callback_inputs`."""
+    pipe = family_pipeline(family)
+
+    def zero_last_latents(pipeline, step, timestep, callback_kwargs):
+        assert set(callback_kwargs) == set(pipeline._callback_tensor_inputs)
+        if step == pipeline.num_timesteps - 1:
+            callback_kwargs["latents"] = torch.zeros_like(callback_kwargs["latents"])
+        return callback_kwargs
+
+    images = pipe(**latent_call(output_type="latent", callback_on_step_end=zero_last_latents,
+                                callback_on_step_end_tensor_inputs=pipe._callback_tensor_inputs)).images  # fmt: skip
+    assert torch.count_nonzero(images) == 0
