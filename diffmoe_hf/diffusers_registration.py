@@ -12,7 +12,8 @@ to the short library name `"diffmoe_hf"` would still need the same `LOADABLE_CLA
 written so far. So this module adds, and never replaces:
 
 - the pipeline and model classes as attributes of the `diffusers` package, under their own names (the lookup of
-  `_class_name` for pipelines, and of a bare `config.json`'s `_class_name` by `diffusers.AutoModel`);
+  `_class_name` for pipelines, and of a bare `config.json`'s `_class_name` by `diffusers.AutoModel`), never over a
+  class of diffusers' own;
 - each model's defining module as a `LOADABLE_CLASSES` library whose classes load with `from_pretrained` (only the
   Hub download check reads it; `save_pretrained` keeps recording the full module path, so folders do not change);
 - the transformer block classes to the registry the cache hooks (FirstBlockCache, MagCache) read block outputs from.
@@ -20,6 +21,8 @@ written so far. So this module adds, and never replaces:
 These are lookups diffusers does not document as extension points; `tests/test_diffusers_loading.py` guards each of
 them on the lowest and the highest diffusers version the package declares.
 """
+
+import warnings
 
 import diffusers
 from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
@@ -30,20 +33,22 @@ MODEL_LOAD_METHODS = {"ModelMixin": ["save_pretrained", "from_pretrained"]}
 
 def register_classes_in_diffusers_namespace(classes) -> None:
     """
-    Makes `getattr(diffusers, cls.__name__)` return each class of `classes`.
-
-    Raises:
-        RuntimeError: if diffusers itself has a different class of that name (diffusers' lookups would then load the
-            wrong class silently).
+    Makes `getattr(diffusers, cls.__name__)` return each class of `classes`. A name diffusers itself already uses for
+    another class is left to diffusers, with a warning: `DiffusionPipeline.from_pretrained` would then load diffusers'
+    class, so such a folder must be loaded with diffmoe_hf's class (`cls.from_pretrained`).
     """
     for cls in classes:
         existing = getattr(diffusers, cls.__name__, None)
         if existing is not None and existing is not cls:
-            raise RuntimeError(
-                f"diffusers {diffusers.__version__} defines its own {cls.__name__} ({existing.__module__}), which "
-                f"clashes with diffmoe_hf's {cls.__module__}.{cls.__name__}; load diffmoe_hf folders with "
-                f"`{cls.__name__}.from_pretrained` from diffmoe_hf and report this name clash."
+            warnings.warn(
+                f"diffusers {diffusers.__version__} defines its own {cls.__name__} ({existing.__module__}), so "
+                f"DiffusionPipeline.from_pretrained / AutoModel would load that class, not diffmoe_hf's "
+                f"{cls.__module__}.{cls.__name__}: load diffmoe_hf folders with `{cls.__name__}.from_pretrained` from "
+                "diffmoe_hf.",
+                RuntimeWarning,
+                stacklevel=2,
             )
+            continue
         setattr(diffusers, cls.__name__, cls)
 
 
