@@ -1,7 +1,9 @@
 """Diffusion Mixture-of-Experts transformers for diffusers.
 
 Every model and pipeline module is imported eagerly: diffusers resolves classes of non-diffusers libraries recorded in
-`model_index.json` only through `sys.modules`.
+`model_index.json` only through `sys.modules`. Importing the package also registers its classes with diffusers
+(`diffusers_registration`), so that `DiffusionPipeline.from_pretrained`, `diffusers.AutoModel` and the cache hooks of
+`transformer.enable_cache` work with them.
 """
 
 from diffusers import ModelMixin
@@ -20,7 +22,22 @@ from .models import (
     JiTTransformer2DModel,
     SpatialTemporalMoETransformer2DModel,
 )
+from .diffusers_registration import register_with_diffusers
+from .models.blocks import AdaLNZeroTransformerBlock
+from .models.transformer_spatial_temporal_moe import SpatialTemporalMoEBlock
 from .pipelines import ClassConditionalMoEPipeline
+
+register_with_diffusers(
+    pipeline_classes=[ClassConditionalMoEPipeline],
+    model_classes=[
+        DiTMoETransformer2DModel,
+        DSMoETransformer2DModel,
+        DynamicTokenMoETransformer2DModel,
+        JiTTransformer2DModel,
+        SpatialTemporalMoETransformer2DModel,
+    ],
+    block_classes=[AdaLNZeroTransformerBlock, SpatialTemporalMoEBlock],
+)
 
 __version__ = "0.1.0"
 

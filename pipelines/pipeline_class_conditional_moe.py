@@ -1,19 +1,90 @@
 """Class-conditional image generation with any diffmoe_hf transformer, on standard diffusers schedulers."""
 
+import contextlib
 import difflib
 import inspect
+import math
+import numbers
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from diffusers.loaders import SanaLoraLoaderMixin
 from diffusers.models import AutoencoderKL
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers import SchedulerMixin
+from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
 from diffmoe_hf.formulations import get_formulation
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers import DiffusionPipeline
+
+        >>> import diffmoe_hf  # registers the pipeline and its models with diffusers
+
+        >>> pipe = DiffusionPipeline.from_pretrained(diffmoe_hf.default_models()["digits-jitmoe"])
+        >>> class_ids = pipe.get_label_ids(["three", "seven"])
+        >>> images = pipe(class_labels=class_ids, generator=torch.manual_seed(0)).images
+        >>> images[0].save("three.png")
+        ```
+"""
+
+
+def check_real_number(name: str, value, minimum: float | None = None, allow_inf: bool = False) -> float:
+    """
+    `value` as a float if it is a finite real number (a Python or NumPy int or float, not a bool) >= `minimum`.
+
+    Raises:
+        TypeError: `value` is not a real number (e.g. the string "2").
+        ValueError: `value` is NaN, infinite (unless `allow_inf`), or below `minimum`.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}.")
+    value = float(value)
+    if math.isnan(value) or (math.isinf(value) and not allow_inf):
+        raise ValueError(f"{name} must be a finite number, got {value}: pass a number such as 1.5.")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+    return value
+
+
+def flatten_class_labels(class_labels) -> list:
+    """
+    The class labels of a call as one flat list, in order: a single id or name, a (nested) list or tuple of them (as
+    diffusers' batching produces, e.g. `[[1], [1]]`), or an integer tensor / array of any shape.
+
+    Raises:
+        TypeError: for a float or bool label, or a float / bool tensor or array.
+    """
+    if isinstance(class_labels, (torch.Tensor, np.ndarray)):
+        dtype = class_labels.dtype
+        is_integer = (
+            not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+            if isinstance(class_labels, torch.Tensor)
+            else dtype.kind in "iu"
+        )
+        if not is_integer:
+            raise TypeError(
+                f"class_labels has type {type(class_labels).__name__} of dtype {dtype}: class ids must be integers "
+                "(e.g. torch.long); convert with `.long()` if the values are whole numbers."
+            )
+        return class_labels.reshape(-1).tolist()
+    if isinstance(class_labels, (list, tuple)):
+        return [label for item in class_labels for label in flatten_class_labels(item)]
+    if isinstance(class_labels, str) or (
+        isinstance(class_labels, numbers.Integral) and not isinstance(class_labels, bool)
+    ):
+        return [int(class_labels) if isinstance(class_labels, numbers.Integral) else class_labels]
+    raise TypeError(
+        f"Class label {class_labels!r} has type {type(class_labels).__name__}: class labels must be integer class "
+        "ids or class names (strings), e.g. class_labels=[1, 7] or class_labels=['goldfish']."
+    )
 
 
 class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
@@ -39,6 +110,10 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
     model_cpu_offload_seq = "transformer->vae"
     _optional_components = ["vae"]
     _callback_tensor_inputs = ["latents"]
+    _guidance_scale = None
+    _num_timesteps = None
+    _current_timestep = None
+    _interrupt = False
 
     def __init__(
         self,
@@ -85,6 +160,36 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
     def num_classes(self) -> int:
         return self.transformer.config.num_classes
 
+    @property
+    def guidance_scale(self) -> float | None:
+        """The guidance scale of the running (or last) call; a `callback_on_step_end` may change it for the next
+        steps (`pipe.guidance_scale = 1.0` turns guidance off), as diffusers callbacks change `pipe._guidance_scale`."""
+        return self._guidance_scale
+
+    @guidance_scale.setter
+    def guidance_scale(self, value: float) -> None:
+        self._guidance_scale = check_real_number("guidance_scale", value, minimum=0.0)
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether the next step runs classifier-free guidance (guidance scale > 1; within the guidance interval)."""
+        return self._guidance_scale is not None and self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self) -> int | None:
+        """The number of denoising steps of the running (or last) call."""
+        return self._num_timesteps
+
+    @property
+    def current_timestep(self) -> torch.Tensor | None:
+        """The scheduler timestep being denoised (`None` outside a call)."""
+        return self._current_timestep
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` in a callback to skip the remaining steps (the current latents are decoded)."""
+        return self._interrupt
+
     def get_label_ids(self, label: str | list[str]) -> list[int]:
         """
         Maps class names to class ids.
@@ -108,16 +213,12 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         return ids
 
     def _class_ids(self, class_labels, device) -> torch.Tensor:
-        if isinstance(class_labels, torch.Tensor):
-            class_labels = class_labels.reshape(-1).tolist()
-        elif isinstance(class_labels, (int, str)):
-            class_labels = [class_labels]
-        class_labels = list(class_labels)
-        if not class_labels:
+        labels = flatten_class_labels(class_labels)
+        if not labels:
             raise ValueError("class_labels is empty: give at least one class id or name.")
-        ids = [self.get_label_ids(c)[0] if isinstance(c, str) else c for c in class_labels]
+        ids = [self.get_label_ids(c)[0] if isinstance(c, str) else c for c in labels]
         for class_id in ids:
-            if isinstance(class_id, bool) or not isinstance(class_id, int) or not 0 <= class_id <= self.num_classes:
+            if not 0 <= class_id <= self.num_classes:
                 raise ValueError(
                     f"Class id {class_id!r} is out of range: this model has classes 0..{self.num_classes - 1} "
                     f"(and the null class {self.num_classes} for unconditional samples)."
@@ -144,14 +245,31 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         output_type,
         callback_on_step_end_tensor_inputs,
         guidance_interval=None,
-    ):
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}.")
+        latents=None,
+    ) -> None:
+        """Refuses a call that cannot run or would return garbage, before any work is done (errors say what to do)."""
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral):
+            raise TypeError(
+                f"num_inference_steps must be an integer, got {num_inference_steps!r} of type "
+                f"{type(num_inference_steps).__name__}."
+            )
+        max_steps = self.scheduler.config.get("num_train_timesteps")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps}.")
+        if max_steps is not None and num_inference_steps > max_steps:
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps} is more than {type(self.scheduler).__name__} can take: "
+                f"at most its num_train_timesteps={max_steps} steps. Choose a value between 1 and {max_steps} (the "
+                "model cards quote their quality at 50 or fewer)."
+            )
+        check_real_number("guidance_scale", guidance_scale, minimum=0.0)
         interval = guidance_interval
-        if interval is not None and (len(interval) != 2 or interval[0] > interval[1]):
-            raise ValueError(f"guidance_interval must be (low, high) with low <= high, got {interval!r}.")
+        if interval is not None:
+            if not isinstance(interval, (list, tuple)) or len(interval) != 2:
+                raise ValueError(f"guidance_interval must be (low, high) with low <= high, got {interval!r}.")
+            low, high = (check_real_number("guidance_interval", v, allow_inf=True) for v in interval)
+            if low > high:
+                raise ValueError(f"guidance_interval must be (low, high) with low <= high, got {interval!r}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         if output_type != "latent" and self.vae is None and self.transformer.config.in_channels not in (1, 3):
@@ -163,10 +281,26 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {self._callback_tensor_inputs}.")
+        if latents is not None:
+            if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+                raise TypeError(
+                    f"latents must be a floating-point torch.Tensor, got {type(latents).__name__}"
+                    f"{' of dtype ' + str(latents.dtype) if isinstance(latents, torch.Tensor) else ''}."
+                )
+            if not torch.isfinite(latents).all():
+                raise ValueError(
+                    "latents contain NaN or infinite values, which would give blank images: pass finite noise (e.g. "
+                    "from torch.randn) or leave latents=None."
+                )
 
     def prepare_latents(self, batch_size, generator, latents, device, dtype, formulation=None) -> torch.Tensor:
         config = self.transformer.config
         shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"generator is a list of {len(generator)} generators but {batch_size} class labels were given: pass "
+                "one generator per image, or a single generator."
+            )
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
             if formulation is not None:
@@ -179,6 +313,12 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         latents = latents.to(device=device, dtype=dtype)
         return latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
 
+    def _cache_context(self, name: str):
+        """`transformer.cache_context(name)`: keys the state of diffusers' cache hooks by the kind of call, so a cache
+        compares a call only with earlier calls of the same batch composition."""
+        cache_context = getattr(self.transformer, "cache_context", None)
+        return cache_context(name) if cache_context is not None else contextlib.nullcontext()
+
     def _predict(
         self, latents, model_time, class_ids, guidance_scale, attention_kwargs, guidance_channels=None
     ) -> torch.Tensor:
@@ -186,19 +326,23 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         channels; the other channels are the conditional output."""
         timestep = model_time.to(latents.device).expand(latents.shape[0])
         if guidance_scale <= 1.0:
-            return self.transformer(latents, timestep, class_ids, attention_kwargs=attention_kwargs).sample
+            with self._cache_context("cond"):
+                return self.transformer(latents, timestep, class_ids, attention_kwargs=attention_kwargs).sample
         null_ids = torch.full_like(class_ids, self.num_classes)
         if getattr(self.transformer, "routing_depends_on_batch", False):
             # batch-level routing: cond and uncond must be separate calls, exactly as the original sampler makes them
-            cond = self.transformer(latents, timestep, class_ids, attention_kwargs=attention_kwargs).sample
-            uncond = self.transformer(latents, timestep, null_ids, attention_kwargs=attention_kwargs).sample
+            with self._cache_context("cond"):
+                cond = self.transformer(latents, timestep, class_ids, attention_kwargs=attention_kwargs).sample
+            with self._cache_context("uncond"):
+                uncond = self.transformer(latents, timestep, null_ids, attention_kwargs=attention_kwargs).sample
         else:
-            both = self.transformer(
-                torch.cat([latents, latents]),
-                torch.cat([timestep, timestep]),
-                torch.cat([class_ids, null_ids]),
-                attention_kwargs=attention_kwargs,
-            ).sample
+            with self._cache_context("cond_uncond"):
+                both = self.transformer(
+                    torch.cat([latents, latents]),
+                    torch.cat([timestep, timestep]),
+                    torch.cat([class_ids, null_ids]),
+                    attention_kwargs=attention_kwargs,
+                ).sample
             cond, uncond = both.chunk(2)
         channels = guidance_channels or latents.shape[1]
         guided = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
@@ -221,6 +365,7 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         return (images / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         class_labels: int | str | list[int | str] | torch.Tensor,
@@ -241,22 +386,27 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
 
         Args:
             class_labels: Class ids (0..num_classes-1) and/or class names (see `pipe.labels`), one per image; the
-                null class id `num_classes` gives an unconditional sample (as the original samplers allow).
-            num_inference_steps: Number of denoising steps.
+                null class id `num_classes` gives an unconditional sample (as the original samplers allow). Nested
+                lists (`[[1], [7]]`) and integer tensors of any shape are flattened in order.
+            num_inference_steps: Number of denoising steps, at most the scheduler's `num_train_timesteps`.
             guidance_scale: Classifier-free guidance scale; values <= 1 disable guidance (one pass per step).
                 Defaults to the pipeline's `default_guidance_scale` if set, else the formulation's (the original
-                sampling scripts': 1.5 for DSMoE, 2.9 for JiT).
+                sampling scripts': 1.5 for DSMoE, 2.9 for JiT). `pipe.guidance_scale` holds it during the call, and a
+                callback may change it for the following steps.
             guidance_interval: `(low, high)` in model time: guidance only where `low < t < high` (`t < high` when
                 low is 0), one conditional pass elsewhere. Defaults to the formulation's ((0.1, 1.0) for JiT, none
                 for the other families); `(0, float("inf"))` guides at every step.
-            generator: `torch.Generator`(s) for reproducible noise.
-            latents: (B, C, sample_size, sample_size) initial noise; drawn from `generator` when omitted (and then
-                scaled as the formulation starts, e.g. by JiT's `noise_scale`; given latents are used as they are).
+            generator: `torch.Generator`(s) for reproducible noise (a list: one per image).
+            latents: (B, C, sample_size, sample_size) finite initial noise; drawn from `generator` when omitted (and
+                then scaled as the formulation starts, e.g. by JiT's `noise_scale`; given latents are used as they
+                are).
             output_type: `"pil"`, `"np"` (B, H, W, C) in [0, 1], `"pt"` (B, C, H, W) in [0, 1], or `"latent"`.
             return_dict: Return an `ImagePipelineOutput` instead of a tuple.
             attention_kwargs: Forwarded to the transformer (`{"scale": s}` scales LoRA).
             callback_on_step_end: `fn(pipe, step, timestep, callback_kwargs) -> dict` called after every step; the
-                returned `"latents"` replaces the current latents.
+                returned `"latents"` replaces the current latents. It may read `pipe.num_timesteps`,
+                `pipe.guidance_scale`, `pipe.do_classifier_free_guidance`, change `pipe.guidance_scale` (or
+                `pipe._guidance_scale`), and set `pipe._interrupt = True` to stop early.
             callback_on_step_end_tensor_inputs: Tensors passed in `callback_kwargs` (only `"latents"`).
             guidance_channels: Parity option: guide only the first `guidance_channels` output channels and keep the
                 conditional output in the others. `None` (default) guides all latent channels. The original DiT /
@@ -264,39 +414,50 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 pass 3 to reproduce them exactly.
 
         Examples:
-        ```py
-        >>> from diffmoe_hf import ClassConditionalMoEPipeline
-        >>> pipe = ClassConditionalMoEPipeline.from_pretrained("path/to/converted-DSMoE-S-E16")
-        >>> image = pipe(class_labels=pipe.get_label_ids(["golden retriever"]), num_inference_steps=50).images[0]
-        ```
 
         Returns:
             `ImagePipelineOutput` with `images`, or `(images,)`.
+
+        Raises:
+            TypeError: an argument of the wrong type (a float class id, a string guidance scale, ...).
+            ValueError: an argument out of range or non-finite (before any denoising), or non-finite latents
+                after sampling (e.g. a float16 overflow), which would otherwise decode to blank images.
         """
         formulation = self._formulation()
         default_scale, default_interval = self.default_guidance()
         guidance_scale = default_scale if guidance_scale is None else guidance_scale
         guidance_interval = default_interval if guidance_interval is None else guidance_interval
         self.check_inputs(
-            num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs, guidance_interval
-        )
+            num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs, guidance_interval,
+            latents,
+        )  # fmt: skip
         in_channels = self.transformer.config.in_channels
         if guidance_channels is not None and not 1 <= guidance_channels <= in_channels:
             raise ValueError(f"guidance_channels must be None or between 1 and {in_channels}, got {guidance_channels}.")
+        self._guidance_scale = float(guidance_scale)
+        self._interrupt = False
+        self._current_timestep = None
         device = self._execution_device
         class_ids = self._class_ids(class_labels, device)
         latents = self.prepare_latents(len(class_ids), generator, latents, device, self.transformer.dtype, formulation)
+        if getattr(self.transformer, "is_cache_enabled", False):
+            self.transformer._reset_stateful_cache()  # a call that raised earlier leaves no stale cache behind
 
-        scheduler = formulation.sampling_scheduler(self.scheduler, num_inference_steps, device)
+        scheduler = formulation.sampling_scheduler(self.scheduler, int(num_inference_steps), device)
         timesteps = scheduler.timesteps
+        self._num_timesteps = len(timesteps)
         step_kwargs = self._step_kwargs(scheduler, generator)
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                self._current_timestep = t
                 model_input = latents
                 if hasattr(scheduler, "scale_model_input"):
                     model_input = scheduler.scale_model_input(latents, t)
                 model_time = formulation.model_time(scheduler, t)
-                scale = formulation.guidance_scale_at(guidance_scale, model_time, guidance_interval).item()
+                step_scale = check_real_number("guidance_scale", self._guidance_scale, minimum=0.0)
+                scale = formulation.guidance_scale_at(step_scale, model_time, guidance_interval).item()
                 prediction = self._predict(
                     model_input, model_time, class_ids, scale, attention_kwargs, guidance_channels
                 )
@@ -310,7 +471,15 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
                 progress_bar.update()
+        self._current_timestep = None
 
+        if not torch.isfinite(latents).all():
+            self.maybe_free_model_hooks()
+            raise ValueError(
+                "Sampling produced NaN or infinite latents, which would decode to blank images. Typical causes: a "
+                "float16 overflow (load the model in float32 or bfloat16), or a callback that returned non-finite "
+                "latents."
+            )
         if output_type == "latent":
             images = latents
         else:

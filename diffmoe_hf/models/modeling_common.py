@@ -1,7 +1,10 @@
 """Forward pieces every DiT-style family shares; each family's `forward` composes them around its own blocks."""
 
+import diffusers
 import torch
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from packaging import version
 
 from .blocks import unpatchify
 from .moe import set_expert_backend
@@ -23,11 +26,40 @@ def preset_config(family: str, presets: dict[str, dict], name: str, *defaults: d
     return merged
 
 
-class DiTForwardMixin:
+class DiTForwardMixin(CacheMixin):
     """
     For transformers with `pos_embed` (patch embedding), `embedding` (`TimestepClassEmbedding`),
     `transformer_blocks`, `proj_out` (`PatchOutputLayer`) and `gradient_checkpointing`.
+
+    `CacheMixin` gives `enable_cache(config)` / `disable_cache()` / `cache_context(name)` with diffusers' cache hooks
+    (FirstBlockCache, TaylorSeer, MagCache, ...); the blocks are registered for them by `import diffmoe_hf`.
     """
+
+    def enable_cache(self, config) -> None:
+        """
+        Enables a diffusers cache (`FirstBlockCacheConfig`, `TaylorSeerCacheConfig`, `MagCacheConfig`, ...) on this
+        transformer; see `diffusers.models.cache_utils.CacheMixin.enable_cache`.
+
+        Raises:
+            ValueError: for a cache that cannot handle a model adding tokens after its first block (JiT with in-context
+                class tokens, `in_context_start > 0`): FirstBlockCache (it subtracts block outputs of different token
+                counts), and MagCache before diffusers 0.42 (which first matched the residual to the image tokens).
+        """
+        from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig
+
+        if self.config.get("in_context_len", 0) and self.config.get("in_context_start", 0):
+            refused = isinstance(config, FirstBlockCacheConfig)
+            refused |= isinstance(config, MagCacheConfig) and version.parse(diffusers.__version__) < version.parse(
+                "0.42.0"
+            )
+            if refused:
+                raise ValueError(
+                    f"{type(config).__name__} (diffusers {diffusers.__version__}) cannot run on this "
+                    f"{type(self).__name__}: it prepends {self.config.in_context_len} class tokens before block "
+                    f"{self.config.in_context_start}, so its first and last blocks return different token counts. Use "
+                    "TaylorSeerCacheConfig (or MagCacheConfig with diffusers >= 0.42) instead."
+                )
+        super().enable_cache(config)
 
     def embed_inputs(
         self, hidden_states: torch.Tensor, timestep, class_labels

@@ -1,0 +1,65 @@
+"""Tiny pipelines of all five families for the pipeline contract, loading and cache tests (CPU, seconds)."""
+
+import torch
+
+from diffmoe_hf import ClassConditionalMoEPipeline
+from diffmoe_hf.formulations import get_formulation
+
+from .helpers import tiny_vae
+from .training_helpers import NUM_CLASSES, tiny_transformer
+
+FAMILIES = ("dsmoe", "jit", "diff-moe", "diffmoe-dts", "dit-moe")
+# families whose experts route each token on its own, so a sample does not depend on the rest of its batch
+PER_TOKEN_ROUTING = tuple(f for f in FAMILIES if f != "diffmoe-dts")
+
+
+def family_transformer(family: str, **overrides):
+    """A tiny transformer of `family` (config `overrides` applied) whose zero-initialised output layers are perturbed,
+    so every block matters."""
+    transformer = tiny_transformer(family).eval()
+    if overrides:
+        config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+        transformer = type(transformer)(**{**config, **overrides}).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in transformer.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return transformer
+
+
+def family_pipeline(family: str, **transformer_overrides) -> ClassConditionalMoEPipeline:
+    transformer = family_transformer(family, **transformer_overrides)
+    pipe = ClassConditionalMoEPipeline(
+        transformer=transformer,
+        scheduler=get_formulation(transformer.config.formulation).default_scheduler(),
+        vae=tiny_vae() if transformer.config.in_channels == 4 else None,
+        id2label={str(i): f"class {i}" for i in range(NUM_CLASSES)},
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def float32_tolerance(reference: torch.Tensor, reduction_size: int, depth: int = 1) -> float:
+    """Worst-case rounding bound of float32 dot products of length `reduction_size` accumulated over `depth` stacked
+    layers, relative to the output scale: `2 * depth * reduction_size * eps * max|reference|`."""
+    eps = torch.finfo(torch.float32).eps
+    return 2 * depth * reduction_size * eps * reference.abs().max().item()
+
+
+class CallRecorder(torch.nn.Module):
+    """Wraps a transformer and records the class labels of every call (the batch composition of each pass)."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.inner = transformer
+        self.calls = []
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+    def forward(self, hidden_states, timestep, class_labels, **kwargs):
+        self.calls.append(class_labels.tolist())
+        return self.inner(hidden_states, timestep, class_labels, **kwargs)
