@@ -19,7 +19,14 @@ from diffmoe_hf.training import extract_features
 from diffmoe_hf.training.train_class_conditional import main, parse_args
 
 from .conftest import REPO_ROOT
-from .training_helpers import NUM_CLASSES, make_image_folder, resolution, save_tiny_pipeline, tiny_transformer
+from .training_helpers import (
+    NUM_CLASSES,
+    make_image_folder,
+    save_tiny_pipeline,
+    script_args,
+    subprocess_env,
+    tiny_transformer,
+)
 
 FAMILIES = ["dsmoe", "diff-moe", "diffmoe-dts", "dit-moe", "jit"]
 
@@ -33,13 +40,8 @@ def _offline(monkeypatch):
 
 
 def train(pretrained: str, data: str, output_dir: str, *extra: str, family: str = "dsmoe"):
-    args = [
-        "--pretrained_model_name_or_path", pretrained, "--train_data_dir", data, "--output_dir", output_dir,
-        "--resolution", str(resolution(family)), "--train_batch_size", "2", "--seed", "0", "--report_to", "none",
-        "--validation_inference_steps", "2", "--validation_epochs", "0", "--routing_log_steps", "1", *extra,
-    ]  # fmt: skip
     try:
-        main(parse_args(args))
+        main(parse_args(script_args(pretrained, data, output_dir, *extra, family=family)))
     finally:
         AcceleratorState._reset_state(True)
 

@@ -49,7 +49,7 @@ def save_tiny_pipeline(folder: str, family: str, transformer=None) -> str:
         transformer=transformer,
         scheduler=get_formulation(transformer.config.formulation).default_scheduler(),
         vae=vae,
-        id2label={str(i): f"class {i}" for i in range(NUM_CLASSES)},
+        id2label={str(i): f"class_{i}" for i in range(NUM_CLASSES)},  # the folder names of make_image_folder
     )
     pipe.save_pretrained(folder)
     return folder
@@ -57,6 +57,20 @@ def save_tiny_pipeline(folder: str, family: str, transformer=None) -> str:
 
 def resolution(family: str) -> int:
     return 16 if family == "jit" else 8
+
+
+def script_args(pretrained: str, data: str, output_dir: str, *extra: str, family: str = "dsmoe") -> list[str]:
+    """Arguments of train_class_conditional.py for a tiny run: no trackers, no validation, seed 0, batch 2."""
+    return [
+        "--pretrained_model_name_or_path", pretrained, "--train_data_dir", data, "--output_dir", output_dir,
+        "--resolution", str(resolution(family)), "--train_batch_size", "2", "--seed", "0", "--report_to", "none",
+        "--validation_inference_steps", "2", "--validation_epochs", "0", "--routing_log_steps", "1", *extra,
+    ]  # fmt: skip
+
+
+def subprocess_env() -> dict:
+    """Environment of a training subprocess: CPU, one thread, no Hub."""
+    return {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def make_image_folder(root: str, num_classes: int = NUM_CLASSES, per_class: int = 4, size: int = 12, mode="RGB"):

@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -41,6 +40,12 @@ from diffmoe_hf.formulations import get_formulation
 from diffmoe_hf.models.moe import moe_aux_loss
 from diffmoe_hf.pipelines import ClassConditionalMoEPipeline
 from diffmoe_hf.routing import record_routing
+from diffmoe_hf.training.checkpoints import (
+    read_marker,
+    remove_incomplete_checkpoints,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from diffmoe_hf.training.data import ImageTransform, LatentDataset, check_labels, collate, load_image_dataset
 from diffmoe_hf.training_losses import TimeSampling, diffusion_training_loss
 
@@ -323,6 +328,10 @@ def main(args):
         set_seed(args.seed)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        remove_incomplete_checkpoints(args.output_dir)
+    resume_path = None  # resolved before any work, so that a wrong path is reported at once
+    if args.resume_from_checkpoint:
+        resume_path = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -514,18 +523,21 @@ def main(args):
     logger.info(f"  Total optimization steps = {args.max_train_steps}")
 
     global_step, first_epoch, resume_batches = 0, 0, 0
-    if args.resume_from_checkpoint:
-        path = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
-        if path is None:
-            accelerator.print(
-                f"Checkpoint '{args.resume_from_checkpoint}' does not exist. Starting a new training run."
+    if args.resume_from_checkpoint and resume_path is None:
+        logger.info(f"No complete checkpoint in {args.output_dir}: starting a new training run.")
+    elif resume_path is not None:
+        saved = read_marker(resume_path)
+        if saved["num_processes"] != accelerator.num_processes:
+            logger.warning(
+                f"{resume_path} was saved by {saved['num_processes']} processes and is resumed by "
+                f"{accelerator.num_processes}: the processes' random states differ from the saved ones, so the run "
+                "will not continue exactly as it would have."
             )
-        else:
-            accelerator.print(f"Resuming from checkpoint {path}")
-            accelerator.load_state(path)
-            global_step = int(os.path.basename(path).split("-")[1])
-            first_epoch = global_step // steps_per_epoch
-            resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+        logger.info(f"Resuming from checkpoint {resume_path}")
+        accelerator.load_state(resume_path)
+        global_step = saved["step"]
+        first_epoch = global_step // steps_per_epoch
+        resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 
     time_sampling = TimeSampling(args.weighting_scheme, args.logit_mean, args.logit_std)
     progress_bar = tqdm(
@@ -581,8 +593,8 @@ def main(args):
             progress_bar.set_postfix(loss=logs["loss"])
             accelerator.log(logs, step=global_step)
 
-            if global_step % args.checkpointing_steps == 0 and (accelerator.is_main_process or native_checkpoints):
-                save_checkpoint(accelerator, args, global_step)
+            if global_step % args.checkpointing_steps == 0:  # every process saves its random state
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
             if global_step >= args.max_train_steps:
                 break
 
@@ -624,36 +636,6 @@ def encode_dataset(dataset, vae, args, accelerator) -> list[dict]:
         latents = prepare_x0(batch["x0"].to(accelerator.device), vae, random_flip=False).cpu()
         cached.extend({"x0": x, "class_labels": y} for x, y in zip(latents, batch["class_labels"]))
     return cached
-
-
-def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str) -> str | None:
-    """The checkpoint folder to resume from: a path, a name inside output_dir, or the newest one for "latest"."""
-    if resume_from_checkpoint != "latest":
-        for path in (resume_from_checkpoint, os.path.join(output_dir, resume_from_checkpoint)):
-            if os.path.isdir(path):
-                return path
-        return None
-    checkpoints = sorted(
-        (d for d in os.listdir(output_dir) if d.startswith("checkpoint-")) if os.path.isdir(output_dir) else [],
-        key=lambda d: int(d.split("-")[1]),
-    )
-    return os.path.join(output_dir, checkpoints[-1]) if checkpoints else None
-
-
-def save_checkpoint(accelerator, args, global_step: int) -> None:
-    """`checkpoint-<step>`, after pruning the oldest so that at most `checkpoints_total_limit` remain."""
-    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-        checkpoints = sorted(
-            (d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1])
-        )
-        if len(checkpoints) >= args.checkpoints_total_limit:
-            removing = checkpoints[: len(checkpoints) - args.checkpoints_total_limit + 1]
-            logger.info(f"Removing {len(removing)} old checkpoints: {', '.join(removing)}")
-            for name in removing:
-                shutil.rmtree(os.path.join(args.output_dir, name))
-    path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-    accelerator.save_state(path)
-    logger.info(f"Saved state to {path}")
 
 
 def validation_labels(args, num_classes: int) -> list[int]:
