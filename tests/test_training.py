@@ -4,8 +4,6 @@ two DDP processes end with identical weights."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -23,8 +21,8 @@ from .training_helpers import (
     NUM_CLASSES,
     make_image_folder,
     save_tiny_pipeline,
+    run_two_processes,
     script_args,
-    subprocess_env,
     tiny_transformer,
 )
 
@@ -217,26 +215,18 @@ def test_bad_data_is_named(images, tmp_path):
 @pytest.mark.parametrize("family", ["dsmoe", "diffmoe-dts"])
 def test_two_ddp_processes_end_with_identical_weights(family, images, tmp_path):
     """torchrun, 2 CPU processes: DDP keeps the ranks in sync although a collapsed router leaves experts idle (DSMoE)
-    and DiffMoE's capacity predictor learns only through its side loss (with EMA and gradient checkpointing)."""
+    and DiffMoE's capacity predictor learns only through its side loss (with EMA and gradient checkpointing). For
+    DiffMoE, 2 steps + resume from that checkpoint + 2 steps end exactly where 4 straight steps end."""
     transformer = tiny_transformer(family)
-    extra = ["--use_ema", "--gradient_checkpointing"] if family == "diffmoe-dts" else []
+    extra = ["--use_ema", "--gradient_checkpointing", "--random_flip"] if family == "diffmoe-dts" else []
     if family == "dsmoe":
         with torch.no_grad():  # every token of block 1 prefers experts 2 and 3: experts 0 and 1 get no tokens
             bias = transformer.transformer_blocks[1].ff.router.e_score_correction_bias
             bias.copy_(torch.tensor([0.0, 0.0, 10, 20]))
     pretrained = save_tiny_pipeline(str(tmp_path / "pipe"), family, transformer)
     out = str(tmp_path / "ddp")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        os.path.join(REPO_ROOT, "tests", "ddp_training_worker.py"),
-        "--pretrained_model_name_or_path", pretrained, "--train_data_dir", images, "--output_dir", out,
-        "--resolution", "8", "--train_batch_size", "2", "--max_train_steps", "3", "--seed", "0",
-        "--report_to", "none", "--validation_epochs", "0", "--checkpointing_steps", "10", "--learning_rate", "1e-3",
-        *extra,
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    common = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-3", *extra]
+    run_two_processes(script_args(pretrained, images, out, *common))
     rank0, rank1 = (load_file(os.path.join(out, f"rank{r}.safetensors")) for r in (0, 1))
     initial = _transformer_state(pretrained)
     assert rank0.keys() == rank1.keys()
@@ -246,9 +236,21 @@ def test_two_ddp_processes_end_with_identical_weights(family, images, tmp_path):
     if family == "dsmoe":  # idle experts: zero gradient, no update (AdamW without weight decay)
         idle = "transformer_blocks.1.ff.experts.0.up_proj.weight"
         assert torch.equal(rank0[idle], initial[idle])
-    else:  # the capacity predictor learned and its thresholds were averaged over the ranks
-        predictor = "transformer_blocks.1.ff.capacity_predictor.linear_1.weight"
-        assert not torch.equal(rank0[predictor], initial[predictor])
+        return
+    # the capacity predictor learned and its thresholds were averaged over the ranks
+    predictor = "transformer_blocks.1.ff.capacity_predictor.linear_1.weight"
+    assert not torch.equal(rank0[predictor], initial[predictor])
+
+    # exact resume with 2 processes (each restores its own random state; 3 batches per process per epoch: mid-epoch)
+    resumed = str(tmp_path / "resumed")
+    run_two_processes(
+        script_args(pretrained, images, resumed, *common, "--resume_from_checkpoint", os.path.join(out, "checkpoint-2"))
+    )
+    for name in ("rank0.safetensors", "rank1.safetensors", "transformer/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(os.path.join(out, name)), load_file(os.path.join(resumed, name))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
 
 
 def test_accelerate_configs_wrap_each_familys_block():

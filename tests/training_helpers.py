@@ -1,6 +1,8 @@
 """Tiny pipelines and datasets for the training tests (generated in a temporary folder; no network)."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -68,9 +70,17 @@ def script_args(pretrained: str, data: str, output_dir: str, *extra: str, family
     ]  # fmt: skip
 
 
-def subprocess_env() -> dict:
-    """Environment of a training subprocess: CPU, one thread, no Hub."""
-    return {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+def run_two_processes(args: list[str], env: dict | None = None) -> str:
+    """Runs tests/ddp_training_worker.py (the script, dumping each rank's final weights) in 2 CPU processes on gloo
+    under torchrun; `env` adds environment variables (e.g. accelerate's FSDP settings). Returns the output."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_training_worker.py"), *args,
+    ]  # fmt: skip
+    full_env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    result = subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return result.stdout + result.stderr
 
 
 def make_image_folder(root: str, num_classes: int = NUM_CLASSES, per_class: int = 4, size: int = 12, mode="RGB"):

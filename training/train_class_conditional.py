@@ -441,7 +441,8 @@ def main(args):
 
     def load_model_hook(models, input_dir):
         if ema is not None:
-            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "transformer_ema"), type(transformer))
+            # the model class, not the DDP wrapper `transformer` is after `prepare`
+            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "transformer_ema"), ema.model_cls)
             ema.load_state_dict(loaded.state_dict())
             ema.to("cpu" if args.offload_ema else accelerator.device)
         if native_checkpoints:
