@@ -56,6 +56,82 @@ def load_image_dataset(
     return dataset, class_names
 
 
+def _is_class_id(name: str) -> bool:
+    return name.isascii() and name.isdigit()
+
+
+def _names_of_classes(num_classes: int, id2label: dict[str, str] | None, limit: int = 12) -> str:
+    if not id2label:
+        return f"ids 0..{num_classes - 1}, no class names"
+    names = [f"{i}: {id2label[str(i)]!r}" for i in range(num_classes) if str(i) in id2label]
+    shown = ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+    return f"ids 0..{num_classes - 1}: {shown}"
+
+
+def folder_class_ids(
+    folders: list[str], num_classes: int | None = None, id2label: dict[str, str] | None = None
+) -> dict[str, int]:
+    """
+    The class id of each class folder of an image folder.
+
+    For a model with classes (`num_classes`, and `id2label` if it has names), a folder named by digits is that class id
+    (`207/` and `0207/` are class 207) and any other folder name must be one of the model's class names (a whole
+    `id2label` entry or one of its comma-separated synonyms). For a model made for the data (`num_classes` None),
+    digit names are class ids as well, and other names are numbered in sorted order.
+
+    Raises:
+        `ValueError` listing the folders that match no class (or the same class as another folder) and the model's
+        classes.
+    """
+    numeric = [name for name in folders if _is_class_id(name)]
+    if num_classes is None:
+        if numeric and len(numeric) != len(folders):
+            named = sorted(set(folders) - set(numeric))
+            raise ValueError(
+                f"The class folders mix class ids ({', '.join(numeric[:5])}) and names ({', '.join(named[:5])}): "
+                "name every folder by its class id, or every folder by its class name."
+            )
+        return {name: int(name) for name in folders} if numeric else {name: i for i, name in enumerate(sorted(folders))}
+
+    synonyms = {}  # name -> ids carrying it
+    for class_id, label in (id2label or {}).items():
+        for name in {label.strip(), *(part.strip() for part in label.split(","))}:
+            synonyms.setdefault(name, set()).add(int(class_id))
+    ids, problems = {}, []
+    for name in folders:
+        if _is_class_id(name):
+            if int(name) < num_classes:
+                ids[name] = int(name)
+            else:
+                problems.append(f"{name}/ is class id {int(name)}, beyond the model's {num_classes} classes")
+        elif len(synonyms.get(name, ())) == 1:
+            ids[name] = next(iter(synonyms[name]))
+        elif name in synonyms:
+            problems.append(f"{name}/ names classes {sorted(synonyms[name])}: name it by its class id")
+        else:
+            problems.append(f"{name}/ is no class name of the model")
+    by_id = {}
+    for name, class_id in ids.items():
+        by_id.setdefault(class_id, []).append(name)
+    shared = {class_id: names for class_id, names in by_id.items() if len(names) > 1}
+    problems += [f"{' and '.join(f'{n}/' for n in names)} are all class {i}" for i, names in shared.items()]
+    if problems:
+        raise ValueError(
+            f"The class folders do not match the model's classes: {'; '.join(problems)}. The model has {num_classes} "
+            f"classes ({_names_of_classes(num_classes, id2label)}). Name each folder by the class id it holds (e.g. "
+            "207/) or by one of the model's class names, or train a new model for these classes (--preset)."
+        )
+    return ids
+
+
+def relabel(dataset, label_column: str, class_names: list[str], ids: dict[str, int]):
+    """`dataset` with `label_column` (indices into `class_names`, as `imagefolder` numbers the folders) replaced by
+    the class ids `ids[class_name]`."""
+    lookup = np.asarray([ids[name] for name in class_names], dtype=np.int64)
+    labels = lookup[np.asarray(dataset[label_column], dtype=np.int64)]
+    return dataset.remove_columns(label_column).add_column(label_column, labels.tolist())
+
+
 def _describe_row(dataset, row: int, image_column: str) -> str:
     image = dataset[row][image_column]
     path = image.get("path") if isinstance(image, dict) else None

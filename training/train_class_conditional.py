@@ -46,7 +46,15 @@ from diffmoe_hf.training.checkpoints import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from diffmoe_hf.training.data import ImageTransform, LatentDataset, check_labels, collate, load_image_dataset
+from diffmoe_hf.training.data import (
+    ImageTransform,
+    LatentDataset,
+    check_labels,
+    collate,
+    folder_class_ids,
+    load_image_dataset,
+    relabel,
+)
 from diffmoe_hf.training_losses import TimeSampling, diffusion_training_loss
 
 check_min_version("0.35.0")
@@ -223,8 +231,9 @@ def transformer_class(family: str):
     return cls
 
 
-def load_components(args, num_classes_from_data: int | None, class_names: list[str] | None):
-    """Transformer, VAE (or None) and scheduler to train, plus the class names for the saved pipeline."""
+def load_components(args, num_classes_from_data: int | None, data_id2label: dict[str, str] | None):
+    """Transformer, VAE (or None) and scheduler to train, plus the class names for the saved pipeline (a fresh model
+    from --preset takes the data's)."""
     if args.pretrained_model_name_or_path is not None:
         path = args.pretrained_model_name_or_path
         load_kwargs = dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
@@ -252,8 +261,8 @@ def load_components(args, num_classes_from_data: int | None, class_names: list[s
         overrides["sample_size"] = args.resolution // downsampling
     transformer = cls.from_preset(args.preset, **overrides)
     id2label = None
-    if class_names is not None and len(class_names) == transformer.config.num_classes:
-        id2label = {str(i): name for i, name in enumerate(class_names)}
+    if data_id2label and max(int(i) for i in data_id2label) < transformer.config.num_classes:
+        id2label = data_id2label
     return transformer, vae, get_formulation(transformer.config.formulation).default_scheduler(), id2label
 
 
@@ -343,10 +352,26 @@ def main(args):
                 args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir,
                 args.image_column, args.label_column,
             )  # fmt: skip
-    num_classes_from_data = len(class_names) if class_names is not None else None
+    # image folders: class ids from the folder names (see folder_class_ids), for a fresh model from the data alone
+    num_classes_from_data, data_id2label, folder_ids = None, None, None
+    if args.train_data_dir is not None and args.preset is not None:
+        folder_ids = folder_class_ids(class_names)
+    if folder_ids is not None:
+        num_classes_from_data = max(folder_ids.values()) + 1
+        data_id2label = {str(class_id): name for name, class_id in sorted(folder_ids.items(), key=lambda x: x[1])}
+    elif class_names is not None:
+        num_classes_from_data = len(class_names)
+        data_id2label = {str(class_id): name for class_id, name in enumerate(class_names)}
 
-    transformer, vae, noise_scheduler, id2label = load_components(args, num_classes_from_data, class_names)
+    transformer, vae, noise_scheduler, id2label = load_components(args, num_classes_from_data, data_id2label)
     config = transformer.config
+    if args.train_data_dir is not None:
+        if folder_ids is None:
+            folder_ids = folder_class_ids(class_names, config.num_classes, id2label)
+        by_id = sorted(folder_ids.items(), key=lambda item: item[1])
+        mapping = ", ".join(f"{name}/ -> {class_id}" for name, class_id in by_id)
+        logger.info(f"Class folders of {args.train_data_dir} -> class ids: {mapping}")
+        image_dataset = relabel(image_dataset, args.label_column, class_names, folder_ids)
     formulation = get_formulation(config.formulation).for_model(config)
     if args.class_dropout_prob is not None:
         labels = transformer.embedding.class_embedder
