@@ -31,7 +31,7 @@ FAMILIES = ["dsmoe", "diff-moe", "diffmoe-dts", "dit-moe", "jit"]
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
-    """No network: the model-card helper would otherwise retry Hub requests (the subprocess gets HF_HUB_OFFLINE)."""
+    """No network (the subprocesses get HF_HUB_OFFLINE)."""
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

@@ -87,3 +87,29 @@ def test_folder_class_ids_rules():
     assert folder_class_ids(["dog", "cat"]) == {"cat": 0, "dog": 1}
     with pytest.raises(ValueError, match="mix class ids"):
         folder_class_ids(["1", "cat"])
+
+
+class NetworkUsed(BaseException):
+    """Raised by the socket guard (a BaseException, so that no retry loop swallows it)."""
+
+
+def test_training_without_push_to_hub_never_contacts_the_network(pretrained, tmp_path, monkeypatch):
+    import socket
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # online, as a user's machine is
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise NetworkUsed(f"network contacted: {args}")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    data = make_image_folder(str(tmp_path / "data"), per_class=1)
+    out = str(tmp_path / "gpt2")  # the model card's repo id is the folder name: here an existing Hub model
+    train(*script_args(pretrained, data, out, "--max_train_steps", "1", "--checkpointing_steps", "10"))
+    assert attempts == []
+    card = open(os.path.join(out, "README.md")).read()
+    assert "# gpt2" in card and "DSMoETransformer2DModel" in card and "diffmoe_hf" in card

@@ -35,6 +35,7 @@ def load_image_dataset(
     Returns:
         `(dataset, class_names)`; `class_names` is the `ClassLabel` names of `label_column`, or None.
     """
+    import datasets.config
     from datasets import Image as ImageFeature
     from datasets import load_dataset
 
@@ -42,8 +43,12 @@ def load_image_dataset(
         raise ValueError("Give exactly one of --dataset_name and --train_data_dir (or --train_latents_dir).")
     if dataset_name is not None:
         dataset = load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
-    else:
-        dataset = load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split="train")
+    else:  # a local folder: without the request that `load_dataset` makes to count downloads of `imagefolder`
+        counting, datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS, False
+        try:
+            dataset = load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split="train")
+        finally:
+            datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = counting
     for column in (image_column, label_column):
         if column not in dataset.column_names:
             raise ValueError(

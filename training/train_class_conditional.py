@@ -29,10 +29,11 @@ from accelerate import Accelerator, DistributedType
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL
+from huggingface_hub import ModelCard, ModelCardData
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, _collate_lora_metadata, cast_training_params, free_memory
 from diffusers.utils import check_min_version
-from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
 from tqdm.auto import tqdm
 
 import diffmoe_hf
@@ -792,10 +793,12 @@ batch size {args.train_batch_size} per device, mixed precision {args.mixed_preci
 
 {images_md or "None logged."}
 """
-    card = load_or_create_model_card(
-        repo_id_or_path=repo_id, from_training=True, license="apache-2.0",
-        base_model=args.pretrained_model_name_or_path, model_description=description,
-    )  # fmt: skip
+    # made here from diffusers' training template: loading an existing card would contact the Hub (and could take
+    # another repo's README when repo_id names one)
+    card_data = ModelCardData(
+        license="apache-2.0", library_name="diffusers", base_model=args.pretrained_model_name_or_path
+    )
+    card = ModelCard.from_template(card_data, template_path=MODEL_CARD_TEMPLATE_PATH, model_description=description)
     tags = [
         "diffusers",
         "diffmoe_hf",
