@@ -113,3 +113,27 @@ def test_training_without_push_to_hub_never_contacts_the_network(pretrained, tmp
     assert attempts == []
     card = open(os.path.join(out, "README.md")).read()
     assert "# gpt2" in card and "DSMoETransformer2DModel" in card and "diffmoe_hf" in card
+
+
+def test_unreadable_images_are_found_before_training_or_skipped(pretrained, tmp_path, caplog):
+    data = make_image_folder(str(tmp_path / "data"), per_class=2)
+    with open(os.path.join(data, "class_1", "1.png"), "wb") as f:
+        f.write(b"not a png")
+    truncated = os.path.join(data, "class_2", "0.png")
+    content = open(truncated, "rb").read()
+    with open(truncated, "wb") as f:
+        f.write(content[: len(content) // 2])
+    out = str(tmp_path / "out")
+    with pytest.raises(ValueError) as error:  # the broken images would come in later batches: found before step 1
+        train(*script_args(pretrained, data, out, "--max_train_steps", "1", "--checkpointing_steps", "1"))
+    message = str(error.value)
+    assert message.startswith("2 of 6 training images cannot be read: Cannot read image ")
+    assert os.path.join("class_1", "1.png") in message and os.path.join("class_2", "0.png") in message
+    assert "pass --skip_unreadable_images to train without them" in message
+    assert not os.path.exists(os.path.join(out, "checkpoint-1"))
+
+    with caplog.at_level("WARNING"):
+        train(*script_args(pretrained, data, out, "--max_train_steps", "2", "--checkpointing_steps", "10",
+                           "--skip_unreadable_images"))  # fmt: skip
+    assert "2 of 6 training images cannot be read" in caplog.text and "Training without them" in caplog.text
+    assert os.path.isfile(os.path.join(out, "transformer", "diffusion_pytorch_model.safetensors"))

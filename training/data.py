@@ -9,6 +9,7 @@ holds it.
 import io
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -169,6 +170,69 @@ def center_crop_resize(image: Image.Image, resolution: int) -> Image.Image:
     return image.crop((left, top, left + resolution, top + resolution))
 
 
+def open_image(image, decode: bool = True) -> Image.Image:
+    """
+    One undecoded `datasets` image (`{"bytes", "path"}`), a path or a PIL image, opened and decoded in full. With
+    `decode=False` the file's structure is only verified (`Image.verify`: cheaper, misses some damage) and the image
+    returned cannot be used further.
+
+    Raises:
+        `ValueError` naming the file when it cannot be read.
+    """
+    path = image.get("path") if isinstance(image, dict) else image if isinstance(image, str) else None
+    try:
+        if isinstance(image, dict):
+            pil = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
+        elif isinstance(image, str):
+            pil = Image.open(image)
+        else:
+            pil = image
+        if decode:
+            pil.load()
+        else:
+            pil.verify()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:  # verify raises SyntaxError too
+        raise ValueError(f"Cannot read image {path or '<bytes without a path>'}: {error}") from error
+    return pil
+
+
+def find_unreadable_images(
+    dataset, image_column: str, decode: bool = True, num_shards: int = 1, shard_index: int = 0, progress: bool = False
+) -> list[tuple[int, str]]:
+    """
+    Reads every image of shard `shard_index` of `num_shards` contiguous shards of `dataset` (images undecoded), with
+    one thread per CPU core.
+
+    Returns:
+        `(row, message)` for each image that cannot be read, the message naming its file.
+    """
+    from tqdm.auto import tqdm
+
+    rows = np.array_split(np.arange(len(dataset)), num_shards)[shard_index]
+    start = int(rows[0]) if rows.size else 0
+
+    def check(item):
+        row, image = item
+        try:
+            open_image(image, decode)
+        except ValueError as error:
+            return row, str(error)
+        return None
+
+    bad = []
+    shard = dataset.select(rows)
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool, tqdm(
+        total=len(rows), desc="Checking images", disable=not progress
+    ) as bar:  # fmt: skip
+        offset = start
+        for batch in shard.iter(batch_size=256):
+            images = batch[image_column]
+            bad += [found for found in pool.map(check, enumerate(images, offset)) if found is not None]
+            offset += len(images)
+            bar.update(len(images))
+    return bad
+
+
 class ImageTransform:
     """
     `dataset.with_transform` callable: decodes, converts to RGB (or L for 1-channel pixel models), center-crops to
@@ -186,17 +250,7 @@ class ImageTransform:
 
     def load(self, image) -> torch.Tensor:
         """One undecoded `datasets` image (`{"bytes", "path"}`), a path or a PIL image -> (C, R, R) in [-1, 1]."""
-        path = image.get("path") if isinstance(image, dict) else image if isinstance(image, str) else None
-        try:
-            if isinstance(image, dict):
-                pil = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
-            elif isinstance(image, str):
-                pil = Image.open(image)
-            else:
-                pil = image
-            pil.load()
-        except (UnidentifiedImageError, OSError, ValueError) as error:
-            raise ValueError(f"Cannot read image {path or '<bytes without a path>'}: {error}") from error
+        pil = open_image(image)
         pil = center_crop_resize(pil.convert(self.mode), self.resolution)
         array = np.asarray(pil, dtype=np.float32).reshape(self.resolution, self.resolution, -1)
         return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0

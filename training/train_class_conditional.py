@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DistributedType
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
 from diffusers import AutoencoderKL
 from huggingface_hub import ModelCard, ModelCardData
 from diffusers.optimization import get_scheduler
@@ -52,6 +52,7 @@ from diffmoe_hf.training.data import (
     LatentDataset,
     check_labels,
     collate,
+    find_unreadable_images,
     folder_class_ids,
     load_image_dataset,
     relabel,
@@ -124,6 +125,19 @@ def parse_args(input_args=None):
     parser.add_argument("--max_train_samples", type=int, default=None)
     parser.add_argument("--cache_latents", action="store_true", help="Encode the images once before training.")
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    parser.add_argument(
+        "--image_check",
+        type=str,
+        default="decode",
+        choices=["decode", "verify", "none"],
+        help="Before training, read every image in full ('decode'), check only each file's structure ('verify': "
+        "faster, misses some damage) or not at all; an unreadable image then stops the run when its batch comes.",
+    )
+    parser.add_argument(
+        "--skip_unreadable_images",
+        action="store_true",
+        help="Train without the images the check cannot read (a warning names them) instead of stopping.",
+    )
     # objective
     parser.add_argument(
         "--weighting_scheme",
@@ -392,6 +406,8 @@ def main(args):
         check_labels(image_dataset, args.label_column, config.num_classes, args.image_column)
         if args.max_train_samples is not None:
             image_dataset = image_dataset.shuffle(seed=args.seed).select(range(args.max_train_samples))
+        if args.image_check != "none":
+            image_dataset = without_unreadable_images(image_dataset, args, accelerator)
         channels = 3 if vae is not None else config.in_channels
         train_dataset = image_dataset.with_transform(
             ImageTransform(args.resolution, channels, args.image_column, args.label_column)
@@ -641,6 +657,29 @@ def main(args):
         accelerator, transformer, model, vae, noise_scheduler, id2label, ema, args, native_checkpoints, sharded_params
     )
     accelerator.end_training()
+
+
+def without_unreadable_images(dataset, args, accelerator):
+    """`dataset` after reading every image (the processes share the work): unchanged when all are readable, without
+    the unreadable ones with --skip_unreadable_images (a warning names them), else a `ValueError` naming them."""
+    bad = find_unreadable_images(
+        dataset, args.image_column, args.image_check == "decode", accelerator.num_processes,
+        accelerator.process_index, progress=accelerator.is_local_main_process,
+    )  # fmt: skip
+    if accelerator.num_processes > 1:
+        bad = gather_object(bad)
+    if not bad:
+        return dataset
+    bad = sorted(bad)
+    listed = "; ".join(message for _, message in bad[:10]) + (f"; ... ({len(bad) - 10} more)" if len(bad) > 10 else "")
+    summary = f"{len(bad)} of {len(dataset)} training images cannot be read: {listed}"
+    if not args.skip_unreadable_images:
+        raise ValueError(
+            f"{summary}. Replace or delete these files, or pass --skip_unreadable_images to train without them."
+        )
+    logger.warning(f"{summary}. Training without them (--skip_unreadable_images).")
+    unreadable = {row for row, _ in bad}
+    return dataset.select([row for row in range(len(dataset)) if row not in unreadable])
 
 
 def prepare_x0(x0: torch.Tensor, vae, random_flip: bool) -> torch.Tensor:
