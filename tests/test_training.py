@@ -270,3 +270,26 @@ def test_accelerate_configs_wrap_each_familys_block():
     blocks = {cls._no_split_modules[0] for cls in (getattr(diffmoe_hf, n) for n in dir(diffmoe_hf)) if hasattr(
         cls, "_no_split_modules") and cls.__module__.startswith("diffmoe_hf")}  # fmt: skip
     assert set(wrap.values()) == blocks == {"AdaLNZeroTransformerBlock", "SpatialTemporalMoEBlock"}
+
+
+def test_fsdp2_on_two_cpu_processes_trains_and_resumes_exactly(images, tmp_path):
+    """training/configs/fsdp.yaml (FSDP2, one transformer block per wrap unit, sharded checkpoints) on 2 CPU processes:
+    4 straight steps == 2 steps + resume from the sharded checkpoint + 2 steps, and the gathered pipeline is trained."""
+    pretrained = save_tiny_pipeline(str(tmp_path / "pipe"), "dsmoe")
+    config = os.path.join(REPO_ROOT, "training", "configs", "fsdp.yaml")
+    full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
+    common = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--random_flip"]
+    output = run_two_processes(script_args(pretrained, images, full, *common), fsdp_config=config)
+    assert "Distributed environment: DistributedType.FSDP" in output
+    assert {"pytorch_model_fsdp_0", "optimizer_0", "random_states_0.pkl", "random_states_1.pkl"} <= set(
+        os.listdir(os.path.join(full, "checkpoint-2"))
+    )
+    run_two_processes(
+        script_args(pretrained, images, resumed, *common, "--resume_from_checkpoint", os.path.join(full, "checkpoint-2")),
+        fsdp_config=config,
+    )
+    a, b, initial = _transformer_state(full), _transformer_state(resumed), _transformer_state(pretrained)
+    assert a.keys() == b.keys() == initial.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert not torch.equal(a["proj_out.proj.weight"], initial["proj_out.proj.weight"])
