@@ -137,3 +137,12 @@ def test_unreadable_images_are_found_before_training_or_skipped(pretrained, tmp_
                            "--skip_unreadable_images"))  # fmt: skip
     assert "2 of 6 training images cannot be read" in caplog.text and "Training without them" in caplog.text
     assert os.path.isfile(os.path.join(out, "transformer", "diffusion_pytorch_model.safetensors"))
+
+
+def test_a_sharding_engine_accelerate_ignores_is_reported(pretrained, tmp_path, monkeypatch, caplog):
+    """An FSDP config launched on CPU processes runs unsharded: the run says so instead of going on silently."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    data = make_image_folder(str(tmp_path / "data"), per_class=1)
+    with caplog.at_level("WARNING"):
+        train(*script_args(pretrained, data, str(tmp_path / "out"), "--max_train_steps", "1", "--image_check", "none"))
+    assert "The accelerate config asks for FSDP but accelerate runs NO (it enables FSDP only on GPUs" in caplog.text

@@ -339,6 +339,13 @@ def main(args):
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
+    for engine in ("FSDP", "DEEPSPEED"):
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() == "true" and accelerator.distributed_type != engine:
+            logger.warning(
+                f"The accelerate config asks for {engine} but accelerate runs {accelerator.distributed_type.value} (it "
+                f"enables {engine} only on GPUs or other accelerators): parameters and optimizer states are not "
+                "sharded."
+            )
     native_checkpoints = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
     zero_stage = accelerator.state.deepspeed_plugin.zero_stage if accelerator.state.deepspeed_plugin else 0
     sharded_params = accelerator.distributed_type == DistributedType.FSDP or zero_stage == 3
