@@ -4,8 +4,6 @@ two DDP processes end with identical weights."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,27 +17,29 @@ from diffmoe_hf.training import extract_features
 from diffmoe_hf.training.train_class_conditional import main, parse_args
 
 from .conftest import REPO_ROOT
-from .training_helpers import NUM_CLASSES, make_image_folder, resolution, save_tiny_pipeline, tiny_transformer
+from .training_helpers import (
+    NUM_CLASSES,
+    make_image_folder,
+    save_tiny_pipeline,
+    run_two_processes,
+    script_args,
+    tiny_transformer,
+)
 
 FAMILIES = ["dsmoe", "diff-moe", "diffmoe-dts", "dit-moe", "jit"]
 
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
-    """No network: the model-card helper would otherwise retry Hub requests (the subprocess gets HF_HUB_OFFLINE)."""
+    """No network (the subprocesses get HF_HUB_OFFLINE)."""
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 def train(pretrained: str, data: str, output_dir: str, *extra: str, family: str = "dsmoe"):
-    args = [
-        "--pretrained_model_name_or_path", pretrained, "--train_data_dir", data, "--output_dir", output_dir,
-        "--resolution", str(resolution(family)), "--train_batch_size", "2", "--seed", "0", "--report_to", "none",
-        "--validation_inference_steps", "2", "--validation_epochs", "0", "--routing_log_steps", "1", *extra,
-    ]  # fmt: skip
     try:
-        main(parse_args(args))
+        main(parse_args(script_args(pretrained, data, output_dir, *extra, family=family)))
     finally:
         AcceleratorState._reset_state(True)
 
@@ -189,7 +189,7 @@ def test_bad_data_is_named(images, tmp_path):
     pretrained = save_tiny_pipeline(str(tmp_path / "pipe"), "dsmoe", tiny_transformer("dsmoe"))
     # a class folder more than the model has classes
     data = make_image_folder(str(tmp_path / "four"), num_classes=NUM_CLASSES + 1, per_class=1)
-    with pytest.raises(ValueError, match=r"Class label 3 at row 3 \(.*class_3.*0\.png\) is outside 0\.\.2"):
+    with pytest.raises(ValueError, match=r"class_3/ is no class name of the model"):
         train(pretrained, data, str(tmp_path / "out"), "--max_train_steps", "1")
     # an unreadable image
     data = make_image_folder(str(tmp_path / "broken"), per_class=2)
@@ -215,26 +215,18 @@ def test_bad_data_is_named(images, tmp_path):
 @pytest.mark.parametrize("family", ["dsmoe", "diffmoe-dts"])
 def test_two_ddp_processes_end_with_identical_weights(family, images, tmp_path):
     """torchrun, 2 CPU processes: DDP keeps the ranks in sync although a collapsed router leaves experts idle (DSMoE)
-    and DiffMoE's capacity predictor learns only through its side loss (with EMA and gradient checkpointing)."""
+    and DiffMoE's capacity predictor learns only through its side loss (with EMA and gradient checkpointing). For
+    DiffMoE, 2 steps + resume from that checkpoint + 2 steps end exactly where 4 straight steps end."""
     transformer = tiny_transformer(family)
-    extra = ["--use_ema", "--gradient_checkpointing"] if family == "diffmoe-dts" else []
+    extra = ["--use_ema", "--gradient_checkpointing", "--random_flip"] if family == "diffmoe-dts" else []
     if family == "dsmoe":
         with torch.no_grad():  # every token of block 1 prefers experts 2 and 3: experts 0 and 1 get no tokens
             bias = transformer.transformer_blocks[1].ff.router.e_score_correction_bias
             bias.copy_(torch.tensor([0.0, 0.0, 10, 20]))
     pretrained = save_tiny_pipeline(str(tmp_path / "pipe"), family, transformer)
     out = str(tmp_path / "ddp")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        os.path.join(REPO_ROOT, "tests", "ddp_training_worker.py"),
-        "--pretrained_model_name_or_path", pretrained, "--train_data_dir", images, "--output_dir", out,
-        "--resolution", "8", "--train_batch_size", "2", "--max_train_steps", "3", "--seed", "0",
-        "--report_to", "none", "--validation_epochs", "0", "--checkpointing_steps", "10", "--learning_rate", "1e-3",
-        *extra,
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    common = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-3", *extra]
+    run_two_processes(script_args(pretrained, images, out, *common))
     rank0, rank1 = (load_file(os.path.join(out, f"rank{r}.safetensors")) for r in (0, 1))
     initial = _transformer_state(pretrained)
     assert rank0.keys() == rank1.keys()
@@ -244,9 +236,21 @@ def test_two_ddp_processes_end_with_identical_weights(family, images, tmp_path):
     if family == "dsmoe":  # idle experts: zero gradient, no update (AdamW without weight decay)
         idle = "transformer_blocks.1.ff.experts.0.up_proj.weight"
         assert torch.equal(rank0[idle], initial[idle])
-    else:  # the capacity predictor learned and its thresholds were averaged over the ranks
-        predictor = "transformer_blocks.1.ff.capacity_predictor.linear_1.weight"
-        assert not torch.equal(rank0[predictor], initial[predictor])
+        return
+    # the capacity predictor learned and its thresholds were averaged over the ranks
+    predictor = "transformer_blocks.1.ff.capacity_predictor.linear_1.weight"
+    assert not torch.equal(rank0[predictor], initial[predictor])
+
+    # exact resume with 2 processes (each restores its own random state; 3 batches per process per epoch: mid-epoch)
+    resumed = str(tmp_path / "resumed")
+    run_two_processes(
+        script_args(pretrained, images, resumed, *common, "--resume_from_checkpoint", os.path.join(out, "checkpoint-2"))
+    )
+    for name in ("rank0.safetensors", "rank1.safetensors", "transformer/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(os.path.join(out, name)), load_file(os.path.join(resumed, name))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
 
 
 def test_accelerate_configs_wrap_each_familys_block():
@@ -266,3 +270,26 @@ def test_accelerate_configs_wrap_each_familys_block():
     blocks = {cls._no_split_modules[0] for cls in (getattr(diffmoe_hf, n) for n in dir(diffmoe_hf)) if hasattr(
         cls, "_no_split_modules") and cls.__module__.startswith("diffmoe_hf")}  # fmt: skip
     assert set(wrap.values()) == blocks == {"AdaLNZeroTransformerBlock", "SpatialTemporalMoEBlock"}
+
+
+def test_fsdp2_on_two_cpu_processes_trains_and_resumes_exactly(images, tmp_path):
+    """training/configs/fsdp.yaml (FSDP2, one transformer block per wrap unit, sharded checkpoints) on 2 CPU processes:
+    4 straight steps == 2 steps + resume from the sharded checkpoint + 2 steps, and the gathered pipeline is trained."""
+    pretrained = save_tiny_pipeline(str(tmp_path / "pipe"), "dsmoe")
+    config = os.path.join(REPO_ROOT, "training", "configs", "fsdp.yaml")
+    full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
+    common = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--random_flip"]
+    output = run_two_processes(script_args(pretrained, images, full, *common), fsdp_config=config)
+    assert "Distributed environment: DistributedType.FSDP" in output
+    assert {"pytorch_model_fsdp_0", "optimizer_0", "random_states_0.pkl", "random_states_1.pkl"} <= set(
+        os.listdir(os.path.join(full, "checkpoint-2"))
+    )
+    run_two_processes(
+        script_args(pretrained, images, resumed, *common, "--resume_from_checkpoint", os.path.join(full, "checkpoint-2")),
+        fsdp_config=config,
+    )
+    a, b, initial = _transformer_state(full), _transformer_state(resumed), _transformer_state(pretrained)
+    assert a.keys() == b.keys() == initial.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert not torch.equal(a["proj_out.proj.weight"], initial["proj_out.proj.weight"])

@@ -1,6 +1,8 @@
 """Tiny pipelines and datasets for the training tests (generated in a temporary folder; no network)."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -49,7 +51,7 @@ def save_tiny_pipeline(folder: str, family: str, transformer=None) -> str:
         transformer=transformer,
         scheduler=get_formulation(transformer.config.formulation).default_scheduler(),
         vae=vae,
-        id2label={str(i): f"class {i}" for i in range(NUM_CLASSES)},
+        id2label={str(i): f"class_{i}" for i in range(NUM_CLASSES)},  # the folder names of make_image_folder
     )
     pipe.save_pretrained(folder)
     return folder
@@ -57,6 +59,35 @@ def save_tiny_pipeline(folder: str, family: str, transformer=None) -> str:
 
 def resolution(family: str) -> int:
     return 16 if family == "jit" else 8
+
+
+def script_args(pretrained: str, data: str, output_dir: str, *extra: str, family: str = "dsmoe") -> list[str]:
+    """Arguments of train_class_conditional.py for a tiny run: no trackers, no validation, seed 0, batch 2."""
+    return [
+        "--pretrained_model_name_or_path", pretrained, "--train_data_dir", data, "--output_dir", output_dir,
+        "--resolution", str(resolution(family)), "--train_batch_size", "2", "--seed", "0", "--report_to", "none",
+        "--validation_inference_steps", "2", "--validation_epochs", "0", "--routing_log_steps", "1", *extra,
+    ]  # fmt: skip
+
+
+def run_two_processes(args: list[str], fsdp_config: str | None = None) -> str:
+    """
+    Runs the script in 2 CPU processes on gloo: tests/ddp_training_worker.py under torchrun (DDP; it also writes each
+    rank's final weights to `<output_dir>/rank<r>.safetensors`), or with `fsdp_config` (a file of training/configs)
+    tests/fsdp_cpu_training_worker.py under `accelerate launch --config_file fsdp_config` (FSDP2, fp32). Returns the
+    output.
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+    if fsdp_config is None:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    os.path.join(here, "ddp_training_worker.py")]  # fmt: skip
+    else:
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", fsdp_config, "--num_processes",
+                    "2", "--mixed_precision", "no", os.path.join(here, "fsdp_cpu_training_worker.py")]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([*launcher, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return result.stdout + result.stderr
 
 
 def make_image_folder(root: str, num_classes: int = NUM_CLASSES, per_class: int = 4, size: int = 12, mode="RGB"):

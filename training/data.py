@@ -9,6 +9,7 @@ holds it.
 import io
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ def load_image_dataset(
     Returns:
         `(dataset, class_names)`; `class_names` is the `ClassLabel` names of `label_column`, or None.
     """
+    import datasets.config
     from datasets import Image as ImageFeature
     from datasets import load_dataset
 
@@ -42,8 +44,12 @@ def load_image_dataset(
         raise ValueError("Give exactly one of --dataset_name and --train_data_dir (or --train_latents_dir).")
     if dataset_name is not None:
         dataset = load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
-    else:
-        dataset = load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split="train")
+    else:  # a local folder: without the request that `load_dataset` makes to count downloads of `imagefolder`
+        counting, datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS, False
+        try:
+            dataset = load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split="train")
+        finally:
+            datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = counting
     for column in (image_column, label_column):
         if column not in dataset.column_names:
             raise ValueError(
@@ -54,6 +60,82 @@ def load_image_dataset(
     label_feature = dataset.features[label_column]
     class_names = list(label_feature.names) if hasattr(label_feature, "names") else None
     return dataset, class_names
+
+
+def _is_class_id(name: str) -> bool:
+    return name.isascii() and name.isdigit()
+
+
+def _names_of_classes(num_classes: int, id2label: dict[str, str] | None, limit: int = 12) -> str:
+    if not id2label:
+        return f"ids 0..{num_classes - 1}, no class names"
+    names = [f"{i}: {id2label[str(i)]!r}" for i in range(num_classes) if str(i) in id2label]
+    shown = ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+    return f"ids 0..{num_classes - 1}: {shown}"
+
+
+def folder_class_ids(
+    folders: list[str], num_classes: int | None = None, id2label: dict[str, str] | None = None
+) -> dict[str, int]:
+    """
+    The class id of each class folder of an image folder.
+
+    For a model with classes (`num_classes`, and `id2label` if it has names), a folder named by digits is that class id
+    (`207/` and `0207/` are class 207) and any other folder name must be one of the model's class names (a whole
+    `id2label` entry or one of its comma-separated synonyms). For a model made for the data (`num_classes` None),
+    digit names are class ids as well, and other names are numbered in sorted order.
+
+    Raises:
+        `ValueError` listing the folders that match no class (or the same class as another folder) and the model's
+        classes.
+    """
+    numeric = [name for name in folders if _is_class_id(name)]
+    if num_classes is None:
+        if numeric and len(numeric) != len(folders):
+            named = sorted(set(folders) - set(numeric))
+            raise ValueError(
+                f"The class folders mix class ids ({', '.join(numeric[:5])}) and names ({', '.join(named[:5])}): "
+                "name every folder by its class id, or every folder by its class name."
+            )
+        return {name: int(name) for name in folders} if numeric else {name: i for i, name in enumerate(sorted(folders))}
+
+    synonyms = {}  # name -> ids carrying it
+    for class_id, label in (id2label or {}).items():
+        for name in {label.strip(), *(part.strip() for part in label.split(","))}:
+            synonyms.setdefault(name, set()).add(int(class_id))
+    ids, problems = {}, []
+    for name in folders:
+        if _is_class_id(name):
+            if int(name) < num_classes:
+                ids[name] = int(name)
+            else:
+                problems.append(f"{name}/ is class id {int(name)}, beyond the model's {num_classes} classes")
+        elif len(synonyms.get(name, ())) == 1:
+            ids[name] = next(iter(synonyms[name]))
+        elif name in synonyms:
+            problems.append(f"{name}/ names classes {sorted(synonyms[name])}: name it by its class id")
+        else:
+            problems.append(f"{name}/ is no class name of the model")
+    by_id = {}
+    for name, class_id in ids.items():
+        by_id.setdefault(class_id, []).append(name)
+    shared = {class_id: names for class_id, names in by_id.items() if len(names) > 1}
+    problems += [f"{' and '.join(f'{n}/' for n in names)} are all class {i}" for i, names in shared.items()]
+    if problems:
+        raise ValueError(
+            f"The class folders do not match the model's classes: {'; '.join(problems)}. The model has {num_classes} "
+            f"classes ({_names_of_classes(num_classes, id2label)}). Name each folder by the class id it holds (e.g. "
+            "207/) or by one of the model's class names, or train a new model for these classes (--preset)."
+        )
+    return ids
+
+
+def relabel(dataset, label_column: str, class_names: list[str], ids: dict[str, int]):
+    """`dataset` with `label_column` (indices into `class_names`, as `imagefolder` numbers the folders) replaced by
+    the class ids `ids[class_name]`."""
+    lookup = np.asarray([ids[name] for name in class_names], dtype=np.int64)
+    labels = lookup[np.asarray(dataset[label_column], dtype=np.int64)]
+    return dataset.remove_columns(label_column).add_column(label_column, labels.tolist())
 
 
 def _describe_row(dataset, row: int, image_column: str) -> str:
@@ -88,6 +170,69 @@ def center_crop_resize(image: Image.Image, resolution: int) -> Image.Image:
     return image.crop((left, top, left + resolution, top + resolution))
 
 
+def open_image(image, decode: bool = True) -> Image.Image:
+    """
+    One undecoded `datasets` image (`{"bytes", "path"}`), a path or a PIL image, opened and decoded in full. With
+    `decode=False` the file's structure is only verified (`Image.verify`: cheaper, misses some damage) and the image
+    returned cannot be used further.
+
+    Raises:
+        `ValueError` naming the file when it cannot be read.
+    """
+    path = image.get("path") if isinstance(image, dict) else image if isinstance(image, str) else None
+    try:
+        if isinstance(image, dict):
+            pil = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
+        elif isinstance(image, str):
+            pil = Image.open(image)
+        else:
+            pil = image
+        if decode:
+            pil.load()
+        else:
+            pil.verify()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:  # verify raises SyntaxError too
+        raise ValueError(f"Cannot read image {path or '<bytes without a path>'}: {error}") from error
+    return pil
+
+
+def find_unreadable_images(
+    dataset, image_column: str, decode: bool = True, num_shards: int = 1, shard_index: int = 0, progress: bool = False
+) -> list[tuple[int, str]]:
+    """
+    Reads every image of shard `shard_index` of `num_shards` contiguous shards of `dataset` (images undecoded), with
+    one thread per CPU core.
+
+    Returns:
+        `(row, message)` for each image that cannot be read, the message naming its file.
+    """
+    from tqdm.auto import tqdm
+
+    rows = np.array_split(np.arange(len(dataset)), num_shards)[shard_index]
+    start = int(rows[0]) if rows.size else 0
+
+    def check(item):
+        row, image = item
+        try:
+            open_image(image, decode)
+        except ValueError as error:
+            return row, str(error)
+        return None
+
+    bad = []
+    shard = dataset.select(rows)
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool, tqdm(
+        total=len(rows), desc="Checking images", disable=not progress
+    ) as bar:  # fmt: skip
+        offset = start
+        for batch in shard.iter(batch_size=256):
+            images = batch[image_column]
+            bad += [found for found in pool.map(check, enumerate(images, offset)) if found is not None]
+            offset += len(images)
+            bar.update(len(images))
+    return bad
+
+
 class ImageTransform:
     """
     `dataset.with_transform` callable: decodes, converts to RGB (or L for 1-channel pixel models), center-crops to
@@ -105,17 +250,7 @@ class ImageTransform:
 
     def load(self, image) -> torch.Tensor:
         """One undecoded `datasets` image (`{"bytes", "path"}`), a path or a PIL image -> (C, R, R) in [-1, 1]."""
-        path = image.get("path") if isinstance(image, dict) else image if isinstance(image, str) else None
-        try:
-            if isinstance(image, dict):
-                pil = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
-            elif isinstance(image, str):
-                pil = Image.open(image)
-            else:
-                pil = image
-            pil.load()
-        except (UnidentifiedImageError, OSError, ValueError) as error:
-            raise ValueError(f"Cannot read image {path or '<bytes without a path>'}: {error}") from error
+        pil = open_image(image)
         pil = center_crop_resize(pil.convert(self.mode), self.resolution)
         array = np.asarray(pil, dtype=np.float32).reshape(self.resolution, self.resolution, -1)
         return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0

@@ -27,7 +27,9 @@ from diffmoe_hf.training.data import (
     ImageTransform,
     check_labels,
     collate,
+    folder_class_ids,
     load_image_dataset,
+    relabel,
     shard_name,
     write_latent_shard,
 )
@@ -79,7 +81,12 @@ def main(args):
             args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir,
             args.image_column, args.label_column,
         )  # fmt: skip
-    num_classes = args.num_classes or (len(class_names) if class_names else None)
+    id2label = {str(i): name for i, name in enumerate(class_names)} if class_names else None
+    if args.train_data_dir is not None:  # digit folder names are class ids (an empty folder shifts nothing)
+        folder_ids = folder_class_ids(class_names)
+        dataset = relabel(dataset, args.label_column, class_names, folder_ids)
+        id2label = {str(i): name for name, i in sorted(folder_ids.items(), key=lambda item: item[1])}
+    num_classes = args.num_classes or (max(int(i) for i in id2label) + 1 if id2label else None)
     if num_classes is not None:
         check_labels(dataset, args.label_column, num_classes, args.image_column)
     vae = AutoencoderKL.from_pretrained(args.vae_name_or_path, subfolder=args.vae_subfolder, cache_dir=args.cache_dir)
@@ -96,7 +103,7 @@ def main(args):
         "scaling_factor": vae.config.scaling_factor,
         "latent_sample": args.latent_sample,
         "num_classes": num_classes,
-        "class_names": class_names,
+        "id2label": id2label,
         "seed": args.seed,
     }
     metadata_path = os.path.join(args.output_dir, LATENTS_METADATA)

@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -28,12 +27,13 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DistributedType
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
 from diffusers import AutoencoderKL
+from huggingface_hub import ModelCard, ModelCardData
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, _collate_lora_metadata, cast_training_params, free_memory
 from diffusers.utils import check_min_version
-from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
 from tqdm.auto import tqdm
 
 import diffmoe_hf
@@ -41,7 +41,22 @@ from diffmoe_hf.formulations import get_formulation
 from diffmoe_hf.models.moe import moe_aux_loss
 from diffmoe_hf.pipelines import ClassConditionalMoEPipeline
 from diffmoe_hf.routing import record_routing
-from diffmoe_hf.training.data import ImageTransform, LatentDataset, check_labels, collate, load_image_dataset
+from diffmoe_hf.training.checkpoints import (
+    read_marker,
+    remove_incomplete_checkpoints,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from diffmoe_hf.training.data import (
+    ImageTransform,
+    LatentDataset,
+    check_labels,
+    collate,
+    find_unreadable_images,
+    folder_class_ids,
+    load_image_dataset,
+    relabel,
+)
 from diffmoe_hf.training_losses import TimeSampling, diffusion_training_loss
 
 check_min_version("0.35.0")
@@ -110,6 +125,19 @@ def parse_args(input_args=None):
     parser.add_argument("--max_train_samples", type=int, default=None)
     parser.add_argument("--cache_latents", action="store_true", help="Encode the images once before training.")
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    parser.add_argument(
+        "--image_check",
+        type=str,
+        default="decode",
+        choices=["decode", "verify", "none"],
+        help="Before training, read every image in full ('decode'), check only each file's structure ('verify': "
+        "faster, misses some damage) or not at all; an unreadable image then stops the run when its batch comes.",
+    )
+    parser.add_argument(
+        "--skip_unreadable_images",
+        action="store_true",
+        help="Train without the images the check cannot read (a warning names them) instead of stopping.",
+    )
     # objective
     parser.add_argument(
         "--weighting_scheme",
@@ -218,8 +246,9 @@ def transformer_class(family: str):
     return cls
 
 
-def load_components(args, num_classes_from_data: int | None, class_names: list[str] | None):
-    """Transformer, VAE (or None) and scheduler to train, plus the class names for the saved pipeline."""
+def load_components(args, num_classes_from_data: int | None, data_id2label: dict[str, str] | None):
+    """Transformer, VAE (or None) and scheduler to train, plus the class names for the saved pipeline (a fresh model
+    from --preset takes the data's)."""
     if args.pretrained_model_name_or_path is not None:
         path = args.pretrained_model_name_or_path
         load_kwargs = dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
@@ -247,8 +276,8 @@ def load_components(args, num_classes_from_data: int | None, class_names: list[s
         overrides["sample_size"] = args.resolution // downsampling
     transformer = cls.from_preset(args.preset, **overrides)
     id2label = None
-    if class_names is not None and len(class_names) == transformer.config.num_classes:
-        id2label = {str(i): name for i, name in enumerate(class_names)}
+    if data_id2label and max(int(i) for i in data_id2label) < transformer.config.num_classes:
+        id2label = data_id2label
     return transformer, vae, get_formulation(transformer.config.formulation).default_scheduler(), id2label
 
 
@@ -310,6 +339,13 @@ def main(args):
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
+    for engine in ("FSDP", "DEEPSPEED"):
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() == "true" and accelerator.distributed_type != engine:
+            logger.warning(
+                f"The accelerate config asks for {engine} but accelerate runs {accelerator.distributed_type.value} (it "
+                f"enables {engine} only on GPUs or other accelerators): parameters and optimizer states are not "
+                "sharded."
+            )
     native_checkpoints = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
     zero_stage = accelerator.state.deepspeed_plugin.zero_stage if accelerator.state.deepspeed_plugin else 0
     sharded_params = accelerator.distributed_type == DistributedType.FSDP or zero_stage == 3
@@ -323,6 +359,10 @@ def main(args):
         set_seed(args.seed)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        remove_incomplete_checkpoints(args.output_dir)
+    resume_path = None  # resolved before any work, so that a wrong path is reported at once
+    if args.resume_from_checkpoint:
+        resume_path = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -334,10 +374,26 @@ def main(args):
                 args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir,
                 args.image_column, args.label_column,
             )  # fmt: skip
-    num_classes_from_data = len(class_names) if class_names is not None else None
+    # image folders: class ids from the folder names (see folder_class_ids), for a fresh model from the data alone
+    num_classes_from_data, data_id2label, folder_ids = None, None, None
+    if args.train_data_dir is not None and args.preset is not None:
+        folder_ids = folder_class_ids(class_names)
+    if folder_ids is not None:
+        num_classes_from_data = max(folder_ids.values()) + 1
+        data_id2label = {str(class_id): name for name, class_id in sorted(folder_ids.items(), key=lambda x: x[1])}
+    elif class_names is not None:
+        num_classes_from_data = len(class_names)
+        data_id2label = {str(class_id): name for class_id, name in enumerate(class_names)}
 
-    transformer, vae, noise_scheduler, id2label = load_components(args, num_classes_from_data, class_names)
+    transformer, vae, noise_scheduler, id2label = load_components(args, num_classes_from_data, data_id2label)
     config = transformer.config
+    if args.train_data_dir is not None:
+        if folder_ids is None:
+            folder_ids = folder_class_ids(class_names, config.num_classes, id2label)
+        by_id = sorted(folder_ids.items(), key=lambda item: item[1])
+        mapping = ", ".join(f"{name}/ -> {class_id}" for name, class_id in by_id)
+        logger.info(f"Class folders of {args.train_data_dir} -> class ids: {mapping}")
+        image_dataset = relabel(image_dataset, args.label_column, class_names, folder_ids)
     formulation = get_formulation(config.formulation).for_model(config)
     if args.class_dropout_prob is not None:
         labels = transformer.embedding.class_embedder
@@ -357,6 +413,8 @@ def main(args):
         check_labels(image_dataset, args.label_column, config.num_classes, args.image_column)
         if args.max_train_samples is not None:
             image_dataset = image_dataset.shuffle(seed=args.seed).select(range(args.max_train_samples))
+        if args.image_check != "none":
+            image_dataset = without_unreadable_images(image_dataset, args, accelerator)
         channels = 3 if vae is not None else config.in_channels
         train_dataset = image_dataset.with_transform(
             ImageTransform(args.resolution, channels, args.image_column, args.label_column)
@@ -432,7 +490,8 @@ def main(args):
 
     def load_model_hook(models, input_dir):
         if ema is not None:
-            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "transformer_ema"), type(transformer))
+            # the model class, not the DDP wrapper `transformer` is after `prepare`
+            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "transformer_ema"), ema.model_cls)
             ema.load_state_dict(loaded.state_dict())
             ema.to("cpu" if args.offload_ema else accelerator.device)
         if native_checkpoints:
@@ -514,18 +573,21 @@ def main(args):
     logger.info(f"  Total optimization steps = {args.max_train_steps}")
 
     global_step, first_epoch, resume_batches = 0, 0, 0
-    if args.resume_from_checkpoint:
-        path = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
-        if path is None:
-            accelerator.print(
-                f"Checkpoint '{args.resume_from_checkpoint}' does not exist. Starting a new training run."
+    if args.resume_from_checkpoint and resume_path is None:
+        logger.info(f"No complete checkpoint in {args.output_dir}: starting a new training run.")
+    elif resume_path is not None:
+        saved = read_marker(resume_path)
+        if saved["num_processes"] != accelerator.num_processes:
+            logger.warning(
+                f"{resume_path} was saved by {saved['num_processes']} processes and is resumed by "
+                f"{accelerator.num_processes}: the processes' random states differ from the saved ones, so the run "
+                "will not continue exactly as it would have."
             )
-        else:
-            accelerator.print(f"Resuming from checkpoint {path}")
-            accelerator.load_state(path)
-            global_step = int(os.path.basename(path).split("-")[1])
-            first_epoch = global_step // steps_per_epoch
-            resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+        logger.info(f"Resuming from checkpoint {resume_path}")
+        accelerator.load_state(resume_path)
+        global_step = saved["step"]
+        first_epoch = global_step // steps_per_epoch
+        resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 
     time_sampling = TimeSampling(args.weighting_scheme, args.logit_mean, args.logit_std)
     progress_bar = tqdm(
@@ -581,8 +643,8 @@ def main(args):
             progress_bar.set_postfix(loss=logs["loss"])
             accelerator.log(logs, step=global_step)
 
-            if global_step % args.checkpointing_steps == 0 and (accelerator.is_main_process or native_checkpoints):
-                save_checkpoint(accelerator, args, global_step)
+            if global_step % args.checkpointing_steps == 0:  # every process saves its random state
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
             if global_step >= args.max_train_steps:
                 break
 
@@ -602,6 +664,29 @@ def main(args):
         accelerator, transformer, model, vae, noise_scheduler, id2label, ema, args, native_checkpoints, sharded_params
     )
     accelerator.end_training()
+
+
+def without_unreadable_images(dataset, args, accelerator):
+    """`dataset` after reading every image (the processes share the work): unchanged when all are readable, without
+    the unreadable ones with --skip_unreadable_images (a warning names them), else a `ValueError` naming them."""
+    bad = find_unreadable_images(
+        dataset, args.image_column, args.image_check == "decode", accelerator.num_processes,
+        accelerator.process_index, progress=accelerator.is_local_main_process,
+    )  # fmt: skip
+    if accelerator.num_processes > 1:
+        bad = gather_object(bad)
+    if not bad:
+        return dataset
+    bad = sorted(bad)
+    listed = "; ".join(message for _, message in bad[:10]) + (f"; ... ({len(bad) - 10} more)" if len(bad) > 10 else "")
+    summary = f"{len(bad)} of {len(dataset)} training images cannot be read: {listed}"
+    if not args.skip_unreadable_images:
+        raise ValueError(
+            f"{summary}. Replace or delete these files, or pass --skip_unreadable_images to train without them."
+        )
+    logger.warning(f"{summary}. Training without them (--skip_unreadable_images).")
+    unreadable = {row for row, _ in bad}
+    return dataset.select([row for row in range(len(dataset)) if row not in unreadable])
 
 
 def prepare_x0(x0: torch.Tensor, vae, random_flip: bool) -> torch.Tensor:
@@ -624,36 +709,6 @@ def encode_dataset(dataset, vae, args, accelerator) -> list[dict]:
         latents = prepare_x0(batch["x0"].to(accelerator.device), vae, random_flip=False).cpu()
         cached.extend({"x0": x, "class_labels": y} for x, y in zip(latents, batch["class_labels"]))
     return cached
-
-
-def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str) -> str | None:
-    """The checkpoint folder to resume from: a path, a name inside output_dir, or the newest one for "latest"."""
-    if resume_from_checkpoint != "latest":
-        for path in (resume_from_checkpoint, os.path.join(output_dir, resume_from_checkpoint)):
-            if os.path.isdir(path):
-                return path
-        return None
-    checkpoints = sorted(
-        (d for d in os.listdir(output_dir) if d.startswith("checkpoint-")) if os.path.isdir(output_dir) else [],
-        key=lambda d: int(d.split("-")[1]),
-    )
-    return os.path.join(output_dir, checkpoints[-1]) if checkpoints else None
-
-
-def save_checkpoint(accelerator, args, global_step: int) -> None:
-    """`checkpoint-<step>`, after pruning the oldest so that at most `checkpoints_total_limit` remain."""
-    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-        checkpoints = sorted(
-            (d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1])
-        )
-        if len(checkpoints) >= args.checkpoints_total_limit:
-            removing = checkpoints[: len(checkpoints) - args.checkpoints_total_limit + 1]
-            logger.info(f"Removing {len(removing)} old checkpoints: {', '.join(removing)}")
-            for name in removing:
-                shutil.rmtree(os.path.join(args.output_dir, name))
-    path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-    accelerator.save_state(path)
-    logger.info(f"Saved state to {path}")
 
 
 def validation_labels(args, num_classes: int) -> list[int]:
@@ -784,10 +839,12 @@ batch size {args.train_batch_size} per device, mixed precision {args.mixed_preci
 
 {images_md or "None logged."}
 """
-    card = load_or_create_model_card(
-        repo_id_or_path=repo_id, from_training=True, license="apache-2.0",
-        base_model=args.pretrained_model_name_or_path, model_description=description,
-    )  # fmt: skip
+    # made here from diffusers' training template: loading an existing card would contact the Hub (and could take
+    # another repo's README when repo_id names one)
+    card_data = ModelCardData(
+        license="apache-2.0", library_name="diffusers", base_model=args.pretrained_model_name_or_path
+    )
+    card = ModelCard.from_template(card_data, template_path=MODEL_CARD_TEMPLATE_PATH, model_description=description)
     tags = [
         "diffusers",
         "diffmoe_hf",

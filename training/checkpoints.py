@@ -1,0 +1,188 @@
+"""Training checkpoints that survive a kill at any moment (SIGKILL, power loss, preemption).
+
+A checkpoint is written into `checkpoint-<step>.tmp`, every file and folder is flushed to disk, a marker
+`checkpoint_complete.json` listing every file and its size is written last, and the folder is renamed to
+`checkpoint-<step>` in one step. Old checkpoints are pruned only after that rename. So:
+
+- a `checkpoint-<step>` folder either is complete or was damaged afterwards (a file missing or of another size than
+  its marker lists), which `find_complete_checkpoint` detects;
+- `checkpoint-<step>.tmp` (being written) and `checkpoint-<step>.deleting` (being pruned) folders are leftovers of an
+  interrupted run; `remove_incomplete_checkpoints` deletes them when the next run starts.
+"""
+
+import json
+import os
+import re
+import shutil
+
+from accelerate.logging import get_logger
+
+COMPLETE_MARKER = "checkpoint_complete.json"
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+LEFTOVER_NAME = re.compile(r"checkpoint-\d+\.(tmp|deleting)")
+
+logger = get_logger(__name__)
+
+
+def checkpoint_steps(output_dir: str) -> list[int]:
+    """Steps of the `checkpoint-<step>` folders in `output_dir`, oldest first (complete or not)."""
+    if not os.path.isdir(output_dir):
+        return []
+    matches = (CHECKPOINT_NAME.fullmatch(name) for name in os.listdir(output_dir))
+    return sorted(int(m.group(1)) for m in matches if m and os.path.isdir(os.path.join(output_dir, m.group(0))))
+
+
+def why_incomplete(path: str) -> str | None:
+    """None when `path` is a complete checkpoint, else the reason it is not (for messages)."""
+    marker = os.path.join(path, COMPLETE_MARKER)
+    if not os.path.isfile(marker):
+        return f"it has no {COMPLETE_MARKER} (its writing was interrupted)"
+    try:
+        with open(marker, encoding="utf-8") as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as error:
+        return f"its {COMPLETE_MARKER} is unreadable ({error})"
+    for name, size in files.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"{name} is missing"
+        if os.path.getsize(file) != size:
+            return f"{name} has {os.path.getsize(file)} bytes instead of {size}"
+    return None
+
+
+def read_marker(path: str) -> dict:
+    """The marker of a complete checkpoint: `{"step", "num_processes", "files": {name: size}}`."""
+    with open(os.path.join(path, COMPLETE_MARKER), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def find_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest complete `checkpoint-<step>` in `output_dir` (None if there is none); logs every folder it skips."""
+    if not os.path.isdir(output_dir):
+        return None
+    for name in sorted(os.listdir(output_dir)):
+        if name.startswith("checkpoint-") and not CHECKPOINT_NAME.fullmatch(name):
+            logger.warning(f"Ignoring {os.path.join(output_dir, name)}: not a checkpoint-<step> folder.")
+    for step in reversed(checkpoint_steps(output_dir)):
+        path = os.path.join(output_dir, f"checkpoint-{step}")
+        reason = why_incomplete(path)
+        if reason is None:
+            return path
+        logger.warning(f"Skipping {path}: {reason}.")
+    return None
+
+
+def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str) -> str | None:
+    """
+    The checkpoint to resume from. "latest": the newest complete checkpoint of `output_dir`, or None when there is none
+    (a new run). Otherwise a path, or a folder name inside `output_dir`, which must be a complete checkpoint.
+
+    Raises:
+        `ValueError` naming the path when it does not exist or is not a complete checkpoint.
+    """
+    if resume_from_checkpoint == "latest":
+        return find_complete_checkpoint(output_dir)
+    candidates = [resume_from_checkpoint]
+    if not os.path.isabs(resume_from_checkpoint):
+        candidates.append(os.path.join(output_dir, resume_from_checkpoint))
+    path = next((c for c in candidates if os.path.isdir(c)), None)
+    if path is None:
+        available = ", ".join(f"checkpoint-{s}" for s in checkpoint_steps(output_dir)) or "none"
+        raise ValueError(
+            f"--resume_from_checkpoint {resume_from_checkpoint}: no such folder (looked for "
+            f"{' and '.join(candidates)}). Checkpoints in {output_dir}: {available}. Give an existing checkpoint "
+            "folder, 'latest', or leave the option out to start a new run."
+        )
+    reason = why_incomplete(path)
+    if reason is not None:
+        raise ValueError(
+            f"--resume_from_checkpoint {path} is not a complete checkpoint: {reason}. Resume from another checkpoint "
+            "('latest' picks the newest complete one)."
+        )
+    return path
+
+
+def remove_incomplete_checkpoints(output_dir: str) -> None:
+    """Deletes the `.tmp` / `.deleting` checkpoint folders an interrupted run left in `output_dir` (main process)."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in sorted(os.listdir(output_dir)):
+        if LEFTOVER_NAME.fullmatch(name):
+            logger.warning(f"Removing {os.path.join(output_dir, name)}, left incomplete by an interrupted run.")
+            shutil.rmtree(os.path.join(output_dir, name))
+
+
+def _fsync(path: str) -> None:
+    """Flushes a file, or a folder's entries (POSIX), to disk."""
+    if os.path.isdir(path) and os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: str) -> None:
+    """Renames `path` to `<path>.deleting` (a name no resume picks) before deleting it, so a kill leaves no half."""
+    doomed = path + ".deleting"
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None = None) -> str:
+    """
+    Saves `accelerator.save_state` as `output_dir/checkpoint-<step>`, atomically, then prunes the oldest complete
+    checkpoints so that at most `total_limit` remain. Every process must call it (each saves its own RNG state).
+
+    Returns:
+        The path of the new checkpoint.
+    """
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    partial = final + ".tmp"
+    if accelerator.is_main_process and os.path.exists(partial):
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(partial)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        files = {}
+        for root, _, names in os.walk(partial):
+            for name in names:
+                path = os.path.join(root, name)
+                _fsync(path)
+                files[os.path.relpath(path, partial).replace(os.sep, "/")] = os.path.getsize(path)
+            _fsync(root)
+        marker = {"step": step, "num_processes": accelerator.num_processes, "files": files}
+        with open(os.path.join(partial, COMPLETE_MARKER), "w", encoding="utf-8") as f:
+            json.dump(marker, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync(partial)
+        replaced = None
+        if os.path.exists(final):  # a run resumed from an earlier step replaces the later checkpoints it remakes
+            replaced = final + ".deleting"
+            os.replace(final, replaced)
+        os.replace(partial, final)
+        _fsync(output_dir)
+        if replaced is not None:
+            shutil.rmtree(replaced)
+        logger.info(f"Saved state to {final}")
+        if total_limit is not None:
+            prune_checkpoints(output_dir, total_limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune_checkpoints(output_dir: str, total_limit: int) -> None:
+    """Deletes the oldest complete checkpoints beyond the `total_limit` newest (incomplete ones are left alone)."""
+    complete = [
+        step for step in checkpoint_steps(output_dir)
+        if why_incomplete(os.path.join(output_dir, f"checkpoint-{step}")) is None
+    ]  # fmt: skip
+    removing = complete[: max(len(complete) - total_limit, 0)]
+    if removing:
+        logger.info(f"Removing {len(removing)} old checkpoints: {', '.join(f'checkpoint-{s}' for s in removing)}")
+    for step in removing:
+        _remove(os.path.join(output_dir, f"checkpoint-{step}"))
