@@ -384,16 +384,13 @@ def _select_scheduler(pipe, name: str | None) -> None:
 
 
 def _check_steps(pipe, steps: int | None) -> None:
-    import inspect
-
     from diffmoe_hf.formulations import max_inference_steps
 
     limit = max_inference_steps(pipe.scheduler)
     if steps is not None and steps > limit:
-        default = inspect.signature(type(pipe).__call__).parameters["num_inference_steps"].default
         raise CommandError(
             f"--steps {steps} is more than {type(pipe.scheduler).__name__} can take for this model: at most {limit} "
-            f"(its num_train_timesteps). The pipeline's default is {default}."
+            "(its num_train_timesteps). Omit --steps for the pipeline's default."
         )
 
 
