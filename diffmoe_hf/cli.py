@@ -8,6 +8,7 @@ or a grid too large to write stops the command at once with one line that says w
 import argparse
 import contextlib
 import difflib
+import logging
 import math
 import os
 import sys
@@ -473,10 +474,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # the package's warnings (e.g. what the converter cleaned up) go to stderr as "diffmoe COMMAND: ..." lines
+    warnings = logging.StreamHandler(sys.stderr)
+    warnings.setFormatter(logging.Formatter(f"diffmoe {args.command}: %(message)s"))
+    package_logger = logging.getLogger("diffmoe_hf")
+    package_logger.addHandler(warnings)
     try:
         args.handler(args)
     except (CommandError, ValueError, OSError, ImportError) as err:
-        message = f"{err.strerror}: {err.filename}" if isinstance(err, OSError) and err.strerror and err.filename else err
-        print(f"diffmoe {args.command}: error: {message}", file=sys.stderr)
+        if isinstance(err, OSError) and err.strerror and err.filename:
+            err = f"{err.strerror}: {err.filename}"
+        print(f"diffmoe {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        package_logger.removeHandler(warnings)
     return 0

@@ -13,7 +13,7 @@ from PIL import Image
 from diffmoe_hf import ClassConditionalMoEPipeline, default_models
 from diffmoe_hf.cli import _image_grid, main
 
-from .helpers import dsmoe_case, tiny_vae
+from .helpers import dsmoe_case, tiny_pipeline, tiny_vae
 
 
 def test_module_entry_point_runs():
@@ -231,6 +231,15 @@ def test_missing_vae_error_names_the_option(tmp_path, capsys, latent_model):
 def test_model_that_is_not_a_model_folder_is_refused(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path), "--output", str(tmp_path / "grid.png")]) == 2
     assert "has no model_index.json" in capsys.readouterr().err
+
+
+def test_evaluate_digits_refuses_a_colour_model_before_sampling(tmp_path, capsys, pipeline_calls):
+    pytest.importorskip("sklearn")
+    tiny_pipeline(with_vae=False, in_channels=3, out_channels=3).save_pretrained(tmp_path / "rgb")
+    assert main(["evaluate-digits", "--model", str(tmp_path / "rgb"), "--num-samples", "360"]) == 2
+    err = capsys.readouterr().err
+    assert "need a model of the 10 digit classes that makes 1-channel" in err and "3-channel images" in err
+    assert pipeline_calls == []
 
 
 def _must_not_be_called(*args, **kwargs):
