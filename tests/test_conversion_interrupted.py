@@ -12,7 +12,6 @@ import sys
 import pytest
 
 from diffmoe_hf.cli import main
-from diffmoe_hf.conversion.hub_folder import recover_interrupted_save
 
 from .helpers import dsmoe_case
 
@@ -108,6 +107,8 @@ def test_interrupt_while_deleting_the_old_folder_is_finished_by_the_next_run(tmp
 
 
 def test_folders_of_a_running_conversion_are_left_alone(tmp_path):
+    from diffmoe_hf.conversion.hub_folder import recover_interrupted_save
+
     output = tmp_path / "out"
     writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
