@@ -12,6 +12,7 @@ import argparse
 import collections
 import os
 import pickle
+import re
 import typing
 import zipfile
 from dataclasses import dataclass, field
@@ -90,22 +91,38 @@ def _torch_load(path: str, trust_checkpoint: bool, mmap: bool = False):
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        try:
-            extra = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # not a torch zip file at all
-            raise CheckpointError(f"{path} is not a PyTorch checkpoint this converter can read: {err}") from None
-        allowed = {"argparse.Namespace", "typing.Any", "collections.defaultdict", "collections.OrderedDict"}
-        allowed.update(_OMEGACONF_CLASSES)
-        refused = sorted(name for name in extra if name not in allowed and not name.startswith("builtins."))
+        refused = _refused_globals(path, err)
+        if not refused:
+            raise _not_a_checkpoint(path) from None
         raise CheckpointError(
-            f"{path} contains Python objects that are not safe to unpickle ({', '.join(refused) or err}). "
+            f"{path} contains Python objects that are not safe to unpickle ({', '.join(refused)}). "
             "If you trust the file, pass --trust-checkpoint (trust_checkpoint=True) to load it with "
             "weights_only=False."
         ) from None
-    except Exception as err:  # a truncated or corrupt file fails anywhere in the unpickler (EOFError, IndexError, ...)
-        raise CheckpointError(
-            f"{path} could not be read as a PyTorch checkpoint ({type(err).__name__}: {err}). Is the file complete?"
-        ) from None
+    except Exception:  # random or truncated bytes fail anywhere in the unpickler (EOFError, KeyError, ...)
+        raise _not_a_checkpoint(path) from None
+
+
+def _refused_globals(path: str, err: pickle.UnpicklingError) -> list[str]:
+    """The classes / functions outside the allow-list that made the restricted unpickler refuse `path` (empty when
+    it refused the bytes themselves, i.e. the file is not a pickle)."""
+    allowed = {entry[1] if isinstance(entry, tuple) else f"{entry.__module__}.{entry.__qualname__}"
+               for entry in _safe_globals()}  # fmt: skip
+    if zipfile.is_zipfile(path):
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # a zip archive that torch.save did not write
+            return []
+    else:  # the legacy (pre-zip) format: torch names the first refused global in its message
+        names = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    return sorted(name for name in names if name not in allowed)
+
+
+def _not_a_checkpoint(path: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is not a PyTorch checkpoint: it is neither a torch.save file nor a pickle of tensors, or it is "
+        "damaged or incomplete. Check the path, and that the download or copy of the file finished."
+    )
 
 
 def _is_state_dict(obj) -> bool:

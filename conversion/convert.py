@@ -2,6 +2,7 @@
 
 import inspect
 import json
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,8 +17,17 @@ from .convert_dsmoe import DSMOE_MODEL_CARD, build_dsmoe_transformer
 from .convert_jit import JIT_MODEL_CARD, build_jit_transformer
 from .convert_dynamic_token_moe import DIFFMOE_DTS_MODEL_CARD, build_dynamic_token_moe_transformer
 from .convert_spatial_temporal_moe import SPATIAL_TEMPORAL_MOE_MODEL_CARD, build_spatial_temporal_moe_transformer
-from .hub_folder import DTYPES, cast_for_saving, check_output_dir, push_folder_to_hub, save_folder_atomically
+from .hub_folder import (
+    DTYPES,
+    cast_for_saving,
+    check_output_dir,
+    push_folder_to_hub,
+    recover_interrupted_save,
+    save_folder_atomically,
+)
 from .model_card import render_model_card
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,13 +57,35 @@ def family_options(family: str) -> list[str]:
     return [name for name in list(parameters)[1:] if name not in ("config_path", "preset")]
 
 
+def _check_input_files(config_path: str | None, id2label_path: str | None) -> None:
+    """Refuses missing input files before the (possibly long) checkpoint load."""
+    if config_path is not None and not os.path.isfile(config_path):
+        raise FileNotFoundError(
+            f"Config file {config_path} does not exist (--config): give the original training config (.yaml) that "
+            "produced the checkpoint or the model's constructor kwargs as .json/.yaml (or, for a released "
+            "architecture, --preset NAME)."
+        )
+    if id2label_path is not None and not os.path.isfile(id2label_path):
+        raise FileNotFoundError(f"Class-name file {id2label_path} does not exist (--id2label).")
+
+
 def _load_id2label(path: str | None, num_classes: int) -> dict[str, str] | None:
     if path is None:
         return imagenet_id2label() if num_classes == 1000 else None
-    with open(path, encoding="utf-8") as f:
-        id2label = {str(k): str(v) for k, v in json.load(f).items()}
-    if sorted(int(k) for k in id2label) != list(range(num_classes)):
-        raise ValueError(f"{path} must name exactly the classes 0..{num_classes - 1}.")
+    example = '{"0": "tench, Tinca tinca", "1": "goldfish", ...}'
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"Class-name file {path} (--id2label) is not valid JSON ({err}); it must map class ids "
+                         f"to names, e.g. {example}.") from None  # fmt: skip
+    if not isinstance(names, dict):
+        raise ValueError(f"Class-name file {path} (--id2label) holds a JSON {type(names).__name__}, not an object "
+                         f"mapping class ids to names, e.g. {example}.")  # fmt: skip
+    id2label = {str(k).strip(): str(v) for k, v in names.items()}
+    if set(id2label) != {str(i) for i in range(num_classes)}:
+        raise ValueError(f"Class-name file {path} (--id2label) must name exactly the classes 0..{num_classes - 1} "
+                         f"of this model, one name each, e.g. {example}.")  # fmt: skip
     return id2label
 
 
@@ -122,7 +154,10 @@ def convert_checkpoint(
             f"The {family} converter does not take {', '.join(unknown)}; its options are: "
             f"{', '.join(['config_path', 'preset', *family_options(family)])}."
         )
+    for action in recover_interrupted_save(output_dir):
+        logger.warning(action)
     check_output_dir(output_dir, overwrite)
+    _check_input_files(config_path, id2label_path)
     converter = CONVERTERS[family]
     checkpoint = load_original_checkpoint(
         checkpoint_path, weights=weights, trust_checkpoint=trust_checkpoint, mmap=True

@@ -59,33 +59,120 @@ def apply_hub_layout(folder: str, layout: str) -> None:
         json.dump(index, f, indent=2, sort_keys=True)
 
 
+# Hidden siblings of an output folder while it is written: `.NAME.partial-PID-*` (the folder being built),
+# `.NAME.previous-PID-*` (the replaced folder, intact, during an --overwrite swap) and `.NAME.removing-PID-*` (the
+# replaced folder once the new one is in place, being deleted). PID is the writing process on this machine.
+SIBLING_KINDS = ("partial", "previous", "removing")
+
+
+def _sibling(output_dir: str, kind: str) -> str:
+    """A new, empty hidden sibling folder of `output_dir` for this process."""
+    prefix = f".{os.path.basename(output_dir)}.{kind}-{os.getpid()}-"
+    return tempfile.mkdtemp(prefix=prefix, dir=os.path.dirname(os.path.abspath(output_dir)))
+
+
+def _writer_is_running(pid: str) -> bool:
+    """Whether the process `pid` (another one than this) still runs on this machine."""
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def recover_interrupted_save(output_dir: str) -> list[str]:
+    """
+    Finishes what an interrupted `save_folder_atomically` into `output_dir` left behind (SIGKILL, power loss, Ctrl-C
+    in the wrong moment): a replaced folder whose replacement never arrived is moved back to `output_dir`, and the
+    leftover hidden siblings (half-built or half-deleted folders) are removed. Siblings of a writer that still runs
+    are left alone.
+
+    Returns:
+        One sentence per action, for the user.
+    """
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    if not os.path.isdir(parent):
+        return []
+    base = os.path.basename(output_dir)
+    found = {kind: [] for kind in SIBLING_KINDS}
+    for name in os.listdir(parent):
+        for kind in SIBLING_KINDS:
+            prefix = f".{base}.{kind}-"
+            if name.startswith(prefix) and os.path.isdir(os.path.join(parent, name)):
+                found[kind].append((name[len(prefix) :].split("-", 1)[0], os.path.join(parent, name)))
+    actions = []
+    previous = [path for pid, path in found["previous"] if not _writer_is_running(pid)]
+    if previous and not os.path.lexists(output_dir):
+        newest = max(previous, key=os.path.getmtime)
+        os.replace(newest, output_dir)
+        previous.remove(newest)
+        actions.append(f"Restored {output_dir} from {newest}, where an interrupted --overwrite had moved it.")
+    for pid, path in found["partial"] + found["removing"] + [("", path) for path in previous]:
+        if _writer_is_running(pid):
+            actions.append(f"Left {path} alone: the conversion that writes it (process {pid}) is still running.")
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        actions.append(f"Removed {path}, left behind by an interrupted conversion.")
+    return actions
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(folder: str) -> None:
+    """
+    Gives `folder` and everything in it the permissions of any folder or file the user creates (0o777 / 0o666 minus
+    the umask): `tempfile.mkdtemp` makes 0o700 folders and the safetensors writer 0o600 files, which would lock other
+    users out of a shared model folder.
+    """
+    umask = _current_umask()
+    for root, _, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
 def save_folder_atomically(pipeline, output_dir: str, overwrite: bool, max_shard_size: str, extra_files: dict,
                            hub_layout: str = "package") -> None:  # fmt: skip
     """
     Saves `pipeline` (safetensors, sharded at `max_shard_size`) plus `extra_files` (`{relative path: text}`) into a
-    temporary sibling folder and moves it to `output_dir` only once complete; a failure leaves no partial folder and an
-    existing `output_dir` (with `overwrite`) is replaced only at the very end.
+    hidden sibling folder and moves it to `output_dir` only once complete; a failure leaves no partial folder and an
+    existing `output_dir` (with `overwrite`) is replaced only at the very end (moved aside, the new folder moved in,
+    the old one deleted). Files get the permissions the umask gives. Whatever a killed run leaves behind is cleaned
+    up by the next one (`recover_interrupted_save`).
     """
     check_output_dir(output_dir, overwrite)
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.partial-", dir=parent)
+    os.makedirs(os.path.dirname(os.path.abspath(output_dir)), exist_ok=True)
+    staging, previous = _sibling(output_dir, "partial"), None
     try:
         pipeline.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
         for relative_path, text in extra_files.items():
             with open(os.path.join(staging, relative_path), "w", encoding="utf-8") as f:
                 f.write(text)
         apply_hub_layout(staging, hub_layout)
+        _apply_umask(staging)
         if os.path.isdir(output_dir):
-            previous = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.previous-", dir=parent)
+            previous = _sibling(output_dir, "previous")
             os.rmdir(previous)
             os.replace(output_dir, previous)
             os.replace(staging, output_dir)
-            shutil.rmtree(previous)
+            removing = _sibling(output_dir, "removing")
+            os.rmdir(removing)
+            os.replace(previous, removing)
+            shutil.rmtree(removing, ignore_errors=True)
         else:
             os.replace(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if previous is not None and os.path.isdir(previous) and not os.path.lexists(output_dir):
+            os.replace(previous, output_dir)  # interrupted between the two moves: put the old folder back
         raise
 
 

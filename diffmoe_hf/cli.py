@@ -1,8 +1,61 @@
-"""The `diffmoe` command (also `python -m diffmoe_hf`): `convert` original checkpoints, `generate` images."""
+"""The `diffmoe` command (also `python -m diffmoe_hf`): `convert` original checkpoints, `generate` images,
+`evaluate-digits`.
+
+Arguments are checked before anything slow happens (loading a model, sampling): a bad value, an unwritable `--output`
+or a grid too large to write stops the command at once with one line that says what is wrong and what to do.
+"""
 
 import argparse
+import contextlib
+import difflib
+import logging
+import math
 import os
 import sys
+import tempfile
+from dataclasses import dataclass
+
+DEFAULT_BATCH_SIZE = 64
+
+
+class CommandError(Exception):
+    """A problem with the command's arguments or files, reported as one line (exit status 2)."""
+
+
+# argument types: argparse reports their messages as "argument --NAME: MESSAGE" (exit status 2)
+def _whole_number(text: str, minimum: int, maximum: int | None = None) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bounds = f"at least {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    return _whole_number(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _whole_number(text, 0)
+
+
+def _seed(text: str) -> int:
+    return _whole_number(text, 0, 2**63 - 1)  # what torch.Generator.manual_seed takes on every device
+
+
+def _guidance_scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number >= 0 (e.g. 1.5; values <= 1 turn guidance off), got {text!r}"
+        )
+    return value
 
 
 def _add_convert_parser(subparsers) -> None:
@@ -12,7 +65,8 @@ def _add_convert_parser(subparsers) -> None:
         "convert",
         help="convert an original research checkpoint into a diffusers folder",
         description="Convert an original checkpoint into a Hub-ready folder (transformer/, scheduler/, "
-        "model_index.json, model card). Nothing is written unless the conversion succeeds.",
+        "model_index.json, model card). Nothing is written unless the conversion succeeds; what an interrupted "
+        "run left next to --output is cleaned up (or restored) by the next one.",
     )
     parser.add_argument("family", choices=sorted(CONVERTERS), help="model family of the checkpoint")
     parser.add_argument("--checkpoint", required=True, help="original .pt/.pth or .safetensors file")
@@ -53,20 +107,35 @@ def _add_generate_parser(subparsers) -> None:
         "--classes", nargs="+", default=None,
         help="class ids or names (default: every class of models with at most 10 classes, else the first 4)",
     )
-    parser.add_argument("--per-class", type=int, default=4, help="images per class (default 4)")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline default)")
-    parser.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
-    parser.add_argument("--scheduler", help="diffusers scheduler class name, e.g. FlowMatchHeunDiscreteScheduler")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-class", type=_positive_int, default=4, help="images per class (default 4)")
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
+        help=f"images per pipeline call (default {DEFAULT_BATCH_SIZE}); bounds the memory of large grids. The images "
+        "depend on --seed and --batch-size: the batches draw their noise in turn from one generator, and DiffMoE "
+        "(diffmoe-dts) routes over the whole batch. Up to this many images come from a single call.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--steps", type=_positive_int, default=None,
+        help="denoising steps (default: the pipeline default; at most the scheduler's num_train_timesteps)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--guidance-scale", type=_guidance_scale, default=None, help="classifier-free guidance scale (finite, >= 0)"
+    )
+    parser.add_argument(
+        "--scheduler",
+        help="diffusers scheduler class name, one the model's formulation can use (e.g. FlowMatchEulerDiscreteScheduler"
+        " for JiT models); an unusable one is refused with the list",
+    )
+    parser.add_argument("--seed", type=_seed, default=0)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--output", default="samples.png", help="PNG file to write (default samples.png)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument(
-        "--min-cell-size", type=int, default=64,
+        "--min-cell-size", type=_positive_int, default=64,
         help="enlarge small images by an integer factor (nearest neighbour) to at least this many pixels (default 64)",
     )
-    parser.add_argument("--padding", type=int, default=None, help="grey pixels between images (default: 4 for enlarged "
-                        "images, else 0)")  # fmt: skip
+    parser.add_argument("--padding", type=_non_negative_int, default=None, help="grey pixels between images (default: "
+                        "4 for enlarged images, else 0)")  # fmt: skip
     parser.set_defaults(handler=_run_generate)
 
 
@@ -78,10 +147,11 @@ def _add_evaluate_digits_parser(subparsers) -> None:
         "(metrics in diffmoe_hf.evaluation.digits). Needs the [eval] extra.",
     )
     parser.add_argument("--model", required=True, help="model folder or Hub repo id of a 10-class 1-channel model")
-    parser.add_argument("--num-samples", type=int, default=1000, help="samples in total (default 1000)")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline default)")
-    parser.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-samples", type=_positive_int, default=1000, help="samples in total (default 1000)")
+    parser.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the pipeline "
+                        "default)")  # fmt: skip
+    parser.add_argument("--guidance-scale", type=_guidance_scale, default=None, help="classifier-free guidance scale")
+    parser.add_argument("--seed", type=_seed, default=0)
     parser.add_argument("--output", help="also write the metrics as JSON to this file")
     parser.set_defaults(handler=_run_evaluate_digits)
 
@@ -91,8 +161,10 @@ def _run_evaluate_digits(args) -> None:
 
     from diffmoe_hf import ClassConditionalMoEPipeline
     from diffmoe_hf.evaluation import DigitsReference, evaluate_pipeline
+    from diffmoe_hf.evaluation.digits import check_digits_pipeline
 
-    pipe = ClassConditionalMoEPipeline.from_pretrained(args.model)
+    pipe = ClassConditionalMoEPipeline.from_pretrained(_checked_model_source(args.model))
+    check_digits_pipeline(pipe)
     pipe.set_progress_bar_config(disable=True)
     call_kwargs = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale}
     reference = DigitsReference(args.seed)
@@ -132,12 +204,6 @@ def _run_convert(args) -> None:
     print(f"Converted {args.checkpoint} -> {output}")
 
 
-def _parse_classes(values: list[str] | None) -> list[int | str] | None:
-    if values is None:
-        return None
-    return [int(v) if v.lstrip("-").isdigit() else v for v in values]
-
-
 def _default_model() -> str:
     from diffmoe_hf.embedded_models import default_models
 
@@ -147,66 +213,254 @@ def _default_model() -> str:
     return next(iter(models.values()))
 
 
+def _checked_model_source(source: str) -> str:
+    """`source` if it can be a model: a folder with `model_index.json`, or a Hub repo id (org/name)."""
+    if os.path.isdir(source):
+        if not os.path.isfile(os.path.join(source, "model_index.json")):
+            raise CommandError(
+                f"{source} is not a converted model folder (it has no model_index.json); write one with "
+                "`diffmoe convert`, or pass a Hub repo id."
+            )
+    elif os.path.exists(source) or source.count("/") != 1:
+        raise CommandError(f"--model {source} is neither a converted model folder nor a Hub repo id (org/name).")
+    return source
+
+
+def _check_output(path: str, overwrite: bool) -> None:
+    """Refuses an `--output` that cannot be written, before anything is loaded or sampled."""
+    if os.path.isdir(path):
+        raise CommandError(
+            f"--output {path} is a folder; name the PNG file to write, e.g. --output "
+            f"{os.path.join(path, 'samples.png')}."
+        )
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass --overwrite to replace it.")
+    folder = os.path.dirname(os.path.abspath(path))
+    existing = folder  # the folder is created when missing: its closest existing ancestor must take new entries
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise CommandError(f"Cannot create the folder {folder} for --output: {existing} is a file. Choose another "
+                           "--output.")  # fmt: skip
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".diffmoe-write-check-", dir=existing)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as err:
+        raise CommandError(
+            f"Cannot write --output {path}: the folder {existing} does not accept new files ({err.strerror}). "
+            "Choose another --output."
+        ) from None
+
+
+def _write_png(image, path: str) -> None:
+    """Writes `image` to `path` through a temporary `PATH.partial.png`, which is removed if anything fails."""
+    partial = path + ".partial.png"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        image.save(partial, format="PNG")
+        os.replace(partial, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        if isinstance(err, OSError):
+            raise CommandError(f"Could not write {path}: {err.strerror or err}. Nothing was written.") from None
+        raise
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """
+    Where `count` images of `image_size` (width, height) pixels go in a grid of `columns` columns: images smaller
+    than `min_cell_size` are enlarged by the integer `factor` (nearest neighbour), `padding` grey pixels between them.
+    """
+
+    count: int
+    columns: int
+    image_size: tuple[int, int]
+    factor: int
+    padding: int
+
+    @classmethod
+    def for_images(cls, count: int, columns: int, image_size: tuple[int, int], min_cell_size: int = 1,
+                   padding: int | None = None) -> "GridLayout":  # fmt: skip
+        """`padding=None`: 4 pixels when the images are enlarged, else 0."""
+        factor = max(1, -(-min_cell_size // min(image_size)))  # ceil division: small images are enlarged whole
+        padding = padding if padding is not None else (4 if factor > 1 else 0)
+        return cls(count, columns, tuple(image_size), factor, padding)
+
+    @property
+    def cell(self) -> tuple[int, int]:
+        return self.image_size[0] * self.factor, self.image_size[1] * self.factor
+
+    @property
+    def size(self) -> tuple[int, int]:
+        rows = -(-self.count // self.columns)
+        width, height = self.cell
+        return self.columns * (width + self.padding) - self.padding, rows * (height + self.padding) - self.padding
+
+    def paste(self, grid, index: int, image) -> None:
+        """Puts `image` (of `image_size`) at position `index` (row-major) of `grid`."""
+        from PIL import Image
+
+        if image.size != self.image_size:
+            raise ValueError(f"The grid expects {self.image_size} images, got one of {image.size}.")
+        if self.factor > 1:
+            image = image.resize(self.cell, Image.NEAREST)
+        width, height = self.cell
+        grid.paste(image, ((index % self.columns) * (width + self.padding), (index // self.columns) * (height +
+                                                                                                    self.padding)))
+
+    def new_grid(self, mode: str):
+        from PIL import Image
+
+        return Image.new(mode, self.size, color="gray" if self.padding else "black")
+
+
 def _image_grid(images, columns: int, min_cell_size: int = 1, padding: int = 0):
     """One row per `columns` images; small images enlarged (nearest) to `min_cell_size`; `padding` grey pixels between."""
-    from PIL import Image
-
-    width, height = images[0].size
-    factor = max(1, -(-min_cell_size // min(width, height)))  # ceil division: small images are enlarged whole
-    if factor > 1:
-        width, height = width * factor, height * factor
-        images = [image.resize((width, height), Image.NEAREST) for image in images]
-    rows = (len(images) + columns - 1) // columns
-    step_x, step_y = width + padding, height + padding
-    size = (columns * step_x - padding, rows * step_y - padding)
-    grid = Image.new(images[0].mode, size, color="gray" if padding else "black")
+    layout = GridLayout.for_images(len(images), columns, images[0].size, min_cell_size, padding)
+    grid = layout.new_grid(images[0].mode)
     for index, image in enumerate(images):
-        grid.paste(image, ((index % columns) * step_x, (index // columns) * step_y))
+        layout.paste(grid, index, image)
     return grid
 
 
+def _image_size(pipe) -> tuple[int, int]:
+    """(width, height) in pixels of the pipeline's images: the transformer's sample size, times the VAE's
+    downsampling (2 per encoder block after the first) for latent models."""
+    size = pipe.transformer.config.sample_size
+    if pipe.vae is not None:
+        size *= 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return size, size
+
+
+def _class_ids(pipe, values: list[str] | None) -> list[int]:
+    """`--classes` (ids or names) as class ids, or the default classes; unknown ones name the close matches."""
+    num_classes = pipe.transformer.config.num_classes
+    if values is None:
+        return list(range(num_classes if num_classes <= 10 else 4))
+    by_lower_name = {name.lower(): class_id for name, class_id in pipe.labels.items()}
+    ids = []
+    for value in values:
+        if value.lstrip("-").isdigit():
+            class_id = int(value)
+            if not 0 <= class_id <= num_classes:
+                raise CommandError(
+                    f"--classes {value}: this model has the classes 0..{num_classes - 1} (and {num_classes}, the "
+                    "null class, for unconditional samples)."
+                )
+        elif value.lower() in by_lower_name:
+            class_id = by_lower_name[value.lower()]
+        elif not pipe.labels:
+            raise CommandError(f"--classes {value}: this model has no class names; give class ids 0..{num_classes - 1}.")
+        else:
+            spelled = {name.lower(): name for name in pipe.labels}
+            close = difflib.get_close_matches(value.lower(), spelled, n=5, cutoff=0.6)
+            if close:
+                hint = "close names: " + ", ".join(f"{spelled[c]!r} (class {by_lower_name[c]})" for c in close)
+            else:
+                hint = "no name is close; the names are the id2label entries of the model's model_index.json"
+            raise CommandError(f"--classes {value!r} is not a class name of this model ({hint}). Class ids "
+                               f"0..{num_classes - 1} work too.")  # fmt: skip
+        ids.append(class_id)
+    return ids
+
+
+def _select_scheduler(pipe, name: str | None) -> None:
+    """Sets `--scheduler` on `pipe` if the model's formulation can use it (`formulations.available_schedulers`)."""
+    from diffusers import schedulers as diffusers_schedulers
+
+    from diffmoe_hf.formulations import available_schedulers
+
+    if name is None:
+        return
+    formulation = pipe.transformer.config.formulation
+    available = available_schedulers(formulation, pipe.scheduler)
+    if name not in available:
+        problem = ("is not a diffusers scheduler" if not isinstance(getattr(diffusers_schedulers, name, None), type)
+                   else f"cannot sample this model (formulation {formulation})")  # fmt: skip
+        raise CommandError(f"--scheduler {name} {problem}; choose one of: {', '.join(available)}.")
+    pipe.scheduler = available[name]
+
+
+def _check_steps(pipe, steps: int | None) -> None:
+    from diffmoe_hf.formulations import max_inference_steps
+
+    limit = max_inference_steps(pipe.scheduler)
+    if steps is not None and steps > limit:
+        raise CommandError(
+            f"--steps {steps} is more than {type(pipe.scheduler).__name__} can take for this model: at most {limit} "
+            "(its num_train_timesteps). Omit --steps for the pipeline's default."
+        )
+
+
+def _check_grid_size(layout: GridLayout) -> None:
+    from PIL import Image
+
+    width, height = layout.size
+    if width * height > Image.MAX_IMAGE_PIXELS:
+        raise CommandError(
+            f"The grid of {layout.count} images would be {width} x {height} pixels, more than PIL opens without a "
+            f"decompression-bomb error ({Image.MAX_IMAGE_PIXELS} pixels). Ask for fewer --classes or --per-class, or "
+            "a smaller --min-cell-size."
+        )
+
+
 def _run_generate(args) -> None:
+    _check_output(args.output, args.overwrite)
+    model = args.model or _default_model()
+    _checked_model_source(model)
+
+    import numpy as np
     import torch
-    from diffusers import schedulers
 
     from diffmoe_hf import ClassConditionalMoEPipeline
 
-    if os.path.exists(args.output) and not args.overwrite:
-        raise FileExistsError(f"{args.output} already exists; pass --overwrite to replace it.")
-    if args.per_class < 1:
-        raise ValueError("--per-class must be at least 1.")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     components = {}
     if args.vae:
         from diffusers import AutoencoderKL
 
         components["vae"] = AutoencoderKL.from_pretrained(args.vae)
-    model = args.model or _default_model()
     pipe = ClassConditionalMoEPipeline.from_pretrained(model, **components).to(device)
-    if args.scheduler:
-        scheduler_class = getattr(schedulers, args.scheduler, None)
-        if scheduler_class is None:
-            raise ValueError(f"Unknown diffusers scheduler {args.scheduler!r}.")
-        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
-    num_classes = pipe.transformer.config.num_classes
-    classes = _parse_classes(args.classes) or list(range(num_classes if num_classes <= 10 else 4))
+    in_channels = pipe.transformer.config.in_channels
+    if pipe.vae is None and in_channels not in (1, 3):
+        raise CommandError(
+            f"{model} has no VAE (no vae/ folder) to decode its {in_channels}-channel latents into images; pass "
+            "--vae FOLDER_OR_REPO with the AutoencoderKL the model was trained with (e.g. stabilityai/sd-vae-ft-mse)."
+        )
+    _select_scheduler(pipe, args.scheduler)
+    _check_steps(pipe, args.steps)
+    classes = _class_ids(pipe, args.classes)
     labels = [c for c in classes for _ in range(args.per_class)]
-    call_kwargs = {}
+    layout = GridLayout.for_images(len(labels), args.per_class, _image_size(pipe), args.min_cell_size, args.padding)
+    _check_grid_size(layout)
+
+    call_kwargs = {"output_type": "np"}
     if args.steps is not None:
         call_kwargs["num_inference_steps"] = args.steps
     if args.guidance_scale is not None:
         call_kwargs["guidance_scale"] = args.guidance_scale
     generator = torch.Generator(device).manual_seed(args.seed)
-    images = pipe(class_labels=labels, generator=generator, **call_kwargs).images
-    enlarged = min(images[0].size) < args.min_cell_size
-    padding = args.padding if args.padding is not None else (4 if enlarged else 0)
-    grid = _image_grid(images, columns=args.per_class, min_cell_size=args.min_cell_size, padding=padding)
-    directory = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(directory, exist_ok=True)
-    partial = args.output + ".partial.png"
-    grid.save(partial)
-    os.replace(partial, args.output)
-    print(f"Wrote {len(images)} images ({len(classes)} classes x {args.per_class}) from {model} to {args.output}")
+    num_batches = -(-len(labels) // args.batch_size)
+    grid = None
+    for batch_index, start in enumerate(range(0, len(labels), args.batch_size)):
+        if num_batches > 1:
+            pipe.set_progress_bar_config(desc=f"batch {batch_index + 1}/{num_batches}")
+        batch = labels[start : start + args.batch_size]
+        images = pipe(class_labels=batch, generator=generator, **call_kwargs).images
+        if not np.isfinite(images).all():
+            raise CommandError(
+                "The model produced NaN or infinite values, so no grid was written. Its weights or this sampler "
+                "setting are broken: try the folder's own scheduler and default --guidance-scale, or re-convert it."
+            )
+        for offset, image in enumerate(pipe.numpy_to_pil(images)):
+            if grid is None:
+                grid = layout.new_grid(image.mode)
+            layout.paste(grid, start + offset, image)
+    _write_png(grid, args.output)
+    print(f"Wrote {len(labels)} images ({len(classes)} classes x {args.per_class}) from {model} to {args.output}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,9 +474,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # the package's warnings (e.g. what the converter cleaned up) go to stderr as "diffmoe COMMAND: ..." lines
+    warnings = logging.StreamHandler(sys.stderr)
+    warnings.setFormatter(logging.Formatter(f"diffmoe {args.command}: %(message)s"))
+    package_logger = logging.getLogger("diffmoe_hf")
+    package_logger.addHandler(warnings)
     try:
         args.handler(args)
-    except (ValueError, FileExistsError, FileNotFoundError, ImportError) as err:
+    except (CommandError, ValueError, OSError, ImportError) as err:
+        if isinstance(err, OSError) and err.strerror and err.filename:
+            err = f"{err.strerror}: {err.filename}"
         print(f"diffmoe {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        package_logger.removeHandler(warnings)
     return 0

@@ -369,3 +369,27 @@ def get_formulation(name: str) -> Formulation:
     if name not in FORMULATIONS:
         raise ValueError(f"Unknown formulation {name!r}; known: {', '.join(FORMULATIONS)}.")
     return FORMULATIONS[name]
+
+
+def available_schedulers(formulation: str, scheduler: SchedulerMixin) -> dict[str, SchedulerMixin]:
+    """
+    The schedulers that can sample a model of `formulation` (a transformer's `config.formulation`), by class name: the
+    model's own `scheduler` first (the one its folder ships), then the formulation's `compatible_schedulers`, each
+    built from `scheduler.config`. Any other scheduler class would drive the transformer with timesteps or outputs it
+    was not trained for (e.g. a DDPM scheduler on a flow model samples degraded images without an error).
+    """
+    schedulers = {type(scheduler).__name__: scheduler}
+    for scheduler_class in get_formulation(formulation).compatible_schedulers:
+        if scheduler_class.__name__ not in schedulers:
+            schedulers[scheduler_class.__name__] = scheduler_class.from_config(scheduler.config)
+    return schedulers
+
+
+def max_inference_steps(scheduler: SchedulerMixin) -> int:
+    """
+    The most denoising steps a call may take with `scheduler`: its `num_train_timesteps` (1000 for every shipped
+    scheduler). The DDPM-family schedulers cannot express a finer grid than the training one; the flow-matching ones
+    could, but the model was trained on that resolution and the cost grows linearly (one or two transformer passes
+    per step), so a larger count is almost always a typo.
+    """
+    return int(scheduler.config.num_train_timesteps)

@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from diffusers.loaders import SanaLoraLoaderMixin
+# from its module: diffusers.loaders exports the LoRA mixins only when transformers (not a core dependency) is installed
+from diffusers.loaders.lora_pipeline import SanaLoraLoaderMixin
 from diffusers.models import AutoencoderKL
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers import SchedulerMixin

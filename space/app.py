@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import gradio as gr
 import torch
 
-from diffmoe_hf import ClassConditionalMoEPipeline, default_models, get_formulation
+from diffmoe_hf import ClassConditionalMoEPipeline, default_models
+from diffmoe_hf.formulations import available_schedulers
 from diffmoe_hf.space.routing_view import RoutingCollector, layer_label, load_table, render_expert_map, render_load
 
 MODELS_ENV = "DIFFMOE_SPACE_MODELS"
@@ -96,11 +97,7 @@ def load_pipeline(source: str, device: str | None = None) -> ClassConditionalMoE
 
 def prepare_model(name: str, pipe: ClassConditionalMoEPipeline) -> DemoModel:
     """The model with the schedulers its formulation can drive (the folder's own scheduler first)."""
-    formulation = get_formulation(pipe.transformer.config.formulation)
-    schedulers = {type(pipe.scheduler).__name__: pipe.scheduler}
-    for scheduler_class in formulation.compatible_schedulers:
-        if scheduler_class.__name__ not in schedulers:
-            schedulers[scheduler_class.__name__] = scheduler_class.from_config(pipe.scheduler.config)
+    schedulers = available_schedulers(pipe.transformer.config.formulation, pipe.scheduler)
     return DemoModel(name=name, pipe=pipe, schedulers=schedulers)
 
 

@@ -57,9 +57,21 @@ def test_dict_without_ema_asks_for_weights_model(tmp_path):
 @pytest.mark.parametrize("seed", [0, 2, 20, 195])  # random bytes that fail in different places of the unpickler
 def test_not_a_checkpoint_is_refused(tmp_path, seed):
     (tmp_path / "junk.pt").write_bytes(random.Random(seed).randbytes(2048))
-    with pytest.raises(CheckpointError, match="could not be read|not a PyTorch checkpoint"):
+    with pytest.raises(CheckpointError) as error:
         _convert(tmp_path / "out", tmp_path / "junk.pt")
+    message = str(error.value)
+    assert f"{tmp_path / 'junk.pt'} is not a PyTorch checkpoint" in message and "download" in message
+    assert "weights_only" not in message and "--trust-checkpoint" not in message  # loading it unsafely is no fix
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_unsafe_objects_are_named_in_both_torch_save_formats(tmp_path, zip_format):
+    state = load_original_checkpoint(CHECKPOINT).state_dict
+    torch.save({"ema": state, "extra": Unsafe()}, tmp_path / "unsafe.pt", _use_new_zipfile_serialization=zip_format)
+    refused = r"not safe to unpickle \(tests.test_conversion.Unsafe\).*--trust-checkpoint"
+    with pytest.raises(CheckpointError, match=refused):
+        _convert(tmp_path / "out", tmp_path / "unsafe.pt")
 
 
 class Unsafe:
@@ -160,10 +172,6 @@ def test_custom_class_names(tmp_path):
     names.write_text(json.dumps({str(i): f"digit {i}, number {i}" for i in range(10)}))
     _convert(tmp_path / "out", id2label_path=str(names))
     assert ClassConditionalMoEPipeline.from_pretrained(tmp_path / "out").get_label_ids("number 7") == [7]
-    names.write_text(json.dumps({"0": "zero"}))
-    with pytest.raises(ValueError, match="exactly the classes 0..9"):
-        _convert(tmp_path / "out2", id2label_path=str(names))
-    assert not (tmp_path / "out2").exists()
 
 
 def test_vae_is_copied_into_the_folder(tmp_path):
@@ -175,3 +183,20 @@ def test_vae_is_copied_into_the_folder(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     assert pipe(class_labels=[3], num_inference_steps=1).images[0].size == (8, 8)
     shutil.rmtree(tmp_path / "vae-src")
+
+
+def test_missing_config_file_is_explained(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"missing.yaml does not exist \(--config\): give the original training"):
+        _convert(tmp_path / "out", config_path=str(tmp_path / "missing.yaml"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content, problem", [("{not json", "is not valid JSON"), ("[1, 2]", "holds a JSON list"),
+                                               ('{"0": "zero"}', "must name exactly the classes 0..9")])  # fmt: skip
+def test_bad_class_name_file_is_named(tmp_path, content, problem):
+    names = tmp_path / "names.json"
+    names.write_text(content)
+    with pytest.raises(ValueError) as error:
+        _convert(tmp_path / "out", id2label_path=str(names))
+    assert f"Class-name file {names} (--id2label) {problem}" in str(error.value) and '{"0": "tench' in str(error.value)
+    assert not (tmp_path / "out").exists()

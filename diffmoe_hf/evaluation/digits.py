@@ -199,6 +199,18 @@ class DigitsReference:
         )
 
 
+def check_digits_pipeline(pipe) -> None:
+    """Refuses, before any sampling, a pipeline that cannot make digits: it needs 10 classes and 1-channel images."""
+    config = pipe.transformer.config
+    channels = pipe.vae.config.out_channels if pipe.vae is not None else config.in_channels
+    if config.num_classes != NUM_CLASSES or channels != 1:
+        raise ValueError(
+            f"The digits metrics need a model of the {NUM_CLASSES} digit classes that makes 1-channel (grayscale) "
+            f"images; this one has {config.num_classes} classes and makes {channels}-channel images. Evaluate a "
+            "digits model (e.g. diffmoe_hf.default_models()['digits-jitmoe'])."
+        )
+
+
 @torch.no_grad()
 def evaluate_pipeline(
     pipe,
@@ -220,6 +232,7 @@ def evaluate_pipeline(
     """
     if num_samples % NUM_CLASSES or num_samples < 36 * NUM_CLASSES:
         raise ValueError(f"num_samples must be a multiple of 10 and at least 360, got {num_samples}.")
+    check_digits_pipeline(pipe)
     labels = np.arange(num_samples) % NUM_CLASSES
     generator = torch.Generator(pipe.device).manual_seed(seed)
     images = []
