@@ -1,4 +1,5 @@
-"""The `diffmoe` command (also `python -m diffmoe_hf`): `convert` original checkpoints, `generate` images."""
+"""The `diffmoe` command (also `python -m diffmoe_hf`): `convert` original checkpoints, `generate` images, `sample` and
+`evaluate` for FID."""
 
 import argparse
 import os
@@ -84,6 +85,26 @@ def _add_evaluate_digits_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="also write the metrics as JSON to this file")
     parser.set_defaults(handler=_run_evaluate_digits)
+
+
+def _add_sample_parser(subparsers) -> None:
+    from diffmoe_hf.evaluation.commands import add_sample_arguments
+
+    parser = subparsers.add_parser(
+        "sample",
+        help="class-conditional samples for FID evaluation (ADM .npz), distributed and resumable",
+        description="Sample a model for evaluation: the same images for any number of processes "
+        "(`accelerate launch -m diffmoe_hf sample ...`), kept on disk as they are made so a restarted run continues. "
+        "See diffmoe_hf.evaluation.sampling.",
+    )
+    add_sample_arguments(parser)
+    parser.set_defaults(handler=_run_sample)
+
+
+def _run_sample(args) -> None:
+    from diffmoe_hf.evaluation.commands import run_sample
+
+    run_sample(args)
 
 
 def _run_evaluate_digits(args) -> None:
@@ -215,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert_parser(subparsers)
     _add_generate_parser(subparsers)
     _add_evaluate_digits_parser(subparsers)
+    _add_sample_parser(subparsers)
     return parser
 
 
