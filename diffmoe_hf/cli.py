@@ -107,6 +107,25 @@ def _run_sample(args) -> None:
     run_sample(args)
 
 
+def _add_evaluate_parser(subparsers) -> None:
+    from diffmoe_hf.evaluation.commands import add_evaluate_arguments
+
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="FID, sFID, Inception Score, precision and recall of a sample batch against a reference (JSON)",
+        description="Score samples (ADM .npz or an image folder) against a reference batch under a named protocol "
+        "(adm, jit, float-features); see diffmoe_hf.evaluation.evaluate. Needs the [eval] extra and torch-fidelity.",
+    )
+    add_evaluate_arguments(parser)
+    parser.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args) -> None:
+    from diffmoe_hf.evaluation.commands import run_evaluate
+
+    run_evaluate(args)
+
+
 def _run_evaluate_digits(args) -> None:
     import json
 
@@ -237,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_parser(subparsers)
     _add_evaluate_digits_parser(subparsers)
     _add_sample_parser(subparsers)
+    _add_evaluate_parser(subparsers)
     return parser
 
 

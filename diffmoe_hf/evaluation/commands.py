@@ -18,6 +18,9 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="fixes every label and noise (default 0)")
     parser.add_argument("--output", required=True, help=".npz file to write (ADM format: arr_0 uint8 NHWC)")
     parser.add_argument("--png-dir", help="also write each sample as <png-dir>/<index>.png")
+    parser.add_argument("--keep-float", action="store_true",
+                        help="also store the un-rounded float pixels (arr_float) for `evaluate --protocol "
+                        "float-features` (float32: 39 GB for 50K 256x256 samples)")  # fmt: skip
     parser.add_argument("--labels", choices=["balanced", "random"], default="balanced",
                         help="balanced: each class num-samples/num-classes times (default); random: uniform "
                         "labels as DiT's sampling script")  # fmt: skip
@@ -88,7 +91,54 @@ def run_sample(args) -> None:
     settings = {"model": args.model, "vae": args.vae, "dtype": args.dtype,
                 "scheduler": type(pipe.scheduler).__name__}  # fmt: skip
     run = SampleRun(pipe, args.output, args.num_samples, args.batch_size, args.seed, args.labels, call_kwargs,
-                    settings, png_dir=args.png_dir)  # fmt: skip
+                    settings, png_dir=args.png_dir, keep_float=args.keep_float)  # fmt: skip
     run_sampling(run, state, progress=not args.no_progress)
     if state.is_main_process:
         print(f"Wrote {args.num_samples} samples of {args.model} to {args.output} ({json.dumps(run.record['call'])})")
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    from .evaluate import PROTOCOLS
+
+    parser.add_argument("samples", help="sample batch: .npz (ADM format, arr_0) or an image folder")
+    parser.add_argument("--reference", required=True,
+                        help="reference batch: .npz (images and/or mu, sigma, mu_s, sigma_s) or an image folder")
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="adm",
+                        help="adm (default: the ADM evaluator's numerics), jit (torch-fidelity, JiT), float-features "
+                        "(un-rounded pixels, DiffMoE / DSMoE)")  # fmt: skip
+    parser.add_argument("--inception-weights", help="the Inception weights file (weights-inception-2015-12-05-"
+                        "6726825d.pth); default: the torch hub cache, downloaded there only when online")  # fmt: skip
+    parser.add_argument("--allow-nonstandard-weights", action="store_true",
+                        help="accept Inception weights that are not the standard file (scores not comparable)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per Inception batch (default 64)")
+    parser.add_argument("--output", help="write the JSON record to this file (default: print it)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_evaluate(args) -> None:
+    from .evaluate import PROTOCOLS, evaluate_batches, evaluation_record, load_batch, summary_line
+    from .inception import InceptionFeatures, resolve_weights
+
+    if args.output and os.path.exists(args.output) and not args.overwrite:
+        raise FileExistsError(f"{args.output} already exists; pass --overwrite to replace it.")
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be positive.")
+    state = distributed_state()
+    protocol = PROTOCOLS[args.protocol]
+    samples = load_batch(args.samples, protocol.float_pixels)
+    reference = load_batch(args.reference, protocol.float_pixels)
+    network = InceptionFeatures(resolve_weights(args.inception_weights), state.device, args.allow_nonstandard_weights)
+    results = evaluate_batches(samples, reference, network, protocol, args.batch_size, state, not args.no_progress)
+    record = evaluation_record(protocol, network, samples, reference, results, args.batch_size)
+    if not state.is_main_process:
+        return
+    text = json.dumps(record, indent=2)
+    if args.output:
+        partial = f"{args.output}.partial"
+        with open(partial, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+        os.replace(partial, args.output)
+    else:
+        print(text)
+    print(summary_line(record))

@@ -21,7 +21,8 @@ the same settings skips the batches on disk, and the final `.npz` is identical t
 folder is removed once the final file is complete. All processes must see the output folder (one machine, or a shared
 file system).
 
-Output: the ADM sample format, `arr_0` uint8 (K, H, W, C) and `arr_1` int64 (K,) labels, optionally PNGs as well.
+Output: the ADM sample format, `arr_0` uint8 (K, H, W, C) and `arr_1` int64 (K,) labels, optionally PNGs as well and
+`arr_float`, the un-rounded float pixels (for the float-features protocol of `diffmoe evaluate`).
 """
 
 import hashlib
@@ -77,13 +78,17 @@ def step_generators(indices, seed: int, device) -> list[torch.Generator]:
     return [torch.Generator(device).manual_seed(_index_seed(seed, int(i), _STEP_NOISE_STREAM)) for i in indices]
 
 
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """
+    (B, C, H, W) images in [0, 1] -> (B, H, W, C) float32 pixels in [0, 255], un-rounded, as the ADM / DiT / DiffMoE
+    sampling scripts form them (`clamp(127.5 * x + 128, 0, 255)` for x in [-1, 1], i.e. `255 * y + 0.5` for y in [0, 1]).
+    """
+    return (images.float() * 255 + 0.5).clamp(0, 255).permute(0, 2, 3, 1).cpu()
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """
-    (B, C, H, W) images in [0, 1] -> (B, H, W, C) uint8, quantised as the ADM / DiT sampling scripts do
-    (`clamp(127.5 * x + 128, 0, 255)` truncated for x in [-1, 1], i.e. `floor(255 * y + 0.5)` for y in [0, 1]).
-    """
-    values = torch.floor(images.float() * 255 + 0.5).clamp(0, 255).to(torch.uint8)
-    return values.permute(0, 2, 3, 1).cpu().numpy()
+    """(B, C, H, W) images in [0, 1] -> (B, H, W, C) uint8: `to_pixels` truncated, as the ADM / DiT scripts' cast."""
+    return torch.floor(to_pixels(images)).to(torch.uint8).numpy()
 
 
 def generate_images(pipe, indices, labels, seed: int, call_kwargs: dict) -> torch.Tensor:
@@ -134,22 +139,27 @@ class SampleRun:
         call_kwargs: Pipeline arguments (`num_inference_steps`, `guidance_scale`, ...), recorded with the run.
         settings: Further settings to record (model, scheduler, dtype), checked on resume.
         png_dir: Also write every sample as `<png_dir>/<index:06d>.png`.
+        keep_float: Also store the un-rounded float pixels as `arr_float` (float32, [0, 255]), which the
+            float-features protocol reads (4 bytes per value: 39 GB for 50K 256 x 256 images).
     """
 
     def __init__(
         self, pipe, output: str, num_samples: int, batch_size: int, seed: int, label_mode: str = "balanced",
         call_kwargs: dict | None = None, settings: dict | None = None, png_dir: str | None = None,
+        keep_float: bool = False,
     ):  # fmt: skip
         if num_samples < 1 or batch_size < 1:
             raise ValueError(f"--num-samples and --batch-size must be positive, got {num_samples} and {batch_size}.")
         if not output.endswith(".npz"):
             raise ValueError(f"The output must be a .npz file (the ADM sample format), got {output!r}.")
         self.pipe, self.output, self.num_samples, self.batch_size = pipe, output, num_samples, batch_size
-        self.seed, self.call_kwargs, self.png_dir = seed, dict(call_kwargs or {}), png_dir
+        self.seed, self.call_kwargs = seed, dict(call_kwargs or {})
+        self.png_dir, self.keep_float = png_dir, keep_float
         self.labels = sample_labels(num_samples, pipe.transformer.config.num_classes, seed, label_mode)
         self.parts_dir = output + ".parts"
         self.record = {
             "num_samples": num_samples, "batch_size": batch_size, "seed": seed, "label_mode": label_mode,
+            "keep_float": keep_float,
             "labels_sha256": hashlib.sha256(self.labels.tobytes()).hexdigest(),
             "call": {k: _describe(v) for k, v in sorted(self.call_kwargs.items())},
             **{k: _describe(v) for k, v in sorted((settings or {}).items())},
@@ -187,10 +197,13 @@ class SampleRun:
     def run_batch(self, batch: int) -> None:
         """Samples one global batch and writes its part file."""
         indices = np.arange(batch * self.batch_size, min((batch + 1) * self.batch_size, self.num_samples))
-        images = to_uint8(generate_images(self.pipe, indices, self.labels[indices], self.seed, self.call_kwargs))
+        pixels = to_pixels(generate_images(self.pipe, indices, self.labels[indices], self.seed, self.call_kwargs))
+        arrays = {"images": torch.floor(pixels).to(torch.uint8).numpy(), "indices": indices}
+        if self.keep_float:
+            arrays["pixels"] = pixels.numpy()
         if self.png_dir is not None:
-            _write_pngs(self.png_dir, indices, images)
-        _write_atomic(self.batch_path(batch), lambda f: np.savez(f, images=images, indices=indices))
+            _write_pngs(self.png_dir, indices, arrays["images"])
+        _write_atomic(self.batch_path(batch), lambda f: np.savez(f, **arrays))
 
     def finished_samples(self) -> int:
         """Samples on disk (all processes)."""
@@ -202,14 +215,19 @@ class SampleRun:
 
     def assemble(self) -> None:
         """Main process, after every batch is written: the final `.npz` in index order; removes the parts."""
-        images = []
+        images, pixels = [], []
         for batch in range(self.num_batches):
             with np.load(self.batch_path(batch)) as part:
                 expected = np.arange(batch * self.batch_size, min((batch + 1) * self.batch_size, self.num_samples))
                 if not np.array_equal(part["indices"], expected):
                     raise ValueError(f"{self.batch_path(batch)} holds other samples than batch {batch}; remove it.")
                 images.append(part["images"])
-        _write_atomic(self.output, lambda f: np.savez(f, arr_0=np.concatenate(images), arr_1=self.labels))
+                if self.keep_float:
+                    pixels.append(part["pixels"])
+        arrays = {"arr_0": np.concatenate(images), "arr_1": self.labels}
+        if self.keep_float:
+            arrays["arr_float"] = np.concatenate(pixels)
+        _write_atomic(self.output, lambda f: np.savez(f, **arrays))
         shutil.rmtree(self.parts_dir)
 
 
