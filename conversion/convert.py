@@ -18,6 +18,7 @@ from .convert_dynamic_token_moe import DIFFMOE_DTS_MODEL_CARD, build_dynamic_tok
 from .convert_spatial_temporal_moe import SPATIAL_TEMPORAL_MOE_MODEL_CARD, build_spatial_temporal_moe_transformer
 from .hub_folder import DTYPES, cast_for_saving, check_output_dir, push_folder_to_hub, save_folder_atomically
 from .model_card import render_model_card
+from .published_settings import SETTINGS_FILE, match_published_settings, model_card_section
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,12 @@ def convert_checkpoint(
     card = render_model_card(
         converter.model_card, transformer, os.path.basename(checkpoint_path), checkpoint.source, dtype, hub_layout
     )
-    save_folder_atomically(pipeline, output_dir, overwrite, max_shard_size, {"README.md": card}, hub_layout)
+    extra_files = {"README.md": card}
+    published = match_published_settings(family, transformer.config)
+    if published is not None:  # a released model: its published sampler and numbers go into the folder
+        pipeline.register_to_config(default_guidance_scale=published.guidance_scale)
+        extra_files = {"README.md": card + model_card_section(published), SETTINGS_FILE: published.to_json()}
+    save_folder_atomically(pipeline, output_dir, overwrite, max_shard_size, extra_files, hub_layout)
     if push_to_hub:
         push_folder_to_hub(output_dir, push_to_hub, token=token)
     return output_dir

@@ -35,8 +35,9 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _sampling_defaults(model: str, args) -> dict:
-    """Pipeline call arguments: the command line's, else the model folder's published settings."""
+def _sampling_defaults(model: str, args) -> tuple[dict, str | None]:
+    """Pipeline call arguments and scheduler class name: the command line's, else the model folder's published
+    settings (`published_settings.json`, written by the converter for released models), else the pipeline's."""
     from diffmoe_hf.conversion.published_settings import read_folder_settings
 
     published = read_folder_settings(model) or {}
@@ -48,7 +49,7 @@ def _sampling_defaults(model: str, args) -> dict:
     }
     if chosen["guidance_interval"] is not None:
         chosen["guidance_interval"] = tuple(chosen["guidance_interval"])
-    return {k: v for k, v in chosen.items() if v is not None}
+    return {k: v for k, v in chosen.items() if v is not None}, args.scheduler or published.get("scheduler")
 
 
 def distributed_state():
@@ -82,12 +83,12 @@ def run_sample(args) -> None:
         components["torch_dtype"] = dtype
     pipe = ClassConditionalMoEPipeline.from_pretrained(args.model, **components).to(state.device)
     pipe.set_progress_bar_config(disable=True)
-    if args.scheduler:
-        scheduler_class = getattr(schedulers, args.scheduler, None)
+    call_kwargs, scheduler_name = _sampling_defaults(args.model, args)
+    if scheduler_name and scheduler_name != type(pipe.scheduler).__name__:
+        scheduler_class = getattr(schedulers, scheduler_name, None)
         if scheduler_class is None:
-            raise ValueError(f"Unknown diffusers scheduler {args.scheduler!r}.")
+            raise ValueError(f"Unknown diffusers scheduler {scheduler_name!r}.")
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
-    call_kwargs = _sampling_defaults(args.model, args)
     settings = {"model": args.model, "vae": args.vae, "dtype": args.dtype,
                 "scheduler": type(pipe.scheduler).__name__}  # fmt: skip
     run = SampleRun(pipe, args.output, args.num_samples, args.batch_size, args.seed, args.labels, call_kwargs,
