@@ -3,6 +3,7 @@ end on the shipped digits model (offline: nothing downloads)."""
 
 import json
 import os
+import subprocess
 import sys
 from unittest import mock
 
@@ -16,6 +17,8 @@ from diffmoe_hf.evaluation import inception
 from diffmoe_hf.evaluation.evaluate import load_batch
 from diffmoe_hf.evaluation.inception import InceptionFeatures, load_inception_module
 from diffmoe_hf.evaluation.metrics import FeatureStatistics
+
+from .conftest import REPO_ROOT
 
 DIGITS = default_models()["digits-jitmoe"]
 
@@ -153,3 +156,23 @@ def test_a_reference_as_statistics_or_as_images_gives_the_same_scores(tmp_path):
     jit = evaluate_batches(samples, load_batch(str(tmp_path / "stats.npz")), network, PROTOCOLS["jit"], 16, state,
                            progress=False)  # fmt: skip
     assert set(jit) == {"fid", "inception_score", "inception_score_std"} and jit["fid"] == scores["stats"]["fid"]
+
+
+def test_two_processes_give_the_same_record(weights, tmp_path):
+    """`diffmoe evaluate` under torchrun (2 CPU processes, gloo): each process takes a contiguous range of images in
+    the same batches as one process would, so the gathered features and every metric are identical."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "samples.npz", arr_0=rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+    np.savez(tmp_path / "reference.npz", arr_0=rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    arguments = ["-m", "diffmoe_hf", "evaluate", str(tmp_path / "samples.npz"), "--reference",
+                 str(tmp_path / "reference.npz"), "--protocol", "jit", "--batch-size", "2", "--inception-weights",
+                 weights, "--allow-nonstandard-weights", "--no-progress", "--output"]  # fmt: skip
+    launchers = {"one": [sys.executable], "two": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  "--nproc_per_node", "2"]}  # fmt: skip
+    for name, launcher in launchers.items():
+        result = subprocess.run([*launcher, *arguments, str(tmp_path / f"{name}.json")], env=env, capture_output=True,
+                                text=True, timeout=600, cwd=REPO_ROOT)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"{name}.json").read_text()) for name in launchers)
+    assert one["metrics"] == two["metrics"] and one["samples"]["count"] == 4
