@@ -54,6 +54,8 @@ core = [
 extras = {
     "train": ["accelerate>=1.0", "peft>=0.17", "datasets>=3.0"],
     "space": ["gradio>=5.0"],
+    # FID (diffmoe evaluate) also needs torch-fidelity, installed WITHOUT its dependencies:
+    # `pip install --no-deps torch-fidelity==0.4.0` (diffmoe_hf/evaluation/inception.py says why)
     "eval": ["scikit-learn>=1.3", "scipy"],
 }
 extras["dev"] = sorted({dep for deps in extras.values() for dep in deps} | {"pytest>=8", "playwright", "torchao>=0.18"})

@@ -26,6 +26,7 @@ from .hub_folder import (
     save_folder_atomically,
 )
 from .model_card import render_model_card
+from .published_settings import SETTINGS_FILE, match_published_settings, model_card_section
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +168,12 @@ def convert_checkpoint(
     card = render_model_card(
         converter.model_card, transformer, os.path.basename(checkpoint_path), checkpoint.source, dtype, hub_layout
     )
-    save_folder_atomically(pipeline, output_dir, overwrite, max_shard_size, {"README.md": card}, hub_layout)
+    extra_files = {"README.md": card}
+    published = match_published_settings(family, transformer.config)
+    if published is not None:  # a released model: its published sampler and numbers go into the folder
+        pipeline.register_to_config(default_guidance_scale=published.guidance_scale)
+        extra_files = {"README.md": card + model_card_section(published), SETTINGS_FILE: published.to_json()}
+    save_folder_atomically(pipeline, output_dir, overwrite, max_shard_size, extra_files, hub_layout)
     if push_to_hub:
         push_folder_to_hub(output_dir, push_to_hub, token=token)
     return output_dir

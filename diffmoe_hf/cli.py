@@ -1,5 +1,5 @@
 """The `diffmoe` command (also `python -m diffmoe_hf`): `convert` original checkpoints, `generate` images,
-`evaluate-digits`.
+`evaluate-digits`, `sample` and `evaluate` for FID.
 
 Arguments are checked before anything slow happens (loading a model, sampling): a bad value, an unwritable `--output`
 or a grid too large to write stops the command at once with one line that says what is wrong and what to do.
@@ -154,6 +154,45 @@ def _add_evaluate_digits_parser(subparsers) -> None:
     parser.add_argument("--seed", type=_seed, default=0)
     parser.add_argument("--output", help="also write the metrics as JSON to this file")
     parser.set_defaults(handler=_run_evaluate_digits)
+
+
+def _add_sample_parser(subparsers) -> None:
+    from diffmoe_hf.evaluation.commands import add_sample_arguments
+
+    parser = subparsers.add_parser(
+        "sample",
+        help="class-conditional samples for FID evaluation (ADM .npz), distributed and resumable",
+        description="Sample a model for evaluation: the same images for any number of processes "
+        "(`accelerate launch -m diffmoe_hf sample ...`), kept on disk as they are made so a restarted run continues. "
+        "See diffmoe_hf.evaluation.sampling.",
+    )
+    add_sample_arguments(parser)
+    parser.set_defaults(handler=_run_sample)
+
+
+def _run_sample(args) -> None:
+    from diffmoe_hf.evaluation.commands import run_sample
+
+    run_sample(args)
+
+
+def _add_evaluate_parser(subparsers) -> None:
+    from diffmoe_hf.evaluation.commands import add_evaluate_arguments
+
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="FID, sFID, Inception Score, precision and recall of a sample batch against a reference (JSON)",
+        description="Score samples (ADM .npz or an image folder) against a reference batch under a named protocol "
+        "(adm, jit, float-features); see diffmoe_hf.evaluation.evaluate. Needs the [eval] extra and torch-fidelity.",
+    )
+    add_evaluate_arguments(parser)
+    parser.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args) -> None:
+    from diffmoe_hf.evaluation.commands import run_evaluate
+
+    run_evaluate(args)
 
 
 def _run_evaluate_digits(args) -> None:
@@ -469,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert_parser(subparsers)
     _add_generate_parser(subparsers)
     _add_evaluate_digits_parser(subparsers)
+    _add_sample_parser(subparsers)
+    _add_evaluate_parser(subparsers)
     return parser
 
 

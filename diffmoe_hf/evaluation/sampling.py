@@ -1,0 +1,278 @@
+"""Class-conditional sampling for FID evaluation (`diffmoe sample`): reproducible, distributed, resumable.
+
+Reproducibility. Sample `i` of a run is defined by the seed and `i` alone:
+
+- its class label comes from `sample_labels(num_samples, num_classes, seed, mode)`: "balanced" (default) gives every
+  class `num_samples // num_classes` samples (the first `num_samples % num_classes` classes one more) in a seeded random
+  order; "random" draws each label uniformly, as DiT's `sample_ddp.py` does;
+- its initial noise and any noise a stochastic scheduler adds on the way (DDPM) come from its own CPU generators
+  seeded by `(seed, i)`, never from the rank or the batch.
+
+Batches. The samples are cut into global batches of `batch_size` consecutive indices (`[b * B, (b + 1) * B)`), and
+batch `b` runs on process `b % num_processes`. A batch therefore holds the same samples for any number of processes,
+and the output file is bit-identical for 1 or N processes with the same batch size. Across batch sizes the families
+that route each token on its own (DSMoE, JiT, Diff-MoE, DiT-MoE) give the same images up to float summation order
+(pixel values may differ by one grey level where a value sits on a rounding boundary); DiffMoE (Shi et al.) routes
+over the whole batch, so its samples depend on which samples share a batch, as in the original, and only the batch
+size and the indices fix them.
+
+Resume. Each finished batch is written at once to `<output>.parts/batch-<b>.npz` (atomically); a restarted run with
+the same settings skips the batches on disk, and the final `.npz` is identical to an uninterrupted run's. The parts
+folder is removed once the final file is complete. All processes must see the output folder (one machine, or a shared
+file system).
+
+Output: the ADM sample format, `arr_0` uint8 (K, H, W, C) and `arr_1` int64 (K,) labels, optionally PNGs as well and
+`arr_float`, the un-rounded float pixels (for the float-features protocol of `diffmoe evaluate`).
+"""
+
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+import torch
+
+from diffmoe_hf.formulations import get_formulation
+
+LABEL_MODES = ("balanced", "random")
+RUN_RECORD = "run.json"
+# separate random streams per purpose, all derived from the run's seed
+_LABEL_STREAM, _NOISE_STREAM, _STEP_NOISE_STREAM = 0, 1, 2
+
+
+def sample_labels(num_samples: int, num_classes: int, seed: int, mode: str = "balanced") -> np.ndarray:
+    """
+    The class label of every sample of a run, (num_samples,) int64.
+
+    Args:
+        num_samples: K, the number of samples.
+        num_classes: Classes of the model (labels 0..num_classes - 1).
+        seed: The run's seed.
+        mode: "balanced" (each class K // num_classes times, the first K % num_classes classes once more, in a seeded
+            random order) or "random" (each label uniform and independent, as DiT's sampling script).
+    """
+    if mode not in LABEL_MODES:
+        raise ValueError(f"Unknown label mode {mode!r}; choose one of {LABEL_MODES}.")
+    rng = np.random.default_rng([seed, _LABEL_STREAM])
+    if mode == "random":
+        return rng.integers(0, num_classes, size=num_samples, dtype=np.int64)
+    return rng.permutation(np.arange(num_samples, dtype=np.int64) % num_classes)
+
+
+def _index_seed(seed: int, index: int, stream: int) -> int:
+    """A 63-bit generator seed for one sample and purpose, independent of every other (seed, index, stream)."""
+    return int(np.random.SeedSequence([seed, stream, index]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def sample_noise(indices, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """(len(indices), *shape) float32 standard Gaussian noise, row `j` drawn on CPU from sample `indices[j]`'s own
+    generator (so a sample's noise does not depend on the batch it is in)."""
+    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(_index_seed(seed, int(i), _NOISE_STREAM)))
+            for i in indices]  # fmt: skip
+    return torch.stack(rows)
+
+
+def step_generators(indices, seed: int, device) -> list[torch.Generator]:
+    """One generator per sample for the noise a stochastic scheduler adds during sampling (DDPM), on `device`."""
+    return [torch.Generator(device).manual_seed(_index_seed(seed, int(i), _STEP_NOISE_STREAM)) for i in indices]
+
+
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """
+    (B, C, H, W) images in [0, 1] -> (B, H, W, C) float32 pixels in [0, 255], un-rounded, as the ADM / DiT / DiffMoE
+    sampling scripts form them (`clamp(127.5 * x + 128, 0, 255)` for x in [-1, 1], i.e. `255 * y + 0.5` for y in [0, 1]).
+    """
+    return (images.float() * 255 + 0.5).clamp(0, 255).permute(0, 2, 3, 1).cpu()
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) images in [0, 1] -> (B, H, W, C) uint8: `to_pixels` truncated, as the ADM / DiT scripts' cast."""
+    return torch.floor(to_pixels(images)).to(torch.uint8).numpy()
+
+
+def generate_images(pipe, indices, labels, seed: int, call_kwargs: dict) -> torch.Tensor:
+    """
+    The float images of the samples `indices` (one batch), (B, C, H, W) in [0, 1] on CPU.
+
+    Args:
+        pipe: A `ClassConditionalMoEPipeline`.
+        indices: The samples' global indices.
+        labels: Their class labels.
+        seed: The run's seed.
+        call_kwargs: Further pipeline arguments (steps, guidance, ...).
+    """
+    config = pipe.transformer.config
+    shape = (config.in_channels, config.sample_size, config.sample_size)
+    formulation = get_formulation(config.formulation).for_model(config)
+    # the pipeline uses given latents as they are: start them as the formulation does (e.g. JiT's noise scale)
+    latents = formulation.initial_noise(sample_noise(indices, shape, seed))
+    device = pipe._execution_device
+    images = pipe(
+        class_labels=[int(label) for label in labels],
+        latents=latents.to(device=device, dtype=pipe.transformer.dtype),
+        generator=step_generators(indices, seed, device),
+        output_type="pt",
+        **call_kwargs,
+    ).images
+    return images.float().cpu()
+
+
+def _describe(value):
+    """JSON-safe description of a run setting (for the parts folder's record)."""
+    if isinstance(value, (tuple, list)):
+        return [_describe(v) for v in value]
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
+class SampleRun:
+    """
+    One sampling run: `num_samples` samples of `pipe` in global batches of `batch_size`, written to `output` (.npz).
+
+    Args:
+        pipe: A `ClassConditionalMoEPipeline` on its device (each process has its own).
+        output: The `.npz` file to write; its parts live in `<output>.parts/` until it is complete.
+        num_samples: K.
+        batch_size: B, samples per global batch (the last batch may be smaller).
+        seed: Fixes every label and noise.
+        label_mode: "balanced" or "random" (see `sample_labels`).
+        call_kwargs: Pipeline arguments (`num_inference_steps`, `guidance_scale`, ...), recorded with the run.
+        settings: Further settings to record (model, scheduler, dtype), checked on resume.
+        png_dir: Also write every sample as `<png_dir>/<index:06d>.png`.
+        keep_float: Also store the un-rounded float pixels as `arr_float` (float32, [0, 255]), which the
+            float-features protocol reads (4 bytes per value: 39 GB for 50K 256 x 256 images).
+    """
+
+    def __init__(
+        self, pipe, output: str, num_samples: int, batch_size: int, seed: int, label_mode: str = "balanced",
+        call_kwargs: dict | None = None, settings: dict | None = None, png_dir: str | None = None,
+        keep_float: bool = False,
+    ):  # fmt: skip
+        if num_samples < 1 or batch_size < 1:
+            raise ValueError(f"--num-samples and --batch-size must be positive, got {num_samples} and {batch_size}.")
+        if not output.endswith(".npz"):
+            raise ValueError(f"The output must be a .npz file (the ADM sample format), got {output!r}.")
+        self.pipe, self.output, self.num_samples, self.batch_size = pipe, output, num_samples, batch_size
+        self.seed, self.call_kwargs = seed, dict(call_kwargs or {})
+        self.png_dir, self.keep_float = png_dir, keep_float
+        self.labels = sample_labels(num_samples, pipe.transformer.config.num_classes, seed, label_mode)
+        self.parts_dir = output + ".parts"
+        self.record = {
+            "num_samples": num_samples, "batch_size": batch_size, "seed": seed, "label_mode": label_mode,
+            "keep_float": keep_float,
+            "labels_sha256": hashlib.sha256(self.labels.tobytes()).hexdigest(),
+            "call": {k: _describe(v) for k, v in sorted(self.call_kwargs.items())},
+            **{k: _describe(v) for k, v in sorted((settings or {}).items())},
+        }  # fmt: skip
+
+    @property
+    def num_batches(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    def batch_path(self, batch: int) -> str:
+        return os.path.join(self.parts_dir, f"batch-{batch:06d}.npz")
+
+    def prepare(self, is_main_process: bool) -> None:
+        """Main process: create the parts folder with the run's record, or check that an existing one matches."""
+        if not is_main_process:
+            return
+        record_path = os.path.join(self.parts_dir, RUN_RECORD)
+        if os.path.isfile(record_path):
+            with open(record_path, encoding="utf-8") as f:
+                previous = json.load(f)
+            if previous != json.loads(json.dumps(self.record)):
+                changed = sorted(k for k in self.record.keys() | previous.keys() if previous.get(k) != self.record.get(k))
+                raise ValueError(
+                    f"{self.parts_dir} holds the parts of a run with other settings ({', '.join(changed)} differ). "
+                    "Resume with the same settings, or remove that folder to start over."
+                )
+            return
+        os.makedirs(self.parts_dir, exist_ok=True)
+        _write_atomic(record_path, lambda f: f.write(json.dumps(self.record, indent=2).encode()))
+
+    def my_batches(self, process_index: int, num_processes: int) -> list[int]:
+        """The unfinished batches of this process (batch b runs on process b % num_processes)."""
+        return [b for b in range(process_index, self.num_batches, num_processes) if not os.path.isfile(self.batch_path(b))]
+
+    def run_batch(self, batch: int) -> None:
+        """Samples one global batch and writes its part file."""
+        indices = np.arange(batch * self.batch_size, min((batch + 1) * self.batch_size, self.num_samples))
+        pixels = to_pixels(generate_images(self.pipe, indices, self.labels[indices], self.seed, self.call_kwargs))
+        arrays = {"images": torch.floor(pixels).to(torch.uint8).numpy(), "indices": indices}
+        if self.keep_float:
+            arrays["pixels"] = pixels.numpy()
+        if self.png_dir is not None:
+            _write_pngs(self.png_dir, indices, arrays["images"])
+        _write_atomic(self.batch_path(batch), lambda f: np.savez(f, **arrays))
+
+    def finished_samples(self) -> int:
+        """Samples on disk (all processes)."""
+        done = 0
+        for batch in range(self.num_batches):
+            if os.path.isfile(self.batch_path(batch)):
+                done += min(self.batch_size, self.num_samples - batch * self.batch_size)
+        return done
+
+    def assemble(self) -> None:
+        """Main process, after every batch is written: the final `.npz` in index order; removes the parts."""
+        images, pixels = [], []
+        for batch in range(self.num_batches):
+            with np.load(self.batch_path(batch)) as part:
+                expected = np.arange(batch * self.batch_size, min((batch + 1) * self.batch_size, self.num_samples))
+                if not np.array_equal(part["indices"], expected):
+                    raise ValueError(f"{self.batch_path(batch)} holds other samples than batch {batch}; remove it.")
+                images.append(part["images"])
+                if self.keep_float:
+                    pixels.append(part["pixels"])
+        arrays = {"arr_0": np.concatenate(images), "arr_1": self.labels}
+        if self.keep_float:
+            arrays["arr_float"] = np.concatenate(pixels)
+        _write_atomic(self.output, lambda f: np.savez(f, **arrays))
+        shutil.rmtree(self.parts_dir)
+
+
+def _write_atomic(path: str, write) -> None:
+    """Writes `path` through a temporary sibling moved into place, so a killed process never leaves half a file."""
+    partial = f"{path}.partial-{os.getpid()}"
+    with open(partial, "wb") as f:
+        write(f)
+    os.replace(partial, path)
+
+
+def _write_pngs(folder: str, indices, images: np.ndarray) -> None:
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    for index, image in zip(indices, images):
+        mode_image = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+        mode_image.save(os.path.join(folder, f"{int(index):06d}.png"))
+
+
+def run_sampling(run: SampleRun, state, progress: bool = True) -> None:
+    """
+    Runs `run` on this process's batches and assembles the file on the main process.
+
+    Args:
+        run: The `SampleRun`.
+        state: An `accelerate.PartialState` (process index, count, barrier).
+        progress: Show a progress bar (main process) over the samples of all processes.
+    """
+    from tqdm.auto import tqdm
+
+    run.prepare(state.is_main_process)
+    state.wait_for_everyone()
+    batches = run.my_batches(state.process_index, state.num_processes)
+    bar = tqdm(total=run.num_samples, initial=run.finished_samples(), unit="sample", desc="sampling",
+               disable=not (progress and state.is_main_process))  # fmt: skip
+    for batch in batches:
+        run.run_batch(batch)
+        if not bar.disable:
+            bar.n = run.finished_samples()  # the parts of all processes, on the shared folder
+            bar.refresh()
+    state.wait_for_everyone()
+    if not bar.disable:
+        bar.n = run.finished_samples()
+    bar.close()
+    if state.is_main_process:
+        run.assemble()
+    state.wait_for_everyone()
