@@ -23,7 +23,7 @@ from .models import (
     SpatialTemporalMoETransformer2DModel,
 )
 from .diffusers_registration import register_with_diffusers
-from .models.blocks import AdaLNZeroTransformerBlock
+from .models.blocks import AdaLNZeroMoETransformerBlock, AdaLNZeroTransformerBlock
 from .models.transformer_spatial_temporal_moe import SpatialTemporalMoEBlock
 from .pipelines import ClassConditionalMoEPipeline
 
@@ -36,7 +36,7 @@ register_with_diffusers(
         JiTTransformer2DModel,
         SpatialTemporalMoETransformer2DModel,
     ],
-    block_classes=[AdaLNZeroTransformerBlock, SpatialTemporalMoEBlock],
+    block_classes=[AdaLNZeroTransformerBlock, AdaLNZeroMoETransformerBlock, SpatialTemporalMoEBlock],
 )
 
 __version__ = "0.1.0"
