@@ -173,7 +173,8 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
 
     @property
     def do_classifier_free_guidance(self) -> bool:
-        """Whether the next step runs classifier-free guidance (guidance scale > 1; within the guidance interval)."""
+        """Whether classifier-free guidance is on (guidance scale > 1); with a guidance interval (JiT) it applies only to
+        the steps inside it."""
         return self._guidance_scale is not None and self._guidance_scale > 1.0
 
     @property
