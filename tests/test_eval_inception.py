@@ -106,7 +106,8 @@ def test_evaluate_end_to_end_on_the_digits_model(weights, tmp_path, capsys):
     assert main(["sample", *common, "--seed", "1", "--png-dir", str(tmp_path / "b"), "--output",
                  str(tmp_path / "b.npz")]) == 0  # fmt: skip
     evaluate = ["evaluate", str(tmp_path / "a.npz"), "--reference", str(tmp_path / "b"), "--inception-weights",
-                weights, "--allow-nonstandard-weights", "--no-progress", "--output", str(tmp_path / "adm.json")]  # fmt: skip
+                weights, "--allow-nonstandard-weights", "--no-progress",
+                "--output", str(tmp_path / "adm.json")]  # fmt: skip
     assert main(evaluate) == 0
     record = json.loads((tmp_path / "adm.json").read_text())
     assert record["protocol"]["name"] == "adm" and record["inception"]["standard"] is False

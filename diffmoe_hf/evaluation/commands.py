@@ -53,8 +53,8 @@ def _sampling_defaults(model: str, args) -> tuple[dict, str | None]:
 
 
 def distributed_state():
-    """`accelerate.PartialState` of this process; CPU processes (`accelerate launch --cpu`, `ACCELERATE_USE_CPU=true`, or
-    no GPU) join a gloo group, which `PartialState()` alone would not do (each would run as a single process)."""
+    """`accelerate.PartialState` of this process. CPU processes (`accelerate launch --cpu`, `ACCELERATE_USE_CPU=true`,
+    or no GPU) join a gloo group, which `PartialState()` alone would not do (each would run as a single process)."""
     import torch
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env

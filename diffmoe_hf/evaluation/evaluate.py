@@ -207,4 +207,5 @@ def _version(package: str) -> str | None:
 def summary_line(record: dict) -> str:
     """One line: protocol and every metric."""
     values = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} n/a" for k, v in record["metrics"].items())
-    return f"{record['protocol']['name']}: {values} ({record['samples'].get('count')} samples vs {record['reference']['path']})"
+    count, reference = record["samples"].get("count"), record["reference"]["path"]
+    return f"{record['protocol']['name']}: {values} ({count} samples vs {reference})"
