@@ -118,6 +118,8 @@ def test_evaluate_end_to_end_on_the_digits_model(weights, tmp_path, capsys):
     assert found["fid"] > 0 and found["sfid"] > 0 and 1 <= found["inception_score"] and 0 <= found["precision"] <= 1
     assert "adm: fid" in capsys.readouterr().out
     assert main(evaluate) == 2 and "--overwrite" in capsys.readouterr().err  # an existing record is kept
+    float_features = [*evaluate[:-2], "--protocol", "float-features", "--output", str(tmp_path / "f.json")]
+    assert main(float_features) == 2 and "--keep-float" in capsys.readouterr().err  # no un-rounded pixels in a.npz
 
 
 class _PixelFeatures:

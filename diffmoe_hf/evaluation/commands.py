@@ -127,7 +127,7 @@ def run_evaluate(args) -> None:
         raise ValueError("--batch-size must be positive.")
     state = distributed_state()
     protocol = PROTOCOLS[args.protocol]
-    samples = load_batch(args.samples, protocol.float_pixels)
+    samples = load_batch(args.samples, protocol.float_pixels, samples=True)
     reference = load_batch(args.reference, protocol.float_pixels)
     network = InceptionFeatures(resolve_weights(args.inception_weights), state.device, args.allow_nonstandard_weights)
     results = evaluate_batches(samples, reference, network, protocol, args.batch_size, state, not args.no_progress)
