@@ -89,7 +89,9 @@ def run_sample(args) -> None:
         if scheduler_class is None:
             raise ValueError(f"Unknown diffusers scheduler {scheduler_name!r}.")
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
-    settings = {"model": args.model, "vae": args.vae, "dtype": args.dtype,
+    local = {name: os.path.abspath(path) if path and os.path.isdir(path) else path
+             for name, path in (("model", args.model), ("vae", args.vae))}  # fmt: skip
+    settings = {**local, "dtype": args.dtype,
                 "scheduler": type(pipe.scheduler).__name__}  # fmt: skip
     run = SampleRun(pipe, args.output, args.num_samples, args.batch_size, args.seed, args.labels, call_kwargs,
                     settings, png_dir=args.png_dir, keep_float=args.keep_float)  # fmt: skip
