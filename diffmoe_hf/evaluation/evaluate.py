@@ -166,8 +166,8 @@ def evaluate_batches(samples: ImageBatch, reference: ImageBatch, network: Incept
     results = {}
     for name, key in (("fid", "pool"), ("sfid", "spatial")):
         if key == "pool" or protocol.spatial:
-            results[name] = metrics.frechet_distance(metrics.FeatureStatistics.of(sample_features[key]),
-                                    _statistics(reference, reference_features, key))  # fmt: skip
+            sample_statistics = metrics.FeatureStatistics.of(sample_features[key])
+            results[name] = metrics.frechet_distance(sample_statistics, _statistics(reference, reference_features, key))
     if protocol.inception_score == "adm-splits-5000":
         results["inception_score"] = metrics.inception_score(sample_features["logits"])
     else:
