@@ -15,7 +15,7 @@ DiffMoE and JiT") and of feizc/DiT-MoE (released checkpoints, their samplers), a
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 SETTINGS_FILE = "published_settings.json"
 
@@ -172,7 +172,9 @@ def _number(value, digits: int = 2) -> str:
 def model_card_section(settings: PublishedSettings) -> str:
     """The model card's "Published evaluation" section: sampler, protocol and the published numbers."""
     interval = f", guidance interval {settings.guidance_interval}" if settings.guidance_interval else ""
-    channels = f", guidance on latent channels 0..{settings.guidance_channels - 1}" if settings.guidance_channels else ""
+    channels = ""
+    if settings.guidance_channels:
+        channels = f", guidance on latent channels 0..{settings.guidance_channels - 1}"
     rows = "\n".join(
         f"| {r.dataset} | {_number(r.guidance_scale, 1)} | {_number(r.fid)} | {_number(r.sfid)} | "
         f"{_number(r.inception_score)} | {_number(r.precision)} | {_number(r.recall)} |"

@@ -106,7 +106,8 @@ def test_evaluate_end_to_end_on_the_digits_model(weights, tmp_path, capsys):
     assert main(["sample", *common, "--seed", "1", "--png-dir", str(tmp_path / "b"), "--output",
                  str(tmp_path / "b.npz")]) == 0  # fmt: skip
     evaluate = ["evaluate", str(tmp_path / "a.npz"), "--reference", str(tmp_path / "b"), "--inception-weights",
-                weights, "--allow-nonstandard-weights", "--no-progress", "--output", str(tmp_path / "adm.json")]  # fmt: skip
+                weights, "--allow-nonstandard-weights", "--no-progress",
+                "--output", str(tmp_path / "adm.json")]  # fmt: skip
     assert main(evaluate) == 0
     record = json.loads((tmp_path / "adm.json").read_text())
     assert record["protocol"]["name"] == "adm" and record["inception"]["standard"] is False
@@ -117,6 +118,8 @@ def test_evaluate_end_to_end_on_the_digits_model(weights, tmp_path, capsys):
     assert found["fid"] > 0 and found["sfid"] > 0 and 1 <= found["inception_score"] and 0 <= found["precision"] <= 1
     assert "adm: fid" in capsys.readouterr().out
     assert main(evaluate) == 2 and "--overwrite" in capsys.readouterr().err  # an existing record is kept
+    float_features = [*evaluate[:-2], "--protocol", "float-features", "--output", str(tmp_path / "f.json")]
+    assert main(float_features) == 2 and "--keep-float" in capsys.readouterr().err  # no un-rounded pixels in a.npz
 
 
 class _PixelFeatures:

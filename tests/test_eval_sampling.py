@@ -29,7 +29,8 @@ def _sample(model, output, *extra, num_samples=10, batch_size=4):
 def test_labels_are_balanced_or_random_and_fixed_by_the_seed():
     labels = sample_labels(1003, 10, seed=0)
     assert np.bincount(labels).tolist() == [101, 101, 101] + [100] * 7
-    assert np.array_equal(labels, sample_labels(1003, 10, seed=0)) and not np.array_equal(labels, sample_labels(1003, 10, 1))
+    assert np.array_equal(labels, sample_labels(1003, 10, seed=0))
+    assert not np.array_equal(labels, sample_labels(1003, 10, seed=1))
     assert not np.array_equal(labels[:20], np.arange(20) % 10)  # shuffled, so a batch mixes classes at random
     random = sample_labels(1000, 10, seed=0, mode="random")
     assert random.min() >= 0 and random.max() <= 9 and len(set(np.bincount(random).tolist())) > 1

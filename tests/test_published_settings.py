@@ -41,7 +41,8 @@ def test_converter_writes_the_settings_and_sample_uses_them(tmp_path, monkeypatc
     case = dsmoe_case()
     tiny_vae().save_pretrained(tmp_path / "vae")
     folder = convert_checkpoint("dsmoe", os.path.join(case, "checkpoint.pt"), str(tmp_path / "m"),
-                                config_path=os.path.join(case, "config.yaml"), vae_path=str(tmp_path / "vae"))  # fmt: skip
+                                config_path=os.path.join(case, "config.yaml"),
+                                vae_path=str(tmp_path / "vae"))  # fmt: skip
     recorded = json.loads(open(os.path.join(folder, "published_settings.json")).read())
     assert recorded["sampling"] == {"num_inference_steps": 2, "guidance_scale": 1.25,
                                     "scheduler": "FlowMatchEulerDiscreteScheduler"}  # fmt: skip

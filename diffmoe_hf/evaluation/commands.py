@@ -53,8 +53,8 @@ def _sampling_defaults(model: str, args) -> tuple[dict, str | None]:
 
 
 def distributed_state():
-    """`accelerate.PartialState` of this process; CPU processes (`accelerate launch --cpu`, `ACCELERATE_USE_CPU=true`, or
-    no GPU) join a gloo group, which `PartialState()` alone would not do (each would run as a single process)."""
+    """`accelerate.PartialState` of this process. CPU processes (`accelerate launch --cpu`, `ACCELERATE_USE_CPU=true`,
+    or no GPU) join a gloo group, which `PartialState()` alone would not do (each would run as a single process)."""
     import torch
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
@@ -89,7 +89,9 @@ def run_sample(args) -> None:
         if scheduler_class is None:
             raise ValueError(f"Unknown diffusers scheduler {scheduler_name!r}.")
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
-    settings = {"model": args.model, "vae": args.vae, "dtype": args.dtype,
+    local = {name: os.path.abspath(path) if path and os.path.isdir(path) else path
+             for name, path in (("model", args.model), ("vae", args.vae))}  # fmt: skip
+    settings = {**local, "dtype": args.dtype,
                 "scheduler": type(pipe.scheduler).__name__}  # fmt: skip
     run = SampleRun(pipe, args.output, args.num_samples, args.batch_size, args.seed, args.labels, call_kwargs,
                     settings, png_dir=args.png_dir, keep_float=args.keep_float)  # fmt: skip
@@ -127,7 +129,7 @@ def run_evaluate(args) -> None:
         raise ValueError("--batch-size must be positive.")
     state = distributed_state()
     protocol = PROTOCOLS[args.protocol]
-    samples = load_batch(args.samples, protocol.float_pixels)
+    samples = load_batch(args.samples, protocol.float_pixels, samples=True)
     reference = load_batch(args.reference, protocol.float_pixels)
     network = InceptionFeatures(resolve_weights(args.inception_weights), state.device, args.allow_nonstandard_weights)
     results = evaluate_batches(samples, reference, network, protocol, args.batch_size, state, not args.no_progress)

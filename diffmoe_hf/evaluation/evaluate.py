@@ -63,15 +63,21 @@ def _as_rgb(images: np.ndarray, path: str) -> np.ndarray:
     return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
-def load_batch(path: str, float_pixels: bool = False) -> ImageBatch:
+def load_batch(path: str, float_pixels: bool = False, samples: bool = False) -> ImageBatch:
     """
     Reads a `.npz` batch or an image folder.
 
     Args:
         path: `.npz` (ADM format) or a folder of images.
-        float_pixels: Read the un-rounded float pixels (`arr_float`) for the float-features protocol; a batch without
-            them is read as uint8 pixels only when it is a reference given as images.
+        float_pixels: Read the un-rounded float pixels (`arr_float`) for the float-features protocol.
+        samples: The batch is the sample side: with `float_pixels` it must hold `arr_float` (rounded pixels would
+            silently measure something else); a reference of real images is uint8 by nature.
     """
+    if float_pixels and samples and (os.path.isdir(path) or "arr_float" not in _npz_keys(path)):
+        raise ValueError(
+            f"The float-features protocol scores un-rounded pixels, and {path} has none (no arr_float). Sample with "
+            "`diffmoe sample --keep-float`, or use --protocol adm for uint8 samples."
+        )
     if os.path.isdir(path):
         from PIL import Image
 
@@ -102,6 +108,13 @@ def load_batch(path: str, float_pixels: bool = False) -> ImageBatch:
         if not float_pixels and images.dtype != np.uint8:
             raise ValueError(f"{path}: this protocol takes uint8 images (ADM format), got {images.dtype}.")
     return ImageBatch(path, images, statistics)
+
+
+def _npz_keys(path: str) -> list[str]:
+    if not path.endswith(".npz") or not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is neither an image folder nor an .npz file.")
+    with np.load(path) as data:
+        return list(data.keys())
 
 
 def compute_features(images: np.ndarray, network: InceptionFeatures, protocol: Protocol, batch_size: int, state,
@@ -153,8 +166,8 @@ def evaluate_batches(samples: ImageBatch, reference: ImageBatch, network: Incept
     results = {}
     for name, key in (("fid", "pool"), ("sfid", "spatial")):
         if key == "pool" or protocol.spatial:
-            results[name] = metrics.frechet_distance(metrics.FeatureStatistics.of(sample_features[key]),
-                                    _statistics(reference, reference_features, key))  # fmt: skip
+            sample_statistics = metrics.FeatureStatistics.of(sample_features[key])
+            results[name] = metrics.frechet_distance(sample_statistics, _statistics(reference, reference_features, key))
     if protocol.inception_score == "adm-splits-5000":
         results["inception_score"] = metrics.inception_score(sample_features["logits"])
     else:
@@ -207,4 +220,5 @@ def _version(package: str) -> str | None:
 def summary_line(record: dict) -> str:
     """One line: protocol and every metric."""
     values = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} n/a" for k, v in record["metrics"].items())
-    return f"{record['protocol']['name']}: {values} ({record['samples'].get('count')} samples vs {record['reference']['path']})"
+    count, reference = record["samples"].get("count"), record["reference"]["path"]
+    return f"{record['protocol']['name']}: {values} ({count} samples vs {reference})"

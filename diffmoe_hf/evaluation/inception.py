@@ -104,13 +104,14 @@ def resolve_weights(path: str | None = None) -> str:
     try:
         torch.hub.download_url_to_file(url, cached, hash_prefix=STANDARD_SHA256_PREFIX)
     except OSError as err:
-        raise FileNotFoundError(f"Could not download {url} ({err}); pass --inception-weights with a local copy.") from err
+        message = f"Could not download {url} ({err}); pass --inception-weights with a local copy."
+        raise FileNotFoundError(message) from err
     return cached
 
 
 class InceptionFeatures:
     """
-    FID's Inception-V3 with its three feature sets per image: pool3 (2048), spatial (2023, sFID), bias-free logits (1008).
+    FID's Inception-V3 with three feature sets per image: pool3 (2048), spatial (2023, sFID), bias-free logits (1008).
 
     Args:
         weights_path: A weights file in the standard file's format (a state dict of torch-fidelity's
@@ -135,8 +136,9 @@ class InceptionFeatures:
             raise ValueError(f"{weights_path} is not a state dict of tensors ({err}).") from err
         module = load_inception_module()
         self.weights_path = weights_path
-        self.network = module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                                          feature_extractor_weights_path=weights_path).to(device)  # fmt: skip
+        self.network = module.FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=weights_path
+        ).to(device)
         self._resize_like_tensorflow = module.interpolate_bilinear_2d_like_tensorflow1x
         self.device = torch.device(device)
         self._spatial = None

@@ -72,7 +72,9 @@ def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
     return float(np.mean(scores))
 
 
-def inception_score_splits(logits: np.ndarray, splits: int = 10, shuffle_seed: int | None = 2020) -> tuple[float, float]:
+def inception_score_splits(
+    logits: np.ndarray, splits: int = 10, shuffle_seed: int | None = 2020
+) -> tuple[float, float]:
     """torch-fidelity's Inception Score (JiT): mean and std over `splits` equal splits, after a seeded shuffle."""
     logits = torch.as_tensor(logits, dtype=torch.float64)
     if shuffle_seed is not None:

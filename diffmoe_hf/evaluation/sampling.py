@@ -81,7 +81,8 @@ def step_generators(indices, seed: int, device) -> list[torch.Generator]:
 def to_pixels(images: torch.Tensor) -> torch.Tensor:
     """
     (B, C, H, W) images in [0, 1] -> (B, H, W, C) float32 pixels in [0, 255], un-rounded, as the ADM / DiT / DiffMoE
-    sampling scripts form them (`clamp(127.5 * x + 128, 0, 255)` for x in [-1, 1], i.e. `255 * y + 0.5` for y in [0, 1]).
+    sampling scripts form them: `clamp(127.5 * x + 128, 0, 255)` for x in [-1, 1], i.e. `255 * y + 0.5` for y in
+    [0, 1].
     """
     return (images.float() * 255 + 0.5).clamp(0, 255).permute(0, 2, 3, 1).cpu()
 
@@ -181,7 +182,8 @@ class SampleRun:
             with open(record_path, encoding="utf-8") as f:
                 previous = json.load(f)
             if previous != json.loads(json.dumps(self.record)):
-                changed = sorted(k for k in self.record.keys() | previous.keys() if previous.get(k) != self.record.get(k))
+                keys = self.record.keys() | previous.keys()
+                changed = sorted(k for k in keys if previous.get(k) != self.record.get(k))
                 raise ValueError(
                     f"{self.parts_dir} holds the parts of a run with other settings ({', '.join(changed)} differ). "
                     "Resume with the same settings, or remove that folder to start over."
@@ -192,7 +194,8 @@ class SampleRun:
 
     def my_batches(self, process_index: int, num_processes: int) -> list[int]:
         """The unfinished batches of this process (batch b runs on process b % num_processes)."""
-        return [b for b in range(process_index, self.num_batches, num_processes) if not os.path.isfile(self.batch_path(b))]
+        mine = range(process_index, self.num_batches, num_processes)
+        return [b for b in mine if not os.path.isfile(self.batch_path(b))]
 
     def run_batch(self, batch: int) -> None:
         """Samples one global batch and writes its part file."""
