@@ -110,9 +110,9 @@ def _add_generate_parser(subparsers) -> None:
     parser.add_argument("--per-class", type=_positive_int, default=4, help="images per class (default 4)")
     parser.add_argument(
         "--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
-        help=f"images per pipeline call (default {DEFAULT_BATCH_SIZE}); bounds the memory of large grids. The images "
-        "depend on --seed and --batch-size: the batches draw their noise in turn from one generator, and DiffMoE "
-        "(diffmoe-dts) routes over the whole batch. Up to this many images come from a single call.",
+        help=f"images per pipeline call (default {DEFAULT_BATCH_SIZE}); bounds the memory of large grids. A --seed "
+        "reproduces its images for the same --batch-size; another batch size may change them (the batches draw their "
+        "noise in turn from one generator, and DiffMoE (diffmoe-dts) routes over the whole batch).",
     )  # fmt: skip
     parser.add_argument(
         "--steps", type=_positive_int, default=None,
@@ -307,9 +307,8 @@ class GridLayout:
             raise ValueError(f"The grid expects {self.image_size} images, got one of {image.size}.")
         if self.factor > 1:
             image = image.resize(self.cell, Image.NEAREST)
-        width, height = self.cell
-        grid.paste(image, ((index % self.columns) * (width + self.padding), (index // self.columns) * (height +
-                                                                                                    self.padding)))
+        step_x, step_y = self.cell[0] + self.padding, self.cell[1] + self.padding
+        grid.paste(image, ((index % self.columns) * step_x, (index // self.columns) * step_y))
 
     def new_grid(self, mode: str):
         from PIL import Image
@@ -353,7 +352,8 @@ def _class_ids(pipe, values: list[str] | None) -> list[int]:
         elif value.lower() in by_lower_name:
             class_id = by_lower_name[value.lower()]
         elif not pipe.labels:
-            raise CommandError(f"--classes {value}: this model has no class names; give class ids 0..{num_classes - 1}.")
+            raise CommandError(f"--classes {value}: this model has no class names; give class ids "
+                               f"0..{num_classes - 1}.")  # fmt: skip
         else:
             spelled = {name.lower(): name for name in pipe.labels}
             close = difflib.get_close_matches(value.lower(), spelled, n=5, cutoff=0.6)

@@ -96,8 +96,11 @@ def test_non_finite_or_negative_guidance_is_refused(tmp_path, capsys, value):
     assert not (tmp_path / "grid.png").exists()
 
 
-@pytest.mark.parametrize("option, value", [("--per-class", "0"), ("--batch-size", "0"), ("--steps", "0"),
-                                           ("--seed", "-1"), ("--padding", "-2"), ("--min-cell-size", "0")])  # fmt: skip
+OUT_OF_RANGE = [("--per-class", "0"), ("--batch-size", "0"), ("--steps", "0"), ("--seed", "-1"), ("--padding", "-2"),
+                ("--min-cell-size", "0")]  # fmt: skip
+
+
+@pytest.mark.parametrize("option, value", OUT_OF_RANGE)
 def test_out_of_range_numbers_are_refused_by_the_parser(tmp_path, capsys, option, value):
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", f"{option}={value}", "--output", str(tmp_path / "grid.png")])
