@@ -159,11 +159,10 @@ def _add_evaluate_digits_parser(subparsers) -> None:
 def _run_evaluate_digits(args) -> None:
     import json
 
-    from diffmoe_hf import ClassConditionalMoEPipeline
     from diffmoe_hf.evaluation import DigitsReference, evaluate_pipeline
     from diffmoe_hf.evaluation.digits import check_digits_pipeline
 
-    pipe = ClassConditionalMoEPipeline.from_pretrained(_checked_model_source(args.model))
+    pipe = _load_pipeline(args.model)
     check_digits_pipeline(pipe)
     pipe.set_progress_bar_config(disable=True)
     call_kwargs = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale}
@@ -224,6 +223,18 @@ def _checked_model_source(source: str) -> str:
     elif os.path.exists(source) or source.count("/") != 1:
         raise CommandError(f"--model {source} is neither a converted model folder nor a Hub repo id (org/name).")
     return source
+
+
+def _load_pipeline(source: str, **components):
+    """`ClassConditionalMoEPipeline.from_pretrained(source)`; a failed Hub load also says that no such folder exists."""
+    from diffmoe_hf import ClassConditionalMoEPipeline
+
+    try:
+        return ClassConditionalMoEPipeline.from_pretrained(_checked_model_source(source), **components)
+    except (OSError, ValueError) as err:
+        if os.path.isdir(source):
+            raise
+        raise CommandError(f"--model {source}: there is no such folder, and as a Hub repo id it failed: {err}") from None
 
 
 def _check_output(path: str, overwrite: bool) -> None:
@@ -409,13 +420,10 @@ def _check_grid_size(layout: GridLayout) -> None:
 
 def _run_generate(args) -> None:
     _check_output(args.output, args.overwrite)
-    model = args.model or _default_model()
-    _checked_model_source(model)
+    model = _checked_model_source(args.model or _default_model())
 
     import numpy as np
     import torch
-
-    from diffmoe_hf import ClassConditionalMoEPipeline
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     components = {}
@@ -423,7 +431,7 @@ def _run_generate(args) -> None:
         from diffusers import AutoencoderKL
 
         components["vae"] = AutoencoderKL.from_pretrained(args.vae)
-    pipe = ClassConditionalMoEPipeline.from_pretrained(model, **components).to(device)
+    pipe = _load_pipeline(model, **components).to(device)
     in_channels = pipe.transformer.config.in_channels
     if pipe.vae is None and in_channels not in (1, 3):
         raise CommandError(
