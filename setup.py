@@ -42,7 +42,7 @@ packages, package_dir = _packages()
 
 core = [
     "torch>=2.4",
-    "diffusers>=0.35",
+    "diffusers>=0.37.0",  # the models' apply_lora_scale appears in 0.37; .ci/run tests exactly this version
     "accelerate>=1.0",  # meta-device model construction for low-memory checkpoint conversion
     "safetensors>=0.4",
     "huggingface_hub>=0.34",
@@ -52,7 +52,9 @@ core = [
     "tqdm",
 ]
 extras = {
-    "train": ["accelerate>=1.0", "peft>=0.17", "datasets>=3.0"],
+    # LoRA on these models: set_adapters accepts non-diffusers models from diffusers 0.38, and load_lora_weights reads
+    # a local folder in offline mode without weight_name= from 0.40 (.ci/run tests this floor too)
+    "train": ["accelerate>=1.0", "peft>=0.17", "datasets>=3.0", "diffusers>=0.40.0"],
     "space": ["gradio>=5.0"],
     # FID (diffmoe evaluate) also needs torch-fidelity, installed WITHOUT its dependencies:
     # `pip install --no-deps torch-fidelity==0.4.0` (diffmoe_hf/evaluation/inception.py says why)

@@ -12,11 +12,24 @@ HUB_LAYOUTS = ("package", "remote_code")
 
 
 def check_output_dir(output_dir: str, overwrite: bool) -> None:
-    """Refuses an existing non-empty output folder unless `overwrite` (checked before any work is done)."""
+    """Refuses an existing non-empty output folder unless `overwrite`, and a place where the folder cannot be created
+    (checked before any work is done)."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise FileExistsError(f"{output_dir} exists and is not a folder.")
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
         raise FileExistsError(f"{output_dir} already exists and is not empty; pass --overwrite to replace it.")
+    existing = os.path.dirname(os.path.abspath(output_dir))  # created when missing: its closest existing ancestor
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(f"Cannot create {output_dir}: {existing} is a file. Choose another --output.")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.write-check-", dir=existing))
+    except OSError as err:
+        raise PermissionError(
+            f"Cannot create {output_dir}: the folder {existing} does not accept new folders ({err.strerror}). "
+            "Choose another --output."
+        ) from None
 
 
 def cast_for_saving(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

@@ -110,9 +110,9 @@ def _add_generate_parser(subparsers) -> None:
     parser.add_argument("--per-class", type=_positive_int, default=4, help="images per class (default 4)")
     parser.add_argument(
         "--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
-        help=f"images per pipeline call (default {DEFAULT_BATCH_SIZE}); bounds the memory of large grids. The images "
-        "depend on --seed and --batch-size: the batches draw their noise in turn from one generator, and DiffMoE "
-        "(diffmoe-dts) routes over the whole batch. Up to this many images come from a single call.",
+        help=f"images per pipeline call (default {DEFAULT_BATCH_SIZE}); bounds the memory of large grids. A --seed "
+        "reproduces its images for the same --batch-size; another batch size may change them (the batches draw their "
+        "noise in turn from one generator, and DiffMoE (diffmoe-dts) routes over the whole batch).",
     )  # fmt: skip
     parser.add_argument(
         "--steps", type=_positive_int, default=None,
@@ -198,11 +198,10 @@ def _run_evaluate(args) -> None:
 def _run_evaluate_digits(args) -> None:
     import json
 
-    from diffmoe_hf import ClassConditionalMoEPipeline
     from diffmoe_hf.evaluation import DigitsReference, evaluate_pipeline
     from diffmoe_hf.evaluation.digits import check_digits_pipeline
 
-    pipe = ClassConditionalMoEPipeline.from_pretrained(_checked_model_source(args.model))
+    pipe = _load_pipeline(args.model)
     check_digits_pipeline(pipe)
     pipe.set_progress_bar_config(disable=True)
     call_kwargs = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale}
@@ -263,6 +262,18 @@ def _checked_model_source(source: str) -> str:
     elif os.path.exists(source) or source.count("/") != 1:
         raise CommandError(f"--model {source} is neither a converted model folder nor a Hub repo id (org/name).")
     return source
+
+
+def _load_pipeline(source: str, **components):
+    """`ClassConditionalMoEPipeline.from_pretrained(source)`; a failed Hub load also says that no such folder exists."""
+    from diffmoe_hf import ClassConditionalMoEPipeline
+
+    try:
+        return ClassConditionalMoEPipeline.from_pretrained(_checked_model_source(source), **components)
+    except (OSError, ValueError) as err:
+        if os.path.isdir(source):
+            raise
+        raise CommandError(f"--model {source}: there is no such folder, and as a Hub repo id it failed: {err}") from None
 
 
 def _check_output(path: str, overwrite: bool) -> None:
@@ -346,9 +357,8 @@ class GridLayout:
             raise ValueError(f"The grid expects {self.image_size} images, got one of {image.size}.")
         if self.factor > 1:
             image = image.resize(self.cell, Image.NEAREST)
-        width, height = self.cell
-        grid.paste(image, ((index % self.columns) * (width + self.padding), (index // self.columns) * (height +
-                                                                                                    self.padding)))
+        step_x, step_y = self.cell[0] + self.padding, self.cell[1] + self.padding
+        grid.paste(image, ((index % self.columns) * step_x, (index // self.columns) * step_y))
 
     def new_grid(self, mode: str):
         from PIL import Image
@@ -392,7 +402,8 @@ def _class_ids(pipe, values: list[str] | None) -> list[int]:
         elif value.lower() in by_lower_name:
             class_id = by_lower_name[value.lower()]
         elif not pipe.labels:
-            raise CommandError(f"--classes {value}: this model has no class names; give class ids 0..{num_classes - 1}.")
+            raise CommandError(f"--classes {value}: this model has no class names; give class ids "
+                               f"0..{num_classes - 1}.")  # fmt: skip
         else:
             spelled = {name.lower(): name for name in pipe.labels}
             close = difflib.get_close_matches(value.lower(), spelled, n=5, cutoff=0.6)
@@ -448,13 +459,10 @@ def _check_grid_size(layout: GridLayout) -> None:
 
 def _run_generate(args) -> None:
     _check_output(args.output, args.overwrite)
-    model = args.model or _default_model()
-    _checked_model_source(model)
+    model = _checked_model_source(args.model or _default_model())
 
     import numpy as np
     import torch
-
-    from diffmoe_hf import ClassConditionalMoEPipeline
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     components = {}
@@ -462,7 +470,7 @@ def _run_generate(args) -> None:
         from diffusers import AutoencoderKL
 
         components["vae"] = AutoencoderKL.from_pretrained(args.vae)
-    pipe = ClassConditionalMoEPipeline.from_pretrained(model, **components).to(device)
+    pipe = _load_pipeline(model, **components).to(device)
     in_channels = pipe.transformer.config.in_channels
     if pipe.vae is None and in_channels not in (1, 3):
         raise CommandError(

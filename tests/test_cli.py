@@ -96,8 +96,11 @@ def test_non_finite_or_negative_guidance_is_refused(tmp_path, capsys, value):
     assert not (tmp_path / "grid.png").exists()
 
 
-@pytest.mark.parametrize("option, value", [("--per-class", "0"), ("--batch-size", "0"), ("--steps", "0"),
-                                           ("--seed", "-1"), ("--padding", "-2"), ("--min-cell-size", "0")])  # fmt: skip
+OUT_OF_RANGE = [("--per-class", "0"), ("--batch-size", "0"), ("--steps", "0"), ("--seed", "-1"), ("--padding", "-2"),
+                ("--min-cell-size", "0")]  # fmt: skip
+
+
+@pytest.mark.parametrize("option, value", OUT_OF_RANGE)
 def test_out_of_range_numbers_are_refused_by_the_parser(tmp_path, capsys, option, value):
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", f"{option}={value}", "--output", str(tmp_path / "grid.png")])
@@ -228,9 +231,12 @@ def test_missing_vae_error_names_the_option(tmp_path, capsys, latent_model):
     assert "has no VAE" in err and "--vae" in err and "from_pretrained" not in err
 
 
-def test_model_that_is_not_a_model_folder_is_refused(tmp_path, capsys):
+def test_model_that_is_not_a_model_folder_is_refused(tmp_path, capsys, monkeypatch):
     assert main(["generate", "--model", str(tmp_path), "--output", str(tmp_path / "grid.png")]) == 2
     assert "has no model_index.json" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--model", "outputs/missing"]) == 2
+    assert "--model outputs/missing: there is no such folder, and as a Hub repo id it failed" in capsys.readouterr().err
 
 
 def test_evaluate_digits_refuses_a_colour_model_before_sampling(tmp_path, capsys, pipeline_calls):

@@ -186,7 +186,7 @@ def test_vae_is_copied_into_the_folder(tmp_path):
 
 
 def test_missing_config_file_is_explained(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"missing.yaml does not exist \(--config\): give the original training"):
+    with pytest.raises(FileNotFoundError, match=r"missing.yaml does not exist \(--config\): give the original"):
         _convert(tmp_path / "out", config_path=str(tmp_path / "missing.yaml"))
     assert not (tmp_path / "out").exists()
 
@@ -200,3 +200,23 @@ def test_bad_class_name_file_is_named(tmp_path, content, problem):
         _convert(tmp_path / "out", id2label_path=str(names))
     assert f"Class-name file {names} (--id2label) {problem}" in str(error.value) and '{"0": "tench' in str(error.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("folder", ["read-only", "/sys"])
+def test_unwritable_output_place_is_refused_before_loading(tmp_path, monkeypatch, folder):
+    """A folder without write permission (only a user other than root can check it) and sysfs, which takes no new
+    folders even from root."""
+    if folder == "read-only":
+        folder = tmp_path / "read-only"
+        folder.mkdir(mode=0o555)
+        if os.access(folder, os.W_OK):
+            pytest.skip("this user may write into read-only folders (root)")
+    elif not os.path.isdir(folder):
+        pytest.skip("no sysfs here")
+    monkeypatch.setattr("diffmoe_hf.conversion.convert.load_original_checkpoint", _must_not_be_called)
+    with pytest.raises(PermissionError, match=f"the folder {folder} does not accept new folders"):
+        _convert(os.path.join(folder, "out"))
+
+
+def _must_not_be_called(*args, **kwargs):
+    raise AssertionError("must not be called")
