@@ -272,21 +272,32 @@ def test_accelerate_configs_wrap_each_familys_block():
     assert set(wrap.values()) == blocks == {"AdaLNZeroTransformerBlock", "SpatialTemporalMoEBlock"}
 
 
-def test_fsdp2_on_two_cpu_processes_trains_and_resumes_exactly(images, tmp_path):
-    """training/configs/fsdp.yaml (FSDP2, one transformer block per wrap unit, sharded checkpoints) on 2 CPU processes:
-    4 straight steps == 2 steps + resume from the sharded checkpoint + 2 steps, and the gathered pipeline is trained."""
+@pytest.mark.parametrize(
+    "config, checkpoint_files",
+    [
+        ("fsdp.yaml", {"pytorch_model_fsdp_0", "optimizer_0"}),
+        ("deepspeed_zero2.yaml", {"pytorch_model", "latest"}),
+        ("deepspeed_zero3.yaml", {"pytorch_model", "latest"}),
+    ],
+)
+def test_sharded_engines_on_two_cpu_processes_train_and_resume_exactly(config, checkpoint_files, images, tmp_path):
+    """A shipped FSDP2 / DeepSpeed config on 2 CPU processes (gloo; see tests/sharded_cpu_training_worker.py): sharded
+    checkpoints with every rank's RNG state, 4 straight steps == 2 steps + resume + 2 steps, the gathered pipeline
+    is trained."""
+    if config.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")  # not a dependency of diffmoe_hf
     pretrained = save_tiny_pipeline(str(tmp_path / "pipe"), "dsmoe")
-    config = os.path.join(REPO_ROOT, "training", "configs", "fsdp.yaml")
+    config = os.path.join(REPO_ROOT, "training", "configs", config)
     full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
     common = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--random_flip"]
-    output = run_two_processes(script_args(pretrained, images, full, *common), fsdp_config=config)
-    assert "Distributed environment: DistributedType.FSDP" in output
-    assert {"pytorch_model_fsdp_0", "optimizer_0", "random_states_0.pkl", "random_states_1.pkl"} <= set(
-        os.listdir(os.path.join(full, "checkpoint-2"))
-    )
+    output = run_two_processes(script_args(pretrained, images, full, *common), accelerate_config=config)
+    engine = "FSDP" if "fsdp" in config else "DEEPSPEED"
+    assert f"Distributed environment: DistributedType.{engine}" in output
+    saved = set(os.listdir(os.path.join(full, "checkpoint-2")))
+    assert checkpoint_files | {"random_states_0.pkl", "random_states_1.pkl"} <= saved, saved
     run_two_processes(
         script_args(pretrained, images, resumed, *common, "--resume_from_checkpoint", os.path.join(full, "checkpoint-2")),
-        fsdp_config=config,
+        accelerate_config=config,
     )
     a, b, initial = _transformer_state(full), _transformer_state(resumed), _transformer_state(pretrained)
     assert a.keys() == b.keys() == initial.keys()

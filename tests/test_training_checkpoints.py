@@ -20,7 +20,7 @@ import torch
 from accelerate.state import AcceleratorState, PartialState
 from safetensors.torch import load_file
 
-from diffmoe_hf.training.checkpoints import COMPLETE_MARKER, resolve_checkpoint
+from diffmoe_hf.training.checkpoints import COMPLETE_MARKER, resolve_checkpoint, why_incomplete
 from diffmoe_hf.training.train_class_conditional import main, parse_args
 
 from .training_helpers import make_image_folder, save_tiny_pipeline, script_args
@@ -131,12 +131,10 @@ def test_sigkill_during_checkpointing_loses_nothing(setup, tmp_path):
     final_listing = os.listdir(out)
     assert not [name for name in final_listing if ANY.fullmatch(name) and not FINAL.fullmatch(name)]
 
-    straight = str(tmp_path / "straight")
-    try:
-        main(parse_args(script_args(pretrained, images, straight, "--max_train_steps", str(STEPS),
-                                    "--checkpointing_steps", str(STEPS), "--learning_rate", "1e-3")))  # fmt: skip
-    finally:
-        AcceleratorState._reset_state(True)
+    straight = str(tmp_path / "straight")  # in a child as well: the same thread count, so the same float sums
+    straight_args = script_args(pretrained, images, straight, "--max_train_steps", str(STEPS), "--checkpointing_steps",
+                                str(STEPS), "--learning_rate", "1e-3")  # fmt: skip
+    assert _run_and_kill(straight_args, straight, str(tmp_path / "straight.log"), lambda *_: False) is None
     a = load_file(os.path.join(straight, "transformer", "diffusion_pytorch_model.safetensors"))
     b = load_file(os.path.join(out, "transformer", "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -190,3 +188,18 @@ def test_explicit_checkpoint_must_exist_and_be_complete(setup, tmp_path):
             finally:
                 AcceleratorState._reset_state(True)
     assert not os.path.exists(os.path.join(out, "transformer"))  # stopped before training
+
+
+def test_latest_with_a_stray_folder_starts_a_new_run(setup, tmp_path, caplog):
+    pretrained, images = setup
+    out = tmp_path / "out"
+    (out / "checkpoint-abc").mkdir(parents=True)
+    with caplog.at_level(logging.INFO):
+        try:
+            main(parse_args(script_args(pretrained, images, str(out), "--max_train_steps", "1",
+                                        "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest")))  # fmt: skip
+        finally:
+            AcceleratorState._reset_state(True)
+    assert f"Ignoring {out / 'checkpoint-abc'}: not a checkpoint-<step> folder" in caplog.text
+    assert f"No complete checkpoint in {out}: starting a new training run" in caplog.text
+    assert why_incomplete(str(out / "checkpoint-1")) is None

@@ -146,3 +146,27 @@ def test_a_sharding_engine_accelerate_ignores_is_reported(pretrained, tmp_path, 
     with caplog.at_level("WARNING"):
         train(*script_args(pretrained, data, str(tmp_path / "out"), "--max_train_steps", "1", "--image_check", "none"))
     assert "The accelerate config asks for FSDP but accelerate runs NO (it enables FSDP only on GPUs" in caplog.text
+
+
+def test_image_check_modes(tmp_path):
+    """'decode' reads every pixel; 'verify' checks the file's structure (it finds a file that is no image, and a PNG
+    cut short, whose chunks end early)."""
+    from datasets import Dataset
+
+    from diffmoe_hf.training.data import find_unreadable_images
+
+    data = make_image_folder(str(tmp_path / "data"), num_classes=1, per_class=3)
+    paths = [os.path.join(data, "class_0", f"{j}.png") for j in range(3)]
+    with open(paths[1], "wb") as f:
+        f.write(b"not a png")
+    content = open(paths[2], "rb").read()
+    with open(paths[2], "wb") as f:
+        f.write(content[: len(content) // 2])
+    dataset = Dataset.from_dict({"image": [{"bytes": None, "path": p} for p in paths]})
+    for decode in (True, False):
+        bad = find_unreadable_images(dataset, "image", decode=decode)
+        assert [row for row, _ in bad] == [1, 2], decode
+        assert all(message.startswith(f"Cannot read image {paths[row]}: ") for row, message in bad)
+    # two shards (two processes) find the same images between them
+    shards = [find_unreadable_images(dataset, "image", num_shards=2, shard_index=i) for i in (0, 1)]
+    assert [row for shard in shards for row, _ in shard] == [1, 2]

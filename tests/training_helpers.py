@@ -70,21 +70,25 @@ def script_args(pretrained: str, data: str, output_dir: str, *extra: str, family
     ]  # fmt: skip
 
 
-def run_two_processes(args: list[str], fsdp_config: str | None = None) -> str:
+def run_two_processes(args: list[str], accelerate_config: str | None = None) -> str:
     """
     Runs the script in 2 CPU processes on gloo: tests/ddp_training_worker.py under torchrun (DDP; it also writes each
-    rank's final weights to `<output_dir>/rank<r>.safetensors`), or with `fsdp_config` (a file of training/configs)
-    tests/fsdp_cpu_training_worker.py under `accelerate launch --config_file fsdp_config` (FSDP2, fp32). Returns the
-    output.
+    rank's final weights to `<output_dir>/rank<r>.safetensors`), or with `accelerate_config` (an FSDP or DeepSpeed
+    file of training/configs) tests/sharded_cpu_training_worker.py under `accelerate launch --config_file
+    accelerate_config` in fp32. Returns the output.
     """
     here = os.path.dirname(os.path.abspath(__file__))
-    if fsdp_config is None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if accelerate_config is None:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     os.path.join(here, "ddp_training_worker.py")]  # fmt: skip
-    else:
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", fsdp_config, "--num_processes",
-                    "2", "--mixed_precision", "no", os.path.join(here, "fsdp_cpu_training_worker.py")]  # fmt: skip
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        env["ACCELERATE_USE_CPU"] = "true"
+    else:  # the worker sets up the CPU processes itself (DeepSpeed would be off with ACCELERATE_USE_CPU)
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
+                    "--num_processes", "2", "--mixed_precision", "no",
+                    os.path.join(here, "sharded_cpu_training_worker.py")]  # fmt: skip
+        env.pop("ACCELERATE_USE_CPU", None)
+        env["DS_ACCELERATOR"] = "cpu"
     result = subprocess.run([*launcher, *args], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-5000:]
     return result.stdout + result.stderr

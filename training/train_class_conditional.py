@@ -29,11 +29,11 @@ from accelerate import Accelerator, DistributedType
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
 from diffusers import AutoencoderKL
-from huggingface_hub import ModelCard, ModelCardData
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, _collate_lora_metadata, cast_training_params, free_memory
 from diffusers.utils import check_min_version
 from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
+from huggingface_hub import ModelCard, ModelCardData
 from tqdm.auto import tqdm
 
 import diffmoe_hf
