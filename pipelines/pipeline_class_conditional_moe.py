@@ -17,7 +17,7 @@ from diffusers.schedulers import SchedulerMixin
 from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
-from diffmoe_hf.formulations import get_formulation
+from diffmoe_hf.formulations import get_formulation, max_inference_steps
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -255,10 +255,10 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 f"num_inference_steps must be an integer, got {num_inference_steps!r} of type "
                 f"{type(num_inference_steps).__name__}."
             )
-        max_steps = self.scheduler.config.get("num_train_timesteps")
+        max_steps = max_inference_steps(self.scheduler)
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps}.")
-        if max_steps is not None and num_inference_steps > max_steps:
+        if num_inference_steps > max_steps:
             raise ValueError(
                 f"num_inference_steps={num_inference_steps} is more than {type(self.scheduler).__name__} can take: "
                 f"at most its num_train_timesteps={max_steps} steps. Choose a value between 1 and {max_steps} (the "

@@ -39,13 +39,6 @@ def family_pipeline(family: str, **transformer_overrides) -> ClassConditionalMoE
     return pipe
 
 
-def float32_tolerance(reference: torch.Tensor, reduction_size: int, depth: int = 1) -> float:
-    """Worst-case rounding bound of float32 dot products of length `reduction_size` accumulated over `depth` stacked
-    layers, relative to the output scale: `2 * depth * reduction_size * eps * max|reference|`."""
-    eps = torch.finfo(torch.float32).eps
-    return 2 * depth * reduction_size * eps * reference.abs().max().item()
-
-
 class CallRecorder(torch.nn.Module):
     """Wraps a transformer and records the class labels of every call (the batch composition of each pass)."""
 

@@ -21,6 +21,8 @@ from diffmoe_hf import (
 from diffmoe_hf.models.moe import DynamicTokenMoE, StackedLinearExperts, default_expert_backend
 from diffmoe_hf.models.moe import reads_weights_directly, resolve_expert_backend
 
+from .helpers import float32_tolerance, model_float32_tolerance
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 _LATENT = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=4, num_attention_heads=2,
@@ -41,7 +43,6 @@ FAMILIES = {
                                                             moe_intermediate_size=16, shared_intermediate_size=16,
                                                             modulation_rank=4)),
 }  # fmt: skip
-EPS32 = torch.finfo(torch.float32).eps
 
 
 def tiny_model(family: str) -> nn.Module:
@@ -123,22 +124,6 @@ def run(model: nn.Module, inputs: dict, record_routing: bool = False):
         for handle in handles:
             handle.remove()
     return (out, decisions) if record_routing else out
-
-
-def float32_tolerance(reference: torch.Tensor, reduction_size: int, depth: int = 1) -> float:
-    """Worst-case rounding bound of fp32 dot products of length `reduction_size` summed in another order, over
-    `depth` stacked layers, relative to the output scale (`2 * depth * reduction_size * eps * max|reference|`)."""
-    return 2 * depth * reduction_size * EPS32 * reference.abs().max().item()
-
-
-def model_tolerance(model: nn.Module, reference: torch.Tensor) -> float:
-    """`float32_tolerance` of a whole model's (B, C, H, W) output computed in another summation order: the longest dot
-    product is the widest `nn.Linear` input or attention's sum over a sample's tokens, and every block plus the
-    embedding and the output layer is one level of depth (the rule of the shared test helpers)."""
-    widest = max(m.in_features for m in model.modules() if isinstance(m, nn.Linear))
-    tokens = reference.shape[-2] * reference.shape[-1] // model.config.patch_size**2
-    tokens += getattr(model.config, "in_context_len", 0) or 0
-    return float32_tolerance(reference, max(widest, tokens), depth=model.config.num_layers + 2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -238,7 +223,7 @@ def test_every_backend_gives_the_same_model_output(family):
     for backend in ("modules", "grouped_mm"):
         model.set_expert_backend(backend)
         assert backends_seen(model, inputs) == {backend}
-        torch.testing.assert_close(run(model, inputs), reference, atol=model_tolerance(model, reference), rtol=0)
+        torch.testing.assert_close(run(model, inputs), reference, atol=model_float32_tolerance(model, reference), rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -336,7 +321,7 @@ def test_group_offloading_with_cuda_streams(family, offload_type):
     for _ in range(2):
         out = run(model, inputs)
         assert not out.isnan().any()
-        torch.testing.assert_close(out, want, atol=model_tolerance(model, want), rtol=0)
+        torch.testing.assert_close(out, want, atol=model_float32_tolerance(model, want), rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -389,7 +374,7 @@ def test_compile_repeated_blocks_fullgraph_compiles_each_block_class_once(family
         model.compile_repeated_blocks(fullgraph=True, backend="eager")
         with torch._dynamo.config.patch(error_on_recompile=True):  # a second graph for any block class fails
             for _ in range(2):
-                torch.testing.assert_close(run(model, inputs), want, atol=model_tolerance(model, want), rtol=0)
+                torch.testing.assert_close(run(model, inputs), want, atol=model_float32_tolerance(model, want), rtol=0)
     finally:
         torch._dynamo.reset()
 
@@ -451,7 +436,7 @@ def test_lora_keeps_the_fast_backend_unless_it_wraps_the_experts(family):
     model.fuse_lora()  # the adapters merged into plain nn.Linear weights (the wrappers stay, inactive)
     model.unload_lora()
     assert backends_seen(model, inputs) == {"segment_linear"}
-    torch.testing.assert_close(run(model, inputs), with_lora, atol=model_tolerance(model, with_lora), rtol=0)
+    torch.testing.assert_close(run(model, inputs), with_lora, atol=model_float32_tolerance(model, with_lora), rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -498,7 +483,7 @@ def test_torchao_int8_weight_only_quantizes_every_expert(family, tmp_path):
     dequantized.set_expert_backend("modules")
     out, routing = run(quantized, inputs, record_routing=True)
     want, want_routing = run(dequantized, inputs, record_routing=True)
-    torch.testing.assert_close(out, want, atol=model_tolerance(model, want), rtol=0)
+    torch.testing.assert_close(out, want, atol=model_float32_tolerance(model, want), rtol=0)
     assert_same_routing(routing, want_routing)
     # and close to the unquantized model: symmetric int8 rounding moves a weight by at most max|row| / 254, i.e. a
     # row's output by at most sqrt(in_features) / 254 of its norm; first order, the errors of the (at most 4 per

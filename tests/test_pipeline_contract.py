@@ -9,7 +9,8 @@ import torch
 
 from diffmoe_hf import ClassConditionalMoEPipeline, default_models
 
-from .pipeline_families import FAMILIES, PER_TOKEN_ROUTING, CallRecorder, family_pipeline, float32_tolerance
+from .helpers import float32_tolerance
+from .pipeline_families import FAMILIES, PER_TOKEN_ROUTING, CallRecorder, family_pipeline
 
 
 def latent_call(**kwargs):
