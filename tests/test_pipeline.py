@@ -11,6 +11,7 @@ from diffmoe_hf import ClassConditionalMoEPipeline
 from diffmoe_hf.conversion import apply_hub_layout
 
 from .helpers import assert_float32_close, model_float32_tolerance, tiny_pipeline
+from .pipeline_families import CallRecorder
 
 
 def test_get_label_ids_accepts_a_string_or_a_list_and_synonyms():
@@ -81,29 +82,10 @@ def test_same_generator_seed_gives_the_same_images():
     assert np.abs(first.images - other.images).max() > 1e-3
 
 
-class _CountingTransformer(torch.nn.Module):
-    """Wraps a transformer to record the batch size of every call."""
-
-    def __init__(self, transformer):
-        super().__init__()
-        self.inner = transformer
-        self.calls = []
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.inner, name)
-
-    def forward(self, hidden_states, timestep, class_labels, **kwargs):
-        self.calls.append(class_labels.tolist())
-        return self.inner(hidden_states, timestep, class_labels, **kwargs)
-
-
 @pytest.mark.parametrize("guidance_scale, expected_batches", [(1.0, [[1, 2]] * 2), (3.0, [[1, 2, 10, 10]] * 2)])
 def test_guidance_scale_one_runs_a_single_conditional_pass(guidance_scale, expected_batches):
     pipe = tiny_pipeline()
-    spy = _CountingTransformer(pipe.transformer)
+    spy = CallRecorder(pipe.transformer)
     pipe.transformer = spy
     pipe(class_labels=[1, 2], num_inference_steps=2, guidance_scale=guidance_scale, output_type="latent")
     assert spy.calls == expected_batches
@@ -139,7 +121,7 @@ def test_callback_on_step_end_sees_and_replaces_latents():
 
 def test_latent_model_without_vae_refuses_decoding_before_sampling():
     pipe = tiny_pipeline(with_vae=False)
-    spy = _CountingTransformer(pipe.transformer)
+    spy = CallRecorder(pipe.transformer)
     pipe.transformer = spy
     with pytest.raises(ValueError, match="no VAE"):
         pipe(class_labels=[1], num_inference_steps=2)
