@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 from diffusers import AutoencoderKL
 from torch import nn
@@ -82,6 +83,20 @@ def tiny_dsmoe(**overrides) -> DSMoETransformer2DModel:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return model
+
+
+def unwritable_folder(tmp_path, kind: str) -> str:
+    """A folder nothing new can be written into: `"read-only"` (mode 0555; skips as root, which ignores permission
+    bits) or `"/sys"` (sysfs takes no new files or folders even from root; skips where there is none)."""
+    if kind == "read-only":
+        folder = tmp_path / "read-only"
+        folder.mkdir(mode=0o555)
+        if os.access(folder, os.W_OK):
+            pytest.skip("this user may write into read-only folders (root)")
+        return str(folder)
+    if not os.path.isdir(kind):
+        pytest.skip("no sysfs here")
+    return kind
 
 
 def tiny_vae() -> AutoencoderKL:

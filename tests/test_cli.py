@@ -13,7 +13,7 @@ from PIL import Image
 from diffmoe_hf import ClassConditionalMoEPipeline, default_models
 from diffmoe_hf.cli import _image_grid, main
 
-from .helpers import dsmoe_case, tiny_pipeline, tiny_vae
+from .helpers import dsmoe_case, tiny_pipeline, tiny_vae, unwritable_folder
 
 
 def test_module_entry_point_runs():
@@ -166,13 +166,7 @@ def test_output_below_a_file_is_refused_before_loading(tmp_path, capsys, monkeyp
 def test_unwritable_output_folder_is_refused_before_loading(tmp_path, capsys, monkeypatch, folder):
     """A folder without write permission (root ignores permission bits, so only other users can check it) and
     sysfs, which takes no new files even from root."""
-    if folder == "read-only":
-        folder = tmp_path / "read-only"
-        folder.mkdir(mode=0o555)
-        if os.access(folder, os.W_OK):
-            pytest.skip("this user may write into read-only folders (root)")
-    elif not os.path.isdir(folder):
-        pytest.skip("no sysfs here")
+    folder = unwritable_folder(tmp_path, folder)
     monkeypatch.setattr(ClassConditionalMoEPipeline, "from_pretrained", _must_not_be_called)
     assert main(["generate", "--output", os.path.join(folder, "grid.png")]) == 2
     assert f"the folder {folder} does not accept new files" in capsys.readouterr().err

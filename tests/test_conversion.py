@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from diffmoe_hf import ClassConditionalMoEPipeline, DSMoETransformer2DModel
 from diffmoe_hf.conversion import CheckpointError, convert_checkpoint, load_original_checkpoint
 
-from .helpers import dsmoe_case
+from .helpers import dsmoe_case, unwritable_folder
 
 CASE = dsmoe_case()
 CONFIG = os.path.join(CASE, "config.yaml")
@@ -206,13 +206,7 @@ def test_bad_class_name_file_is_named(tmp_path, content, problem):
 def test_unwritable_output_place_is_refused_before_loading(tmp_path, monkeypatch, folder):
     """A folder without write permission (only a user other than root can check it) and sysfs, which takes no new
     folders even from root."""
-    if folder == "read-only":
-        folder = tmp_path / "read-only"
-        folder.mkdir(mode=0o555)
-        if os.access(folder, os.W_OK):
-            pytest.skip("this user may write into read-only folders (root)")
-    elif not os.path.isdir(folder):
-        pytest.skip("no sysfs here")
+    folder = unwritable_folder(tmp_path, folder)
     monkeypatch.setattr("diffmoe_hf.conversion.convert.load_original_checkpoint", _must_not_be_called)
     with pytest.raises(PermissionError, match=f"the folder {folder} does not accept new folders"):
         _convert(os.path.join(folder, "out"))
