@@ -22,9 +22,8 @@ from .models import (
     JiTTransformer2DModel,
     SpatialTemporalMoETransformer2DModel,
 )
-from .diffusers_registration import register_with_diffusers
-from .models.blocks import AdaLNZeroMoETransformerBlock, AdaLNZeroTransformerBlock
-from .models.transformer_spatial_temporal_moe import SpatialTemporalMoEBlock
+from .diffusers_registration import register_with_diffusers, with_subclasses
+from .models.blocks import AdaLNZeroTransformerBlock
 from .pipelines import ClassConditionalMoEPipeline
 
 register_with_diffusers(
@@ -36,7 +35,8 @@ register_with_diffusers(
         JiTTransformer2DModel,
         SpatialTemporalMoETransformer2DModel,
     ],
-    block_classes=[AdaLNZeroTransformerBlock, AdaLNZeroMoETransformerBlock, SpatialTemporalMoEBlock],
+    # every family's blocks derive from it (the MoE blocks, Diff-MoE's SpatialTemporalMoEBlock), all imported above
+    block_classes=with_subclasses(AdaLNZeroTransformerBlock),
 )
 
 __version__ = "0.1.0"

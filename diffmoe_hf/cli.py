@@ -157,7 +157,7 @@ def _add_evaluate_digits_parser(subparsers) -> None:
 
 
 def _add_sample_parser(subparsers) -> None:
-    from diffmoe_hf.evaluation.commands import add_sample_arguments
+    from diffmoe_hf.evaluation.commands import add_sample_arguments, run_sample
 
     parser = subparsers.add_parser(
         "sample",
@@ -167,17 +167,11 @@ def _add_sample_parser(subparsers) -> None:
         "See diffmoe_hf.evaluation.sampling.",
     )
     add_sample_arguments(parser)
-    parser.set_defaults(handler=_run_sample)
-
-
-def _run_sample(args) -> None:
-    from diffmoe_hf.evaluation.commands import run_sample
-
-    run_sample(args)
+    parser.set_defaults(handler=run_sample)
 
 
 def _add_evaluate_parser(subparsers) -> None:
-    from diffmoe_hf.evaluation.commands import add_evaluate_arguments
+    from diffmoe_hf.evaluation.commands import add_evaluate_arguments, run_evaluate
 
     parser = subparsers.add_parser(
         "evaluate",
@@ -186,13 +180,7 @@ def _add_evaluate_parser(subparsers) -> None:
         "(adm, jit, float-features); see diffmoe_hf.evaluation.evaluate. Needs the [eval] extra and torch-fidelity.",
     )
     add_evaluate_arguments(parser)
-    parser.set_defaults(handler=_run_evaluate)
-
-
-def _run_evaluate(args) -> None:
-    from diffmoe_hf.evaluation.commands import run_evaluate
-
-    run_evaluate(args)
+    parser.set_defaults(handler=run_evaluate)
 
 
 def _run_evaluate_digits(args) -> None:

@@ -70,6 +70,11 @@ def register_transformer_blocks(block_classes) -> None:
         )
 
 
+def with_subclasses(cls: type) -> list[type]:
+    """`cls` and every subclass of it defined so far (the cache registry matches exact classes, not subclasses)."""
+    return [cls, *(sub for child in cls.__subclasses__() for sub in with_subclasses(child))]
+
+
 def register_with_diffusers(pipeline_classes, model_classes, block_classes) -> None:
     """Everything above, for the package's pipelines, models and transformer blocks."""
     register_classes_in_diffusers_namespace([*pipeline_classes, *model_classes])
