@@ -9,6 +9,7 @@ import os
 
 from setuptools import setup
 
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # top-level folder -> installed sub-package of diffmoe_hf
@@ -60,7 +61,9 @@ extras = {
     # `pip install --no-deps torch-fidelity==0.4.0` (diffmoe_hf/evaluation/inception.py says why)
     "eval": ["scikit-learn>=1.3", "scipy"],
 }
-extras["dev"] = sorted({dep for deps in extras.values() for dep in deps} | {"pytest>=8", "playwright", "torchao>=0.18"})
+extras["dev"] = sorted(
+    {dep for deps in extras.values() for dep in deps} | {"pytest>=8", "playwright", "torchao>=0.18", "ruff==0.17.6"}
+)
 
 setup(
     name="diffmoe-hf",

@@ -73,7 +73,10 @@ def cache_configs(pipe, call_kwargs) -> dict:
             cache_interval=2, disable_cache_before_step=3, max_order=1, taylor_factors_dtype=torch.float32
         ),
         "MagCache(threshold=0.06, K=2, calibrated)": MagCacheConfig(
-            threshold=0.06, max_skip_steps=2, retention_ratio=0.2, num_inference_steps=calls,
+            threshold=0.06,
+            max_skip_steps=2,
+            retention_ratio=0.2,
+            num_inference_steps=calls,
             mag_ratios=ratios[main_context],
         ),  # fmt: skip
     }
@@ -112,7 +115,11 @@ def main(argv=None) -> None:
         pipe = ClassConditionalMoEPipeline.from_pretrained(folder)
         pipe.set_progress_bar_config(disable=True)
         call_kwargs = {"num_inference_steps": args.steps}
-        timing_kwargs = {**call_kwargs, "output_type": "pt", "class_labels": [i % 10 for i in range(args.timing_batch)]}
+        timing_kwargs = {
+            **call_kwargs,
+            "output_type": "pt",
+            "class_labels": [i % 10 for i in range(args.timing_batch)],
+        }
         rows = {}
         for label, config in {"none": None, **cache_configs(pipe, call_kwargs)}.items():
             if config is not None:

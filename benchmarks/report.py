@@ -1,6 +1,6 @@
 """Renders one or more `benchmarks.run` JSON files as Markdown tables (for BENCHMARKS.md).
 
-    python -m benchmarks.report results.json [more.json ...]
+python -m benchmarks.report results.json [more.json ...]
 """
 
 import json

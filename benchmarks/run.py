@@ -24,6 +24,7 @@ from diffmoe_hf.models.moe import moe_aux_loss
 from . import models
 from .timing import interleaved, ratios
 
+
 SECTIONS = ("layer", "forward", "train", "pipeline")
 
 
@@ -200,7 +201,9 @@ def print_table(results: dict) -> None:
                       f" ({r['peak_memory_kind']})")  # fmt: skip
             else:
                 moe, dense = r["moe"], r["dense"]
-                extra = f"  {100 * r['moe_fraction_of_matmul']:.0f}% of matmul" if "moe_fraction_of_matmul" in r else ""
+                extra = (
+                    f"  {100 * r['moe_fraction_of_matmul']:.0f}% of matmul" if "moe_fraction_of_matmul" in r else ""
+                )
                 print(f"{section:9s} {name:12s} {moe['median_ms']:9.1f}/{moe['min_ms']:9.1f} "
                       f"{dense['median_ms']:9.1f}/{dense['min_ms']:9.1f} {r['median_ratio']:9.2f} "
                       f"{r['min_ratio']:9.2f}{extra}")  # fmt: skip
@@ -266,7 +269,9 @@ def main(argv=None) -> dict:
     report["load_average_end"] = _load()
     _write(report, args.output)
     print_table(report["results"])
-    print(f"\nwrote {args.output}; load average start {report['load_average_start']}, end {report['load_average_end']}")
+    print(
+        f"\nwrote {args.output}; load average start {report['load_average_start']}, end {report['load_average_end']}"
+    )
     return report
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+
 # where each loader looks for weights, by preference
 WEIGHT_KEYS = {
     "ema": ("ema", "model_ema1", "model_ema", "state_dict_ema"),
@@ -186,5 +187,9 @@ def load_original_checkpoint(
     raise CheckpointError(
         f"{path} has no {weights!r} weights (looked for {', '.join(WEIGHT_KEYS[weights])}); "
         f"its top-level keys are {sorted(obj)}"
-        + (f" and it has weights under {found}: pass weights='model' / --weights model for raw weights." if found else ".")
+        + (
+            f" and it has weights under {found}: pass weights='model' / --weights model for raw weights."
+            if found
+            else "."
+        )
     )

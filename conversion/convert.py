@@ -14,8 +14,8 @@ from diffmoe_hf.pipelines import ClassConditionalMoEPipeline
 from .checkpoint_io import load_original_checkpoint
 from .convert_dit_moe import DIT_MOE_MODEL_CARD, build_dit_moe_transformer
 from .convert_dsmoe import DSMOE_MODEL_CARD, build_dsmoe_transformer
-from .convert_jit import JIT_MODEL_CARD, build_jit_transformer
 from .convert_dynamic_token_moe import DIFFMOE_DTS_MODEL_CARD, build_dynamic_token_moe_transformer
+from .convert_jit import JIT_MODEL_CARD, build_jit_transformer
 from .convert_spatial_temporal_moe import SPATIAL_TEMPORAL_MOE_MODEL_CARD, build_spatial_temporal_moe_transformer
 from .hub_folder import (
     DTYPES,
@@ -27,6 +27,7 @@ from .hub_folder import (
 )
 from .model_card import render_model_card
 from .published_settings import SETTINGS_FILE, match_published_settings, model_card_section
+
 
 logger = logging.getLogger(__name__)
 

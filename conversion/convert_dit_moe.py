@@ -30,6 +30,7 @@ from diffmoe_hf.models.transformer_dit_moe import DIT_MOE_PRESETS, DiTMoETransfo
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
 from .state_dict_utils import DIT_SKELETON_RENAME_RULES, build_converted_model
 
+
 FORMULATIONS = ("ddpm-learned-sigma", "rf-noise-at-1")
 # short names accepted for the `formulation` option and config field (as the Diff-MoE converter)
 FORMULATION_ALIASES = {"ddpm": "ddpm-learned-sigma", "rf": "rf-noise-at-1"}
@@ -76,7 +77,9 @@ class _Sourced(dict):
 def _preset_fields(name: str, origin: str) -> dict:
     """Upstream architecture fields of a `DiT_models` name."""
     if name not in DIT_MOE_PRESETS:
-        raise CheckpointError(f"Unknown DiT-MoE architecture {name!r} ({origin}); known: {', '.join(DIT_MOE_PRESETS)}.")
+        raise CheckpointError(
+            f"Unknown DiT-MoE architecture {name!r} ({origin}); known: {', '.join(DIT_MOE_PRESETS)}."
+        )
     preset = DIT_MOE_PRESETS[name]
     return dict(
         depth=preset["num_layers"],

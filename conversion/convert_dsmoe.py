@@ -11,6 +11,7 @@ from diffmoe_hf.models.transformer_dsmoe import _RELEASED_COMMON, DSMOE_PRESETS,
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
 from .state_dict_utils import DIT_SKELETON_RENAME_RULES, build_converted_model
 
+
 _ROPE = {"2d": "rope_2d", "1d": "rope_1d", "none": "sincos"}
 _NORM = {"layernorm": "layer_norm", "rmsnorm": "rms_norm"}
 

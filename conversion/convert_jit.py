@@ -16,6 +16,7 @@ from diffmoe_hf.models.transformer_jit import JiTTransformer2DModel, jit_preset_
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
 from .state_dict_utils import DIT_SKELETON_RENAME_RULES, QKV_SPLIT, build_converted_model
 
+
 logger = logging.getLogger(__name__)
 
 # `JiT.__init__` defaults, for arguments a config file leaves out

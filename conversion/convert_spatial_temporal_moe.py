@@ -31,6 +31,7 @@ from diffmoe_hf.models.transformer_spatial_temporal_moe import (
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
 from .state_dict_utils import DIT_SKELETON_RENAME_RULES, build_converted_model
 
+
 logger = logging.getLogger(__name__)
 
 FORMULATION_NAMES = {
@@ -183,9 +184,7 @@ def spatial_temporal_moe_config(
     Raises:
         CheckpointError: when the heads or experts per token are unknown, or a setting contradicts the weights.
     """
-    settings, origin = _declared_settings(
-        checkpoint, config_path, preset, num_experts, experts_per_token, formulation
-    )
+    settings, origin = _declared_settings(checkpoint, config_path, preset, num_experts, experts_per_token, formulation)
     if settings.get("use_flash_attn"):
         raise CheckpointError("use_flash_attn=True: the original Diff-MoE block refuses flash attention too.")
     shapes = _weight_shapes(checkpoint.state_dict)
@@ -343,7 +342,7 @@ SPATIAL_TEMPORAL_MOE_MODEL_CARD = dict(
     license_note="Check the license of the original repository before redistributing converted weights.",
     sampler=(
         "DDPM checkpoints: the original sampler is ancestral DDPM with learned variance over 250 evenly spaced steps "
-        "(`DDPMScheduler(variance_type=\"learned_range\")`, the scheduler in this folder); `DDIMScheduler` (eta 0) "
+        '(`DDPMScheduler(variance_type="learned_range")`, the scheduler in this folder); `DDIMScheduler` (eta 0) '
         "reproduces the original `ddimN` respacing exactly and `DPMSolverMultistepScheduler` is a faster option. The "
         "original classifier-free guidance acts on latent channels 0..2 only: pass `guidance_channels=3` to the "
         "pipeline to reproduce it (the default guides all channels). Rectified-flow checkpoints: Euler from t = 1 "

@@ -24,4 +24,3 @@ def init_empty_model(model_cls: type[nn.Module], **config) -> nn.Module:
         raise ImportError("Low-memory conversion needs `accelerate` (pip install accelerate).") from None
     with init_empty_weights(include_buffers=False):
         return model_cls(**config)
-

@@ -14,17 +14,17 @@ def render_model_card(card: dict, transformer, source: str, weights: str, dtype:
     config = transformer.config
     total = sum(p.numel() for p in transformer.parameters())
     loader = (
-        "from diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained(\"<repo-or-folder>\", "
+        'from diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("<repo-or-folder>", '
         "trust_remote_code=True)"
         if hub_layout == "remote_code"
         else "from diffmoe_hf import ClassConditionalMoEPipeline\n\n"
-        "pipe = ClassConditionalMoEPipeline.from_pretrained(\"<repo-or-folder>\")"
+        'pipe = ClassConditionalMoEPipeline.from_pretrained("<repo-or-folder>")'
     )
     experts = card.get("experts", "{config.num_experts} routed, {config.num_experts_per_tok} per token")
     experts = experts.format(config=config)
     if config.get("moe_layers", True) == []:
         experts = "none (dense model)"
-    labels = "pipe.get_label_ids([\"golden retriever\"])" if config.num_classes == 1000 else "[0]"
+    labels = 'pipe.get_label_ids(["golden retriever"])' if config.num_classes == 1000 else "[0]"
     return f"""---
 license: {card["license"]}
 library_name: diffusers

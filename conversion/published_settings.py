@@ -17,6 +17,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
+
 SETTINGS_FILE = "published_settings.json"
 
 DSMOE_SOURCE = "yhlleo/EfficientMoE README (700K training steps, FID-50K)"

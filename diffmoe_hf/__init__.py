@@ -8,6 +8,7 @@ Every model and pipeline module is imported eagerly: diffusers resolves classes 
 
 from diffusers import ModelMixin
 
+from .diffusers_registration import register_with_diffusers, with_subclasses
 from .embedded_models import default_models
 from .formulations import FORMULATIONS, get_formulation
 from .models import (
@@ -22,9 +23,9 @@ from .models import (
     JiTTransformer2DModel,
     SpatialTemporalMoETransformer2DModel,
 )
-from .diffusers_registration import register_with_diffusers, with_subclasses
 from .models.blocks import AdaLNZeroTransformerBlock
 from .pipelines import ClassConditionalMoEPipeline
+
 
 register_with_diffusers(
     pipeline_classes=[ClassConditionalMoEPipeline],

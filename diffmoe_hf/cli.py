@@ -15,6 +15,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
+
 DEFAULT_BATCH_SIZE = 64
 
 
@@ -100,11 +101,15 @@ def _add_generate_parser(subparsers) -> None:
         "digits-jitmoe: handwritten digits trained on scikit-learn's digits).",
     )
     parser.add_argument(
-        "--model", default=None, help="converted folder or Hub repo id (default: the first model shipped in the package)"
+        "--model",
+        default=None,
+        help="converted folder or Hub repo id (default: the first model shipped in the package)",
     )
     parser.add_argument("--vae", help="AutoencoderKL folder or repo, for latent models saved without vae/")
     parser.add_argument(
-        "--classes", nargs="+", default=None,
+        "--classes",
+        nargs="+",
+        default=None,
         help="class ids or names (default: every class of models with at most 10 classes, else the first 4)",
     )
     parser.add_argument("--per-class", type=_positive_int, default=4, help="images per class (default 4)")
@@ -131,7 +136,9 @@ def _add_generate_parser(subparsers) -> None:
     parser.add_argument("--output", default="samples.png", help="PNG file to write (default samples.png)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument(
-        "--min-cell-size", type=_positive_int, default=64,
+        "--min-cell-size",
+        type=_positive_int,
+        default=64,
         help="enlarge small images by an integer factor (nearest neighbour) to at least this many pixels (default 64)",
     )
     parser.add_argument("--padding", type=_non_negative_int, default=None, help="grey pixels between images (default: "
@@ -261,7 +268,9 @@ def _load_pipeline(source: str, **components):
     except (OSError, ValueError) as err:
         if os.path.isdir(source):
             raise
-        raise CommandError(f"--model {source}: there is no such folder, and as a Hub repo id it failed: {err}") from None
+        raise CommandError(
+            f"--model {source}: there is no such folder, and as a Hub repo id it failed: {err}"
+        ) from None
 
 
 def _check_output(path: str, overwrite: bool) -> None:

@@ -28,6 +28,7 @@ import diffusers
 from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 from diffusers.pipelines import pipeline_loading_utils
 
+
 MODEL_LOAD_METHODS = {"ModelMixin": ["save_pretrained", "from_pretrained"]}
 
 

@@ -9,6 +9,7 @@ configured.
 import os
 from importlib import resources
 
+
 EMBEDDED_MODELS_DIR = os.path.join("data", "models")  # relative to the diffmoe_hf package
 # listed first when installed: the shipped model that meets all quality targets of its model card
 DEFAULT_MODEL = "digits-jitmoe"

@@ -172,7 +172,9 @@ def evenly_spaced_respacing(num_train_timesteps: int, num_inference_steps: int) 
     `round(j * (T - 1) / (N - 1))` accumulated as a float stride, with Python's round-half-to-even.
     """
     if not 1 <= num_inference_steps <= num_train_timesteps:
-        raise ValueError(f"num_inference_steps must be between 1 and {num_train_timesteps}, got {num_inference_steps}.")
+        raise ValueError(
+            f"num_inference_steps must be between 1 and {num_train_timesteps}, got {num_inference_steps}."
+        )
     stride = 1.0 if num_inference_steps == 1 else (num_train_timesteps - 1) / (num_inference_steps - 1)
     position, kept = 0.0, []
     for _ in range(num_inference_steps):

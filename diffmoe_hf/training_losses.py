@@ -152,7 +152,9 @@ def _approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
 
-def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+def discretized_gaussian_log_likelihood(
+    x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor
+) -> torch.Tensor:
     """Elementwise log-likelihood (nats) of `x` in [-1, 1] under a Gaussian discretised to 256 bins (ADM decoder)."""
     centered = x - means
     inv_stdv = torch.exp(-log_scales)

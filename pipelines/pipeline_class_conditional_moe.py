@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+
 # from its module: diffusers.loaders exports the LoRA mixins only when transformers (not a core dependency) is installed
 from diffusers.loaders.lora_pipeline import SanaLoraLoaderMixin
 from diffusers.models import AutoencoderKL
@@ -18,6 +19,7 @@ from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
 from diffmoe_hf.formulations import get_formulation, max_inference_steps
+
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -435,7 +437,9 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         )  # fmt: skip
         in_channels = self.transformer.config.in_channels
         if guidance_channels is not None and not 1 <= guidance_channels <= in_channels:
-            raise ValueError(f"guidance_channels must be None or between 1 and {in_channels}, got {guidance_channels}.")
+            raise ValueError(
+                f"guidance_channels must be None or between 1 and {in_channels}, got {guidance_channels}."
+            )
         self._guidance_scale = float(guidance_scale)
         self._interrupt = False
         self._current_timestep = None

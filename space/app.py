@@ -21,6 +21,7 @@ from diffmoe_hf import ClassConditionalMoEPipeline, default_models
 from diffmoe_hf.formulations import available_schedulers
 from diffmoe_hf.space.routing_view import RoutingCollector, layer_label, load_table, render_expert_map, render_load
 
+
 MODELS_ENV = "DIFFMOE_SPACE_MODELS"
 MAX_STEPS = 100
 MAX_IMAGES = 8  # per request, over all classes

@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from diffmoe_hf.routing import record_routing
 
+
 # tab10 then tab20's light tones: distinct colours for up to 20 experts; more experts get evenly spaced hues
 _PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
             "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7",
@@ -205,7 +206,9 @@ def render_expert_map(
                 box = [x0 + col * cell, row * cell, x0 + (col + 1) * cell - 1, (row + 1) * cell - 1]
                 draw.rectangle(box, fill=fill)
                 if cell >= 18:
-                    draw.text((box[0] + cell / 2, box[1] + cell / 2), str(expert), fill="white", font=font, anchor="mm")
+                    draw.text(
+                        (box[0] + cell / 2, box[1] + cell / 2), str(expert), fill="white", font=font, anchor="mm"
+                    )
         if image is not None:
             for i in range(1, grid):
                 offset = round(i * cell)

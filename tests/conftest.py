@@ -3,6 +3,7 @@ import os
 import pytest
 import torch
 
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARITY_REPORT: list[str] = []
 

@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 from diffmoe_hf.training import train_class_conditional as script
 
+
 original_save_final = script.save_final
 
 

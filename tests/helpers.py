@@ -12,6 +12,7 @@ from diffmoe_hf.formulations import get_formulation
 
 from .conftest import parity_root
 
+
 DSMOE_CASE = "dsmoe-rope2d-e8g2k2"
 
 FLOAT32_EPS = torch.finfo(torch.float32).eps  # 2**-23, twice the unit roundoff of float32
@@ -37,7 +38,9 @@ def float32_tolerance(reference: torch.Tensor, reduction_size: int, depth: int =
     return 2 * depth * reduction_size * FLOAT32_EPS * scale
 
 
-def model_float32_tolerance(model: nn.Module, reference: torch.Tensor, tokens: int | None = None, calls: int = 1) -> float:
+def model_float32_tolerance(
+    model: nn.Module, reference: torch.Tensor, tokens: int | None = None, calls: int = 1
+) -> float:
     """
     `float32_tolerance` of a whole transformer's result: the longest dot product is the widest `nn.Linear` input or
     the sum over `tokens` (attention over a sample's tokens, by default those of the (B, C, H, W) `reference`; a weight

@@ -8,6 +8,7 @@ from diffmoe_hf.formulations import get_formulation
 from .helpers import tiny_vae
 from .training_helpers import NUM_CLASSES, tiny_transformer
 
+
 FAMILIES = ("dsmoe", "jit", "diff-moe", "diffmoe-dts", "dit-moe")
 # families whose experts route each token on its own, so a sample does not depend on the rest of its batch
 PER_TOKEN_ROUTING = tuple(f for f in FAMILIES if f != "diffmoe-dts")

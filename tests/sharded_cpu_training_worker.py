@@ -18,6 +18,7 @@ from accelerate.utils import DistributedType
 
 from diffmoe_hf.training import train_class_conditional as script
 
+
 if __name__ == "__main__":
     state = PartialState(cpu=True)
     assert state.num_processes > 1 and state.distributed_type == DistributedType.MULTI_CPU, state

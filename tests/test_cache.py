@@ -13,6 +13,7 @@ from packaging import version
 
 from .pipeline_families import FAMILIES, family_pipeline
 
+
 CACHE_CLASSES = ("FirstBlockCacheConfig", "TaylorSeerCacheConfig", "MagCacheConfig")
 STEPS = 4
 

@@ -17,7 +17,9 @@ from .helpers import dsmoe_case, tiny_pipeline, tiny_vae, unwritable_folder
 
 
 def test_module_entry_point_runs():
-    result = subprocess.run([sys.executable, "-m", "diffmoe_hf", "--help"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "diffmoe_hf", "--help"], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0 and "convert" in result.stdout and "generate" in result.stdout
 
 
@@ -39,7 +41,9 @@ def test_convert_then_generate(tmp_path, capsys):
 
 
 def test_errors_are_reported_without_traceback(tmp_path, capsys):
-    assert main(["convert", "dsmoe", "--checkpoint", str(tmp_path / "missing.pt"), "--output", str(tmp_path / "o")]) == 2
+    assert (
+        main(["convert", "dsmoe", "--checkpoint", str(tmp_path / "missing.pt"), "--output", str(tmp_path / "o")]) == 2
+    )
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -230,7 +234,9 @@ def test_model_that_is_not_a_model_folder_is_refused(tmp_path, capsys, monkeypat
     assert "has no model_index.json" in capsys.readouterr().err
     monkeypatch.chdir(tmp_path)
     assert main(["generate", "--model", "outputs/missing"]) == 2
-    assert "--model outputs/missing: there is no such folder, and as a Hub repo id it failed" in capsys.readouterr().err
+    assert (
+        "--model outputs/missing: there is no such folder, and as a Hub repo id it failed" in capsys.readouterr().err
+    )
 
 
 def test_evaluate_digits_refuses_a_colour_model_before_sampling(tmp_path, capsys, pipeline_calls):

@@ -15,6 +15,7 @@ from diffmoe_hf.conversion import CheckpointError, convert_checkpoint, load_orig
 
 from .helpers import dsmoe_case, unwritable_folder
 
+
 CASE = dsmoe_case()
 CONFIG = os.path.join(CASE, "config.yaml")
 CHECKPOINT = os.path.join(CASE, "checkpoint.pt")
@@ -44,7 +45,9 @@ def test_layouts_all_give_the_same_model(tmp_path):
 
 
 def test_raw_weights_differ_from_ema(tmp_path):
-    assert not torch.allclose(_forward(_convert(tmp_path / "ema")), _forward(_convert(tmp_path / "raw", weights="model")))
+    assert not torch.allclose(
+        _forward(_convert(tmp_path / "ema")), _forward(_convert(tmp_path / "raw", weights="model"))
+    )
 
 
 def test_dict_without_ema_asks_for_weights_model(tmp_path):
@@ -138,7 +141,9 @@ def test_failure_while_saving_leaves_no_partial_folder(tmp_path, monkeypatch):
 
 def test_bf16_output_keeps_router_fp32_and_loads(tmp_path):
     _convert(tmp_path / "out", dtype="bf16")
-    model = DSMoETransformer2DModel.from_pretrained(tmp_path / "out", subfolder="transformer", torch_dtype=torch.bfloat16)
+    model = DSMoETransformer2DModel.from_pretrained(
+        tmp_path / "out", subfolder="transformer", torch_dtype=torch.bfloat16
+    )
     block = model.transformer_blocks[1].ff
     assert block.experts[0].up_proj.weight.dtype == torch.bfloat16 and block.router.weight.dtype == torch.float32
     stored = json.loads((tmp_path / "out" / "transformer" / "config.json").read_text())

@@ -15,6 +15,7 @@ from diffmoe_hf.cli import main
 
 from .helpers import dsmoe_case
 
+
 CASE = dsmoe_case()
 CONVERT = ["convert", "dsmoe", "--checkpoint", os.path.join(CASE, "checkpoint.pt"), "--config",
            os.path.join(CASE, "config.yaml")]  # fmt: skip

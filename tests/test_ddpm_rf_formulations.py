@@ -10,6 +10,7 @@ from diffmoe_hf.formulations import ddim_respacing, evenly_spaced_respacing
 
 from .helpers import assert_float32_close, float32_tolerance, model_float32_tolerance
 
+
 DDPM = get_formulation("ddpm-learned-sigma")
 RF = get_formulation("rf-noise-at-1")
 

@@ -18,10 +18,16 @@ from diffmoe_hf import (
     JiTTransformer2DModel,
     SpatialTemporalMoETransformer2DModel,
 )
-from diffmoe_hf.models.moe import DynamicTokenMoE, StackedLinearExperts, default_expert_backend
-from diffmoe_hf.models.moe import reads_weights_directly, resolve_expert_backend
+from diffmoe_hf.models.moe import (
+    DynamicTokenMoE,
+    StackedLinearExperts,
+    default_expert_backend,
+    reads_weights_directly,
+    resolve_expert_backend,
+)
 
 from .helpers import float32_tolerance, model_float32_tolerance
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -78,6 +84,7 @@ def backends_seen(model: nn.Module, inputs: dict) -> set[str]:
     """The backends the expert banks resolve to during a forward on `inputs` (on the rows they receive)."""
     seen, banks = set(), expert_banks(model)
     for bank in banks:
+
         def forward_grouped(rows, *args, bank=bank, original=bank.forward_grouped, **kwargs):
             seen.add(bank.backend(rows))
             return original(rows, *args, **kwargs)
@@ -154,8 +161,16 @@ def test_fast_backends_step_aside_for_anything_that_changes_what_a_projection_co
     on_meta = nn.Linear(8, 4, device="meta")
     subclass_weight = linear()
     subclass_weight.weight = nn.Parameter(torch.zeros(4, 8).as_subclass(_MarkedTensor))
-    for module in (hooked, pre_hooked, diffusers_hooked, accelerate_hooked, wrapped["proj"], half, on_meta,
-                   subclass_weight):
+    for module in (
+        hooked,
+        pre_hooked,
+        diffusers_hooked,
+        accelerate_hooked,
+        wrapped["proj"],
+        half,
+        on_meta,
+        subclass_weight,
+    ):
         assert not reads_weights_directly(module, rows), module
         assert resolve_expert_backend("segment_linear", [linear(), module], rows) == "modules"
     assert reads_weights_directly(half, rows.half())
@@ -223,7 +238,9 @@ def test_every_backend_gives_the_same_model_output(family):
     for backend in ("modules", "grouped_mm"):
         model.set_expert_backend(backend)
         assert backends_seen(model, inputs) == {backend}
-        torch.testing.assert_close(run(model, inputs), reference, atol=model_float32_tolerance(model, reference), rtol=0)
+        torch.testing.assert_close(
+            run(model, inputs), reference, atol=model_float32_tolerance(model, reference), rtol=0
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -460,9 +477,13 @@ def test_torchao_int8_weight_only_quantizes_every_expert(family, tmp_path):
     model = tiny_model(family)
     inputs = model_inputs(model)
     model.save_pretrained(tmp_path)
-    quantized = type(model).from_pretrained(
-        tmp_path, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()), torch_dtype=torch.float32
-    ).eval()
+    quantized = (
+        type(model)
+        .from_pretrained(
+            tmp_path, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()), torch_dtype=torch.float32
+        )
+        .eval()
+    )
     expert_weights = [linear.weight for bank in expert_banks(quantized) for linear in bank.projections()]
     assert len(expert_weights) > 0 and all(type(w) is not nn.Parameter for w in expert_weights)  # every one of them
     routers = [p for n, p in quantized.named_parameters() if re.search(_ROUTER, n)]
@@ -520,9 +541,13 @@ def test_bitsandbytes_int8_quantizes_every_expert(family, tmp_path):
 
     model = tiny_model(family)
     model.save_pretrained(tmp_path)
-    quantized = type(model).from_pretrained(
-        tmp_path, quantization_config=BitsAndBytesConfig(load_in_8bit=True), torch_dtype=torch.float32
-    ).eval()
+    quantized = (
+        type(model)
+        .from_pretrained(
+            tmp_path, quantization_config=BitsAndBytesConfig(load_in_8bit=True), torch_dtype=torch.float32
+        )
+        .eval()
+    )
     linears = [linear for bank in expert_banks(quantized) for linear in bank.projections()]
     assert len(linears) > 0 and all(type(linear) is not nn.Linear for linear in linears)
     inputs = {k: v.cuda() for k, v in model_inputs(model).items()}

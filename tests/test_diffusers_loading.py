@@ -27,6 +27,7 @@ from diffmoe_hf.diffusers_registration import register_classes_in_diffusers_name
 from .helpers import dsmoe_case
 from .pipeline_families import FAMILIES, family_pipeline
 
+
 MODEL_CLASSES = (
     diffmoe_hf.DiTMoETransformer2DModel,
     diffmoe_hf.DSMoETransformer2DModel,
@@ -87,7 +88,9 @@ def test_import_registers_the_classes_diffusers_looks_up():
         assert cls.__module__ in pipeline_loading_utils.LOADABLE_CLASSES
     index = {"_class_name": "ClassConditionalMoEPipeline", "transformer": [MODEL_CLASSES[0].__module__, "X"],
              "scheduler": ["diffusers", "DDPMScheduler"], "vae": [None, None]}  # fmt: skip
-    custom, folders = pipeline_loading_utils._get_custom_components_and_folders("org/repo", index, ["model_index.json"])
+    custom, folders = pipeline_loading_utils._get_custom_components_and_folders(
+        "org/repo", index, ["model_index.json"]
+    )
     assert custom == {} and set(folders) == {"transformer", "scheduler", "vae"}
 
 

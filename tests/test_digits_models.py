@@ -10,6 +10,7 @@ from PIL import Image
 from diffmoe_hf import ClassConditionalMoEPipeline, default_models
 from diffmoe_hf.cli import main
 
+
 SHIPPED = ("digits-dsmoe", "digits-jitmoe")
 
 

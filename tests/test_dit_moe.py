@@ -24,6 +24,7 @@ from diffmoe_hf.models.moe import moe_aux_loss
 from .conftest import parity_root
 from .helpers import assert_float32_close, float32_tolerance, model_float32_tolerance, token_routing
 
+
 TINY = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=4,
             attention_head_dim=8, num_classes=10, num_experts=4, num_experts_per_tok=2)  # fmt: skip
 # the same architecture as `models.DiT` constructor arguments
@@ -223,7 +224,11 @@ def test_train_checkpoint_and_release_files(tmp_path):
     args = argparse.Namespace(model="DiT-XL/2", image_size=64, num_classes=10, num_experts=4, num_experts_per_tok=2,
                               pretraining_tp=1, rf=True)  # fmt: skip
     raw = {key: value + 1.0 for key, value in ema.items()}
-    files = {"train.pt": {"model": raw, "ema": ema, "opt": {}, "args": args}, "ema.pt": ema, "release.pt": {"ema": ema}}
+    files = {
+        "train.pt": {"model": raw, "ema": ema, "opt": {}, "args": args},
+        "ema.pt": ema,
+        "release.pt": {"ema": ema},
+    }
     # args.model names the closest preset; the explicit config gives the real (tiny) dims
     config = _config_file(tmp_path, kwargs=TINY_UPSTREAM, formulation="rf-noise-at-1")
     for name, content in files.items():
@@ -297,8 +302,11 @@ def test_explicit_options(tmp_path):
 @pytest.mark.parametrize(
     "fields, message",
     [
-        (dict(num_experts=8), r"num_experts=8 \(.*config.json\) contradicts the checkpoint weights, which have "
-                              r"num_experts=4"),
+        (
+            dict(num_experts=8),
+            r"num_experts=8 \(.*config.json\) contradicts the checkpoint weights, which have "
+            r"num_experts=4",
+        ),
         (dict(use_flash_attn=True), "use_flash_attn=True .* contradicts"),
         (dict(mlp_ratio=2), "mlp_ratio=2 .* contradicts the checkpoint weights"),
         (dict(model="DiT-S/2", num_heads=6), r"hidden_size=384 \(.*model='DiT-S/2'\) contradicts"),
@@ -379,9 +387,10 @@ def test_low_memory_conversion_adopts_the_source_tensors():
     converted = convert_dit_moe(checkpoint, dict(TINY, qk_norm="layer_norm", formulation="rf-noise-at-1"))
     assert checkpoint.state_dict == {}
     params = dict(converted.named_parameters())
-    assert params["transformer_blocks.1.ff.experts.3.down_proj.weight"].data_ptr() == pointers[
-        "blocks.1.moe.experts.3.down_proj.weight"
-    ]
+    assert (
+        params["transformer_blocks.1.ff.experts.3.down_proj.weight"].data_ptr()
+        == pointers["blocks.1.moe.experts.3.down_proj.weight"]
+    )
     assert params["proj_out.proj.weight"].data_ptr() == pointers["final_layer.linear.weight"]
     adopted = sum(p.data_ptr() in set(pointers.values()) for p in params.values())
     assert adopted == len(params) - 3 * TINY["num_layers"] * 2  # all but to_q/to_k/to_v weight and bias

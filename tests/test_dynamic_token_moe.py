@@ -12,11 +12,17 @@ from diffmoe_hf import ClassConditionalMoEPipeline, DynamicTokenMoETransformer2D
 from diffmoe_hf.conversion import CheckpointError, convert_checkpoint, load_original_checkpoint
 from diffmoe_hf.conversion.convert_dynamic_token_moe import build_dynamic_token_moe_transformer
 from diffmoe_hf.formulations import get_formulation
-from diffmoe_hf.models.moe import DynamicTokenMoE, GroupedExperts, moe_aux_loss, segments_from_expert_choice
-from diffmoe_hf.models.moe import dynamic_token
+from diffmoe_hf.models.moe import (
+    DynamicTokenMoE,
+    GroupedExperts,
+    dynamic_token,
+    moe_aux_loss,
+    segments_from_expert_choice,
+)
 
 from .conftest import parity_root
 from .helpers import assert_float32_close, float32_tolerance, model_float32_tolerance
+
 
 DIM, EXPERTS = 8, 4
 EXPERT_WIDTH = 12  # intermediate size of `tiny_layer`'s experts

@@ -20,6 +20,7 @@ from diffmoe_hf.evaluation.metrics import FeatureStatistics
 
 from .conftest import REPO_ROOT
 
+
 DIGITS = default_models()["digits-jitmoe"]
 
 

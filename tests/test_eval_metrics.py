@@ -10,6 +10,7 @@ from sklearn.neighbors import NearestNeighbors
 from diffmoe_hf.evaluation import metrics
 from diffmoe_hf.evaluation.metrics import FeatureStatistics
 
+
 EPS64 = np.finfo(np.float64).eps
 EPS32 = np.finfo(np.float32).eps
 

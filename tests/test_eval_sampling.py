@@ -17,6 +17,7 @@ from diffmoe_hf.evaluation.sampling import generate_images, sample_labels, sampl
 from .conftest import REPO_ROOT
 from .training_helpers import save_tiny_pipeline
 
+
 DIGITS = default_models()["digits-jitmoe"]
 
 
@@ -66,7 +67,7 @@ def test_batch_size_changes_images_only_by_float_summation_order(family, tmp_pat
     indices, labels = np.arange(6), np.array([0, 1, 2, 0, 1, 2])
     kwargs = {"num_inference_steps": 3, "guidance_scale": 2.0}
     whole = generate_images(pipe, indices, labels, seed=0, call_kwargs=kwargs)
-    split = torch.cat([generate_images(pipe, indices[i:i + 2], labels[i:i + 2], 0, kwargs) for i in (0, 2, 4)])
+    split = torch.cat([generate_images(pipe, indices[i : i + 2], labels[i : i + 2], 0, kwargs) for i in (0, 2, 4)])
     # fp32 rounding over (layers x steps) stacked reductions of at most 64 terms, images in [0, 1]
     depth = pipe.transformer.config.num_layers * 3 * (2 if family == "diff-moe" else 1)
     assert torch.allclose(whole, split, rtol=0, atol=2 * depth * 64 * torch.finfo(torch.float32).eps)

@@ -16,6 +16,7 @@ from diffmoe_hf.models.transformer_jit import JIT_PRESETS
 from .conftest import parity_root
 from .helpers import assert_float32_close, model_float32_tolerance
 
+
 TINY = dict(sample_size=16, patch_size=4, num_layers=4, num_attention_heads=2, attention_head_dim=8, mlp_ratio=1.0,
             num_classes=10, bottleneck_dim=4, in_context_len=2, in_context_start=1, moe_layers=[1, 3], num_experts=4,
             moe_intermediate_size=8)  # fmt: skip
@@ -108,8 +109,13 @@ def test_gradients_reach_every_kind_of_parameter_with_and_without_checkpointing(
     x, t, y = tiny_inputs()
     model(x, t, y).sample.square().mean().backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    for name in ("in_context_pos_embed", "transformer_blocks.1.ff.router.weight", "pos_embed.patch_proj.weight",
-                 "transformer_blocks.1.ff.experts.0.gate_proj.bias", "transformer_blocks.0.attn.norm_q.weight"):
+    for name in (
+        "in_context_pos_embed",
+        "transformer_blocks.1.ff.router.weight",
+        "pos_embed.patch_proj.weight",
+        "transformer_blocks.1.ff.experts.0.gate_proj.bias",
+        "transformer_blocks.0.attn.norm_q.weight",
+    ):
         assert grads[name].abs().sum() > 0, name
     model.zero_grad()
     model.enable_gradient_checkpointing()
@@ -217,6 +223,7 @@ def test_pipeline_matches_guided_velocity_euler_step():
 
 # --- converter -------------------------------------------------------------------------------------------------
 
+
 def _fixture(name):
     case = os.path.join(parity_root(), name)
     if not os.path.isdir(case):
@@ -262,7 +269,9 @@ def test_converter_errors(tmp_path):
         build_jit_transformer(_bare_checkpoint(case), config_path=str(not_jit))
     # the dense fixture's architecture does not fit the MoE checkpoint
     with pytest.raises(CheckpointError, match="does not match the model configuration"):
-        build_jit_transformer(_bare_checkpoint(case), config_path=os.path.join(_fixture("jit-dense-p4"), "config.yaml"))
+        build_jit_transformer(
+            _bare_checkpoint(case), config_path=os.path.join(_fixture("jit-dense-p4"), "config.yaml")
+        )
 
 
 def test_config_from_kwargs_follows_the_upstream_moe_flags():

@@ -3,15 +3,16 @@ script, save_lora_weights -> load_lora_weights round trip, adapter weights, fuse
 
 import pytest
 import torch
+from diffusers.training_utils import _collate_lora_metadata
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from diffmoe_hf import ClassConditionalMoEPipeline
 from diffmoe_hf.training.train_class_conditional import LORA_LAYER_KINDS, lora_target_modules
-from diffusers.training_utils import _collate_lora_metadata
 
 from .helpers import assert_float32_close, model_float32_tolerance
 from .training_helpers import NUM_CLASSES, save_tiny_pipeline
+
 
 FAMILIES = ["dsmoe", "diff-moe", "diffmoe-dts", "dit-moe", "jit"]
 

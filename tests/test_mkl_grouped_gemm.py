@@ -13,7 +13,10 @@ from diffmoe_hf.models.moe.mkl_grouped_gemm import grouped_matmul_
 
 from .helpers import assert_float32_close, float32_tolerance
 
-dispatch_module = importlib.import_module("diffmoe_hf.models.moe.dispatch")  # the package re-exports a function of that name
+
+dispatch_module = importlib.import_module(
+    "diffmoe_hf.models.moe.dispatch"
+)  # the package re-exports a function of that name
 
 mkl_on_x86 = pytest.mark.skipif(
     not torch.backends.mkl.is_available() or platform.machine() not in ("x86_64", "AMD64"),

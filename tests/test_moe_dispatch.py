@@ -7,6 +7,7 @@ from diffmoe_hf.models.moe import DeepSeekMoE, SigmoidGroupLimitedRouter, SwiGLU
 
 from .helpers import assert_float32_close, float32_tolerance
 
+
 WIDTH = 16  # token width of every layer here, the longest dot product on the way (expert widths are smaller)
 
 

@@ -4,11 +4,11 @@ modules, in values and gradients, for every family's MoE layer, and compile with
 import pytest
 import torch
 
-from diffmoe_hf.models.moe import DeepSeekMoE, DynamicTokenMoE, SoftmaxTopKMoE, SpatialTemporalMoE
-from diffmoe_hf.models.moe import set_expert_backend
+from diffmoe_hf.models.moe import DeepSeekMoE, DynamicTokenMoE, SoftmaxTopKMoE, SpatialTemporalMoE, set_expert_backend
 from diffmoe_hf.models.moe.dispatch import segment_linear
 
 from .helpers import assert_float32_close, float32_tolerance
+
 
 LONGEST_DOT = 32  # the widest expert hidden layer of `_layers` (token width 16, 12 tokens)
 
@@ -22,10 +22,13 @@ def _close(actual, expected, backward=False, msg=""):
 def _layers():
     torch.manual_seed(0)
     return {
-        "deepseek": DeepSeekMoE(16, num_experts=4, intermediate_size=8, num_experts_per_tok=2, n_group=2, topk_group=2),
+        "deepseek": DeepSeekMoE(
+            16, num_experts=4, intermediate_size=8, num_experts_per_tok=2, n_group=2, topk_group=2
+        ),
         "deepseek-bias": DeepSeekMoE(16, num_experts=4, intermediate_size=8, num_experts_per_tok=2, bias=True),
-        "softmax-topk": SoftmaxTopKMoE(16, num_experts=4, intermediate_size=8, num_experts_per_tok=2,
-                                       shared_intermediate_size=8),
+        "softmax-topk": SoftmaxTopKMoE(
+            16, num_experts=4, intermediate_size=8, num_experts_per_tok=2, shared_intermediate_size=8
+        ),
         "dynamic-token": DynamicTokenMoE(16, num_experts=4, intermediate_size=32),
         "spatial-temporal": SpatialTemporalMoE(16, 4, 2, intermediate_size=8, shared_intermediate_size=8, rank=4),
     }

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+
 # `diffmoe generate` with the packages of the extras ([train], [space], [eval], [dev]; transformers comes with peft)
 # made unimportable, both for `import` and for the availability checks diffusers makes with `importlib.util.find_spec`
 WITHOUT_EXTRAS = """

@@ -18,6 +18,7 @@ from diffmoe_hf.conversion import convert_checkpoint
 
 from .conftest import PARITY_REPORT, parity_root
 
+
 # family id in source.json -> how its cases are converted
 FAMILIES = {
     "dsmoe": dict(converter="dsmoe", convert_kwargs=lambda case: {"config_path": os.path.join(case, "config.yaml")}),
@@ -27,10 +28,12 @@ FAMILIES = {
         converter="diffmoe-dts", convert_kwargs=lambda case: {"config_path": os.path.join(case, "config.yaml")}
     ),
     # source.json `kwargs` holds the original constructor arguments (tiny dims no preset has)
-    "diff-moe": dict(converter="diff-moe",
-                     convert_kwargs=lambda case: {"config_path": os.path.join(case, "source.json")}),
-    "dit-moe": dict(converter="dit-moe",
-                    convert_kwargs=lambda case: {"config_path": os.path.join(case, "source.json")}),
+    "diff-moe": dict(
+        converter="diff-moe", convert_kwargs=lambda case: {"config_path": os.path.join(case, "source.json")}
+    ),
+    "dit-moe": dict(
+        converter="dit-moe", convert_kwargs=lambda case: {"config_path": os.path.join(case, "source.json")}
+    ),
 }
 PENDING = {}
 

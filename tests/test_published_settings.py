@@ -26,7 +26,9 @@ def test_every_released_model_is_recognised_by_its_architecture():
     assert len(names) == len(set(names)) == 14
     for preset in DSMOE_PRESETS:
         settings = match_published_settings("dsmoe", _released_config(DSMoETransformer2DModel, preset))
-        assert settings.name == preset and settings.protocol == "float-features" and settings.num_inference_steps == 250
+        assert (
+            settings.name == preset and settings.protocol == "float-features" and settings.num_inference_steps == 250
+        )
     jit = match_published_settings("jit", _released_config(JiTTransformer2DModel, "JiT-B/16-E16"))
     assert jit.name == "JiTMoE-B/16-E16" and jit.guidance_interval == (0.1, 1.0) and jit.results[0].fid == 4.23
     assert match_published_settings("jit", _released_config(JiTTransformer2DModel, "JiT-B/16")) is None  # dense JiT

@@ -31,6 +31,7 @@ from .conftest import REPO_ROOT, parity_root
 from .helpers import tiny_dsmoe, tiny_vae
 from .test_spatial_temporal_moe import TINY as SPATIAL_TEMPORAL_TINY
 
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 JIT_CASE = "jitmoe-p4-e4"
@@ -218,9 +219,10 @@ def test_latent_and_expert_choice_models(demo_app):
         else:
             weights = first.weights[first.token_index == patch]
             assert expert == int(took[weights.argmax()])
-    assert view.loads[0][1].tolist() == torch.bincount(
-        torch.cat([s.expert_index for s in selections[:2]]), minlength=4
-    ).tolist()
+    assert (
+        view.loads[0][1].tolist()
+        == torch.bincount(torch.cat([s.expert_index for s in selections[:2]]), minlength=4).tolist()
+    )
     picture, chart, _, caption = demo_app.show_routing(state, view.layers[1], 1)
     assert isinstance(picture, Image.Image) and isinstance(chart, Image.Image) and "block 1, step 1" in caption
     assert "experts choose tokens" in caption

@@ -7,12 +7,17 @@ import pytest
 import torch
 
 from diffmoe_hf import SPATIAL_TEMPORAL_MOE_PRESETS, ClassConditionalMoEPipeline, SpatialTemporalMoETransformer2DModel
-from diffmoe_hf.conversion import CheckpointError, LoadedCheckpoint, build_spatial_temporal_moe_transformer
-from diffmoe_hf.conversion import convert_checkpoint
+from diffmoe_hf.conversion import (
+    CheckpointError,
+    LoadedCheckpoint,
+    build_spatial_temporal_moe_transformer,
+    convert_checkpoint,
+)
 from diffmoe_hf.models.attention import apply_rotary, rotary_tables
 from diffmoe_hf.models.moe import moe_aux_loss
 
 from .helpers import assert_float32_close, float32_tolerance, model_float32_tolerance, token_routing
+
 
 TINY = dict(
     sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=4,
@@ -176,7 +181,9 @@ def test_aux_loss_in_training_mode_only_and_gradients_reach_experts_and_router()
         assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
         assert moe.recalibration[0].weight.grad.abs().sum() > 0
         assert moe.shared_experts.modulation.linear_1.weight.grad.abs().sum() > 0
-        assert any(e.gate_proj.weight.grad is not None and e.gate_proj.weight.grad.abs().sum() > 0 for e in moe.experts)
+        assert any(
+            e.gate_proj.weight.grad is not None and e.gate_proj.weight.grad.abs().sum() > 0 for e in moe.experts
+        )
         assert any(e.modulation.linear_2.weight.grad is not None for e in moe.experts)
     model.eval()
     with torch.no_grad():

@@ -20,11 +20,12 @@ from .conftest import REPO_ROOT
 from .training_helpers import (
     NUM_CLASSES,
     make_image_folder,
-    save_tiny_pipeline,
     run_two_processes,
+    save_tiny_pipeline,
     script_args,
     tiny_transformer,
 )
+
 
 FAMILIES = ["dsmoe", "diff-moe", "diffmoe-dts", "dit-moe", "jit"]
 
@@ -244,7 +245,9 @@ def test_two_ddp_processes_end_with_identical_weights(family, images, tmp_path):
     # exact resume with 2 processes (each restores its own random state; 3 batches per process per epoch: mid-epoch)
     resumed = str(tmp_path / "resumed")
     run_two_processes(
-        script_args(pretrained, images, resumed, *common, "--resume_from_checkpoint", os.path.join(out, "checkpoint-2"))
+        script_args(
+            pretrained, images, resumed, *common, "--resume_from_checkpoint", os.path.join(out, "checkpoint-2")
+        )
     )
     for name in ("rank0.safetensors", "rank1.safetensors", "transformer/diffusion_pytorch_model.safetensors"):
         a, b = load_file(os.path.join(out, name)), load_file(os.path.join(resumed, name))
@@ -296,7 +299,9 @@ def test_sharded_engines_on_two_cpu_processes_train_and_resume_exactly(config, c
     saved = set(os.listdir(os.path.join(full, "checkpoint-2")))
     assert checkpoint_files | {"random_states_0.pkl", "random_states_1.pkl"} <= saved, saved
     run_two_processes(
-        script_args(pretrained, images, resumed, *common, "--resume_from_checkpoint", os.path.join(full, "checkpoint-2")),
+        script_args(
+            pretrained, images, resumed, *common, "--resume_from_checkpoint", os.path.join(full, "checkpoint-2")
+        ),
         accelerate_config=config,
     )
     a, b, initial = _transformer_state(full), _transformer_state(resumed), _transformer_state(pretrained)

@@ -25,6 +25,7 @@ from diffmoe_hf.training.train_class_conditional import main, parse_args
 
 from .training_helpers import make_image_folder, save_tiny_pipeline, script_args
 
+
 STEPS = 16
 FINAL = re.compile(r"checkpoint-(\d+)")
 ANY = re.compile(r"checkpoint-(\d+)(\..*)?")
@@ -103,11 +104,15 @@ def test_sigkill_during_checkpointing_loses_nothing(setup, tmp_path):
     # (flags, when to kill given the step the run resumes from)
     stages = [
         ([], lambda start: lambda names, first: _after(start + 2)(names)),  # a checkpoint folder appears
-        (["--checkpoints_total_limit", "1"],  # the last file of the accelerate state appears
-         lambda start: lambda names, first: written_until(out, names, start + 2, "random_states_0.pkl")),
+        (
+            ["--checkpoints_total_limit", "1"],  # the last file of the accelerate state appears
+            lambda start: lambda names, first: written_until(out, names, start + 2, "random_states_0.pkl"),
+        ),
         ([], lambda start: lambda names, first: _after(start + 2, FINAL)(names)),  # a complete checkpoint appears
-        (["--checkpoints_total_limit", "2"],  # a checkpoint present at the start is being or was pruned
-         lambda start: lambda names, first: bool(_steps(first, FINAL).keys() - _steps(names, FINAL).keys())),
+        (
+            ["--checkpoints_total_limit", "2"],  # a checkpoint present at the start is being or was pruned
+            lambda start: lambda names, first: bool(_steps(first, FINAL).keys() - _steps(names, FINAL).keys()),
+        ),
     ]
     start, leftovers = 0, []
     for i, (flags, kill_when) in enumerate(stages + [([], None)]):

@@ -22,6 +22,7 @@ from .test_dit_moe import TINY as DIT_MOE_TINY
 from .test_jit import TINY as JIT_TINY
 from .test_spatial_temporal_moe import TINY as SPATIAL_TEMPORAL_TINY
 
+
 NUM_CLASSES = 3
 
 
@@ -101,6 +102,8 @@ def make_image_folder(root: str, num_classes: int = NUM_CLASSES, per_class: int 
     for label in range(num_classes):
         os.makedirs(os.path.join(root, f"class_{label}"), exist_ok=True)
         for j in range(per_class):
-            pixels = rng.integers(0, 256, (size, size + 2, channels), dtype=np.uint8).squeeze(-1 if mode == "L" else ())
+            pixels = rng.integers(0, 256, (size, size + 2, channels), dtype=np.uint8).squeeze(
+                -1 if mode == "L" else ()
+            )
             Image.fromarray(pixels, mode=None).save(os.path.join(root, f"class_{label}", f"{j}.png"))
     return root

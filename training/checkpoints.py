@@ -17,6 +17,7 @@ import shutil
 
 from accelerate.logging import get_logger
 
+
 COMPLETE_MARKER = "checkpoint_complete.json"
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 LEFTOVER_NAME = re.compile(r"checkpoint-\d+\.(tmp|deleting)")

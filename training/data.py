@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+
 LATENTS_METADATA = "metadata.json"
 
 
@@ -97,7 +98,9 @@ def folder_class_ids(
                 f"The class folders mix class ids ({', '.join(numeric[:5])}) and names ({', '.join(named[:5])}): "
                 "name every folder by its class id, or every folder by its class name."
             )
-        return {name: int(name) for name in folders} if numeric else {name: i for i, name in enumerate(sorted(folders))}
+        return (
+            {name: int(name) for name in folders} if numeric else {name: i for i, name in enumerate(sorted(folders))}
+        )
 
     synonyms = {}  # name -> ids carrying it
     for class_id, label in (id2label or {}).items():

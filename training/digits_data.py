@@ -19,6 +19,7 @@ from PIL import Image
 
 from diffmoe_hf.evaluation.digits import DIGIT_MAX, load_digits_split
 
+
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -50,7 +51,9 @@ def write_digits_image_folder(output_dir: str, resolution: int = 16, split_seed:
     for label in range(len(DIGIT_NAMES)):
         os.makedirs(os.path.join(output_dir, class_folder_name(label)), exist_ok=True)
     for index, (image, label) in enumerate(zip(pixels, train_labels)):
-        Image.fromarray(image, mode="L").save(os.path.join(output_dir, class_folder_name(int(label)), f"{index:04d}.png"))
+        Image.fromarray(image, mode="L").save(
+            os.path.join(output_dir, class_folder_name(int(label)), f"{index:04d}.png")
+        )
     return len(pixels)
 
 

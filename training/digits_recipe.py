@@ -21,6 +21,7 @@ from diffmoe_hf import ClassConditionalMoEPipeline
 from diffmoe_hf.embedded_models import embedded_models_root
 from diffmoe_hf.evaluation.digits import DigitsReference, evaluate_pipeline
 
+
 NUM_SAMPLES, SEED, STEPS = 1000, 0, 25
 # written into each model's model_index.json as its default guidance scale, chosen on the guidance sweeps quoted in
 # NOTES (JiT's formulation default, 2.9 with an interval, is the ImageNet setting; 1.5 is the scale of the
@@ -79,8 +80,12 @@ def model_card(model: str, pipe, metrics: dict, train_info: dict) -> str:
                         ("frechet_over_floor", "Frechet distance / real floor"), ("c2st_accuracy", "c2st accuracy"),
                         ("memorisation_rate", "memorisation rate")]:  # fmt: skip
         op, bound = TARGETS[name]
-        rows.append(f"| {label} | {metrics[name]:.3f} | {op} {bound} | {'yes' if meets(name, metrics[name]) else 'NO'} |")
-    rows.append(f"| Frechet distance (floor) | {metrics['frechet_distance']:.3f} ({metrics['frechet_floor']:.3f}) | | |")
+        rows.append(
+            f"| {label} | {metrics[name]:.3f} | {op} {bound} | {'yes' if meets(name, metrics[name]) else 'NO'} |"
+        )
+    rows.append(
+        f"| Frechet distance (floor) | {metrics['frechet_distance']:.3f} ({metrics['frechet_floor']:.3f}) | | |"
+    )
     rows.append(f"| nearest-train distance ratio | {metrics['nearest_train_distance_ratio']:.3f} | about 1 | |")
     rows.append(f"| diversity ratio | {metrics['diversity_ratio']:.3f} | about 1 | |")
     table = "\n".join(rows)
@@ -96,7 +101,7 @@ tags: [diffmoe-hf, class-conditional, mixture-of-experts, digits]
 {DESCRIPTIONS[model]}, trained from scratch on the 1437 training digits of scikit-learn's `load_digits` (the fixed
 stratified split of `diffmoe_hf.evaluation.digits.load_digits_split(seed=0)`; the 360 held-out digits were never
 seen), upsampled 8x8 -> 16x16 by pixel replication. 10 classes, named "0, zero" ... "9, nine". {params:,} parameters
-(float32, {train_info['weights_bytes'] / 1e6:.2f} MB of safetensors). Shipped inside the `diffmoe-hf` package so that
+(float32, {train_info["weights_bytes"] / 1e6:.2f} MB of safetensors). Shipped inside the `diffmoe-hf` package so that
 `diffmoe generate` works offline.
 
 ![samples](samples.png)
@@ -114,12 +119,12 @@ images = pipe(class_labels=["seven", 3], num_inference_steps={STEPS}).images
 bash training/recipes/digits.sh runs/digits          # data, both models, evaluation, cards; seed 0
 ```
 
-`training/train_class_conditional.py` with `--preset {train_info['preset']} --model_family {train_info['family']}`,
-fresh weights, formulation `{formulation}`, {train_info['steps']} steps of batch 64, AdamW lr 1e-3 (constant),
+`training/train_class_conditional.py` with `--preset {train_info["preset"]} --model_family {train_info["family"]}`,
+fresh weights, formulation `{formulation}`, {train_info["steps"]} steps of batch 64, AdamW lr 1e-3 (constant),
 EMA 0.999 (the shipped weights), label dropout 0.1, seed 0. Transformer config: `{config}`.
 
-Training took {train_info['seconds'] / 60:.1f} minutes of wall-clock time on CPU (1 thread, `OMP_NUM_THREADS=1`) on
-a 2-core machine (load average {train_info['load']} when it finished; the recipe trains the models one after the
+Training took {train_info["seconds"] / 60:.1f} minutes of wall-clock time on CPU (1 thread, `OMP_NUM_THREADS=1`) on
+a 2-core machine (load average {train_info["load"]} when it finished; the recipe trains the models one after the
 other).
 
 ## Quality
@@ -128,7 +133,7 @@ other).
 {STEPS} steps of the default scheduler (`{type(pipe.scheduler).__name__}`), the folder's default guidance scale
 {guidance} (`default_guidance_scale` in `model_index.json`).
 Metric definitions in `diffmoe_hf/evaluation/digits.py`; the classifier scores
-{metrics['heldout_classifier_accuracy']:.3f} on held-out real digits.
+{metrics["heldout_classifier_accuracy"]:.3f} on held-out real digits.
 
 | metric | value | target | met |
 |---|---|---|---|

@@ -59,6 +59,7 @@ from diffmoe_hf.training.data import (
 )
 from diffmoe_hf.training_losses import TimeSampling, diffusion_training_loss
 
+
 check_min_version("0.35.0")
 
 logger = get_logger(__name__)
@@ -287,7 +288,9 @@ def load_vae(args, channels: int) -> AutoencoderKL | None:
         return None
     vae = AutoencoderKL.from_pretrained(args.vae_name_or_path or DEFAULT_VAE, cache_dir=args.cache_dir)
     if vae.config.latent_channels != channels:
-        raise ValueError(f"The VAE has {vae.config.latent_channels} latent channels, the transformer takes {channels}.")
+        raise ValueError(
+            f"The VAE has {vae.config.latent_channels} latent channels, the transformer takes {channels}."
+        )
     return vae
 
 
@@ -617,7 +620,9 @@ def main(args):
                         time_sampling=time_sampling,
                     )  # fmt: skip
                 aux = moe_aux_loss(model)
-                loss = result.loss if aux is None or args.aux_loss_coef == 0 else result.loss + args.aux_loss_coef * aux
+                loss = (
+                    result.loss if aux is None or args.aux_loss_coef == 0 else result.loss + args.aux_loss_coef * aux
+                )
                 if touch_all_parameters:
                     loss = loss + 0.0 * sum(p.sum() for p in params)
                 accelerator.backward(loss)

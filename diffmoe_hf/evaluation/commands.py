@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -28,8 +29,11 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: the model's)")
     parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"),
                         help="guide only for LOW < model time < HIGH (default: the model's)")  # fmt: skip
-    parser.add_argument("--guidance-channels", type=int,
-                        help="guide only the first N latent channels (3 reproduces the DiT DDPM samplers)")
+    parser.add_argument(
+        "--guidance-channels",
+        type=int,
+        help="guide only the first N latent channels (3 reproduces the DiT DDPM samplers)",
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model dtype (default fp32)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -104,15 +108,21 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     from .evaluate import PROTOCOLS
 
     parser.add_argument("samples", help="sample batch: .npz (ADM format, arr_0) or an image folder")
-    parser.add_argument("--reference", required=True,
-                        help="reference batch: .npz (images and/or mu, sigma, mu_s, sigma_s) or an image folder")
+    parser.add_argument(
+        "--reference",
+        required=True,
+        help="reference batch: .npz (images and/or mu, sigma, mu_s, sigma_s) or an image folder",
+    )
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="adm",
                         help="adm (default: the ADM evaluator's numerics), jit (torch-fidelity, JiT), float-features "
                         "(un-rounded pixels, DiffMoE / DSMoE)")  # fmt: skip
     parser.add_argument("--inception-weights", help="the Inception weights file (weights-inception-2015-12-05-"
                         "6726825d.pth); default: the torch hub cache, downloaded there only when online")  # fmt: skip
-    parser.add_argument("--allow-nonstandard-weights", action="store_true",
-                        help="accept Inception weights that are not the standard file (scores not comparable)")
+    parser.add_argument(
+        "--allow-nonstandard-weights",
+        action="store_true",
+        help="accept Inception weights that are not the standard file (scores not comparable)",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="images per Inception batch (default 64)")
     parser.add_argument("--output", help="write the JSON record to this file (default: print it)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")

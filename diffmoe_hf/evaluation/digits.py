@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+
 DIGIT_MAX = 16.0
 NUM_CLASSES = 10
 
@@ -66,7 +67,9 @@ def to_digit_space(images: torch.Tensor | np.ndarray) -> np.ndarray:
     if images.ndim == 3:
         images = images.unsqueeze(1)
     if images.ndim != 4 or images.shape[1] != 1 or images.shape[-1] % 8 or images.shape[-2] % 8:
-        raise ValueError(f"Expected (N, 1, H, W) grayscale images with H, W multiples of 8, got {tuple(images.shape)}.")
+        raise ValueError(
+            f"Expected (N, 1, H, W) grayscale images with H, W multiples of 8, got {tuple(images.shape)}."
+        )
     pooled = F.adaptive_avg_pool2d(images, 8)
     return ((pooled + 1) / 2 * DIGIT_MAX).clamp(0, DIGIT_MAX).reshape(len(images), 64).numpy()
 

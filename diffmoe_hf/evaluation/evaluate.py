@@ -22,6 +22,7 @@ import numpy as np
 from . import metrics
 from .inception import InceptionFeatures
 
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
@@ -37,8 +38,9 @@ class Protocol:
 PROTOCOLS = {
     "adm": Protocol("adm", False, "adm-splits-5000", spatial=True, precision_recall=True),
     "jit": Protocol("jit", False, "fidelity-10-shuffled-splits", spatial=False, precision_recall=False),
-    "float-features": Protocol("float-features", True, "adm-splits-5000", spatial=False,
-                               precision_recall=False),  # fmt: skip
+    "float-features": Protocol(
+        "float-features", True, "adm-splits-5000", spatial=False, precision_recall=False
+    ),  # fmt: skip
 }
 
 
@@ -167,7 +169,9 @@ def evaluate_batches(samples: ImageBatch, reference: ImageBatch, network: Incept
     for name, key in (("fid", "pool"), ("sfid", "spatial")):
         if key == "pool" or protocol.spatial:
             sample_statistics = metrics.FeatureStatistics.of(sample_features[key])
-            results[name] = metrics.frechet_distance(sample_statistics, _statistics(reference, reference_features, key))
+            results[name] = metrics.frechet_distance(
+                sample_statistics, _statistics(reference, reference_features, key)
+            )
     if protocol.inception_score == "adm-splits-5000":
         results["inception_score"] = metrics.inception_score(sample_features["logits"])
     else:
@@ -198,13 +202,20 @@ def evaluation_record(protocol: Protocol, network: InceptionFeatures, samples: I
         "samples": samples.describe(),
         "reference": reference.describe(),
         "inception": {
-            "weights": os.path.abspath(network.weights_path), "sha256": network.sha256, "standard": network.standard,
+            "weights": os.path.abspath(network.weights_path),
+            "sha256": network.sha256,
+            "standard": network.standard,
             "network": f"{fidelity.__name__}.FeatureExtractorInceptionV3",
-            "torch_fidelity": _version("torch-fidelity"), "torch": torch.__version__,
+            "torch_fidelity": _version("torch-fidelity"),
+            "torch": torch.__version__,
         },  # fmt: skip
-        "settings": {"batch_size": batch_size, "device": str(network.device), "precision_recall_k": 3,
-                     "inception_score_split_size": 5000 if protocol.inception_score == "adm-splits-5000" else None,
-                     "diffmoe_hf": _version("diffmoe-hf")},  # fmt: skip
+        "settings": {
+            "batch_size": batch_size,
+            "device": str(network.device),
+            "precision_recall_k": 3,
+            "inception_score_split_size": 5000 if protocol.inception_score == "adm-splits-5000" else None,
+            "diffmoe_hf": _version("diffmoe-hf"),
+        },  # fmt: skip
     }
 
 

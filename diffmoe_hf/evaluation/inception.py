@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+
 STANDARD_SHA256_PREFIX = "6726825d"
 STANDARD_FILE_NAMES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
 INSTALL_HINT = "pip install --no-deps torch-fidelity==0.4.0"

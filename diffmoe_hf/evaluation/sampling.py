@@ -35,6 +35,7 @@ import torch
 
 from diffmoe_hf.formulations import get_formulation
 
+
 LABEL_MODES = ("balanced", "random")
 RUN_RECORD = "run.json"
 # separate random streams per purpose, all derived from the run's seed

@@ -1,5 +1,5 @@
-from .transformer_dsmoe import DSMOE_PRESETS, DSMoETransformer2DModel
-from .transformer_jit import JIT_PRESETS, JiTTransformer2DModel
-from .transformer_dynamic_token_moe import DYNAMIC_TOKEN_MOE_PRESETS, DynamicTokenMoETransformer2DModel
-from .transformer_spatial_temporal_moe import SPATIAL_TEMPORAL_MOE_PRESETS, SpatialTemporalMoETransformer2DModel
 from .transformer_dit_moe import DIT_MOE_PRESETS, DiTMoETransformer2DModel
+from .transformer_dsmoe import DSMOE_PRESETS, DSMoETransformer2DModel
+from .transformer_dynamic_token_moe import DYNAMIC_TOKEN_MOE_PRESETS, DynamicTokenMoETransformer2DModel
+from .transformer_jit import JIT_PRESETS, JiTTransformer2DModel
+from .transformer_spatial_temporal_moe import SPATIAL_TEMPORAL_MOE_PRESETS, SpatialTemporalMoETransformer2DModel

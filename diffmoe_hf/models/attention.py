@@ -23,6 +23,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from torch import nn
 
+
 ROTARY_TYPES = ("rope_1d", "rope_2d", "rope_2d_interleaved", "rope_2d_alternating")
 
 

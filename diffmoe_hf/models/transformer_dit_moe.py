@@ -33,6 +33,7 @@ from .embeddings import TimestepClassEmbedding
 from .modeling_common import DiTForwardMixin, preset_config
 from .moe import SoftmaxTopKMoE
 
+
 # `DiT_models` of feizc/DiT-MoE: depth, width and heads of each named architecture (width = heads * head dim).
 DIT_MOE_PRESETS = {
     "DiT-S/2": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, patch_size=2),
@@ -118,7 +119,8 @@ class DiTMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAda
         if shared_expert_intermediate_size is None:
             shared_expert_intermediate_size = 2 * dim
         self.register_to_config(
-            moe_intermediate_size=moe_intermediate_size, shared_expert_intermediate_size=shared_expert_intermediate_size
+            moe_intermediate_size=moe_intermediate_size,
+            shared_expert_intermediate_size=shared_expert_intermediate_size,
         )
         self.out_channels = out_channels if out_channels is not None else in_channels
 

@@ -26,6 +26,7 @@ from .embeddings import TimestepClassEmbedding
 from .modeling_common import DiTForwardMixin, preset_config
 from .moe import DeepSeekMoE
 
+
 # The seven released models (yaml configs of yhlleo/EfficientMoE, DSMoE/config/). All: 256px ImageNet (latent 32x32x4),
 # patch 2, learned-sigma output (8 channels), rope 2d, LayerNorm, MoE on odd layers, one shared expert.
 DSMOE_PRESETS = {
@@ -120,7 +121,9 @@ class DSMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdap
     ):
         super().__init__()
         if positional_embedding not in POSITIONAL_EMBEDDINGS:
-            raise ValueError(f"positional_embedding={positional_embedding!r}; expected one of {POSITIONAL_EMBEDDINGS}.")
+            raise ValueError(
+                f"positional_embedding={positional_embedding!r}; expected one of {POSITIONAL_EMBEDDINGS}."
+            )
         dim = num_attention_heads * attention_head_dim
         self.out_channels = out_channels if out_channels is not None else in_channels
         moe_layers = list(range(1, num_layers, 2)) if moe_layers is None else list(moe_layers)

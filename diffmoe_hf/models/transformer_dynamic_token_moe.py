@@ -25,6 +25,7 @@ from .embeddings import TimestepClassEmbedding
 from .modeling_common import DiTForwardMixin, preset_config
 from .moe import DynamicTokenMoE
 
+
 # The DiffMoE configs of yhlleo/EfficientMoE (DSMoE/config/000_DiffMoE_*_Flow.yaml). All: 256px ImageNet (latent
 # 32x32x4), patch 2, learned-sigma output (8 channels), mlp_ratio 4, capacity 1, MoE on odd layers, no shared expert.
 # "DiffMoE-L-E16" is what 000_DiffMoE_L_E16_Flow.yaml defines: 8 experts, the same model as "DiffMoE-L-E8".
@@ -142,10 +143,7 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
             return AdaLNZeroMoETransformerBlock if index in moe_layers else AdaLNZeroTransformerBlock
 
         self.transformer_blocks = nn.ModuleList(
-            [
-                _block_class(i)(dim, num_attention_heads, attention_head_dim, feed_forward(i))
-                for i in range(num_layers)
-            ]
+            [_block_class(i)(dim, num_attention_heads, attention_head_dim, feed_forward(i)) for i in range(num_layers)]
         )
         self.proj_out = PatchOutputLayer(dim, patch_size, self.out_channels)
         self.gradient_checkpointing = False

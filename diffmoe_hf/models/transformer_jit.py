@@ -39,8 +39,10 @@ from .modeling_common import DiTForwardMixin
 from .moe import DeepSeekMoE, SwiGLU
 from .validation import check_model_inputs
 
-_E16 = dict(num_experts=16, num_experts_per_tok=2, n_group=2, topk_group=2, routed_scaling_factor=2.5,
-            num_shared_experts=1)
+
+_E16 = dict(
+    num_experts=16, num_experts_per_tok=2, n_group=2, topk_group=2, routed_scaling_factor=2.5, num_shared_experts=1
+)
 
 # `JiT_models` of yhlleo/EfficientMoE `JiTMoE/model_jit.py` (names as recorded in a checkpoint's `args.model`). All:
 # 256px RGB, ImageNet-1k, mlp_ratio 4, 32 in-context class tokens. The `-E16` models are JiTMoE, MoE on odd blocks.

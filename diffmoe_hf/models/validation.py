@@ -3,7 +3,9 @@
 import torch
 
 
-def check_model_inputs(config, hidden_states: torch.Tensor, timestep, class_labels) -> tuple[torch.Tensor, torch.Tensor]:
+def check_model_inputs(
+    config, hidden_states: torch.Tensor, timestep, class_labels
+) -> tuple[torch.Tensor, torch.Tensor]:
     """
     Validates a transformer call and broadcasts its conditioning to the batch.
 
@@ -17,10 +19,14 @@ def check_model_inputs(config, hidden_states: torch.Tensor, timestep, class_labe
         `(timestep, class_labels)` as (B,) tensors on the input's device.
     """
     if hidden_states.ndim != 4:
-        raise ValueError(f"hidden_states must be (batch, channels, height, width), got shape {tuple(hidden_states.shape)}.")
+        raise ValueError(
+            f"hidden_states must be (batch, channels, height, width), got shape {tuple(hidden_states.shape)}."
+        )
     batch_size, channels, height, width = hidden_states.shape
     if channels != config.in_channels:
-        raise ValueError(f"hidden_states has {channels} channels but the model takes in_channels={config.in_channels}.")
+        raise ValueError(
+            f"hidden_states has {channels} channels but the model takes in_channels={config.in_channels}."
+        )
     patch = config.patch_size
     if height % patch or width % patch:
         raise ValueError(f"Height and width ({height}x{width}) must be multiples of the patch size {patch}.")

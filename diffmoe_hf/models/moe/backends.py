@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as module_hooks
 
+
 EXPERT_BACKENDS = ("auto", "modules", "segment_linear", "grouped_mm")
 
 
@@ -116,4 +117,3 @@ def resolve_expert_backend(requested: str, projections: list[nn.Module], rows: t
     if not all(_reads_weights_directly(linear, dtype, device) for linear in projections):
         return "modules"
     return default_expert_backend(rows) if requested == "auto" else requested
-

@@ -38,7 +38,9 @@ class ExpertSegments(NamedTuple):
         return torch.diff(self.offsets, prepend=self.offsets.new_zeros(1)).tolist()
 
 
-def segments_from_topk(expert_ids: torch.Tensor, expert_weights: torch.Tensor | None, num_experts: int) -> ExpertSegments:
+def segments_from_topk(
+    expert_ids: torch.Tensor, expert_weights: torch.Tensor | None, num_experts: int
+) -> ExpertSegments:
     """
     Sorts token-choice routing by expert.
 

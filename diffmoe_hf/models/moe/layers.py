@@ -92,7 +92,9 @@ class SoftmaxTopKMoE(nn.Module):
         self.num_experts = num_experts
         self.router = SoftmaxTopKRouter(dim, num_experts, num_experts_per_tok, aux_loss_alpha, normalize_weights)
         self.experts = SwiGLUExperts(num_experts, dim, intermediate_size, bias=bias)
-        self.shared_experts = SwiGLU(dim, shared_intermediate_size, bias=bias) if shared_intermediate_size > 0 else None
+        self.shared_experts = (
+            SwiGLU(dim, shared_intermediate_size, bias=bias) if shared_intermediate_size > 0 else None
+        )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, N, D) -> (B, N, D). Routing is per token, so each sample's output is independent of the batch."""

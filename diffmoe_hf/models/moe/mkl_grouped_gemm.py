@@ -19,6 +19,7 @@ import os
 
 import torch
 
+
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
 
@@ -83,7 +84,9 @@ def _mkl_sgemm_batch():
             sgemm_batch = ctypes.CDLL(path).cblas_sgemm_batch
         except (OSError, AttributeError):
             continue
-        int_array, float_array, pointer_array = (ctypes.POINTER(t) for t in (ctypes.c_int, ctypes.c_float, ctypes.c_void_p))
+        int_array, float_array, pointer_array = (
+            ctypes.POINTER(t) for t in (ctypes.c_int, ctypes.c_float, ctypes.c_void_p)
+        )
         sgemm_batch.restype = None
         sgemm_batch.argtypes = [ctypes.c_int, int_array, int_array, int_array, int_array, int_array, float_array,
                                 pointer_array, int_array, pointer_array, int_array, float_array, pointer_array,
