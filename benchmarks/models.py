@@ -25,7 +25,9 @@ from diffmoe_hf.models import (
     JiTTransformer2DModel,
     SpatialTemporalMoETransformer2DModel,
 )
-from diffmoe_hf.models.moe import DynamicTokenMoE, GeluMLPExperts, SpatialTemporalMoE, SwiGLU
+from diffmoe_hf.models.dynamic_token_moe_layer import DynamicTokenMoE
+from diffmoe_hf.models.moe import GeluMLPExperts, SwiGLU
+from diffmoe_hf.models.spatial_temporal_moe_layer import SpatialTemporalMoE
 
 
 @register_flop_formula(torch.ops.diffmoe_hf.segment_mm)

@@ -18,8 +18,8 @@ from diffmoe_hf import (
     JiTTransformer2DModel,
     SpatialTemporalMoETransformer2DModel,
 )
+from diffmoe_hf.models.dynamic_token_moe_layer import DynamicTokenMoE
 from diffmoe_hf.models.moe import (
-    DynamicTokenMoE,
     StackedLinearExperts,
     default_expert_backend,
     reads_weights_directly,

@@ -12,13 +12,9 @@ from diffmoe_hf import ClassConditionalMoEPipeline, DynamicTokenMoETransformer2D
 from diffmoe_hf.conversion import CheckpointError, convert_checkpoint, load_original_checkpoint
 from diffmoe_hf.conversion.convert_dynamic_token_moe import build_dynamic_token_moe_transformer
 from diffmoe_hf.formulations import get_formulation
-from diffmoe_hf.models.moe import (
-    DynamicTokenMoE,
-    GroupedExperts,
-    dynamic_token,
-    moe_aux_loss,
-    segments_from_expert_choice,
-)
+from diffmoe_hf.models import dynamic_token_moe_layer
+from diffmoe_hf.models.dynamic_token_moe_layer import DynamicTokenMoE
+from diffmoe_hf.models.moe import GroupedExperts, moe_aux_loss, segments_from_expert_choice
 
 from .conftest import parity_root
 from .helpers import assert_float32_close, float32_tolerance, model_float32_tolerance
@@ -193,9 +189,9 @@ def test_training_thresholds_are_averaged_across_ranks(monkeypatch):
         assert op == torch.distributed.ReduceOp.SUM
         tensor += other_rank
 
-    monkeypatch.setattr(dynamic_token.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dynamic_token.dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(dynamic_token.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dynamic_token_moe_layer.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dynamic_token_moe_layer.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dynamic_token_moe_layer.dist, "all_reduce", all_reduce)
     layer = tiny_layer().train()
     hidden = torch.randn(2, 8, DIM)
     probs = layer.capacity_predictor(hidden.reshape(-1, DIM)).sigmoid()

@@ -1,22 +1,17 @@
 """The MKL grouped GEMM behind CPU `segment_linear` computes what one `torch.mm` per GEMM computes, and the expert
 path gives the same values and gradients with and without it."""
 
-import importlib
 import platform
 
 import pytest
 import torch
 
-from diffmoe_hf.models.moe import mkl_grouped_gemm
-from diffmoe_hf.models.moe.dispatch import segment_linear
-from diffmoe_hf.models.moe.mkl_grouped_gemm import grouped_matmul_
+from diffmoe_hf.models.moe.ops import grouped_gemm, mkl_grouped_gemm
+from diffmoe_hf.models.moe.ops.grouped_gemm import segment_linear
+from diffmoe_hf.models.moe.ops.mkl_grouped_gemm import grouped_matmul_
 
 from .helpers import assert_float32_close, float32_tolerance
 
-
-dispatch_module = importlib.import_module(
-    "diffmoe_hf.models.moe.dispatch"
-)  # the package re-exports a function of that name
 
 mkl_on_x86 = pytest.mark.skipif(
     not torch.backends.mkl.is_available() or platform.machine() not in ("x86_64", "AMD64"),
@@ -76,7 +71,7 @@ def test_segment_linear_agrees_with_and_without_the_grouped_gemm(grouped, sizes,
     weights = [torch.randn(5 if i % 2 == 0 else 4, 8, requires_grad=True) for i in range(8)]  # (gate, up) x 4
     biases = [torch.randn(w.shape[0], requires_grad=True) for w in weights]
     if not grouped:
-        monkeypatch.setattr(dispatch_module, "grouped_matmul_", lambda *args, **kwargs: False)
+        monkeypatch.setattr(grouped_gemm, "grouped_matmul_", lambda *args, **kwargs: False)
     out = segment_linear(rows, weights, biases, offsets)
     upstream = torch.randn_like(out)
     grads = torch.autograd.grad((out * upstream).sum(), [rows, *weights, *biases])
@@ -94,7 +89,7 @@ def test_segment_linear_agrees_with_and_without_the_grouped_gemm(grouped, sizes,
 
 def test_segments_are_one_gemm_per_projection():
     offsets = torch.tensor([300, 307, 307, 327], dtype=torch.int32)
-    whole = [(b.index, b.start, b.end, b.column, b.width) for b in dispatch_module._blocks(offsets, [5, 4])]
+    whole = [(b.index, b.start, b.end, b.column, b.width) for b in grouped_gemm._blocks(offsets, [5, 4])]
     assert whole == [(0, 0, 300, 0, 5), (1, 0, 300, 5, 4), (2, 300, 307, 0, 5), (3, 300, 307, 5, 4),
                      (6, 307, 327, 0, 5), (7, 307, 327, 5, 4)]  # fmt: skip  # the expert without rows has none
 

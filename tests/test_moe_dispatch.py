@@ -3,7 +3,7 @@
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 
-from diffmoe_hf.models.moe import DeepSeekMoE, SigmoidGroupLimitedRouter, SwiGLUExperts, dispatch, segments_from_topk
+from diffmoe_hf.models.moe import DeepSeekMoE, SigmoidGroupLimitedRouter, SwiGLUExperts, segments_from_topk
 
 from .helpers import assert_float32_close, float32_tolerance
 
@@ -40,7 +40,7 @@ def test_grouped_dispatch_matches_naive_loop():
         hidden, ids, weights = _routing(k=k)
         ids = ids.unique(dim=1) if k > 1 else ids
         with torch.no_grad():
-            got = dispatch(hidden, segments_from_topk(ids, weights, 6), experts)
+            got = experts.forward_routed(hidden, segments_from_topk(ids, weights, 6))
             _close(got, _naive(hidden, ids, weights, experts))
 
 
@@ -52,10 +52,10 @@ def test_in_place_inference_matches_autograd_path_and_frozen_experts_still_pass_
         experts = SwiGLUExperts(6, 16, 12, bias=bias).requires_grad_(False)
         hidden, ids, weights = _routing()
         with torch.no_grad():
-            inference = dispatch(hidden, segments_from_topk(ids, weights, 6), experts)
+            inference = experts.forward_routed(hidden, segments_from_topk(ids, weights, 6))
         leaves = [hidden.clone().requires_grad_(), weights.clone().requires_grad_()]
         reference = [hidden.clone().requires_grad_(), weights.clone().requires_grad_()]
-        trained = dispatch(leaves[0], segments_from_topk(ids, leaves[1], 6), experts)
+        trained = experts.forward_routed(leaves[0], segments_from_topk(ids, leaves[1], 6))
         _close(trained, inference)
         trained.square().sum().backward()
         _naive(reference[0], ids, reference[1], experts).square().sum().backward()
@@ -69,11 +69,11 @@ def test_lora_wrapped_experts_take_the_module_path_and_agree():
     hidden, ids, weights = _routing()
     segments = segments_from_topk(ids, weights, 6)
     with torch.no_grad():
-        before = dispatch(hidden, segments, experts)
+        before = experts.forward_routed(hidden, segments)
     wrapped = inject_adapter_in_model(LoraConfig(r=2, target_modules=["gate_proj", "up_proj", "down_proj"]), experts)
     assert wrapped.backend(hidden) == "modules"
     with torch.no_grad():  # lora_B starts at zero: same function, other code path
-        _close(dispatch(hidden, segments, wrapped), before)
+        _close(wrapped.forward_routed(hidden, segments), before)
 
 
 def test_in_place_weight_updates_are_seen():
@@ -82,9 +82,9 @@ def test_in_place_weight_updates_are_seen():
     hidden, ids, weights = _routing(num_experts=4)
     segments = segments_from_topk(ids, weights, 4)
     with torch.no_grad():
-        first = dispatch(hidden, segments, experts)
+        first = experts.forward_routed(hidden, segments)
         experts[ids[0, 0]].down_proj.weight.mul_(2.0)
-        second = dispatch(hidden, segments, experts)
+        second = experts.forward_routed(hidden, segments)
     assert not torch.allclose(first, second)
     with torch.no_grad():
         _close(second, _naive(hidden, ids, weights, experts))
@@ -129,7 +129,7 @@ def test_dispatch_compiles_without_graph_breaks():
 
 
 def test_segment_mm_gradients_match_per_segment_matmuls():
-    from diffmoe_hf.models.moe.dispatch import segment_mm
+    from diffmoe_hf.models.moe.ops.grouped_gemm import segment_mm
 
     torch.manual_seed(0)
     rows = torch.randn(10, 8, requires_grad=True)
@@ -150,5 +150,5 @@ def test_unaligned_expert_width_falls_back_to_the_segment_loop():
     experts = SwiGLUExperts(4, 16, 6)  # 6 fp32 features are not 16-byte aligned: no grouped GEMM kernel
     hidden, ids, weights = _routing(num_experts=4)
     with torch.no_grad():
-        got = dispatch(hidden, segments_from_topk(ids, weights, 4), experts)
+        got = experts.forward_routed(hidden, segments_from_topk(ids, weights, 4))
         _close(got, _naive(hidden, ids, weights, experts))

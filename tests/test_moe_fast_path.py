@@ -4,8 +4,10 @@ modules, in values and gradients, for every family's MoE layer, and compile with
 import pytest
 import torch
 
-from diffmoe_hf.models.moe import DeepSeekMoE, DynamicTokenMoE, SoftmaxTopKMoE, SpatialTemporalMoE, set_expert_backend
-from diffmoe_hf.models.moe.dispatch import segment_linear
+from diffmoe_hf.models.dynamic_token_moe_layer import DynamicTokenMoE
+from diffmoe_hf.models.moe import DeepSeekMoE, segment_linear, set_expert_backend
+from diffmoe_hf.models.spatial_temporal_moe_layer import SpatialTemporalMoE
+from diffmoe_hf.models.transformer_dit_moe import SoftmaxTopKMoE
 
 from .helpers import assert_float32_close, float32_tolerance
 
@@ -120,7 +122,7 @@ def test_each_family_layer_compiles_fullgraph_forward_and_backward(name):
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_cpu_default_backend_runs_segment_linear_on_the_experts_own_weights(mode, monkeypatch):
-    from diffmoe_hf.models.moe import experts as experts_module
+    from diffmoe_hf.models.moe.layers import experts as experts_module
 
     layer = _layers()["deepseek"].train(mode == "train")
     calls = []

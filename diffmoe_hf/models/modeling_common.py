@@ -96,6 +96,6 @@ class DiTForwardMixin(CacheMixin):
         `"segment_linear"`), `"modules"` (each expert module on its tokens), `"segment_linear"` or `"grouped_mm"`. A
         fast backend steps aside to `"modules"` by itself wherever the experts' weights cannot be read directly
         (LoRA on experts, layerwise casting, leaf-level group offloading, quantized weights); see
-        `diffmoe_hf.models.moe.backends`.
+        `diffmoe_hf.models.moe.layers.expert_backends`.
         """
         set_expert_backend(self, backend)

@@ -31,7 +31,7 @@ from torch import nn
 from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer
 from .embeddings import TimestepClassEmbedding
 from .modeling_common import DiTForwardMixin, preset_config
-from .moe import SoftmaxTopKMoE
+from .moe import SoftmaxTopKRouter, SwiGLU, SwiGLUExperts, segments_from_topk
 
 
 # `DiT_models` of feizc/DiT-MoE: depth, width and heads of each named architecture (width = heads * head dim).
@@ -51,6 +51,56 @@ DIT_MOE_PRESETS = {
     "DiT-G/2": dict(num_layers=40, num_attention_heads=16, attention_head_dim=88, patch_size=2),
 }  # fmt: skip
 QK_NORMS = (None, "layer_norm")
+
+
+class SoftmaxTopKMoE(nn.Module):
+    """
+    MoE feed-forward with softmax top-k routing (DiT-MoE's `SparseMoeBlock`): a `SoftmaxTopKRouter` sends each token
+    to k of E SwiGLU experts, whose outputs are weighted by the raw router probabilities (not renormalised unless
+    `normalize_weights`), and an optional shared SwiGLU expert that every token passes through is added unweighted.
+    There is no residual inside the layer.
+
+    In training mode the router stores its load-balancing loss in `router.aux_loss` (see `moe_aux_loss`).
+
+    Args:
+        dim (`int`): Token width D.
+        num_experts (`int`): Routed experts E.
+        intermediate_size (`int`): Hidden width of each routed expert.
+        num_experts_per_tok (`int`): Experts per token k.
+        shared_intermediate_size (`int`): Hidden width of the shared expert; 0 for none.
+        aux_loss_alpha (`float`): Weight of the load-balancing loss (0 disables it).
+        normalize_weights (`bool`): Renormalise each token's k weights to sum to 1.
+        bias (`bool`): Biases on the expert projections.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        intermediate_size: int,
+        num_experts_per_tok: int,
+        shared_intermediate_size: int = 0,
+        aux_loss_alpha: float = 0.01,
+        normalize_weights: bool = False,
+        bias: bool = False,
+    ):
+        super().__init__()
+        self.num_experts = num_experts
+        self.router = SoftmaxTopKRouter(dim, num_experts, num_experts_per_tok, aux_loss_alpha, normalize_weights)
+        self.experts = SwiGLUExperts(num_experts, dim, intermediate_size, bias=bias)
+        self.shared_experts = (
+            SwiGLU(dim, shared_intermediate_size, bias=bias) if shared_intermediate_size > 0 else None
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (B, N, D). Routing is per token, so each sample's output is independent of the batch."""
+        tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
+        expert_ids, expert_weights = self.router(tokens)
+        routed = self.experts.forward_routed(tokens, segments_from_topk(expert_ids, expert_weights, self.num_experts))
+        routed = routed.to(hidden_states.dtype).view_as(hidden_states)
+        if self.shared_experts is not None:
+            return routed + self.shared_experts(hidden_states)
+        return routed
 
 
 class DiTMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):

@@ -21,9 +21,9 @@ from diffusers.utils import apply_lora_scale
 from torch import nn
 
 from .blocks import AdaLNZeroMoETransformerBlock, AdaLNZeroTransformerBlock, PatchOutputLayer
+from .dynamic_token_moe_layer import DynamicTokenMoE
 from .embeddings import TimestepClassEmbedding
 from .modeling_common import DiTForwardMixin, preset_config
-from .moe import DynamicTokenMoE
 
 
 # The DiffMoE configs of yhlleo/EfficientMoE (DSMoE/config/000_DiffMoE_*_Flow.yaml). All: 256px ImageNet (latent

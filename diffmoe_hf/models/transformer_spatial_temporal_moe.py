@@ -28,7 +28,7 @@ from .attention import RotaryTables, rotary_tables
 from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer, modulate
 from .embeddings import TimestepClassEmbedding
 from .modeling_common import DiTForwardMixin, preset_config
-from .moe import SpatialTemporalMoE
+from .spatial_temporal_moe_layer import SpatialTemporalMoE
 
 
 def _preset(num_layers: int, dim: int, heads: int, patch_size: int, intermediate_size: int, shared: int) -> dict:

@@ -1,14 +1,33 @@
-from .backends import EXPERT_BACKENDS, default_expert_backend, reads_weights_directly, resolve_expert_backend
-from .dispatch import (
-    ExpertSegments,
-    combine_segments,
-    dispatch,
-    grouped_linear,
-    segments_from_expert_choice,
-    segments_from_topk,
+"""The MoE code every family shares, split like megablocks into layers and ops.
+
+- `layers/`: `nn.Module`s a model builds: the routers (`routers`), the expert banks and how they run their experts
+  (`experts`, `expert_backends`), and the DeepSeek-style MoE feed-forward of DSMoE and JiTMoE (`deepseek_moe`).
+- `ops/`: tensor functions and custom ops with no parameters: the routing layout (`routing_layout`: routed pairs
+  sorted into per-expert segments and combined back) and the grouped GEMMs that run all experts at once
+  (`grouped_gemm`, `mkl_grouped_gemm`).
+
+A MoE layer routes its tokens (router -> expert ids and weights), lays the routing out as `ExpertSegments`, and calls
+its bank's `forward_routed`, which gathers the rows, runs every expert on its segment and sums the weighted outputs
+back onto the tokens. MoE layers used by one family only live next to that family's model
+(`diffmoe_hf/models/transformer_dit_moe.py`, `dynamic_token_moe_layer.py`, `spatial_temporal_moe_layer.py`).
+"""
+
+from .layers.deepseek_moe import DeepSeekMoE
+from .layers.expert_backends import (
+    EXPERT_BACKENDS,
+    default_expert_backend,
+    reads_weights_directly,
+    resolve_expert_backend,
 )
-from .dynamic_token import CapacityPredictor, DynamicTokenMoE
-from .experts import GeluMLPExperts, GroupedExperts, StackedLinearExperts, SwiGLU, SwiGLUExperts, set_expert_backend
-from .layers import DeepSeekMoE, SoftmaxTopKMoE
-from .routers import SigmoidGroupLimitedRouter, SoftmaxTopKRouter, moe_aux_loss
-from .spatial_temporal_moe import LowRankModulation, ModulatedSwiGLU, ModulatedSwiGLUExperts, SpatialTemporalMoE
+from .layers.experts import (
+    GeluMLPExperts,
+    GroupedExperts,
+    StackedLinearExperts,
+    SwiGLU,
+    SwiGLUExperts,
+    set_expert_backend,
+    swiglu_activation,
+)
+from .layers.routers import SigmoidGroupLimitedRouter, SoftmaxTopKRouter, moe_aux_loss
+from .ops.grouped_gemm import grouped_linear, segment_linear, segment_mm
+from .ops.routing_layout import ExpertSegments, combine_segments, segments_from_expert_choice, segments_from_topk

@@ -6,9 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dispatch import ExpertSegments, dispatch, segments_from_topk
-from .experts import StackedLinearExperts, swiglu_activation
-from .routers import SoftmaxTopKRouter
+from .moe import ExpertSegments, SoftmaxTopKRouter, StackedLinearExperts, segments_from_topk, swiglu_activation
 
 
 class LowRankModulation(nn.Module):
@@ -122,7 +120,7 @@ class ModulatedSwiGLUExperts(StackedLinearExperts):
         backend = self.backend(rows)
         if backend == "modules":
             return self._forward_per_expert(rows, segments, conditioning[sample_index], channel_weights[sample_index])
-        project = self.segment_linear if backend == "segment_linear" else self.grouped_linear
+        project = self.project_with_own_weights if backend == "segment_linear" else self.project_with_stacked_weights
         # modulation of every expert for every sample: (B, E, 3D), then one row per routed token
         modulation = torch.stack([expert.modulation(conditioning) for expert in self], dim=1)
         shift, scale, gate = modulation.chunk(3, dim=-1)
@@ -201,10 +199,9 @@ class SpatialTemporalMoE(nn.Module):
         channel_weights = self.recalibration(hidden_states.mean(dim=1))
         expert_ids, expert_weights = self.router(tokens)
         segments = segments_from_topk(expert_ids, expert_weights, self.num_experts)
-        routed = dispatch(
+        routed = self.experts.forward_routed(
             tokens,
             segments,
-            self.experts,
             conditioning=conditioning,
             channel_weights=channel_weights,
             tokens_per_sample=num_tokens,

@@ -7,8 +7,7 @@ import torch.nn.functional as F
 from diffusers.models.attention import FeedForward
 from torch import nn
 
-from .dispatch import ExpertSegments, dispatch, segments_from_expert_choice
-from .experts import GeluMLPExperts
+from .moe import ExpertSegments, GeluMLPExperts, segments_from_expert_choice
 
 
 class Float32Linear(nn.Linear):
@@ -159,7 +158,7 @@ class DynamicTokenMoE(nn.Module):
         else:
             segments = self._select_for_inference(tokens, scores)
         self.selection = segments._replace(weights=segments.weights.detach())
-        routed = dispatch(tokens, segments, self.experts).to(hidden_states.dtype).view_as(hidden_states)
+        routed = self.experts.forward_routed(tokens, segments).to(hidden_states.dtype).view_as(hidden_states)
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(hidden_states)
         return routed

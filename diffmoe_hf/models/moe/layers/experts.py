@@ -1,13 +1,14 @@
 """Expert banks: a `ModuleList` of per-expert modules (checkpoint- and LoRA-friendly `nn.Linear`s) that can also
-run all experts at once on expert-sorted rows, through the bank's expert backend (see `backends`)."""
+run all experts at once on expert-sorted rows, through the bank's expert backend (see `expert_backends`)."""
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention import FeedForward
 from torch import nn
 
-from .backends import check_expert_backend, resolve_expert_backend
-from .dispatch import ExpertSegments, grouped_linear, segment_linear
+from ..ops.grouped_gemm import grouped_linear, segment_linear
+from ..ops.routing_layout import ExpertSegments, combine_segments
+from .expert_backends import check_expert_backend, resolve_expert_backend
 
 
 class SwiGLU(nn.Module):
@@ -56,7 +57,7 @@ def _submodule(module: nn.Module, path: list[str]) -> nn.Module:
 class GroupedExperts(nn.ModuleList):
     """
     E experts stored as `experts.{e}.<module>` (state-dict and LoRA friendly). `forward_grouped` runs expert e on the
-    e-th segment of expert-sorted rows, through the bank's `expert_backend` (see `backends`): this base class has only
+    e-th segment of expert-sorted rows, through the bank's `expert_backend` (see `expert_backends`): this base class has only
     the `"modules"` backend (each expert module called on its segment); subclasses add the fast backends for
     experts made of `nn.Linear` projections, and fall back to `"modules"` whenever reading the projections' weights
     directly would not give what calling them computes.
@@ -67,6 +68,25 @@ class GroupedExperts(nn.ModuleList):
     """
 
     expert_backend: str = "auto"
+
+    def forward_routed(self, tokens: torch.Tensor, segments: ExpertSegments, **expert_inputs) -> torch.Tensor:
+        """
+        Runs the experts on the routed tokens and sums each token's weighted expert outputs: the rows of
+        `segments.token_index` are gathered once, each expert runs on its contiguous segment (`forward_grouped`), and
+        the outputs are scaled by `segments.weights` and added back onto their tokens with one `index_add_`.
+
+        Args:
+            tokens: (S, D) token pool.
+            segments: the routing sorted by expert (`segments_from_topk`, or a family's own selection).
+            expert_inputs: extra per-call inputs of `forward_grouped` (e.g. Diff-MoE's per-sample conditioning, which
+                the bank gathers per row through `segments.token_index`).
+
+        Returns:
+            (S, D) weighted sum of each token's expert outputs (zero for tokens no expert took).
+        """
+        rows = tokens.index_select(0, segments.token_index)
+        expert_out = self.forward_grouped(rows, segments, **expert_inputs)  # a new tensor
+        return combine_segments(expert_out, segments, tokens.shape[0], scale_in_place=not torch.is_grad_enabled())
 
     def forward_grouped(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
         """(R, D) rows sorted by expert -> (R, D) outputs of each row's expert."""
@@ -82,7 +102,7 @@ def set_expert_backend(module: nn.Module, backend: str) -> None:
     Sets the `expert_backend` of every expert bank in `module` (a model or a layer).
 
     Args:
-        backend: `"auto"`, `"modules"`, `"segment_linear"` or `"grouped_mm"` (see `diffmoe_hf.models.moe.backends`).
+        backend: `"auto"`, `"modules"`, `"segment_linear"` or `"grouped_mm"` (see `diffmoe_hf.models.moe.layers.expert_backends`).
     """
     check_expert_backend(backend)
     for submodule in module.modules():
@@ -142,12 +162,12 @@ class StackedLinearExperts(GroupedExperts):
             return None
         return torch.stack([torch.cat(tensors[e : e + len(paths)]) for e in range(0, len(tensors), len(paths))])
 
-    def segment_linear(self, rows: torch.Tensor, segments: ExpertSegments, *paths: str) -> torch.Tensor:
+    def project_with_own_weights(self, rows: torch.Tensor, segments: ExpertSegments, *paths: str) -> torch.Tensor:
         """The projections at `paths` of each row's expert, concatenated, from the experts' own weights."""
         weights, biases = self.own_parameters("weight", *paths), self.own_parameters("bias", *paths)
         return segment_linear(rows, weights, biases, segments.offsets)
 
-    def grouped_linear(self, rows: torch.Tensor, segments: ExpertSegments, *paths: str) -> torch.Tensor:
+    def project_with_stacked_weights(self, rows: torch.Tensor, segments: ExpertSegments, *paths: str) -> torch.Tensor:
         """The projections at `paths` of each row's expert, concatenated, as one grouped GEMM over stacked weights."""
         return grouped_linear(rows, self.stacked("weight", *paths), segments, self.stacked("bias", *paths))
 
@@ -170,12 +190,12 @@ class SwiGLUExperts(StackedLinearExperts):
         super().__init__([SwiGLU(dim, intermediate_size, bias=bias) for _ in range(num_experts)])
 
     def _forward_segment_linear(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
-        gate_up = self.segment_linear(rows, segments, "gate_proj", "up_proj")  # (R, 2I) as [gate | up]
-        return self.segment_linear(swiglu_activation(gate_up), segments, "down_proj")
+        gate_up = self.project_with_own_weights(rows, segments, "gate_proj", "up_proj")  # (R, 2I) as [gate | up]
+        return self.project_with_own_weights(swiglu_activation(gate_up), segments, "down_proj")
 
     def _forward_grouped_mm(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
-        gate_up = self.grouped_linear(rows, segments, "gate_proj", "up_proj")
-        return self.grouped_linear(swiglu_activation(gate_up), segments, "down_proj")
+        gate_up = self.project_with_stacked_weights(rows, segments, "gate_proj", "up_proj")
+        return self.project_with_stacked_weights(swiglu_activation(gate_up), segments, "down_proj")
 
 
 class GeluMLPExperts(StackedLinearExperts):
@@ -201,9 +221,9 @@ class GeluMLPExperts(StackedLinearExperts):
         )
 
     def _forward_segment_linear(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
-        hidden = gelu_tanh_activation(self.segment_linear(rows, segments, "net.0.proj"))
-        return self.segment_linear(hidden, segments, "net.2")
+        hidden = gelu_tanh_activation(self.project_with_own_weights(rows, segments, "net.0.proj"))
+        return self.project_with_own_weights(hidden, segments, "net.2")
 
     def _forward_grouped_mm(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
-        hidden = gelu_tanh_activation(self.grouped_linear(rows, segments, "net.0.proj"))
-        return self.grouped_linear(hidden, segments, "net.2")
+        hidden = gelu_tanh_activation(self.project_with_stacked_weights(rows, segments, "net.0.proj"))
+        return self.project_with_stacked_weights(hidden, segments, "net.2")

@@ -1,0 +1,58 @@
+"""The DeepSeek-style MoE feed-forward shared by DSMoE and JiTMoE: a sigmoid group-limited router over SwiGLU experts,
+plus shared experts."""
+
+import torch
+from torch import nn
+
+from ..ops.routing_layout import segments_from_topk
+from .experts import SwiGLU, SwiGLUExperts
+from .routers import SigmoidGroupLimitedRouter
+
+
+class DeepSeekMoE(nn.Module):
+    """
+    DeepSeek-style MoE feed-forward (DSMoE, JiTMoE): sigmoid group-limited routing over SwiGLU experts, plus shared
+    SwiGLU experts that every token passes through. Without shared experts the layer adds its own input instead (as
+    the original DSMoE / JiTMoE code does).
+
+    Args:
+        dim (`int`): Token width D.
+        num_experts (`int`): Routed experts E.
+        intermediate_size (`int`): Hidden width of each expert.
+        num_experts_per_tok (`int`): Experts per token k.
+        n_group (`int`), topk_group (`int`), routed_scaling_factor (`float`): See `SigmoidGroupLimitedRouter`.
+        num_shared_experts (`int`): Shared experts, fused into one SwiGLU of width `num_shared_experts * intermediate_size`.
+        bias (`bool`): Biases on the expert projections (JiTMoE) or not (DSMoE).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        intermediate_size: int,
+        num_experts_per_tok: int,
+        n_group: int = 1,
+        topk_group: int = 1,
+        routed_scaling_factor: float = 1.0,
+        num_shared_experts: int = 1,
+        bias: bool = False,
+    ):
+        super().__init__()
+        self.num_experts = num_experts
+        self.router = SigmoidGroupLimitedRouter(
+            dim, num_experts, num_experts_per_tok, n_group, topk_group, routed_scaling_factor
+        )
+        self.experts = SwiGLUExperts(num_experts, dim, intermediate_size, bias=bias)
+        self.shared_experts = (
+            SwiGLU(dim, num_shared_experts * intermediate_size, bias=bias) if num_shared_experts > 0 else None
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (B, N, D). Routing is per token, so each sample's output is independent of the batch."""
+        tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
+        expert_ids, expert_weights = self.router(tokens)
+        routed = self.experts.forward_routed(tokens, segments_from_topk(expert_ids, expert_weights, self.num_experts))
+        routed = routed.to(hidden_states.dtype).view_as(hidden_states)
+        if self.shared_experts is not None:
+            return routed + self.shared_experts(hidden_states)
+        return routed + hidden_states

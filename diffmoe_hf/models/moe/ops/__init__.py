@@ -1,0 +1,1 @@
+"""Parameter-free MoE tensor functions: the routing layout and the grouped GEMMs (custom ops that compile)."""
