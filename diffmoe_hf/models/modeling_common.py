@@ -35,6 +35,24 @@ class DiTForwardMixin(CacheMixin):
     (FirstBlockCache, TaylorSeer, MagCache, ...); the blocks are registered for them by `import diffmoe_hf`.
     """
 
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """
+        `ConfigMixin.from_config` (which `from_pretrained` uses too) on `upgrade_legacy_config(config)`, so folders
+        saved with earlier config field names still load as the model they were saved from.
+        """
+        if isinstance(config, dict):
+            config = cls.upgrade_legacy_config(dict(config))
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @classmethod
+    def upgrade_legacy_config(cls, config: dict) -> dict:
+        """
+        A config written by an earlier version of this package -> the same architecture in the current field names.
+        Families whose config fields were renamed override it; configs in the current names pass through unchanged.
+        """
+        return config
+
     def enable_cache(self, config) -> None:
         """
         Enables a diffusers cache (`FirstBlockCacheConfig`, `TaylorSeerCacheConfig`, `MagCacheConfig`, ...) on this
