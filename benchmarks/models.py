@@ -70,7 +70,7 @@ FAMILIES = {
                      dict(sample_size=32, patch_size=8, in_channels=3, num_layers=2, num_attention_heads=2,
                           attention_head_dim=16, num_classes=10, bottleneck_dim=16, in_context_len=4,
                           in_context_start=0, moe_layers=[1], num_experts=4, num_experts_per_tok=2,
-                          moe_intermediate_size=32, n_group=2, topk_group=2, num_shared_experts=1)),
+                          moe_intermediate_size=32, n_group=2, topk_group=2)),
     "dit-moe": Family("dit-moe", DiTMoETransformer2DModel, {"S": "DiT-S/2", "B": "DiT-B/2"},
                       dict(_TINY_LATENT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                            shared_expert_intermediate_size=32)),
@@ -78,7 +78,7 @@ FAMILIES = {
                           {"S": "DiffMoE-S-E16", "B": "DiffMoE-B-E16"}, dict(_TINY_LATENT, num_experts=4)),
     "diff-moe": Family("diff-moe", SpatialTemporalMoETransformer2DModel, {"S": "DiT-S/2", "B": "DiT-B/2"},
                        dict(_TINY_LATENT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
-                            shared_intermediate_size=32, modulation_rank=8)),
+                            shared_expert_intermediate_size=32, modulation_rank=8)),
 }  # fmt: skip
 
 
@@ -139,7 +139,7 @@ def dense_equivalent_layer(layer: nn.Module) -> tuple[nn.Module, int]:
     dim, width = experts[0].gate_proj.in_features, layer.router.top_k * experts[0].down_proj.in_features
     if layer.shared_experts is not None:
         width += layer.shared_experts.down_proj.in_features
-    return SwiGLU(dim, width), width
+    return SwiGLU(dim=dim, intermediate_size=width), width
 
 
 def count_flops(run: Callable[[], object]) -> int:

@@ -84,7 +84,7 @@ def dsmoe_config_from_params(params: dict) -> dict:
         n_group=moe["n_group"],
         topk_group=moe["topk_group"],
         routed_scaling_factor=float(moe["routed_scaling_factor"]),
-        num_shared_experts=1 if moe.get("use_shared_expert", True) else 0,
+        shared_expert_intermediate_size=moe["moe_intermediate_size"] if moe.get("use_shared_expert", True) else 0,
     )
 
 

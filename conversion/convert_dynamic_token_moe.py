@@ -48,7 +48,7 @@ def diffmoe_config_from_params(params: dict) -> dict:
         num_experts=moe["num_experts"],
         capacity=float(moe["capacity"]),
         # upstream builds one shared MLP (width 8 * hidden_size) whenever n_shared_experts > 0
-        num_shared_experts=1 if moe.get("n_shared_experts", 0) > 0 else 0,
+        shared_expert_intermediate_size=8 * heads * head_dim if moe.get("n_shared_experts", 0) > 0 else 0,
         capacity_loss_weight=float(params.get("CapacityPred_loss_weight", 0.01)),
     )
 

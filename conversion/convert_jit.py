@@ -102,7 +102,9 @@ def jit_config_from_kwargs(kwargs: dict, args: dict | None = None) -> dict:
                 n_group=moe["n_group"],
                 topk_group=moe["topk_group"],
                 routed_scaling_factor=float(moe["routed_scaling_factor"]),
-                num_shared_experts=1 if moe.get("use_shared_expert", True) else 0,
+                shared_expert_intermediate_size=(
+                    moe["moe_intermediate_size"] if moe.get("use_shared_expert", True) else 0
+                ),
             )
     return config
 

@@ -90,7 +90,7 @@ def _preset_settings(name: str) -> dict:
         num_heads=preset["num_attention_heads"],
         patch_size=preset["patch_size"],
         intermediate_size=preset["moe_intermediate_size"],
-        n_shared_experts=preset["shared_intermediate_size"] // dim,
+        n_shared_experts=preset["shared_expert_intermediate_size"] // dim,
     )
 
 
@@ -142,7 +142,7 @@ def _weight_shapes(state_dict: dict[str, torch.Tensor]) -> dict:
         depth=len([k for k in state_dict if re.fullmatch(r"blocks\.\d+\.adaLN_modulation\.1\.weight", k)]),
         num_experts=state_dict["blocks.0.moe.gate.weight"].shape[0],
         intermediate_size=state_dict["blocks.0.moe.experts.0.gate_proj.weight"].shape[0],
-        shared_intermediate_size=None if shared is None else shared.shape[0],
+        shared_expert_intermediate_size=0 if shared is None else shared.shape[0],
         rank=state_dict["blocks.0.moe.experts.0.adaLN_modulation.0.weight"].shape[0],
         out_channels=state_dict["final_layer.linear.weight"].shape[0] // patch_size**2,
         embedding_rows=state_dict["y_embedder.embedding_table.weight"].shape[0],
@@ -205,9 +205,9 @@ def spatial_temporal_moe_config(
         origin["intermediate_size"] = f"{origin['mlp_ratio']} (mlp_ratio={settings['mlp_ratio']})"
     if "n_shared_experts" in settings:
         n_shared = settings["n_shared_experts"]
-        declared["shared_intermediate_size"] = None if n_shared is None else int(n_shared * dim)
-        origin["shared_intermediate_size"] = f"{origin['n_shared_experts']} (n_shared_experts={n_shared})"
-        expected["shared_intermediate_size"] = shapes["shared_intermediate_size"]
+        declared["shared_expert_intermediate_size"] = int((n_shared or 0) * dim)
+        origin["shared_expert_intermediate_size"] = f"{origin['n_shared_experts']} (n_shared_experts={n_shared})"
+        expected["shared_expert_intermediate_size"] = shapes["shared_expert_intermediate_size"]
     if "learn_sigma" in settings:
         declared["out_channels"] = shapes["in_channels"] * (2 if settings["learn_sigma"] else 1)
         origin["out_channels"] = f"{origin['learn_sigma']} (learn_sigma={settings['learn_sigma']})"
@@ -267,7 +267,7 @@ def spatial_temporal_moe_config(
         num_experts=shapes["num_experts"],
         num_experts_per_tok=top_k,
         moe_intermediate_size=shapes["intermediate_size"],
-        shared_intermediate_size=shapes["shared_intermediate_size"],
+        shared_expert_intermediate_size=shapes["shared_expert_intermediate_size"],
         modulation_rank=shapes["rank"],
         formulation=_formulation(settings, checkpoint.state_dict, shapes),
     )

@@ -14,7 +14,7 @@ from .helpers import assert_float32_close, float32_tolerance, model_float32_tole
 DDPM = get_formulation("ddpm-learned-sigma")
 RF = get_formulation("rf-noise-at-1")
 
-# upstream `create_diffusion("ddimN")` / `create_diffusion("N")` model timesteps (spec 8.4), in sampling order
+# upstream `create_diffusion("ddimN")` / `create_diffusion("N")` model timesteps, in sampling order
 UPSTREAM_DDIM = {
     4: [750, 500, 250, 0],
     5: [800, 600, 400, 200, 0],

@@ -46,7 +46,7 @@ FAMILIES = {
                                                shared_expert_intermediate_size=16)),
     "diffmoe": (DynamicTokenMoETransformer2DModel, dict(_LATENT, num_experts=4, mlp_ratio=2.0)),
     "diff-moe": (SpatialTemporalMoETransformer2DModel, dict(_LATENT, num_experts=4, num_experts_per_tok=2,
-                                                            moe_intermediate_size=16, shared_intermediate_size=16,
+                                                            moe_intermediate_size=16, shared_expert_intermediate_size=16,
                                                             modulation_rank=4)),
 }  # fmt: skip
 
@@ -196,7 +196,7 @@ def test_a_compiled_layer_sees_experts_hooked_or_wrapped_after_compilation(chang
             return output * 2
 
     torch.manual_seed(0)
-    layer = DeepSeekMoE(16, num_experts=4, intermediate_size=8, num_experts_per_tok=2).eval()
+    layer = DeepSeekMoE(dim=16, num_experts=4, num_experts_per_tok=2, intermediate_size=8).eval()
     hidden = torch.randn(2, 6, 16)
     compiled = torch.compile(layer, fullgraph=True, backend="eager")
     torch._dynamo.reset()

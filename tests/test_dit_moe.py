@@ -84,16 +84,16 @@ def _config_file(tmp_path, **fields) -> str:
 # ---------------------------------------------------------------------------------------------------------- model
 
 
-# DiT-MoE parameter counts of spec section 4 (millions, input 32, 1000 classes, timm attention), E8 / E16. Upstream
+# DiT-MoE parameter counts of the original classes (millions, input 32, 1000 classes, timm attention), E8 / E16. Upstream
 # counts include its frozen `pos_embed` Parameter (T x D), a non-persistent buffer here.
-SPEC_PARAMS = {"DiT-S/2": (199.3, 369.2), "DiT-B/2": (795.9, 1475.4), "DiT-L/2": (2823.8, 5239.9),
+UPSTREAM_PARAMS = {"DiT-S/2": (199.3, 369.2), "DiT-B/2": (795.9, 1475.4), "DiT-L/2": (2823.8, 5239.9),
                "DiT-XL/2": (4168.2, 7735.7), "DiT-G/2": (8890.6, 16503.7)}  # fmt: skip
 
 
-@pytest.mark.parametrize("name", sorted(SPEC_PARAMS))
-def test_preset_parameter_counts_match_the_spec(name):
+@pytest.mark.parametrize("name", sorted(UPSTREAM_PARAMS))
+def test_preset_parameter_counts_match_the_original_classes(name):
     counts = {}
-    for num_experts, expected in zip((8, 16), SPEC_PARAMS[name]):
+    for num_experts, expected in zip((8, 16), UPSTREAM_PARAMS[name]):
         with torch.device("meta"):
             model = DiTMoETransformer2DModel.from_preset(name, num_experts=num_experts)
         config = model.config

@@ -8,7 +8,7 @@ from diffmoe_hf import DSMOE_PRESETS, DSMoETransformer2DModel
 from .helpers import assert_float32_close, model_float32_tolerance, tiny_dsmoe, token_routing
 
 
-# (total parameters in M = 1e6, activated parameters in Mi = 2**20), from the original classes (spec table 2.5)
+# (total parameters in M = 1e6, activated parameters in Mi = 2**20), from the original classes
 RELEASED_COUNTS = {
     "DSMoE-S-E16": (96.9, 33.3), "DSMoE-S-E48": (69.2, 29.8), "DSMoE-B-E16": (386.3, 132.2),
     "DSMoE-B-E48": (275.6, 117.7), "DSMoE-L-E16": (1368.1, 464.7), "DSMoE-L-E48": (1166.9, 435.6),

@@ -35,7 +35,7 @@ def tiny_model(**overrides) -> DynamicTokenMoETransformer2DModel:
 
 
 def tiny_layer(**kwargs) -> DynamicTokenMoE:
-    return DynamicTokenMoE(DIM, num_experts=EXPERTS, intermediate_size=EXPERT_WIDTH, **kwargs)
+    return DynamicTokenMoE(dim=DIM, num_experts=EXPERTS, intermediate_size=EXPERT_WIDTH, **kwargs)
 
 
 def reference_eval(layer: DynamicTokenMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ TINY = dict(sample_size=16, patch_size=4, num_layers=4, num_attention_heads=2, a
             num_classes=10, bottleneck_dim=4, in_context_len=2, in_context_start=1, moe_layers=[1, 3], num_experts=4,
             moe_intermediate_size=8)  # fmt: skip
 
-# spec table 4.3: total / activated parameters in Mi (2**20), trainable parameters of the original classes
+# total / activated parameters in Mi (2**20), trainable parameters of the original classes
 PRESET_PARAMS_MI = {
     "JiT-B/16": (125.0, 125.0),
     "JiT-B/32": (127.0, 127.0),
@@ -81,7 +81,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_dense_model_and_invalid_configs():
-    dense = tiny_model(moe_layers=None)
+    dense = tiny_model(moe_layers="none")
     assert not any(hasattr(block.ff, "router") for block in dense.transformer_blocks)
     assert dense.transformer_blocks[0].ff.gate_proj.out_features == int(int(16 * 1.0) * 2 / 3)
     with pytest.raises(ValueError, match="in_context_start"):
@@ -280,7 +280,7 @@ def test_config_from_kwargs_follows_the_upstream_moe_flags():
     base = dict(depth=5, hidden_size=32, num_heads=4, input_size=16, patch_size=4, in_context_start=1)
     assert jit_config_from_kwargs({**base, "moe_config": {**moe, "interleave": True}})["moe_layers"] == [1, 3]
     config = jit_config_from_kwargs({**base, "moe_config": {**moe, "interleave": True}})
-    assert config["num_shared_experts"] == 0
+    assert config["shared_expert_intermediate_size"] == 0
     assert jit_config_from_kwargs({**base, "moe_config": {**moe, "interleave": False}})["moe_layers"] == []
     with pytest.raises(CheckpointError, match="Unknown JiT constructor arguments"):
         jit_config_from_kwargs({**base, "rope_type": "2d"})

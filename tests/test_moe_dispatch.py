@@ -36,7 +36,7 @@ def _routing(num_tokens=37, num_experts=6, k=2, seed=0):
 def test_grouped_dispatch_matches_naive_loop():
     torch.manual_seed(0)
     for bias, k in ((False, 2), (True, 1), (False, 3)):
-        experts = SwiGLUExperts(6, 16, 12, bias=bias)
+        experts = SwiGLUExperts(num_experts=6, dim=16, intermediate_size=12, bias=bias)
         hidden, ids, weights = _routing(k=k)
         ids = ids.unique(dim=1) if k > 1 else ids
         with torch.no_grad():
@@ -49,7 +49,7 @@ def test_in_place_inference_matches_autograd_path_and_frozen_experts_still_pass_
     trainable routing weights and inputs) the result is the same and the gradients are those of the naive loop."""
     torch.manual_seed(0)
     for bias in (False, True):
-        experts = SwiGLUExperts(6, 16, 12, bias=bias).requires_grad_(False)
+        experts = SwiGLUExperts(num_experts=6, dim=16, intermediate_size=12, bias=bias).requires_grad_(False)
         hidden, ids, weights = _routing()
         with torch.no_grad():
             inference = experts.forward_routed(hidden, segments_from_topk(ids, weights, 6))
@@ -65,7 +65,7 @@ def test_in_place_inference_matches_autograd_path_and_frozen_experts_still_pass_
 
 def test_lora_wrapped_experts_take_the_module_path_and_agree():
     torch.manual_seed(0)
-    experts = SwiGLUExperts(6, 16, 12)
+    experts = SwiGLUExperts(num_experts=6, dim=16, intermediate_size=12)
     hidden, ids, weights = _routing()
     segments = segments_from_topk(ids, weights, 6)
     with torch.no_grad():
@@ -78,7 +78,7 @@ def test_lora_wrapped_experts_take_the_module_path_and_agree():
 
 def test_in_place_weight_updates_are_seen():
     torch.manual_seed(0)
-    experts = SwiGLUExperts(4, 16, 8)
+    experts = SwiGLUExperts(num_experts=4, dim=16, intermediate_size=8)
     hidden, ids, weights = _routing(num_experts=4)
     segments = segments_from_topk(ids, weights, 4)
     with torch.no_grad():
@@ -91,7 +91,7 @@ def test_in_place_weight_updates_are_seen():
 
 
 def test_group_limited_router_masks_dropped_groups_with_zero():
-    router = SigmoidGroupLimitedRouter(4, num_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1)
+    router = SigmoidGroupLimitedRouter(dim=4, num_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1)
     with torch.no_grad():
         router.weight.zero_()
         router.e_score_correction_bias.copy_(torch.tensor([0.3, 0.2, -0.6, -0.7]))
@@ -102,7 +102,7 @@ def test_group_limited_router_masks_dropped_groups_with_zero():
 
 
 def test_top1_weights_are_not_renormalised():
-    router = SigmoidGroupLimitedRouter(4, num_experts=4, num_experts_per_tok=1, routed_scaling_factor=1.5)
+    router = SigmoidGroupLimitedRouter(dim=4, num_experts=4, num_experts_per_tok=1, routed_scaling_factor=1.5)
     hidden = torch.randn(5, 4)
     ids, weights = router(hidden)
     expected = torch.sigmoid(hidden @ router.weight.T).gather(-1, ids) * 1.5
@@ -111,7 +111,9 @@ def test_top1_weights_are_not_renormalised():
 
 def test_moe_without_shared_expert_adds_its_input():
     torch.manual_seed(0)
-    layer = DeepSeekMoE(16, num_experts=4, intermediate_size=8, num_experts_per_tok=2, num_shared_experts=0)
+    layer = DeepSeekMoE(
+        dim=16, num_experts=4, num_experts_per_tok=2, intermediate_size=8, shared_expert_intermediate_size=0
+    )
     for expert in layer.experts:
         torch.nn.init.zeros_(expert.down_proj.weight)
     hidden = torch.randn(2, 5, 16)
@@ -121,7 +123,7 @@ def test_moe_without_shared_expert_adds_its_input():
 
 def test_dispatch_compiles_without_graph_breaks():
     torch.manual_seed(0)
-    layer = DeepSeekMoE(16, num_experts=4, intermediate_size=8, num_experts_per_tok=2).eval()
+    layer = DeepSeekMoE(dim=16, num_experts=4, num_experts_per_tok=2, intermediate_size=8).eval()
     hidden = torch.randn(2, 6, 16)
     compiled = torch.compile(layer, fullgraph=True, backend="eager")
     with torch.no_grad():
@@ -147,7 +149,9 @@ def test_segment_mm_gradients_match_per_segment_matmuls():
 
 def test_unaligned_expert_width_falls_back_to_the_segment_loop():
     torch.manual_seed(0)
-    experts = SwiGLUExperts(4, 16, 6)  # 6 fp32 features are not 16-byte aligned: no grouped GEMM kernel
+    experts = SwiGLUExperts(
+        num_experts=4, dim=16, intermediate_size=6
+    )  # 6 fp32 features are not 16-byte aligned: no grouped GEMM kernel
     hidden, ids, weights = _routing(num_experts=4)
     with torch.no_grad():
         got = experts.forward_routed(hidden, segments_from_topk(ids, weights, 4))

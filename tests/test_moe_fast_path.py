@@ -25,14 +25,21 @@ def _layers():
     torch.manual_seed(0)
     return {
         "deepseek": DeepSeekMoE(
-            16, num_experts=4, intermediate_size=8, num_experts_per_tok=2, n_group=2, topk_group=2
+            dim=16, num_experts=4, num_experts_per_tok=2, intermediate_size=8, n_group=2, topk_group=2
         ),
-        "deepseek-bias": DeepSeekMoE(16, num_experts=4, intermediate_size=8, num_experts_per_tok=2, bias=True),
+        "deepseek-bias": DeepSeekMoE(dim=16, num_experts=4, num_experts_per_tok=2, intermediate_size=8, bias=True),
         "softmax-topk": SoftmaxTopKMoE(
-            16, num_experts=4, intermediate_size=8, num_experts_per_tok=2, shared_intermediate_size=8
+            dim=16, num_experts=4, num_experts_per_tok=2, intermediate_size=8, shared_expert_intermediate_size=8
         ),
-        "dynamic-token": DynamicTokenMoE(16, num_experts=4, intermediate_size=32),
-        "spatial-temporal": SpatialTemporalMoE(16, 4, 2, intermediate_size=8, shared_intermediate_size=8, rank=4),
+        "dynamic-token": DynamicTokenMoE(dim=16, num_experts=4, intermediate_size=32),
+        "spatial-temporal": SpatialTemporalMoE(
+            dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            intermediate_size=8,
+            shared_expert_intermediate_size=8,
+            modulation_rank=4,
+        ),
     }
 
 

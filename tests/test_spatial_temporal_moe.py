@@ -22,10 +22,10 @@ from .helpers import assert_float32_close, float32_tolerance, model_float32_tole
 TINY = dict(
     sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=4,
     attention_head_dim=8, num_classes=10, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
-    shared_intermediate_size=32, modulation_rank=8,
+    shared_expert_intermediate_size=32, modulation_rank=8,
 )  # fmt: skip
 
-# original parameter counts in millions (spec section 4: input 32, 1000 classes, E = 8 / 16), which include the
+# original parameter counts in millions (input 32, 1000 classes, E = 8 / 16), which include the
 # all-zero [1, T, D] pos_embed parameter that the port does not keep
 UPSTREAM_PARAMS_M = {
     "DiT-S/2": (211.6, 391.1), "DiT-T/2": (97.0, 178.8), "DiT-B/2": (820.5, 1519.2), "DiT-L/2": (2889.6, 5356.6),
@@ -133,7 +133,7 @@ def test_save_load_round_trip(tmp_path):
     x, t, y = _inputs()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, t, y).sample, model(x, t, y).sample, rtol=0, atol=0)
-    assert loaded.config.shared_intermediate_size == 32
+    assert loaded.config.shared_expert_intermediate_size == 32
 
 
 def test_output_is_batch_independent_and_routing_is_per_token():
@@ -166,7 +166,9 @@ def test_grouped_experts_match_the_per_expert_modules():
                 out = moe.experts[expert](hidden.reshape(-1, 32)[token], conditioning[sample], channel_weights[sample])
                 reference.view(-1, 32)[token] += weights[token, slot] * out
     # the longest dot product is the shared expert's hidden layer; modulation, two projections, recalibration, sum
-    assert_float32_close(grouped, reference, float32_tolerance(reference, TINY["shared_intermediate_size"], depth=5))
+    assert_float32_close(
+        grouped, reference, float32_tolerance(reference, TINY["shared_expert_intermediate_size"], depth=5)
+    )
 
 
 def test_aux_loss_in_training_mode_only_and_gradients_reach_experts_and_router():
@@ -202,12 +204,14 @@ def _checkpoint(model, args=None):
 
 
 def test_converter_round_trip_with_constructor_kwargs(tmp_path):
-    model = _tiny_model(shared_intermediate_size=None)
+    model = _tiny_model(shared_expert_intermediate_size=0)
     config = tmp_path / "kwargs.yaml"
     config.write_text("input_size: 8\nhidden_size: 32\ndepth: 2\nnum_heads: 4\nmlp_ratio: 0.75\nnum_classes: 10\n"
                       "num_experts: 4\nnum_experts_per_tok: 2\nn_shared_experts: null\n")  # fmt: skip
     converted = build_spatial_temporal_moe_transformer(_checkpoint(model), config_path=str(config))
-    assert converted.config.formulation == "ddpm-learned-sigma" and converted.config.shared_intermediate_size is None
+    assert (
+        converted.config.formulation == "ddpm-learned-sigma" and converted.config.shared_expert_intermediate_size == 0
+    )
     x, t, y = _inputs()
     with torch.no_grad():
         torch.testing.assert_close(converted(x, t, y).sample, model(x, t, y).sample, rtol=0, atol=0)

@@ -1,5 +1,5 @@
-"""Training objectives against the formulas of the original code (specs: DSMoE/DiffMoE/JiT 6.1-6.2, DiT-MoE/Diff-MoE
-8.1-8.2)."""
+"""Training objectives against the formulas of the original code (the training losses of DSMoE, DiffMoE and JiT, and
+the DDPM / rectified-flow losses of DiT-MoE and Diff-MoE)."""
 
 import math
 

@@ -36,7 +36,7 @@ def tiny_transformer(family: str):
     if family == "diffmoe-dts":
         return DynamicTokenMoETransformer2DModel(
             sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=2,
-            attention_head_dim=4, mlp_ratio=1.0, num_classes=NUM_CLASSES, num_experts=4, num_shared_experts=1,
+            attention_head_dim=4, mlp_ratio=1.0, num_classes=NUM_CLASSES, num_experts=4, shared_expert_intermediate_size=64,
         )  # fmt: skip
     if family == "dit-moe":  # the rectified-flow variant (Diff-MoE covers DDPM)
         return DiTMoETransformer2DModel(**{**DIT_MOE_TINY, "num_classes": NUM_CLASSES, "formulation": "rf-noise-at-1"})

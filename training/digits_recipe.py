@@ -6,7 +6,7 @@ step; see that script for the whole recipe).
 
 For each `<runs_dir>/<model>/` pipeline folder: 1000 samples (seed 0, 25 steps, the pipeline's default guidance and
 scheduler) scored with `diffmoe_hf.evaluation.digits`, a 10 x 8 sample grid `samples.png`, `metrics.json` and a model
-card `README.md` with the recipe, the training time and the metric table against the targets of the issue. `--ship`
+card `README.md` with the recipe, the training time and the metric table against the targets the model cards state. `--ship`
 copies the folder (weights, configs, card, grid, metrics) to `diffmoe_hf/data/models/digits-<model>/`.
 """
 
@@ -27,7 +27,7 @@ NUM_SAMPLES, SEED, STEPS = 1000, 0, 25
 # NOTES (JiT's formulation default, 2.9 with an interval, is the ImageNet setting; 1.5 is the scale of the
 # demo-digits feasibility study)
 GUIDANCE_SCALES = {"jitmoe": 1.5, "dsmoe": 1.25}
-# the targets of issue 8 (1000 samples, fixed seed, default sampler)
+# the quality targets the model cards state (1000 samples, fixed seed, default sampler)
 TARGETS = {
     "accuracy": (">=", 0.98),
     "worst_class_accuracy": (">=", 0.90),

@@ -1,5 +1,7 @@
 """adaLN-Zero pieces and the patch-output layer shared by every DiT-style family."""
 
+from collections.abc import Callable
+
 import torch
 from diffusers.models.normalization import RMSNorm
 from torch import nn
@@ -95,6 +97,7 @@ class AdaLNZeroTransformerBlock(nn.Module):
 
     def __init__(
         self,
+        *,
         dim: int,
         num_attention_heads: int,
         attention_head_dim: int,
@@ -129,3 +132,25 @@ class AdaLNZeroMoETransformerBlock(AdaLNZeroTransformerBlock):
     def forward(self, hidden_states: torch.Tensor, conditioning: torch.Tensor, rotary_emb=None) -> torch.Tensor:
         """(B, N, D) tokens, (B, D) conditioning, optional `RotaryTables` -> (B, N, D)."""
         return super().forward(hidden_states, conditioning, rotary_emb=rotary_emb)
+
+
+def adaln_zero_blocks(
+    num_layers: int,
+    moe_layers: list[int],
+    dense_feed_forward: Callable[[], nn.Module],
+    moe_feed_forward: Callable[[], nn.Module],
+    **block_kwargs,
+) -> nn.ModuleList:
+    """
+    The blocks of a model that mixes dense and MoE feed-forwards (DSMoE, JiT / JiTMoE, DiffMoE): block i is an
+    `AdaLNZeroMoETransformerBlock` around a new `moe_feed_forward()` if i is in `moe_layers`, else an
+    `AdaLNZeroTransformerBlock` around a new `dense_feed_forward()`; `block_kwargs` (dim, attention shape, norms) go to
+    every block.
+    """
+    blocks = []
+    for index in range(num_layers):
+        if index in moe_layers:
+            blocks.append(AdaLNZeroMoETransformerBlock(feed_forward=moe_feed_forward(), **block_kwargs))
+        else:
+            blocks.append(AdaLNZeroTransformerBlock(feed_forward=dense_feed_forward(), **block_kwargs))
+    return nn.ModuleList(blocks)

@@ -116,20 +116,19 @@ class DynamicTokenMoE(nn.Module):
         num_experts (`int`): E.
         intermediate_size (`int`): Hidden width of each expert.
         capacity (`float`): Training capacity factor (1 upstream): each expert takes `S / E * capacity` tokens.
-        num_shared_experts (`int`): Shared GELU-tanh MLPs, fused into one of width
-            `num_shared_experts * shared_intermediate_size`.
-        shared_intermediate_size (`int`, *optional*): Hidden width of a shared expert; defaults to `8 * dim` (upstream).
+        shared_expert_intermediate_size (`int`): Hidden width of the shared GELU-tanh MLP every token passes through
+            (upstream: 8 * dim when it has shared experts); 0 for none.
         capacity_loss_weight (`float`): Weight of the capacity-predictor loss in `aux_loss`.
     """
 
     def __init__(
         self,
+        *,
         dim: int,
         num_experts: int,
         intermediate_size: int,
         capacity: float = 1.0,
-        num_shared_experts: int = 0,
-        shared_intermediate_size: int | None = None,
+        shared_expert_intermediate_size: int = 0,
         capacity_loss_weight: float = 1.0,
     ):
         super().__init__()
@@ -140,11 +139,12 @@ class DynamicTokenMoE(nn.Module):
         self.capacity_loss_weight = capacity_loss_weight
         self.gate = Float32Linear(dim, num_experts, bias=False)
         self.capacity_predictor = CapacityPredictor(dim, num_experts)
-        self.experts = GeluMLPExperts(num_experts, dim, intermediate_size)
+        self.experts = GeluMLPExperts(dim=dim, num_experts=num_experts, intermediate_size=intermediate_size)
         self.shared_experts = None
-        if num_shared_experts > 0:
-            width = num_shared_experts * (shared_intermediate_size or 8 * dim)
-            self.shared_experts = FeedForward(dim, inner_dim=width, activation_fn="gelu-approximate", bias=True)
+        if shared_expert_intermediate_size > 0:
+            self.shared_experts = FeedForward(
+                dim, inner_dim=shared_expert_intermediate_size, activation_fn="gelu-approximate", bias=True
+            )
         self.tokens_per_expert = None
         self.selection = None
         self.aux_loss = None

@@ -1,5 +1,7 @@
 """Forward pieces every DiT-style family shares; each family's `forward` composes them around its own blocks."""
 
+import inspect
+
 import diffusers
 import torch
 from diffusers.models.cache_utils import CacheMixin
@@ -9,6 +11,52 @@ from packaging import version
 from .blocks import unpatchify
 from .moe import set_expert_backend
 from .validation import check_model_inputs
+
+
+MOE_LAYER_PATTERNS = ("all", "odd", "none")
+
+
+def resolve_moe_layers(moe_layers: str | list[int], num_layers: int) -> list[int]:
+    """
+    The indices of a model's MoE blocks, from its `moe_layers` config field: `"all"`, `"odd"` (blocks 1, 3, 5, ...:
+    the released DSMoE, JiTMoE and DiffMoE models), `"none"` (a dense model) or a list of block indices.
+
+    Raises:
+        ValueError: for anything else (including `None`, whose meaning differed between families in earlier versions;
+            their saved configs are translated by `upgrade_legacy_config`) or an index outside 0..num_layers-1.
+    """
+    if isinstance(moe_layers, str) and moe_layers in MOE_LAYER_PATTERNS:
+        return {"all": list(range(num_layers)), "odd": list(range(1, num_layers, 2)), "none": []}[moe_layers]
+    if moe_layers is None or isinstance(moe_layers, str):
+        raise ValueError(
+            f"moe_layers={moe_layers!r}: pass one of {', '.join(map(repr, MOE_LAYER_PATTERNS))} or a list of block "
+            "indices."
+        )
+    indices = sorted({int(index) for index in moe_layers})
+    if any(not 0 <= index < num_layers for index in indices):
+        raise ValueError(f"moe_layers={list(moe_layers)} must index blocks 0..{num_layers - 1}.")
+    return indices
+
+
+def upgrade_legacy_moe_fields(model_class: type, config: dict, moe_layers_none: str, shared_expert_width: str) -> dict:
+    """
+    Translates the MoE fields of a `model_class` config saved by an earlier version into the current names:
+    `moe_layers: null`, which meant `moe_layers_none` for this family, and `num_shared_experts: n` (n shared experts
+    as wide as the config field `shared_expert_width` each), now `shared_expert_intermediate_size`, the width of the one
+    fused shared expert. A config in the current names is returned unchanged.
+    """
+    config = dict(config)
+    if "moe_layers" in config and config["moe_layers"] is None:
+        config["moe_layers"] = moe_layers_none
+    if "num_shared_experts" in config:
+        width = config.get(shared_expert_width, config_default(model_class, shared_expert_width))
+        config["shared_expert_intermediate_size"] = config.pop("num_shared_experts") * width
+    return config
+
+
+def config_default(model_class: type, name: str):
+    """The default of `model_class`'s constructor argument `name`."""
+    return inspect.signature(model_class.__init__).parameters[name].default
 
 
 def preset_config(family: str, presets: dict[str, dict], name: str, *defaults: dict) -> dict:

@@ -16,14 +16,14 @@ class LowRankModulation(nn.Module):
 
     Args:
         dim (`int`): Width D of the conditioning vector and of the modulated tokens.
-        rank (`int`): Bottleneck width r (64 in every Diff-MoE model).
+        modulation_rank (`int`): Bottleneck width r (64 in every Diff-MoE model).
     """
 
-    def __init__(self, dim: int, rank: int):
+    def __init__(self, *, dim: int, modulation_rank: int):
         super().__init__()
-        self.linear_1 = nn.Linear(dim, rank, bias=False)
+        self.linear_1 = nn.Linear(dim, modulation_rank, bias=False)
         self.act = nn.ReLU()
-        self.linear_2 = nn.Linear(rank, 3 * dim)
+        self.linear_2 = nn.Linear(modulation_rank, 3 * dim)
 
     def forward(self, conditioning: torch.Tensor) -> torch.Tensor:
         """(…, D) conditioning -> (…, 3D) `[shift | scale | gate]`."""
@@ -44,13 +44,13 @@ class ModulatedSwiGLU(nn.Module):
     Args:
         dim (`int`): Token width D.
         intermediate_size (`int`): Hidden width of the SwiGLU.
-        rank (`int`): Bottleneck of the expert's own adaLN.
+        modulation_rank (`int`): Bottleneck of the expert's own adaLN.
     """
 
-    def __init__(self, dim: int, intermediate_size: int, rank: int):
+    def __init__(self, *, dim: int, intermediate_size: int, modulation_rank: int):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.modulation = LowRankModulation(dim, rank)
+        self.modulation = LowRankModulation(dim=dim, modulation_rank=modulation_rank)
         self.gate_proj = nn.Linear(dim, intermediate_size, bias=False)
         self.up_proj = nn.Linear(dim, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, dim, bias=False)
@@ -86,16 +86,17 @@ class ModulatedSwiGLUExperts(StackedLinearExperts):
     LoRA, layerwise casting, leaf-level offloading or quantization) each expert module runs on its segment.
 
     Args:
-        num_experts (`int`): E.
         dim (`int`): Token width D.
+        num_experts (`int`): E.
         intermediate_size (`int`): Hidden width of each expert.
-        rank (`int`): Bottleneck of each expert's adaLN.
+        modulation_rank (`int`): Bottleneck of each expert's adaLN.
     """
 
     _linear_paths = ("gate_proj", "up_proj", "down_proj")
 
-    def __init__(self, num_experts: int, dim: int, intermediate_size: int, rank: int):
-        super().__init__([ModulatedSwiGLU(dim, intermediate_size, rank) for _ in range(num_experts)])
+    def __init__(self, *, dim: int, num_experts: int, intermediate_size: int, modulation_rank: int):
+        expert = dict(dim=dim, intermediate_size=intermediate_size, modulation_rank=modulation_rank)
+        super().__init__([ModulatedSwiGLU(**expert) for _ in range(num_experts)])
 
     def forward_grouped(
         self,
@@ -158,31 +159,41 @@ class SpatialTemporalMoE(nn.Module):
         num_experts (`int`): Routed experts E.
         num_experts_per_tok (`int`): k.
         intermediate_size (`int`): Hidden width I of each routed expert (and of the recalibration output).
-        shared_intermediate_size (`int`, *optional*): Hidden width of the shared expert; `None` for none.
-        rank (`int`): Bottleneck of the experts' adaLN and of the recalibration.
+        shared_expert_intermediate_size (`int`): Hidden width of the shared expert; 0 for none.
+        modulation_rank (`int`): Bottleneck of the experts' adaLN and of the recalibration.
         aux_loss_alpha (`float`): Weight of the router's load-balancing loss (training mode only).
     """
 
     def __init__(
         self,
+        *,
         dim: int,
         num_experts: int,
         num_experts_per_tok: int,
         intermediate_size: int,
-        shared_intermediate_size: int | None,
-        rank: int = 64,
+        shared_expert_intermediate_size: int = 0,
+        modulation_rank: int = 64,
         aux_loss_alpha: float = 0.01,
     ):
         super().__init__()
         self.num_experts = num_experts
-        self.router = SoftmaxTopKRouter(dim, num_experts, num_experts_per_tok, aux_loss_alpha=aux_loss_alpha)
+        self.router = SoftmaxTopKRouter(
+            dim=dim, num_experts=num_experts, num_experts_per_tok=num_experts_per_tok, aux_loss_alpha=aux_loss_alpha
+        )
         self.recalibration = nn.Sequential(
-            nn.Linear(dim, rank, bias=False), nn.ReLU(), nn.Linear(rank, intermediate_size, bias=False), nn.Sigmoid()
+            nn.Linear(dim, modulation_rank, bias=False),
+            nn.ReLU(),
+            nn.Linear(modulation_rank, intermediate_size, bias=False),
+            nn.Sigmoid(),
         )
-        self.experts = ModulatedSwiGLUExperts(num_experts, dim, intermediate_size, rank)
-        self.shared_experts = (
-            ModulatedSwiGLU(dim, shared_intermediate_size, rank) if shared_intermediate_size is not None else None
+        self.experts = ModulatedSwiGLUExperts(
+            dim=dim, num_experts=num_experts, intermediate_size=intermediate_size, modulation_rank=modulation_rank
         )
+        self.shared_experts = None
+        if shared_expert_intermediate_size > 0:
+            self.shared_experts = ModulatedSwiGLU(
+                dim=dim, intermediate_size=shared_expert_intermediate_size, modulation_rank=modulation_rank
+            )
 
     def forward(self, hidden_states: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
         """

@@ -65,9 +65,9 @@ class SoftmaxTopKMoE(nn.Module):
     Args:
         dim (`int`): Token width D.
         num_experts (`int`): Routed experts E.
-        intermediate_size (`int`): Hidden width of each routed expert.
         num_experts_per_tok (`int`): Experts per token k.
-        shared_intermediate_size (`int`): Hidden width of the shared expert; 0 for none.
+        intermediate_size (`int`): Hidden width of each routed expert.
+        shared_expert_intermediate_size (`int`): Hidden width of the shared expert; 0 for none.
         aux_loss_alpha (`float`): Weight of the load-balancing loss (0 disables it).
         normalize_weights (`bool`): Renormalise each token's k weights to sum to 1.
         bias (`bool`): Biases on the expert projections.
@@ -75,22 +75,29 @@ class SoftmaxTopKMoE(nn.Module):
 
     def __init__(
         self,
+        *,
         dim: int,
         num_experts: int,
-        intermediate_size: int,
         num_experts_per_tok: int,
-        shared_intermediate_size: int = 0,
+        intermediate_size: int,
+        shared_expert_intermediate_size: int = 0,
         aux_loss_alpha: float = 0.01,
         normalize_weights: bool = False,
         bias: bool = False,
     ):
         super().__init__()
         self.num_experts = num_experts
-        self.router = SoftmaxTopKRouter(dim, num_experts, num_experts_per_tok, aux_loss_alpha, normalize_weights)
-        self.experts = SwiGLUExperts(num_experts, dim, intermediate_size, bias=bias)
-        self.shared_experts = (
-            SwiGLU(dim, shared_intermediate_size, bias=bias) if shared_intermediate_size > 0 else None
+        self.router = SoftmaxTopKRouter(
+            dim=dim,
+            num_experts=num_experts,
+            num_experts_per_tok=num_experts_per_tok,
+            aux_loss_alpha=aux_loss_alpha,
+            normalize_weights=normalize_weights,
         )
+        self.experts = SwiGLUExperts(dim=dim, num_experts=num_experts, intermediate_size=intermediate_size, bias=bias)
+        self.shared_experts = None
+        if shared_expert_intermediate_size > 0:
+            self.shared_experts = SwiGLU(dim=dim, intermediate_size=shared_expert_intermediate_size, bias=bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, N, D) -> (B, N, D). Routing is per token, so each sample's output is independent of the batch."""
@@ -186,15 +193,15 @@ class DiTMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAda
         self.transformer_blocks = nn.ModuleList(
             [
                 AdaLNZeroTransformerBlock(
-                    dim,
-                    num_attention_heads,
-                    attention_head_dim,
-                    SoftmaxTopKMoE(
-                        dim,
+                    dim=dim,
+                    num_attention_heads=num_attention_heads,
+                    attention_head_dim=attention_head_dim,
+                    feed_forward=SoftmaxTopKMoE(
+                        dim=dim,
                         num_experts=num_experts,
-                        intermediate_size=moe_intermediate_size,
                         num_experts_per_tok=num_experts_per_tok,
-                        shared_intermediate_size=shared_expert_intermediate_size,
+                        intermediate_size=moe_intermediate_size,
+                        shared_expert_intermediate_size=shared_expert_intermediate_size,
                         aux_loss_alpha=aux_loss_alpha,
                     ),
                     norm_type="layer_norm",

@@ -18,12 +18,11 @@ from diffusers.models.embeddings import PatchEmbed
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import apply_lora_scale
-from torch import nn
 
 from .attention import rotary_tables
-from .blocks import AdaLNZeroMoETransformerBlock, AdaLNZeroTransformerBlock, PatchOutputLayer
+from .blocks import PatchOutputLayer, adaln_zero_blocks
 from .embeddings import TimestepClassEmbedding
-from .modeling_common import DiTForwardMixin, preset_config
+from .modeling_common import DiTForwardMixin, preset_config, resolve_moe_layers, upgrade_legacy_moe_fields
 from .moe import DeepSeekMoE
 
 
@@ -75,14 +74,17 @@ class DSMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdap
         positional_embedding (`str`): `"rope_2d"` (released models), `"rope_1d"` or `"sincos"` (fixed 2-D sin-cos
             added to the patch tokens).
         norm_type (`str`): `"layer_norm"` or `"rms_norm"` for the block norms (the output layer always uses LayerNorm).
-        moe_layers (`list[int]`, *optional*): Indices of the MoE blocks; defaults to the odd blocks.
+        moe_layers (`str` or `list[int]`): The MoE blocks: `"odd"` (released models), `"all"`, `"none"` or a list of
+            block indices; the config records the list.
         num_experts (`int`): Routed experts per MoE layer.
         num_experts_per_tok (`int`): Experts each token is sent to (k).
         moe_intermediate_size (`int`): Hidden width of each SwiGLU expert.
         n_group (`int`), topk_group (`int`): Group-limited routing: experts form `n_group` groups and each token may
             only use experts of its `topk_group` best groups.
         routed_scaling_factor (`float`): Scale on the routed experts' weights.
-        num_shared_experts (`int`): Shared SwiGLU experts (0 makes each MoE layer add its input instead).
+        shared_expert_intermediate_size (`int`, *optional*): Hidden width of each MoE layer's shared SwiGLU expert;
+            defaults to `moe_intermediate_size` (upstream's one shared expert; n of them are one of n times the width).
+            0 removes it, and each MoE layer adds its input instead (as upstream without shared experts).
         formulation (`str`): Meaning of the timestep input and output; see `diffmoe_hf.formulations`.
     """
 
@@ -109,14 +111,14 @@ class DSMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdap
         class_dropout_prob: float = 0.1,
         positional_embedding: str = "rope_2d",
         norm_type: str = "layer_norm",
-        moe_layers: list[int] | None = None,
+        moe_layers: str | list[int] = "odd",
         num_experts: int = 16,
         num_experts_per_tok: int = 2,
         moe_intermediate_size: int = 768,
         n_group: int = 1,
         topk_group: int = 1,
         routed_scaling_factor: float = 2.0,
-        num_shared_experts: int = 1,
+        shared_expert_intermediate_size: int | None = None,
         formulation: str = "rf-noise-at-0",
     ):
         super().__init__()
@@ -126,9 +128,10 @@ class DSMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdap
             )
         dim = num_attention_heads * attention_head_dim
         self.out_channels = out_channels if out_channels is not None else in_channels
-        moe_layers = list(range(1, num_layers, 2)) if moe_layers is None else list(moe_layers)
-        if any(not 0 <= i < num_layers for i in moe_layers):
-            raise ValueError(f"moe_layers={moe_layers} must index blocks 0..{num_layers - 1}.")
+        moe_layers = resolve_moe_layers(moe_layers, num_layers)
+        if shared_expert_intermediate_size is None:
+            shared_expert_intermediate_size = moe_intermediate_size
+        self.register_to_config(moe_layers=moe_layers, shared_expert_intermediate_size=shared_expert_intermediate_size)
 
         self.pos_embed = PatchEmbed(
             height=sample_size,
@@ -140,31 +143,36 @@ class DSMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdap
         )
         self.embedding = TimestepClassEmbedding(num_classes, dim, class_dropout_prob)
 
-        def feed_forward(index):
-            if index in moe_layers:
-                return DeepSeekMoE(
-                    dim,
-                    num_experts=num_experts,
-                    intermediate_size=moe_intermediate_size,
-                    num_experts_per_tok=num_experts_per_tok,
-                    n_group=n_group,
-                    topk_group=topk_group,
-                    routed_scaling_factor=routed_scaling_factor,
-                    num_shared_experts=num_shared_experts,
-                )
-            return FeedForward(dim, inner_dim=int(dim * mlp_ratio), activation_fn="linear-silu", bias=True)
-
-        def _block_class(index):
-            return AdaLNZeroMoETransformerBlock if index in moe_layers else AdaLNZeroTransformerBlock
-
-        self.transformer_blocks = nn.ModuleList(
-            [
-                _block_class(i)(dim, num_attention_heads, attention_head_dim, feed_forward(i), norm_type)
-                for i in range(num_layers)
-            ]
+        self.transformer_blocks = adaln_zero_blocks(
+            num_layers,
+            moe_layers,
+            dense_feed_forward=lambda: FeedForward(
+                dim, inner_dim=int(dim * mlp_ratio), activation_fn="linear-silu", bias=True
+            ),
+            moe_feed_forward=lambda: DeepSeekMoE(
+                dim=dim,
+                num_experts=num_experts,
+                num_experts_per_tok=num_experts_per_tok,
+                intermediate_size=moe_intermediate_size,
+                n_group=n_group,
+                topk_group=topk_group,
+                routed_scaling_factor=routed_scaling_factor,
+                shared_expert_intermediate_size=shared_expert_intermediate_size,
+            ),
+            dim=dim,
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
+            norm_type=norm_type,
         )
         self.proj_out = PatchOutputLayer(dim, patch_size, self.out_channels, norm_type="layer_norm")
         self.gradient_checkpointing = False
+
+    @classmethod
+    def upgrade_legacy_config(cls, config: dict) -> dict:
+        """Earlier versions: `moe_layers: null` meant the odd blocks, `num_shared_experts` counted shared experts."""
+        return upgrade_legacy_moe_fields(
+            cls, config, moe_layers_none="odd", shared_expert_width="moe_intermediate_size"
+        )
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DSMoETransformer2DModel":

@@ -18,12 +18,11 @@ from diffusers.models.embeddings import PatchEmbed
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import apply_lora_scale
-from torch import nn
 
-from .blocks import AdaLNZeroMoETransformerBlock, AdaLNZeroTransformerBlock, PatchOutputLayer
+from .blocks import PatchOutputLayer, adaln_zero_blocks
 from .dynamic_token_moe_layer import DynamicTokenMoE
 from .embeddings import TimestepClassEmbedding
-from .modeling_common import DiTForwardMixin, preset_config
+from .modeling_common import DiTForwardMixin, config_default, preset_config, resolve_moe_layers
 
 
 # The DiffMoE configs of yhlleo/EfficientMoE (DSMoE/config/000_DiffMoE_*_Flow.yaml). All: 256px ImageNet (latent
@@ -66,15 +65,17 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
             learned-sigma head). Defaults to `in_channels`.
         num_layers (`int`): Number of transformer blocks.
         num_attention_heads (`int`), attention_head_dim (`int`): Attention shape; the hidden width is their product.
-        mlp_ratio (`float`): Hidden width of the dense GELU-tanh MLPs and of every expert, as a multiple of the
-            hidden width.
+        mlp_ratio (`float`): Hidden width of the dense GELU-tanh MLPs, as a multiple of the hidden width.
         num_classes (`int`): Number of classes; id `num_classes` is the null class used for guidance.
         class_dropout_prob (`float`): Label dropout in training mode.
-        moe_layers (`list[int]`, *optional*): Indices of the MoE blocks; defaults to the odd blocks.
+        moe_layers (`str` or `list[int]`): The MoE blocks: `"odd"` (the released configs), `"all"`, `"none"` or a
+            list of block indices; the config records the list.
         num_experts (`int`): Experts per MoE layer.
+        moe_intermediate_size (`int`, *optional*): Hidden width of each expert; defaults to the dense MLPs' width
+            `int(D * mlp_ratio)` (as upstream).
         capacity (`float`): Training capacity factor: each expert takes `tokens / num_experts * capacity` tokens.
-        num_shared_experts (`int`): Shared GELU-tanh MLPs (hidden width 8x the hidden width each) added for every
-            token.
+        shared_expert_intermediate_size (`int`): Hidden width of the shared GELU-tanh MLP added for every token
+            (upstream: 8x the hidden width when the model has shared experts); 0 for none.
         capacity_loss_weight (`float`): Weight of the capacity-predictor loss in each layer's `aux_loss`.
         formulation (`str`): Meaning of the timestep input and output; see `diffmoe_hf.formulations`.
     """
@@ -100,19 +101,21 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
         mlp_ratio: float = 4.0,
         num_classes: int = 1000,
         class_dropout_prob: float = 0.1,
-        moe_layers: list[int] | None = None,
+        moe_layers: str | list[int] = "odd",
         num_experts: int = 16,
+        moe_intermediate_size: int | None = None,
         capacity: float = 1.0,
-        num_shared_experts: int = 0,
+        shared_expert_intermediate_size: int = 0,
         capacity_loss_weight: float = 1.0,
         formulation: str = "rf-noise-at-0",
     ):
         super().__init__()
         dim = num_attention_heads * attention_head_dim
         self.out_channels = out_channels if out_channels is not None else in_channels
-        moe_layers = list(range(1, num_layers, 2)) if moe_layers is None else list(moe_layers)
-        if any(not 0 <= i < num_layers for i in moe_layers):
-            raise ValueError(f"moe_layers={moe_layers} must index blocks 0..{num_layers - 1}.")
+        moe_layers = resolve_moe_layers(moe_layers, num_layers)
+        if moe_intermediate_size is None:
+            moe_intermediate_size = int(dim * mlp_ratio)
+        self.register_to_config(moe_layers=moe_layers, moe_intermediate_size=moe_intermediate_size)
         if num_experts < 1:
             raise ValueError(f"num_experts={num_experts} must be at least 1.")
 
@@ -125,28 +128,42 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
             pos_embed_type="sincos",
         )
         self.embedding = TimestepClassEmbedding(num_classes, dim, class_dropout_prob)
-        hidden = int(dim * mlp_ratio)
-
-        def feed_forward(index):
-            if index in moe_layers:
-                return DynamicTokenMoE(
-                    dim,
-                    num_experts=num_experts,
-                    intermediate_size=hidden,
-                    capacity=capacity,
-                    num_shared_experts=num_shared_experts,
-                    capacity_loss_weight=capacity_loss_weight,
-                )
-            return FeedForward(dim, inner_dim=hidden, activation_fn="gelu-approximate", bias=True)
-
-        def _block_class(index):
-            return AdaLNZeroMoETransformerBlock if index in moe_layers else AdaLNZeroTransformerBlock
-
-        self.transformer_blocks = nn.ModuleList(
-            [_block_class(i)(dim, num_attention_heads, attention_head_dim, feed_forward(i)) for i in range(num_layers)]
+        self.transformer_blocks = adaln_zero_blocks(
+            num_layers,
+            moe_layers,
+            dense_feed_forward=lambda: FeedForward(
+                dim, inner_dim=int(dim * mlp_ratio), activation_fn="gelu-approximate", bias=True
+            ),
+            moe_feed_forward=lambda: DynamicTokenMoE(
+                dim=dim,
+                num_experts=num_experts,
+                intermediate_size=moe_intermediate_size,
+                capacity=capacity,
+                shared_expert_intermediate_size=shared_expert_intermediate_size,
+                capacity_loss_weight=capacity_loss_weight,
+            ),
+            dim=dim,
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
         )
         self.proj_out = PatchOutputLayer(dim, patch_size, self.out_channels)
         self.gradient_checkpointing = False
+
+    @classmethod
+    def upgrade_legacy_config(cls, config: dict) -> dict:
+        """
+        Earlier versions: `moe_layers: null` meant the odd blocks, and `num_shared_experts` counted shared MLPs of width
+        8 * D (upstream builds one whenever the count is positive).
+        """
+        config = dict(config)
+        num_shared_experts = config.pop("num_shared_experts", None)
+        if num_shared_experts is not None:
+            heads = config.get("num_attention_heads", config_default(cls, "num_attention_heads"))
+            head_dim = config.get("attention_head_dim", config_default(cls, "attention_head_dim"))
+            config["shared_expert_intermediate_size"] = 8 * heads * head_dim if num_shared_experts > 0 else 0
+        if "moe_layers" in config and config["moe_layers"] is None:
+            config["moe_layers"] = "odd"
+        return config
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DynamicTokenMoETransformer2DModel":

@@ -33,16 +33,15 @@ from diffusers.utils import apply_lora_scale
 from torch import nn
 
 from .attention import RotaryTables, pad_rotary_tables, rotary_tables
-from .blocks import AdaLNZeroMoETransformerBlock, AdaLNZeroTransformerBlock, PatchOutputLayer
+from .blocks import PatchOutputLayer, adaln_zero_blocks
 from .embeddings import TimestepClassEmbedding
-from .modeling_common import DiTForwardMixin
+from .modeling_common import DiTForwardMixin, resolve_moe_layers, upgrade_legacy_moe_fields
 from .moe import DeepSeekMoE, SwiGLU
 from .validation import check_model_inputs
 
 
-_E16 = dict(
-    num_experts=16, num_experts_per_tok=2, n_group=2, topk_group=2, routed_scaling_factor=2.5, num_shared_experts=1
-)
+# one shared expert as wide as a routed one (the default `shared_expert_intermediate_size`)
+_E16 = dict(num_experts=16, num_experts_per_tok=2, n_group=2, topk_group=2, routed_scaling_factor=2.5)
 
 # `JiT_models` of yhlleo/EfficientMoE `JiTMoE/model_jit.py` (names as recorded in a checkpoint's `args.model`). All:
 # 256px RGB, ImageNet-1k, mlp_ratio 4, 32 in-context class tokens. The `-E16` models are JiTMoE, MoE on odd blocks.
@@ -144,11 +143,14 @@ class JiTTransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdapte
         bottleneck_dim (`int`): Channels of the bottleneck patch embedding.
         in_context_len (`int`): Number L of in-context class tokens (0 disables them).
         in_context_start (`int`): Index of the first block that sees the class tokens.
-        moe_layers (`list[int]`, *optional*): Indices of the MoE blocks (JiTMoE: the odd blocks); `None` or empty
-            for the dense JiT.
+        moe_layers (`str` or `list[int]`): The MoE blocks: `"none"` (the dense JiT), `"odd"` (JiTMoE), `"all"` or a
+            list of block indices; the config records the list.
         num_experts (`int`), num_experts_per_tok (`int`), moe_intermediate_size (`int`), n_group (`int`),
-        topk_group (`int`), routed_scaling_factor (`float`), num_shared_experts (`int`): The MoE layers (see
-            `DeepSeekMoE`); their SwiGLU experts have biases and hidden width `moe_intermediate_size`.
+        topk_group (`int`), routed_scaling_factor (`float`): The MoE layers (see `DeepSeekMoE`); their SwiGLU experts
+            have biases and hidden width `moe_intermediate_size`.
+        shared_expert_intermediate_size (`int`, *optional*): Hidden width of each MoE layer's shared SwiGLU expert;
+            defaults to `moe_intermediate_size` (upstream's one shared expert). 0 removes it, and each MoE layer adds
+            its input instead.
         noise_scale (`float`): Standard deviation of the initial noise the model was trained with (sampling
             parameter, read by the pipeline).
         t_eps (`float`): Lower clamp of `1 - t` when the x-prediction is turned into a velocity (read by the
@@ -179,23 +181,24 @@ class JiTTransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdapte
         bottleneck_dim: int = 128,
         in_context_len: int = 32,
         in_context_start: int = 4,
-        moe_layers: list[int] | None = None,
+        moe_layers: str | list[int] = "none",
         num_experts: int = 16,
         num_experts_per_tok: int = 2,
         moe_intermediate_size: int = 1536,
         n_group: int = 2,
         topk_group: int = 2,
         routed_scaling_factor: float = 2.5,
-        num_shared_experts: int = 1,
+        shared_expert_intermediate_size: int | None = None,
         noise_scale: float = 1.0,
         t_eps: float = 0.05,
         formulation: str = "jit-xpred",
     ):
         super().__init__()
         dim = num_attention_heads * attention_head_dim
-        moe_layers = list(moe_layers or [])
-        if any(not 0 <= i < num_layers for i in moe_layers):
-            raise ValueError(f"moe_layers={moe_layers} must index blocks 0..{num_layers - 1}.")
+        moe_layers = resolve_moe_layers(moe_layers, num_layers)
+        if shared_expert_intermediate_size is None:
+            shared_expert_intermediate_size = moe_intermediate_size
+        self.register_to_config(moe_layers=moe_layers, shared_expert_intermediate_size=shared_expert_intermediate_size)
         if attention_head_dim % 4:
             raise ValueError(f"attention_head_dim={attention_head_dim} must be divisible by 4 (2-D rotary embedding).")
         if sample_size % patch_size:
@@ -210,34 +213,36 @@ class JiTTransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdapte
         self.embedding = TimestepClassEmbedding(num_classes, dim, class_dropout_prob, add_null_class=True)
         self.in_context_pos_embed = nn.Parameter(torch.zeros(1, in_context_len, dim)) if in_context_len else None
 
-        def feed_forward(index):
-            if index in moe_layers:
-                return DeepSeekMoE(
-                    dim,
-                    num_experts=num_experts,
-                    intermediate_size=moe_intermediate_size,
-                    num_experts_per_tok=num_experts_per_tok,
-                    n_group=n_group,
-                    topk_group=topk_group,
-                    routed_scaling_factor=routed_scaling_factor,
-                    num_shared_experts=num_shared_experts,
-                    bias=True,
-                )
-            return SwiGLU(dim, int(int(dim * mlp_ratio) * 2 / 3), bias=True)
-
-        def _block_class(index):
-            return AdaLNZeroMoETransformerBlock if index in moe_layers else AdaLNZeroTransformerBlock
-
-        self.transformer_blocks = nn.ModuleList(
-            [
-                _block_class(i)(
-                    dim, num_attention_heads, attention_head_dim, feed_forward(i), "rms_norm", qk_norm="rms_norm"
-                )
-                for i in range(num_layers)
-            ]
+        self.transformer_blocks = adaln_zero_blocks(
+            num_layers,
+            moe_layers,
+            dense_feed_forward=lambda: SwiGLU(dim=dim, intermediate_size=int(int(dim * mlp_ratio) * 2 / 3), bias=True),
+            moe_feed_forward=lambda: DeepSeekMoE(
+                dim=dim,
+                num_experts=num_experts,
+                num_experts_per_tok=num_experts_per_tok,
+                intermediate_size=moe_intermediate_size,
+                n_group=n_group,
+                topk_group=topk_group,
+                routed_scaling_factor=routed_scaling_factor,
+                shared_expert_intermediate_size=shared_expert_intermediate_size,
+                bias=True,
+            ),
+            dim=dim,
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
+            norm_type="rms_norm",
+            qk_norm="rms_norm",
         )
         self.proj_out = PatchOutputLayer(dim, patch_size, in_channels, norm_type="rms_norm")
         self.gradient_checkpointing = False
+
+    @classmethod
+    def upgrade_legacy_config(cls, config: dict) -> dict:
+        """Earlier versions: `moe_layers: null` meant the dense JiT, `num_shared_experts` counted shared experts."""
+        return upgrade_legacy_moe_fields(
+            cls, config, moe_layers_none="none", shared_expert_width="moe_intermediate_size"
+        )
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "JiTTransformer2DModel":

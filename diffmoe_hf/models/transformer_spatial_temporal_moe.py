@@ -38,7 +38,7 @@ def _preset(num_layers: int, dim: int, heads: int, patch_size: int, intermediate
         attention_head_dim=dim // heads,
         patch_size=patch_size,
         moe_intermediate_size=intermediate_size,
-        shared_intermediate_size=shared,
+        shared_expert_intermediate_size=shared,
     )
 
 
@@ -77,8 +77,16 @@ class SpatialTemporalMoEBlock(AdaLNZeroTransformerBlock):
         feed_forward (`SpatialTemporalMoE`): The MoE layer.
     """
 
-    def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, feed_forward: SpatialTemporalMoE):
-        super().__init__(dim, num_attention_heads, attention_head_dim, feed_forward, norm_type="layer_norm")
+    def __init__(
+        self, *, dim: int, num_attention_heads: int, attention_head_dim: int, feed_forward: SpatialTemporalMoE
+    ):
+        super().__init__(
+            dim=dim,
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
+            feed_forward=feed_forward,
+            norm_type="layer_norm",
+        )
         self.depthwise_conv = nn.Conv2d(dim, dim, kernel_size=5, padding=2, groups=dim)
 
     def forward(
@@ -117,8 +125,8 @@ class SpatialTemporalMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMi
         num_experts (`int`): Routed experts per block.
         num_experts_per_tok (`int`): Experts each token is sent to (k).
         moe_intermediate_size (`int`): Hidden width of each routed expert (original: int(mlp_ratio * D)).
-        shared_intermediate_size (`int`, *optional*): Hidden width of the shared expert (original:
-            n_shared_experts * D); `None` for models without one.
+        shared_expert_intermediate_size (`int`): Hidden width of the shared expert (original: n_shared_experts * D);
+            0 for models without one.
         modulation_rank (`int`): Bottleneck of the experts' adaLN and of the channel recalibration (64 upstream).
         aux_loss_alpha (`float`): Weight of the routers' load-balancing loss, computed in training mode and summed by
             `diffmoe_hf.models.moe.moe_aux_loss(model)`.
@@ -149,7 +157,7 @@ class SpatialTemporalMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMi
         num_experts: int = 8,
         num_experts_per_tok: int = 2,
         moe_intermediate_size: int = 4608,
-        shared_intermediate_size: int | None = 2304,
+        shared_expert_intermediate_size: int = 2304,
         modulation_rank: int = 64,
         aux_loss_alpha: float = 0.01,
         formulation: str = "ddpm-learned-sigma",
@@ -171,16 +179,16 @@ class SpatialTemporalMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMi
         self.transformer_blocks = nn.ModuleList(
             [
                 SpatialTemporalMoEBlock(
-                    dim,
-                    num_attention_heads,
-                    attention_head_dim,
-                    SpatialTemporalMoE(
-                        dim,
+                    dim=dim,
+                    num_attention_heads=num_attention_heads,
+                    attention_head_dim=attention_head_dim,
+                    feed_forward=SpatialTemporalMoE(
+                        dim=dim,
                         num_experts=num_experts,
                         num_experts_per_tok=num_experts_per_tok,
                         intermediate_size=moe_intermediate_size,
-                        shared_intermediate_size=shared_intermediate_size,
-                        rank=modulation_rank,
+                        shared_expert_intermediate_size=shared_expert_intermediate_size,
+                        modulation_rank=modulation_rank,
                         aux_loss_alpha=aux_loss_alpha,
                     ),
                 )
@@ -189,6 +197,14 @@ class SpatialTemporalMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMi
         )
         self.proj_out = PatchOutputLayer(dim, patch_size, self.out_channels, norm_type="layer_norm")
         self.gradient_checkpointing = False
+
+    @classmethod
+    def upgrade_legacy_config(cls, config: dict) -> dict:
+        """Earlier versions called the shared expert's width `shared_intermediate_size`, with `null` for none."""
+        config = dict(config)
+        if "shared_intermediate_size" in config:
+            config["shared_expert_intermediate_size"] = config.pop("shared_intermediate_size") or 0
+        return config
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "SpatialTemporalMoETransformer2DModel":

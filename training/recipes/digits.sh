@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Trains the two digits models shipped in diffmoe_hf/data/models/ (issue 8) from scratch on CPU, evaluates them and
+# Trains the two digits models shipped in diffmoe_hf/data/models/ from scratch on CPU, evaluates them and
 # writes their model cards. One command, fixed seed:
 #
 #     bash training/recipes/digits.sh [OUTPUT_DIR=runs/digits] [MODELS="jitmoe dsmoe"]

@@ -18,34 +18,41 @@ class DeepSeekMoE(nn.Module):
     Args:
         dim (`int`): Token width D.
         num_experts (`int`): Routed experts E.
-        intermediate_size (`int`): Hidden width of each expert.
         num_experts_per_tok (`int`): Experts per token k.
+        intermediate_size (`int`): Hidden width of each routed expert.
         n_group (`int`), topk_group (`int`), routed_scaling_factor (`float`): See `SigmoidGroupLimitedRouter`.
-        num_shared_experts (`int`): Shared experts, fused into one SwiGLU of width `num_shared_experts * intermediate_size`.
+        shared_expert_intermediate_size (`int`): Hidden width of the shared SwiGLU (upstream's `n_shared_experts`
+            experts fused into one of their summed width); 0 for none, and the layer adds its input instead.
         bias (`bool`): Biases on the expert projections (JiTMoE) or not (DSMoE).
     """
 
     def __init__(
         self,
+        *,
         dim: int,
         num_experts: int,
-        intermediate_size: int,
         num_experts_per_tok: int,
+        intermediate_size: int,
         n_group: int = 1,
         topk_group: int = 1,
         routed_scaling_factor: float = 1.0,
-        num_shared_experts: int = 1,
+        shared_expert_intermediate_size: int = 0,
         bias: bool = False,
     ):
         super().__init__()
         self.num_experts = num_experts
         self.router = SigmoidGroupLimitedRouter(
-            dim, num_experts, num_experts_per_tok, n_group, topk_group, routed_scaling_factor
+            dim=dim,
+            num_experts=num_experts,
+            num_experts_per_tok=num_experts_per_tok,
+            n_group=n_group,
+            topk_group=topk_group,
+            routed_scaling_factor=routed_scaling_factor,
         )
-        self.experts = SwiGLUExperts(num_experts, dim, intermediate_size, bias=bias)
-        self.shared_experts = (
-            SwiGLU(dim, num_shared_experts * intermediate_size, bias=bias) if num_shared_experts > 0 else None
-        )
+        self.experts = SwiGLUExperts(dim=dim, num_experts=num_experts, intermediate_size=intermediate_size, bias=bias)
+        self.shared_experts = None
+        if shared_expert_intermediate_size > 0:
+            self.shared_experts = SwiGLU(dim=dim, intermediate_size=shared_expert_intermediate_size, bias=bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, N, D) -> (B, N, D). Routing is per token, so each sample's output is independent of the batch."""

@@ -14,7 +14,7 @@ from .expert_backends import check_expert_backend, resolve_expert_backend
 class SwiGLU(nn.Module):
     """`down_proj(silu(gate_proj(x)) * up_proj(x))`, (…, D) -> (…, D), hidden width `intermediate_size`."""
 
-    def __init__(self, dim: int, intermediate_size: int, bias: bool = False):
+    def __init__(self, *, dim: int, intermediate_size: int, bias: bool = False):
         super().__init__()
         self.gate_proj = nn.Linear(dim, intermediate_size, bias=bias)
         self.up_proj = nn.Linear(dim, intermediate_size, bias=bias)
@@ -178,16 +178,16 @@ class SwiGLUExperts(StackedLinearExperts):
     of all experts run as one grouped GEMM into a `[gate | up]` output, then the down projection as a second one.
 
     Args:
-        num_experts (`int`): E.
         dim (`int`): Token width D.
+        num_experts (`int`): E.
         intermediate_size (`int`): Hidden width of each expert.
         bias (`bool`): Whether the projections have biases (JiTMoE) or not (DSMoE).
     """
 
     _linear_paths = ("gate_proj", "up_proj", "down_proj")
 
-    def __init__(self, num_experts: int, dim: int, intermediate_size: int, bias: bool = False):
-        super().__init__([SwiGLU(dim, intermediate_size, bias=bias) for _ in range(num_experts)])
+    def __init__(self, *, dim: int, num_experts: int, intermediate_size: int, bias: bool = False):
+        super().__init__([SwiGLU(dim=dim, intermediate_size=intermediate_size, bias=bias) for _ in range(num_experts)])
 
     def _forward_segment_linear(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
         gate_up = self.project_with_own_weights(rows, segments, "gate_proj", "up_proj")  # (R, 2I) as [gate | up]
@@ -205,14 +205,14 @@ class GeluMLPExperts(StackedLinearExperts):
     fast backend both projections run as grouped GEMMs with per-expert biases.
 
     Args:
-        num_experts (`int`): E.
         dim (`int`): Token width D.
+        num_experts (`int`): E.
         intermediate_size (`int`): Hidden width I of each expert.
     """
 
     _linear_paths = ("net.0.proj", "net.2")
 
-    def __init__(self, num_experts: int, dim: int, intermediate_size: int):
+    def __init__(self, *, dim: int, num_experts: int, intermediate_size: int):
         super().__init__(
             [
                 FeedForward(dim, inner_dim=intermediate_size, activation_fn="gelu-approximate", bias=True)

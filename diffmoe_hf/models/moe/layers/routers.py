@@ -26,6 +26,7 @@ class SigmoidGroupLimitedRouter(nn.Module):
 
     def __init__(
         self,
+        *,
         dim: int,
         num_experts: int,
         num_experts_per_tok: int,
@@ -92,6 +93,7 @@ class SoftmaxTopKRouter(nn.Module):
 
     def __init__(
         self,
+        *,
         dim: int,
         num_experts: int,
         num_experts_per_tok: int,
