@@ -1,6 +1,5 @@
 """Class-conditional image generation with any diffmoe_hf transformer, on standard diffusers schedulers."""
 
-import contextlib
 import difflib
 import inspect
 import math
@@ -323,12 +322,6 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         latents = latents.to(device=device, dtype=dtype)
         return latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
 
-    def _cache_context(self, name: str):
-        """`transformer.cache_context(name)`: keys the state of diffusers' cache hooks by the kind of call, so a cache
-        compares a call only with earlier calls of the same batch composition."""
-        cache_context = getattr(self.transformer, "cache_context", None)
-        return cache_context(name) if cache_context is not None else contextlib.nullcontext()
-
     def _predict(
         self, latents, model_time, class_ids, guidance_scale, attention_kwargs, guidance_channels=None
     ) -> torch.Tensor:
@@ -336,17 +329,17 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         channels; the other channels are the conditional output."""
         timestep = model_time.to(latents.device).expand(latents.shape[0])
         if guidance_scale <= 1.0:
-            with self._cache_context("cond"):
+            with self.transformer.cache_context("cond"):
                 return self.transformer(latents, timestep, class_ids, attention_kwargs=attention_kwargs).sample
         null_ids = torch.full_like(class_ids, self.num_classes)
         if self.transformer.routing_depends_on_batch:
             # batch-level routing: cond and uncond must be separate calls, exactly as the original sampler makes them
-            with self._cache_context("cond"):
+            with self.transformer.cache_context("cond"):
                 cond = self.transformer(latents, timestep, class_ids, attention_kwargs=attention_kwargs).sample
-            with self._cache_context("uncond"):
+            with self.transformer.cache_context("uncond"):
                 uncond = self.transformer(latents, timestep, null_ids, attention_kwargs=attention_kwargs).sample
         else:
-            with self._cache_context("cond_uncond"):
+            with self.transformer.cache_context("cond_uncond"):
                 both = self.transformer(
                     torch.cat([latents, latents]),
                     torch.cat([timestep, timestep]),
@@ -459,9 +452,11 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         self._num_timesteps = len(plan)
         step_kwargs = self._step_kwargs(scheduler, generator)
 
-        # 5. Denoising loop. The pipeline itself reads nothing back from the device per step; diffusers' schedulers
-        # may (e.g. the step index at the first step, DDPM's previous timestep), and so may the MoE layers.
-        if getattr(self.transformer, "is_cache_enabled", False):
+        # 5. Denoising loop. The loop itself reads nothing back from the device; what does is out of its hands:
+        # diffusers' `step` looks the timestep up (FlowMatch and DPM-Solver their step index at the first step, DDPM
+        # and DDIM their previous timestep or alpha-bar at every step) and, on CPU, the MoE layers read their
+        # per-expert token counts to size the expert GEMMs.
+        if self.transformer.is_cache_enabled:
             self.transformer._reset_stateful_cache()  # a call that raised earlier leaves no stale cache behind
         with self.progress_bar(total=len(plan)) as progress_bar:
             for i, t in enumerate(plan.timesteps):
@@ -472,9 +467,9 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 # a callback may have changed the scale; the plan says whether it applies at this step
                 scale = check_real_number("guidance_scale", self._guidance_scale, minimum=0.0)
                 scale = scale if plan.guided[i] else 1.0
-                model_input = (
-                    scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
-                )
+                model_input = latents
+                if hasattr(scheduler, "scale_model_input"):
+                    model_input = scheduler.scale_model_input(latents, t)
                 prediction = self._predict(
                     model_input, model_time, class_ids, scale, attention_kwargs, guidance_channels
                 )
