@@ -60,7 +60,7 @@ class SamplingPlan:
 
 
 class Formulation:
-    """Base class: maps scheduler timesteps to model time and model predictions to `scheduler.step` inputs."""
+    """Base class: plans a sampling call (`sampling_plan`) and maps model predictions to `scheduler.step` inputs."""
 
     name: str
     # pipeline defaults when the caller gives none (the original sampling scripts' values)
@@ -349,10 +349,12 @@ class JiTXPrediction(RectifiedFlowNoiseAtZero):
         the guidance interval test there. Times off the grid (another scheduler's own grid) are kept.
         """
         grid = torch.linspace(0.0, 1.0, num_inference_steps + 1, device=times.device)
-        position = times.double() * num_inference_steps
+        # the grid position in float64, on the CPU (every backend has float64 there): one copy per call
+        position = times.cpu().double() * num_inference_steps
         index = position.round()
         on_grid = ((position - index).abs() < 1e-3) & (index >= 0) & (index <= num_inference_steps)
-        return torch.where(on_grid, grid[index.long().clamp(0, num_inference_steps)], times)
+        on_grid, index = on_grid.to(times.device), index.long().clamp(0, num_inference_steps).to(times.device)
+        return torch.where(on_grid, grid[index], times)
 
     def initial_noise(self, noise):
         return noise * self.noise_scale
