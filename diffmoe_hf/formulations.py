@@ -12,6 +12,8 @@ noise) and step with the velocity `noise - x0`; each formulation converts to and
 | `ddpm-learned-sigma` | DDPM index 0..999 | t = 999 | eps (channels C..2C-1: learned variance v in [-1, 1]) |
 """
 
+from dataclasses import dataclass
+
 import torch
 from diffusers.schedulers import (
     DDIMScheduler,
@@ -23,8 +25,42 @@ from diffusers.schedulers import (
 )
 
 
+def in_guidance_interval(model_time: torch.Tensor, guidance_interval: tuple[float, float] | None) -> torch.Tensor:
+    """
+    Where classifier-free guidance applies: `low < model_time < high`, or `model_time < high` when `low == 0` (the
+    rule of Kynkaanniemi et al. as JiT implements it, comparing in the dtype of `model_time`); everywhere when
+    `guidance_interval` is None. Returns a bool tensor of the shape of `model_time`.
+    """
+    if guidance_interval is None:
+        return torch.ones_like(model_time, dtype=torch.bool)
+    low, high = guidance_interval
+    return (model_time < high) & ((model_time > low) | (low == 0))
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """
+    Everything a sampling call needs from the formulation, computed once before the denoising loop.
+
+    Args:
+        scheduler: The scheduler that steps, its timesteps set: the pipeline's own, or a copy derived from it when
+            the upstream grid needs one (the pipeline's scheduler is then left untouched).
+        timesteps: (S,) `scheduler.timesteps`, one per transformer evaluation (Heun: two per step but the last).
+        model_times: (S,) the transformer's timestep input at each of them (float32, on the sampling device).
+        guided: S bools: whether classifier-free guidance applies at each of them (the guidance interval).
+    """
+
+    scheduler: SchedulerMixin
+    timesteps: torch.Tensor
+    model_times: torch.Tensor
+    guided: tuple[bool, ...]
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+
 class Formulation:
-    """Base class: maps scheduler timesteps to model time and model predictions to `scheduler.step` inputs."""
+    """Base class: plans a sampling call (`sampling_plan`) and maps model predictions to `scheduler.step` inputs."""
 
     name: str
     # pipeline defaults when the caller gives none (the original sampling scripts' values)
@@ -45,40 +81,43 @@ class Formulation:
         self, guidance_scale: float, model_time: torch.Tensor, guidance_interval: tuple[float, float] | None = None
     ) -> torch.Tensor:
         """
-        The classifier-free guidance scale to use at `model_time` (0-d or (B,), same shape returned, float32).
-
-        With `guidance_interval = (low, high)` (in model time units) guidance only applies where
-        `low < model_time < high`, or `model_time < high` when `low == 0` (the rule of Kynkaanniemi et al. as JiT
-        implements it, comparing in the dtype of `model_time`); elsewhere the scale is 1, i.e. no guidance.
+        The classifier-free guidance scale to use at `model_time` (0-d or (B,), same shape returned, float32):
+        `guidance_scale` inside `guidance_interval` (see `in_guidance_interval`), 1 (no guidance) outside.
         """
         scale = torch.full_like(model_time, guidance_scale, dtype=torch.float32)
-        if guidance_interval is None:
-            return scale
-        low, high = guidance_interval
-        inside = (model_time < high) & ((model_time > low) | (low == 0))
-        return torch.where(inside, scale, torch.ones_like(scale))
+        return torch.where(in_guidance_interval(model_time, guidance_interval), scale, torch.ones_like(scale))
 
     def default_scheduler(self) -> SchedulerMixin:
         """The scheduler written into converted folders; it reproduces the upstream sampler."""
         raise NotImplementedError
 
-    def set_timesteps(self, scheduler: SchedulerMixin, num_inference_steps: int, device: torch.device) -> None:
-        """Sets the sampling grid (the upstream grid where the scheduler can express it)."""
-        scheduler.set_timesteps(num_inference_steps, device=device)
+    def sampling_plan(
+        self,
+        scheduler: SchedulerMixin,
+        num_inference_steps: int,
+        device: torch.device,
+        guidance_interval: tuple[float, float] | None = None,
+    ) -> SamplingPlan:
+        """
+        The plan of one sampling call: the scheduler that steps on the upstream grid (where the scheduler can express
+        it), the model time of every step and where guidance applies.
 
-    def sampling_scheduler(
+        Args:
+            scheduler: The pipeline's scheduler. Only its own `set_timesteps` changes it; when the upstream grid needs
+                other settings, a derived copy steps instead and `scheduler` is left untouched.
+            num_inference_steps: Number of denoising steps.
+            device: Where the timesteps and model times live.
+            guidance_interval: `(low, high)` in model time, or None (guidance at every step).
+        """
+        stepping, model_times = self.schedule(scheduler, num_inference_steps, device)
+        # one host sync per call, so that the denoising loop decides on one or two passes without any
+        guided = tuple(in_guidance_interval(model_times, guidance_interval).tolist())
+        return SamplingPlan(stepping, stepping.timesteps, model_times, guided)
+
+    def schedule(
         self, scheduler: SchedulerMixin, num_inference_steps: int, device: torch.device
-    ) -> SchedulerMixin:
-        """
-        The scheduler that runs one sampling call, with its timesteps set. By default `scheduler` itself; a
-        formulation returns a derived scheduler when the upstream sampler needs a grid that `scheduler` cannot express
-        (the pipeline's own scheduler is then left untouched).
-        """
-        self.set_timesteps(scheduler, num_inference_steps, device)
-        return scheduler
-
-    def model_time(self, scheduler: SchedulerMixin, timestep: torch.Tensor) -> torch.Tensor:
-        """The transformer's timestep input for the scheduler timestep `timestep` (0-d tensor)."""
+    ) -> tuple[SchedulerMixin, torch.Tensor]:
+        """The scheduler that steps, its timesteps set, and the (S,) model times of its timesteps."""
         raise NotImplementedError
 
     def scheduler_output(
@@ -91,8 +130,14 @@ class Formulation:
             prediction: (B, C_out, H, W) guided transformer output (C_out >= C).
             sample: (B, C, H, W) current latents.
             model_time: the transformer's timestep input for this step.
+            scheduler: the plan's scheduler.
         """
         raise NotImplementedError
+
+
+def _flow_time(scheduler: SchedulerMixin) -> torch.Tensor:
+    """`timesteps / num_train_timesteps` of a flow-matching scheduler (its sigma before any shift), float32."""
+    return scheduler.timesteps.float() / scheduler.config.num_train_timesteps
 
 
 class RectifiedFlowNoiseAtZero(Formulation):
@@ -109,15 +154,13 @@ class RectifiedFlowNoiseAtZero(Formulation):
     def default_scheduler(self) -> SchedulerMixin:
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
 
-    def set_timesteps(self, scheduler, num_inference_steps, device):
+    def schedule(self, scheduler, num_inference_steps, device):
         if isinstance(scheduler, FlowMatchEulerDiscreteScheduler) and not scheduler.config.use_dynamic_shifting:
             sigmas = [1.0 - i / num_inference_steps for i in range(num_inference_steps)]
             scheduler.set_timesteps(sigmas=sigmas, device=device)
         else:
             scheduler.set_timesteps(num_inference_steps, device=device)
-
-    def model_time(self, scheduler, timestep):
-        return 1.0 - timestep.float() / scheduler.config.num_train_timesteps
+        return scheduler, 1.0 - _flow_time(scheduler)
 
     def scheduler_output(self, prediction, sample, model_time, scheduler):
         return -prediction[:, : sample.shape[1]]
@@ -137,15 +180,13 @@ class RectifiedFlowNoiseAtOne(Formulation):
     def default_scheduler(self) -> SchedulerMixin:
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
 
-    def set_timesteps(self, scheduler, num_inference_steps, device):
+    def schedule(self, scheduler, num_inference_steps, device):
         if isinstance(scheduler, FlowMatchEulerDiscreteScheduler) and not scheduler.config.use_dynamic_shifting:
             sigmas = [(num_inference_steps - i) / num_inference_steps for i in range(num_inference_steps)]
             scheduler.set_timesteps(sigmas=sigmas, device=device)
         else:
             scheduler.set_timesteps(num_inference_steps, device=device)
-
-    def model_time(self, scheduler, timestep):
-        return timestep.float() / scheduler.config.num_train_timesteps
+        return scheduler, _flow_time(scheduler)
 
     def scheduler_output(self, prediction, sample, model_time, scheduler):
         return prediction[:, : sample.shape[1]]
@@ -192,7 +233,7 @@ class DDPMLearnedSigma(Formulation):
       ancestral sampler on the upstream `"N"` grid (`evenly_spaced_respacing`; the default 250 steps).
     - `DDIMScheduler` (eta 0) runs the upstream `"ddimN"` grid exactly for every N: the upstream respaced chain is a
       DDIM scheduler over N steps with betas `1 - abar[tau_k] / abar[tau_(k-1)]`, so a derived `DDIMScheduler` with
-      those `trained_betas` steps k = N-1..0 and the model gets the original index `tau_k` (`original_timesteps`).
+      those `trained_betas` steps k = N-1..0 and the model gets the original index `tau_k`.
     - Any other scheduler (e.g. `DPMSolverMultistepScheduler`) runs its own grid on the eps half (a learned
       `variance_type` there is dropped, since those schedulers would keep only 3 channels of it).
     """
@@ -211,49 +252,43 @@ class DDPMLearnedSigma(Formulation):
             timestep_spacing="linspace",
         )
 
-    def set_timesteps(self, scheduler, num_inference_steps, device):
-        if isinstance(scheduler, DDPMScheduler):
-            train_steps = scheduler.config.num_train_timesteps
-            kept = evenly_spaced_respacing(train_steps, num_inference_steps)
-            scheduler.set_timesteps(timesteps=kept[::-1], device=device)
-        else:
-            scheduler.set_timesteps(num_inference_steps, device=device)
-
     @staticmethod
     def _learned_variance(scheduler: SchedulerMixin) -> bool:
         return getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range")
 
-    def sampling_scheduler(self, scheduler, num_inference_steps, device):
+    def schedule(self, scheduler, num_inference_steps, device):
+        train_steps = scheduler.config.num_train_timesteps
         if isinstance(scheduler, DDIMScheduler):
-            scheduler = self._respaced_ddim(scheduler, num_inference_steps)
-        elif self._learned_variance(scheduler) and not isinstance(scheduler, DDPMScheduler):
+            kept = ddim_respacing(train_steps, num_inference_steps)
+            stepping = self._respaced_ddim(scheduler, kept)
+            stepping.set_timesteps(num_inference_steps, device=device)
+            # step k of the respaced chain is DDPM index kept[k]
+            return stepping, torch.tensor(kept, device=device)[stepping.timesteps.long()].float()
+        if isinstance(scheduler, DDPMScheduler):
+            kept = evenly_spaced_respacing(train_steps, num_inference_steps)
+            scheduler.set_timesteps(timesteps=kept[::-1], device=device)
+        elif self._learned_variance(scheduler):
             scheduler = type(scheduler).from_config(scheduler.config, variance_type=None)
-        return super().sampling_scheduler(scheduler, num_inference_steps, device)
+            scheduler.set_timesteps(num_inference_steps, device=device)
+        else:
+            scheduler.set_timesteps(num_inference_steps, device=device)
+        return scheduler, scheduler.timesteps.float()
 
     @staticmethod
-    def _respaced_ddim(scheduler: DDIMScheduler, num_inference_steps: int) -> DDIMScheduler:
-        train_steps = scheduler.config.num_train_timesteps
-        kept = torch.tensor(ddim_respacing(train_steps, num_inference_steps))
-        alphas_cumprod = torch.cumprod(1.0 - scheduler.betas.double(), dim=0)[kept]
+    def _respaced_ddim(scheduler: DDIMScheduler, kept: list[int]) -> DDIMScheduler:
+        """A DDIM scheduler over the `len(kept)` steps of the upstream chain respaced to the DDPM indices `kept`."""
+        alphas_cumprod = torch.cumprod(1.0 - scheduler.betas.double(), dim=0)[torch.tensor(kept)]
         previous = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
         # the upstream chain ends at alpha-bar 1 and needs no step offset, whatever `scheduler` is set to
-        respaced = DDIMScheduler.from_config(
+        return DDIMScheduler.from_config(
             scheduler.config,
-            num_train_timesteps=num_inference_steps,
+            num_train_timesteps=len(kept),
             trained_betas=(1.0 - alphas_cumprod / previous).tolist(),
             rescale_betas_zero_snr=False,  # already applied to the betas read above
             set_alpha_to_one=True,
             steps_offset=0,
             timestep_spacing="leading",
         )
-        respaced.original_timesteps = kept  # step k of the respaced chain is DDPM index kept[k]
-        return respaced
-
-    def model_time(self, scheduler, timestep):
-        original = getattr(scheduler, "original_timesteps", None)
-        if original is not None:
-            return original.to(timestep.device)[timestep.long()].float()
-        return timestep.float()
 
     def scheduler_output(self, prediction, sample, model_time, scheduler):
         channels = sample.shape[1]
@@ -295,27 +330,31 @@ class JiTXPrediction(RectifiedFlowNoiseAtZero):
     def default_scheduler(self) -> SchedulerMixin:
         return FlowMatchHeunDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
 
-    def set_timesteps(self, scheduler, num_inference_steps, device):
+    def schedule(self, scheduler, num_inference_steps, device):
         if isinstance(scheduler, FlowMatchHeunDiscreteScheduler) and scheduler.config.shift == 1.0:
-            # The scheduler spaces its sigmas linearly from sigma_max (1) to sigma_min; with sigma_min = 1/N they are
-            # exactly 1 - i/N.
-            sigma_min = scheduler.sigma_min
+            # The scheduler spaces its sigmas linearly from sigma_max (1) down to its attribute sigma_min and takes no
+            # custom sigmas (diffusers 0.37 to 0.42): a copy whose sigma_min is 1/N steps on exactly 1 - i/N.
+            scheduler = type(scheduler).from_config(scheduler.config)
             scheduler.sigma_min = 1.0 / num_inference_steps
-            try:
-                scheduler.set_timesteps(num_inference_steps, device=device)
-            finally:
-                scheduler.sigma_min = sigma_min
+            scheduler.set_timesteps(num_inference_steps, device=device)
         else:
-            super().set_timesteps(scheduler, num_inference_steps, device)
+            scheduler, _ = super().schedule(scheduler, num_inference_steps, device)
+        return scheduler, self._on_upstream_grid(1.0 - _flow_time(scheduler), scheduler.num_inference_steps)
 
-    def model_time(self, scheduler, timestep):
-        time = 1.0 - timestep.float() / scheduler.config.num_train_timesteps
-        steps = scheduler.num_inference_steps
-        position = time.item() * steps
-        index = round(position)
-        if abs(position - index) < 1e-3 and 0 <= index <= steps:
-            return torch.linspace(0.0, 1.0, steps + 1, device=timestep.device)[index]
-        return time
+    @staticmethod
+    def _on_upstream_grid(times: torch.Tensor, num_inference_steps: int) -> torch.Tensor:
+        """
+        `times` (float32), each replaced by the point of the upstream grid `linspace(0, 1, N + 1)` (float32) it lies
+        on: `1 - sigma` and the upstream grid differ by an ulp at some points (e.g. t = 0.1 for N = 50), which decides
+        the guidance interval test there. Times off the grid (another scheduler's own grid) are kept.
+        """
+        grid = torch.linspace(0.0, 1.0, num_inference_steps + 1, device=times.device)
+        # the grid position in float64, on the CPU (every backend has float64 there): one copy per call
+        position = times.cpu().double() * num_inference_steps
+        index = position.round()
+        on_grid = ((position - index).abs() < 1e-3) & (index >= 0) & (index <= num_inference_steps)
+        on_grid, index = on_grid.to(times.device), index.long().clamp(0, num_inference_steps).to(times.device)
+        return torch.where(on_grid, grid[index], times)
 
     def initial_noise(self, noise):
         return noise * self.noise_scale

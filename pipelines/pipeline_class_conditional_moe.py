@@ -1,6 +1,5 @@
 """Class-conditional image generation with any diffmoe_hf transformer, on standard diffusers schedulers."""
 
-import contextlib
 import difflib
 import inspect
 import math
@@ -250,6 +249,7 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         callback_on_step_end_tensor_inputs,
         guidance_interval=None,
         latents=None,
+        guidance_channels=None,
     ) -> None:
         """Refuses a call that cannot run or would return garbage, before any work is done (errors say what to do)."""
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral):
@@ -274,6 +274,11 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             low, high = (check_real_number("guidance_interval", v, allow_inf=True) for v in interval)
             if low > high:
                 raise ValueError(f"guidance_interval must be (low, high) with low <= high, got {interval!r}.")
+        in_channels = self.transformer.config.in_channels
+        if guidance_channels is not None and not 1 <= guidance_channels <= in_channels:
+            raise ValueError(
+                f"guidance_channels must be None or between 1 and {in_channels}, got {guidance_channels}."
+            )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         if output_type != "latent" and self.vae is None and self.transformer.config.in_channels not in (1, 3):
@@ -317,12 +322,6 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         latents = latents.to(device=device, dtype=dtype)
         return latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
 
-    def _cache_context(self, name: str):
-        """`transformer.cache_context(name)`: keys the state of diffusers' cache hooks by the kind of call, so a cache
-        compares a call only with earlier calls of the same batch composition."""
-        cache_context = getattr(self.transformer, "cache_context", None)
-        return cache_context(name) if cache_context is not None else contextlib.nullcontext()
-
     def _predict(
         self, latents, model_time, class_ids, guidance_scale, attention_kwargs, guidance_channels=None
     ) -> torch.Tensor:
@@ -330,17 +329,17 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         channels; the other channels are the conditional output."""
         timestep = model_time.to(latents.device).expand(latents.shape[0])
         if guidance_scale <= 1.0:
-            with self._cache_context("cond"):
+            with self.transformer.cache_context("cond"):
                 return self.transformer(latents, timestep, class_ids, attention_kwargs=attention_kwargs).sample
         null_ids = torch.full_like(class_ids, self.num_classes)
-        if getattr(self.transformer, "routing_depends_on_batch", False):
+        if self.transformer.routing_depends_on_batch:
             # batch-level routing: cond and uncond must be separate calls, exactly as the original sampler makes them
-            with self._cache_context("cond"):
+            with self.transformer.cache_context("cond"):
                 cond = self.transformer(latents, timestep, class_ids, attention_kwargs=attention_kwargs).sample
-            with self._cache_context("uncond"):
+            with self.transformer.cache_context("uncond"):
                 uncond = self.transformer(latents, timestep, null_ids, attention_kwargs=attention_kwargs).sample
         else:
-            with self._cache_context("cond_uncond"):
+            with self.transformer.cache_context("cond_uncond"):
                 both = self.transformer(
                     torch.cat([latents, latents]),
                     torch.cat([timestep, timestep]),
@@ -427,43 +426,50 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             ValueError: an argument out of range or non-finite (before any denoising), or non-finite latents
                 after sampling (e.g. a float16 overflow), which would otherwise decode to blank images.
         """
+        # 1. Check inputs
         formulation = self._formulation()
         default_scale, default_interval = self.default_guidance()
         guidance_scale = default_scale if guidance_scale is None else guidance_scale
         guidance_interval = default_interval if guidance_interval is None else guidance_interval
         self.check_inputs(
             num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs, guidance_interval,
-            latents,
+            latents, guidance_channels,
         )  # fmt: skip
-        in_channels = self.transformer.config.in_channels
-        if guidance_channels is not None and not 1 <= guidance_channels <= in_channels:
-            raise ValueError(
-                f"guidance_channels must be None or between 1 and {in_channels}, got {guidance_channels}."
-            )
         self._guidance_scale = float(guidance_scale)
         self._interrupt = False
         self._current_timestep = None
         device = self._execution_device
-        class_ids = self._class_ids(class_labels, device)
-        latents = self.prepare_latents(len(class_ids), generator, latents, device, self.transformer.dtype, formulation)
-        if getattr(self.transformer, "is_cache_enabled", False):
-            self.transformer._reset_stateful_cache()  # a call that raised earlier leaves no stale cache behind
 
-        scheduler = formulation.sampling_scheduler(self.scheduler, int(num_inference_steps), device)
-        timesteps = scheduler.timesteps
-        self._num_timesteps = len(timesteps)
+        # 2. Prepare class labels
+        class_ids = self._class_ids(class_labels, device)
+
+        # 3. Prepare latents
+        latents = self.prepare_latents(len(class_ids), generator, latents, device, self.transformer.dtype, formulation)
+
+        # 4. Sampling plan: the scheduler that steps, its timesteps, the model time and guidance of every step
+        plan = formulation.sampling_plan(self.scheduler, int(num_inference_steps), device, guidance_interval)
+        scheduler = plan.scheduler
+        self._num_timesteps = len(plan)
         step_kwargs = self._step_kwargs(scheduler, generator)
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
-            for i, t in enumerate(timesteps):
+
+        # 5. Denoising loop. The loop itself reads nothing back from the device; what does is out of its hands:
+        # diffusers' `step` looks the timestep up (FlowMatch and DPM-Solver their step index at the first step, DDPM
+        # and DDIM their previous timestep or alpha-bar at every step) and, on CPU, the MoE layers read their
+        # per-expert token counts to size the expert GEMMs.
+        if self.transformer.is_cache_enabled:
+            self.transformer._reset_stateful_cache()  # a call that raised earlier leaves no stale cache behind
+        with self.progress_bar(total=len(plan)) as progress_bar:
+            for i, t in enumerate(plan.timesteps):
                 if self.interrupt:
                     continue
                 self._current_timestep = t
+                model_time = plan.model_times[i]
+                # a callback may have changed the scale; the plan says whether it applies at this step
+                scale = check_real_number("guidance_scale", self._guidance_scale, minimum=0.0)
+                scale = scale if plan.guided[i] else 1.0
                 model_input = latents
                 if hasattr(scheduler, "scale_model_input"):
                     model_input = scheduler.scale_model_input(latents, t)
-                model_time = formulation.model_time(scheduler, t)
-                step_scale = check_real_number("guidance_scale", self._guidance_scale, minimum=0.0)
-                scale = formulation.guidance_scale_at(step_scale, model_time, guidance_interval).item()
                 prediction = self._predict(
                     model_input, model_time, class_ids, scale, attention_kwargs, guidance_channels
                 )
@@ -479,6 +485,7 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 progress_bar.update()
         self._current_timestep = None
 
+        # 6. Decode (one host sync: non-finite latents would decode to blank images)
         if not torch.isfinite(latents).all():
             self.maybe_free_model_hooks()
             raise ValueError(

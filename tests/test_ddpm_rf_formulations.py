@@ -26,8 +26,8 @@ UPSTREAM_ANCESTRAL = {4: [999, 666, 333, 0], 8: [999, 856, 714, 571, 428, 285, 1
 
 
 def _model_times(formulation, scheduler, steps):
-    sampling = formulation.sampling_scheduler(scheduler, steps, "cpu")
-    return sampling, [formulation.model_time(sampling, t).item() for t in sampling.timesteps]
+    plan = formulation.sampling_plan(scheduler, steps, "cpu")
+    return plan.scheduler, plan.model_times.tolist()
 
 
 @pytest.mark.parametrize("steps", sorted(UPSTREAM_DDIM))
@@ -67,10 +67,10 @@ def _eps_fn(x, t):
 def test_ddim_loop_matches_upstream_for_any_step_count(steps):
     x = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     expected = _upstream_ddim(_eps_fn, x, ddim_respacing(1000, steps))
-    scheduler = DDPM.sampling_scheduler(DDIMScheduler.from_config(DDPM.default_scheduler().config), steps, "cpu")
+    plan = DDPM.sampling_plan(DDIMScheduler.from_config(DDPM.default_scheduler().config), steps, "cpu")
+    scheduler = plan.scheduler
     sample = x.clone()
-    for t in scheduler.timesteps:
-        model_time = DDPM.model_time(scheduler, t)
+    for t, model_time in zip(plan.timesteps, plan.model_times):
         prediction = torch.cat([_eps_fn(sample, model_time.item()), torch.zeros_like(sample)], dim=1)
         step_input = DDPM.scheduler_output(prediction, sample, model_time, scheduler)
         assert step_input.shape == sample.shape  # DDIM gets eps only
@@ -96,11 +96,12 @@ def test_ddpm_ancestral_default_250_steps():
 
 def test_dpm_solver_from_the_ddpm_config_runs_on_eps():
     scheduler = DPMSolverMultistepScheduler.from_config(DDPM.default_scheduler().config)
-    sampling = DDPM.sampling_scheduler(scheduler, 10, "cpu")
+    plan = DDPM.sampling_plan(scheduler, 10, "cpu")
+    sampling = plan.scheduler
     assert sampling.config.variance_type is None  # diffusers would keep only 3 channels of a learned variance
     sample = torch.randn(1, 4, 4, 4)
-    for t in sampling.timesteps:
-        prediction = torch.cat([_eps_fn(sample, DDPM.model_time(sampling, t).item()), torch.zeros_like(sample)], 1)
+    for t, model_time in zip(plan.timesteps, plan.model_times):
+        prediction = torch.cat([_eps_fn(sample, model_time.item()), torch.zeros_like(sample)], 1)
         sample = sampling.step(DDPM.scheduler_output(prediction, sample, None, sampling), t, sample).prev_sample
     assert sample.shape == (1, 4, 4, 4) and torch.isfinite(sample).all()
 
@@ -119,8 +120,7 @@ def test_rf_noise_at_one_reproduces_the_upstream_euler_sampler():
     for i in range(steps, 0, -1):
         expected = expected - velocity(expected, i / steps) / steps
     sample = x.clone()
-    for t in scheduler.timesteps:
-        model_time = RF.model_time(scheduler, t)
+    for t, model_time in zip(scheduler.timesteps, torch.tensor(times)):
         prediction = torch.cat([velocity(sample, model_time), torch.zeros_like(sample)], dim=1)
         sample = scheduler.step(RF.scheduler_output(prediction, sample, model_time, scheduler), t, sample).prev_sample
     assert_float32_close(sample, expected, float32_tolerance(expected, 2, depth=steps))  # x - v * dt per step

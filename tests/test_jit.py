@@ -143,14 +143,17 @@ def test_guidance_interval_boundaries():
 def test_model_time_is_the_float32_grid(scheduler_cls):
     """With 50 steps the original grid has t_5 = 0.099999994, which is not > 0.1 (unguided); 1 - sigma_5 would be."""
     formulation = get_formulation("jit-xpred")
-    scheduler = scheduler_cls()
-    formulation.set_timesteps(scheduler, 50, "cpu")
+    plan = formulation.sampling_plan(scheduler_cls(), 50, "cpu", (0.1, 1.0))
+    scheduler = plan.scheduler
     grid = torch.linspace(0.0, 1.0, 51)
-    times = torch.stack([formulation.model_time(scheduler, t) for t in scheduler.timesteps])
+    times = plan.model_times
     expected = grid[:50] if scheduler_cls is FlowMatchEulerDiscreteScheduler else grid[torch.arange(99).add(1) // 2]
     assert torch.equal(times, expected)
     assert times.dtype == torch.float32
     assert formulation.guidance_scale_at(2.9, grid[5], (0.1, 1.0)).item() == 1.0
+    # guided from t_6 = 0.12 on: t_5 = 0.099999994 is outside (0.1, 1.0)
+    grid_index = range(50) if scheduler_cls is FlowMatchEulerDiscreteScheduler else [(k + 1) // 2 for k in range(99)]
+    assert plan.guided == tuple(index >= 6 for index in grid_index)
     # the scheduler's sigma grid is 1 - i/N (Heun: repeated for the corrector), ending at 0
     sigmas = scheduler.sigmas.unique_consecutive()
     torch.testing.assert_close(sigmas, 1 - torch.linspace(0, 1, 51), rtol=0, atol=1e-6)
@@ -160,9 +163,10 @@ def test_heun_scheduler_keeps_its_settings():
     formulation = get_formulation("jit-xpred")
     scheduler = formulation.default_scheduler()
     sigma_min = scheduler.sigma_min
-    formulation.set_timesteps(scheduler, 7, "cpu")
+    plan = formulation.sampling_plan(scheduler, 7, "cpu")
     assert scheduler.sigma_min == sigma_min
-    assert len(scheduler.timesteps) == 2 * 7 - 1
+    assert torch.equal(scheduler.timesteps, formulation.default_scheduler().timesteps)  # its timesteps never set
+    assert plan.scheduler is not scheduler and len(plan.timesteps) == 2 * 7 - 1
 
 
 def test_formulation_parameters_come_from_the_model_config():

@@ -81,7 +81,16 @@ class DiTForwardMixin(CacheMixin):
 
     `CacheMixin` gives `enable_cache(config)` / `disable_cache()` / `cache_context(name)` with diffusers' cache hooks
     (FirstBlockCache, TaylorSeer, MagCache, ...); the blocks are registered for them by `import diffmoe_hf`.
+
+    Attributes:
+        routing_depends_on_batch (`bool`): Whether a sample's output depends on the other samples of the call (MoE
+            routing over the tokens of the whole batch, as DiffMoE's capacity predictor does). `False` for
+            per-token routing. When `True`, `ClassConditionalMoEPipeline` runs the conditional and the unconditional
+            batch of classifier-free guidance as two separate calls, as the original samplers do, instead of one
+            concatenated batch.
     """
+
+    routing_depends_on_batch: bool = False
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):

@@ -93,8 +93,6 @@ class DSMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdap
     _repeated_blocks = ["AdaLNZeroTransformerBlock", "AdaLNZeroMoETransformerBlock"]
     _skip_layerwise_casting_patterns = ["pos_embed", "norm", "embedding", "router"]
     _keep_in_fp32_modules = ["router"]
-    # Routing is per token: a sample's output does not depend on the rest of the batch.
-    routing_depends_on_batch = False
 
     @register_to_config
     def __init__(

@@ -139,8 +139,6 @@ class SpatialTemporalMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMi
     _repeated_blocks = ["SpatialTemporalMoEBlock"]
     _skip_layerwise_casting_patterns = ["pos_embed", "norm", "embedding", "router"]
     _keep_in_fp32_modules = ["router"]
-    # Routing is per token and the recalibration per sample: a sample's output does not depend on the batch.
-    routing_depends_on_batch = False
 
     @register_to_config
     def __init__(
