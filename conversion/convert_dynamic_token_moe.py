@@ -14,7 +14,7 @@ from diffmoe_hf.models.transformer_dynamic_token_moe import (
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
 from .convert_dsmoe import config_from_yaml_or_preset
-from .state_dict_utils import DIT_SKELETON_RENAME_RULES, build_converted_model
+from .state_dict_utils import DIT_SKELETON_RENAME_RULES, build_converted_model, resolve_checkpoint_preset
 
 
 def diffmoe_config_from_params(params: dict) -> dict:
@@ -54,9 +54,8 @@ def diffmoe_config_from_params(params: dict) -> dict:
 
 
 def diffmoe_config_from_preset(name: str) -> dict:
-    if name not in DYNAMIC_TOKEN_MOE_PRESETS:
-        raise CheckpointError(f"Unknown DiffMoE preset {name!r}; available: {', '.join(DYNAMIC_TOKEN_MOE_PRESETS)}.")
-    return {**_RELEASED_COMMON, **DYNAMIC_TOKEN_MOE_PRESETS[name]}
+    key = resolve_checkpoint_preset("dynamic-token-moe", DYNAMIC_TOKEN_MOE_PRESETS, name)
+    return {**_RELEASED_COMMON, **DYNAMIC_TOKEN_MOE_PRESETS[key]}
 
 
 _RENAME_RULES = DIT_SKELETON_RENAME_RULES + [
@@ -95,7 +94,7 @@ def build_dynamic_token_moe_transformer(
 ) -> DynamicTokenMoETransformer2DModel:
     """Converts a DiffMoE checkpoint whose architecture is given by its training yaml or a preset name."""
     config = config_from_yaml_or_preset(
-        config_path, preset, diffmoe_config_from_params, diffmoe_config_from_preset, "DiffMoE",
+        config_path, preset, diffmoe_config_from_params, diffmoe_config_from_preset, "dynamic-token-moe",
         DYNAMIC_TOKEN_MOE_PRESETS,
     )  # fmt: skip
     return convert_dynamic_token_moe(checkpoint, config)

@@ -24,12 +24,13 @@ import torch
 import yaml
 
 from diffmoe_hf.models.transformer_spatial_temporal_moe import (
+    SPATIAL_TEMPORAL_MOE_PRESET_ALIASES,
     SPATIAL_TEMPORAL_MOE_PRESETS,
     SpatialTemporalMoETransformer2DModel,
 )
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
-from .state_dict_utils import DIT_SKELETON_RENAME_RULES, build_converted_model
+from .state_dict_utils import DIT_SKELETON_RENAME_RULES, build_converted_model, resolve_checkpoint_preset
 
 
 logger = logging.getLogger(__name__)
@@ -77,12 +78,11 @@ def read_constructor_kwargs(path: str) -> dict:
 
 
 def _preset_settings(name: str) -> dict:
-    """A `DiT_models` preset as original constructor arguments."""
-    if name not in SPATIAL_TEMPORAL_MOE_PRESETS:
-        raise CheckpointError(
-            f"Unknown Diff-MoE preset {name!r}; available: {', '.join(SPATIAL_TEMPORAL_MOE_PRESETS)}."
-        )
-    preset = SPATIAL_TEMPORAL_MOE_PRESETS[name]
+    """A `DiT_models` preset (a key of `SPATIAL_TEMPORAL_MOE_PRESETS` or an original name) as constructor arguments."""
+    key = resolve_checkpoint_preset(
+        "spatial-temporal-moe", SPATIAL_TEMPORAL_MOE_PRESETS, name, SPATIAL_TEMPORAL_MOE_PRESET_ALIASES
+    )
+    preset = SPATIAL_TEMPORAL_MOE_PRESETS[key]
     dim = preset["num_attention_heads"] * preset["attention_head_dim"]
     return dict(
         hidden_size=dim,
@@ -222,7 +222,9 @@ def spatial_temporal_moe_config(
         if declared[key] != expected[key]
     ]
     if conflicts:
-        raise CheckpointError("The Diff-MoE settings contradict the checkpoint:\n  " + "\n  ".join(conflicts))
+        raise CheckpointError(
+            "The Diff-MoE (Cheng et al.) settings contradict the checkpoint:\n  " + "\n  ".join(conflicts)
+        )
 
     # settings the weights cannot give
     heads = settings.get("num_heads")

@@ -22,8 +22,9 @@ from torch import nn
 
 from .blocks import AdaLNZeroMoETransformerBlock, AdaLNZeroTransformerBlock, PatchOutputLayer
 from .embeddings import TimestepClassEmbedding
-from .modeling_common import DiTForwardMixin, preset_config
+from .modeling_common import DiTForwardMixin
 from .moe import DynamicTokenMoE
+from .presets import preset_config
 
 
 # The DiffMoE configs of yhlleo/EfficientMoE (DSMoE/config/000_DiffMoE_*_Flow.yaml). All: 256px ImageNet (latent
@@ -151,7 +152,9 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DynamicTokenMoETransformer2DModel":
         """A randomly initialised model with the architecture of an EfficientMoE DiffMoE config (`DYNAMIC_TOKEN_MOE_PRESETS`)."""
-        return cls(**{**preset_config("DiffMoE", DYNAMIC_TOKEN_MOE_PRESETS, name, _RELEASED_COMMON), **overrides})
+        return cls(
+            **{**preset_config("dynamic-token-moe", DYNAMIC_TOKEN_MOE_PRESETS, name, _RELEASED_COMMON), **overrides}
+        )
 
     @apply_lora_scale("attention_kwargs")
     def forward(
