@@ -185,3 +185,27 @@ def test_converter_preset_error_names_the_family():
         build_dynamic_token_moe_transformer(checkpoint, preset="DiT-S/2")
     with pytest.raises(CheckpointError, match=r"^DynamicTokenMoE \(DiffMoE, Shi et al. 2025\) checkpoints do not"):
         build_dynamic_token_moe_transformer(checkpoint)
+
+
+def test_converter_preset_takes_the_original_name_and_the_key():
+    from diffmoe_hf.conversion.convert_dit_moe import dit_moe_config
+
+    from .test_dit_moe import _checkpoint, upstream_state_dict
+
+    with torch.device("meta"):
+        source = upstream_state_dict(DiTMoETransformer2DModel.from_preset("DiT-MoE-S/2"))  # meta tensors: shapes only
+    options = dict(experts_per_token=2, formulation="ddpm")
+    by_key = dit_moe_config(_checkpoint(source), preset="DiT-MoE-S/2", **options)
+    assert dit_moe_config(_checkpoint(source), preset="DiT-S/2", **options) == by_key
+    assert by_key["num_layers"] == 12 and by_key["num_attention_heads"] == 6
+    with pytest.raises(CheckpointError, match=r"Unknown DiTMoE \(DiT-MoE, Fei et al. 2024\) preset 'Diff-MoE-S/2'"):
+        dit_moe_config(_checkpoint(source), preset="Diff-MoE-S/2", **options)
+
+
+@pytest.mark.parametrize("name", family_names())
+def test_training_takes_every_family_id_and_alias(name):
+    from diffmoe_hf.training.train_class_conditional import parse_args, transformer_class
+
+    args = parse_args(["--preset", "x", "--model_family", name, "--train_data_dir", "."])
+    assert args.model_family == resolve_family(name)
+    assert transformer_class(args.model_family).__name__ == get_family(name).class_name
