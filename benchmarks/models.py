@@ -2,7 +2,8 @@
 activated FLOPs it is compared with.
 
 Dense equivalents:
-- layer: a dense SwiGLU (GELU-tanh MLP for DiffMoE, whose experts are MLPs) whose hidden width is the activated width
+- layer: a dense SwiGLU (GELU-tanh MLP for DiffMoE of Shi et al., whose experts are
+  MLPs) whose hidden width is the activated width
   of the MoE layer: k * expert width + shared width (DiffMoE: capacity * expert width, the average a token gets);
 - full model: diffusers' `DiTTransformer2DModel` with the MoE model's width, depth, heads, patch size and token grid,
   whose blocks' feed-forward width is set so its forward FLOPs equal the MoE model's (counted with
@@ -95,7 +96,7 @@ def model_inputs(model: nn.Module, batch_size: int, device, dtype) -> dict:
 
 def calibrate_capacity(model: nn.Module, inputs: dict | Callable[[], object]) -> None:
     """
-    Sets DiffMoE's capacity thresholds as training would (each expert expects tokens / E tokens): a randomly
+    Sets the capacity thresholds of DiffMoE (Shi et al.) as training would (each expert expects tokens / E tokens): a randomly
     initialised predictor has threshold 0, which sends every token to every expert at inference. `inputs` are the
     model's keyword inputs, or a closure calling `model` on the data to calibrate on. No-op for the other families.
     """
@@ -121,7 +122,7 @@ def first_moe_layer(model: nn.Module) -> nn.Module:
 
 
 def layer_call(layer: nn.Module, tokens: torch.Tensor, conditioning: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """A closure running the MoE layer on (B, N, D) tokens (Diff-MoE's layer also reads the (B, D) conditioning)."""
+    """A closure running the MoE layer on (B, N, D) tokens (the Diff-MoE layer of Cheng et al. also reads the (B, D) conditioning)."""
     if isinstance(layer, SpatialTemporalMoE):
         return lambda: layer(tokens, conditioning)
     return lambda: layer(tokens)

@@ -18,7 +18,7 @@ _NORM = {"layernorm": "layer_norm", "rmsnorm": "rms_norm"}
 
 
 def read_yaml_model_params(path: str) -> dict:
-    """The `model.params` block of an EfficientMoE / DiffMoE training yaml."""
+    """The `model.params` block of an EfficientMoE training yaml (DSMoE, or DiffMoE of Shi et al.)."""
     try:
         with open(path, encoding="utf-8") as f:
             config = yaml.safe_load(f)

@@ -151,7 +151,7 @@ def parse_args(input_args=None):
         type=float,
         default=1.0,
         help="Multiplier on the MoE losses the layers compute (routers' load-balancing losses at their "
-        "configured alpha, DiffMoE's capacity-predictor loss); 1 trains as upstream, 0 disables.",
+        "configured alpha, the capacity-predictor loss of DiffMoE (Shi et al.)); 1 trains as upstream, 0 disables.",
     )
     parser.add_argument(
         "--class_dropout_prob",
@@ -299,7 +299,7 @@ def lora_target_modules(transformer, kinds: list[str]) -> str:
     """
     A regular expression over module names (peft matches it in full) selecting the `nn.Linear` layers of the given
     kinds: `attention` (to_q, to_k, to_v, to_out.0), `experts` (every linear of the routed experts, e.g. gate_proj /
-    up_proj / down_proj or DiffMoE's net.0.proj / net.2), `shared_experts`, `dense_ff` (feed-forwards of blocks
+    up_proj / down_proj or net.0.proj / net.2 in DiffMoE of Shi et al.), `shared_experts`, `dense_ff` (feed-forwards of blocks
     without experts). Routers, capacity predictors and modulation / embedding layers are never selected.
     """
     patterns = []
@@ -353,9 +353,9 @@ def main(args):
     native_checkpoints = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
     zero_stage = accelerator.state.deepspeed_plugin.zero_stage if accelerator.state.deepspeed_plugin else 0
     sharded_params = accelerator.distributed_type == DistributedType.FSDP or zero_stage == 3
-    # DDP reduces every parameter's gradient once per step; experts that received no token and DiffMoE's capacity
-    # predictor (trained only through its side loss, which DDP's unused-parameter search cannot see) get theirs through
-    # a zero-weighted term, which also keeps gradient checkpointing compatible with DDP
+    # DDP reduces every parameter's gradient once per step; experts that received no token and the capacity predictor
+    # of DiffMoE (Shi et al.; trained only through its side loss, which DDP's unused-parameter search cannot see) get
+    # theirs through a zero-weighted term, which also keeps gradient checkpointing compatible with DDP
     touch_all_parameters = accelerator.num_processes > 1 and not native_checkpoints
     if args.use_ema and sharded_params:
         raise ValueError("--use_ema needs every rank to hold full parameters: use DDP or DeepSpeed ZeRO-2.")

@@ -151,7 +151,10 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DynamicTokenMoETransformer2DModel":
-        """A randomly initialised model with the architecture of an EfficientMoE DiffMoE config (`DYNAMIC_TOKEN_MOE_PRESETS`)."""
+        """
+        A randomly initialised model with the architecture of an EfficientMoE config of DiffMoE (Shi et al.), see
+        `DYNAMIC_TOKEN_MOE_PRESETS`.
+        """
         return cls(
             **{**preset_config("dynamic-token-moe", DYNAMIC_TOKEN_MOE_PRESETS, name, _RELEASED_COMMON), **overrides}
         )
