@@ -6,11 +6,11 @@ layout `{"ema": state_dict}`, DeepSpeed `"module"` dicts (see `checkpoint_io`); 
 
 The architecture is gathered from three sources and must agree:
 1. explicit options: `preset`, an architecture (`"DiT-MoE-XL/2"`, or its original name `"DiT-XL/2"`) or a released
-   file name (`"dit_moe_xl_8E2A"`, which also fixes experts, experts per token and formulation); `config_path`, a JSON
-   or YAML file with `models.DiT` constructor arguments (`hidden_size`, `num_heads`, `num_experts_per_tok`, ...) at
-   the top level or under `"kwargs"`, optionally `model` / `image_size` as in train.py, and `formulation` (or `rf`);
-   and the `num_experts`, `experts_per_token` and `formulation` options (the same as the spatial-temporal-moe
-   converter's);
+   model (`"DiT-MoE-XL/2-8E2A"` or its file name `"dit_moe_xl_8E2A"`, which also fix experts, experts per token and
+   formulation); `config_path`, a JSON or YAML file with `models.DiT` constructor arguments (`hidden_size`,
+   `num_heads`, `num_experts_per_tok`, ...) at the top level or under `"kwargs"`, optionally `model` / `image_size` as
+   in train.py, and `formulation` (or `rf`); and the `num_experts`, `experts_per_token` and `formulation` options (the
+   same as the spatial-temporal-moe converter's);
 2. the train.py `args` stored in the checkpoint (`model`, `image_size`, `num_classes`, `num_experts`,
    `num_experts_per_tok`, `rf`), overridden by explicit options;
 3. the weights, which fix everything except the number of heads (timm layout), the experts per token and the
@@ -53,6 +53,11 @@ DIT_MOE_RELEASES = {
     "dit_moe_xl_8E2A": dict(model="DiT-XL/2", num_experts=8, num_experts_per_tok=2, formulation="rf-noise-at-1"),
     "dit_moe_g_16E2A": dict(model="DiT-G/2", num_experts=16, num_experts_per_tok=2, formulation="rf-noise-at-1"),
 }  # fmt: skip
+# the same releases by the names of the paper and its results ("DiT-MoE-XL/2-8E2A": XL/2, 8 experts, 2 active)
+DIT_MOE_RELEASE_NAMES = {
+    f"DiT-MoE-{release['model'].removeprefix('DiT-')}-{release['num_experts']}E{release['num_experts_per_tok']}A": file
+    for file, release in DIT_MOE_RELEASES.items()
+}
 
 
 class _Sourced(dict):
@@ -158,8 +163,8 @@ def _explicit_fields(config_path: str | None, preset: str | None, options: dict)
         explicit.put(key, value, f"the {name} option")
     if preset is not None:
         name = os.path.splitext(os.path.basename(preset))[0] if preset.endswith(".pt") else preset
-        if name in DIT_MOE_RELEASES:
-            explicit.merge(_train_fields(DIT_MOE_RELEASES[name], f"preset {name}"))
+        if DIT_MOE_RELEASE_NAMES.get(name, name) in DIT_MOE_RELEASES:
+            explicit.merge(_train_fields(DIT_MOE_RELEASES[DIT_MOE_RELEASE_NAMES.get(name, name)], f"preset {name}"))
         elif _is_architecture(name):
             for key, value in _preset_fields(name, "preset").items():
                 explicit.put(key, value, f"preset {name}")
@@ -167,8 +172,8 @@ def _explicit_fields(config_path: str | None, preset: str | None, options: dict)
             aliases = ", ".join(f"{alias} = {key}" for alias, key in DIT_MOE_PRESET_ALIASES.items())
             raise CheckpointError(
                 f"Unknown {get_family('dit-moe').label} preset {preset!r}; use an architecture "
-                f"({', '.join(DIT_MOE_PRESETS)}; aliases: {aliases}) or a released file name "
-                f"({', '.join(DIT_MOE_RELEASES)})."
+                f"({', '.join(DIT_MOE_PRESETS)}; aliases: {aliases}) or a released model "
+                f"({', '.join(DIT_MOE_RELEASE_NAMES)}, or by file name: {', '.join(DIT_MOE_RELEASES)})."
             )
     if config_path is not None:
         explicit.merge(_train_fields(read_config_file(config_path), config_path))

@@ -209,3 +209,17 @@ def test_training_takes_every_family_id_and_alias(name):
     args = parse_args(["--preset", "x", "--model_family", name, "--train_data_dir", "."])
     assert args.model_family == resolve_family(name)
     assert transformer_class(args.model_family).__name__ == get_family(name).class_name
+
+
+def test_dit_moe_releases_go_by_their_published_names():
+    from diffmoe_hf.conversion.convert_dit_moe import DIT_MOE_RELEASE_NAMES, dit_moe_config
+    from diffmoe_hf.conversion.published_settings import published_settings
+
+    from .test_dit_moe import _checkpoint, upstream_state_dict
+
+    assert set(DIT_MOE_RELEASE_NAMES) == {s.name for s in published_settings() if s.family == "dit-moe"}
+    with torch.device("meta"):
+        source = upstream_state_dict(DiTMoETransformer2DModel.from_preset("DiT-MoE-S/2", num_experts=8))
+    by_name = dit_moe_config(_checkpoint(source), preset="DiT-MoE-S/2-8E2A")
+    assert by_name == dit_moe_config(_checkpoint(source), preset="dit_moe_s_8E2A")
+    assert by_name["num_experts_per_tok"] == 2 and by_name["formulation"] == "ddpm-learned-sigma"
