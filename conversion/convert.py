@@ -172,7 +172,13 @@ def convert_checkpoint(
     transformer = converter.build(checkpoint, config_path=config_path, preset=preset, **options)
     pipeline = build_pipeline(cast_for_saving(transformer, DTYPES[dtype]), vae_path, id2label_path)
     card = render_model_card(
-        converter.model_card, transformer, os.path.basename(checkpoint_path), checkpoint.source, dtype, hub_layout
+        converter.model_card,
+        family,
+        transformer,
+        os.path.basename(checkpoint_path),
+        checkpoint.source,
+        dtype,
+        hub_layout,
     )
     extra_files = {"README.md": card}
     published = match_published_settings(family, transformer.config)

@@ -123,6 +123,7 @@ def test_convert_with_an_alias_writes_the_same_folder(tmp_path, case, config, al
     assert sorted(by_alias) == sorted(by_id)
     for name in by_alias:  # weights, configs and model card byte for byte
         assert by_alias[name] == by_id[name], name
+    assert f"`diffmoe convert {family_id}`".encode() in by_alias["README.md"]  # the card gives the current id
 
 
 def test_no_preset_name_belongs_to_two_families():
