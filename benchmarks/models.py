@@ -96,9 +96,9 @@ def model_inputs(model: nn.Module, batch_size: int, device, dtype) -> dict:
 
 def calibrate_capacity(model: nn.Module, inputs: dict | Callable[[], object]) -> None:
     """
-    Sets the capacity thresholds of DiffMoE (Shi et al.) as training would (each expert expects tokens / E tokens): a randomly
-    initialised predictor has threshold 0, which sends every token to every expert at inference. `inputs` are the
-    model's keyword inputs, or a closure calling `model` on the data to calibrate on. No-op for the other families.
+    Sets the capacity thresholds of DiffMoE (Shi et al.) as training would (each expert expects tokens / E tokens): a
+    randomly initialised predictor has threshold 0, which sends every token to every expert at inference. `inputs` are
+    the model's keyword inputs, or a closure calling `model` on the data to calibrate on. No-op for the other families.
     """
     layers = [m for m in model.modules() if isinstance(m, DynamicTokenMoE)]
     if not layers:
@@ -122,7 +122,10 @@ def first_moe_layer(model: nn.Module) -> nn.Module:
 
 
 def layer_call(layer: nn.Module, tokens: torch.Tensor, conditioning: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """A closure running the MoE layer on (B, N, D) tokens (the Diff-MoE layer of Cheng et al. also reads the (B, D) conditioning)."""
+    """
+    A closure running the MoE layer on (B, N, D) tokens (the Diff-MoE layer of Cheng et al. also reads the (B, D)
+    conditioning).
+    """
     if isinstance(layer, SpatialTemporalMoE):
         return lambda: layer(tokens, conditioning)
     return lambda: layer(tokens)

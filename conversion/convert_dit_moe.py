@@ -281,9 +281,9 @@ def dit_moe_config(
     if missing:
         raise CheckpointError(
             f"The DiT-MoE architecture is incomplete: {', '.join(missing)} cannot be read from this checkpoint. Pass a "
-            f"preset (e.g. a released file name, {', '.join(DIT_MOE_RELEASES)}, or an architecture such as DiT-MoE-S/2), "
-            "a config file with the original constructor arguments (num_heads, num_experts_per_tok, ...) and "
-            "formulation, and/or the experts_per_token and formulation ('ddpm' or 'rf') options."
+            f"preset (e.g. a released model, {', '.join(DIT_MOE_RELEASE_NAMES)}, or an architecture such as "
+            "DiT-MoE-S/2), a config file with the original constructor arguments (num_heads, num_experts_per_tok, "
+            "...) and formulation, and/or the experts_per_token and formulation ('ddpm' or 'rf') options."
         )
     hidden, heads = fields["hidden_size"], fields["num_heads"]
     if hidden % heads:

@@ -164,8 +164,8 @@ def _check_zero_pos_embed(source: dict[str, torch.Tensor], patch_size: int, dim:
         raise CheckpointError(f"pos_embed has shape {tuple(pos_embed.shape)}; expected [1, T, {dim}].")
     if pos_embed.abs().max().item() != 0:
         raise CheckpointError(
-            "pos_embed is not zero, but Diff-MoE (Cheng et al.) keeps it at zero (positions come from 2-D RoPE): this looks like a "
-            "DiT-MoE checkpoint (sin-cos pos_embed); use the dit-moe converter."
+            "pos_embed is not zero, but Diff-MoE (Cheng et al.) keeps it at zero (positions come from 2-D RoPE): this "
+            "looks like a DiT-MoE checkpoint (sin-cos pos_embed); use the dit-moe converter."
         )
     side = math.isqrt(pos_embed.shape[1])
     if side * side != pos_embed.shape[1]:

@@ -97,8 +97,8 @@ def _dsmoe(size: str, fid_1: float, is_1: float, fid_15: float, is_15: float) ->
         scheduler="FlowMatchEulerDiscreteScheduler", num_inference_steps=250, guidance_scale=1.5,
         protocol="float-features", source=DSMOE_SOURCE,
         results=(PublishedResult(1.0, fid_1, is_1), PublishedResult(1.5, fid_15, is_15)),
-        notes="Evaluated as DiffMoE (Shi et al.) does (Inception features of un-rounded pixels against ADM's VIRTUAL_imagenet256 "
-        "statistics): sample with --keep-float and evaluate with --protocol float-features.",
+        notes="Evaluated as DiffMoE (Shi et al.) does (Inception features of un-rounded pixels against ADM's "
+        "VIRTUAL_imagenet256 statistics): sample with --keep-float and evaluate with --protocol float-features.",
     )  # fmt: skip
 
 

@@ -73,7 +73,8 @@ def _add_convert_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "convert",
         help="convert an original research checkpoint into a diffusers folder",
-        description=f"{description}\n\nFAMILY is one of these ids (an alias, the family's earlier id, works too):\n{families}",
+        description=f"{description}\n\nFAMILY is one of these ids (an alias, a family's earlier id, works too):\n"
+        f"{families}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -140,7 +141,8 @@ def _add_generate_parser(subparsers) -> None:
         "--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
         help=f"images per pipeline call (default {DEFAULT_BATCH_SIZE}); bounds the memory of large grids. A --seed "
         "reproduces its images for the same --batch-size; another batch size may change them (the batches draw their "
-        "noise in turn from one generator, and DiffMoE of Shi et al. (dynamic-token-moe) routes over the whole batch).",
+        "noise in turn from one generator, and DiffMoE of Shi et al., dynamic-token-moe, routes over the whole "
+        "batch).",
     )  # fmt: skip
     parser.add_argument(
         "--steps", type=_positive_int, default=None,

@@ -50,8 +50,8 @@ FAMILIES = {
             label="DSMoE (Liu et al. 2025)",
         ),
         ModelFamily(
-            "jit", "JiTTransformer2DModel", "JiT, Li & He 2025, and JiTMoE, Liu et al. 2025", "pixel-space x-prediction",
-            label="JiT / JiTMoE (Li & He 2025; Liu et al. 2025)",
+            "jit", "JiTTransformer2DModel", "JiT, Li & He 2025, and JiTMoE, Liu et al. 2025",
+            "pixel-space x-prediction", label="JiT / JiTMoE (Li & He 2025; Liu et al. 2025)",
         ),
         ModelFamily(
             "spatial-temporal-moe", "SpatialTemporalMoETransformer2DModel", "Diff-MoE, Cheng et al.",

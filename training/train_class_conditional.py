@@ -299,8 +299,8 @@ def lora_target_modules(transformer, kinds: list[str]) -> str:
     """
     A regular expression over module names (peft matches it in full) selecting the `nn.Linear` layers of the given
     kinds: `attention` (to_q, to_k, to_v, to_out.0), `experts` (every linear of the routed experts, e.g. gate_proj /
-    up_proj / down_proj or net.0.proj / net.2 in DiffMoE of Shi et al.), `shared_experts`, `dense_ff` (feed-forwards of blocks
-    without experts). Routers, capacity predictors and modulation / embedding layers are never selected.
+    up_proj / down_proj or net.0.proj / net.2 in DiffMoE of Shi et al.), `shared_experts`, `dense_ff` (feed-forwards of
+    blocks without experts). Routers, capacity predictors and modulation / embedding layers are never selected.
     """
     patterns = []
     for name, module in transformer.named_modules():

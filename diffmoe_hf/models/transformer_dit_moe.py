@@ -164,9 +164,10 @@ class DiTMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAda
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DiTMoETransformer2DModel":
         """
-        A randomly initialised model with one of the original architectures (`DIT_MOE_PRESETS`, e.g.
-        `"DiT-MoE-G/2"`; the original names such as `"DiT-G/2"` are aliases) and the original defaults (256px ImageNet latents, 8 experts, 2 per token, learned-sigma output);
-        `overrides` replace any config field, e.g. `num_experts=16, qk_norm="layer_norm"`.
+        A randomly initialised model with one of the original architectures (`DIT_MOE_PRESETS`, e.g. `"DiT-MoE-G/2"`;
+        the original names such as `"DiT-G/2"` are aliases) and the original defaults (256px ImageNet latents, 8
+        experts, 2 per token, learned-sigma output); `overrides` replace any config field, e.g. `num_experts=16,
+        qk_norm="layer_norm"`.
         """
         config = {**preset_config("dit-moe", DIT_MOE_PRESETS, name, aliases=DIT_MOE_PRESET_ALIASES), **overrides}
         config.setdefault("out_channels", 2 * config.get("in_channels", 4))

@@ -78,7 +78,7 @@ _RELEASED_COMMON = dict(sample_size=256, in_channels=3, num_classes=1000, mlp_ra
 
 
 def jit_preset_config(name: str) -> dict:
-    """Constructor arguments of `JiTTransformer2DModel` for a released architecture (a key or alias of `JIT_PRESETS`)."""
+    """Constructor arguments of `JiTTransformer2DModel` for a released architecture (a `JIT_PRESETS` key or alias)."""
     return preset_config("jit", JIT_PRESETS, name, _RELEASED_COMMON, aliases=JIT_PRESET_ALIASES)
 
 
