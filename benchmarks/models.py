@@ -2,7 +2,8 @@
 activated FLOPs it is compared with.
 
 Dense equivalents:
-- layer: a dense SwiGLU (GELU-tanh MLP for DiffMoE, whose experts are MLPs) whose hidden width is the activated width
+- layer: a dense SwiGLU (GELU-tanh MLP for DiffMoE of Shi et al., whose experts are
+  MLPs) whose hidden width is the activated width
   of the MoE layer: k * expert width + shared width (DiffMoE: capacity * expert width, the average a token gets);
 - full model: diffusers' `DiTTransformer2DModel` with the MoE model's width, depth, heads, patch size and token grid,
   whose blocks' feed-forward width is set so its forward FLOPs equal the MoE model's (counted with
@@ -66,17 +67,18 @@ FAMILIES = {
     "dsmoe-e48": Family("dsmoe-e48", DSMoETransformer2DModel, {"S": "DSMoE-S-E48", "B": "DSMoE-B-E48"},
                         dict(_TINY_LATENT, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=16)),
     # JiTMoE exists in B, L and H only (pixel space, 256 patches + 32 class tokens): not in the S runs
-    "jitmoe": Family("jitmoe", JiTTransformer2DModel, {"B": "JiT-B/16-E16"},
+    "jitmoe": Family("jitmoe", JiTTransformer2DModel, {"B": "JiTMoE-B/16-E16"},
                      dict(sample_size=32, patch_size=8, in_channels=3, num_layers=2, num_attention_heads=2,
                           attention_head_dim=16, num_classes=10, bottleneck_dim=16, in_context_len=4,
                           in_context_start=0, moe_layers=[1], num_experts=4, num_experts_per_tok=2,
                           moe_intermediate_size=32, n_group=2, topk_group=2)),
-    "dit-moe": Family("dit-moe", DiTMoETransformer2DModel, {"S": "DiT-S/2", "B": "DiT-B/2"},
+    "dit-moe": Family("dit-moe", DiTMoETransformer2DModel, {"S": "DiT-MoE-S/2", "B": "DiT-MoE-B/2"},
                       dict(_TINY_LATENT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                            shared_expert_intermediate_size=32)),
-    "diffmoe-dts": Family("diffmoe-dts", DynamicTokenMoETransformer2DModel,
-                          {"S": "DiffMoE-S-E16", "B": "DiffMoE-B-E16"}, dict(_TINY_LATENT, num_experts=4)),
-    "diff-moe": Family("diff-moe", SpatialTemporalMoETransformer2DModel, {"S": "DiT-S/2", "B": "DiT-B/2"},
+    "dynamic-token-moe": Family("dynamic-token-moe", DynamicTokenMoETransformer2DModel,
+                                {"S": "DiffMoE-S-E16", "B": "DiffMoE-B-E16"}, dict(_TINY_LATENT, num_experts=4)),
+    "spatial-temporal-moe": Family("spatial-temporal-moe", SpatialTemporalMoETransformer2DModel,
+                                   {"S": "Diff-MoE-S/2", "B": "Diff-MoE-B/2"},
                        dict(_TINY_LATENT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                             shared_expert_intermediate_size=32, modulation_rank=8)),
 }  # fmt: skip
@@ -96,9 +98,9 @@ def model_inputs(model: nn.Module, batch_size: int, device, dtype) -> dict:
 
 def calibrate_capacity(model: nn.Module, inputs: dict | Callable[[], object]) -> None:
     """
-    Sets DiffMoE's capacity thresholds as training would (each expert expects tokens / E tokens): a randomly
-    initialised predictor has threshold 0, which sends every token to every expert at inference. `inputs` are the
-    model's keyword inputs, or a closure calling `model` on the data to calibrate on. No-op for the other families.
+    Sets the capacity thresholds of DiffMoE (Shi et al.) as training would (each expert expects tokens / E tokens): a
+    randomly initialised predictor has threshold 0, which sends every token to every expert at inference. `inputs` are
+    the model's keyword inputs, or a closure calling `model` on the data to calibrate on. No-op for the other families.
     """
     layers = [m for m in model.modules() if isinstance(m, DynamicTokenMoE)]
     if not layers:
@@ -122,7 +124,10 @@ def first_moe_layer(model: nn.Module) -> nn.Module:
 
 
 def layer_call(layer: nn.Module, tokens: torch.Tensor, conditioning: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """A closure running the MoE layer on (B, N, D) tokens (Diff-MoE's layer also reads the (B, D) conditioning)."""
+    """
+    A closure running the MoE layer on (B, N, D) tokens (the Diff-MoE layer of Cheng et al. also reads the (B, D)
+    conditioning).
+    """
     if isinstance(layer, SpatialTemporalMoE):
         return lambda: layer(tokens, conditioning)
     return lambda: layer(tokens)

@@ -6,10 +6,18 @@ python -m benchmarks.report results.json [more.json ...]
 import json
 import sys
 
+from diffmoe_hf.families import FAMILY_ALIASES
+
+
+def _family(name: str) -> str:
+    """The current id of a family recorded under an earlier one (`diff-moe`, `diffmoe-dts`)."""
+    return FAMILY_ALIASES.get(name, name)
+
 
 def _ratio_rows(section: str, per_family: dict) -> list[str]:
     rows = []
     for name, r in per_family.items():
+        name = _family(name)
         if "error" in r:
             rows.append(f"| {name} | error: {r['error']} |")
             continue
@@ -47,6 +55,7 @@ def render(report: dict) -> str:
             lines.append("| family | images/s | peak memory (MiB) |")
             lines.append("|---|---|---|")
             for name, r in per_family.items():
+                name = _family(name)
                 if "error" in r:
                     lines.append(f"| {name} | error: {r['error']} | |")
                 else:

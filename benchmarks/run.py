@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from diffmoe_hf.families import FAMILY_ALIASES
 from diffmoe_hf.formulations import get_formulation
 from diffmoe_hf.models.moe import moe_aux_loss
 
@@ -218,7 +219,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison (default 7, quick 3)")
     parser.add_argument("--train-repeats", type=int, default=None, help="timed training steps (default: --repeats)")
-    parser.add_argument("--families", nargs="+", default=list(models.FAMILIES), choices=list(models.FAMILIES))
+    parser.add_argument(
+        "--families",
+        nargs="+",
+        default=list(models.FAMILIES),
+        choices=[*models.FAMILIES, *FAMILY_ALIASES],
+        help="benchmarked families; the earlier family ids diff-moe and diffmoe-dts are accepted too",
+    )
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--steps", type=int, default=4, help="pipeline sampling steps")
@@ -227,6 +234,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="in the training step")
     parser.add_argument("--output", default="benchmark_results.json")
     args = parser.parse_args(argv)
+    args.families = list(dict.fromkeys(FAMILY_ALIASES.get(name, name) for name in args.families))
     if args.quick:
         args.size, args.batch_size, args.steps, args.pipeline_repeats = "tiny", 2, 2, 1
     if args.repeats is None:

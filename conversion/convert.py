@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from diffmoe_hf.families import resolve_family
 from diffmoe_hf.formulations import get_formulation
 from diffmoe_hf.labels import imagenet_id2label
 from diffmoe_hf.pipelines import ClassConditionalMoEPipeline
@@ -36,26 +37,30 @@ logger = logging.getLogger(__name__)
 class FamilyConverter:
     """
     How to turn one family's checkpoints into a transformer: `build(checkpoint, config_path=, preset=, **options)`,
-    where `options` are the family's own keyword arguments (e.g. Diff-MoE's `num_experts`, `experts_per_token`,
-    `formulation`).
+    where `options` are the family's own keyword arguments (e.g. the spatial-temporal-moe family's `num_experts`,
+    `experts_per_token`, `formulation`).
     """
 
     build: Callable
     model_card: dict
 
 
+# keyed by family id (`diffmoe_hf.families`); look a user's name up with `resolve_family`, which also takes aliases
 CONVERTERS = {
     "dsmoe": FamilyConverter(build_dsmoe_transformer, DSMOE_MODEL_CARD),
-    "diff-moe": FamilyConverter(build_spatial_temporal_moe_transformer, SPATIAL_TEMPORAL_MOE_MODEL_CARD),
-    "diffmoe-dts": FamilyConverter(build_dynamic_token_moe_transformer, DIFFMOE_DTS_MODEL_CARD),
+    "spatial-temporal-moe": FamilyConverter(build_spatial_temporal_moe_transformer, SPATIAL_TEMPORAL_MOE_MODEL_CARD),
+    "dynamic-token-moe": FamilyConverter(build_dynamic_token_moe_transformer, DIFFMOE_DTS_MODEL_CARD),
     "jit": FamilyConverter(build_jit_transformer, JIT_MODEL_CARD),
     "dit-moe": FamilyConverter(build_dit_moe_transformer, DIT_MOE_MODEL_CARD),
 }
 
 
 def family_options(family: str) -> list[str]:
-    """The family-specific keyword arguments `convert_checkpoint` accepts for `family` (beyond config_path/preset)."""
-    parameters = inspect.signature(CONVERTERS[family].build).parameters
+    """
+    The family-specific keyword arguments `convert_checkpoint` accepts for `family` (a family id or alias), beyond
+    config_path and preset.
+    """
+    parameters = inspect.signature(CONVERTERS[resolve_family(family)].build).parameters
     return [name for name in list(parameters)[1:] if name not in ("config_path", "preset")]
 
 
@@ -127,7 +132,8 @@ def convert_checkpoint(
     Nothing is written unless the whole conversion succeeds.
 
     Args:
-        family: `"dsmoe"`, `"diff-moe"`, `"dit-moe"`, ... (see `CONVERTERS`).
+        family: a family id (`"dsmoe"`, `"jit"`, `"spatial-temporal-moe"`, `"dynamic-token-moe"`, `"dit-moe"`) or
+            one of its aliases (`"diff-moe"`, `"diffmoe-dts"`); see `diffmoe_hf.families`.
         checkpoint_path: original `.pt`/`.pth` or `.safetensors` file.
         output_dir: folder to create; an existing non-empty one is refused unless `overwrite`.
         config_path, preset: the architecture, for families whose checkpoints do not record it.
@@ -139,15 +145,14 @@ def convert_checkpoint(
         max_shard_size: shard size for the safetensors files.
         hub_layout: `"package"` or `"remote_code"` (adds shims for `DiffusionPipeline.from_pretrained`).
         push_to_hub: repo id to upload the finished folder to.
-        options: family-specific settings (`family_options(family)`), e.g. for `"diff-moe"`: `num_experts`,
-            `experts_per_token`, `formulation` (`"ddpm"` or `"rf"`).
+        options: family-specific settings (`family_options(family)`), e.g. for `"spatial-temporal-moe"`:
+            `num_experts`, `experts_per_token`, `formulation` (`"ddpm"` or `"rf"`).
 
     Returns:
         `output_dir`.
     """
     checkpoint_path, output_dir = os.fspath(checkpoint_path), os.fspath(output_dir)
-    if family not in CONVERTERS:
-        raise ValueError(f"Unknown family {family!r}; supported: {', '.join(CONVERTERS)}.")
+    family = resolve_family(family)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
     unknown = sorted(set(options) - set(family_options(family)))
@@ -167,7 +172,13 @@ def convert_checkpoint(
     transformer = converter.build(checkpoint, config_path=config_path, preset=preset, **options)
     pipeline = build_pipeline(cast_for_saving(transformer, DTYPES[dtype]), vae_path, id2label_path)
     card = render_model_card(
-        converter.model_card, transformer, os.path.basename(checkpoint_path), checkpoint.source, dtype, hub_layout
+        converter.model_card,
+        family,
+        transformer,
+        os.path.basename(checkpoint_path),
+        checkpoint.source,
+        dtype,
+        hub_layout,
     )
     extra_files = {"README.md": card}
     published = match_published_settings(family, transformer.config)

@@ -5,11 +5,12 @@ layout `{"ema": state_dict}`, DeepSpeed `"module"` dicts (see `checkpoint_io`); 
 `attn.qkv/proj`, and the flash-attention `attn.Wqkv/q_norm/k_norm/out_proj` of the XL/G models).
 
 The architecture is gathered from three sources and must agree:
-1. explicit options: `preset`, an original architecture name (`"DiT-XL/2"`) or a released file name
-   (`"dit_moe_xl_8E2A"`, which also fixes experts, experts per token and formulation); `config_path`, a JSON or YAML
-   file with `models.DiT` constructor arguments (`hidden_size`, `num_heads`, `num_experts_per_tok`, ...) at the top
-   level or under `"kwargs"`, optionally `model` / `image_size` as in train.py, and `formulation` (or `rf`); and the
-   `num_experts`, `experts_per_token` and `formulation` options (the same as the Diff-MoE converter's);
+1. explicit options: `preset`, an architecture (`"DiT-MoE-XL/2"`, or its original name `"DiT-XL/2"`) or a released
+   model (`"DiT-MoE-XL/2-8E2A"` or its file name `"dit_moe_xl_8E2A"`, which also fix experts, experts per token and
+   formulation); `config_path`, a JSON or YAML file with `models.DiT` constructor arguments (`hidden_size`,
+   `num_heads`, `num_experts_per_tok`, ...) at the top level or under `"kwargs"`, optionally `model` / `image_size` as
+   in train.py, and `formulation` (or `rf`); and the `num_experts`, `experts_per_token` and `formulation` options (the
+   same as the spatial-temporal-moe converter's);
 2. the train.py `args` stored in the checkpoint (`model`, `image_size`, `num_classes`, `num_experts`,
    `num_experts_per_tok`, `rf`), overridden by explicit options;
 3. the weights, which fix everything except the number of heads (timm layout), the experts per token and the
@@ -25,14 +26,16 @@ import re
 import torch
 import yaml
 
-from diffmoe_hf.models.transformer_dit_moe import DIT_MOE_PRESETS, DiTMoETransformer2DModel
+from diffmoe_hf.families import get_family
+from diffmoe_hf.models.presets import resolve_preset
+from diffmoe_hf.models.transformer_dit_moe import DIT_MOE_PRESET_ALIASES, DIT_MOE_PRESETS, DiTMoETransformer2DModel
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
 from .state_dict_utils import DIT_SKELETON_RENAME_RULES, build_converted_model
 
 
 FORMULATIONS = ("ddpm-learned-sigma", "rf-noise-at-1")
-# short names accepted for the `formulation` option and config field (as the Diff-MoE converter)
+# short names accepted for the `formulation` option and config field (as the spatial-temporal-moe converter)
 FORMULATION_ALIASES = {"ddpm": "ddpm-learned-sigma", "rf": "rf-noise-at-1"}
 # `models.DiT` constructor arguments (upstream names)
 CONSTRUCTOR_ARGS = (
@@ -50,6 +53,11 @@ DIT_MOE_RELEASES = {
     "dit_moe_xl_8E2A": dict(model="DiT-XL/2", num_experts=8, num_experts_per_tok=2, formulation="rf-noise-at-1"),
     "dit_moe_g_16E2A": dict(model="DiT-G/2", num_experts=16, num_experts_per_tok=2, formulation="rf-noise-at-1"),
 }  # fmt: skip
+# the same releases by the names of the paper and its results ("DiT-MoE-XL/2-8E2A": XL/2, 8 experts, 2 active)
+DIT_MOE_RELEASE_NAMES = {
+    f"DiT-MoE-{release['model'].removeprefix('DiT-')}-{release['num_experts']}E{release['num_experts_per_tok']}A": file
+    for file, release in DIT_MOE_RELEASES.items()
+}
 
 
 class _Sourced(dict):
@@ -74,13 +82,17 @@ class _Sourced(dict):
         return f"{key}={self[key]!r} ({self.origin[key]})"
 
 
+def _is_architecture(name) -> bool:
+    """Whether `name` is a key of `DIT_MOE_PRESETS` or one of its aliases (the original `DiT_models` names)."""
+    return name in DIT_MOE_PRESETS or name in DIT_MOE_PRESET_ALIASES
+
+
 def _preset_fields(name: str, origin: str) -> dict:
-    """Upstream architecture fields of a `DiT_models` name."""
-    if name not in DIT_MOE_PRESETS:
-        raise CheckpointError(
-            f"Unknown DiT-MoE architecture {name!r} ({origin}); known: {', '.join(DIT_MOE_PRESETS)}."
-        )
-    preset = DIT_MOE_PRESETS[name]
+    """Upstream architecture fields of a preset key or original `DiT_models` name."""
+    try:
+        preset = DIT_MOE_PRESETS[resolve_preset("dit-moe", DIT_MOE_PRESETS, name, DIT_MOE_PRESET_ALIASES)]
+    except ValueError as err:
+        raise CheckpointError(f"{err} (from {origin})") from None
     return dict(
         depth=preset["num_layers"],
         hidden_size=preset["num_attention_heads"] * preset["attention_head_dim"],
@@ -151,15 +163,17 @@ def _explicit_fields(config_path: str | None, preset: str | None, options: dict)
         explicit.put(key, value, f"the {name} option")
     if preset is not None:
         name = os.path.splitext(os.path.basename(preset))[0] if preset.endswith(".pt") else preset
-        if name in DIT_MOE_RELEASES:
-            explicit.merge(_train_fields(DIT_MOE_RELEASES[name], f"preset {name}"))
-        elif name in DIT_MOE_PRESETS:
+        if DIT_MOE_RELEASE_NAMES.get(name, name) in DIT_MOE_RELEASES:
+            explicit.merge(_train_fields(DIT_MOE_RELEASES[DIT_MOE_RELEASE_NAMES.get(name, name)], f"preset {name}"))
+        elif _is_architecture(name):
             for key, value in _preset_fields(name, "preset").items():
                 explicit.put(key, value, f"preset {name}")
         else:
+            aliases = ", ".join(f"{alias} = {key}" for alias, key in DIT_MOE_PRESET_ALIASES.items())
             raise CheckpointError(
-                f"Unknown DiT-MoE preset {preset!r}; use an architecture ({', '.join(DIT_MOE_PRESETS)}) or a released "
-                f"file name ({', '.join(DIT_MOE_RELEASES)})."
+                f"Unknown {get_family('dit-moe').label} preset {preset!r}; use an architecture "
+                f"({', '.join(DIT_MOE_PRESETS)}; aliases: {aliases}) or a released model "
+                f"({', '.join(DIT_MOE_RELEASE_NAMES)}, or by file name: {', '.join(DIT_MOE_RELEASES)})."
             )
     if config_path is not None:
         explicit.merge(_train_fields(read_config_file(config_path), config_path))
@@ -173,7 +187,7 @@ def _recorded_fields(checkpoint: LoadedCheckpoint) -> _Sourced:
     args = vars(checkpoint.args)
     fields = {key: args[key] for key in ("image_size", "num_classes", "num_experts", "num_experts_per_tok", "rf")
               if args.get(key) is not None}  # fmt: skip
-    if args.get("model") in DIT_MOE_PRESETS:
+    if _is_architecture(args.get("model")):
         fields["model"] = args["model"]
     return _train_fields(fields, "checkpoint args")
 
@@ -193,7 +207,7 @@ def infer_from_weights(state_dict: dict[str, torch.Tensor], class_dropout_prob: 
     if "blocks.0.dwconv.weight" in state_dict or "blocks.0.moe.se.0.weight" in state_dict:
         raise CheckpointError(
             "This is a Diff-MoE (Cheng et al.) checkpoint (depthwise conv and expert recalibration weights): use the "
-            "diff-moe converter."
+            "spatial-temporal-moe converter."
         )
     hidden, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
     flash = {"Wqkv" in key for key in state_dict if re.fullmatch(r"blocks\.\d+\.attn\.(qkv|Wqkv)\.weight", key)}
@@ -267,9 +281,9 @@ def dit_moe_config(
     if missing:
         raise CheckpointError(
             f"The DiT-MoE architecture is incomplete: {', '.join(missing)} cannot be read from this checkpoint. Pass a "
-            f"preset (e.g. a released file name, {', '.join(DIT_MOE_RELEASES)}, or an architecture such as DiT-S/2), "
-            "a config file with the original constructor arguments (num_heads, num_experts_per_tok, ...) and "
-            "formulation, and/or the experts_per_token and formulation ('ddpm' or 'rf') options."
+            f"preset (e.g. a released model, {', '.join(DIT_MOE_RELEASE_NAMES)}, or an architecture such as "
+            "DiT-MoE-S/2), a config file with the original constructor arguments (num_heads, num_experts_per_tok, "
+            "...) and formulation, and/or the experts_per_token and formulation ('ddpm' or 'rf') options."
         )
     hidden, heads = fields["hidden_size"], fields["num_heads"]
     if hidden % heads:

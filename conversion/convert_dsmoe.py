@@ -6,10 +6,11 @@ arguments of `models_DSMoE.DiT`) or from a released preset name.
 
 import yaml
 
+from diffmoe_hf.families import get_family
 from diffmoe_hf.models.transformer_dsmoe import _RELEASED_COMMON, DSMOE_PRESETS, DSMoETransformer2DModel
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
-from .state_dict_utils import DIT_SKELETON_RENAME_RULES, build_converted_model
+from .state_dict_utils import DIT_SKELETON_RENAME_RULES, build_converted_model, resolve_checkpoint_preset
 
 
 _ROPE = {"2d": "rope_2d", "1d": "rope_1d", "none": "sincos"}
@@ -17,7 +18,7 @@ _NORM = {"layernorm": "layer_norm", "rmsnorm": "rms_norm"}
 
 
 def read_yaml_model_params(path: str) -> dict:
-    """The `model.params` block of an EfficientMoE / DiffMoE training yaml."""
+    """The `model.params` block of an EfficientMoE training yaml (DSMoE, or DiffMoE of Shi et al.)."""
     try:
         with open(path, encoding="utf-8") as f:
             config = yaml.safe_load(f)
@@ -89,9 +90,7 @@ def dsmoe_config_from_params(params: dict) -> dict:
 
 
 def dsmoe_config_from_preset(name: str) -> dict:
-    if name not in DSMOE_PRESETS:
-        raise CheckpointError(f"Unknown DSMoE preset {name!r}; available: {', '.join(DSMOE_PRESETS)}.")
-    return {**_RELEASED_COMMON, **DSMOE_PRESETS[name]}
+    return {**_RELEASED_COMMON, **DSMOE_PRESETS[resolve_checkpoint_preset("dsmoe", DSMOE_PRESETS, name)]}
 
 
 _RENAME_RULES = DIT_SKELETON_RENAME_RULES + [
@@ -124,8 +123,9 @@ def convert_dsmoe(checkpoint: LoadedCheckpoint, config: dict) -> DSMoETransforme
 
 def config_from_yaml_or_preset(config_path, preset, from_params, from_preset, family: str, presets) -> dict:
     """
-    The architecture of a family whose checkpoints do not record it (DSMoE, DiffMoE): `from_params` applied to the
-    training yaml's `model.params`, or `from_preset(preset)`; exactly one of `config_path` and `preset` is needed.
+    The architecture of a family whose checkpoints do not record it (`family`: `"dsmoe"` or `"dynamic-token-moe"`):
+    `from_params` applied to the training yaml's `model.params`, or `from_preset(preset)`; exactly one of
+    `config_path` and `preset` is needed.
     """
     if config_path is not None and preset is not None:
         raise CheckpointError("Pass either the training yaml (--config) or a preset (--preset), not both.")
@@ -134,7 +134,8 @@ def config_from_yaml_or_preset(config_path, preset, from_params, from_preset, fa
     if preset is not None:
         return from_preset(preset)
     raise CheckpointError(
-        f"{family} checkpoints do not store their architecture: pass the training yaml (--config ORIGINAL.yaml) or "
+        f"{get_family(family).label} checkpoints do not store their architecture: pass the training yaml (--config "
+        "ORIGINAL.yaml) or "
         f"a preset (--preset, one of {', '.join(presets)})."
     )
 
@@ -144,7 +145,7 @@ def build_dsmoe_transformer(
 ) -> DSMoETransformer2DModel:
     """Converts a DSMoE checkpoint whose architecture is given by its training yaml or a released preset name."""
     config = config_from_yaml_or_preset(
-        config_path, preset, dsmoe_config_from_params, dsmoe_config_from_preset, "DSMoE", DSMOE_PRESETS
+        config_path, preset, dsmoe_config_from_params, dsmoe_config_from_preset, "dsmoe", DSMOE_PRESETS
     )
     return convert_dsmoe(checkpoint, config)
 

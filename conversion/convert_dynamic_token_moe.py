@@ -6,6 +6,7 @@ arguments of `models_DiffMoE.DiT`) or from a preset name. The calibrated `expert
 are taken from the checkpoint.
 """
 
+from diffmoe_hf.families import get_family
 from diffmoe_hf.models.transformer_dynamic_token_moe import (
     _RELEASED_COMMON,
     DYNAMIC_TOKEN_MOE_PRESETS,
@@ -14,18 +15,20 @@ from diffmoe_hf.models.transformer_dynamic_token_moe import (
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
 from .convert_dsmoe import config_from_yaml_or_preset
-from .state_dict_utils import DIT_SKELETON_RENAME_RULES, build_converted_model
+from .state_dict_utils import DIT_SKELETON_RENAME_RULES, build_converted_model, resolve_checkpoint_preset
 
 
 def diffmoe_config_from_params(params: dict) -> dict:
     """Maps `models_DiffMoE.DiT` constructor arguments (yaml `model.params`) to the model config."""
     if params.get("use_swiglu"):
-        raise CheckpointError("use_swiglu=True is not supported: every DiffMoE config uses GELU-tanh experts.")
+        raise CheckpointError(
+            "use_swiglu=True is not supported: every DiffMoE (Shi et al.) config uses GELU-tanh experts."
+        )
     moe = params.get("MoE_config")
     if not isinstance(moe, dict) or "capacity" not in moe or "num_experts" not in moe:
         raise CheckpointError(
             "model.params.MoE_config has no num_experts/capacity: this does not look like a DiffMoE "
-            "(models_DiffMoE.DiT) config."
+            "(Shi et al., models_DiffMoE.DiT) config."
         )
     hidden, heads = params.get("hidden_size", 1152), params.get("num_heads", 16)
     head_dim = params.get("head_dim") or hidden // heads
@@ -54,9 +57,8 @@ def diffmoe_config_from_params(params: dict) -> dict:
 
 
 def diffmoe_config_from_preset(name: str) -> dict:
-    if name not in DYNAMIC_TOKEN_MOE_PRESETS:
-        raise CheckpointError(f"Unknown DiffMoE preset {name!r}; available: {', '.join(DYNAMIC_TOKEN_MOE_PRESETS)}.")
-    return {**_RELEASED_COMMON, **DYNAMIC_TOKEN_MOE_PRESETS[name]}
+    key = resolve_checkpoint_preset("dynamic-token-moe", DYNAMIC_TOKEN_MOE_PRESETS, name)
+    return {**_RELEASED_COMMON, **DYNAMIC_TOKEN_MOE_PRESETS[key]}
 
 
 _RENAME_RULES = DIT_SKELETON_RENAME_RULES + [
@@ -86,16 +88,16 @@ def convert_dynamic_token_moe(checkpoint: LoadedCheckpoint, config: dict) -> Dyn
         config,
         checkpoint.state_dict,
         _RENAME_RULES,
-        "DiffMoE",
+        get_family("dynamic-token-moe").label,
     )
 
 
 def build_dynamic_token_moe_transformer(
     checkpoint: LoadedCheckpoint, config_path: str | None = None, preset: str | None = None
 ) -> DynamicTokenMoETransformer2DModel:
-    """Converts a DiffMoE checkpoint whose architecture is given by its training yaml or a preset name."""
+    """Converts a DiffMoE (Shi et al.) checkpoint whose architecture is given by its training yaml or a preset name."""
     config = config_from_yaml_or_preset(
-        config_path, preset, diffmoe_config_from_params, diffmoe_config_from_preset, "DiffMoE",
+        config_path, preset, diffmoe_config_from_params, diffmoe_config_from_preset, "dynamic-token-moe",
         DYNAMIC_TOKEN_MOE_PRESETS,
     )  # fmt: skip
     return convert_dynamic_token_moe(checkpoint, config)

@@ -11,7 +11,13 @@ import logging
 
 import yaml
 
-from diffmoe_hf.models.transformer_jit import JiTTransformer2DModel, jit_preset_config, resolve_jit_preset
+from diffmoe_hf.models.presets import resolve_preset
+from diffmoe_hf.models.transformer_jit import (
+    JIT_PRESET_ALIASES,
+    JIT_PRESETS,
+    JiTTransformer2DModel,
+    jit_preset_config,
+)
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
 from .state_dict_utils import DIT_SKELETON_RENAME_RULES, QKV_SPLIT, build_converted_model
@@ -156,7 +162,9 @@ def convert_jit(checkpoint: LoadedCheckpoint, config: dict) -> JiTTransformer2DM
 
 def _same_preset(first: str, second: str) -> bool:
     try:
-        return resolve_jit_preset(first) == resolve_jit_preset(second)
+        return resolve_preset("jit", JIT_PRESETS, first, JIT_PRESET_ALIASES) == resolve_preset(
+            "jit", JIT_PRESETS, second, JIT_PRESET_ALIASES
+        )
     except ValueError:
         return first == second
 
@@ -185,7 +193,7 @@ def build_jit_transformer(
         if name is None:
             raise CheckpointError(
                 "This checkpoint does not record its architecture (no args.model): pass a preset (--preset, e.g. "
-                "JiT-B/16-E16) or a config file with the JiT constructor arguments (--config)."
+                "JiTMoE-B/16-E16) or a config file with the JiT constructor arguments (--config)."
             )
         config = jit_config_from_preset(name, args)
     return convert_jit(checkpoint, config)

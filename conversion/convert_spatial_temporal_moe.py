@@ -23,13 +23,15 @@ import re
 import torch
 import yaml
 
+from diffmoe_hf.families import get_family
 from diffmoe_hf.models.transformer_spatial_temporal_moe import (
+    SPATIAL_TEMPORAL_MOE_PRESET_ALIASES,
     SPATIAL_TEMPORAL_MOE_PRESETS,
     SpatialTemporalMoETransformer2DModel,
 )
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
-from .state_dict_utils import DIT_SKELETON_RENAME_RULES, build_converted_model
+from .state_dict_utils import DIT_SKELETON_RENAME_RULES, build_converted_model, resolve_checkpoint_preset
 
 
 logger = logging.getLogger(__name__)
@@ -62,7 +64,9 @@ def read_constructor_kwargs(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             data = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
     except (OSError, ValueError, yaml.YAMLError) as err:
-        raise CheckpointError(f"Could not read the Diff-MoE constructor arguments from {path}: {err}") from None
+        raise CheckpointError(
+            f"Could not read the Diff-MoE (Cheng et al.) constructor arguments from {path}: {err}"
+        ) from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} must hold a mapping of DiT constructor arguments.")
     kwargs = data.get("kwargs", data)
@@ -77,12 +81,11 @@ def read_constructor_kwargs(path: str) -> dict:
 
 
 def _preset_settings(name: str) -> dict:
-    """A `DiT_models` preset as original constructor arguments."""
-    if name not in SPATIAL_TEMPORAL_MOE_PRESETS:
-        raise CheckpointError(
-            f"Unknown Diff-MoE preset {name!r}; available: {', '.join(SPATIAL_TEMPORAL_MOE_PRESETS)}."
-        )
-    preset = SPATIAL_TEMPORAL_MOE_PRESETS[name]
+    """A `DiT_models` preset (a key of `SPATIAL_TEMPORAL_MOE_PRESETS` or an original name) as constructor arguments."""
+    key = resolve_checkpoint_preset(
+        "spatial-temporal-moe", SPATIAL_TEMPORAL_MOE_PRESETS, name, SPATIAL_TEMPORAL_MOE_PRESET_ALIASES
+    )
+    preset = SPATIAL_TEMPORAL_MOE_PRESETS[key]
     dim = preset["num_attention_heads"] * preset["attention_head_dim"]
     return dict(
         hidden_size=dim,
@@ -132,7 +135,7 @@ def _weight_shapes(state_dict: dict[str, torch.Tensor]) -> dict:
     if missing:
         dit_moe = missing == ["blocks.0.moe.experts.0.adaLN_modulation.0.weight"]
         hint = " (its experts have no adaLN, as in DiT-MoE: use the dit-moe converter)" if dit_moe else ""
-        raise CheckpointError(f"Not a Diff-MoE checkpoint: missing {', '.join(missing)}{hint}.")
+        raise CheckpointError(f"Not a Diff-MoE (Cheng et al.) checkpoint: missing {', '.join(missing)}{hint}.")
     dim, in_channels, patch_size, _ = state_dict["x_embedder.proj.weight"].shape
     shared = state_dict.get("blocks.0.moe.shared_experts.gate_proj.weight")
     return dict(
@@ -161,8 +164,8 @@ def _check_zero_pos_embed(source: dict[str, torch.Tensor], patch_size: int, dim:
         raise CheckpointError(f"pos_embed has shape {tuple(pos_embed.shape)}; expected [1, T, {dim}].")
     if pos_embed.abs().max().item() != 0:
         raise CheckpointError(
-            "pos_embed is not zero, but Diff-MoE keeps it at zero (positions come from 2-D RoPE): this looks like a "
-            "DiT-MoE checkpoint (sin-cos pos_embed); use the dit-moe converter."
+            "pos_embed is not zero, but Diff-MoE (Cheng et al.) keeps it at zero (positions come from 2-D RoPE): this "
+            "looks like a DiT-MoE checkpoint (sin-cos pos_embed); use the dit-moe converter."
         )
     side = math.isqrt(pos_embed.shape[1])
     if side * side != pos_embed.shape[1]:
@@ -186,7 +189,9 @@ def spatial_temporal_moe_config(
     """
     settings, origin = _declared_settings(checkpoint, config_path, preset, num_experts, experts_per_token, formulation)
     if settings.get("use_flash_attn"):
-        raise CheckpointError("use_flash_attn=True: the original Diff-MoE block refuses flash attention too.")
+        raise CheckpointError(
+            "use_flash_attn=True: the original Diff-MoE (Cheng et al.) block refuses flash attention too."
+        )
     shapes = _weight_shapes(checkpoint.state_dict)
     dim = shapes["hidden_size"]
 
@@ -222,7 +227,9 @@ def spatial_temporal_moe_config(
         if declared[key] != expected[key]
     ]
     if conflicts:
-        raise CheckpointError("The Diff-MoE settings contradict the checkpoint:\n  " + "\n  ".join(conflicts))
+        raise CheckpointError(
+            "The Diff-MoE (Cheng et al.) settings contradict the checkpoint:\n  " + "\n  ".join(conflicts)
+        )
 
     # settings the weights cannot give
     heads = settings.get("num_heads")
@@ -305,7 +312,7 @@ def convert_spatial_temporal_moe(checkpoint: LoadedCheckpoint, config: dict) -> 
         config,
         checkpoint.state_dict,
         _RENAME_RULES,
-        "Diff-MoE",
+        get_family("spatial-temporal-moe").label,
         consume_fixed_tensors=lambda source, model: _check_zero_pos_embed(source, config["patch_size"], width),
     )
 
@@ -319,12 +326,13 @@ def build_spatial_temporal_moe_transformer(
     formulation: str | None = None,
 ) -> SpatialTemporalMoETransformer2DModel:
     """
-    Converts a Diff-MoE checkpoint (train.py dict with `args`, `{"ema": ...}`, or a bare state dict).
+    Converts a Diff-MoE (Cheng et al.) checkpoint (train.py dict with `args`, `{"ema": ...}`, or a bare state dict).
 
     Args:
         checkpoint: the loaded original checkpoint.
         config_path: JSON/YAML with the original `DiT(**kwargs)` arguments, for models built without a preset.
-        preset: the `DiT_models` name (e.g. `"DiT-XL/2"`, `"DiT-B/2_v2"`), for checkpoints without `args`.
+        preset: a key of `SPATIAL_TEMPORAL_MOE_PRESETS` (e.g. `"Diff-MoE-XL/2"`, `"Diff-MoE-B/2_v2"`) or its original
+            `DiT_models` name (`"DiT-XL/2"`), for checkpoints without `args`.
         num_experts: routed experts (read from the weights; checked when given).
         experts_per_token: experts per token k (`num_experts_per_tok`).
         formulation: `"ddpm"` (`ddpm-learned-sigma`) or `"rf"` (`rf-noise-at-1`); default: from `args.rf`, else DDPM.

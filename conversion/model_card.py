@@ -1,12 +1,15 @@
 """Model cards for converted folders."""
 
 
-def render_model_card(card: dict, transformer, source: str, weights: str, dtype: str, hub_layout: str) -> str:
+def render_model_card(
+    card: dict, family: str, transformer, source: str, weights: str, dtype: str, hub_layout: str
+) -> str:
     """
     Args:
         card: the family's card facts (`family`, `paper`, `paper_url`, `upstream`, `license`, `license_note`,
             `sampler`, `default_steps`, `default_guidance`, `results`; optional `experts`, a format string of
             `config` for the experts row when the family does not route k experts per token).
+        family: the family id it was converted with (`diffmoe convert FAMILY`).
         transformer: the converted model (its config and parameter count go into the card).
         source: file name of the original checkpoint; weights: which weights were taken (`ema`, `model_ema1`, ...).
         dtype: saved dtype name; hub_layout: `"package"` or `"remote_code"`.
@@ -39,7 +42,7 @@ tags:
 # {card["family"]} ({type(transformer).__name__})
 
 Converted from an original {card["family"]} checkpoint (`{source}`, `{weights}` weights) with
-`diffmoe-hf` (`diffmoe convert`); saved in {dtype}.
+`diffmoe-hf` (`diffmoe convert {family}`); saved in {dtype}.
 
 - Paper: [{card["paper"]}]({card["paper_url"]})
 - Original code: {card["upstream"]}

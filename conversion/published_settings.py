@@ -17,6 +17,8 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
+from diffmoe_hf.families import resolve_family
+
 
 SETTINGS_FILE = "published_settings.json"
 
@@ -45,7 +47,7 @@ class PublishedSettings:
 
     Args:
         name: The released model's name.
-        family: The `diffmoe convert` family.
+        family: The `diffmoe convert` family id.
         architecture: Config values that identify the release (all must match the converted config).
         scheduler: The diffusers scheduler class that reproduces the published sampler.
         num_inference_steps: Sampling steps of the published evaluation.
@@ -95,8 +97,8 @@ def _dsmoe(size: str, fid_1: float, is_1: float, fid_15: float, is_15: float) ->
         scheduler="FlowMatchEulerDiscreteScheduler", num_inference_steps=250, guidance_scale=1.5,
         protocol="float-features", source=DSMOE_SOURCE,
         results=(PublishedResult(1.0, fid_1, is_1), PublishedResult(1.5, fid_15, is_15)),
-        notes="Evaluated as DiffMoE does (Inception features of un-rounded pixels against ADM's VIRTUAL_imagenet256 "
-        "statistics): sample with --keep-float and evaluate with --protocol float-features.",
+        notes="Evaluated as DiffMoE (Shi et al.) does (Inception features of un-rounded pixels against ADM's "
+        "VIRTUAL_imagenet256 statistics): sample with --keep-float and evaluate with --protocol float-features.",
     )  # fmt: skip
 
 
@@ -159,7 +161,9 @@ def published_settings() -> tuple[PublishedSettings, ...]:
 
 
 def match_published_settings(family: str, config) -> PublishedSettings | None:
-    """The published settings of the released model whose architecture `config` has, or None."""
+    """The published settings of the released model of `family` (an id or alias) whose architecture `config` has, or
+    None."""
+    family = resolve_family(family)
     for settings in published_settings():
         if settings.family == family and all(config.get(k) == v for k, v in settings.architecture.items()):
             return settings

@@ -5,6 +5,8 @@ import re
 import torch
 from torch import nn
 
+from diffmoe_hf.models.presets import resolve_preset
+
 from .checkpoint_io import CheckpointError
 from .low_memory import init_empty_model
 
@@ -22,6 +24,17 @@ DIT_SKELETON_RENAME_RULES = [
     (r"final_layer\.linear\.(weight|bias)", r"proj_out.proj.\1"),
     (r"final_layer\.adaLN_modulation\.1\.(weight|bias)", r"proj_out.modulation.linear.\1"),
 ]  # fmt: skip
+
+
+def resolve_checkpoint_preset(family: str, presets: dict, name: str, aliases: dict | None = None) -> str:
+    """
+    The key of `presets` that `name` (a preset key or alias) refers to, as `diffmoe_hf.models.presets.resolve_preset`
+    finds it; an unknown name is a `CheckpointError` that names the family and lists its presets and aliases.
+    """
+    try:
+        return resolve_preset(family, presets, name, aliases)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def rename_keys(source: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:

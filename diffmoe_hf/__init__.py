@@ -10,12 +10,16 @@ from diffusers import ModelMixin
 
 from .diffusers_registration import register_with_diffusers, with_subclasses
 from .embedded_models import default_models
+from .families import FAMILIES, resolve_family
 from .formulations import FORMULATIONS, get_formulation
 from .models import (
+    DIT_MOE_PRESET_ALIASES,
     DIT_MOE_PRESETS,
     DSMOE_PRESETS,
     DYNAMIC_TOKEN_MOE_PRESETS,
+    JIT_PRESET_ALIASES,
     JIT_PRESETS,
+    SPATIAL_TEMPORAL_MOE_PRESET_ALIASES,
     SPATIAL_TEMPORAL_MOE_PRESETS,
     DiTMoETransformer2DModel,
     DSMoETransformer2DModel,
@@ -43,11 +47,15 @@ register_with_diffusers(
 __version__ = "0.1.0"
 
 __all__ = [
+    "DIT_MOE_PRESET_ALIASES",
     "DIT_MOE_PRESETS",
     "DSMOE_PRESETS",
     "DYNAMIC_TOKEN_MOE_PRESETS",
+    "FAMILIES",
     "FORMULATIONS",
+    "JIT_PRESET_ALIASES",
     "JIT_PRESETS",
+    "SPATIAL_TEMPORAL_MOE_PRESET_ALIASES",
     "SPATIAL_TEMPORAL_MOE_PRESETS",
     "ClassConditionalMoEPipeline",
     "DiTMoETransformer2DModel",
@@ -58,4 +66,5 @@ __all__ = [
     "ModelMixin",
     "default_models",
     "get_formulation",
+    "resolve_family",
 ]

@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import tempfile
+import textwrap
 from dataclasses import dataclass
 
 
@@ -60,23 +61,46 @@ def _guidance_scale(text: str) -> float:
 
 
 def _add_convert_parser(subparsers) -> None:
-    from diffmoe_hf.conversion import CONVERTERS
+    from diffmoe_hf.families import FAMILIES, family_names
 
+    description = textwrap.fill(
+        "Convert an original checkpoint into a Hub-ready folder (transformer/, scheduler/, model_index.json, model "
+        "card). Nothing is written unless the conversion succeeds; what an interrupted run left next to --output is "
+        "cleaned up (or restored) by the next one.",
+        width=100,
+    )
+    families = "\n".join(textwrap.indent(family.describe(), "  ") for family in FAMILIES.values())
     parser = subparsers.add_parser(
         "convert",
         help="convert an original research checkpoint into a diffusers folder",
-        description="Convert an original checkpoint into a Hub-ready folder (transformer/, scheduler/, "
-        "model_index.json, model card). Nothing is written unless the conversion succeeds; what an interrupted "
-        "run left next to --output is cleaned up (or restored) by the next one.",
+        description=f"{description}\n\nFAMILY is one of these ids (an alias, a family's earlier id, works too):\n"
+        f"{families}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("family", choices=sorted(CONVERTERS), help="model family of the checkpoint")
+    parser.add_argument(
+        "family",
+        metavar="FAMILY",
+        choices=family_names(),
+        help=f"model family of the checkpoint: {', '.join(FAMILIES)} (or an alias; see above)",
+    )
     parser.add_argument("--checkpoint", required=True, help="original .pt/.pth or .safetensors file")
     parser.add_argument("--output", required=True, help="folder to create")
     parser.add_argument("--config", help="original training config (yaml) or constructor kwargs (json/yaml)")
-    parser.add_argument("--preset", help="released architecture name, for checkpoints that do not record it")
-    parser.add_argument("--num-experts", type=int, help="routed experts per MoE layer (bare Diff-MoE/DiT-MoE dicts)")
-    parser.add_argument("--experts-per-token", type=int, help="experts per token (bare Diff-MoE/DiT-MoE dicts)")
-    parser.add_argument("--formulation", help="ddpm or rf, for families trained with either (Diff-MoE, DiT-MoE)")
+    parser.add_argument(
+        "--preset",
+        help="the family's name of a released architecture (e.g. Diff-MoE-XL/2, DiT-MoE-XL/2, DSMoE-S-E16; the "
+        "original code's names, e.g. DiT-XL/2, are accepted within their family), for checkpoints that do not "
+        "record it",
+    )
+    parser.add_argument(
+        "--num-experts", type=int, help="routed experts per MoE layer (bare spatial-temporal-moe / dit-moe dicts)"
+    )
+    parser.add_argument(
+        "--experts-per-token", type=int, help="experts per token (bare spatial-temporal-moe / dit-moe dicts)"
+    )
+    parser.add_argument(
+        "--formulation", help="ddpm or rf, for families trained with either (spatial-temporal-moe, dit-moe)"
+    )
     parser.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights (default: ema)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="saved dtype")
     parser.add_argument("--vae", help="local AutoencoderKL folder to include as vae/")
@@ -117,7 +141,8 @@ def _add_generate_parser(subparsers) -> None:
         "--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
         help=f"images per pipeline call (default {DEFAULT_BATCH_SIZE}); bounds the memory of large grids. A --seed "
         "reproduces its images for the same --batch-size; another batch size may change them (the batches draw their "
-        "noise in turn from one generator, and DiffMoE (diffmoe-dts) routes over the whole batch).",
+        "noise in turn from one generator, and DiffMoE of Shi et al., dynamic-token-moe, routes over the whole "
+        "batch).",
     )  # fmt: skip
     parser.add_argument(
         "--steps", type=_positive_int, default=None,

@@ -142,10 +142,10 @@ def _flow_time(scheduler: SchedulerMixin) -> torch.Tensor:
 
 class RectifiedFlowNoiseAtZero(Formulation):
     """
-    Rectified flow with t = 0 at noise (DSMoE, DiffMoE): `z_t = t * x + (1 - t) * noise`, the model predicts
-    `x - noise`. In diffusers terms t = 1 - sigma and the scheduler velocity is the negated prediction. The upstream
-    Euler sampler evaluates t_i = i / N, i.e. sigmas 1, (N-1)/N, ..., 1/N, which `FlowMatchEulerDiscreteScheduler`
-    takes as custom sigmas.
+    Rectified flow with t = 0 at noise (DSMoE, DiffMoE of Shi et al.): `z_t = t * x + (1 - t) * noise`, the model
+    predicts `x - noise`. In diffusers terms t = 1 - sigma and the scheduler velocity is the negated prediction. The
+    upstream Euler sampler evaluates t_i = i / N, i.e. sigmas 1, (N-1)/N, ..., 1/N, which
+    `FlowMatchEulerDiscreteScheduler` takes as custom sigmas.
     """
 
     name = "rf-noise-at-0"
@@ -168,10 +168,10 @@ class RectifiedFlowNoiseAtZero(Formulation):
 
 class RectifiedFlowNoiseAtOne(Formulation):
     """
-    Rectified flow with t = 1 at noise (DiT-MoE, Diff-MoE): `z_t = (1 - t) * x + t * noise`, the model predicts the
-    velocity `noise - x`, which is diffusers' flow-matching convention with sigma = t. The model takes the unscaled
-    t = sigma = timestep / num_train_timesteps. The upstream Euler sampler evaluates t_i = i / N for i = N..1, which
-    `FlowMatchEulerDiscreteScheduler` takes as custom sigmas (its default grid, linspace(1, 1/1000, N), differs).
+    Rectified flow with t = 1 at noise (DiT-MoE, Diff-MoE of Cheng et al.): `z_t = (1 - t) * x + t * noise`, the model
+    predicts the velocity `noise - x`, which is diffusers' flow-matching convention with sigma = t. The model takes the
+    unscaled t = sigma = timestep / num_train_timesteps. The upstream Euler sampler evaluates t_i = i / N for i = N..1,
+    which `FlowMatchEulerDiscreteScheduler` takes as custom sigmas (its default grid, linspace(1, 1/1000, N), differs).
     """
 
     name = "rf-noise-at-1"
@@ -226,8 +226,9 @@ def evenly_spaced_respacing(num_train_timesteps: int, num_inference_steps: int) 
 
 class DDPMLearnedSigma(Formulation):
     """
-    DDPM with epsilon prediction and learned variance (DiT, DiT-MoE, Diff-MoE): the model takes the integer DDPM index
-    t in 0..999 (999 = noise) and returns `[eps, v]` with v the learned-range variance interpolation.
+    DDPM with epsilon prediction and learned variance (DiT, DiT-MoE, Diff-MoE of Cheng et al.): the model takes the
+    integer DDPM index t in 0..999 (999 = noise) and returns `[eps, v]` with v the learned-range variance
+    interpolation.
 
     - `DDPMScheduler` (the default, `variance_type="learned_range"`) gets the full 2C output and runs the upstream
       ancestral sampler on the upstream `"N"` grid (`evenly_spaced_respacing`; the default 250 steps).

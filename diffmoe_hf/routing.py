@@ -10,8 +10,9 @@
 
 Two kinds of layers are recognised:
 
-- token-choice layers (DSMoE, JiTMoE, DiT-MoE, Diff-MoE): a module with a `router` sub-module whose forward returns
-  `(expert_ids (S, k), expert_weights (S, k))`; every call's ids are kept (on the model's device) and counted.
+- token-choice layers (DSMoE, JiTMoE, DiT-MoE, Diff-MoE of Cheng et al.): a module with a `router` sub-module whose
+  forward returns `(expert_ids (S, k), expert_weights (S, k))`; every call's ids are kept (on the model's device) and
+  counted.
 - expert-choice layers (DiffMoE by Shi et al.): a module exposing `tokens_per_expert` (E,) after its forward; the
   experts pick tokens from the whole batch, so only the counts are recorded (`expert_ids` stays empty).
 

@@ -2,10 +2,10 @@
 
 | formulation | time (default) | noisy input z | loss |
 |---|---|---|---|
-| `rf-noise-at-0` (DSMoE, DiffMoE) | t ~ U[0, 1) | `t x + (1 - t) eps` | MSE(out[:C], x-eps) |
-| `rf-noise-at-1` (DiT-MoE, Diff-MoE) | t = sigmoid(N(0, 1)) | `(1 - t) x + t eps` | MSE(out[:C], eps-x) |
+| `rf-noise-at-0` (DSMoE, DiffMoE of Shi et al.) | t ~ U[0, 1) | `t x + (1 - t) eps` | MSE(out[:C], x-eps) |
+| `rf-noise-at-1` (DiT-MoE, Diff-MoE of Cheng et al.) | t = sigmoid(N(0, 1)) | `(1 - t) x + t eps` | MSE(out[:C], eps-x) |
 | `jit-xpred` (JiT) | t = sigmoid(N(-0.8, 0.8)) | `t x + (1 - t) s eps` | MSE of `v = (x - z) / max(1 - t, t_eps)` |
-| `ddpm-learned-sigma` (DiT-MoE, Diff-MoE) | t ~ U{0..999} | `sqrt(abar) x + sqrt(1 - abar) eps` | MSE(eps) + VB |
+| `ddpm-learned-sigma` (DiT-MoE, Diff-MoE of Cheng et al.) | t ~ U{0..999} | `sqrt(abar) x + sqrt(1 - abar) eps` | MSE(eps) + VB |
 
 The VB term is the ADM/DiT one: with the output's second half v the learned-range log variance
 `frac * log beta_t + (1 - frac) * log beta~_t` (frac = (v + 1) / 2), the KL in bits between the true posterior

@@ -413,8 +413,8 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             callback_on_step_end_tensor_inputs: Tensors passed in `callback_kwargs` (only `"latents"`).
             guidance_channels: Parity option: guide only the first `guidance_channels` output channels and keep the
                 conditional output in the others. `None` (default) guides all latent channels. The original DiT /
-                DiT-MoE / Diff-MoE DDPM samplers (`forward_with_cfg`) guide only channels 0..2 of 4-channel latents:
-                pass 3 to reproduce them exactly.
+                DiT-MoE / Diff-MoE (Cheng et al.) DDPM samplers (`forward_with_cfg`) guide only channels 0..2 of
+                4-channel latents: pass 3 to reproduce them exactly.
 
         Examples:
 

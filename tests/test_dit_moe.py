@@ -110,7 +110,7 @@ def test_preset_parameter_counts_match_the_original_classes(name):
 
 
 def test_unknown_preset_and_qk_norm_are_rejected():
-    with pytest.raises(ValueError, match="Unknown DiT-MoE preset"):
+    with pytest.raises(ValueError, match=r"Unknown DiTMoE \(DiT-MoE, Fei et al. 2024\) preset 'DiT-T/2'"):
         DiTMoETransformer2DModel.from_preset("DiT-T/2")
     with pytest.raises(ValueError, match="qk_norm"):
         DiTMoETransformer2DModel(**TINY, qk_norm="rms_norm")
@@ -329,7 +329,7 @@ def test_contradicting_preset_and_config(tmp_path):
     config = _config_file(tmp_path, hidden_size=32, num_experts_per_tok=2)
     with pytest.raises(CheckpointError, match=r"Contradicting options: hidden_size=384 \(preset DiT-S/2\)"):
         build_dit_moe_transformer(_checkpoint(_tiny_source()), config_path=config, preset="DiT-S/2")
-    with pytest.raises(CheckpointError, match="Unknown DiT-MoE preset"):
+    with pytest.raises(CheckpointError, match=r"Unknown DiTMoE \(DiT-MoE, Fei et al. 2024\) preset 'DiT-T/2'"):
         build_dit_moe_transformer(_checkpoint(_tiny_source()), preset="DiT-T/2")
 
 
@@ -347,7 +347,7 @@ def test_unexpected_and_mixed_keys_are_errors(tmp_path):
         build_dit_moe_transformer(_checkpoint({"weight": torch.zeros(2)}), config_path=config)
     source = _tiny_source()
     source["blocks.0.dwconv.weight"] = torch.zeros(32, 1, 5, 5)  # a Diff-MoE (Cheng et al.) block
-    with pytest.raises(CheckpointError, match="Diff-MoE .* use the diff-moe converter"):
+    with pytest.raises(CheckpointError, match="Diff-MoE \\(Cheng et al.\\) .* use the spatial-temporal-moe converter"):
         build_dit_moe_transformer(_checkpoint(source), config_path=config)
 
 

@@ -31,7 +31,7 @@ def test_preset_parameter_counts_match_released_models(preset):
 
 
 def test_unknown_preset_is_refused():
-    with pytest.raises(ValueError, match="Unknown DSMoE preset"):
+    with pytest.raises(ValueError, match=r"Unknown DSMoE \(Liu et al. 2025\) preset 'DSMoE-XXL'"):
         DSMoETransformer2DModel.from_preset("DSMoE-XXL")
 
 

@@ -300,7 +300,7 @@ def test_converter_needs_exactly_one_architecture_source(fixture_case):
         build_dynamic_token_moe_transformer(
             checkpoint, config_path=os.path.join(fixture_case, "config.yaml"), preset="DiffMoE-S-E16"
         )
-    with pytest.raises(CheckpointError, match="Unknown DiffMoE preset"):
+    with pytest.raises(CheckpointError, match=r"Unknown DynamicTokenMoE \(DiffMoE, Shi et al. 2025\) preset"):
         build_dynamic_token_moe_transformer(checkpoint, preset="DiffMoE-XL")
 
 

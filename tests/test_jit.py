@@ -25,12 +25,12 @@ TINY = dict(sample_size=16, patch_size=4, num_layers=4, num_attention_heads=2, a
 PRESET_PARAMS_MI = {
     "JiT-B/16": (125.0, 125.0),
     "JiT-B/32": (127.0, 127.0),
-    "JiT-B/16-E16": (369.5, 133.0),
+    "JiTMoE-B/16-E16": (369.5, 133.0),
     "JiT-L/16": (437.6, 437.6),
     "JiT-L/32": (440.2, 440.2),
-    "JiT-L/16-E16": (1306.5, 465.8),
+    "JiTMoE-L/16-E16": (1306.5, 465.8),
     "JiT-H/16": (908.4, 908.4),
-    "JiT-H/16-E16": (2407.2, 936.2),
+    "JiTMoE-H/16-E16": (2407.2, 936.2),
     "JiT-H/32": (911.8, 911.8),
 }
 
@@ -61,9 +61,9 @@ def test_preset_parameter_counts(name):
 
 def test_preset_aliases_and_unknown_preset():
     with torch.device("meta"):
-        model = JiTTransformer2DModel.from_preset("JiTMoE-B/16-E16")
+        model = JiTTransformer2DModel.from_preset("JiT-B/16-E16")  # the name args.model records
     assert model.config.num_layers == 10 and model.config.moe_layers == [1, 3, 5, 7, 9]
-    with pytest.raises(ValueError, match="Unknown JiT preset"):
+    with pytest.raises(ValueError, match=r"Unknown JiT / JiTMoE \(Li & He 2025; Liu et al. 2025\) preset 'JiT-XL/2'"):
         JiTTransformer2DModel.from_preset("JiT-XL/2")
 
 
@@ -263,7 +263,9 @@ def test_converter_errors(tmp_path):
         build_jit_transformer(_bare_checkpoint(case))
     with pytest.raises(CheckpointError, match="contradicts"):
         build_jit_transformer(_bare_checkpoint(case, argparse.Namespace(model="JiT-L/16")), preset="JiT-B/16")
-    with pytest.raises(CheckpointError, match="Unknown JiT preset"):
+    with pytest.raises(
+        CheckpointError, match=r"Unknown JiT / JiTMoE \(Li & He 2025; Liu et al. 2025\) preset 'JiT-T/4-E4'"
+    ):
         build_jit_transformer(_bare_checkpoint(case, argparse.Namespace(model="JiT-T/4-E4")))
     with pytest.raises(CheckpointError, match="pos_embed .* does not fit the configured model"):
         build_jit_transformer(_bare_checkpoint(case), preset="JiT-B/16")

@@ -19,17 +19,18 @@ from diffmoe_hf.conversion import convert_checkpoint
 from .conftest import PARITY_REPORT, parity_root
 
 
-# family id in source.json -> how its cases are converted
+# family id in source.json (the fixtures' own ids) -> the converter and how its cases are converted
 FAMILIES = {
     "dsmoe": dict(converter="dsmoe", convert_kwargs=lambda case: {"config_path": os.path.join(case, "config.yaml")}),
     "jitmoe": dict(converter="jit", convert_kwargs=lambda case: {"config_path": os.path.join(case, "config.yaml")}),
     "jit": dict(converter="jit", convert_kwargs=lambda case: {"config_path": os.path.join(case, "config.yaml")}),
     "diffmoe-dts": dict(
-        converter="diffmoe-dts", convert_kwargs=lambda case: {"config_path": os.path.join(case, "config.yaml")}
+        converter="dynamic-token-moe", convert_kwargs=lambda case: {"config_path": os.path.join(case, "config.yaml")}
     ),
     # source.json `kwargs` holds the original constructor arguments (tiny dims no preset has)
     "diff-moe": dict(
-        converter="diff-moe", convert_kwargs=lambda case: {"config_path": os.path.join(case, "source.json")}
+        converter="spatial-temporal-moe",
+        convert_kwargs=lambda case: {"config_path": os.path.join(case, "source.json")},
     ),
     "dit-moe": dict(
         converter="dit-moe", convert_kwargs=lambda case: {"config_path": os.path.join(case, "source.json")}

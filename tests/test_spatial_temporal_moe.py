@@ -120,9 +120,9 @@ def test_preset_parameter_counts_match_the_original(name):
 
 def test_patch_4_and_8_presets_differ_only_in_the_patch():
     for patch in (4, 8):
-        base, other = SPATIAL_TEMPORAL_MOE_PRESETS["DiT-S/2"], SPATIAL_TEMPORAL_MOE_PRESETS[f"DiT-S/{patch}"]
+        base, other = SPATIAL_TEMPORAL_MOE_PRESETS["Diff-MoE-S/2"], SPATIAL_TEMPORAL_MOE_PRESETS[f"Diff-MoE-S/{patch}"]
         assert {**base, "patch_size": patch} == other
-    with pytest.raises(ValueError, match="Unknown Diff-MoE preset"):
+    with pytest.raises(ValueError, match=r"Unknown SpatialTemporalMoE \(Diff-MoE, Cheng et al.\) preset"):
         SpatialTemporalMoETransformer2DModel.from_preset("DiT-XXL/2")
 
 

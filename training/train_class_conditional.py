@@ -37,6 +37,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from tqdm.auto import tqdm
 
 import diffmoe_hf
+from diffmoe_hf.families import FAMILIES, family_names, get_family, resolve_family
 from diffmoe_hf.formulations import get_formulation
 from diffmoe_hf.models.moe import moe_aux_loss
 from diffmoe_hf.pipelines import ClassConditionalMoEPipeline
@@ -64,14 +65,6 @@ check_min_version("0.35.0")
 
 logger = get_logger(__name__)
 
-# model family (the converter's name) -> transformer class, for --preset
-FAMILY_CLASSES = {
-    "dsmoe": "DSMoETransformer2DModel",
-    "diff-moe": "SpatialTemporalMoETransformer2DModel",
-    "diffmoe-dts": "DynamicTokenMoETransformer2DModel",
-    "dit-moe": "DiTMoETransformer2DModel",
-    "jit": "JiTTransformer2DModel",
-}
 LORA_LAYER_KINDS = ("attention", "experts", "shared_experts", "dense_ff")
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 
@@ -94,7 +87,11 @@ def parse_args(input_args=None):
         help="Start from fresh weights with a released architecture, e.g. 'DSMoE-S-E16' (needs --model_family).",
     )
     parser.add_argument(
-        "--model_family", type=str, default=None, choices=sorted(FAMILY_CLASSES), help="Family of --preset."
+        "--model_family",
+        type=str,
+        default=None,
+        choices=family_names(),
+        help=f"Family of --preset, a `diffmoe convert` family id ({', '.join(FAMILIES)}) or an alias of one.",
     )
     parser.add_argument(
         "--model_config_overrides",
@@ -154,7 +151,7 @@ def parse_args(input_args=None):
         type=float,
         default=1.0,
         help="Multiplier on the MoE losses the layers compute (routers' load-balancing losses at their "
-        "configured alpha, DiffMoE's capacity-predictor loss); 1 trains as upstream, 0 disables.",
+        "configured alpha, the capacity-predictor loss of DiffMoE (Shi et al.)); 1 trains as upstream, 0 disables.",
     )
     parser.add_argument(
         "--class_dropout_prob",
@@ -223,7 +220,9 @@ def parse_args(input_args=None):
     if (args.pretrained_model_name_or_path is None) == (args.preset is None):
         raise ValueError("Give exactly one of --pretrained_model_name_or_path and --preset.")
     if args.preset is not None and args.model_family is None:
-        raise ValueError("--preset needs --model_family (one of " + ", ".join(sorted(FAMILY_CLASSES)) + ").")
+        raise ValueError("--preset needs --model_family (one of " + ", ".join(FAMILIES) + ").")
+    if args.model_family is not None:
+        args.model_family = resolve_family(args.model_family)
     if sum(x is not None for x in (args.dataset_name, args.train_data_dir, args.train_latents_dir)) != 1:
         raise ValueError("Give exactly one of --dataset_name, --train_data_dir and --train_latents_dir.")
     if args.use_lora and args.use_ema:
@@ -241,9 +240,11 @@ def parse_args(input_args=None):
 
 
 def transformer_class(family: str):
-    cls = getattr(diffmoe_hf, FAMILY_CLASSES[family], None)
+    """The transformer class of a family id or alias (`diffmoe_hf.families`)."""
+    class_name = get_family(family).class_name
+    cls = getattr(diffmoe_hf, class_name, None)
     if cls is None:
-        raise ValueError(f"This diffmoe_hf version has no {FAMILY_CLASSES[family]} (family {family!r}).")
+        raise ValueError(f"This diffmoe_hf version has no {class_name} (family {family!r}).")
     return cls
 
 
@@ -298,8 +299,8 @@ def lora_target_modules(transformer, kinds: list[str]) -> str:
     """
     A regular expression over module names (peft matches it in full) selecting the `nn.Linear` layers of the given
     kinds: `attention` (to_q, to_k, to_v, to_out.0), `experts` (every linear of the routed experts, e.g. gate_proj /
-    up_proj / down_proj or DiffMoE's net.0.proj / net.2), `shared_experts`, `dense_ff` (feed-forwards of blocks
-    without experts). Routers, capacity predictors and modulation / embedding layers are never selected.
+    up_proj / down_proj or net.0.proj / net.2 in DiffMoE of Shi et al.), `shared_experts`, `dense_ff` (feed-forwards of
+    blocks without experts). Routers, capacity predictors and modulation / embedding layers are never selected.
     """
     patterns = []
     for name, module in transformer.named_modules():
@@ -352,9 +353,9 @@ def main(args):
     native_checkpoints = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
     zero_stage = accelerator.state.deepspeed_plugin.zero_stage if accelerator.state.deepspeed_plugin else 0
     sharded_params = accelerator.distributed_type == DistributedType.FSDP or zero_stage == 3
-    # DDP reduces every parameter's gradient once per step; experts that received no token and DiffMoE's capacity
-    # predictor (trained only through its side loss, which DDP's unused-parameter search cannot see) get theirs through
-    # a zero-weighted term, which also keeps gradient checkpointing compatible with DDP
+    # DDP reduces every parameter's gradient once per step; experts that received no token and the capacity predictor
+    # of DiffMoE (Shi et al.; trained only through its side loss, which DDP's unused-parameter search cannot see) get
+    # theirs through a zero-weighted term, which also keeps gradient checkpointing compatible with DDP
     touch_all_parameters = accelerator.num_processes > 1 and not native_checkpoints
     if args.use_ema and sharded_params:
         raise ValueError("--use_ema needs every rank to hold full parameters: use DDP or DeepSpeed ZeRO-2.")
@@ -809,7 +810,10 @@ def save_final(
 
 
 def save_model_card(repo_id: str, args, model, images) -> None:
-    base = args.pretrained_model_name_or_path or f"{args.model_family} preset {args.preset} (fresh weights)"
+    base = (
+        args.pretrained_model_name_or_path
+        or f"{get_family(args.model_family).label} preset {args.preset} (fresh weights)"
+    )
     kind = "LoRA adapter" if args.use_lora else "model"
     family = type(model).__name__
     images_md = ""

@@ -115,7 +115,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="adm",
                         help="adm (default: the ADM evaluator's numerics), jit (torch-fidelity, JiT), float-features "
-                        "(un-rounded pixels, DiffMoE / DSMoE)")  # fmt: skip
+                        "(un-rounded pixels; DiffMoE of Shi et al., DSMoE)")  # fmt: skip
     parser.add_argument("--inception-weights", help="the Inception weights file (weights-inception-2015-12-05-"
                         "6726825d.pth); default: the torch hub cache, downloaded there only when online")  # fmt: skip
     parser.add_argument(

@@ -5,9 +5,9 @@ Protocols:
 
 | name | images | resize to 299 | metrics | reference | used by |
 |---|---|---|---|---|---|
-| `adm` | uint8 | TensorFlow-1 bilinear | FID, sFID, IS (splits of 5000), precision / recall (k = 3) | ADM batch (images and/or `mu`, `sigma`, `mu_s`, `sigma_s`) | DiT, DiT-MoE, Diff-MoE |
+| `adm` | uint8 | TensorFlow-1 bilinear | FID, sFID, IS (splits of 5000), precision / recall (k = 3) | ADM batch (images and/or `mu`, `sigma`, `mu_s`, `sigma_s`) | DiT, DiT-MoE, Diff-MoE (Cheng et al.) |
 | `jit` | uint8 | TensorFlow-1 bilinear | FID, IS (10 shuffled splits, mean and std) | statistics file (`mu`, `sigma`) or images | JiT (torch-fidelity) |
-| `float-features` | un-rounded float pixels in [0, 255] | `F.interpolate` bilinear | FID, IS (splits of 5000) | ADM statistics or images | DiffMoE, DSMoE (pytorch-fid input path) |
+| `float-features` | un-rounded float pixels in [0, 255] | `F.interpolate` bilinear | FID, IS (splits of 5000) | ADM statistics or images | DiffMoE (Shi et al.), DSMoE (pytorch-fid input path) |
 
 Inputs are `.npz` batches (ADM format: `arr_0` (N, H, W, C); `diffmoe sample --keep-float` adds `arr_float`, the
 un-rounded pixels the float-features protocol reads) or folders of images (sorted by name). Grayscale images are

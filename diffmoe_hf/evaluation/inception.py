@@ -156,10 +156,10 @@ class InceptionFeatures:
 
         Args:
             images: (B, H, W, 3) pixels in [0, 255]; uint8 unless `float_pixels`.
-            float_pixels: The float-features protocol (DiffMoE / DSMoE, pytorch-fid's input path): un-rounded float
-                pixels, scaled to [0, 1], resized with `F.interpolate(bilinear, align_corners=False)`, mapped to
-                [-1, 1] by `2x - 1`. Otherwise the ADM path: uint8 pixels, TensorFlow-1 bilinear resize,
-                `(x - 128) / 128`, exactly as the network's own forward.
+            float_pixels: The float-features protocol (DiffMoE of Shi et al., DSMoE; pytorch-fid's input path):
+                un-rounded float pixels, scaled to [0, 1], resized with `F.interpolate(bilinear,
+                align_corners=False)`, mapped to [-1, 1] by `2x - 1`. Otherwise the ADM path: uint8 pixels,
+                TensorFlow-1 bilinear resize, `(x - 128) / 128`, exactly as the network's own forward.
 
         Returns:
             `{"pool": (B, 2048), "spatial": (B, 2023), "logits": (B, 1008)}` float32 arrays.

@@ -11,10 +11,10 @@ Reproducibility. Sample `i` of a run is defined by the seed and `i` alone:
 Batches. The samples are cut into global batches of `batch_size` consecutive indices (`[b * B, (b + 1) * B)`), and
 batch `b` runs on process `b % num_processes`. A batch therefore holds the same samples for any number of processes,
 and the output file is bit-identical for 1 or N processes with the same batch size. Across batch sizes the families
-that route each token on its own (DSMoE, JiT, Diff-MoE, DiT-MoE) give the same images up to float summation order
-(pixel values may differ by one grey level where a value sits on a rounding boundary); DiffMoE (Shi et al.) routes
-over the whole batch, so its samples depend on which samples share a batch, as in the original, and only the batch
-size and the indices fix them.
+that route each token on its own (DSMoE, JiT, Diff-MoE of Cheng et al., DiT-MoE) give the same images up to float
+summation order (pixel values may differ by one grey level where a value sits on a rounding boundary); DiffMoE (Shi et
+al.) routes over the whole batch, so its samples depend on which samples share a batch, as in the original, and only
+the batch size and the indices fix them.
 
 Resume. Each finished batch is written at once to `<output>.parts/batch-<b>.npz` (atomically); a restarted run with
 the same settings skips the batches on disk, and the final `.npz` is identical to an uninterrupted run's. The parts
@@ -82,8 +82,8 @@ def step_generators(indices, seed: int, device) -> list[torch.Generator]:
 def to_pixels(images: torch.Tensor) -> torch.Tensor:
     """
     (B, C, H, W) images in [0, 1] -> (B, H, W, C) float32 pixels in [0, 255], un-rounded, as the ADM / DiT / DiffMoE
-    sampling scripts form them: `clamp(127.5 * x + 128, 0, 255)` for x in [-1, 1], i.e. `255 * y + 0.5` for y in
-    [0, 1].
+    (Shi et al.) sampling scripts form them: `clamp(127.5 * x + 128, 0, 255)` for x in [-1, 1], i.e. `255 * y + 0.5`
+    for y in [0, 1].
     """
     return (images.float() * 255 + 0.5).clamp(0, 255).permute(0, 2, 3, 1).cpu()
 

@@ -11,7 +11,7 @@ Rotary variants (head dim `hd`, tokens in raster order, token `n = r * grid_w + 
 | `rope_1d` | DSMoE | dim j with j + hd/2 ("rotate half") | token index n, inv freq `1e4^(-2j/hd)` |
 | `rope_2d` | DSMoE | inside each half of hd, dim j with j + hd/4 | first half: row r, second half: column c |
 | `rope_2d_interleaved` | JiT | adjacent dims (2i, 2i+1) | first half: row r, second half: column c |
-| `rope_2d_alternating` | Diff-MoE | adjacent dims (2i, 2i+1) | pair i: c (i even) or r (i odd), inv freq `1e4^(-4(i//2)/hd)` |
+| `rope_2d_alternating` | Diff-MoE (Cheng et al.) | adjacent dims (2i, 2i+1) | pair i: c (i even) or r (i odd), inv freq `1e4^(-4(i//2)/hd)` |
 """
 
 from typing import NamedTuple
@@ -67,8 +67,9 @@ def rotary_tables(
         sin = torch.cat([tables[0][1], tables[1][1]], dim=-1)
         return RotaryTables(cos.to(device), sin.to(device), interleaved=interleaved, num_sections=2)
     if rotary_type == "rope_2d_alternating":
-        # the per-axis interleaved tables hold each frequency twice ([f0, f0, f1, f1, ...]); Diff-MoE alternates
-        # whole pairs between the axes: channels (4j, 4j+1) rotate with the column, (4j+2, 4j+3) with the row
+        # the per-axis interleaved tables hold each frequency twice ([f0, f0, f1, f1, ...]); Diff-MoE (Cheng et al.)
+        # alternates whole pairs between the axes: channels (4j, 4j+1) rotate with the column, (4j+2, 4j+3) with the
+        # row
         if head_dim % 4:
             raise ValueError(f"{rotary_type} needs a head dim divisible by 4, got {head_dim}.")
         rows = torch.arange(grid_h).repeat_interleave(grid_w)

@@ -124,9 +124,10 @@ class AdaLNZeroTransformerBlock(nn.Module):
 class AdaLNZeroMoETransformerBlock(AdaLNZeroTransformerBlock):
     """
     `AdaLNZeroTransformerBlock` whose feed-forward is a MoE layer, in models that mix dense and MoE blocks (DSMoE,
-    JiTMoE, DiffMoE). It computes exactly what the parent class computes; being a class of its own with its own
-    `forward`, `compile_repeated_blocks` compiles the dense and the MoE blocks as two repeated blocks, one graph each,
-    instead of recompiling one `forward` whenever the kind of feed-forward changes from one block to the next.
+    JiTMoE, DiffMoE of Shi et al.). It computes exactly what the parent class computes; being a class of its own with
+    its own `forward`, `compile_repeated_blocks` compiles the dense and the MoE blocks as two repeated blocks, one
+    graph each, instead of recompiling one `forward` whenever the kind of feed-forward changes from one block to the
+    next.
     """
 
     def forward(self, hidden_states: torch.Tensor, conditioning: torch.Tensor, rotary_emb=None) -> torch.Tensor:

@@ -59,21 +59,6 @@ def config_default(model_class: type, name: str):
     return inspect.signature(model_class.__init__).parameters[name].default
 
 
-def preset_config(family: str, presets: dict[str, dict], name: str, *defaults: dict) -> dict:
-    """
-    Constructor arguments of preset `name` of `presets`, on top of the family-wide `defaults` (later dicts win).
-
-    Raises:
-        ValueError: naming the family and the available presets when `name` is not one of them.
-    """
-    if name not in presets:
-        raise ValueError(f"Unknown {family} preset {name!r}; available: {', '.join(presets)}.")
-    merged = {}
-    for config in (*defaults, presets[name]):
-        merged.update(config)
-    return merged
-
-
 class DiTForwardMixin(CacheMixin):
     """
     For transformers with `pos_embed` (patch embedding), `embedding` (`TimestepClassEmbedding`),

@@ -30,26 +30,31 @@ from torch import nn
 
 from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer
 from .embeddings import TimestepClassEmbedding
-from .modeling_common import DiTForwardMixin, preset_config
+from .modeling_common import DiTForwardMixin
 from .moe import SoftmaxTopKRouter, SwiGLU, SwiGLUExperts, segments_from_topk
+from .presets import preset_config
 
 
-# `DiT_models` of feizc/DiT-MoE: depth, width and heads of each named architecture (width = heads * head dim).
+# `DiT_models` of feizc/DiT-MoE: depth, width and heads of each named architecture (width = heads * head dim), keyed
+# by the paper's names (its released models are e.g. "DiT-MoE-XL/2-8E2A": this architecture, 8 experts, 2 active).
 DIT_MOE_PRESETS = {
-    "DiT-S/2": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, patch_size=2),
-    "DiT-S/4": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, patch_size=4),
-    "DiT-S/8": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, patch_size=8),
-    "DiT-B/2": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64, patch_size=2),
-    "DiT-B/4": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64, patch_size=4),
-    "DiT-B/8": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64, patch_size=8),
-    "DiT-L/2": dict(num_layers=24, num_attention_heads=16, attention_head_dim=64, patch_size=2),
-    "DiT-L/4": dict(num_layers=24, num_attention_heads=16, attention_head_dim=64, patch_size=4),
-    "DiT-L/8": dict(num_layers=24, num_attention_heads=16, attention_head_dim=64, patch_size=8),
-    "DiT-XL/2": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, patch_size=2),
-    "DiT-XL/4": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, patch_size=4),
-    "DiT-XL/8": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, patch_size=8),
-    "DiT-G/2": dict(num_layers=40, num_attention_heads=16, attention_head_dim=88, patch_size=2),
+    "DiT-MoE-S/2": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, patch_size=2),
+    "DiT-MoE-S/4": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, patch_size=4),
+    "DiT-MoE-S/8": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, patch_size=8),
+    "DiT-MoE-B/2": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64, patch_size=2),
+    "DiT-MoE-B/4": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64, patch_size=4),
+    "DiT-MoE-B/8": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64, patch_size=8),
+    "DiT-MoE-L/2": dict(num_layers=24, num_attention_heads=16, attention_head_dim=64, patch_size=2),
+    "DiT-MoE-L/4": dict(num_layers=24, num_attention_heads=16, attention_head_dim=64, patch_size=4),
+    "DiT-MoE-L/8": dict(num_layers=24, num_attention_heads=16, attention_head_dim=64, patch_size=8),
+    "DiT-MoE-XL/2": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, patch_size=2),
+    "DiT-MoE-XL/4": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, patch_size=4),
+    "DiT-MoE-XL/8": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, patch_size=8),
+    "DiT-MoE-G/2": dict(num_layers=40, num_attention_heads=16, attention_head_dim=88, patch_size=2),
 }  # fmt: skip
+# the original names, which checkpoints record in `args.model` (Diff-MoE of Cheng et al. uses the same names for
+# other architectures)
+DIT_MOE_PRESET_ALIASES = {"DiT-" + key.removeprefix("DiT-MoE-"): key for key in DIT_MOE_PRESETS}
 QK_NORMS = (None, "layer_norm")
 
 
@@ -214,11 +219,12 @@ class DiTMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAda
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DiTMoETransformer2DModel":
         """
-        A randomly initialised model with one of the original architectures (`DIT_MOE_PRESETS`, e.g. `"DiT-G/2"`)
-        and the original defaults (256px ImageNet latents, 8 experts, 2 per token, learned-sigma output);
-        `overrides` replace any config field, e.g. `num_experts=16, qk_norm="layer_norm"`.
+        A randomly initialised model with one of the original architectures (`DIT_MOE_PRESETS`, e.g. `"DiT-MoE-G/2"`;
+        the original names such as `"DiT-G/2"` are aliases) and the original defaults (256px ImageNet latents, 8
+        experts, 2 per token, learned-sigma output); `overrides` replace any config field, e.g. `num_experts=16,
+        qk_norm="layer_norm"`.
         """
-        config = {**preset_config("DiT-MoE", DIT_MOE_PRESETS, name), **overrides}
+        config = {**preset_config("dit-moe", DIT_MOE_PRESETS, name, aliases=DIT_MOE_PRESET_ALIASES), **overrides}
         config.setdefault("out_channels", 2 * config.get("in_channels", 4))
         return cls(**config)
 

@@ -22,8 +22,9 @@ from diffusers.utils import apply_lora_scale
 from .attention import rotary_tables
 from .blocks import PatchOutputLayer, adaln_zero_blocks
 from .embeddings import TimestepClassEmbedding
-from .modeling_common import DiTForwardMixin, preset_config, resolve_moe_layers, upgrade_legacy_moe_fields
+from .modeling_common import DiTForwardMixin, resolve_moe_layers, upgrade_legacy_moe_fields
 from .moe import DeepSeekMoE
+from .presets import preset_config
 
 
 # The seven released models (yaml configs of yhlleo/EfficientMoE, DSMoE/config/). All: 256px ImageNet (latent 32x32x4),
@@ -175,7 +176,7 @@ class DSMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdap
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DSMoETransformer2DModel":
         """A randomly initialised model with the architecture of a released checkpoint (see `DSMOE_PRESETS`)."""
-        return cls(**{**preset_config("DSMoE", DSMOE_PRESETS, name, _RELEASED_COMMON), **overrides})
+        return cls(**{**preset_config("dsmoe", DSMOE_PRESETS, name, _RELEASED_COMMON), **overrides})
 
     @apply_lora_scale("attention_kwargs")
     def forward(

@@ -22,7 +22,8 @@ from diffusers.utils import apply_lora_scale
 from .blocks import PatchOutputLayer, adaln_zero_blocks
 from .dynamic_token_moe_layer import DynamicTokenMoE
 from .embeddings import TimestepClassEmbedding
-from .modeling_common import DiTForwardMixin, config_default, preset_config, resolve_moe_layers
+from .modeling_common import DiTForwardMixin, config_default, resolve_moe_layers
+from .presets import preset_config
 
 
 # The DiffMoE configs of yhlleo/EfficientMoE (DSMoE/config/000_DiffMoE_*_Flow.yaml). All: 256px ImageNet (latent
@@ -167,8 +168,13 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DynamicTokenMoETransformer2DModel":
-        """A randomly initialised model with the architecture of an EfficientMoE DiffMoE config (`DYNAMIC_TOKEN_MOE_PRESETS`)."""
-        return cls(**{**preset_config("DiffMoE", DYNAMIC_TOKEN_MOE_PRESETS, name, _RELEASED_COMMON), **overrides})
+        """
+        A randomly initialised model with the architecture of an EfficientMoE config of DiffMoE (Shi et al.), see
+        `DYNAMIC_TOKEN_MOE_PRESETS`.
+        """
+        return cls(
+            **{**preset_config("dynamic-token-moe", DYNAMIC_TOKEN_MOE_PRESETS, name, _RELEASED_COMMON), **overrides}
+        )
 
     @apply_lora_scale("attention_kwargs")
     def forward(

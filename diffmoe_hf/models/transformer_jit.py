@@ -37,14 +37,16 @@ from .blocks import PatchOutputLayer, adaln_zero_blocks
 from .embeddings import TimestepClassEmbedding
 from .modeling_common import DiTForwardMixin, resolve_moe_layers, upgrade_legacy_moe_fields
 from .moe import DeepSeekMoE, SwiGLU
+from .presets import preset_config
 from .validation import check_model_inputs
 
 
 # one shared expert as wide as a routed one (the default `shared_expert_intermediate_size`)
 _E16 = dict(num_experts=16, num_experts_per_tok=2, n_group=2, topk_group=2, routed_scaling_factor=2.5)
 
-# `JiT_models` of yhlleo/EfficientMoE `JiTMoE/model_jit.py` (names as recorded in a checkpoint's `args.model`). All:
-# 256px RGB, ImageNet-1k, mlp_ratio 4, 32 in-context class tokens. The `-E16` models are JiTMoE, MoE on odd blocks.
+# `JiT_models` of yhlleo/EfficientMoE `JiTMoE/model_jit.py`. All: 256px RGB, ImageNet-1k, mlp_ratio 4, 32 in-context
+# class tokens. The MoE models are keyed by the names of the paper and the Hub releases ("JiTMoE-B/16-E16", MoE on odd
+# blocks); the dense JiT models by their original names.
 JIT_PRESETS = {
     "JiT-B/16": dict(num_layers=12, num_attention_heads=12, patch_size=16, bottleneck_dim=128, in_context_start=4),
     "JiT-B/32": dict(num_layers=12, num_attention_heads=12, patch_size=32, bottleneck_dim=128, in_context_start=4),
@@ -54,38 +56,29 @@ JIT_PRESETS = {
                      attention_head_dim=80),
     "JiT-H/32": dict(num_layers=32, num_attention_heads=16, patch_size=32, bottleneck_dim=256, in_context_start=10,
                      attention_head_dim=80),
-    "JiT-B/16-E16": dict(num_layers=10, num_attention_heads=12, patch_size=16, bottleneck_dim=128, in_context_start=4,
-                         moe_layers=[1, 3, 5, 7, 9], moe_intermediate_size=1536, **_E16),
-    "JiT-L/16-E16": dict(num_layers=20, num_attention_heads=16, patch_size=16, bottleneck_dim=128, in_context_start=8,
-                         moe_layers=list(range(1, 20, 2)), moe_intermediate_size=2048, **_E16),
-    "JiT-H/16-E16": dict(num_layers=28, num_attention_heads=16, patch_size=16, bottleneck_dim=256,
-                         in_context_start=10, attention_head_dim=80, moe_layers=list(range(1, 28, 2)),
-                         moe_intermediate_size=2048, **_E16),
+    "JiTMoE-B/16-E16": dict(num_layers=10, num_attention_heads=12, patch_size=16, bottleneck_dim=128,
+                            in_context_start=4, moe_layers=[1, 3, 5, 7, 9], moe_intermediate_size=1536, **_E16),
+    "JiTMoE-L/16-E16": dict(num_layers=20, num_attention_heads=16, patch_size=16, bottleneck_dim=128,
+                            in_context_start=8, moe_layers=list(range(1, 20, 2)), moe_intermediate_size=2048, **_E16),
+    "JiTMoE-H/16-E16": dict(num_layers=28, num_attention_heads=16, patch_size=16, bottleneck_dim=256,
+                            in_context_start=10, attention_head_dim=80, moe_layers=list(range(1, 28, 2)),
+                            moe_intermediate_size=2048, **_E16),
 }  # fmt: skip
-# the names the paper and the Hub releases use for the MoE models
+# the names the original code records in a checkpoint's `args.model`, and the Hub releases' spelling without "/"
 JIT_PRESET_ALIASES = {
-    "JiTMoE-B/16-E16": "JiT-B/16-E16",
-    "JiTMoE-L/16-E16": "JiT-L/16-E16",
-    "JiTMoE-H/16-E16": "JiT-H/16-E16",
-    "JiTMoE-B16-E16": "JiT-B/16-E16",
-    "JiTMoE-L16-E16": "JiT-L/16-E16",
+    "JiT-B/16-E16": "JiTMoE-B/16-E16",
+    "JiT-L/16-E16": "JiTMoE-L/16-E16",
+    "JiT-H/16-E16": "JiTMoE-H/16-E16",
+    "JiTMoE-B16-E16": "JiTMoE-B/16-E16",
+    "JiTMoE-L16-E16": "JiTMoE-L/16-E16",
 }
 _RELEASED_COMMON = dict(sample_size=256, in_channels=3, num_classes=1000, mlp_ratio=4.0, attention_head_dim=64,
                         in_context_len=32)  # fmt: skip
 
 
-def resolve_jit_preset(name: str) -> str:
-    """The `JIT_PRESETS` key for `name` (an upstream `args.model` name or one of `JIT_PRESET_ALIASES`)."""
-    name = JIT_PRESET_ALIASES.get(name, name)
-    if name not in JIT_PRESETS:
-        known = ", ".join([*JIT_PRESETS, *JIT_PRESET_ALIASES])
-        raise ValueError(f"Unknown JiT preset {name!r}; available: {known}.")
-    return name
-
-
 def jit_preset_config(name: str) -> dict:
-    """Constructor arguments of `JiTTransformer2DModel` for a released architecture."""
-    return {**_RELEASED_COMMON, **JIT_PRESETS[resolve_jit_preset(name)]}
+    """Constructor arguments of `JiTTransformer2DModel` for a released architecture (a `JIT_PRESETS` key or alias)."""
+    return preset_config("jit", JIT_PRESETS, name, _RELEASED_COMMON, aliases=JIT_PRESET_ALIASES)
 
 
 def _token_count_varies(tokens: torch.Tensor, rotary_emb: RotaryTables) -> None:

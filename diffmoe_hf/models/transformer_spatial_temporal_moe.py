@@ -27,7 +27,8 @@ from torch import nn
 from .attention import RotaryTables, rotary_tables
 from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer, modulate
 from .embeddings import TimestepClassEmbedding
-from .modeling_common import DiTForwardMixin, preset_config
+from .modeling_common import DiTForwardMixin
+from .presets import preset_config
 from .spatial_temporal_moe_layer import SpatialTemporalMoE
 
 
@@ -45,16 +46,21 @@ def _preset(num_layers: int, dim: int, heads: int, patch_size: int, intermediate
 # The `DiT_models` table of the original `models.py` (depth, hidden size, heads, patch). Hidden widths are stored
 # explicitly: the original computes int(mlp_ratio * D) (mlp_ratio 4, or 5/3 for the _v2 presets, which also have a
 # shared expert of width D instead of 2D). The /4 and /8 presets differ from /2 only in the patch size.
+# Keys are the paper's name plus the original size name ("Diff-MoE-XL/2" is `DiT_models["DiT-XL/2"]`); the original
+# names, which checkpoints record in `args.model` and which DiT-MoE uses for other architectures, are aliases.
 SPATIAL_TEMPORAL_MOE_PRESETS = {
-    **{f"DiT-XL/{p}": _preset(28, 1152, 16, p, 4608, 2304) for p in (2, 4, 8)},
-    **{f"DiT-L/{p}": _preset(24, 1024, 16, p, 4096, 2048) for p in (2, 4, 8)},
-    **{f"DiT-B/{p}": _preset(12, 768, 12, p, 3072, 1536) for p in (2, 4, 8)},
-    **{f"DiT-S/{p}": _preset(12, 384, 6, p, 1536, 768) for p in (2, 4, 8)},
-    "DiT-T/2": _preset(12, 256, 4, 2, 1024, 512),
-    "DiT-G/2": _preset(40, 1408, 16, 2, 5632, 2816),
-    "DiT-S/2_v2": _preset(12, 384, 6, 2, 640, 384),
-    "DiT-B/2_v2": _preset(12, 768, 12, 2, 1280, 768),
-    "DiT-L/2_v2": _preset(24, 1024, 16, 2, 1706, 1024),
+    **{f"Diff-MoE-XL/{p}": _preset(28, 1152, 16, p, 4608, 2304) for p in (2, 4, 8)},
+    **{f"Diff-MoE-L/{p}": _preset(24, 1024, 16, p, 4096, 2048) for p in (2, 4, 8)},
+    **{f"Diff-MoE-B/{p}": _preset(12, 768, 12, p, 3072, 1536) for p in (2, 4, 8)},
+    **{f"Diff-MoE-S/{p}": _preset(12, 384, 6, p, 1536, 768) for p in (2, 4, 8)},
+    "Diff-MoE-T/2": _preset(12, 256, 4, 2, 1024, 512),
+    "Diff-MoE-G/2": _preset(40, 1408, 16, 2, 5632, 2816),
+    "Diff-MoE-S/2_v2": _preset(12, 384, 6, 2, 640, 384),
+    "Diff-MoE-B/2_v2": _preset(12, 768, 12, 2, 1280, 768),
+    "Diff-MoE-L/2_v2": _preset(24, 1024, 16, 2, 1706, 1024),
+}
+SPATIAL_TEMPORAL_MOE_PRESET_ALIASES = {
+    "DiT-" + key.removeprefix("Diff-MoE-"): key for key in SPATIAL_TEMPORAL_MOE_PRESETS
 }
 # what the original scripts use with every preset: 256px ImageNet latents (32x32x4), learned sigma, 8 experts, top-2
 _PRESET_COMMON = dict(
@@ -208,10 +214,12 @@ class SpatialTemporalMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMi
     def from_preset(cls, name: str, **overrides) -> "SpatialTemporalMoETransformer2DModel":
         """
         A randomly initialised model with the architecture of an original `DiT_models` preset (see
-        `SPATIAL_TEMPORAL_MOE_PRESETS`), 256px ImageNet latents and 8 experts, top-2, unless overridden (e.g.
-        `num_experts=16`).
+        `SPATIAL_TEMPORAL_MOE_PRESETS`, e.g. `"Diff-MoE-XL/2"`; the original names such as `"DiT-XL/2"` are aliases),
+        256px ImageNet latents and 8 experts, top-2, unless overridden (e.g. `num_experts=16`).
         """
-        return cls(**{**preset_config("Diff-MoE", SPATIAL_TEMPORAL_MOE_PRESETS, name, _PRESET_COMMON), **overrides})
+        config = preset_config("spatial-temporal-moe", SPATIAL_TEMPORAL_MOE_PRESETS, name, _PRESET_COMMON,
+                               aliases=SPATIAL_TEMPORAL_MOE_PRESET_ALIASES)  # fmt: skip
+        return cls(**{**config, **overrides})
 
     @apply_lora_scale("attention_kwargs")
     def forward(
