@@ -30,7 +30,7 @@ from torch import nn
 
 from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer
 from .embeddings import TimestepClassEmbedding
-from .modeling_common import DiTForwardMixin, preset_config
+from .modeling_common import DiTForwardMixin, preset_config, returns_moe_outputs
 from .moe import SoftmaxTopKRouter, SwiGLU, SwiGLUExperts, segments_from_topk
 
 
@@ -218,6 +218,7 @@ class DiTMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAda
         return cls(**config)
 
     @apply_lora_scale("attention_kwargs")
+    @returns_moe_outputs
     def forward(
         self,
         hidden_states: torch.Tensor,

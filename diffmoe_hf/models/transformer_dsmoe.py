@@ -23,7 +23,7 @@ from torch import nn
 from .attention import rotary_tables
 from .blocks import AdaLNZeroMoETransformerBlock, AdaLNZeroTransformerBlock, PatchOutputLayer
 from .embeddings import TimestepClassEmbedding
-from .modeling_common import DiTForwardMixin, preset_config
+from .modeling_common import DiTForwardMixin, preset_config, returns_moe_outputs
 from .moe import DeepSeekMoE
 
 
@@ -172,6 +172,7 @@ class DSMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdap
         return cls(**{**preset_config("DSMoE", DSMOE_PRESETS, name, _RELEASED_COMMON), **overrides})
 
     @apply_lora_scale("attention_kwargs")
+    @returns_moe_outputs
     def forward(
         self,
         hidden_states: torch.Tensor,

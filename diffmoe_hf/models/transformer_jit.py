@@ -35,7 +35,7 @@ from torch import nn
 from .attention import RotaryTables, pad_rotary_tables, rotary_tables
 from .blocks import AdaLNZeroMoETransformerBlock, AdaLNZeroTransformerBlock, PatchOutputLayer
 from .embeddings import TimestepClassEmbedding
-from .modeling_common import DiTForwardMixin
+from .modeling_common import DiTForwardMixin, returns_moe_outputs
 from .moe import DeepSeekMoE, SwiGLU
 from .validation import check_model_inputs
 
@@ -249,6 +249,7 @@ class JiTTransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdapte
         return label_embedding.unsqueeze(1) + self.in_context_pos_embed.to(label_embedding.dtype)
 
     @apply_lora_scale("attention_kwargs")
+    @returns_moe_outputs
     def forward(
         self,
         hidden_states: torch.Tensor,

@@ -27,7 +27,7 @@ from torch import nn
 from .attention import RotaryTables, rotary_tables
 from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer, modulate
 from .embeddings import TimestepClassEmbedding
-from .modeling_common import DiTForwardMixin, preset_config
+from .modeling_common import DiTForwardMixin, preset_config, returns_moe_outputs
 from .spatial_temporal_moe_layer import SpatialTemporalMoE
 
 
@@ -200,6 +200,7 @@ class SpatialTemporalMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMi
         return cls(**{**preset_config("Diff-MoE", SPATIAL_TEMPORAL_MOE_PRESETS, name, _PRESET_COMMON), **overrides})
 
     @apply_lora_scale("attention_kwargs")
+    @returns_moe_outputs
     def forward(
         self,
         hidden_states: torch.Tensor,
