@@ -80,11 +80,12 @@ def update_capacity_thresholds(updates: list[tuple[CapacityPredictor, torch.Tens
     (KwaiVGI/DiffMoE) does at every training forward, averaged over the data-parallel ranks when
     `torch.distributed` is initialised.
 
-    The average is taken here, in the forward, with one `all_reduce` for all layers: the thresholds are buffers, and
-    DDP (`broadcast_buffers=True`, its default) overwrites every rank's buffers with rank 0's at the start of each
-    forward, so an average deferred to the training loop would be lost whenever the loop forgets it, and the other
-    ranks' quantiles would silently never count. Every rank must therefore run the same number of training-mode
-    forwards (as DDP requires anyway).
+    The average is taken here, in the model's forward, with one `all_reduce` for all layers: the thresholds are
+    buffers, and DDP (`broadcast_buffers=True`, its default) overwrites every rank's buffers with rank 0's at the start
+    of each forward. An average deferred to the training loop would have to run on every rank before every next
+    forward; any forward without it (a loop that does not know about it, a bare model call) would silently keep rank
+    0's thresholds and drop the other ranks' quantiles. Every rank must therefore run the same number of
+    training-mode forwards (as DDP requires anyway).
 
     Args:
         updates: `(capacity predictor, quantile)` pairs of one model call, in the same order on every rank.

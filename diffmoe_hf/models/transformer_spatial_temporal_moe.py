@@ -120,8 +120,8 @@ class SpatialTemporalMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMi
         shared_intermediate_size (`int`, *optional*): Hidden width of the shared expert (original:
             n_shared_experts * D); `None` for models without one.
         modulation_rank (`int`): Bottleneck of the experts' adaLN and of the channel recalibration (64 upstream).
-        aux_loss_alpha (`float`): Weight of the routers' load-balancing loss, computed in training mode and summed by
-            `diffmoe_hf.models.moe.moe_aux_loss(model)`.
+        aux_loss_alpha (`float`): Weight of the routers' load-balancing loss, computed in training mode and returned
+            summed over the layers as the output's `aux_loss`.
         formulation (`str`): Meaning of the timestep input and output (`"ddpm-learned-sigma"` or `"rf-noise-at-1"`);
             see `diffmoe_hf.formulations`.
     """
