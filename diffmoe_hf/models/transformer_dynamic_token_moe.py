@@ -187,7 +187,12 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
             state_dict[key.removesuffix("gate.weight") + "router.weight"] = state_dict.pop(key)
 
     def finish_moe_call(self, collector: MoECollector) -> None:
-        """Moves the capacity thresholds of the layers that ran in training mode, once per call."""
+        """
+        Moves the capacity thresholds of the layers that ran in training mode, once per call, outside the
+        (checkpointed) blocks. With `torch.distributed` initialised this is one `all_reduce` inside the forward: the
+        original averages the thresholds over ranks at every training forward, and DDP's buffer broadcast would drop
+        an average deferred to the training loop (the reasons are in `update_capacity_thresholds`).
+        """
         update_capacity_thresholds(
             [
                 (layer.capacity_predictor, statistics["capacity_quantile"])
