@@ -125,8 +125,9 @@ def _train_step(model, inputs, optimizer):
         optimizer.zero_grad(set_to_none=True)
         output = model(**inputs)
         loss = output.sample.float().square().mean()
-        if output.aux_loss is not None:
-            loss = loss + output.aux_loss
+        aux_loss = getattr(output, "aux_loss", None)  # the dense DiT's output has none
+        if aux_loss is not None:
+            loss = loss + aux_loss
         loss.backward()
         optimizer.step()
 

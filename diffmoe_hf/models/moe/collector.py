@@ -86,8 +86,11 @@ class MoECollector:
         `statistics` keyed by the MoE layer's module path in `model` (e.g. `"transformer_blocks.3.ff"`; a router's
         report is filed under its layer, the path without `.router`), in model order.
         """
-        named = {}
+        named, remaining = {}, len(self.statistics)
         for name, module in model.named_modules():
+            if remaining == 0:  # eval-mode calls report nothing: no walk over the model at all
+                break
             if module in self.statistics:
                 named.setdefault(name.removesuffix(".router"), {}).update(self.statistics[module])
+                remaining -= 1
         return named
