@@ -26,8 +26,8 @@ from diffmoe_hf.models import (
     JiTTransformer2DModel,
     SpatialTemporalMoETransformer2DModel,
 )
-from diffmoe_hf.models.dynamic_token_moe_layer import DynamicTokenMoE
-from diffmoe_hf.models.moe import GeluMLPExperts, SwiGLU
+from diffmoe_hf.models.dynamic_token_moe_layer import DynamicTokenMoE, update_capacity_thresholds
+from diffmoe_hf.models.moe import GeluMLPExperts, MoECollector, SwiGLU
 from diffmoe_hf.models.spatial_temporal_moe_layer import SpatialTemporalMoE
 
 
@@ -109,9 +109,12 @@ def calibrate_capacity(model: nn.Module, inputs: dict | Callable[[], object]) ->
     for layer in layers:
         layer.capacity_predictor.ema_decay.zero_()  # take this batch's quantile as the threshold
     model.train()
-    with torch.no_grad():
+    with torch.no_grad(), MoECollector() as collector:  # a bare layer reports here; a model moves its own thresholds
         inputs() if callable(inputs) else model(**inputs)
     model.eval()
+    update_capacity_thresholds(
+        [(layer.capacity_predictor, stats["capacity_quantile"]) for layer, stats in collector.statistics.items()]
+    )
     for layer, decay in zip(layers, decays):
         layer.capacity_predictor.ema_decay.copy_(decay)
 

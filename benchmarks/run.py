@@ -20,7 +20,6 @@ import torch
 
 from diffmoe_hf.families import FAMILY_ALIASES
 from diffmoe_hf.formulations import get_formulation
-from diffmoe_hf.models.moe import moe_aux_loss
 
 from . import models
 from .timing import interleaved, ratios
@@ -125,11 +124,11 @@ def bench_forward(family, args, device, dtype) -> dict:
 def _train_step(model, inputs, optimizer):
     def step():
         optimizer.zero_grad(set_to_none=True)
-        output = model(**inputs).sample
-        loss = output.float().square().mean()
-        aux = moe_aux_loss(model)
-        if aux is not None:
-            loss = loss + aux
+        output = model(**inputs)
+        loss = output.sample.float().square().mean()
+        aux_loss = getattr(output, "aux_loss", None)  # the dense DiT's output has none
+        if aux_loss is not None:
+            loss = loss + aux_loss
         loss.backward()
         optimizer.step()
 

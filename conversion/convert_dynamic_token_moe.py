@@ -67,7 +67,7 @@ _RENAME_RULES = DIT_SKELETON_RENAME_RULES + [
      r"transformer_blocks.\1.ff.\2net.0.proj.\3"),
     (r"blocks\.(\d+)\.mlp\.((?:experts\.\d+\.|shared_experts\.)?)fc2\.(weight|bias)",
      r"transformer_blocks.\1.ff.\2net.2.\3"),
-    (r"blocks\.(\d+)\.mlp\.gate_weight", r"transformer_blocks.\1.ff.gate.weight"),
+    (r"blocks\.(\d+)\.mlp\.gate_weight", r"transformer_blocks.\1.ff.router.weight"),
     (r"blocks\.(\d+)\.mlp\.capacity_predictor\.0\.(weight|bias)",
      r"transformer_blocks.\1.ff.capacity_predictor.linear_1.\2"),
     (r"blocks\.(\d+)\.mlp\.capacity_predictor\.2\.(weight|bias)",

@@ -8,13 +8,13 @@
         print(name, layer.load(), layer.imbalance())   # token share per expert, max share * E
     routing["transformer_blocks.3.ff"].expert_ids[0]    # (S, k) expert ids of each token in the first call
 
-Two kinds of layers are recognised:
+A MoE layer is a module with a `router` sub-module that has `num_experts`; the routing is read from the router's
+output by a forward hook, in every mode (training, eval, pipelines), without any state on the modules:
 
-- token-choice layers (DSMoE, JiTMoE, DiT-MoE, Diff-MoE of Cheng et al.): a module with a `router` sub-module whose
-  forward returns `(expert_ids (S, k), expert_weights (S, k))`; every call's ids are kept (on the model's device) and
-  counted.
-- expert-choice layers (DiffMoE by Shi et al.): a module exposing `tokens_per_expert` (E,) after its forward; the
-  experts pick tokens from the whole batch, so only the counts are recorded (`expert_ids` stays empty).
+- token-choice routers (DSMoE, JiTMoE, DiT-MoE, Diff-MoE of Cheng et al.) return `(expert_ids (S, k), expert_weights (S, k))`; every
+  call's ids are kept (on the model's device) and counted.
+- expert-choice routers (DiffMoE by Shi et al.) return the `ExpertSegments` of the experts' choices over the whole
+  batch; every call's selection is kept (`selections`) and counted.
 
 Counts are per process; in data-parallel training each rank sees its own batch.
 """
@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from .models.moe import ExpertSegments
 
 
 @dataclass
@@ -38,6 +40,9 @@ class LayerRouting:
         counts: (E,) int64 (token, expert) assignments per expert, summed over all recorded calls.
         expert_ids: For token-choice layers, the (S, k) int64 expert ids of each call, in call order (S tokens =
             batch * sequence, flattened batch-major); empty for expert-choice layers.
+        selections: For expert-choice layers, `(selection, S)` of each call in call order: the `ExpertSegments` the
+            router returned (`token_index` into the S flattened tokens, `expert_index`, detached `weights`: the
+            router scores) and the number of tokens S of the call; empty for token-choice layers.
         calls: Number of recorded forward calls.
     """
 
@@ -45,6 +50,7 @@ class LayerRouting:
     num_experts: int
     counts: torch.Tensor
     expert_ids: list[torch.Tensor] = field(default_factory=list)
+    selections: list[tuple[ExpertSegments, int]] = field(default_factory=list)
     calls: int = 0
 
     def load(self) -> torch.Tensor:
@@ -60,6 +66,19 @@ class LayerRouting:
     def unused_experts(self) -> int:
         """Number of experts that received no token."""
         return int((self.counts == 0).sum())
+
+    def top_experts(self, call: int) -> torch.Tensor:
+        """
+        (S,) int64 expert of each token of the `call`-th kept call: a token-choice layer's first choice; for an
+        expert-choice layer the highest-scoring of the experts that took the token, -1 where none did.
+        """
+        if not self.selections:
+            return self.expert_ids[call][:, 0]
+        selection, num_tokens = self.selections[call]
+        scores = torch.full((num_tokens, self.num_experts), float("-inf"), device=selection.token_index.device)
+        scores[selection.token_index, selection.expert_index] = selection.weights.float()
+        best, top_expert = scores.max(dim=1)
+        return torch.where(best > float("-inf"), top_expert, -1)
 
 
 class RoutingRecord(dict):
@@ -101,8 +120,6 @@ def moe_layers(model: nn.Module) -> dict[str, nn.Module]:
         router = getattr(module, "router", None)
         if isinstance(router, nn.Module) and hasattr(router, "num_experts"):
             layers[name] = module
-        elif hasattr(module, "tokens_per_expert") and hasattr(module, "num_experts"):
-            layers[name] = module
     return layers
 
 
@@ -113,8 +130,8 @@ def record_routing(model: nn.Module, keep_expert_ids: bool = True) -> Iterator[R
 
     Args:
         model: A diffmoe_hf transformer (or any module containing its MoE layers, e.g. a DDP wrapper).
-        keep_expert_ids: Keep each call's (S, k) expert ids of token-choice layers; `False` only counts them (what
-            a training loop logging the expert load needs).
+        keep_expert_ids: Keep each call's expert ids (token-choice layers) or selection (expert-choice layers);
+            `False` only counts them (what a training loop logging the expert load needs).
 
     Yields:
         A `RoutingRecord` mapping layer names to `LayerRouting`; it keeps its contents after the context exits.
@@ -124,11 +141,7 @@ def record_routing(model: nn.Module, keep_expert_ids: bool = True) -> Iterator[R
         counts = torch.zeros(layer.num_experts, dtype=torch.long)
         entry = LayerRouting(name=name, num_experts=layer.num_experts, counts=counts)
         record[name] = entry
-        router = getattr(layer, "router", None)
-        if isinstance(router, nn.Module):
-            handles.append(router.register_forward_hook(_token_choice_hook(entry, keep_expert_ids)))
-        else:
-            handles.append(layer.register_forward_hook(_expert_choice_hook(entry)))
+        handles.append(layer.router.register_forward_hook(_routing_hook(entry, keep_expert_ids)))
     try:
         yield record
     finally:
@@ -136,21 +149,18 @@ def record_routing(model: nn.Module, keep_expert_ids: bool = True) -> Iterator[R
             handle.remove()
 
 
-def _token_choice_hook(entry: LayerRouting, keep_expert_ids: bool):
+def _routing_hook(entry: LayerRouting, keep_expert_ids: bool):
     def hook(module, inputs, output):
-        expert_ids = output[0].detach()
-        counts = torch.bincount(expert_ids.reshape(-1), minlength=entry.num_experts)
-        entry.counts = entry.counts.to(counts.device) + counts
-        if keep_expert_ids:
-            entry.expert_ids.append(expert_ids)
-        entry.calls += 1
-
-    return hook
-
-
-def _expert_choice_hook(entry: LayerRouting):
-    def hook(module, inputs, output):
-        counts = module.tokens_per_expert.detach()
+        if isinstance(output, ExpertSegments):
+            selection = output._replace(weights=output.weights.detach())
+            counts = torch.diff(selection.offsets, prepend=selection.offsets.new_zeros(1)).long()
+            if keep_expert_ids:
+                entry.selections.append((selection, inputs[0].shape[0]))
+        else:
+            expert_ids = output[0].detach()
+            counts = torch.bincount(expert_ids.reshape(-1), minlength=entry.num_experts)
+            if keep_expert_ids:
+                entry.expert_ids.append(expert_ids)
         entry.counts = entry.counts.to(counts.device) + counts
         entry.calls += 1
 

@@ -13,8 +13,8 @@ q(x_{t-1} | x_t, x_0) and the model's p(x_{t-1} | x_t), whose mean is computed f
 the VB term trains only the variance); at t = 0 the discretised Gaussian decoder NLL instead. Losses are means over
 all non-batch dimensions, then over the batch (each term as upstream).
 
-The model's MoE terms (load-balancing and capacity-predictor losses) are not part of these objectives; add
-`diffmoe_hf.models.moe.moe_aux_loss(model)` after the forward.
+The model's MoE terms (load-balancing and capacity-predictor losses) are not part of these objectives; add the
+`aux_loss` of the model's output (the transformer passed as `denoiser` returns it in training mode).
 """
 
 import math

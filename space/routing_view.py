@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from diffmoe_hf.routing import record_routing
+from diffmoe_hf.models.dynamic_token_moe_layer import DynamicTokenMoE
+from diffmoe_hf.routing import LayerRouting, record_routing
 
 
 # tab10 then tab20's light tones: distinct colours for up to 20 experts; more experts get evenly spaced hues
@@ -51,7 +52,7 @@ class RoutingView:
         step_labels: One label per sampling step (a transformer evaluation round of the pipeline loop).
         expert_maps: `expert_maps[step][layer]` is a (grid, grid) int array with the top expert of each patch of the
             first image (conditional pass): the highest-scoring of the experts that took it, -1 where none did; `None`
-            when the layer does not expose its per-token routing.
+            when the layer was not called in that step.
         loads: `loads[step]` is a (layers, E) int array of (token, expert) assignments in that step, over all images
             and guidance passes.
     """
@@ -81,8 +82,8 @@ class RoutingCollector:
     The first image's map comes from the first transformer call of each step (the conditional pass: the pipeline
     puts the conditional batch first, or runs it first when cond and uncond are separate calls), and from its last
     `grid * grid` tokens (models with in-context prefix tokens, such as JiT, put them before the image tokens).
-    Token-choice layers give their experts through `record_routing`; expert-choice layers (`DynamicTokenMoE`) through
-    their `selection` attribute, read after each of their calls.
+    Both kinds of layers give their routing through `record_routing`: token-choice layers their expert ids,
+    expert-choice layers (`DynamicTokenMoE`) the selection their router returned.
     """
 
     def __init__(self, transformer: torch.nn.Module):
@@ -94,7 +95,6 @@ class RoutingCollector:
         self._call_batches: list[int] = []  # batch size of every transformer call
         self._step_start = 0  # index of the first transformer call of the current step
         self._last_counts: list[torch.Tensor] = []
-        self._selections: dict[str, list[torch.Tensor]] = {}  # expert-choice layer -> (S, 1) top expert per call
         self._hooks = []
         self.view: RoutingView | None = None
 
@@ -103,13 +103,9 @@ class RoutingCollector:
         self._record = self._context.__enter__()
         self._hooks = [self.transformer.register_forward_pre_hook(self._count_call, with_kwargs=True)]
         layers = list(self._record)
-        for name in layers:
-            module = self.transformer.get_submodule(name)
-            if not isinstance(getattr(module, "router", None), torch.nn.Module) and hasattr(module, "selection"):
-                self._selections[name] = []
-                self._hooks.append(module.register_forward_hook(self._read_selection(name)))
         num_experts = [self._record[name].num_experts for name in layers]
-        self.view = RoutingView(layers, num_experts, expert_choice=[name in self._selections for name in layers])
+        expert_choice = [isinstance(self.transformer.get_submodule(name), DynamicTokenMoE) for name in layers]
+        self.view = RoutingView(layers, num_experts, expert_choice=expert_choice)
         self._last_counts = [self._record[name].counts.clone() for name in layers]
         return self
 
@@ -117,18 +113,6 @@ class RoutingCollector:
         for hook in self._hooks:
             hook.remove()
         return self._context.__exit__(*exc_info)
-
-    def _read_selection(self, name: str):
-        num_experts = self._record[name].num_experts
-
-        def hook(module, inputs, output):
-            selection, num_tokens = module.selection, inputs[0].shape[:-1].numel()
-            weights = torch.full((num_tokens, num_experts), float("-inf"), device=selection.token_index.device)
-            weights[selection.token_index, selection.expert_index] = selection.weights.float()
-            best, top_expert = weights.max(dim=1)
-            self._selections[name].append(torch.where(best > float("-inf"), top_expert, -1).unsqueeze(1))
-
-        return hook
 
     def _count_call(self, module, args, kwargs):
         hidden_states = args[0] if args else kwargs["hidden_states"]
@@ -142,24 +126,24 @@ class RoutingCollector:
             counts = layer.counts.detach().cpu().clone()
             loads.append((counts - self._last_counts[index].cpu()).numpy())
             self._last_counts[index] = counts
-            expert_ids = self._selections.get(name, layer.expert_ids)
-            maps.append(self._first_image_map(expert_ids))
-            expert_ids.clear()  # only the first image's map of each step is kept
+            maps.append(self._first_image_map(layer))
+            layer.expert_ids.clear()  # only the first image's map of each step is kept
+            layer.selections.clear()
         self._step_start = len(self._call_batches)
         self.view.step_labels.append(f"step {step + 1} (timestep {float(timestep):.4g})")
         self.view.expert_maps.append(maps)
         self.view.loads.append(np.stack(loads) if loads else np.zeros((0, 0), dtype=np.int64))
         return {}
 
-    def _first_image_map(self, expert_ids: list[torch.Tensor]) -> np.ndarray | None:
-        if not expert_ids or self._step_start >= len(self._call_batches):
-            return None  # a layer without per-token routing, or a step without a transformer call
-        ids = expert_ids[0]  # the first call of this step: ids were cleared at the end of the previous step
+    def _first_image_map(self, layer: LayerRouting) -> np.ndarray | None:
+        if not (layer.expert_ids or layer.selections) or self._step_start >= len(self._call_batches):
+            return None  # a step without a transformer call
+        ids = layer.top_experts(0)  # the first call of this step: calls were cleared at the end of the previous step
         batch = self._call_batches[self._step_start]
         tokens, image_tokens = ids.shape[0] // batch, self.grid * self.grid
         if tokens < image_tokens:
             raise ValueError(f"A MoE layer routed {tokens} tokens per sample, fewer than the {image_tokens} patches.")
-        top_expert = ids.reshape(batch, tokens, -1)[0, tokens - image_tokens :, 0]
+        top_expert = ids.reshape(batch, tokens)[0, tokens - image_tokens :]
         return top_expert.reshape(self.grid, self.grid).cpu().numpy().astype(np.int64)
 
 

@@ -15,6 +15,7 @@ from diffmoe_hf import (
     SpatialTemporalMoETransformer2DModel,
 )
 from diffmoe_hf.models.blocks import AdaLNZeroTransformerBlock
+from diffmoe_hf.models.dynamic_token_moe_layer import CapacityPredictor, DynamicTokenMoE, ExpertChoiceRouter
 from diffmoe_hf.models.modeling_common import resolve_moe_layers
 from diffmoe_hf.models.moe import (
     DeepSeekMoE,
@@ -63,6 +64,9 @@ SHARED_LAYERS = [
     ModulatedSwiGLU,
     ModulatedSwiGLUExperts,
     SpatialTemporalMoE,
+    ExpertChoiceRouter,
+    CapacityPredictor,
+    DynamicTokenMoE,
 ]
 # names earlier versions used for concepts that now have one name in every family
 RETIRED_FIELDS = {"num_shared_experts", "shared_intermediate_size"}

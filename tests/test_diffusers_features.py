@@ -103,10 +103,9 @@ def routing_record(model: nn.Module) -> tuple[list, list]:
     """Hooks recording every routing decision of a forward: (expert ids per MoE layer, handles)."""
     decisions, handles = [], []
     for module in model.modules():
-        if isinstance(module, DynamicTokenMoE):
-            handles.append(module.register_forward_hook(
-                lambda layer, args, out: decisions.append(
-                    (layer.selection.token_index.clone(), layer.selection.expert_index.clone()))))  # fmt: skip
+        if isinstance(module, DynamicTokenMoE):  # its router returns the experts' choices as ExpertSegments
+            handles.append(module.router.register_forward_hook(
+                lambda m, args, out: decisions.append((out.token_index.clone(), out.expert_index.clone()))))  # fmt: skip
         elif hasattr(module, "router") and hasattr(module, "experts"):
             handles.append(module.router.register_forward_hook(lambda m, args, out: decisions.append(out[0].clone())))
     return decisions, handles
@@ -257,7 +256,7 @@ def _layerwise_cast_modules(model: nn.Module) -> list[str]:
     ]
 
 
-_ROUTER = r"router|\.gate(\.|$)|capacity_predictor"  # DSMoE, JiTMoE, DiT-MoE, Diff-MoE routers; DiffMoE's gate
+_ROUTER = r"router|capacity_predictor"  # every family's router; DiffMoE's capacity predictor
 
 
 @pytest.mark.parametrize(
@@ -408,13 +407,19 @@ def test_gradient_checkpointing_gives_the_same_gradients(family):
             model.enable_gradient_checkpointing()
         inputs = model_inputs(model)
         torch.manual_seed(2)  # label dropout draws the same labels in both runs
-        out = model(**inputs).sample
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        return out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        output = model(**inputs)
+        out, aux_loss = output.sample, output.aux_loss
+        loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum()
+        (loss if aux_loss is None else loss + aux_loss).backward()
+        state = {n: b.clone() for n, b in model.named_buffers()}  # after the backward's recomputation
+        return out, aux_loss, state, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
-    out, grads = gradients(False)
-    checkpointed_out, checkpointed_grads = gradients(True)
+    out, aux_loss, state, grads = gradients(False)
+    checkpointed_out, checkpointed_aux_loss, checkpointed_state, checkpointed_grads = gradients(True)
     torch.testing.assert_close(checkpointed_out, out, atol=0, rtol=0)
+    torch.testing.assert_close(checkpointed_aux_loss, aux_loss, atol=0, rtol=0)  # reported once, not per recompute
+    for name, buffer in state.items():  # DiffMoE's thresholds moved once, not again in the recomputation
+        torch.testing.assert_close(checkpointed_state[name], buffer, atol=0, rtol=0, msg=name)
     assert grads.keys() == checkpointed_grads.keys()
     assert any(".experts." in name for name in grads)
     for name, grad in grads.items():

@@ -19,7 +19,7 @@ from diffmoe_hf.conversion import (
 )
 from diffmoe_hf.conversion.checkpoint_io import LoadedCheckpoint
 from diffmoe_hf.conversion.convert_dit_moe import build_dit_moe_transformer, dit_moe_config
-from diffmoe_hf.models.moe import moe_aux_loss
+from diffmoe_hf.models.moe import MoECollector
 
 from .conftest import parity_root
 from .helpers import assert_float32_close, float32_tolerance, model_float32_tolerance, token_routing
@@ -142,28 +142,33 @@ def test_routing_weights_are_raw_softmax_probabilities():
 def test_aux_loss_only_in_training_mode():
     model = _randomize(DiTMoETransformer2DModel(**TINY))
     with torch.no_grad():
-        model(*_inputs())
-    assert moe_aux_loss(model) is None
+        output = model(*_inputs())
+    assert output.aux_loss is None and output.moe_statistics is None
 
     model.train()
-    out = model(*_inputs()).sample
+    output = model(*_inputs())
     router = model.transformer_blocks[1].ff.router
-    assert router.aux_loss is not None and moe_aux_loss(model).ndim == 0
-    (out.square().mean() + moe_aux_loss(model)).backward()
+    assert output.aux_loss.ndim == 0 and not hasattr(router, "aux_loss")  # returned, not stored on the module
+    assert list(output.moe_statistics) == [f"transformer_blocks.{i}.ff" for i in range(TINY["num_layers"])]
+    tokens = output.sample.shape[0] * (TINY["sample_size"] // TINY["patch_size"]) ** 2
+    for statistics in output.moe_statistics.values():  # k = 2 assignments per token
+        assert statistics["tokens_per_expert"].sum() == 2 * tokens
+    (output.sample.square().mean() + output.aux_loss).backward()
     assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
     assert model.transformer_blocks[0].ff.experts[0].gate_proj.weight.grad is not None
 
     # the upstream formula: alpha * sum_e mean_prob_e * E * share_of_assignments_e
     tokens = torch.randn(12, 32)
-    router(tokens)
+    with MoECollector() as collector:
+        router(tokens)
     probs = (tokens @ router.weight.T).softmax(-1)
     ids = probs.topk(2, dim=-1).indices
     share = torch.bincount(ids.flatten(), minlength=4).float() / ids.numel()
-    torch.testing.assert_close(router.aux_loss, 0.01 * (probs.mean(0) * share * 4).sum())
+    torch.testing.assert_close(collector.aux_loss(), 0.01 * (probs.mean(0) * share * 4).sum())
+    assert torch.equal(collector.statistics[router]["tokens_per_expert"], torch.bincount(ids.flatten(), minlength=4))
     model.eval()
     with torch.no_grad():
-        model(*_inputs())
-    assert moe_aux_loss(model) is None
+        assert model(*_inputs()).aux_loss is None
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

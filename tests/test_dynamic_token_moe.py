@@ -1,6 +1,7 @@
 """DiffMoE (Shi et al., dynamic token selection): routing semantics, batch dependence, training mode, presets and the
 converter, on tiny configurations."""
 
+import contextlib
 import os
 
 import pytest
@@ -14,7 +15,7 @@ from diffmoe_hf.conversion.convert_dynamic_token_moe import build_dynamic_token_
 from diffmoe_hf.formulations import get_formulation
 from diffmoe_hf.models import dynamic_token_moe_layer
 from diffmoe_hf.models.dynamic_token_moe_layer import DynamicTokenMoE
-from diffmoe_hf.models.moe import GroupedExperts, moe_aux_loss, segments_from_expert_choice
+from diffmoe_hf.models.moe import GroupedExperts, MoECollector, segments_from_expert_choice
 
 from .conftest import parity_root
 from .helpers import assert_float32_close, float32_tolerance, model_float32_tolerance
@@ -38,11 +39,23 @@ def tiny_layer(**kwargs) -> DynamicTokenMoE:
     return DynamicTokenMoE(dim=DIM, num_experts=EXPERTS, intermediate_size=EXPERT_WIDTH, **kwargs)
 
 
+def routed(layer: DynamicTokenMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`layer(hidden)` and the (E,) tokens each expert took, read from the router's output."""
+    selections = []
+    handle = layer.router.register_forward_hook(lambda module, args, output: selections.append(output))
+    try:
+        out = layer(hidden)
+    finally:
+        handle.remove()
+    (selection,) = selections
+    return out, torch.diff(selection.offsets, prepend=selection.offsets.new_zeros(1)).long()
+
+
 def reference_eval(layer: DynamicTokenMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The inference rule written out per expert: k_e = #{p > threshold_e} over the pool; expert e takes its k_e
     best-scoring tokens; outputs are added with the gate score."""
     tokens = hidden.reshape(-1, DIM)
-    scores = F.linear(tokens, layer.gate.weight).softmax(-1)
+    scores = F.linear(tokens, layer.router.weight).softmax(-1)
     probs = layer.capacity_predictor(tokens).sigmoid()
     out, counts = torch.zeros_like(tokens), []
     for e, expert in enumerate(layer.experts):
@@ -60,10 +73,12 @@ def test_eval_routing_matches_the_dynamic_token_rule(thresholds):
     layer.capacity_predictor.expert_threshold.copy_(torch.tensor(thresholds))
     hidden = torch.randn(3, 5, DIM)
     expected, counts = reference_eval(layer, hidden)
-    assert_float32_close(layer(hidden), expected, float32_tolerance(expected, EXPERT_WIDTH, depth=3))
-    assert torch.equal(layer.tokens_per_expert, counts)
+    with MoECollector() as collector:
+        out, tokens_per_expert = routed(layer, hidden)
+    assert_float32_close(out, expected, float32_tolerance(expected, EXPERT_WIDTH, depth=3))
+    assert torch.equal(tokens_per_expert, counts)
     assert 0 < counts.sum() < EXPERTS * 15, "thresholds should make the experts take part of the pool"
-    assert layer.aux_loss is None
+    assert collector.aux_losses == [] and collector.statistics == {}  # eval mode reports nothing
 
 
 @torch.no_grad()
@@ -72,17 +87,18 @@ def test_threshold_is_strict():
     hidden = torch.randn(2, 4, DIM)
     probs = layer.capacity_predictor(hidden.reshape(-1, DIM)).sigmoid()
     layer.capacity_predictor.expert_threshold.copy_(probs[3])  # token 3 sits exactly on every threshold
-    layer(hidden)
-    assert torch.equal(layer.tokens_per_expert, (probs > probs[3]).sum(0))
-    assert not torch.equal(layer.tokens_per_expert, (probs >= probs[3]).sum(0))
+    _, tokens_per_expert = routed(layer, hidden)
+    assert torch.equal(tokens_per_expert, (probs > probs[3]).sum(0))
+    assert not torch.equal(tokens_per_expert, (probs >= probs[3]).sum(0))
 
 
 @torch.no_grad()
 def test_no_selected_token_gives_zero_moe_output():
     layer = tiny_layer().eval()
     layer.capacity_predictor.expert_threshold.fill_(1.0)
-    assert torch.equal(layer(torch.randn(2, 4, DIM)), torch.zeros(2, 4, DIM))
-    assert torch.equal(layer.tokens_per_expert, torch.zeros(EXPERTS, dtype=torch.int64))
+    out, tokens_per_expert = routed(layer, torch.randn(2, 4, DIM))
+    assert torch.equal(out, torch.zeros(2, 4, DIM))
+    assert torch.equal(tokens_per_expert, torch.zeros(EXPERTS, dtype=torch.int64))
 
 
 @torch.no_grad()
@@ -135,10 +151,11 @@ def test_pipeline_runs_cond_and_uncond_as_separate_calls():
 def test_training_is_expert_choice_with_capacity_loss():
     layer = tiny_layer(capacity_loss_weight=0.5).train()
     hidden = torch.randn(2, 6, DIM, requires_grad=True)
-    out = layer(hidden)
+    with MoECollector() as collector:
+        out, tokens_per_expert = routed(layer, hidden)
     tokens = hidden.reshape(-1, DIM)
     k = int(12 / EXPERTS * 1.0)
-    scores = F.linear(tokens, layer.gate.weight).softmax(-1)
+    scores = F.linear(tokens, layer.router.weight).softmax(-1)
     weight, index = scores.t().topk(k)
     expected = torch.zeros_like(tokens)
     chosen = torch.zeros(12, EXPERTS)
@@ -146,70 +163,139 @@ def test_training_is_expert_choice_with_capacity_loss():
         expected = expected.index_add(0, index[e], weight[e].unsqueeze(-1) * expert(tokens[index[e]]))
         chosen[index[e], e] = 1.0
     assert_float32_close(out, expected.view_as(hidden), float32_tolerance(expected, EXPERT_WIDTH, depth=3))
-    assert layer.tokens_per_expert.tolist() == [k] * EXPERTS
+    assert tokens_per_expert.tolist() == [k] * EXPERTS
+    assert collector.statistics[layer]["tokens_per_expert"].tolist() == [k] * EXPERTS
     logits = layer.capacity_predictor(tokens.detach())
-    torch.testing.assert_close(layer.aux_loss, 0.5 * F.binary_cross_entropy_with_logits(logits, chosen))
+    (capacity_loss,) = collector.aux_losses
+    torch.testing.assert_close(capacity_loss, 0.5 * F.binary_cross_entropy_with_logits(logits, chosen))
+    kth_largest = logits.sigmoid().topk(k, dim=0).values[-1]
+    torch.testing.assert_close(collector.statistics[layer]["capacity_quantile"], kth_largest, atol=0, rtol=0)
+    assert torch.equal(layer.capacity_predictor.expert_threshold, torch.zeros(EXPERTS))  # the model moves them
 
     out.sum().backward()
-    assert layer.gate.weight.grad.abs().sum() > 0 and layer.experts[0].net[0].proj.weight.grad.abs().sum() > 0
+    assert layer.router.weight.grad.abs().sum() > 0 and layer.experts[0].net[0].proj.weight.grad.abs().sum() > 0
     assert layer.capacity_predictor.linear_1.weight.grad is None  # trained only by its own loss
-    layer.aux_loss.backward()
+    capacity_loss.backward()
     assert layer.capacity_predictor.linear_1.weight.grad.abs().sum() > 0
 
 
-def test_model_aux_loss_sums_the_capacity_losses():
+def test_model_returns_the_capacity_losses_and_statistics():
     model = tiny_model(num_layers=4).train()
-    model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 1]))
-    losses = [b.ff.aux_loss for b in model.transformer_blocks if isinstance(b.ff, DynamicTokenMoE)]
-    assert len(losses) == 2
-    torch.testing.assert_close(moe_aux_loss(model), losses[0] + losses[1])
-    model.eval()(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 1]))
-    assert moe_aux_loss(model) is None
+    layers = [b.ff for b in model.transformer_blocks if isinstance(b.ff, DynamicTokenMoE)]
+    inputs = []
+    handles = [layer.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for layer in layers]
+    torch.manual_seed(0)
+    output = model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 1]))
+    for handle in handles:
+        handle.remove()
+    assert list(output.moe_statistics) == ["transformer_blocks.1.ff", "transformer_blocks.3.ff"]
+    losses = []
+    for layer, hidden in zip(layers, inputs):
+        tokens = hidden.detach().reshape(-1, DIM)
+        segments = layer.router(tokens, 32 // EXPERTS)
+        chosen = torch.zeros(32, EXPERTS)
+        chosen[segments.token_index, segments.expert_index] = 1.0
+        losses.append(F.binary_cross_entropy_with_logits(layer.capacity_predictor(tokens), chosen))
+    torch.testing.assert_close(output.aux_loss, losses[0] + losses[1], atol=0, rtol=0)
+    assert not any(hasattr(layer, name) for layer in layers for name in ("aux_loss", "tokens_per_expert", "selection"))
+    sample, aux_loss, statistics = model(
+        torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 1]), return_dict=False
+    )
+    assert aux_loss.ndim == 0 and statistics.keys() == output.moe_statistics.keys()
+    model.eval()
+    with torch.no_grad():
+        assert len(model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 1]), return_dict=False)) == 1
+        assert model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 1])).aux_loss is None
 
 
-@torch.no_grad()
-def test_training_updates_thresholds_without_distributed():
+def _expected_thresholds(model, inputs: list[torch.Tensor], before: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One EMA step of each MoE layer's thresholds towards the k-th largest predicted probability, by hand."""
+    expected = []
+    for layer, hidden, threshold in zip(_moe_layers(model), inputs, before):
+        tokens = hidden.detach().reshape(-1, DIM)
+        probs = layer.capacity_predictor(tokens).sigmoid()
+        kth_largest = probs.topk(tokens.shape[0] // EXPERTS, dim=0).values[-1]
+        decay = layer.capacity_predictor.ema_decay  # float32 0.95
+        expected.append(threshold * decay + (1 - decay) * kth_largest)
+    return expected
+
+
+def _moe_layers(model) -> list[DynamicTokenMoE]:
+    return [b.ff for b in model.transformer_blocks if isinstance(b.ff, DynamicTokenMoE)]
+
+
+@contextlib.contextmanager
+def recording_layer_inputs(model):
+    """Yields the list of the inputs of every call of the MoE layers while open (recomputations included)."""
+    calls = []
+    handles = [layer.register_forward_pre_hook(lambda m, args: calls.append(args[0])) for layer in _moe_layers(model)]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _training_loss(model) -> torch.Tensor:
+    torch.manual_seed(0)
+    output = model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 1]))
+    return output.sample.square().mean() + output.aux_loss
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
+def test_a_training_step_moves_each_threshold_exactly_once(checkpointing):
     assert not torch.distributed.is_initialized()
-    layer = tiny_layer().train()
-    layer.capacity_predictor.expert_threshold.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4]))
-    hidden = torch.randn(2, 8, DIM)
-    probs = layer.capacity_predictor(hidden.reshape(-1, DIM)).sigmoid()
-    kth_largest = probs.topk(16 // EXPERTS, dim=0).values[-1]
-    layer(hidden)
-    expected = torch.tensor([0.1, 0.2, 0.3, 0.4]) * 0.95 + 0.05 * kth_largest
-    torch.testing.assert_close(layer.capacity_predictor.expert_threshold, expected)
-    assert layer.capacity_predictor.ema_decay.item() == pytest.approx(0.95)
+    model = tiny_model(num_layers=4).train()
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    before = [layer.capacity_predictor.expert_threshold.clone() for layer in _moe_layers(model)]
+    with recording_layer_inputs(model) as calls:
+        loss = _training_loss(model)
+        after_forward = [layer.capacity_predictor.expert_threshold.clone() for layer in _moe_layers(model)]
+        loss.backward()
+    assert len(calls) == (4 if checkpointing else 2)  # the blocks really were recomputed in backward
+    for layer, expected, moved in zip(
+        _moe_layers(model), _expected_thresholds(model, calls[:2], before), after_forward
+    ):
+        torch.testing.assert_close(moved, expected, atol=0, rtol=0)
+        assert torch.equal(layer.capacity_predictor.expert_threshold, moved)  # the recomputation changed nothing
+    assert _moe_layers(model)[0].capacity_predictor.ema_decay.item() == pytest.approx(0.95)
 
 
-@torch.no_grad()
-def test_training_thresholds_are_averaged_across_ranks(monkeypatch):
-    other_rank = torch.tensor([0.6, 0.2, 0.8, 0.4])
+def test_training_thresholds_are_averaged_across_ranks_in_one_collective(monkeypatch):
+    other_rank = torch.rand(2 * EXPERTS)
+    reduced = []
 
     def all_reduce(tensor, op):
         assert op == torch.distributed.ReduceOp.SUM
+        reduced.append(tensor.clone())
         tensor += other_rank
 
     monkeypatch.setattr(dynamic_token_moe_layer.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dynamic_token_moe_layer.dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(dynamic_token_moe_layer.dist, "all_reduce", all_reduce)
-    layer = tiny_layer().train()
-    hidden = torch.randn(2, 8, DIM)
-    probs = layer.capacity_predictor(hidden.reshape(-1, DIM)).sigmoid()
-    local = 0.05 * probs.topk(16 // EXPERTS, dim=0).values[-1]
-    layer(hidden)
-    torch.testing.assert_close(layer.capacity_predictor.expert_threshold, (local + other_rank) / 2)
+    model = tiny_model(num_layers=4).train()
+    model.enable_gradient_checkpointing()
+    before = [layer.capacity_predictor.expert_threshold.clone() for layer in _moe_layers(model)]
+    with recording_layer_inputs(model) as calls:
+        _training_loss(model).backward()
+    assert len(reduced) == 1  # one collective for both layers, none in the recomputation
+    local = torch.cat(_expected_thresholds(model, calls[:2], before))
+    torch.testing.assert_close(reduced[0], local, atol=0, rtol=0)
+    averaged = torch.cat([layer.capacity_predictor.expert_threshold for layer in _moe_layers(model)])
+    torch.testing.assert_close(averaged, (local + other_rank) / 2, atol=0, rtol=0)
 
 
 @torch.no_grad()
 def test_training_threshold_update_in_a_process_group(tmp_path):
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        layer = tiny_layer().train()
-        hidden = torch.randn(2, 8, DIM)
-        probs = layer.capacity_predictor(hidden.reshape(-1, DIM)).sigmoid()
-        layer(hidden)
-        expected = 0.05 * probs.topk(16 // EXPERTS, dim=0).values[-1]
-        torch.testing.assert_close(layer.capacity_predictor.expert_threshold, expected)
+        model = tiny_model().train()
+        before = [layer.capacity_predictor.expert_threshold.clone() for layer in _moe_layers(model)]
+        with recording_layer_inputs(model) as calls:
+            _training_loss(model)
+        (expected,) = _expected_thresholds(model, calls, before)
+        torch.testing.assert_close(_moe_layers(model)[0].capacity_predictor.expert_threshold, expected)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -332,3 +418,48 @@ def test_converter_keeps_the_calibrated_buffers(fixture_case):
     assert torch.equal(predictor.expert_threshold, stored)
     assert "transformer_blocks.1.ff.capacity_predictor.expert_threshold" in model.state_dict()
     assert "transformer_blocks.1.ff.capacity_predictor.ema_decay" in model.state_dict()
+
+
+def _rename_router_to_gate(state_dict: dict) -> dict:
+    """A state dict as saved when DiffMoE's router was called `gate`."""
+    return {k.replace(".ff.router.weight", ".ff.gate.weight"): v for k, v in state_dict.items()}
+
+
+@torch.no_grad()
+def test_folders_and_state_dicts_saved_with_the_gate_name_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([3, 10])
+    expected = model(x, t, y).sample
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    old_names = _rename_router_to_gate(load_file(weights))
+    assert "transformer_blocks.1.ff.gate.weight" in old_names
+    save_file(old_names, weights)
+
+    loaded = DynamicTokenMoETransformer2DModel.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded.transformer_blocks[1].ff.router.weight, model.transformer_blocks[1].ff.router.weight)
+    torch.testing.assert_close(loaded(x, t, y).sample, expected, atol=0, rtol=0)
+
+    fresh = tiny_model()  # a raw `load_state_dict`, as training checkpoints and EMA copies use
+    fresh.load_state_dict(_rename_router_to_gate(model.state_dict()))
+    torch.testing.assert_close(fresh(x, t, y).sample, expected, atol=0, rtol=0)
+
+
+def test_sharded_folders_with_the_gate_name_are_refused(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    tiny_model().save_pretrained(tmp_path, max_shard_size="2KB")
+    shards = sorted(tmp_path.glob("*.safetensors"))
+    assert len(shards) > 1
+    for shard in shards:
+        save_file(_rename_router_to_gate(load_file(shard)), shard)
+    index_path = tmp_path / "diffusion_pytorch_model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"] = _rename_router_to_gate(index["weight_map"])
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"transformer_blocks\.1\.ff\.gate\.weight.*\.ff\.router\.weight"):
+        DynamicTokenMoETransformer2DModel.from_pretrained(tmp_path)

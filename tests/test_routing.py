@@ -81,3 +81,37 @@ def test_every_family_is_recorded():
     with record_routing(model) as routing:
         model(x, t, y)
     assert all(layer.imbalance() == 1.0 and layer.expert_ids == [] for layer in routing.values())
+
+
+@torch.no_grad()
+def test_expert_choice_routing_is_read_from_the_router_output():
+    model = DynamicTokenMoETransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=4,
+        num_classes=10, num_experts=4,
+    ).eval()  # fmt: skip
+    model.transformer_blocks[1].ff.capacity_predictor.expert_threshold.fill_(0.5)  # a varying count per expert
+    x, t, y = _inputs(model)
+    seen = []
+    handle = model.transformer_blocks[1].ff.router.register_forward_hook(lambda m, i, o: seen.append(o))
+    with record_routing(model) as routing:
+        model(x, t, y)
+    handle.remove()
+    layer = routing["transformer_blocks.1.ff"]
+    assert len(layer.selections) == 1 and len(seen) == 1
+    (selection, num_tokens), output = layer.selections[0], seen[0]
+    assert num_tokens == 2 * (8 // 2) ** 2 and layer.expert_ids == []
+    assert torch.equal(selection.token_index, output.token_index)
+    assert torch.equal(selection.expert_index, output.expert_index)
+    assert torch.equal(layer.counts, torch.bincount(output.expert_index, minlength=4))
+    top = layer.top_experts(0)
+    for token in range(num_tokens):
+        took = output.token_index == token
+        expected = int(output.expert_index[took][output.weights[took].argmax()]) if took.any() else -1
+        assert int(top[token]) == expected
+
+    model.train()  # training statistics in the output agree with the recorded routing
+    with record_routing(model) as routing:
+        statistics = model(x, t, y).moe_statistics
+    assert torch.equal(
+        statistics["transformer_blocks.1.ff"]["tokens_per_expert"], routing["transformer_blocks.1.ff"].counts
+    )

@@ -202,7 +202,7 @@ def test_latent_and_expert_choice_models(demo_app):
     assert gallery[0][0].size == (8, 8) and state["view"].expert_maps[0][0].shape == (4, 4)
     layer = demo_app.models["dynamic"].pipe.transformer.transformer_blocks[1].ff
     selections = []
-    handle = layer.register_forward_hook(lambda module, i, o: selections.append(module.selection))
+    handle = layer.router.register_forward_hook(lambda module, i, selection: selections.append(selection))
     try:
         gallery, _, state, *_ = _generate(demo_app, model="dynamic", guidance=1.5, steps=2)
     finally:

@@ -14,7 +14,6 @@ from diffmoe_hf.conversion import (
     convert_checkpoint,
 )
 from diffmoe_hf.models.attention import apply_rotary, rotary_tables
-from diffmoe_hf.models.moe import moe_aux_loss
 
 from .helpers import assert_float32_close, float32_tolerance, model_float32_tolerance, token_routing
 
@@ -174,8 +173,8 @@ def test_grouped_experts_match_the_per_expert_modules():
 def test_aux_loss_in_training_mode_only_and_gradients_reach_experts_and_router():
     model = _tiny_model().train()
     x, t, y = _inputs()
-    out = model(x, t, y).sample
-    aux = moe_aux_loss(model)
+    output = model(x, t, y)
+    out, aux = output.sample, output.aux_loss
     assert aux is not None and aux.ndim == 0 and aux.item() > 0
     (out.square().mean() + aux).backward()
     for block in model.transformer_blocks:
@@ -189,8 +188,7 @@ def test_aux_loss_in_training_mode_only_and_gradients_reach_experts_and_router()
         assert any(e.modulation.linear_2.weight.grad is not None for e in moe.experts)
     model.eval()
     with torch.no_grad():
-        model(x, t, y)
-    assert moe_aux_loss(model) is None
+        assert model(x, t, y).aux_loss is None
 
 
 def test_head_dim_must_allow_2d_rope():

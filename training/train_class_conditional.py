@@ -8,7 +8,7 @@ Fine-tunes (LoRA or full, with EMA) or pre-trains a class-conditional diffmoe_hf
         --use_lora --rank 16 --output_dir my-lora
 
 The family comes from the model config: the loss is the one of the transformer's `config.formulation`
-(`diffmoe_hf.training_losses`) and the MoE terms are the ones its layers compute (`moe_aux_loss`). See
+(`diffmoe_hf.training_losses`) and the MoE terms are the ones its layers compute (the model output's `aux_loss`). See
 training/README.md for every recipe (LoRA, full training, latents, resume, multi-GPU).
 """
 
@@ -39,7 +39,6 @@ from tqdm.auto import tqdm
 import diffmoe_hf
 from diffmoe_hf.families import FAMILIES, family_names, get_family, resolve_family
 from diffmoe_hf.formulations import get_formulation
-from diffmoe_hf.models.moe import moe_aux_loss
 from diffmoe_hf.pipelines import ClassConditionalMoEPipeline
 from diffmoe_hf.routing import record_routing
 from diffmoe_hf.training.checkpoints import (
@@ -599,10 +598,14 @@ def main(args):
     )
     model = unwrap(accelerator, transformer)
 
+    model_outputs = []  # the model outputs of the current step, for their MoE auxiliary losses
+
     def denoiser(sample, timestep, class_labels):
         # a LoRA model's frozen weights are in weight_dtype: feed it inputs of that dtype (autocast may be off, e.g.
         # fp16 on the CPU); the losses are computed in float32 from its output
-        return transformer(sample.to(weight_dtype) if args.use_lora else sample, timestep, class_labels)
+        output = transformer(sample.to(weight_dtype) if args.use_lora else sample, timestep, class_labels)
+        model_outputs.append(output)
+        return output
 
     start_time, start_step = time.perf_counter(), global_step
     for epoch in range(first_epoch, args.num_train_epochs):
@@ -615,12 +618,14 @@ def main(args):
             with accelerator.accumulate(transformer):
                 x0 = prepare_x0(batch["x0"], vae, args.random_flip)
                 recording = record_routing(model, keep_expert_ids=False) if log_routing else contextlib.nullcontext()
+                model_outputs.clear()
                 with recording as routing:
                     result = diffusion_training_loss(
                         formulation, denoiser, x0, batch["class_labels"], scheduler=noise_scheduler,
                         time_sampling=time_sampling,
                     )  # fmt: skip
-                aux = moe_aux_loss(model)
+                aux_losses = [output.aux_loss for output in model_outputs if output.aux_loss is not None]
+                aux = torch.stack(aux_losses).sum() if aux_losses else None
                 loss = (
                     result.loss if aux is None or args.aux_loss_coef == 0 else result.loss + args.aux_loss_coef * aux
                 )

@@ -1,6 +1,8 @@
 """Forward pieces every DiT-style family shares; each family's `forward` composes them around its own blocks."""
 
+import functools
 import inspect
+from dataclasses import dataclass
 
 import diffusers
 import torch
@@ -9,8 +11,54 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from packaging import version
 
 from .blocks import unpatchify
-from .moe import set_expert_backend
+from .moe import MoECollector, set_expert_backend
 from .validation import check_model_inputs
+
+
+@dataclass
+class MoETransformer2DModelOutput(Transformer2DModelOutput):
+    """
+    The output of a diffmoe_hf transformer.
+
+    Args:
+        sample (`torch.Tensor` of shape `(batch_size, out_channels, height, width)`): The model's prediction.
+        aux_loss (`torch.Tensor`, *optional*): Scalar sum of the MoE layers' auxiliary losses of this call, with its
+            graph (the routers' load-balancing losses, DiffMoE's capacity-predictor losses): add it to the training
+            objective. `None` in eval mode and when no layer computes one.
+        moe_statistics (`dict[str, dict[str, torch.Tensor]]`, *optional*): In training mode, `{MoE layer path:
+            {name: tensor}}` for every MoE layer of the call (see `diffmoe_hf.models.moe.MoECollector`), e.g.
+            `moe_statistics["transformer_blocks.1.ff"]["tokens_per_expert"]`. `None` in eval mode (hook the routers
+            to see the routing of any call: `diffmoe_hf.routing.record_routing`).
+
+    With `return_dict=False` the model returns `output.to_tuple()`: `(sample,)` in eval mode, followed by the fields
+    that are set in training mode.
+    """
+
+    aux_loss: torch.Tensor | None = None
+    moe_statistics: dict[str, dict[str, torch.Tensor]] | None = None
+
+
+def returns_moe_outputs(forward):
+    """
+    Decorates a `DiTForwardMixin` model's `forward` (which returns `Transformer2DModelOutput` or `(sample,)`): the
+    call runs inside a fresh `MoECollector`, the model's `finish_moe_call` applies what the layers reported once the
+    blocks have run, and the result is a `MoETransformer2DModelOutput` (or its `to_tuple()`) carrying the collected
+    auxiliary loss and statistics. Nothing is kept on the modules.
+    """
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        with MoECollector() as collector:
+            output = forward(self, *args, **kwargs)
+        self.finish_moe_call(collector)
+        result = MoETransformer2DModelOutput(
+            sample=output.sample if isinstance(output, Transformer2DModelOutput) else output[0],
+            aux_loss=collector.aux_loss(),
+            moe_statistics=collector.named_statistics(self) or None,
+        )
+        return result if isinstance(output, Transformer2DModelOutput) else result.to_tuple()
+
+    return wrapper
 
 
 MOE_LAYER_PATTERNS = ("all", "odd", "none")
@@ -66,6 +114,9 @@ class DiTForwardMixin(CacheMixin):
 
     `CacheMixin` gives `enable_cache(config)` / `disable_cache()` / `cache_context(name)` with diffusers' cache hooks
     (FirstBlockCache, TaylorSeer, MagCache, ...); the blocks are registered for them by `import diffmoe_hf`.
+
+    Each family decorates its `forward` with `returns_moe_outputs`, so every call collects its MoE layers' auxiliary
+    losses and training statistics and returns them in a `MoETransformer2DModelOutput`.
 
     Attributes:
         routing_depends_on_batch (`bool`): Whether a sample's output depends on the other samples of the call (MoE
@@ -133,6 +184,14 @@ class DiTForwardMixin(CacheMixin):
         timestep, class_labels = check_model_inputs(self.config, hidden_states, timestep, class_labels)
         tokens = self.pos_embed(hidden_states)
         return tokens, self.embedding(timestep, class_labels).to(tokens.dtype), timestep, class_labels
+
+    def finish_moe_call(self, collector: MoECollector) -> None:
+        """
+        Called once per forward by `returns_moe_outputs`, after the blocks ran and the call's collector closed, with
+        what the MoE layers reported. Families whose layers calibrate state in training override it (DiffMoE updates
+        its capacity thresholds here, so that recomputed blocks cannot apply an update twice); the default does
+        nothing.
+        """
 
     def run_block(self, block, tokens: torch.Tensor, *block_args) -> torch.Tensor:
         """`block(tokens, *block_args)`, recomputed in backward when gradient checkpointing is on."""

@@ -30,7 +30,7 @@ from torch import nn
 
 from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer
 from .embeddings import TimestepClassEmbedding
-from .modeling_common import DiTForwardMixin
+from .modeling_common import DiTForwardMixin, returns_moe_outputs
 from .moe import SoftmaxTopKRouter, SwiGLU, SwiGLUExperts, segments_from_topk
 from .presets import preset_config
 
@@ -65,7 +65,8 @@ class SoftmaxTopKMoE(nn.Module):
     `normalize_weights`), and an optional shared SwiGLU expert that every token passes through is added unweighted.
     There is no residual inside the layer.
 
-    In training mode the router stores its load-balancing loss in `router.aux_loss` (see `moe_aux_loss`).
+    In training mode the router reports its load-balancing loss to the call's `MoECollector` (the model returns it as
+    `output.aux_loss`).
 
     Args:
         dim (`int`): Token width D.
@@ -138,8 +139,8 @@ class DiTMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAda
             2D (fixed upstream). 0 removes it.
         qk_norm (`str`, *optional*): `None` (timm attention layout: DiT-MoE S/B) or `"layer_norm"` (affine
             per-head LayerNorm on q and k, eps 1e-6: the flash-attention layout of the XL/G checkpoints).
-        aux_loss_alpha (`float`): Weight of the load-balancing loss computed in training mode (see
-            `diffmoe_hf.models.moe.moe_aux_loss`); 0.01 upstream.
+        aux_loss_alpha (`float`): Weight of the load-balancing loss computed in training mode and returned summed
+            over the layers as the output's `aux_loss`; 0.01 upstream.
         formulation (`str`): Meaning of the timestep input and output (`"ddpm-learned-sigma"` or `"rf-noise-at-1"`);
             see `diffmoe_hf.formulations`.
     """
@@ -229,6 +230,7 @@ class DiTMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAda
         return cls(**config)
 
     @apply_lora_scale("attention_kwargs")
+    @returns_moe_outputs
     def forward(
         self,
         hidden_states: torch.Tensor,

@@ -22,7 +22,7 @@ from diffusers.utils import apply_lora_scale
 from .attention import rotary_tables
 from .blocks import PatchOutputLayer, adaln_zero_blocks
 from .embeddings import TimestepClassEmbedding
-from .modeling_common import DiTForwardMixin, resolve_moe_layers, upgrade_legacy_moe_fields
+from .modeling_common import DiTForwardMixin, resolve_moe_layers, returns_moe_outputs, upgrade_legacy_moe_fields
 from .moe import DeepSeekMoE
 from .presets import preset_config
 
@@ -179,6 +179,7 @@ class DSMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdap
         return cls(**{**preset_config("dsmoe", DSMOE_PRESETS, name, _RELEASED_COMMON), **overrides})
 
     @apply_lora_scale("attention_kwargs")
+    @returns_moe_outputs
     def forward(
         self,
         hidden_states: torch.Tensor,

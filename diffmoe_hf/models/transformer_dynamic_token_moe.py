@@ -15,14 +15,20 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin, FeedForward
 from diffusers.models.embeddings import PatchEmbed
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import apply_lora_scale
 
 from .blocks import PatchOutputLayer, adaln_zero_blocks
-from .dynamic_token_moe_layer import DynamicTokenMoE
+from .dynamic_token_moe_layer import DynamicTokenMoE, update_capacity_thresholds
 from .embeddings import TimestepClassEmbedding
-from .modeling_common import DiTForwardMixin, config_default, resolve_moe_layers
+from .modeling_common import (
+    DiTForwardMixin,
+    MoETransformer2DModelOutput,
+    config_default,
+    resolve_moe_layers,
+    returns_moe_outputs,
+)
+from .moe import MoECollector
 from .presets import preset_config
 
 
@@ -46,17 +52,20 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
     Diff-MoE (Cheng et al.).
 
     **Batch dependence.** Every MoE layer routes over the pool of all tokens of the call: at inference its capacity
-    predictor sets how many tokens of the whole batch each expert processes, and the gate picks which. A sample's
+    predictor sets how many tokens of the whole batch each expert processes, and the router picks which. A sample's
     output therefore changes with what else is in the batch (the original model behaves the same way). To reproduce
     the original sampler, call the model with the same batch composition: `ClassConditionalMoEPipeline` runs the
     conditional and the unconditional batch as two separate calls for this model (`routing_depends_on_batch`).
-    The number of tokens each expert took in the last call is in `transformer_blocks[i].ff.tokens_per_expert`.
+    Each layer's routing is the output of its `ff.router` (`diffmoe_hf.routing.record_routing` counts it).
 
-    **Training.** In `train()` mode each MoE layer uses expert-choice top-k over the batch with the capacity factor,
-    stores its capacity-predictor loss in `ff.aux_loss` (sum it over the model with
-    `diffmoe_hf.models.moe.moe_aux_loss` and add it to the diffusion loss), and updates its `expert_threshold` buffer
-    (averaged over ranks when `torch.distributed` is initialised). With gradient checkpointing the layer's forward
-    is recomputed in the backward pass, which applies the threshold update a second time.
+    **Training.** In `train()` mode each MoE layer uses expert-choice top-k over the batch with the capacity factor;
+    the output carries the sum of the capacity-predictor losses (`output.aux_loss`: add it to the diffusion loss) and
+    each layer's `tokens_per_expert` and `capacity_quantile` (`output.moe_statistics`). After its blocks, the forward
+    moves every layer's `expert_threshold` buffer one EMA step towards its quantile, exactly once per call (blocks
+    recomputed under gradient checkpointing do not update them again), averaged over ranks when `torch.distributed`
+    is initialised (see `update_capacity_thresholds`).
+
+    Folders and state dicts saved when the router was called `gate` (`...ff.gate.weight`) load as they are.
 
     Args:
         sample_size (`int`): Side of the square latent the model was trained on.
@@ -77,15 +86,15 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
         capacity (`float`): Training capacity factor: each expert takes `tokens / num_experts * capacity` tokens.
         shared_expert_intermediate_size (`int`): Hidden width of the shared GELU-tanh MLP added for every token
             (upstream: 8x the hidden width when the model has shared experts); 0 for none.
-        capacity_loss_weight (`float`): Weight of the capacity-predictor loss in each layer's `aux_loss`.
+        capacity_loss_weight (`float`): Weight of each layer's capacity-predictor loss in `aux_loss`.
         formulation (`str`): Meaning of the timestep input and output; see `diffmoe_hf.formulations`.
     """
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["AdaLNZeroTransformerBlock", "AdaLNZeroMoETransformerBlock"]
     _repeated_blocks = ["AdaLNZeroTransformerBlock", "AdaLNZeroMoETransformerBlock"]
-    _skip_layerwise_casting_patterns = ["pos_embed", "norm", "embedding", "gate", "capacity_predictor"]
-    _keep_in_fp32_modules = ["gate", "capacity_predictor"]
+    _skip_layerwise_casting_patterns = ["pos_embed", "norm", "embedding", "router", "capacity_predictor"]
+    _keep_in_fp32_modules = ["router", "capacity_predictor"]
     # Routing is over the token pool of the whole call: cond and uncond must be separate transformer calls.
     routing_depends_on_batch = True
 
@@ -176,7 +185,53 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
             **{**preset_config("dynamic-token-moe", DYNAMIC_TOKEN_MOE_PRESETS, name, _RELEASED_COMMON), **overrides}
         )
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """
+        `ModelMixin.from_pretrained`. Folders saved when the router was called `gate` load as they are when their
+        weights are one file (renamed by `_fix_state_dict_keys_on_load`); diffusers does not offer that step for
+        sharded weights, so a sharded folder with the old names is refused instead of loading without its routers.
+
+        Raises:
+            ValueError: for a sharded folder with the old router names, saying how to re-save it.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, output_loading_info=True, **kwargs
+        )
+        old_names = [key for key in loading_info.get("unexpected_keys", []) if key.endswith(".ff.gate.weight")]
+        if old_names:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds sharded weights saved when the DiffMoE router was called "
+                f"`gate` ({old_names[0]}, ...), which diffusers cannot rename while loading shards. Rename the keys "
+                "`.ff.gate.weight` -> `.ff.router.weight` in its safetensors files and index, or re-save it as one "
+                "file (`save_pretrained(..., max_shard_size=...)` larger than the model) with the version that wrote it."
+            )
+        return (model, loading_info) if output_loading_info else model
+
+    def _fix_state_dict_keys_on_load(self, state_dict) -> None:
+        """Renames, in place, the router keys of folders saved when it was called `gate` (`...ff.gate.weight`)."""
+        super()._fix_state_dict_keys_on_load(state_dict)
+        for key in [k for k in state_dict if k.endswith(".ff.gate.weight")]:
+            state_dict[key.removesuffix("gate.weight") + "router.weight"] = state_dict.pop(key)
+
+    def finish_moe_call(self, collector: MoECollector) -> None:
+        """
+        Moves the capacity thresholds of the layers that ran in training mode, once per call, outside the
+        (checkpointed) blocks. With `torch.distributed` initialised this is one `all_reduce` inside the forward: the
+        original averages the thresholds over ranks at every training forward, and DDP's buffer broadcast would drop
+        an average deferred to the training loop (the reasons are in `update_capacity_thresholds`).
+        """
+        update_capacity_thresholds(
+            [
+                (layer.capacity_predictor, statistics["capacity_quantile"])
+                for layer, statistics in collector.statistics.items()
+                if isinstance(layer, DynamicTokenMoE)
+            ]
+        )
+
     @apply_lora_scale("attention_kwargs")
+    @returns_moe_outputs
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -184,17 +239,18 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
         class_labels: torch.LongTensor,
         attention_kwargs: dict | None = None,
         return_dict: bool = True,
-    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+    ) -> MoETransformer2DModelOutput | tuple[torch.Tensor, ...]:
         """
         Args:
             hidden_states: (B, C, H, W) noisy latents. The MoE layers route over all B samples together.
             timestep: (B,) or scalar flow time in [0, 1], 0 = pure noise, 1 = data (unscaled).
             class_labels: (B,) int64 class ids; `num_classes` is the null class.
             attention_kwargs: `{"scale": s}` scales LoRA layers.
-            return_dict: Whether to return a `Transformer2DModelOutput`.
+            return_dict: Whether to return a `MoETransformer2DModelOutput` (else its `to_tuple()`).
 
         Returns:
-            (B, out_channels, H, W); the first C channels are the velocity `data - noise`.
+            `sample`: (B, out_channels, H, W); the first C channels are the velocity `data - noise`. In training mode
+            also `aux_loss` and `moe_statistics` (see `MoETransformer2DModelOutput`).
         """
         tokens, conditioning, _, _ = self.embed_inputs(hidden_states, timestep, class_labels)
         height, width = hidden_states.shape[-2:]

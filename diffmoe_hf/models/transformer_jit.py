@@ -35,7 +35,7 @@ from torch import nn
 from .attention import RotaryTables, pad_rotary_tables, rotary_tables
 from .blocks import PatchOutputLayer, adaln_zero_blocks
 from .embeddings import TimestepClassEmbedding
-from .modeling_common import DiTForwardMixin, resolve_moe_layers, upgrade_legacy_moe_fields
+from .modeling_common import DiTForwardMixin, resolve_moe_layers, returns_moe_outputs, upgrade_legacy_moe_fields
 from .moe import DeepSeekMoE, SwiGLU
 from .presets import preset_config
 from .validation import check_model_inputs
@@ -245,6 +245,7 @@ class JiTTransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdapte
         return label_embedding.unsqueeze(1) + self.in_context_pos_embed.to(label_embedding.dtype)
 
     @apply_lora_scale("attention_kwargs")
+    @returns_moe_outputs
     def forward(
         self,
         hidden_states: torch.Tensor,

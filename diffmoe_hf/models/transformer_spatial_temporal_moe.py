@@ -27,7 +27,7 @@ from torch import nn
 from .attention import RotaryTables, rotary_tables
 from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer, modulate
 from .embeddings import TimestepClassEmbedding
-from .modeling_common import DiTForwardMixin
+from .modeling_common import DiTForwardMixin, returns_moe_outputs
 from .presets import preset_config
 from .spatial_temporal_moe_layer import SpatialTemporalMoE
 
@@ -134,8 +134,8 @@ class SpatialTemporalMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMi
         shared_expert_intermediate_size (`int`): Hidden width of the shared expert (original: n_shared_experts * D);
             0 for models without one.
         modulation_rank (`int`): Bottleneck of the experts' adaLN and of the channel recalibration (64 upstream).
-        aux_loss_alpha (`float`): Weight of the routers' load-balancing loss, computed in training mode and summed by
-            `diffmoe_hf.models.moe.moe_aux_loss(model)`.
+        aux_loss_alpha (`float`): Weight of the routers' load-balancing loss, computed in training mode and returned
+            summed over the layers as the output's `aux_loss`.
         formulation (`str`): Meaning of the timestep input and output (`"ddpm-learned-sigma"` or `"rf-noise-at-1"`);
             see `diffmoe_hf.formulations`.
     """
@@ -222,6 +222,7 @@ class SpatialTemporalMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMi
         return cls(**{**config, **overrides})
 
     @apply_lora_scale("attention_kwargs")
+    @returns_moe_outputs
     def forward(
         self,
         hidden_states: torch.Tensor,

@@ -8,10 +8,13 @@
 
 A MoE layer routes its tokens (router -> expert ids and weights), lays the routing out as `ExpertSegments`, and calls
 its bank's `forward_routed`, which gathers the rows, runs every expert on its segment and sums the weighted outputs
-back onto the tokens. MoE layers used by one family only live next to that family's model
-(`diffmoe_hf/models/transformer_dit_moe.py`, `dynamic_token_moe_layer.py`, `spatial_temporal_moe_layer.py`).
+back onto the tokens. In training mode the layers report their auxiliary losses and statistics to the call's
+`MoECollector` (`collector`), which the model's forward opens and returns in its output. MoE layers used by one family
+only live next to that family's model (`diffmoe_hf/models/transformer_dit_moe.py`, `dynamic_token_moe_layer.py`,
+`spatial_temporal_moe_layer.py`).
 """
 
+from .collector import MoECollector, active_moe_collector
 from .layers.deepseek_moe import DeepSeekMoE
 from .layers.expert_backends import (
     EXPERT_BACKENDS,
@@ -28,6 +31,6 @@ from .layers.experts import (
     set_expert_backend,
     swiglu_activation,
 )
-from .layers.routers import SigmoidGroupLimitedRouter, SoftmaxTopKRouter, moe_aux_loss
+from .layers.routers import SigmoidGroupLimitedRouter, SoftmaxTopKRouter, assignments_per_expert
 from .ops.grouped_gemm import grouped_linear, segment_linear, segment_mm
 from .ops.routing_layout import ExpertSegments, combine_segments, segments_from_expert_choice, segments_from_topk

@@ -1,9 +1,18 @@
 """Token-choice routers. Each returns `(expert_ids (S, k) int64, expert_weights (S, k) float32)` for S tokens, so a
-`register_forward_hook` on a router sees every routing decision (used by the routing view and the parity tests)."""
+`register_forward_hook` on a router sees every routing decision (used by the routing view and the parity tests). In
+training mode they report their statistics (and loss) to the open `MoECollector`, never onto the module."""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..collector import active_moe_collector
+
+
+def assignments_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(S, k) expert ids -> (E,) int64 number of (token, expert) assignments per expert (no host synchronisation)."""
+    flat = expert_ids.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
 
 
 class SigmoidGroupLimitedRouter(nn.Module):
@@ -69,6 +78,9 @@ class SigmoidGroupLimitedRouter(nn.Module):
         expert_weights = scores.gather(-1, expert_ids)
         if self.top_k > 1:
             expert_weights = expert_weights / (expert_weights.sum(dim=-1, keepdim=True) + 1e-20)
+        collector = active_moe_collector() if self.training else None
+        if collector is not None:
+            collector.add_statistics(self, tokens_per_expert=assignments_per_expert(expert_ids, self.num_experts))
         return expert_ids, expert_weights * self.routed_scaling_factor
 
 
@@ -80,8 +92,9 @@ class SoftmaxTopKRouter(nn.Module):
 
     In training mode it also computes the load-balancing loss of the original code,
     `aux_loss = alpha * sum_e P_e * f_e` over the S tokens of the call, with `P_e` the mean probability of expert e and
-    `f_e = E * (assignments to e) / (S * k)`. It is stored in `self.aux_loss` (None in eval mode); `moe_aux_loss(model)`
-    sums it over a model so a training loop can add it to its objective.
+    `f_e = E * (assignments to e) / (S * k)`, and reports it with the assignments per expert (`tokens_per_expert`) to
+    the open `MoECollector`: the model returns the sum of its layers' losses as `output.aux_loss`, for the training
+    loop to add to its objective.
 
     Args:
         dim (`int`): Token width D.
@@ -109,7 +122,6 @@ class SoftmaxTopKRouter(nn.Module):
         self.normalize_weights = normalize_weights
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
-        self.aux_loss = None
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(S, D) tokens -> (expert_ids (S, k), expert_weights (S, k) float32)."""
@@ -117,16 +129,17 @@ class SoftmaxTopKRouter(nn.Module):
         expert_weights, expert_ids = probs.topk(self.top_k, dim=-1)
         if self.normalize_weights:
             expert_weights = expert_weights / expert_weights.sum(dim=-1, keepdim=True)
-        self.aux_loss = None
-        if self.training and self.aux_loss_alpha > 0:
-            assignments = torch.bincount(expert_ids.reshape(-1), minlength=self.num_experts).to(probs.dtype)
-            load = assignments * self.num_experts / expert_ids.numel()
-            self.aux_loss = self.aux_loss_alpha * (probs.mean(0) * load).sum()
+        if self.training:
+            assignments = assignments_per_expert(expert_ids, self.num_experts)
+            # computed whether or not a collector is open, so that a recomputation under gradient checkpointing
+            # records the same autograd graph as the forward it replays
+            aux_loss = None
+            if self.aux_loss_alpha > 0:
+                load = assignments.to(probs.dtype) * self.num_experts / expert_ids.numel()
+                aux_loss = self.aux_loss_alpha * (probs.mean(0) * load).sum()
+            collector = active_moe_collector()
+            if collector is not None:
+                collector.add_statistics(self, tokens_per_expert=assignments)
+                if aux_loss is not None:
+                    collector.add_aux_loss(aux_loss)
         return expert_ids, expert_weights
-
-
-def moe_aux_loss(model: nn.Module) -> torch.Tensor | None:
-    """Sum of the auxiliary losses (`aux_loss`) the MoE modules of `model` computed in their last training-mode forward
-    (the routers' load-balancing losses, DiffMoE's capacity-predictor losses)."""
-    losses = [m.aux_loss for m in model.modules() if getattr(m, "aux_loss", None) is not None]
-    return torch.stack(losses).sum() if losses else None
