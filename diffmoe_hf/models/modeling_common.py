@@ -8,6 +8,7 @@ import diffusers
 import torch
 from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.utils import apply_lora_scale
 from packaging import version
 
 from .blocks import unpatchify
@@ -128,6 +129,15 @@ class DiTForwardMixin(CacheMixin):
 
     routing_depends_on_batch: bool = False
 
+    # diffusers' model settings, the same for every family (Diff-MoE names its own block class)
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["AdaLNZeroTransformerBlock", "AdaLNZeroMoETransformerBlock"]
+    # one compiled graph per block class: dense and MoE blocks (see `AdaLNZeroMoETransformerBlock`)
+    _repeated_blocks = ["AdaLNZeroTransformerBlock", "AdaLNZeroMoETransformerBlock"]
+    # routing decisions are computed in float32 whatever the model's dtype (DiffMoE's capacity predictor too)
+    _skip_layerwise_casting_patterns = ["pos_embed", "norm", "embedding", "router", "capacity_predictor"]
+    _keep_in_fp32_modules = ["router", "capacity_predictor"]
+
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
         """
@@ -192,6 +202,50 @@ class DiTForwardMixin(CacheMixin):
         its capacity thresholds here, so that recomputed blocks cannot apply an update twice); the default does
         nothing.
         """
+
+    @apply_lora_scale("attention_kwargs")
+    @returns_moe_outputs
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor | float,
+        class_labels: torch.LongTensor,
+        attention_kwargs: dict | None = None,
+        return_dict: bool = True,
+    ) -> MoETransformer2DModelOutput | tuple[torch.Tensor, ...]:
+        """
+        The DiT forward every latent family shares (JiT, with its class tokens, has its own): patch embedding, the
+        blocks (each given the family's `block_inputs`), the adaLN output layer and unpatchify.
+
+        Args:
+            hidden_states: (B, C, H, W) noisy latents, H and W multiples of the patch size.
+            timestep: (B,) or scalar model time, unscaled, in the units of the model's `config.formulation`
+                (`diffmoe_hf.formulations`): the flow time in [0, 1] (`rf-noise-at-0`: 0 = noise; `rf-noise-at-1`:
+                1 = noise) or the DDPM index 0..999 (`ddpm-learned-sigma`).
+            class_labels: (B,) int64 class ids; `num_classes` is the null class.
+            attention_kwargs: `{"scale": s}` scales LoRA layers.
+            return_dict: Whether to return a `MoETransformer2DModelOutput`.
+
+        Returns:
+            `sample`: (B, out_channels, H, W), the formulation's prediction in the first C channels (the velocity
+            `data - noise` for `rf-noise-at-0`, `noise - data` for `rf-noise-at-1`, eps for `ddpm-learned-sigma`)
+            and, for models with 2C outputs, the learned-variance values (DDPM) or an untrained half. In training mode
+            also `aux_loss` and `moe_statistics`. DiffMoE's layers (`routing_depends_on_batch`) route over all B
+            samples together.
+        """
+        tokens, conditioning, _, _ = self.embed_inputs(hidden_states, timestep, class_labels)
+        height, width = hidden_states.shape[-2:]
+        block_inputs = self.block_inputs(tokens, height, width)
+        for block in self.transformer_blocks:
+            tokens = self.run_block(block, tokens, conditioning, *block_inputs)
+        return self.patch_output(tokens, conditioning, height, width, self.out_channels, return_dict)
+
+    def block_inputs(self, tokens: torch.Tensor, height: int, width: int) -> tuple:
+        """
+        What every block takes after `(tokens, conditioning)` in a call on (height, width) inputs, computed once per
+        call: nothing by default; the rotary tables (and the token grid's shape) in the families that use them.
+        """
+        return ()
 
     def run_block(self, block, tokens: torch.Tensor, *block_args) -> torch.Tensor:
         """`block(tokens, *block_args)`, recomputed in backward when gradient checkpointing is on."""

@@ -23,14 +23,12 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin
 from diffusers.models.embeddings import PatchEmbed
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils import apply_lora_scale
 from torch import nn
 
 from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer
 from .embeddings import TimestepClassEmbedding
-from .modeling_common import DiTForwardMixin, returns_moe_outputs
+from .modeling_common import DiTForwardMixin
 from .moe import SoftmaxTopKRouter, SwiGLU, SwiGLUExperts, segments_from_topk
 from .presets import preset_config
 
@@ -145,12 +143,6 @@ class DiTMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAda
             see `diffmoe_hf.formulations`.
     """
 
-    _supports_gradient_checkpointing = True
-    _no_split_modules = ["AdaLNZeroTransformerBlock"]
-    _repeated_blocks = ["AdaLNZeroTransformerBlock"]
-    _skip_layerwise_casting_patterns = ["pos_embed", "norm", "embedding", "router"]
-    _keep_in_fp32_modules = ["router"]
-
     @register_to_config
     def __init__(
         self,
@@ -228,34 +220,3 @@ class DiTMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAda
         config = {**preset_config("dit-moe", DIT_MOE_PRESETS, name, aliases=DIT_MOE_PRESET_ALIASES), **overrides}
         config.setdefault("out_channels", 2 * config.get("in_channels", 4))
         return cls(**config)
-
-    @apply_lora_scale("attention_kwargs")
-    @returns_moe_outputs
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        timestep: torch.Tensor | float,
-        class_labels: torch.LongTensor,
-        attention_kwargs: dict | None = None,
-        return_dict: bool = True,
-    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
-        """
-        Args:
-            hidden_states: (B, C, H, W) noisy latents.
-            timestep: (B,) or scalar model time, unscaled: the DDPM index 0..999 (`ddpm-learned-sigma`) or the flow
-                time in [0, 1] with 1 = pure noise (`rf-noise-at-1`).
-            class_labels: (B,) int64 class ids; `num_classes` is the null class.
-            attention_kwargs: `{"scale": s}` scales LoRA layers.
-            return_dict: Whether to return a `Transformer2DModelOutput`.
-
-        Returns:
-            (B, out_channels, H, W): [eps, variance interpolation in [-1, 1]] for DDPM models, [velocity
-            `noise - data`, unused] for rectified-flow models.
-        """
-        tokens, conditioning, _, _ = self.embed_inputs(hidden_states, timestep, class_labels)
-        height, width = hidden_states.shape[-2:]
-
-        for block in self.transformer_blocks:
-            tokens = self.run_block(block, tokens, conditioning)
-
-        return self.patch_output(tokens, conditioning, height, width, self.out_channels, return_dict)

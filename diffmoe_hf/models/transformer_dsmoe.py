@@ -15,14 +15,12 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin, FeedForward
 from diffusers.models.embeddings import PatchEmbed
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils import apply_lora_scale
 
 from .attention import rotary_tables
 from .blocks import PatchOutputLayer, adaln_zero_blocks
 from .embeddings import TimestepClassEmbedding
-from .modeling_common import DiTForwardMixin, resolve_moe_layers, returns_moe_outputs, upgrade_legacy_moe_fields
+from .modeling_common import DiTForwardMixin, resolve_moe_layers, upgrade_legacy_moe_fields
 from .moe import DeepSeekMoE
 from .presets import preset_config
 
@@ -88,12 +86,6 @@ class DSMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdap
             0 removes it, and each MoE layer adds its input instead (as upstream without shared experts).
         formulation (`str`): Meaning of the timestep input and output; see `diffmoe_hf.formulations`.
     """
-
-    _supports_gradient_checkpointing = True
-    _no_split_modules = ["AdaLNZeroTransformerBlock", "AdaLNZeroMoETransformerBlock"]
-    _repeated_blocks = ["AdaLNZeroTransformerBlock", "AdaLNZeroMoETransformerBlock"]
-    _skip_layerwise_casting_patterns = ["pos_embed", "norm", "embedding", "router"]
-    _keep_in_fp32_modules = ["router"]
 
     @register_to_config
     def __init__(
@@ -178,41 +170,16 @@ class DSMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdap
         """A randomly initialised model with the architecture of a released checkpoint (see `DSMOE_PRESETS`)."""
         return cls(**{**preset_config("dsmoe", DSMOE_PRESETS, name, _RELEASED_COMMON), **overrides})
 
-    @apply_lora_scale("attention_kwargs")
-    @returns_moe_outputs
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        timestep: torch.Tensor | float,
-        class_labels: torch.LongTensor,
-        attention_kwargs: dict | None = None,
-        return_dict: bool = True,
-    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
-        """
-        Args:
-            hidden_states: (B, C, H, W) noisy latents.
-            timestep: (B,) or scalar flow time in [0, 1], 0 = pure noise, 1 = data (unscaled).
-            class_labels: (B,) int64 class ids; `num_classes` is the null class.
-            attention_kwargs: `{"scale": s}` scales LoRA layers.
-            return_dict: Whether to return a `Transformer2DModelOutput`.
-
-        Returns:
-            (B, out_channels, H, W); the first C channels are the velocity `data - noise`.
-        """
-        tokens, conditioning, _, _ = self.embed_inputs(hidden_states, timestep, class_labels)
-        height, width = hidden_states.shape[-2:]
-        rotary_emb = None
-        if self.config.positional_embedding != "sincos":
-            patch = self.config.patch_size
-            rotary_emb = rotary_tables(
-                self.config.positional_embedding,
-                self.config.attention_head_dim,
-                height // patch,
-                width // patch,
-                device=tokens.device,
-            )
-
-        for block in self.transformer_blocks:
-            tokens = self.run_block(block, tokens, conditioning, rotary_emb)
-
-        return self.patch_output(tokens, conditioning, height, width, self.out_channels, return_dict)
+    def block_inputs(self, tokens: torch.Tensor, height: int, width: int) -> tuple:
+        """The rotary tables of the (height / p) x (width / p) token grid, unless the model adds sin-cos positions."""
+        if self.config.positional_embedding == "sincos":
+            return (None,)
+        patch = self.config.patch_size
+        rotary_emb = rotary_tables(
+            self.config.positional_embedding,
+            self.config.attention_head_dim,
+            height // patch,
+            width // patch,
+            device=tokens.device,
+        )
+        return (rotary_emb,)

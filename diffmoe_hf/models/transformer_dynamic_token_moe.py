@@ -10,23 +10,19 @@ Differences from diffusers' `DiTTransformer2DModel`, all deliberate (they are wh
 - the output keeps 2C channels (`learn_sigma=True` upstream); only the first C are trained (the velocity).
 """
 
-import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin, FeedForward
 from diffusers.models.embeddings import PatchEmbed
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils import apply_lora_scale
 
 from .blocks import PatchOutputLayer, adaln_zero_blocks
 from .dynamic_token_moe_layer import DynamicTokenMoE, update_capacity_thresholds
 from .embeddings import TimestepClassEmbedding
 from .modeling_common import (
     DiTForwardMixin,
-    MoETransformer2DModelOutput,
     config_default,
     resolve_moe_layers,
-    returns_moe_outputs,
 )
 from .moe import MoECollector
 from .presets import preset_config
@@ -90,11 +86,6 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
         formulation (`str`): Meaning of the timestep input and output; see `diffmoe_hf.formulations`.
     """
 
-    _supports_gradient_checkpointing = True
-    _no_split_modules = ["AdaLNZeroTransformerBlock", "AdaLNZeroMoETransformerBlock"]
-    _repeated_blocks = ["AdaLNZeroTransformerBlock", "AdaLNZeroMoETransformerBlock"]
-    _skip_layerwise_casting_patterns = ["pos_embed", "norm", "embedding", "router", "capacity_predictor"]
-    _keep_in_fp32_modules = ["router", "capacity_predictor"]
     # Routing is over the token pool of the whole call: cond and uncond must be separate transformer calls.
     routing_depends_on_batch = True
 
@@ -229,33 +220,3 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
                 if isinstance(layer, DynamicTokenMoE)
             ]
         )
-
-    @apply_lora_scale("attention_kwargs")
-    @returns_moe_outputs
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        timestep: torch.Tensor | float,
-        class_labels: torch.LongTensor,
-        attention_kwargs: dict | None = None,
-        return_dict: bool = True,
-    ) -> MoETransformer2DModelOutput | tuple[torch.Tensor, ...]:
-        """
-        Args:
-            hidden_states: (B, C, H, W) noisy latents. The MoE layers route over all B samples together.
-            timestep: (B,) or scalar flow time in [0, 1], 0 = pure noise, 1 = data (unscaled).
-            class_labels: (B,) int64 class ids; `num_classes` is the null class.
-            attention_kwargs: `{"scale": s}` scales LoRA layers.
-            return_dict: Whether to return a `MoETransformer2DModelOutput` (else its `to_tuple()`).
-
-        Returns:
-            `sample`: (B, out_channels, H, W); the first C channels are the velocity `data - noise`. In training mode
-            also `aux_loss` and `moe_statistics` (see `MoETransformer2DModelOutput`).
-        """
-        tokens, conditioning, _, _ = self.embed_inputs(hidden_states, timestep, class_labels)
-        height, width = hidden_states.shape[-2:]
-
-        for block in self.transformer_blocks:
-            tokens = self.run_block(block, tokens, conditioning)
-
-        return self.patch_output(tokens, conditioning, height, width, self.out_channels, return_dict)

@@ -151,12 +151,6 @@ class JiTTransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdapte
         formulation (`str`): Meaning of the timestep input and output; see `diffmoe_hf.formulations`.
     """
 
-    _supports_gradient_checkpointing = True
-    _no_split_modules = ["AdaLNZeroTransformerBlock", "AdaLNZeroMoETransformerBlock"]
-    _repeated_blocks = ["AdaLNZeroTransformerBlock", "AdaLNZeroMoETransformerBlock"]
-    _skip_layerwise_casting_patterns = ["pos_embed", "norm", "embedding", "router"]
-    _keep_in_fp32_modules = ["router"]
-
     @register_to_config
     def __init__(
         self,

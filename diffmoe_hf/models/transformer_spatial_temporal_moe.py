@@ -19,15 +19,13 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin
 from diffusers.models.embeddings import PatchEmbed
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils import apply_lora_scale
 from torch import nn
 
 from .attention import RotaryTables, rotary_tables
 from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer, modulate
 from .embeddings import TimestepClassEmbedding
-from .modeling_common import DiTForwardMixin, returns_moe_outputs
+from .modeling_common import DiTForwardMixin
 from .presets import preset_config
 from .spatial_temporal_moe_layer import SpatialTemporalMoE
 
@@ -140,11 +138,8 @@ class SpatialTemporalMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMi
             see `diffmoe_hf.formulations`.
     """
 
-    _supports_gradient_checkpointing = True
     _no_split_modules = ["SpatialTemporalMoEBlock"]
     _repeated_blocks = ["SpatialTemporalMoEBlock"]
-    _skip_layerwise_casting_patterns = ["pos_embed", "norm", "embedding", "router"]
-    _keep_in_fp32_modules = ["router"]
 
     @register_to_config
     def __init__(
@@ -221,37 +216,10 @@ class SpatialTemporalMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMi
                                aliases=SPATIAL_TEMPORAL_MOE_PRESET_ALIASES)  # fmt: skip
         return cls(**{**config, **overrides})
 
-    @apply_lora_scale("attention_kwargs")
-    @returns_moe_outputs
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        timestep: torch.Tensor | float,
-        class_labels: torch.LongTensor,
-        attention_kwargs: dict | None = None,
-        return_dict: bool = True,
-    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
-        """
-        Args:
-            hidden_states: (B, C, H, W) noisy latents (H and W multiples of the patch size).
-            timestep: (B,) or scalar model time, unscaled: the DDPM index 0..999 (`ddpm-learned-sigma`) or the flow
-                time in [0, 1] with 1 = noise (`rf-noise-at-1`).
-            class_labels: (B,) int64 class ids; `num_classes` is the null class.
-            attention_kwargs: `{"scale": s}` scales LoRA layers.
-            return_dict: Whether to return a `Transformer2DModelOutput`.
-
-        Returns:
-            (B, out_channels, H, W): epsilon (DDPM) or the velocity `noise - data` (RF) in the first C channels, the
-            learned-variance values in the others.
-        """
-        tokens, conditioning, _, _ = self.embed_inputs(hidden_states, timestep, class_labels)
-        height, width = hidden_states.shape[-2:]
+    def block_inputs(self, tokens: torch.Tensor, height: int, width: int) -> tuple:
+        """The 2-D rotary tables of the token grid and the grid's (rows, cols), for `SpatialTemporalMoEBlock`."""
         grid_size = (height // self.config.patch_size, width // self.config.patch_size)
         rotary_emb = rotary_tables(
             "rope_2d_alternating", self.config.attention_head_dim, *grid_size, device=tokens.device
         )
-
-        for block in self.transformer_blocks:
-            tokens = self.run_block(block, tokens, conditioning, rotary_emb, grid_size)
-
-        return self.patch_output(tokens, conditioning, height, width, self.out_channels, return_dict)
+        return rotary_emb, grid_size
