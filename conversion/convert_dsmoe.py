@@ -44,6 +44,30 @@ def _moe_layers(num_layers: int, moe: dict) -> list[int]:
     return [i for i, flag in enumerate(flags) if flag and i >= first_dense]
 
 
+def efficient_moe_dit_config(params: dict) -> dict:
+    """
+    The DiT fields every yhlleo/EfficientMoE model config shares (its DSMoE and DiffMoE yamls' `model.params`: sizes,
+    heads, classes, label dropout), in this package's names, with the original defaults.
+    """
+    hidden, heads = params.get("hidden_size", 1152), params.get("num_heads", 16)
+    head_dim = params.get("head_dim") or hidden // heads
+    if head_dim * heads != hidden:
+        raise CheckpointError(f"hidden_size={hidden} with num_heads={heads} and head_dim={head_dim} is not supported.")
+    in_channels = params.get("in_channels", 4)
+    return dict(
+        sample_size=params.get("input_size", 32),
+        patch_size=params.get("patch_size", 2),
+        in_channels=in_channels,
+        out_channels=2 * in_channels if params.get("learn_sigma", True) else in_channels,
+        num_layers=params.get("depth", 28),
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        mlp_ratio=float(params.get("mlp_ratio", 4.0)),
+        num_classes=params.get("num_classes", 1000),
+        class_dropout_prob=params.get("class_dropout_prob", 0.1),
+    )
+
+
 def dsmoe_config_from_params(params: dict) -> dict:
     """Maps `models_DSMoE.DiT` constructor arguments (yaml `model.params`) to `DSMoETransformer2DModel` config."""
     for flag in ("use_sinks", "enable_gqa", "use_kda"):
@@ -59,26 +83,12 @@ def dsmoe_config_from_params(params: dict) -> dict:
     norm = params.get("norm_type", "layernorm")
     if rope not in _ROPE or norm not in _NORM:
         raise CheckpointError(f"Unsupported rope_type={rope!r} or norm_type={norm!r}.")
-    hidden, heads = params.get("hidden_size", 1152), params.get("num_heads", 16)
-    head_dim = params.get("head_dim") or hidden // heads
-    if head_dim * heads != hidden:
-        raise CheckpointError(f"hidden_size={hidden} with num_heads={heads} and head_dim={head_dim} is not supported.")
-    in_channels = params.get("in_channels", 4)
-    depth = params.get("depth", 28)
+    config = efficient_moe_dit_config(params)
     return dict(
-        sample_size=params.get("input_size", 32),
-        patch_size=params.get("patch_size", 2),
-        in_channels=in_channels,
-        out_channels=2 * in_channels if params.get("learn_sigma", True) else in_channels,
-        num_layers=depth,
-        num_attention_heads=heads,
-        attention_head_dim=head_dim,
-        mlp_ratio=float(params.get("mlp_ratio", 4.0)),
-        num_classes=params.get("num_classes", 1000),
-        class_dropout_prob=params.get("class_dropout_prob", 0.1),
+        config,
         positional_embedding=_ROPE[rope],
         norm_type=_NORM[norm],
-        moe_layers=_moe_layers(depth, moe),
+        moe_layers=_moe_layers(config["num_layers"], moe),
         num_experts=moe["num_experts"],
         num_experts_per_tok=moe["num_experts_per_tok"],
         moe_intermediate_size=moe["moe_intermediate_size"],

@@ -14,7 +14,7 @@ from diffmoe_hf.models.transformer_dynamic_token_moe import (
 )
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
-from .convert_dsmoe import config_from_yaml_or_preset
+from .convert_dsmoe import config_from_yaml_or_preset, efficient_moe_dit_config
 from .state_dict_utils import DIT_SKELETON_RENAME_RULES, build_converted_model, resolve_checkpoint_preset
 
 
@@ -30,28 +30,15 @@ def diffmoe_config_from_params(params: dict) -> dict:
             "model.params.MoE_config has no num_experts/capacity: this does not look like a DiffMoE "
             "(Shi et al., models_DiffMoE.DiT) config."
         )
-    hidden, heads = params.get("hidden_size", 1152), params.get("num_heads", 16)
-    head_dim = params.get("head_dim") or hidden // heads
-    if head_dim * heads != hidden:
-        raise CheckpointError(f"hidden_size={hidden} with num_heads={heads} and head_dim={head_dim} is not supported.")
-    in_channels = params.get("in_channels", 4)
-    depth = params.get("depth", 28)
+    config = efficient_moe_dit_config(params)
+    depth, dim = config["num_layers"], config["num_attention_heads"] * config["attention_head_dim"]
     return dict(
-        sample_size=params.get("input_size", 32),
-        patch_size=params.get("patch_size", 2),
-        in_channels=in_channels,
-        out_channels=2 * in_channels if params.get("learn_sigma", True) else in_channels,
-        num_layers=depth,
-        num_attention_heads=heads,
-        attention_head_dim=head_dim,
-        mlp_ratio=float(params.get("mlp_ratio", 4.0)),
-        num_classes=params.get("num_classes", 1000),
-        class_dropout_prob=params.get("class_dropout_prob", 0.1),
+        config,
         moe_layers=[i for i in range(depth) if i % 2 == 1 or not moe.get("interleave")],
         num_experts=moe["num_experts"],
         capacity=float(moe["capacity"]),
         # upstream builds one shared MLP (width 8 * hidden_size) whenever n_shared_experts > 0
-        shared_expert_intermediate_size=8 * heads * head_dim if moe.get("n_shared_experts", 0) > 0 else 0,
+        shared_expert_intermediate_size=8 * dim if moe.get("n_shared_experts", 0) > 0 else 0,
         capacity_loss_weight=float(params.get("CapacityPred_loss_weight", 0.01)),
     )
 
