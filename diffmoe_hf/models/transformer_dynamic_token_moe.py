@@ -147,6 +147,7 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
         )
         self.proj_out = PatchOutputLayer(dim, patch_size, self.out_channels)
         self.gradient_checkpointing = False
+        self.initialize_weights()
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DynamicTokenMoETransformer2DModel":

@@ -238,6 +238,7 @@ class JiTTransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdapte
         )
         self.proj_out = PatchOutputLayer(dim, patch_size, in_channels, norm_type="rms_norm")
         self.gradient_checkpointing = False
+        self.initialize_weights()
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "JiTTransformer2DModel":

@@ -189,6 +189,7 @@ class SpatialTemporalMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMi
         )
         self.proj_out = PatchOutputLayer(dim, patch_size, self.out_channels, norm_type="layer_norm")
         self.gradient_checkpointing = False
+        self.initialize_weights()
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "SpatialTemporalMoETransformer2DModel":
