@@ -17,9 +17,12 @@ Where a port splits a fused original Linear into several (timm's `qkv` into `to_
 `gate_proj/up_proj`), each part is drawn with the bound of the fused matrix (its summed output width), so the weights
 have the original distribution.
 
-Every draw goes through a `torch.nn.init` function looked up at call time: diffusers' `from_pretrained` replaces those
-by no-ops while it builds a model whose weights it then loads, so loading a checkpoint never initialises twice (and a
-model built on the meta device is not touched at all).
+One deliberate difference: JiTMoE's router weight is `torch.empty` upstream, never initialised; it gets DSMoE's
+kaiming-normal init here (`initialize_jit_weights`).
+
+A model whose parameters are all on the meta device (diffusers' `from_pretrained` and the converters build one before
+loading its weights) has no values to initialise and is skipped, so loading never initialises twice; every draw also
+goes through a `torch.nn.init` function looked up at call time, which diffusers' `no_init_weights` makes a no-op.
 """
 
 import math
