@@ -1,10 +1,12 @@
 """Tiny models and folders shared by the tests (CPU, seconds)."""
 
+import math
 import os
 
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from diffusers.models.normalization import RMSNorm
 from torch import nn
 
 from diffmoe_hf import ClassConditionalMoEPipeline, DSMoETransformer2DModel
@@ -69,6 +71,34 @@ def token_routing(model: nn.Module, *args) -> dict[str, list[torch.Tensor]]:
     return {name: [ids.sort(-1).values for ids in layer.expert_ids] for name, layer in routing.items()}
 
 
+def randomize_weights(model: nn.Module, seed: int = 0) -> nn.Module:
+    """
+    Replaces every parameter of `model` by a seeded random draw, so that every branch of a tiny test model matters
+    and its routing is not degenerate. A fresh model is initialised as the original code does (adaLN-Zero: every
+    block is the identity and the output is exactly 0), where two computations a test compares would agree trivially.
+
+    Weight matrices and kernels get N(0, 1 / fan_in) (fan_in: the last dim, or in * k * k for a 4-D convolution
+    kernel), so activations keep unit scale; norm gains get 1 + N(0, 0.1^2); every other parameter (biases, norm
+    biases) N(0, 0.1^2). Buffers (fixed tables, DiffMoE thresholds) are left as they are. The draw depends only on
+    `seed` and the parameter shapes, not on the global RNG. Returns `model`.
+    """
+    norms = (nn.LayerNorm, nn.RMSNorm, RMSNorm, nn.GroupNorm)
+    gains = {id(m.weight) for m in model.modules() if isinstance(m, norms) and getattr(m, "weight", None) is not None}
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            if id(parameter) in gains:
+                value = 1 + 0.1 * noise
+            elif parameter.dim() >= 2:
+                fan_in = parameter[0].numel() if parameter.dim() == 4 else parameter.shape[-1]
+                value = noise / math.sqrt(fan_in)
+            else:
+                value = 0.1 * noise
+            parameter.copy_(value)
+    return model
+
+
 def dsmoe_case(name: str = DSMOE_CASE) -> str:
     return os.path.join(parity_root(), name)
 
@@ -80,12 +110,8 @@ def tiny_dsmoe(**overrides) -> DSMoETransformer2DModel:
         moe_intermediate_size=8, n_group=2, topk_group=2,
     )  # fmt: skip
     config.update(overrides)
-    torch.manual_seed(0)
-    model = DSMoETransformer2DModel(**config).eval()
-    with torch.no_grad():  # the default init zeroes nothing, but make the adaLN branches matter
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
+    torch.manual_seed(0)  # callers draw their inputs from the global generator after this
+    return randomize_weights(DSMoETransformer2DModel(**config).eval())
 
 
 def unwritable_folder(tmp_path, kind: str) -> str:

@@ -5,7 +5,7 @@ import torch
 from diffmoe_hf import ClassConditionalMoEPipeline
 from diffmoe_hf.formulations import get_formulation
 
-from .helpers import tiny_vae
+from .helpers import randomize_weights, tiny_vae
 from .training_helpers import NUM_CLASSES, tiny_transformer
 
 
@@ -15,17 +15,13 @@ PER_TOKEN_ROUTING = tuple(f for f in FAMILIES if f != "diffmoe-dts")
 
 
 def family_transformer(family: str, **overrides):
-    """A tiny transformer of `family` (config `overrides` applied) whose zero-initialised output layers are perturbed,
-    so every block matters."""
+    """A tiny transformer of `family` (config `overrides` applied) with random weights (`randomize_weights`), so
+    every block matters."""
     transformer = tiny_transformer(family).eval()
     if overrides:
         config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
         transformer = type(transformer)(**{**config, **overrides}).eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in transformer.parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    return transformer
+    return randomize_weights(transformer, seed=1)
 
 
 def family_pipeline(family: str, **transformer_overrides) -> ClassConditionalMoEPipeline:

@@ -26,7 +26,7 @@ from diffmoe_hf.models.moe import (
     resolve_expert_backend,
 )
 
-from .helpers import float32_tolerance, model_float32_tolerance
+from .helpers import float32_tolerance, model_float32_tolerance, randomize_weights
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -55,10 +55,8 @@ def tiny_model(family: str) -> nn.Module:
     """A tiny eval-mode model whose every parameter matters (adaLN branches and gates are not zero)."""
     model_class, config = FAMILIES[family]
     torch.manual_seed(0)
-    model = model_class(**config).eval()
+    model = randomize_weights(model_class(**config).eval())
     with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.05)
         for layer in model.modules():
             if isinstance(layer, DynamicTokenMoE):  # calibrated thresholds: a varying number of tokens per expert
                 layer.capacity_predictor.expert_threshold.fill_(0.5)

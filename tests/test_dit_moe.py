@@ -22,7 +22,13 @@ from diffmoe_hf.conversion.convert_dit_moe import build_dit_moe_transformer, dit
 from diffmoe_hf.models.moe import MoECollector
 
 from .conftest import parity_root
-from .helpers import assert_float32_close, float32_tolerance, model_float32_tolerance, token_routing
+from .helpers import (
+    assert_float32_close,
+    float32_tolerance,
+    model_float32_tolerance,
+    randomize_weights,
+    token_routing,
+)
 
 
 TINY = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=4,
@@ -33,11 +39,7 @@ TINY_UPSTREAM = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, 
 
 
 def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-    return model.eval()
+    return randomize_weights(model, seed).eval()
 
 
 def _inputs(batch: int = 3, size: int = 8):

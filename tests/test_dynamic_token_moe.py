@@ -18,7 +18,7 @@ from diffmoe_hf.models.dynamic_token_moe_layer import DynamicTokenMoE
 from diffmoe_hf.models.moe import GroupedExperts, MoECollector, segments_from_expert_choice
 
 from .conftest import parity_root
-from .helpers import assert_float32_close, float32_tolerance, model_float32_tolerance
+from .helpers import assert_float32_close, float32_tolerance, model_float32_tolerance, randomize_weights
 
 
 DIM, EXPERTS = 8, 4
@@ -30,7 +30,7 @@ def tiny_model(**overrides) -> DynamicTokenMoETransformer2DModel:
         sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=2,
         attention_head_dim=4, mlp_ratio=1.0, num_classes=10, num_experts=EXPERTS,
     )  # fmt: skip
-    model = DynamicTokenMoETransformer2DModel(**{**config, **overrides}).eval()
+    model = randomize_weights(DynamicTokenMoETransformer2DModel(**{**config, **overrides})).eval()
     model.transformer_blocks[1].ff.capacity_predictor.expert_threshold.copy_(torch.tensor([0.3, 0.4, 0.5, 0.6]))
     return model
 

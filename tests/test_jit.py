@@ -14,7 +14,7 @@ from diffmoe_hf.conversion.convert_jit import build_jit_transformer, jit_config_
 from diffmoe_hf.models.transformer_jit import JIT_PRESETS
 
 from .conftest import parity_root
-from .helpers import assert_float32_close, model_float32_tolerance
+from .helpers import assert_float32_close, model_float32_tolerance, randomize_weights
 
 
 TINY = dict(sample_size=16, patch_size=4, num_layers=4, num_attention_heads=2, attention_head_dim=8, mlp_ratio=1.0,
@@ -36,10 +36,7 @@ PRESET_PARAMS_MI = {
 
 
 def tiny_model(**overrides) -> JiTTransformer2DModel:
-    model = JiTTransformer2DModel(**{**TINY, **overrides})
-    with torch.no_grad():  # the zero-initialised in-context embedding would hide ordering bugs
-        model.in_context_pos_embed.normal_()
-    return model.eval()
+    return randomize_weights(JiTTransformer2DModel(**{**TINY, **overrides})).eval()
 
 
 def tiny_inputs(batch=2):

@@ -15,7 +15,13 @@ from diffmoe_hf.conversion import (
 )
 from diffmoe_hf.models.attention import apply_rotary, rotary_tables
 
-from .helpers import assert_float32_close, float32_tolerance, model_float32_tolerance, token_routing
+from .helpers import (
+    assert_float32_close,
+    float32_tolerance,
+    model_float32_tolerance,
+    randomize_weights,
+    token_routing,
+)
 
 
 TINY = dict(
@@ -35,11 +41,7 @@ UPSTREAM_PARAMS_M = {
 
 def _tiny_model(**overrides) -> SpatialTemporalMoETransformer2DModel:
     torch.manual_seed(0)
-    model = SpatialTemporalMoETransformer2DModel(**{**TINY, **overrides})
-    with torch.no_grad():  # the original init zeroes the adaLN and output layers: randomise everything
-        for parameter in model.parameters():
-            parameter.normal_(0, 0.3)
-    return model.eval()
+    return randomize_weights(SpatialTemporalMoETransformer2DModel(**{**TINY, **overrides})).eval()
 
 
 def _inputs(batch=3, seed=1):

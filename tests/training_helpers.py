@@ -17,7 +17,7 @@ from diffmoe_hf import (
 )
 from diffmoe_hf.formulations import get_formulation
 
-from .helpers import tiny_dsmoe, tiny_vae
+from .helpers import randomize_weights, tiny_dsmoe, tiny_vae
 from .test_dit_moe import TINY as DIT_MOE_TINY
 from .test_jit import TINY as JIT_TINY
 from .test_spatial_temporal_moe import TINY as SPATIAL_TEMPORAL_TINY
@@ -27,22 +27,27 @@ NUM_CLASSES = 3
 
 
 def tiny_transformer(family: str):
-    """A tiny randomly initialised transformer of `family` (latent families: 4 x 8 x 8; JiT: 3 x 16 x 16 pixels)."""
+    """A tiny transformer of `family` with random weights (`randomize_weights`: a "pretrained" model whose every
+    block matters; latent families: 4 x 8 x 8, JiT: 3 x 16 x 16 pixels)."""
     torch.manual_seed(0)
     if family == "dsmoe":
         return tiny_dsmoe(num_classes=NUM_CLASSES)
     if family == "diff-moe":
-        return SpatialTemporalMoETransformer2DModel(**{**SPATIAL_TEMPORAL_TINY, "num_classes": NUM_CLASSES})
-    if family == "diffmoe-dts":
-        return DynamicTokenMoETransformer2DModel(
+        model = SpatialTemporalMoETransformer2DModel(**{**SPATIAL_TEMPORAL_TINY, "num_classes": NUM_CLASSES})
+    elif family == "diffmoe-dts":
+        model = DynamicTokenMoETransformer2DModel(
             sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=2,
             attention_head_dim=4, mlp_ratio=1.0, num_classes=NUM_CLASSES, num_experts=4, shared_expert_intermediate_size=64,
         )  # fmt: skip
-    if family == "dit-moe":  # the rectified-flow variant (Diff-MoE covers DDPM)
-        return DiTMoETransformer2DModel(**{**DIT_MOE_TINY, "num_classes": NUM_CLASSES, "formulation": "rf-noise-at-1"})
-    if family == "jit":
-        return JiTTransformer2DModel(**{**JIT_TINY, "num_classes": NUM_CLASSES})
-    raise ValueError(family)
+    elif family == "dit-moe":  # the rectified-flow variant (Diff-MoE covers DDPM)
+        model = DiTMoETransformer2DModel(
+            **{**DIT_MOE_TINY, "num_classes": NUM_CLASSES, "formulation": "rf-noise-at-1"}
+        )
+    elif family == "jit":
+        model = JiTTransformer2DModel(**{**JIT_TINY, "num_classes": NUM_CLASSES})
+    else:
+        raise ValueError(family)
+    return randomize_weights(model)
 
 
 def save_tiny_pipeline(folder: str, family: str, transformer=None) -> str:

@@ -12,6 +12,7 @@ from diffusers.utils import apply_lora_scale
 from packaging import version
 
 from .blocks import unpatchify
+from .initialization import initialize_weights
 from .moe import MoECollector, set_expert_backend
 from .validation import check_model_inputs
 
@@ -181,6 +182,14 @@ class DiTForwardMixin(CacheMixin):
                     "TaylorSeerCacheConfig (or MagCacheConfig with diffusers >= 0.42) instead."
                 )
         super().enable_cache(config)
+
+    def initialize_weights(self) -> None:
+        """
+        (Re)initialises every parameter as the family's original code initialises a new model (adaLN-Zero: every
+        block starts as the identity and the output is exactly 0); see `diffmoe_hf.models.initialization`. Called at
+        the end of `__init__`; a no-op while diffusers' `from_pretrained` builds a model whose weights it loads.
+        """
+        initialize_weights(self)
 
     def embed_inputs(
         self, hidden_states: torch.Tensor, timestep, class_labels

@@ -208,6 +208,7 @@ class DiTMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAda
         )
         self.proj_out = PatchOutputLayer(dim, patch_size, self.out_channels, norm_type="layer_norm")
         self.gradient_checkpointing = False
+        self.initialize_weights()
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DiTMoETransformer2DModel":

@@ -157,6 +157,7 @@ class DSMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdap
         )
         self.proj_out = PatchOutputLayer(dim, patch_size, self.out_channels, norm_type="layer_norm")
         self.gradient_checkpointing = False
+        self.initialize_weights()
 
     @classmethod
     def upgrade_legacy_config(cls, config: dict) -> dict:

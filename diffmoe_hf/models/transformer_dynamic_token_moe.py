@@ -149,6 +149,7 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
         )
         self.proj_out = PatchOutputLayer(dim, patch_size, self.out_channels)
         self.gradient_checkpointing = False
+        self.initialize_weights()
 
     @classmethod
     def upgrade_legacy_config(cls, config: dict) -> dict:

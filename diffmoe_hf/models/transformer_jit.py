@@ -221,6 +221,7 @@ class JiTTransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdapte
         )
         self.proj_out = PatchOutputLayer(dim, patch_size, in_channels, norm_type="rms_norm")
         self.gradient_checkpointing = False
+        self.initialize_weights()
 
     @classmethod
     def upgrade_legacy_config(cls, config: dict) -> dict:

@@ -196,6 +196,7 @@ class SpatialTemporalMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMi
         )
         self.proj_out = PatchOutputLayer(dim, patch_size, self.out_channels, norm_type="layer_norm")
         self.gradient_checkpointing = False
+        self.initialize_weights()
 
     @classmethod
     def upgrade_legacy_config(cls, config: dict) -> dict:
