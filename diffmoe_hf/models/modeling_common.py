@@ -42,23 +42,25 @@ class MoETransformer2DModelOutput(Transformer2DModelOutput):
 
 def returns_moe_outputs(forward):
     """
-    Decorates a `DiTForwardMixin` model's `forward` (which returns `Transformer2DModelOutput` or `(sample,)`): the
-    call runs inside a fresh `MoECollector`, the model's `finish_moe_call` applies what the layers reported once the
-    blocks have run, and the result is a `MoETransformer2DModelOutput` (or its `to_tuple()`) carrying the collected
-    auxiliary loss and statistics. Nothing is kept on the modules.
+    Decorates a `DiTForwardMixin` model's `forward` (which returns `MoETransformer2DModelOutput` or `(sample,)`): in
+    training mode the call runs inside a fresh `MoECollector`, the model's `finish_moe_call` applies what the layers
+    reported once the blocks have run, and the result carries the collected auxiliary loss and statistics. Nothing is
+    kept on the modules. In eval mode the layers report nothing, so the forward runs as it is.
     """
 
     @functools.wraps(forward)
     def wrapper(self, *args, **kwargs):
+        if not self.training:
+            return forward(self, *args, **kwargs)
         with MoECollector() as collector:
             output = forward(self, *args, **kwargs)
         self.finish_moe_call(collector)
         result = MoETransformer2DModelOutput(
-            sample=output.sample if isinstance(output, Transformer2DModelOutput) else output[0],
+            sample=output.sample if isinstance(output, MoETransformer2DModelOutput) else output[0],
             aux_loss=collector.aux_loss(),
             moe_statistics=collector.named_statistics(self) or None,
         )
-        return result if isinstance(output, Transformer2DModelOutput) else result.to_tuple()
+        return result if isinstance(output, MoETransformer2DModelOutput) else result.to_tuple()
 
     return wrapper
 
@@ -265,12 +267,12 @@ class DiTForwardMixin(CacheMixin):
     def patch_output(
         self, tokens: torch.Tensor, conditioning: torch.Tensor, height: int, width: int, out_channels: int,
         return_dict: bool,
-    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:  # fmt: skip
+    ) -> MoETransformer2DModelOutput | tuple[torch.Tensor]:  # fmt: skip
         """(B, N, D) image tokens -> (B, out_channels, height, width) through the output layer and unpatchify."""
         output = unpatchify(self.proj_out(tokens, conditioning), self.config.patch_size, out_channels, height, width)
         if not return_dict:
             return (output,)
-        return Transformer2DModelOutput(sample=output)
+        return MoETransformer2DModelOutput(sample=output)
 
     def set_expert_backend(self, backend: str) -> None:
         """

@@ -110,7 +110,6 @@ def resolve_expert_backend(requested: str, projections: list[nn.Module], rows: t
         `"modules"` if requested or if any projection's weights cannot be read directly (`reads_weights_directly`),
         else the requested fast backend (`default_expert_backend` for `"auto"`).
     """
-    check_expert_backend(requested)
     if requested == "modules" or _global_module_hooks():
         return "modules"
     dtype, device = rows.dtype, rows.device
