@@ -143,7 +143,7 @@ def adaln_zero_blocks(
     **block_kwargs,
 ) -> nn.ModuleList:
     """
-    The blocks of a model that mixes dense and MoE feed-forwards (DSMoE, JiT / JiTMoE, DiffMoE): block i is an
+    The blocks of a model that mixes dense and MoE feed-forwards (DSMoE, JiT / JiTMoE, DiffMoE of Shi et al.): block i is an
     `AdaLNZeroMoETransformerBlock` around a new `moe_feed_forward()` if i is in `moe_layers`, else an
     `AdaLNZeroTransformerBlock` around a new `dense_feed_forward()`; `block_kwargs` (dim, attention shape, norms) go to
     every block.

@@ -119,7 +119,7 @@ def _initialize_sigmoid_routers(model: nn.Module) -> None:
 
 
 def _initialize_softmax_routers(model: nn.Module) -> None:
-    """`MoEGate.reset_parameters` of DiT-MoE and Diff-MoE: kaiming-uniform with a = sqrt(5), U(±1/sqrt(D))."""
+    """`MoEGate.reset_parameters` of DiT-MoE and Diff-MoE (Cheng et al.): kaiming-uniform with a = sqrt(5), U(±1/sqrt(D))."""
     for module in model.modules():
         if isinstance(module, SoftmaxTopKRouter):
             nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))

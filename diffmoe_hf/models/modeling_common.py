@@ -25,7 +25,7 @@ class MoETransformer2DModelOutput(Transformer2DModelOutput):
     Args:
         sample (`torch.Tensor` of shape `(batch_size, out_channels, height, width)`): The model's prediction.
         aux_loss (`torch.Tensor`, *optional*): Scalar sum of the MoE layers' auxiliary losses of this call, with its
-            graph (the routers' load-balancing losses, DiffMoE's capacity-predictor losses): add it to the training
+            graph (the routers' load-balancing losses, the capacity-predictor losses of DiffMoE of Shi et al.): add it to the training
             objective. `None` in eval mode and when no layer computes one.
         moe_statistics (`dict[str, dict[str, torch.Tensor]]`, *optional*): In training mode, `{MoE layer path:
             {name: tensor}}` for every MoE layer of the call (see `diffmoe_hf.models.moe.MoECollector`), e.g.
@@ -71,7 +71,7 @@ MOE_LAYER_PATTERNS = ("all", "odd", "none")
 def resolve_moe_layers(moe_layers: str | list[int], num_layers: int) -> list[int]:
     """
     The indices of a model's MoE blocks, from its `moe_layers` config field: `"all"`, `"odd"` (blocks 1, 3, 5, ...:
-    the released DSMoE, JiTMoE and DiffMoE models), `"none"` (a dense model) or a list of block indices.
+    the released DSMoE, JiTMoE and DiffMoE (Shi et al.) models), `"none"` (a dense model) or a list of block indices.
 
     Raises:
         ValueError: for anything else (including `None`, whose meaning differed between families in earlier versions;
@@ -124,7 +124,7 @@ class DiTForwardMixin(CacheMixin):
 
     Attributes:
         routing_depends_on_batch (`bool`): Whether a sample's output depends on the other samples of the call (MoE
-            routing over the tokens of the whole batch, as DiffMoE's capacity predictor does). `False` for
+            routing over the tokens of the whole batch, as the capacity predictor of DiffMoE, Shi et al., does). `False` for
             per-token routing. When `True`, `ClassConditionalMoEPipeline` runs the conditional and the unconditional
             batch of classifier-free guidance as two separate calls, as the original samplers do, instead of one
             concatenated batch.
@@ -132,12 +132,12 @@ class DiTForwardMixin(CacheMixin):
 
     routing_depends_on_batch: bool = False
 
-    # diffusers' model settings, the same for every family (Diff-MoE names its own block class)
+    # diffusers' model settings, the same for every family (Diff-MoE of Cheng et al. names its own block class)
     _supports_gradient_checkpointing = True
     _no_split_modules = ["AdaLNZeroTransformerBlock", "AdaLNZeroMoETransformerBlock"]
     # one compiled graph per block class: dense and MoE blocks (see `AdaLNZeroMoETransformerBlock`)
     _repeated_blocks = ["AdaLNZeroTransformerBlock", "AdaLNZeroMoETransformerBlock"]
-    # routing decisions are computed in float32 whatever the model's dtype (DiffMoE's capacity predictor too)
+    # routing decisions are computed in float32 whatever the model's dtype (the capacity predictor of DiffMoE, Shi et al., too)
     _skip_layerwise_casting_patterns = ["pos_embed", "norm", "embedding", "router", "capacity_predictor"]
     _keep_in_fp32_modules = ["router", "capacity_predictor"]
 
@@ -209,7 +209,7 @@ class DiTForwardMixin(CacheMixin):
     def finish_moe_call(self, collector: MoECollector) -> None:
         """
         Called once per forward by `returns_moe_outputs`, after the blocks ran and the call's collector closed, with
-        what the MoE layers reported. Families whose layers calibrate state in training override it (DiffMoE updates
+        what the MoE layers reported. Families whose layers calibrate state in training override it (DiffMoE of Shi et al. updates
         its capacity thresholds here, so that recomputed blocks cannot apply an update twice); the default does
         nothing.
         """
@@ -241,8 +241,8 @@ class DiTForwardMixin(CacheMixin):
             `sample`: (B, out_channels, H, W), the formulation's prediction in the first C channels (the velocity
             `data - noise` for `rf-noise-at-0`, `noise - data` for `rf-noise-at-1`, eps for `ddpm-learned-sigma`)
             and, for models with 2C outputs, the learned-variance values (DDPM) or an untrained half. In training mode
-            also `aux_loss` and `moe_statistics`. DiffMoE's layers (`routing_depends_on_batch`) route over all B
-            samples together.
+            also `aux_loss` and `moe_statistics`. The layers of DiffMoE (Shi et al.; `routing_depends_on_batch`)
+            route over all B samples together.
         """
         tokens, conditioning, _, _ = self.embed_inputs(hidden_states, timestep, class_labels)
         height, width = hidden_states.shape[-2:]

@@ -39,10 +39,10 @@ class MoECollector:
 
     Attributes:
         aux_losses: Scalar auxiliary losses in report order, each with its autograd graph (the routers' load-balancing
-            losses, DiffMoE's capacity-predictor losses).
+            losses, the capacity-predictor losses of DiffMoE, Shi et al.).
         statistics: `{reporting module: {statistic name: tensor}}` in report order. The statistics are detached:
             `tokens_per_expert` (E,) int64 (token, expert) assignments per expert (every MoE layer in training mode);
-            `capacity_quantile` (E,) float32, the probability DiffMoE's thresholds move towards (see
+            `capacity_quantile` (E,) float32, the probability the thresholds of DiffMoE (Shi et al.) move towards (see
             `DynamicTokenMoE`).
     """
 

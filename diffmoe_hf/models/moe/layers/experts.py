@@ -78,7 +78,7 @@ class GroupedExperts(nn.ModuleList):
         Args:
             tokens: (S, D) token pool.
             segments: the routing sorted by expert (`segments_from_topk`, or a family's own selection).
-            expert_inputs: extra per-call inputs of `forward_grouped` (e.g. Diff-MoE's per-sample conditioning, which
+            expert_inputs: extra per-call inputs of `forward_grouped` (e.g. the per-sample conditioning of Diff-MoE, Cheng et al., which
                 the bank gathers per row through `segments.token_index`).
 
         Returns:
@@ -201,7 +201,7 @@ class SwiGLUExperts(StackedLinearExperts):
 class GeluMLPExperts(StackedLinearExperts):
     """
     E GELU-tanh MLPs with biases, `Linear(D, I) -> GELU(tanh) -> Linear(I, D)`, each a diffusers
-    `FeedForward(activation_fn="gelu-approximate")` (`experts.{e}.net.0.proj`, `experts.{e}.net.2`; DiffMoE). With a
+    `FeedForward(activation_fn="gelu-approximate")` (`experts.{e}.net.0.proj`, `experts.{e}.net.2`; DiffMoE of Shi et al.). With a
     fast backend both projections run as grouped GEMMs with per-expert biases.
 
     Args:

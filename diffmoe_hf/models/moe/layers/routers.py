@@ -86,7 +86,7 @@ class SigmoidGroupLimitedRouter(nn.Module):
 
 class SoftmaxTopKRouter(nn.Module):
     """
-    Softmax top-k routing (DiT-MoE, Diff-MoE), computed in float32: `p = softmax(x @ W.T)` over the E experts, the k
+    Softmax top-k routing (DiT-MoE, Diff-MoE of Cheng et al.), computed in float32: `p = softmax(x @ W.T)` over the E experts, the k
     most probable experts are taken, and their weights are the raw probabilities (they do not sum to 1) unless
     `normalize_weights`.
 

@@ -1,8 +1,8 @@
 """How routed (token, expert) pairs are laid out for the experts: sorted by expert into contiguous segments, and the
 weighted expert outputs summed back onto their tokens.
 
-Token-choice routing (each token picks k experts: DSMoE, JiTMoE, DiT-MoE, Diff-MoE) and expert-choice routing (each
-expert picks its tokens: DiffMoE of Shi et al.) both end in one `ExpertSegments`, so every expert bank runs on the same
+Token-choice routing (each token picks k experts: DSMoE, JiTMoE, DiT-MoE, Diff-MoE of Cheng et al.) and expert-choice routing
+(each expert picks its tokens: DiffMoE of Shi et al.) both end in one `ExpertSegments`, so every expert bank runs on the same
 layout whichever way the tokens were chosen.
 """
 
