@@ -110,6 +110,7 @@ def resolve_expert_backend(requested: str, projections: list[nn.Module], rows: t
         `"modules"` if requested or if any projection's weights cannot be read directly (`reads_weights_directly`),
         else the requested fast backend (`default_expert_backend` for `"auto"`).
     """
+    check_expert_backend(requested)  # also a name set on a bank directly, not through set_expert_backend
     if requested == "modules" or _global_module_hooks():
         return "modules"
     dtype, device = rows.dtype, rows.device
