@@ -19,7 +19,7 @@ def _inputs():
 
 
 def test_a_layer_outside_any_call_reports_nothing_and_computes_the_same():
-    router = SoftmaxTopKRouter(8, num_experts=4, num_experts_per_tok=2).train()
+    router = SoftmaxTopKRouter(dim=8, num_experts=4, num_experts_per_tok=2).train()
     tokens = torch.randn(6, 8)
     assert active_moe_collector() is None
     outside = router(tokens)
@@ -59,7 +59,7 @@ def test_collectors_close_in_order_and_a_layer_reports_once():
     first.__exit__(None, None, None)
     assert active_moe_collector() is None
 
-    router = SoftmaxTopKRouter(8, num_experts=4, num_experts_per_tok=2).train()
+    router = SoftmaxTopKRouter(dim=8, num_experts=4, num_experts_per_tok=2).train()
     with MoECollector(), pytest.raises(RuntimeError, match="once per model call"):
         router(torch.randn(6, 8))
         router(torch.randn(6, 8))
