@@ -24,6 +24,7 @@ from diffmoe_hf.models.moe import (
     SoftmaxTopKRouter,
     SwiGLU,
     SwiGLUExperts,
+    SwiGLUTokenChoiceMoE,
 )
 from diffmoe_hf.models.spatial_temporal_moe_layer import (
     LowRankModulation,
@@ -58,6 +59,7 @@ SHARED_LAYERS = [
     SwiGLU,
     SwiGLUExperts,
     GeluMLPExperts,
+    SwiGLUTokenChoiceMoE,
     DeepSeekMoE,
     SoftmaxTopKMoE,
     LowRankModulation,

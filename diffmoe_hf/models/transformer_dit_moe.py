@@ -18,7 +18,6 @@ The original's `pretraining_tp` (tensor-parallel slicing of the expert matmuls) 
 is not reproduced.
 """
 
-import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin
@@ -29,7 +28,7 @@ from torch import nn
 from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer
 from .embeddings import TimestepClassEmbedding
 from .modeling_common import DiTForwardMixin
-from .moe import SoftmaxTopKRouter, SwiGLU, SwiGLUExperts, segments_from_topk
+from .moe import SoftmaxTopKRouter, SwiGLUTokenChoiceMoE
 from .presets import preset_config
 
 
@@ -56,7 +55,7 @@ DIT_MOE_PRESET_ALIASES = {"DiT-" + key.removeprefix("DiT-MoE-"): key for key in 
 QK_NORMS = (None, "layer_norm")
 
 
-class SoftmaxTopKMoE(nn.Module):
+class SoftmaxTopKMoE(SwiGLUTokenChoiceMoE):
     """
     MoE feed-forward with softmax top-k routing (DiT-MoE's `SparseMoeBlock`): a `SoftmaxTopKRouter` sends each token
     to k of E SwiGLU experts, whose outputs are weighted by the raw router probabilities (not renormalised unless
@@ -89,29 +88,21 @@ class SoftmaxTopKMoE(nn.Module):
         normalize_weights: bool = False,
         bias: bool = False,
     ):
-        super().__init__()
-        self.num_experts = num_experts
-        self.router = SoftmaxTopKRouter(
+        router = SoftmaxTopKRouter(
             dim=dim,
             num_experts=num_experts,
             num_experts_per_tok=num_experts_per_tok,
             aux_loss_alpha=aux_loss_alpha,
             normalize_weights=normalize_weights,
         )
-        self.experts = SwiGLUExperts(dim=dim, num_experts=num_experts, intermediate_size=intermediate_size, bias=bias)
-        self.shared_experts = None
-        if shared_expert_intermediate_size > 0:
-            self.shared_experts = SwiGLU(dim=dim, intermediate_size=shared_expert_intermediate_size, bias=bias)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) -> (B, N, D). Routing is per token, so each sample's output is independent of the batch."""
-        tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
-        expert_ids, expert_weights = self.router(tokens)
-        routed = self.experts.forward_routed(tokens, segments_from_topk(expert_ids, expert_weights, self.num_experts))
-        routed = routed.to(hidden_states.dtype).view_as(hidden_states)
-        if self.shared_experts is not None:
-            return routed + self.shared_experts(hidden_states)
-        return routed
+        super().__init__(
+            router=router,
+            dim=dim,
+            num_experts=num_experts,
+            intermediate_size=intermediate_size,
+            shared_expert_intermediate_size=shared_expert_intermediate_size,
+            bias=bias,
+        )
 
 
 class DiTMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):

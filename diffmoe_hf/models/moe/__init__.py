@@ -1,7 +1,8 @@
 """The MoE code every family shares, split like megablocks into layers and ops.
 
 - `layers/`: `nn.Module`s a model builds: the routers (`routers`), the expert banks and how they run their experts
-  (`experts`, `expert_backends`), and the DeepSeek-style MoE feed-forward of DSMoE and JiTMoE (`deepseek_moe`).
+  (`experts`, `expert_backends`), the token-choice SwiGLU MoE layer of DSMoE, JiTMoE and DiT-MoE (`swiglu_moe`)
+  and its DeepSeek-style variant (`deepseek_moe`).
 - `ops/`: tensor functions and custom ops with no parameters: the routing layout (`routing_layout`: routed pairs
   sorted into per-expert segments and combined back) and the grouped GEMMs that run all experts at once
   (`grouped_gemm`, `mkl_grouped_gemm`).
@@ -32,5 +33,6 @@ from .layers.experts import (
     swiglu_activation,
 )
 from .layers.routers import SigmoidGroupLimitedRouter, SoftmaxTopKRouter, assignments_per_expert
+from .layers.swiglu_moe import SwiGLUTokenChoiceMoE
 from .ops.grouped_gemm import grouped_linear, segment_linear, segment_mm
 from .ops.routing_layout import ExpertSegments, combine_segments, segments_from_expert_choice, segments_from_topk

@@ -1,15 +1,11 @@
 """The DeepSeek-style MoE feed-forward shared by DSMoE and JiTMoE: a sigmoid group-limited router over SwiGLU experts,
 plus shared experts."""
 
-import torch
-from torch import nn
-
-from ..ops.routing_layout import segments_from_topk
-from .experts import SwiGLU, SwiGLUExperts
 from .routers import SigmoidGroupLimitedRouter
+from .swiglu_moe import SwiGLUTokenChoiceMoE
 
 
-class DeepSeekMoE(nn.Module):
+class DeepSeekMoE(SwiGLUTokenChoiceMoE):
     """
     DeepSeek-style MoE feed-forward (DSMoE, JiTMoE): sigmoid group-limited routing over SwiGLU experts, plus shared
     SwiGLU experts that every token passes through. Without shared experts the layer adds its own input instead (as
@@ -26,6 +22,8 @@ class DeepSeekMoE(nn.Module):
         bias (`bool`): Biases on the expert projections (JiTMoE) or not (DSMoE).
     """
 
+    adds_input_without_shared_experts = True
+
     def __init__(
         self,
         *,
@@ -39,9 +37,7 @@ class DeepSeekMoE(nn.Module):
         shared_expert_intermediate_size: int = 0,
         bias: bool = False,
     ):
-        super().__init__()
-        self.num_experts = num_experts
-        self.router = SigmoidGroupLimitedRouter(
+        router = SigmoidGroupLimitedRouter(
             dim=dim,
             num_experts=num_experts,
             num_experts_per_tok=num_experts_per_tok,
@@ -49,17 +45,11 @@ class DeepSeekMoE(nn.Module):
             topk_group=topk_group,
             routed_scaling_factor=routed_scaling_factor,
         )
-        self.experts = SwiGLUExperts(dim=dim, num_experts=num_experts, intermediate_size=intermediate_size, bias=bias)
-        self.shared_experts = None
-        if shared_expert_intermediate_size > 0:
-            self.shared_experts = SwiGLU(dim=dim, intermediate_size=shared_expert_intermediate_size, bias=bias)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) -> (B, N, D). Routing is per token, so each sample's output is independent of the batch."""
-        tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
-        expert_ids, expert_weights = self.router(tokens)
-        routed = self.experts.forward_routed(tokens, segments_from_topk(expert_ids, expert_weights, self.num_experts))
-        routed = routed.to(hidden_states.dtype).view_as(hidden_states)
-        if self.shared_experts is not None:
-            return routed + self.shared_experts(hidden_states)
-        return routed + hidden_states
+        super().__init__(
+            router=router,
+            dim=dim,
+            num_experts=num_experts,
+            intermediate_size=intermediate_size,
+            shared_expert_intermediate_size=shared_expert_intermediate_size,
+            bias=bias,
+        )
