@@ -17,7 +17,7 @@ from diffusers.models.embeddings import PatchEmbed
 from diffusers.models.modeling_utils import ModelMixin
 
 from .blocks import PatchOutputLayer, adaln_zero_blocks
-from .dynamic_token_moe_layer import DynamicTokenMoE, update_capacity_thresholds
+from .dynamic_token_moe_layer import DynamicTokenMoE, rename_gate_to_router, update_capacity_thresholds
 from .embeddings import TimestepClassEmbedding
 from .modeling_common import (
     DiTForwardMixin,
@@ -204,8 +204,9 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
     def _fix_state_dict_keys_on_load(self, state_dict) -> None:
         """Renames, in place, the router keys of folders saved when it was called `gate` (`...ff.gate.weight`)."""
         super()._fix_state_dict_keys_on_load(state_dict)
-        for key in [k for k in state_dict if k.endswith(".ff.gate.weight")]:
-            state_dict[key.removesuffix("gate.weight") + "router.weight"] = state_dict.pop(key)
+        for name, module in self.named_modules():
+            if isinstance(module, DynamicTokenMoE):
+                rename_gate_to_router(state_dict, f"{name}.")
 
     def finish_moe_call(self, collector: MoECollector) -> None:
         """
