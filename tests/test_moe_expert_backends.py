@@ -63,12 +63,15 @@ def float64_reference():
 
         def project(hidden, *paths):
             weights, biases = expert_parameters(bank, "weight", paths), expert_parameters(bank, "bias", paths)
-            per_expert = []
-            for expert, chunk in enumerate(hidden.double().split(segments.sizes())):
-                parts = range(expert * len(paths), (expert + 1) * len(paths))
-                per_expert.append(torch.cat(
-                    [F.linear(chunk, weights[p].double(), biases[p].double() if biases else None) for p in parts], -1
-                ))  # fmt: skip
+
+            def linear(chunk, index):  # projection `index` of the expert-major list, in float64
+                return F.linear(chunk, weights[index].double(), biases[index].double() if biases else None)
+
+            chunks = hidden.double().split(segments.sizes())
+            per_expert = [
+                torch.cat([linear(chunk, e * len(paths) + p) for p in range(len(paths))], dim=-1)
+                for e, chunk in enumerate(chunks)
+            ]
             return torch.cat(per_expert).to(hidden.dtype)
 
         return bank.forward_projected(rows, segments, project, **expert_inputs)
