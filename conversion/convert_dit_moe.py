@@ -27,11 +27,17 @@ import torch
 import yaml
 
 from diffmoe_hf.families import get_family
-from diffmoe_hf.models.presets import resolve_preset
 from diffmoe_hf.models.transformer_dit_moe import DIT_MOE_PRESET_ALIASES, DIT_MOE_PRESETS, DiTMoETransformer2DModel
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
-from .state_dict_utils import DIT_SKELETON_RENAME_RULES, build_converted_model
+from .family_converter import FamilyConverter, write_original_files
+from .state_dict_utils import (
+    DIT_SKELETON_RENAME_RULES,
+    build_converted_model,
+    fixed_pos_embed,
+    original_state_dict,
+    resolve_checkpoint_preset,
+)
 
 
 FORMULATIONS = ("ddpm-learned-sigma", "rf-noise-at-1")
@@ -90,8 +96,8 @@ def _is_architecture(name) -> bool:
 def _preset_fields(name: str, origin: str) -> dict:
     """Upstream architecture fields of a preset key or original `DiT_models` name."""
     try:
-        preset = DIT_MOE_PRESETS[resolve_preset("dit-moe", DIT_MOE_PRESETS, name, DIT_MOE_PRESET_ALIASES)]
-    except ValueError as err:
+        preset = DIT_MOE_PRESETS[resolve_checkpoint_preset("dit-moe", DIT_MOE_PRESETS, name, DIT_MOE_PRESET_ALIASES)]
+    except CheckpointError as err:
         raise CheckpointError(f"{err} (from {origin})") from None
     return dict(
         depth=preset["num_layers"],
@@ -376,3 +382,24 @@ DIT_MOE_MODEL_CARD = dict(
         "(DiT-MoE-S/2-8E2A, -S/2-16E2A, -B/2-8E2A, -XL/2-8E2A, -G/2-16E2A)."
     ),
 )
+
+
+def write_original_dit_moe(model: DiTMoETransformer2DModel, folder: str) -> dict:
+    """`model` as the original DiT-MoE code saves it (timm attention layout: a model without q/k norm), with its
+    `models.DiT` arguments and formulation (see `FamilyConverter.write_original`)."""
+    if model.config["qk_norm"] is not None:
+        raise ValueError("Only models without q/k norm have the timm attention layout written here.")
+    config = model.config
+    arguments = dict(
+        input_size=config["sample_size"], patch_size=config["patch_size"], in_channels=config["in_channels"],
+        hidden_size=config["num_attention_heads"] * config["attention_head_dim"], depth=config["num_layers"],
+        num_heads=config["num_attention_heads"], class_dropout_prob=config["class_dropout_prob"],
+        num_classes=config["num_classes"], num_experts=config["num_experts"],
+        num_experts_per_tok=config["num_experts_per_tok"],
+        learn_sigma=config["out_channels"] == 2 * config["in_channels"], formulation=config["formulation"],
+    )  # fmt: skip
+    state_dict = {**original_state_dict(model, _RENAME_RULES), **fixed_pos_embed(model)}
+    return write_original_files(folder, state_dict, arguments)
+
+
+DIT_MOE_CONVERTER = FamilyConverter(build_dit_moe_transformer, DIT_MOE_MODEL_CARD, write_original_dit_moe)

@@ -189,7 +189,7 @@ def _add_evaluate_digits_parser(subparsers) -> None:
 
 
 def _add_sample_parser(subparsers) -> None:
-    from diffmoe_hf.evaluation.commands import add_sample_arguments, run_sample
+    from diffmoe_hf.cli_evaluation import add_sample_arguments, run_sample
 
     parser = subparsers.add_parser(
         "sample",
@@ -203,7 +203,7 @@ def _add_sample_parser(subparsers) -> None:
 
 
 def _add_evaluate_parser(subparsers) -> None:
-    from diffmoe_hf.evaluation.commands import add_evaluate_arguments, run_evaluate
+    from diffmoe_hf.cli_evaluation import add_evaluate_arguments, run_evaluate
 
     parser = subparsers.add_parser(
         "evaluate",

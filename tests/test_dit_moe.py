@@ -13,12 +13,11 @@ from diffmoe_hf import ClassConditionalMoEPipeline, DiTMoETransformer2DModel
 from diffmoe_hf.conversion import (
     CheckpointError,
     convert_checkpoint,
-    convert_dit_moe,
     init_empty_model,
     load_original_checkpoint,
 )
 from diffmoe_hf.conversion.checkpoint_io import LoadedCheckpoint
-from diffmoe_hf.conversion.convert_dit_moe import build_dit_moe_transformer, dit_moe_config
+from diffmoe_hf.conversion.convert_dit_moe import build_dit_moe_transformer, convert_dit_moe, dit_moe_config
 from diffmoe_hf.models.moe import MoECollector
 
 from .conftest import parity_root

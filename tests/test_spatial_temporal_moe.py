@@ -7,12 +7,8 @@ import pytest
 import torch
 
 from diffmoe_hf import SPATIAL_TEMPORAL_MOE_PRESETS, ClassConditionalMoEPipeline, SpatialTemporalMoETransformer2DModel
-from diffmoe_hf.conversion import (
-    CheckpointError,
-    LoadedCheckpoint,
-    build_spatial_temporal_moe_transformer,
-    convert_checkpoint,
-)
+from diffmoe_hf.conversion import CheckpointError, LoadedCheckpoint, convert_checkpoint
+from diffmoe_hf.conversion.convert_spatial_temporal_moe import build_spatial_temporal_moe_transformer
 from diffmoe_hf.models.attention import apply_rotary, rotary_tables
 
 from .helpers import (

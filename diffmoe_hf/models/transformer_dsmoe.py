@@ -169,7 +169,7 @@ class DSMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdap
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DSMoETransformer2DModel":
         """A randomly initialised model with the architecture of a released checkpoint (see `DSMOE_PRESETS`)."""
-        return cls(**{**preset_config("dsmoe", DSMOE_PRESETS, name, _RELEASED_COMMON), **overrides})
+        return cls(**{**preset_config("DSMoE (Liu et al. 2025)", DSMOE_PRESETS, name, _RELEASED_COMMON), **overrides})
 
     def block_inputs(self, tokens: torch.Tensor, height: int, width: int) -> tuple:
         """The rotary tables of the (height / p) x (width / p) token grid, unless the model adds sin-cos positions."""
