@@ -385,20 +385,26 @@ DIT_MOE_MODEL_CARD = dict(
 
 
 def write_original_dit_moe(model: DiTMoETransformer2DModel, folder: str) -> dict:
-    """`model` as the original DiT-MoE code saves it (timm attention layout: a model without q/k norm), with its
-    `models.DiT` arguments and formulation (see `FamilyConverter.write_original`)."""
-    if model.config["qk_norm"] is not None:
-        raise ValueError("Only models without q/k norm have the timm attention layout written here.")
+    """`model` as the original DiT-MoE code saves it (the flash attention layout for a model with q/k norms, else
+    timm's), with its `models.DiT` arguments and formulation (see `FamilyConverter.write_original`)."""
     config = model.config
+    flash = config["qk_norm"] is not None
+    if flash and config["qk_norm"] != "layer_norm":
+        raise ValueError("The original flash attention layout has LayerNorm q/k norms.")
+    # the first rule that produces a key wins: the flash names first for a model with q/k norms
+    rules = (
+        sorted(_RENAME_RULES, key=lambda rule: not re.search(r"Wqkv|out_proj", rule[0])) if flash else _RENAME_RULES
+    )
     arguments = dict(
         input_size=config["sample_size"], patch_size=config["patch_size"], in_channels=config["in_channels"],
         hidden_size=config["num_attention_heads"] * config["attention_head_dim"], depth=config["num_layers"],
         num_heads=config["num_attention_heads"], class_dropout_prob=config["class_dropout_prob"],
         num_classes=config["num_classes"], num_experts=config["num_experts"],
         num_experts_per_tok=config["num_experts_per_tok"],
-        learn_sigma=config["out_channels"] == 2 * config["in_channels"], formulation=config["formulation"],
+        learn_sigma=config["out_channels"] == 2 * config["in_channels"], use_flash_attn=flash,
+        formulation=config["formulation"],
     )  # fmt: skip
-    state_dict = {**original_state_dict(model, _RENAME_RULES), **fixed_pos_embed(model)}
+    state_dict = {**original_state_dict(model, rules), **fixed_pos_embed(model)}
     return write_original_files(folder, state_dict, arguments)
 
 

@@ -138,6 +138,8 @@ def register_family(family: ModelFamily) -> ModelFamily:
 _CONVERSION = "diffmoe_hf.conversion"
 # the latent families' tiny token grid: 4 x 8 x 8 latents in 2 x 2 patches
 _TINY_LATENT = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_classes=10)
+_DSMOE_TINY = dict(_TINY_LATENT, num_attention_heads=2, attention_head_dim=8, mlp_ratio=2.0, num_experts=4,
+                   num_experts_per_tok=2, moe_intermediate_size=8, n_group=2, topk_group=2)  # fmt: skip
 _JITMOE_TINY = dict(sample_size=16, patch_size=4, num_layers=4, num_attention_heads=2, attention_head_dim=8,
                     mlp_ratio=1.0, num_classes=10, bottleneck_dim=4, in_context_len=2, in_context_start=1,
                     moe_layers=[1, 3], num_experts=4, moe_intermediate_size=8)  # fmt: skip
@@ -151,8 +153,7 @@ register_family(ModelFamily(
     "dsmoe", DSMoETransformer2DModel, "DSMoE, Liu et al. 2025", "DeepSeek-style experts",
     label="DSMoE (Liu et al. 2025)", converter=f"{_CONVERSION}.convert_dsmoe:DSMOE_CONVERTER",
     formulations=("rf-noise-at-0",), presets=DSMOE_PRESETS, published=DSMOE_PUBLISHED,
-    tiny={"default": dict(_TINY_LATENT, num_attention_heads=2, attention_head_dim=8, mlp_ratio=2.0, num_experts=4,
-                          num_experts_per_tok=2, moe_intermediate_size=8, n_group=2, topk_group=2)},
+    tiny={"default": _DSMOE_TINY, "rms-norm": dict(_DSMOE_TINY, norm_type="rms_norm")},
 ))  # fmt: skip
 register_family(ModelFamily(
     "jit", JiTTransformer2DModel, "JiT, Li & He 2025, and JiTMoE, Liu et al. 2025", "pixel-space x-prediction",
@@ -183,7 +184,8 @@ register_family(ModelFamily(
     formulations=("ddpm-learned-sigma", "rf-noise-at-1"), presets=DIT_MOE_PRESETS,
     preset_aliases=DIT_MOE_PRESET_ALIASES, published=DIT_MOE_PUBLISHED,
     # the rectified-flow variant first (the Diff-MoE tiny model covers DDPM with learned sigma)
-    tiny={"rectified-flow": dict(_DIT_MOE_TINY, formulation="rf-noise-at-1"), "ddpm": _DIT_MOE_TINY},
+    tiny={"rectified-flow": dict(_DIT_MOE_TINY, formulation="rf-noise-at-1"), "ddpm": _DIT_MOE_TINY,
+          "qk-norm": dict(_DIT_MOE_TINY, qk_norm="layer_norm")},
 ))  # fmt: skip
 
 

@@ -7,13 +7,7 @@ import json
 import pytest
 import torch
 
-from diffmoe_hf import (
-    DiTMoETransformer2DModel,
-    DSMoETransformer2DModel,
-    DynamicTokenMoETransformer2DModel,
-    JiTTransformer2DModel,
-    SpatialTemporalMoETransformer2DModel,
-)
+from diffmoe_hf.families import FAMILIES, get_family
 from diffmoe_hf.models.blocks import AdaLNZeroTransformerBlock
 from diffmoe_hf.models.dynamic_token_moe_layer import CapacityPredictor, DynamicTokenMoE, ExpertChoiceRouter
 from diffmoe_hf.models.modeling_common import resolve_moe_layers
@@ -36,21 +30,9 @@ from diffmoe_hf.models.transformer_dit_moe import SoftmaxTopKMoE
 from diffmoe_hf.models.transformer_spatial_temporal_moe import SpatialTemporalMoEBlock
 
 from .helpers import randomize_weights, tiny_dsmoe
-from .test_jit import TINY as JIT_TINY
-from .test_spatial_temporal_moe import TINY as SPATIAL_TEMPORAL_TINY
 
 
-DYNAMIC_TOKEN_TINY = dict(
-    sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=3, num_attention_heads=2,
-    attention_head_dim=4, mlp_ratio=1.0, num_classes=10, num_experts=4,
-)  # fmt: skip
-MODEL_CLASSES = [
-    DSMoETransformer2DModel,
-    JiTTransformer2DModel,
-    DiTMoETransformer2DModel,
-    DynamicTokenMoETransformer2DModel,
-    SpatialTemporalMoETransformer2DModel,
-]
+MODEL_CLASSES = [family.model_class for family in FAMILIES.values()]
 SHARED_LAYERS = [
     AdaLNZeroTransformerBlock,
     SpatialTemporalMoEBlock,
@@ -108,7 +90,7 @@ def test_the_config_records_the_resolved_layers_and_widths():
     model = tiny_dsmoe(num_layers=4)
     assert model.config.moe_layers == [1, 3]
     assert model.config.shared_expert_intermediate_size == model.config.moe_intermediate_size
-    dense = JiTTransformer2DModel(**{**JIT_TINY, "moe_layers": "none"})
+    dense = get_family("jit").tiny_model("dense")
     assert dense.config.moe_layers == [] and not any(hasattr(b.ff, "router") for b in dense.transformer_blocks)
 
 
@@ -151,21 +133,22 @@ LEGACY_CASES = {
     # DSMoE's `moe_layers: null` meant the odd blocks
     "dsmoe": (lambda: tiny_dsmoe(num_layers=4), _legacy_dsmoe_or_jit("odd")),
     # JiT's meant no MoE block at all
-    "jit-dense": (lambda: JiTTransformer2DModel(**{**JIT_TINY, "moe_layers": "none"}), _legacy_dsmoe_or_jit("none")),
-    "jitmoe": (lambda: JiTTransformer2DModel(**JIT_TINY), _legacy_dsmoe_or_jit(None)),
+    "jit-dense": (lambda: get_family("jit").tiny_model("dense"), _legacy_dsmoe_or_jit("none")),
+    "jitmoe": (lambda: get_family("jit").tiny_model("jitmoe"), _legacy_dsmoe_or_jit(None)),
     "diff-moe-shared": (
-        lambda: SpatialTemporalMoETransformer2DModel(**SPATIAL_TEMPORAL_TINY),
+        lambda: get_family("spatial-temporal-moe").tiny_model("shared-expert"),
         _legacy_spatial_temporal,
     ),
     "diffmoe-shared": (
-        lambda: DynamicTokenMoETransformer2DModel(**DYNAMIC_TOKEN_TINY, shared_expert_intermediate_size=64),
+        lambda: get_family("dynamic-token-moe").tiny_model("shared-expert", num_layers=3),
         _legacy_dynamic_token(num_shared_experts=1),
     ),
-    "diffmoe-no-shared": (lambda: DynamicTokenMoETransformer2DModel(**DYNAMIC_TOKEN_TINY), _legacy_dynamic_token(0)),
+    "diffmoe-no-shared": (
+        lambda: get_family("dynamic-token-moe").tiny_model("no-shared-expert", num_layers=3),
+        _legacy_dynamic_token(0),
+    ),
     "diff-moe-no-shared": (
-        lambda: SpatialTemporalMoETransformer2DModel(
-            **{**SPATIAL_TEMPORAL_TINY, "shared_expert_intermediate_size": 0}
-        ),
+        lambda: get_family("spatial-temporal-moe").tiny_model("no-shared-expert"),
         _legacy_spatial_temporal,
     ),
 }

@@ -17,6 +17,7 @@ from diffmoe_hf.training import extract_features
 from diffmoe_hf.training.train_class_conditional import main, parse_args
 
 from .conftest import REPO_ROOT
+from .helpers import registered_families
 from .training_helpers import (
     NUM_CLASSES,
     make_image_folder,
@@ -25,9 +26,6 @@ from .training_helpers import (
     script_args,
     tiny_transformer,
 )
-
-
-FAMILIES = ["dsmoe", "diff-moe", "diffmoe-dts", "dit-moe", "jit"]
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +52,7 @@ def _png(path):
     return np.asarray(Image.open(path)).astype(int)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", registered_families())
 def test_lora_training_reloads_with_load_lora_weights(family, images, tmp_path):
     pretrained = save_tiny_pipeline(str(tmp_path / "pipe"), family)
     out = str(tmp_path / "lora")
