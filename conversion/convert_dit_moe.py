@@ -384,6 +384,14 @@ DIT_MOE_MODEL_CARD = dict(
 )
 
 
+def original_dit_moe_state_dict(model: DiTMoETransformer2DModel) -> dict[str, torch.Tensor]:
+    """The `models.DiT` state dict of `model`: the flash attention layout for a model with q/k norms, else timm's."""
+    rules = _RENAME_RULES
+    if model.config["qk_norm"] is not None:  # the first rule that produces a key wins: the flash names first
+        rules = sorted(_RENAME_RULES, key=lambda rule: not re.search(r"Wqkv|out_proj", rule[0]))
+    return {**original_state_dict(model, rules), **fixed_pos_embed(model)}
+
+
 def write_original_dit_moe(model: DiTMoETransformer2DModel, folder: str) -> dict:
     """`model` as the original DiT-MoE code saves it (the flash attention layout for a model with q/k norms, else
     timm's), with its `models.DiT` arguments and formulation (see `FamilyConverter.write_original`)."""
@@ -391,10 +399,6 @@ def write_original_dit_moe(model: DiTMoETransformer2DModel, folder: str) -> dict
     flash = config["qk_norm"] is not None
     if flash and config["qk_norm"] != "layer_norm":
         raise ValueError("The original flash attention layout has LayerNorm q/k norms.")
-    # the first rule that produces a key wins: the flash names first for a model with q/k norms
-    rules = (
-        sorted(_RENAME_RULES, key=lambda rule: not re.search(r"Wqkv|out_proj", rule[0])) if flash else _RENAME_RULES
-    )
     arguments = dict(
         input_size=config["sample_size"], patch_size=config["patch_size"], in_channels=config["in_channels"],
         hidden_size=config["num_attention_heads"] * config["attention_head_dim"], depth=config["num_layers"],
@@ -404,8 +408,7 @@ def write_original_dit_moe(model: DiTMoETransformer2DModel, folder: str) -> dict
         learn_sigma=config["out_channels"] == 2 * config["in_channels"], use_flash_attn=flash,
         formulation=config["formulation"],
     )  # fmt: skip
-    state_dict = {**original_state_dict(model, rules), **fixed_pos_embed(model)}
-    return write_original_files(folder, state_dict, arguments)
+    return write_original_files(folder, original_dit_moe_state_dict(model), arguments)
 
 
 DIT_MOE_CONVERTER = FamilyConverter(build_dit_moe_transformer, DIT_MOE_MODEL_CARD, write_original_dit_moe)
