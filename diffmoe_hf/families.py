@@ -140,9 +140,9 @@ _CONVERSION = "diffmoe_hf.conversion"
 _TINY_LATENT = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_classes=10)
 _DSMOE_TINY = dict(_TINY_LATENT, num_attention_heads=2, attention_head_dim=8, mlp_ratio=2.0, num_experts=4,
                    num_experts_per_tok=2, moe_intermediate_size=8, n_group=2, topk_group=2)  # fmt: skip
-_JITMOE_TINY = dict(sample_size=16, patch_size=4, num_layers=4, num_attention_heads=2, attention_head_dim=8,
-                    mlp_ratio=1.0, num_classes=10, bottleneck_dim=4, in_context_len=2, in_context_start=1,
-                    moe_layers=[1, 3], num_experts=4, moe_intermediate_size=8)  # fmt: skip
+_JIT_TINY = dict(sample_size=16, patch_size=4, num_layers=4, num_attention_heads=2, attention_head_dim=8, mlp_ratio=1.0,
+                 num_classes=10, bottleneck_dim=4, in_context_len=2, in_context_start=1)  # fmt: skip
+_JITMOE_TINY = dict(_JIT_TINY, moe_layers=[1, 3], num_experts=4, moe_intermediate_size=8)
 _SPATIAL_TEMPORAL_TINY = dict(_TINY_LATENT, num_attention_heads=4, attention_head_dim=8, num_experts=4,
                               num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=32,
                               modulation_rank=8)  # fmt: skip
@@ -159,7 +159,7 @@ register_family(ModelFamily(
     "jit", JiTTransformer2DModel, "JiT, Li & He 2025, and JiTMoE, Liu et al. 2025", "pixel-space x-prediction",
     label="JiT / JiTMoE (Li & He 2025; Liu et al. 2025)", converter=f"{_CONVERSION}.convert_jit:JIT_CONVERTER",
     formulations=("jit-xpred",), presets=JIT_PRESETS, preset_aliases=JIT_PRESET_ALIASES, published=JITMOE_PUBLISHED,
-    tiny={"jitmoe": _JITMOE_TINY, "dense": dict(_JITMOE_TINY, moe_layers="none")},
+    tiny={"jitmoe": _JITMOE_TINY, "dense": dict(_JIT_TINY, moe_layers="none")},
 ))  # fmt: skip
 register_family(ModelFamily(
     "spatial-temporal-moe", SpatialTemporalMoETransformer2DModel, "Diff-MoE, Cheng et al.",

@@ -25,6 +25,7 @@ from .training_helpers import (
     save_tiny_pipeline,
     script_args,
     tiny_transformer,
+    train,
 )
 
 
@@ -34,13 +35,6 @@ def _offline(monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-
-def train(pretrained: str, data: str, output_dir: str, *extra: str, family: str = "dsmoe"):
-    try:
-        main(parse_args(script_args(pretrained, data, output_dir, *extra, family=family)))
-    finally:
-        AcceleratorState._reset_state(True)
 
 
 @pytest.fixture(scope="module")

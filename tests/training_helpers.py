@@ -54,6 +54,18 @@ def script_args(pretrained: str, data: str, output_dir: str, *extra: str, family
     ]  # fmt: skip
 
 
+def train(pretrained: str, data: str, output_dir: str, *extra: str, family: str = "dsmoe") -> None:
+    """Runs train_class_conditional.py in this process on `script_args(...)` (then resets accelerate's state)."""
+    from accelerate.state import AcceleratorState
+
+    from diffmoe_hf.training.train_class_conditional import main, parse_args
+
+    try:
+        main(parse_args(script_args(pretrained, data, output_dir, *extra, family=family)))
+    finally:
+        AcceleratorState._reset_state(True)
+
+
 def run_two_processes(args: list[str], accelerate_config: str | None = None) -> str:
     """
     Runs the script in 2 CPU processes on gloo: tests/ddp_training_worker.py under torchrun (DDP; it also writes each
