@@ -1,7 +1,11 @@
 """What a family's converter module declares: `FamilyConverter`, named by the family's registration."""
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
+import yaml
 
 
 @dataclass(frozen=True)
@@ -31,11 +35,6 @@ def write_original_files(folder: str, state_dict: dict, config: dict | None = No
     Saves `state_dict` as the EMA weights of `folder/checkpoint.pt` and `config`, when given, as `folder/config.yaml`.
     Returns the `checkpoint_path` / `config_path` arguments of `convert_checkpoint`.
     """
-    import os
-
-    import torch
-    import yaml
-
     os.makedirs(folder, exist_ok=True)
     paths = {"checkpoint_path": os.path.join(folder, "checkpoint.pt")}
     torch.save({"ema": state_dict}, paths["checkpoint_path"])

@@ -21,6 +21,7 @@ from diffmoe_hf import (
     get_formulation,
 )
 from diffmoe_hf.conversion import convert_checkpoint
+from diffmoe_hf.families import get_family
 from diffmoe_hf.formulations import FORMULATIONS
 from diffmoe_hf.space import app as space_app
 from diffmoe_hf.space.routing_view import RoutingView, render_expert_map, render_load
@@ -116,6 +117,11 @@ def test_only_converted_folders_with_safetensors_or_repo_ids_are_loaded(tmp_path
         space_app.load_pipeline(str(pickled))
     with pytest.raises(ValueError, match="neither an existing folder nor a Hub repo id"):
         space_app.load_pipeline(str(tmp_path / "missing" / "folder"))
+
+
+def test_every_model_is_shown_with_its_family(demo_app):
+    assert demo_app.models["diff-moe"].family == get_family("spatial-temporal-moe").label
+    assert demo_app.models["dynamic"].family == get_family("dynamic-token-moe").label
 
 
 def test_scheduler_choices_follow_the_formulation(demo_app):
