@@ -1,5 +1,5 @@
-"""The benchmarked models: one entry per MoE family, its MoE feed-forward layer, and the dense models of equal
-activated FLOPs it is compared with.
+"""The benchmarked models: entries of the registered families (`diffmoe_hf.families`; DSMoE twice, E16 and E48), their
+MoE feed-forward layer, and the dense models of equal activated FLOPs they are compared with.
 
 Dense equivalents:
 - layer: a dense SwiGLU (GELU-tanh MLP for DiffMoE of Shi et al., whose experts are
@@ -11,7 +11,7 @@ Dense equivalents:
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from diffusers import DiTTransformer2DModel
@@ -47,7 +47,7 @@ class Benchmarked:
     family: str
     presets: dict[str, str]
     tiny_variant: str | None = None
-    tiny: dict = field(default_factory=dict)
+    tiny: dict | None = None
 
     def build(self, size: str) -> nn.Module:
         family = get_family(self.family)
