@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from diffmoe_hf.dtypes import DTYPES
 from diffmoe_hf.families import resolve_family
 from diffmoe_hf.formulations import get_formulation
 from diffmoe_hf.labels import imagenet_id2label
@@ -19,7 +20,6 @@ from .convert_dynamic_token_moe import DIFFMOE_DTS_MODEL_CARD, build_dynamic_tok
 from .convert_jit import JIT_MODEL_CARD, build_jit_transformer
 from .convert_spatial_temporal_moe import SPATIAL_TEMPORAL_MOE_MODEL_CARD, build_spatial_temporal_moe_transformer
 from .hub_folder import (
-    DTYPES,
     cast_for_saving,
     check_output_dir,
     push_folder_to_hub,

@@ -37,6 +37,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from tqdm.auto import tqdm
 
 import diffmoe_hf
+from diffmoe_hf.dtypes import DTYPES
 from diffmoe_hf.families import FAMILIES, family_names, get_family, resolve_family
 from diffmoe_hf.formulations import get_formulation
 from diffmoe_hf.pipelines import ClassConditionalMoEPipeline
@@ -429,7 +430,7 @@ def main(args):
                 f" takes {sample_shape}."
             )
 
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)  # mixed precision "no": float32
     if vae is not None:
         vae.requires_grad_(False).to(accelerator.device, dtype=torch.float32).eval()
     if args.cache_latents and vae is not None and args.train_latents_dir is None:
