@@ -37,6 +37,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from tqdm.auto import tqdm
 
 import diffmoe_hf
+from diffmoe_hf import diffusers_floors
 from diffmoe_hf.dtypes import DTYPES
 from diffmoe_hf.families import FAMILIES, family_names, get_family, resolve_family
 from diffmoe_hf.formulations import get_formulation
@@ -61,7 +62,7 @@ from diffmoe_hf.training.data import (
 from diffmoe_hf.training_losses import TimeSampling, diffusion_training_loss
 
 
-check_min_version("0.35.0")
+check_min_version(diffusers_floors.TRAIN)
 
 logger = get_logger(__name__)
 
