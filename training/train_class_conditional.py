@@ -40,7 +40,7 @@ import diffmoe_hf
 from diffmoe_hf import diffusers_floors
 from diffmoe_hf.dtypes import DTYPES
 from diffmoe_hf.families import FAMILIES, family_names, get_family, resolve_family
-from diffmoe_hf.formulations import get_formulation
+from diffmoe_hf.formulations import TimeSampling, get_formulation
 from diffmoe_hf.pipelines import ClassConditionalMoEPipeline
 from diffmoe_hf.routing import record_routing
 from diffmoe_hf.training.checkpoints import (
@@ -59,7 +59,7 @@ from diffmoe_hf.training.data import (
     load_image_dataset,
     relabel,
 )
-from diffmoe_hf.training_losses import TimeSampling, diffusion_training_loss
+from diffmoe_hf.training_losses import diffusion_training_loss
 
 
 check_min_version(diffusers_floors.TRAIN)
