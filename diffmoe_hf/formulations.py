@@ -547,11 +547,44 @@ FORMULATIONS: dict[str, Formulation] = {
 }
 
 
+# The short names of the command line (`--formulation ddpm|rf`) and of the original code of the families trained either
+# way (DiT-MoE, Diff-MoE of Cheng et al., whose train.py `args.rf` flag picks one): DDPM with a learned variance, or
+# rectified flow with noise at t = 1.
+FORMULATION_ALIASES = {"ddpm": "ddpm-learned-sigma", "rf": "rf-noise-at-1"}
+
+
 def get_formulation(name: str) -> Formulation:
     """The registered formulation called `name` (a transformer's `config.formulation`)."""
     if name not in FORMULATIONS:
         raise ValueError(f"Unknown formulation {name!r}; known: {', '.join(FORMULATIONS)}.")
     return FORMULATIONS[name]
+
+
+def resolve_formulation(name: str, allowed=None) -> str:
+    """
+    The registered name that `name` (a registered name or one of `FORMULATION_ALIASES`) stands for.
+
+    Args:
+        name: What the user or a config gave.
+        allowed: The registered names the caller accepts (default: every registered one).
+
+    Raises:
+        ValueError: for any other name, listing the accepted names and aliases.
+    """
+    allowed = tuple(FORMULATIONS if allowed is None else allowed)
+    resolved = FORMULATION_ALIASES.get(name, name)
+    if resolved not in allowed:
+        aliases = [alias for alias, target in FORMULATION_ALIASES.items() if target in allowed]
+        raise ValueError(
+            f"formulation {name!r} is not one of {', '.join(allowed)}"
+            + (f" (or their short names {', '.join(aliases)})" if aliases else "")
+        )
+    return resolved
+
+
+def rf_flag_formulation(rf: bool) -> str:
+    """The formulation the original DiT-MoE / Diff-MoE (Cheng et al.) `args.rf` flag selects."""
+    return FORMULATION_ALIASES["rf" if rf else "ddpm"]
 
 
 def available_schedulers(formulation: str, scheduler: SchedulerMixin) -> dict[str, SchedulerMixin]:
