@@ -80,6 +80,16 @@ def constructor_kwargs(record: dict, path: str, what: str) -> dict:
     return {**record["kwargs"], **{key: record[key] for key in ("formulation", "rf") if key in record}}
 
 
+def dit_constructor_arguments(preset: dict) -> dict:
+    """The DiT skeleton of a preset (this package's config names) in the original `DiT(**kwargs)` names."""
+    return dict(
+        depth=preset["num_layers"],
+        hidden_size=preset["num_attention_heads"] * preset["attention_head_dim"],
+        num_heads=preset["num_attention_heads"],
+        patch_size=preset["patch_size"],
+    )
+
+
 def require_config_or_preset(config_path: str | None, preset: str | None, config_name: str) -> None:
     """Refuses a config file and a preset given together (`config_name`: how messages name the config file)."""
     if config_path is not None and preset is not None:

@@ -31,7 +31,7 @@ from diffmoe_hf.models.presets import resolve_preset
 from diffmoe_hf.models.transformer_dit_moe import DIT_MOE_PRESET_ALIASES, DIT_MOE_PRESETS, DiTMoETransformer2DModel
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
-from .config_sources import SourcedSettings, constructor_kwargs, read_config_file
+from .config_sources import SourcedSettings, constructor_kwargs, dit_constructor_arguments, read_config_file
 from .state_dict_utils import DIT_SKELETON_RENAME_RULES, build_converted_model
 
 
@@ -69,12 +69,7 @@ def _preset_fields(name: str, origin: str) -> dict:
         preset = DIT_MOE_PRESETS[resolve_preset("dit-moe", DIT_MOE_PRESETS, name, DIT_MOE_PRESET_ALIASES)]
     except ValueError as err:
         raise CheckpointError(f"{err} (from {origin})") from None
-    return dict(
-        depth=preset["num_layers"],
-        hidden_size=preset["num_attention_heads"] * preset["attention_head_dim"],
-        num_heads=preset["num_attention_heads"],
-        patch_size=preset["patch_size"],
-    )
+    return dit_constructor_arguments(preset)
 
 
 def _train_fields(fields: dict, origin: str) -> SourcedSettings:

@@ -30,7 +30,13 @@ from diffmoe_hf.models.transformer_spatial_temporal_moe import (
 )
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
-from .config_sources import SourcedSettings, constructor_kwargs, read_config_file, require_config_or_preset
+from .config_sources import (
+    SourcedSettings,
+    constructor_kwargs,
+    dit_constructor_arguments,
+    read_config_file,
+    require_config_or_preset,
+)
 from .state_dict_utils import DIT_SKELETON_RENAME_RULES, build_converted_model, resolve_checkpoint_preset
 
 
@@ -64,14 +70,11 @@ def _preset_settings(name: str) -> dict:
         "spatial-temporal-moe", SPATIAL_TEMPORAL_MOE_PRESETS, name, SPATIAL_TEMPORAL_MOE_PRESET_ALIASES
     )
     preset = SPATIAL_TEMPORAL_MOE_PRESETS[key]
-    dim = preset["num_attention_heads"] * preset["attention_head_dim"]
+    fields = dit_constructor_arguments(preset)
     return dict(
-        hidden_size=dim,
-        depth=preset["num_layers"],
-        num_heads=preset["num_attention_heads"],
-        patch_size=preset["patch_size"],
+        fields,
         intermediate_size=preset["moe_intermediate_size"],
-        n_shared_experts=preset["shared_expert_intermediate_size"] // dim,
+        n_shared_experts=preset["shared_expert_intermediate_size"] // fields["hidden_size"],
     )
 
 
