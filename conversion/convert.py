@@ -5,6 +5,7 @@ import json
 import logging
 import os
 
+from diffmoe_hf.dtypes import DTYPES
 from diffmoe_hf.families import get_family, match_published_settings, resolve_family
 from diffmoe_hf.formulations import get_formulation
 from diffmoe_hf.labels import imagenet_id2label
@@ -13,7 +14,6 @@ from diffmoe_hf.published_settings import SETTINGS_FILE, model_card_section
 
 from .checkpoint_io import load_original_checkpoint
 from .hub_folder import (
-    DTYPES,
     cast_for_saving,
     check_output_dir,
     push_folder_to_hub,

@@ -4,12 +4,11 @@ The architecture is not stored in DSMoE checkpoints: it comes from the training 
 arguments of `models_DSMoE.DiT`) or from a released preset name.
 """
 
-import yaml
-
 from diffmoe_hf.families import get_family
 from diffmoe_hf.models.transformer_dsmoe import _RELEASED_COMMON, DSMOE_PRESETS, DSMoETransformer2DModel
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
+from .config_sources import read_config_file, require_config_or_preset
 from .family_converter import FamilyConverter, write_original_files
 from .state_dict_utils import (
     DIT_SKELETON_RENAME_RULES,
@@ -26,12 +25,8 @@ _NORM = {"layernorm": "layer_norm", "rmsnorm": "rms_norm"}
 
 def read_yaml_model_params(path: str) -> dict:
     """The `model.params` block of an EfficientMoE training yaml (DSMoE, or DiffMoE of Shi et al.)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as err:
-        raise CheckpointError(f"Could not read the training config {path}: {err}") from None
-    params = (config or {}).get("model", {}).get("params") if isinstance(config, dict) else None
+    config = read_config_file(path, "training config")
+    params = (config.get("model") or {}).get("params")
     if not isinstance(params, dict):
         raise CheckpointError(f"{path} has no model.params section; pass the yaml the model was trained with.")
     basic = config.get("basic") or {}
@@ -144,8 +139,7 @@ def config_from_yaml_or_preset(config_path, preset, from_params, from_preset, fa
     `from_params` applied to the training yaml's `model.params`, or `from_preset(preset)`; exactly one of
     `config_path` and `preset` is needed.
     """
-    if config_path is not None and preset is not None:
-        raise CheckpointError("Pass either the training yaml (--config) or a preset (--preset), not both.")
+    require_config_or_preset(config_path, preset, "the training yaml")
     if config_path is not None:
         return from_params(read_yaml_model_params(config_path))
     if preset is not None:

@@ -9,8 +9,6 @@ constructor arguments; the sampling parameters (`noise_scale`, `t_eps`, `label_d
 import argparse
 import logging
 
-import yaml
-
 from diffmoe_hf.models.transformer_jit import (
     JIT_PRESET_ALIASES,
     JIT_PRESETS,
@@ -19,6 +17,7 @@ from diffmoe_hf.models.transformer_jit import (
 )
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
+from .config_sources import read_config_file, require_config_or_preset
 from .family_converter import FamilyConverter, write_original_files
 from .state_dict_utils import (
     DIT_SKELETON_RENAME_RULES,
@@ -143,14 +142,10 @@ def read_jit_config_file(path: str) -> tuple[dict, dict]:
     Reads a YAML or JSON file holding the `JiT(...)` constructor arguments, either bare or as the `net_kwargs` of an
     argument record (which may also hold the training `args`). Returns `(constructor kwargs, args)`.
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            record = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as err:
-        raise CheckpointError(f"Could not read the JiT config {path}: {err}") from None
-    if isinstance(record, dict) and isinstance(record.get("net_kwargs"), dict):
+    record = read_config_file(path, "JiT constructor arguments")
+    if isinstance(record.get("net_kwargs"), dict):
         return record["net_kwargs"], record.get("args") or {}
-    if isinstance(record, dict) and {"depth", "hidden_size"} & set(record):
+    if {"depth", "hidden_size"} & set(record):
         return record, {}
     raise CheckpointError(
         f"{path} holds neither JiT constructor arguments (depth, hidden_size, ...) nor a `net_kwargs` section."
@@ -185,8 +180,7 @@ def build_jit_transformer(
     refused.
     """
     args = _as_dict(checkpoint.args)
-    if config_path is not None and preset is not None:
-        raise CheckpointError("Pass either a JiT config file (--config) or a preset (--preset), not both.")
+    require_config_or_preset(config_path, preset, "a JiT config file")
     if config_path is not None:
         kwargs, file_args = read_jit_config_file(config_path)
         config = jit_config_from_kwargs(kwargs, args or file_args)

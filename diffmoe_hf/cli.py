@@ -6,7 +6,6 @@ or a grid too large to write stops the command at once with one line that says w
 """
 
 import argparse
-import contextlib
 import difflib
 import logging
 import math
@@ -69,6 +68,7 @@ def _taking(option: str) -> str:
 
 
 def _add_convert_parser(subparsers) -> None:
+    from diffmoe_hf.dtypes import DTYPES
     from diffmoe_hf.families import FAMILIES, family_names
 
     description = textwrap.fill(
@@ -110,7 +110,7 @@ def _add_convert_parser(subparsers) -> None:
         "--formulation", help=f"ddpm or rf, for families trained with either ({_taking('formulation')})"
     )
     parser.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights (default: ema)")
-    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="saved dtype")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="saved dtype")
     parser.add_argument("--vae", help="local AutoencoderKL folder to include as vae/")
     parser.add_argument("--id2label", help="JSON {class id: name}; ImageNet names are used for 1000 classes")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -334,18 +334,15 @@ def _check_output(path: str, overwrite: bool) -> None:
 
 
 def _write_png(image, path: str) -> None:
-    """Writes `image` to `path` through a temporary `PATH.partial.png`, which is removed if anything fails."""
-    partial = path + ".partial.png"
+    """Writes `image` to `path` all-or-nothing (`atomic_files.written_atomically`)."""
+    from diffmoe_hf.atomic_files import written_atomically
+
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        image.save(partial, format="PNG")
-        os.replace(partial, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.remove(partial)
-        if isinstance(err, OSError):
-            raise CommandError(f"Could not write {path}: {err.strerror or err}. Nothing was written.") from None
-        raise
+        with written_atomically(path, suffix=".png") as partial:
+            image.save(partial, format="PNG")
+    except OSError as err:
+        raise CommandError(f"Could not write {path}: {err.strerror or err}. Nothing was written.") from None
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ import argparse
 import json
 import os
 
-
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+from diffmoe_hf.atomic_files import write_text_atomically
+from diffmoe_hf.dtypes import DTYPES
 
 
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +80,7 @@ def run_sample(args) -> None:
     state = distributed_state()
     if os.path.exists(args.output) and not args.overwrite:
         raise FileExistsError(f"{args.output} already exists; pass --overwrite to replace it.")
-    dtype = getattr(torch, DTYPES[args.dtype])
+    dtype = DTYPES[args.dtype]
     components = {}
     if args.vae:
         from diffusers import AutoencoderKL
@@ -151,10 +151,7 @@ def run_evaluate(args) -> None:
         return
     text = json.dumps(record, indent=2)
     if args.output:
-        partial = f"{args.output}.partial"
-        with open(partial, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-        os.replace(partial, args.output)
+        write_text_atomically(args.output, text + "\n")
     else:
         print(text)
     print(summary_line(record))

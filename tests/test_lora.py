@@ -1,4 +1,4 @@
-"""LoRA on every family through the pipeline's SanaLoraLoaderMixin (CONVENTIONS section 5): targets from the training
+"""LoRA on every family through the pipeline's TransformerLoraLoaderMixin (CONVENTIONS section 5): targets from the training
 script, save_lora_weights -> load_lora_weights round trip, adapter weights, fuse and unload."""
 
 import pytest

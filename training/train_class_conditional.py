@@ -36,8 +36,10 @@ from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_c
 from huggingface_hub import ModelCard, ModelCardData
 from tqdm.auto import tqdm
 
+from diffmoe_hf import diffusers_floors
+from diffmoe_hf.dtypes import DTYPES
 from diffmoe_hf.families import FAMILIES, family_names, get_family, resolve_family
-from diffmoe_hf.formulations import get_formulation
+from diffmoe_hf.formulations import TimeSampling, get_formulation
 from diffmoe_hf.pipelines import ClassConditionalMoEPipeline
 from diffmoe_hf.routing import record_routing
 from diffmoe_hf.training.checkpoints import (
@@ -56,10 +58,10 @@ from diffmoe_hf.training.data import (
     load_image_dataset,
     relabel,
 )
-from diffmoe_hf.training_losses import TimeSampling, diffusion_training_loss
+from diffmoe_hf.training_losses import diffusion_training_loss
 
 
-check_min_version("0.35.0")
+check_min_version(diffusers_floors.TRAIN)
 
 logger = get_logger(__name__)
 
@@ -420,7 +422,7 @@ def main(args):
                 f" takes {sample_shape}."
             )
 
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)  # mixed precision "no": float32
     if vae is not None:
         vae.requires_grad_(False).to(accelerator.device, dtype=torch.float32).eval()
     if args.cache_latents and vae is not None and args.train_latents_dir is None:
