@@ -1,8 +1,8 @@
 """Makes diffusers' own loaders and cache hooks work with the diffmoe_hf classes.
 
 Together with the package's `__init__`, this is where the package is gathered for diffusers: `register_family`
-(`diffmoe_hf.families`) registers each family's model class here as the family is registered, and `import diffmoe_hf`
-registers the pipeline and the transformer blocks. This module itself imports nothing of the package, so every layer
+(`diffmoe_hf.families`) registers each family's model class and transformer blocks here as the family is registered,
+and `import diffmoe_hf` registers the pipeline. This module itself imports nothing of the package, so every layer
 may call it.
 
 Why this route. Every folder the package writes (converter output, `save_pretrained`, training output, the shipped

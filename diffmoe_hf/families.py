@@ -23,7 +23,7 @@ that takes a family id resolves it with `resolve_family`.
 import importlib
 from dataclasses import dataclass, field
 
-from .diffusers_registration import register_model_classes
+from .diffusers_registration import register_model_classes, register_transformer_blocks, with_subclasses
 from .models import (
     DIT_MOE_PRESET_ALIASES,
     DIT_MOE_PRESETS,
@@ -39,6 +39,7 @@ from .models import (
     JiTTransformer2DModel,
     SpatialTemporalMoETransformer2DModel,
 )
+from .models.blocks import AdaLNZeroTransformerBlock
 from .published_settings import DIT_MOE_PUBLISHED, DSMOE_PUBLISHED, JITMOE_PUBLISHED, PublishedSettings
 
 
@@ -120,8 +121,9 @@ FAMILY_ALIASES: dict[str, str] = {}
 
 def register_family(family: ModelFamily) -> ModelFamily:
     """
-    Adds `family` to the registry (its id and aliases become names every command accepts) and makes its model class
-    loadable by diffusers' own loaders (`diffusers_registration.register_model_classes`). Returns `family`.
+    Adds `family` to the registry (its id and aliases become names every command accepts), makes its model class
+    loadable by diffusers' own loaders and its transformer blocks (every `AdaLNZeroTransformerBlock` subclass defined
+    so far) known to diffusers' cache hooks (`diffusers_registration`). Returns `family`.
 
     Raises:
         ValueError: if its id or an alias is already a family name.
@@ -132,6 +134,7 @@ def register_family(family: ModelFamily) -> ModelFamily:
     FAMILIES[family.id] = family
     FAMILY_ALIASES.update(dict.fromkeys(family.aliases, family.id))
     register_model_classes([family.model_class])
+    register_transformer_blocks(with_subclasses(AdaLNZeroTransformerBlock))
     return family
 
 
