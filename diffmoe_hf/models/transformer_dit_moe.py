@@ -27,6 +27,7 @@ from torch import nn
 
 from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer
 from .embeddings import TimestepClassEmbedding
+from .initialization import initialize_dit, initialize_softmax_routers
 from .modeling_common import DiTForwardMixin
 from .moe import SoftmaxTopKRouter, SwiGLUTokenChoiceMoE
 from .presets import preset_config
@@ -212,3 +213,12 @@ class DiTMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAda
         config = {**preset_config("dit-moe", DIT_MOE_PRESETS, name, aliases=DIT_MOE_PRESET_ALIASES), **overrides}
         config.setdefault("out_channels", 2 * config.get("in_channels", 4))
         return cls(**config)
+
+    def _initialize_family_weights(self) -> None:
+        """
+        DiT-MoE (feizc/DiT-MoE `models.py`, `DiT.initialize_weights`): the DiT init (experts and shared expert are
+        plain Linears, q/k/v fused in both the timm and the flash layout, q/k LayerNorm gains 1 and biases 0), routers
+        kaiming-uniform (`MoEGate.reset_parameters`, not reached by the Linear walk).
+        """
+        initialize_dit(self)
+        initialize_softmax_routers(self)

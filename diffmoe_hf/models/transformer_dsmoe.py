@@ -20,7 +20,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from .attention import rotary_tables
 from .blocks import PatchOutputLayer, adaln_zero_blocks
 from .embeddings import TimestepClassEmbedding
-from .modeling_common import DiTForwardMixin, resolve_moe_layers, upgrade_legacy_moe_fields
+from .initialization import initialize_dit, initialize_sigmoid_routers
+from .modeling_common import DiTForwardMixin, resolve_moe_layers
 from .moe import DeepSeekMoE
 from .presets import preset_config
 
@@ -160,16 +161,18 @@ class DSMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdap
         self.initialize_weights()
 
     @classmethod
-    def upgrade_legacy_config(cls, config: dict) -> dict:
-        """Earlier versions: `moe_layers: null` meant the odd blocks, `num_shared_experts` counted shared experts."""
-        return upgrade_legacy_moe_fields(
-            cls, config, moe_layers_none="odd", shared_expert_width="moe_intermediate_size"
-        )
-
-    @classmethod
     def from_preset(cls, name: str, **overrides) -> "DSMoETransformer2DModel":
         """A randomly initialised model with the architecture of a released checkpoint (see `DSMOE_PRESETS`)."""
         return cls(**{**preset_config("dsmoe", DSMOE_PRESETS, name, _RELEASED_COMMON), **overrides})
+
+    def _initialize_family_weights(self) -> None:
+        """
+        DSMoE (yhlleo/EfficientMoE `DSMoE/models/models_DSMoE.py`, `DiT.initialize_weights` with `init_MoeMLP=False`
+        as in every released config): the DiT init (fused q/k/v; the dense SiLU MLPs, experts and shared expert are
+        plain Linears), routers kaiming-normal with a zero correction bias, RMSNorm gains 1.
+        """
+        initialize_dit(self)
+        initialize_sigmoid_routers(self)
 
     def block_inputs(self, tokens: torch.Tensor, height: int, width: int) -> tuple:
         """The rotary tables of the (height / p) x (width / p) token grid, unless the model adds sin-cos positions."""

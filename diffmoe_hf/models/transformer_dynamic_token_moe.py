@@ -15,15 +15,13 @@ from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin, FeedForward
 from diffusers.models.embeddings import PatchEmbed
 from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
 
 from .blocks import PatchOutputLayer, adaln_zero_blocks
-from .dynamic_token_moe_layer import DynamicTokenMoE, rename_gate_to_router, update_capacity_thresholds
+from .dynamic_token_moe_layer import DynamicTokenMoE, update_capacity_thresholds
 from .embeddings import TimestepClassEmbedding
-from .modeling_common import (
-    DiTForwardMixin,
-    config_default,
-    resolve_moe_layers,
-)
+from .initialization import initialize_dit
+from .modeling_common import DiTForwardMixin, resolve_moe_layers
 from .moe import MoECollector
 from .presets import preset_config
 
@@ -61,8 +59,6 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
     recomputed under gradient checkpointing do not update them again), averaged over ranks when `torch.distributed`
     is initialised (see `update_capacity_thresholds`).
 
-    Folders and state dicts saved when the router was called `gate` (`...ff.gate.weight`) load as they are.
-
     Args:
         sample_size (`int`): Side of the square latent the model was trained on.
         patch_size (`int`): Patch side p.
@@ -88,6 +84,9 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
 
     # Routing is over the token pool of the whole call: cond and uncond must be separate transformer calls.
     routing_depends_on_batch = True
+    # the capacity predictor decides, like the router, in float32 whatever the model's dtype
+    _skip_layerwise_casting_patterns = [*DiTForwardMixin._skip_layerwise_casting_patterns, "capacity_predictor"]
+    _keep_in_fp32_modules = [*DiTForwardMixin._keep_in_fp32_modules, "capacity_predictor"]
 
     @register_to_config
     def __init__(
@@ -152,22 +151,6 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
         self.initialize_weights()
 
     @classmethod
-    def upgrade_legacy_config(cls, config: dict) -> dict:
-        """
-        Earlier versions: `moe_layers: null` meant the odd blocks, and `num_shared_experts` counted shared MLPs of width
-        8 * D (upstream builds one whenever the count is positive).
-        """
-        config = dict(config)
-        num_shared_experts = config.pop("num_shared_experts", None)
-        if num_shared_experts is not None:
-            heads = config.get("num_attention_heads", config_default(cls, "num_attention_heads"))
-            head_dim = config.get("attention_head_dim", config_default(cls, "attention_head_dim"))
-            config["shared_expert_intermediate_size"] = 8 * heads * head_dim if num_shared_experts > 0 else 0
-        if "moe_layers" in config and config["moe_layers"] is None:
-            config["moe_layers"] = "odd"
-        return config
-
-    @classmethod
     def from_preset(cls, name: str, **overrides) -> "DynamicTokenMoETransformer2DModel":
         """
         A randomly initialised model with the architecture of an EfficientMoE config of DiffMoE (Shi et al.), see
@@ -177,36 +160,18 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
             **{**preset_config("dynamic-token-moe", DYNAMIC_TOKEN_MOE_PRESETS, name, _RELEASED_COMMON), **overrides}
         )
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+    def _initialize_family_weights(self) -> None:
         """
-        `ModelMixin.from_pretrained`. Folders saved when the router was called `gate` load as they are when their
-        weights are one file (renamed by `_fix_state_dict_keys_on_load`); diffusers does not offer that step for
-        sharded weights, so a sharded folder with the old names is refused instead of loading without its routers.
-
-        Raises:
-            ValueError: for a sharded folder with the old router names, saying how to re-save it.
+        DiffMoE of Shi et al. (KwaiVGI/DiffMoE `models/models_DiffMoE.py`, also yhlleo/EfficientMoE
+        `DSMoE/models/models_DiffMoE.py`: `DiT.initialize_weights`): the DiT init (experts, shared expert and the
+        capacity predictor are plain Linears), the router N(0, 0.006²) (a bare parameter upstream, which the Linear
+        walk does not reach), the capacity thresholds 0.
         """
-        output_loading_info = kwargs.pop("output_loading_info", False)
-        model, loading_info = super().from_pretrained(
-            pretrained_model_name_or_path, output_loading_info=True, **kwargs
-        )
-        old_names = [key for key in loading_info.get("unexpected_keys", []) if key.endswith(".ff.gate.weight")]
-        if old_names:
-            raise ValueError(
-                f"{pretrained_model_name_or_path} holds sharded weights saved when the DiffMoE router was called "
-                f"`gate` ({old_names[0]}, ...), which diffusers cannot rename while loading shards. Rename the keys "
-                "`.ff.gate.weight` -> `.ff.router.weight` in its safetensors files and index, or re-save it as one "
-                "file (`save_pretrained(..., max_shard_size=...)` larger than the model) with the version that wrote it."
-            )
-        return (model, loading_info) if output_loading_info else model
-
-    def _fix_state_dict_keys_on_load(self, state_dict) -> None:
-        """Renames, in place, the router keys of folders saved when it was called `gate` (`...ff.gate.weight`)."""
-        super()._fix_state_dict_keys_on_load(state_dict)
-        for name, module in self.named_modules():
+        initialize_dit(self)
+        for module in self.modules():
             if isinstance(module, DynamicTokenMoE):
-                rename_gate_to_router(state_dict, f"{name}.")
+                nn.init.normal_(module.router.weight, std=0.006)
+                nn.init.constant_(module.capacity_predictor.expert_threshold, 0.0)
 
     def finish_moe_call(self, collector: MoECollector) -> None:
         """
