@@ -1,5 +1,5 @@
-"""One name per concept across the families: the config fields, the MoE layers' attributes, the shared layers'
-keyword-only constructors."""
+"""One name and one meaning per concept across the families: the config fields (and what their defaults mean), the
+presets' expert widths, the MoE layers' attributes, the shared layers' keyword-only constructors."""
 
 import inspect
 
@@ -11,6 +11,13 @@ from diffmoe_hf import (
     DynamicTokenMoETransformer2DModel,
     JiTTransformer2DModel,
     SpatialTemporalMoETransformer2DModel,
+)
+from diffmoe_hf.models import (
+    DIT_MOE_PRESETS,
+    DSMOE_PRESETS,
+    DYNAMIC_TOKEN_MOE_PRESETS,
+    JIT_PRESETS,
+    SPATIAL_TEMPORAL_MOE_PRESETS,
 )
 from diffmoe_hf.models.blocks import AdaLNZeroTransformerBlock
 from diffmoe_hf.models.dynamic_token_moe_layer import CapacityPredictor, DynamicTokenMoE, ExpertChoiceRouter
@@ -74,6 +81,30 @@ def test_every_family_names_its_moe_fields_the_same_way(model_class):
     assert {"num_experts", "moe_intermediate_size", "shared_expert_intermediate_size"} <= _init_parameters(model_class)
 
 
+# `None` means one thing, the same in every family: `out_channels=None` is `in_channels` (diffusers' convention; the
+# config records the number), `qk_norm=None` is no q/k norm
+NONE_DEFAULTS = {"out_channels", "qk_norm"}
+
+
+@pytest.mark.parametrize("model_class", MODEL_CLASSES, ids=lambda c: c.__name__)
+def test_no_field_defaults_to_a_none_whose_meaning_depends_on_the_family(model_class):
+    signature = inspect.signature(model_class.__init__)
+    assert {name for name, p in signature.parameters.items() if p.default is None} <= NONE_DEFAULTS
+
+
+def test_every_moe_preset_states_its_expert_widths():
+    moe_presets = {
+        **DSMOE_PRESETS,
+        **{name: config for name, config in JIT_PRESETS.items() if "moe_layers" in config},
+        **DIT_MOE_PRESETS,
+        **SPATIAL_TEMPORAL_MOE_PRESETS,
+    }
+    for name, config in moe_presets.items():
+        assert {"moe_intermediate_size", "shared_expert_intermediate_size"} <= config.keys(), name
+    # DiffMoE (Shi et al.) presets: no shared expert, 0 being the constructor default of every family
+    assert all("moe_intermediate_size" in config for config in DYNAMIC_TOKEN_MOE_PRESETS.values())
+
+
 @pytest.mark.parametrize("layer_class", SHARED_LAYERS, ids=lambda c: c.__name__)
 def test_shared_layers_take_keyword_arguments_only(layer_class):
     parameters = list(inspect.signature(layer_class.__init__).parameters.values())[1:]
@@ -93,9 +124,8 @@ def test_moe_layers_patterns_and_lists():
         resolve_moe_layers([4], 4)
 
 
-def test_the_config_records_the_resolved_layers_and_widths():
-    model = tiny_dsmoe(num_layers=4)
-    assert model.config.moe_layers == [1, 3]
-    assert model.config.shared_expert_intermediate_size == model.config.moe_intermediate_size
+def test_the_config_records_the_resolved_layers_and_output_channels():
+    model = tiny_dsmoe(num_layers=4, out_channels=None)
+    assert model.config.moe_layers == [1, 3] and model.config.out_channels == model.config.in_channels == 4
     dense = JiTTransformer2DModel(**{**JIT_TINY, "moe_layers": "none"})
     assert dense.config.moe_layers == [] and not any(hasattr(b.ff, "router") for b in dense.transformer_blocks)

@@ -28,7 +28,7 @@ EXPERT_WIDTH = 12  # intermediate size of `tiny_layer`'s experts
 def tiny_model(**overrides) -> DynamicTokenMoETransformer2DModel:
     config = dict(
         sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=2,
-        attention_head_dim=4, mlp_ratio=1.0, num_classes=10, num_experts=EXPERTS,
+        attention_head_dim=4, mlp_ratio=1.0, num_classes=10, num_experts=EXPERTS, moe_intermediate_size=8,
     )  # fmt: skip
     model = randomize_weights(DynamicTokenMoETransformer2DModel(**{**config, **overrides})).eval()
     model.transformer_blocks[1].ff.capacity_predictor.expert_threshold.copy_(torch.tensor([0.3, 0.4, 0.5, 0.6]))

@@ -29,13 +29,16 @@ _LATENT = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_a
 # q/k norms, in-context class tokens
 FAMILIES = {
     "dsmoe": (DSMoETransformer2DModel, dict(_LATENT, num_layers=4, norm_type="rms_norm", num_experts=4,
-                                            num_experts_per_tok=2, moe_intermediate_size=16, n_group=2, topk_group=2,
+                                            num_experts_per_tok=2, moe_intermediate_size=16,
+                                            shared_expert_intermediate_size=16, n_group=2, topk_group=2,
                                             mlp_ratio=2.0)),
     "jit": (JiTTransformer2DModel, dict(sample_size=16, patch_size=4, in_channels=3, num_layers=4,
                                         num_attention_heads=2, attention_head_dim=16, num_classes=10, bottleneck_dim=8,
                                         in_context_len=4, in_context_start=1, moe_layers=[1, 3], num_experts=4,
-                                        num_experts_per_tok=2, moe_intermediate_size=16, mlp_ratio=2.0)),
+                                        num_experts_per_tok=2, moe_intermediate_size=16,
+                                        shared_expert_intermediate_size=16, mlp_ratio=2.0)),
     "diffmoe-dts": (DynamicTokenMoETransformer2DModel, dict(_LATENT, num_layers=4, num_experts=4, mlp_ratio=2.0,
+                                                            moe_intermediate_size=64,
                                                             shared_expert_intermediate_size=256)),
     "dit-moe": (DiTMoETransformer2DModel, dict(_LATENT, num_layers=2, num_experts=4, num_experts_per_tok=2,
                                                moe_intermediate_size=32, shared_expert_intermediate_size=16,

@@ -27,14 +27,19 @@ from .presets import preset_config
 
 
 # The DiffMoE configs of yhlleo/EfficientMoE (DSMoE/config/000_DiffMoE_*_Flow.yaml). All: 256px ImageNet (latent
-# 32x32x4), patch 2, learned-sigma output (8 channels), mlp_ratio 4, capacity 1, MoE on odd layers, no shared expert.
-# "DiffMoE-L-E16" is what 000_DiffMoE_L_E16_Flow.yaml defines: 8 experts, the same model as "DiffMoE-L-E8".
+# 32x32x4), patch 2, learned-sigma output (8 channels), mlp_ratio 4 (experts as wide as the dense MLPs, 4D), capacity
+# 1, MoE on odd layers, no shared expert. "DiffMoE-L-E16" is what 000_DiffMoE_L_E16_Flow.yaml defines: 8 experts, the
+# same model as "DiffMoE-L-E8".
 DYNAMIC_TOKEN_MOE_PRESETS = {
-    "DiffMoE-S-E16": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, num_experts=16),
-    "DiffMoE-B-E16": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64, num_experts=16),
-    "DiffMoE-L-E16": dict(num_layers=24, num_attention_heads=16, attention_head_dim=64, num_experts=8),
-    "DiffMoE-L-E8": dict(num_layers=24, num_attention_heads=16, attention_head_dim=64, num_experts=8),
-}
+    "DiffMoE-S-E16": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, num_experts=16,
+                          moe_intermediate_size=1536),
+    "DiffMoE-B-E16": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64, num_experts=16,
+                          moe_intermediate_size=3072),
+    "DiffMoE-L-E16": dict(num_layers=24, num_attention_heads=16, attention_head_dim=64, num_experts=8,
+                          moe_intermediate_size=4096),
+    "DiffMoE-L-E8": dict(num_layers=24, num_attention_heads=16, attention_head_dim=64, num_experts=8,
+                         moe_intermediate_size=4096),
+}  # fmt: skip
 _RELEASED_COMMON = dict(
     sample_size=32, patch_size=2, in_channels=4, out_channels=8, num_classes=1000, mlp_ratio=4.0, capacity=1.0
 )
@@ -64,7 +69,7 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
         patch_size (`int`): Patch side p.
         in_channels (`int`): Latent channels C.
         out_channels (`int`, *optional*): Output channels; the original models have 2C (the upper half is an untrained
-            learned-sigma head). Defaults to `in_channels`.
+            learned-sigma head). `None` means `in_channels`; the config records the number.
         num_layers (`int`): Number of transformer blocks.
         num_attention_heads (`int`), attention_head_dim (`int`): Attention shape; the hidden width is their product.
         mlp_ratio (`float`): Hidden width of the dense GELU-tanh MLPs, as a multiple of the hidden width.
@@ -73,8 +78,8 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
         moe_layers (`str` or `list[int]`): The MoE blocks: `"odd"` (the released configs), `"all"`, `"none"` or a
             list of block indices; the config records the list.
         num_experts (`int`): Experts per MoE layer.
-        moe_intermediate_size (`int`, *optional*): Hidden width of each expert; defaults to the dense MLPs' width
-            `int(D * mlp_ratio)` (as upstream).
+        moe_intermediate_size (`int`): Hidden width of each expert (upstream: the dense MLPs' width
+            `int(D * mlp_ratio)`).
         capacity (`float`): Training capacity factor: each expert takes `tokens / num_experts * capacity` tokens.
         shared_expert_intermediate_size (`int`): Hidden width of the shared GELU-tanh MLP added for every token
             (upstream: 8x the hidden width when the model has shared experts); 0 for none.
@@ -103,7 +108,7 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
         class_dropout_prob: float = 0.1,
         moe_layers: str | list[int] = "odd",
         num_experts: int = 16,
-        moe_intermediate_size: int | None = None,
+        moe_intermediate_size: int = 1536,
         capacity: float = 1.0,
         shared_expert_intermediate_size: int = 0,
         capacity_loss_weight: float = 1.0,
@@ -113,9 +118,7 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
         dim = num_attention_heads * attention_head_dim
         self.out_channels = out_channels if out_channels is not None else in_channels
         moe_layers = resolve_moe_layers(moe_layers, num_layers)
-        if moe_intermediate_size is None:
-            moe_intermediate_size = int(dim * mlp_ratio)
-        self.register_to_config(moe_layers=moe_layers, moe_intermediate_size=moe_intermediate_size)
+        self.register_to_config(out_channels=self.out_channels, moe_layers=moe_layers)
         if num_experts < 1:
             raise ValueError(f"num_experts={num_experts} must be at least 1.")
 

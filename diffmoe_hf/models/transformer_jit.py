@@ -42,12 +42,11 @@ from .moe import DeepSeekMoE, SwiGLU
 from .presets import preset_config
 
 
-# one shared expert as wide as a routed one (the default `shared_expert_intermediate_size`)
 _E16 = dict(num_experts=16, num_experts_per_tok=2, n_group=2, topk_group=2, routed_scaling_factor=2.5)
 
 # `JiT_models` of yhlleo/EfficientMoE `JiTMoE/model_jit.py`. All: 256px RGB, ImageNet-1k, mlp_ratio 4, 32 in-context
 # class tokens. The MoE models are keyed by the names of the paper and the Hub releases ("JiTMoE-B/16-E16", MoE on odd
-# blocks); the dense JiT models by their original names.
+# blocks, one shared expert as wide as a routed one); the dense JiT models by their original names.
 JIT_PRESETS = {
     "JiT-B/16": dict(num_layers=12, num_attention_heads=12, patch_size=16, bottleneck_dim=128, in_context_start=4),
     "JiT-B/32": dict(num_layers=12, num_attention_heads=12, patch_size=32, bottleneck_dim=128, in_context_start=4),
@@ -58,12 +57,14 @@ JIT_PRESETS = {
     "JiT-H/32": dict(num_layers=32, num_attention_heads=16, patch_size=32, bottleneck_dim=256, in_context_start=10,
                      attention_head_dim=80),
     "JiTMoE-B/16-E16": dict(num_layers=10, num_attention_heads=12, patch_size=16, bottleneck_dim=128,
-                            in_context_start=4, moe_layers=[1, 3, 5, 7, 9], moe_intermediate_size=1536, **_E16),
+                            in_context_start=4, moe_layers=[1, 3, 5, 7, 9], moe_intermediate_size=1536,
+                            shared_expert_intermediate_size=1536, **_E16),
     "JiTMoE-L/16-E16": dict(num_layers=20, num_attention_heads=16, patch_size=16, bottleneck_dim=128,
-                            in_context_start=8, moe_layers=list(range(1, 20, 2)), moe_intermediate_size=2048, **_E16),
+                            in_context_start=8, moe_layers=list(range(1, 20, 2)), moe_intermediate_size=2048,
+                            shared_expert_intermediate_size=2048, **_E16),
     "JiTMoE-H/16-E16": dict(num_layers=28, num_attention_heads=16, patch_size=16, bottleneck_dim=256,
                             in_context_start=10, attention_head_dim=80, moe_layers=list(range(1, 28, 2)),
-                            moe_intermediate_size=2048, **_E16),
+                            moe_intermediate_size=2048, shared_expert_intermediate_size=2048, **_E16),
 }  # fmt: skip
 # the names the original code records in a checkpoint's `args.model`, and the Hub releases' spelling without "/"
 JIT_PRESET_ALIASES = {
@@ -150,9 +151,9 @@ class JiTTransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdapte
         num_experts (`int`), num_experts_per_tok (`int`), moe_intermediate_size (`int`), n_group (`int`),
         topk_group (`int`), routed_scaling_factor (`float`): The MoE layers (see `DeepSeekMoE`); their SwiGLU experts
             have biases and hidden width `moe_intermediate_size`.
-        shared_expert_intermediate_size (`int`, *optional*): Hidden width of each MoE layer's shared SwiGLU expert;
-            defaults to `moe_intermediate_size` (upstream's one shared expert). 0 removes it, and each MoE layer adds
-            its input instead.
+        shared_expert_intermediate_size (`int`): Hidden width of each MoE layer's shared SwiGLU expert (upstream's
+            `n_shared_experts` experts of width `moe_intermediate_size` fused into one; the released models have one).
+            0 removes it, and each MoE layer adds its input instead.
         noise_scale (`float`): Standard deviation of the initial noise the model was trained with (sampling
             parameter, read by the pipeline).
         t_eps (`float`): Lower clamp of `1 - t` when the x-prediction is turned into a velocity (read by the
@@ -182,7 +183,7 @@ class JiTTransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdapte
         n_group: int = 2,
         topk_group: int = 2,
         routed_scaling_factor: float = 2.5,
-        shared_expert_intermediate_size: int | None = None,
+        shared_expert_intermediate_size: int = 1536,
         noise_scale: float = 1.0,
         t_eps: float = 0.05,
         formulation: str = "jit-xpred",
@@ -190,9 +191,7 @@ class JiTTransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdapte
         super().__init__()
         dim = num_attention_heads * attention_head_dim
         moe_layers = resolve_moe_layers(moe_layers, num_layers)
-        if shared_expert_intermediate_size is None:
-            shared_expert_intermediate_size = moe_intermediate_size
-        self.register_to_config(moe_layers=moe_layers, shared_expert_intermediate_size=shared_expert_intermediate_size)
+        self.register_to_config(moe_layers=moe_layers)
         if attention_head_dim % 4:
             raise ValueError(f"attention_head_dim={attention_head_dim} must be divisible by 4 (2-D rotary embedding).")
         if sample_size % patch_size:

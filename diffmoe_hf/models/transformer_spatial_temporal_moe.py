@@ -121,7 +121,7 @@ class SpatialTemporalMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMi
         patch_size (`int`): Patch side p.
         in_channels (`int`): Latent channels C.
         out_channels (`int`, *optional*): Output channels; the original models have 2C (epsilon or velocity, then the
-            learned-variance values). Defaults to `in_channels`.
+            learned-variance values). `None` means `in_channels`; the config records the number.
         num_layers (`int`): Number of blocks.
         num_attention_heads (`int`), attention_head_dim (`int`): Attention shape; the hidden width D is their
             product. The head dim must be divisible by 4 (2-D rotary embedding).
@@ -167,6 +167,7 @@ class SpatialTemporalMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMi
             raise ValueError(f"attention_head_dim={attention_head_dim} must be divisible by 4 (2-D rotary embedding).")
         dim = num_attention_heads * attention_head_dim
         self.out_channels = out_channels if out_channels is not None else in_channels
+        self.register_to_config(out_channels=self.out_channels)
         self.pos_embed = PatchEmbed(
             height=sample_size,
             width=sample_size,
