@@ -107,7 +107,7 @@ def tiny_dsmoe(**overrides) -> DSMoETransformer2DModel:
     config = dict(
         sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=2,
         attention_head_dim=8, mlp_ratio=2.0, num_classes=10, num_experts=4, num_experts_per_tok=2,
-        moe_intermediate_size=8, n_group=2, topk_group=2,
+        moe_intermediate_size=8, shared_expert_intermediate_size=8, n_group=2, topk_group=2,
     )  # fmt: skip
     config.update(overrides)
     torch.manual_seed(0)  # callers draw their inputs from the global generator after this

@@ -32,7 +32,8 @@ from .helpers import (
 
 
 TINY = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=4,
-            attention_head_dim=8, num_classes=10, num_experts=4, num_experts_per_tok=2)  # fmt: skip
+            attention_head_dim=8, num_classes=10, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
+            shared_expert_intermediate_size=64)  # fmt: skip
 # the same architecture as `models.DiT` constructor arguments
 TINY_UPSTREAM = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, mlp_ratio=4,
                      num_classes=10, num_experts=4, num_experts_per_tok=2, learn_sigma=True)  # fmt: skip

@@ -1,6 +1,6 @@
 """A fresh model of every family is initialised as its original code initialises one: adaLN-Zero (every block is the
 identity, the output exactly 0) and each parameter group drawn from the original distribution (see
-`diffmoe_hf.models.initialization`). Loading weights never initialises them."""
+each class's `_initialize_family_weights`). Loading weights never initialises them."""
 
 import math
 import os
@@ -16,7 +16,7 @@ from diffmoe_hf import (
     JiTTransformer2DModel,
     SpatialTemporalMoETransformer2DModel,
 )
-from diffmoe_hf.models import initialization
+from diffmoe_hf.models.modeling_common import DiTForwardMixin
 
 from .helpers import randomize_weights
 
@@ -29,20 +29,23 @@ _LATENT = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_a
 # q/k norms, in-context class tokens
 FAMILIES = {
     "dsmoe": (DSMoETransformer2DModel, dict(_LATENT, num_layers=4, norm_type="rms_norm", num_experts=4,
-                                            num_experts_per_tok=2, moe_intermediate_size=16, n_group=2, topk_group=2,
+                                            num_experts_per_tok=2, moe_intermediate_size=16,
+                                            shared_expert_intermediate_size=16, n_group=2, topk_group=2,
                                             mlp_ratio=2.0)),
     "jit": (JiTTransformer2DModel, dict(sample_size=16, patch_size=4, in_channels=3, num_layers=4,
                                         num_attention_heads=2, attention_head_dim=16, num_classes=10, bottleneck_dim=8,
                                         in_context_len=4, in_context_start=1, moe_layers=[1, 3], num_experts=4,
-                                        num_experts_per_tok=2, moe_intermediate_size=16, mlp_ratio=2.0)),
+                                        num_experts_per_tok=2, moe_intermediate_size=16,
+                                        shared_expert_intermediate_size=16, mlp_ratio=2.0)),
     "diffmoe-dts": (DynamicTokenMoETransformer2DModel, dict(_LATENT, num_layers=4, num_experts=4, mlp_ratio=2.0,
-                                                            num_shared_experts=1)),
+                                                            moe_intermediate_size=64,
+                                                            shared_expert_intermediate_size=256)),
     "dit-moe": (DiTMoETransformer2DModel, dict(_LATENT, num_layers=2, num_experts=4, num_experts_per_tok=2,
                                                moe_intermediate_size=32, shared_expert_intermediate_size=16,
                                                qk_norm="layer_norm")),
     "diff-moe": (SpatialTemporalMoETransformer2DModel, dict(_LATENT, num_layers=2, num_experts=4,
                                                             num_experts_per_tok=2, moe_intermediate_size=32,
-                                                            shared_intermediate_size=16, modulation_rank=8)),
+                                                            shared_expert_intermediate_size=16, modulation_rank=8)),
 }  # fmt: skip
 
 # Parameter groups and their original init, first matching pattern wins. Kinds (fans from the parameter's shape,
@@ -227,9 +230,7 @@ def test_loading_keeps_the_saved_weights_and_never_initialises(family, tmp_path,
     def refuse(model):
         raise AssertionError("from_pretrained ran the weight initialisation")
 
-    monkeypatch.setattr(
-        initialization, "_FAMILY_INITIALIZERS", dict.fromkeys(initialization._FAMILY_INITIALIZERS, refuse)
-    )
+    monkeypatch.setattr(type(model), "_initialize_family_weights", refuse)
     loaded = type(model).from_pretrained(tmp_path)
     saved = model.state_dict()
     assert loaded.state_dict().keys() == saved.keys()
@@ -237,6 +238,12 @@ def test_loading_keeps_the_saved_weights_and_never_initialises(family, tmp_path,
         torch.testing.assert_close(tensor, saved[name], rtol=0, atol=0, msg=name)
 
 
-def test_unknown_model_class_is_refused():
-    with pytest.raises(TypeError, match="No weight initialisation is known for Linear"):
-        initialization.initialize_weights(torch.nn.Linear(2, 2))
+def test_a_model_class_without_its_initialisation_is_refused():
+    class Unported(DiTForwardMixin, torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj_out = torch.nn.Linear(2, 2)
+            self.initialize_weights()
+
+    with pytest.raises(NotImplementedError, match="Unported defines no `_initialize_family_weights`"):
+        Unported()

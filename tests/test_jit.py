@@ -19,7 +19,7 @@ from .helpers import assert_float32_close, model_float32_tolerance, randomize_we
 
 TINY = dict(sample_size=16, patch_size=4, num_layers=4, num_attention_heads=2, attention_head_dim=8, mlp_ratio=1.0,
             num_classes=10, bottleneck_dim=4, in_context_len=2, in_context_start=1, moe_layers=[1, 3], num_experts=4,
-            moe_intermediate_size=8)  # fmt: skip
+            moe_intermediate_size=8, shared_expert_intermediate_size=8)  # fmt: skip
 
 # total / activated parameters in Mi (2**20), trainable parameters of the original classes
 PRESET_PARAMS_MI = {

@@ -10,7 +10,8 @@ from diffmoe_hf.models.moe import MoECollector, SoftmaxTopKRouter, active_moe_co
 
 
 TINY = dict(sample_size=4, patch_size=2, in_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=4,
-            num_classes=10, num_experts=4, num_experts_per_tok=2)  # fmt: skip
+            num_classes=10, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            shared_expert_intermediate_size=16)  # fmt: skip
 
 
 def _inputs():

@@ -64,7 +64,7 @@ def test_every_family_is_recorded():
         SpatialTemporalMoETransformer2DModel(**SPATIAL_TEMPORAL_TINY),
         DynamicTokenMoETransformer2DModel(
             sample_size=8, patch_size=2, in_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=4,
-            num_classes=10, num_experts=4,
+            num_classes=10, num_experts=4, moe_intermediate_size=32,
         ),
     ]  # fmt: skip
     for model in models:
@@ -87,7 +87,7 @@ def test_every_family_is_recorded():
 def test_expert_choice_routing_is_read_from_the_router_output():
     model = DynamicTokenMoETransformer2DModel(
         sample_size=8, patch_size=2, in_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=4,
-        num_classes=10, num_experts=4,
+        num_classes=10, num_experts=4, moe_intermediate_size=32,
     ).eval()  # fmt: skip
     model.transformer_blocks[1].ff.capacity_predictor.expert_threshold.fill_(0.5)  # a varying count per expert
     x, t, y = _inputs(model)

@@ -53,7 +53,7 @@ def model_folders(tmp_path_factory):
     torch.manual_seed(0)
     dynamic = randomize_weights(DynamicTokenMoETransformer2DModel(
         sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2,
-        attention_head_dim=4, mlp_ratio=1.0, num_classes=10, num_experts=4, moe_layers=[0, 1],
+        attention_head_dim=4, mlp_ratio=1.0, num_classes=10, num_experts=4, moe_intermediate_size=8, moe_layers=[0, 1],
     )).eval()  # fmt: skip
     spatial_temporal = randomize_weights(SpatialTemporalMoETransformer2DModel(**SPATIAL_TEMPORAL_TINY)).eval()
     for name, transformer in (("dsmoe", tiny_dsmoe()), ("dynamic", dynamic), ("diff-moe", spatial_temporal)):

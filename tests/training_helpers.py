@@ -37,7 +37,8 @@ def tiny_transformer(family: str):
     elif family == "diffmoe-dts":
         model = DynamicTokenMoETransformer2DModel(
             sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=2,
-            attention_head_dim=4, mlp_ratio=1.0, num_classes=NUM_CLASSES, num_experts=4, shared_expert_intermediate_size=64,
+            attention_head_dim=4, mlp_ratio=1.0, num_classes=NUM_CLASSES, num_experts=4, moe_intermediate_size=8,
+            shared_expert_intermediate_size=64,
         )  # fmt: skip
     elif family == "dit-moe":  # the rectified-flow variant (Diff-MoE covers DDPM)
         model = DiTMoETransformer2DModel(
