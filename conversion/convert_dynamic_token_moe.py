@@ -43,6 +43,7 @@ def diffmoe_config_from_params(params: dict) -> dict:
         config,
         moe_layers=[i for i in range(depth) if i % 2 == 1 or not moe.get("interleave")],
         num_experts=moe["num_experts"],
+        moe_intermediate_size=int(dim * config["mlp_ratio"]),  # upstream's experts are as wide as its dense MLPs
         capacity=float(moe["capacity"]),
         # upstream builds one shared MLP (width 8 * hidden_size) whenever n_shared_experts > 0
         shared_expert_intermediate_size=8 * dim if moe.get("n_shared_experts", 0) > 0 else 0,

@@ -143,7 +143,8 @@ _CONVERSION = "diffmoe_hf.conversion"
 _TINY_LATENT = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_classes=10)
 
 _DSMOE_TINY = dict(_TINY_LATENT, num_attention_heads=2, attention_head_dim=8, mlp_ratio=2.0, num_experts=4,
-                   num_experts_per_tok=2, moe_intermediate_size=8, n_group=2, topk_group=2)  # fmt: skip
+                   num_experts_per_tok=2, moe_intermediate_size=8, shared_expert_intermediate_size=8, n_group=2,
+                   topk_group=2)  # fmt: skip
 register_family(ModelFamily(
     "dsmoe", DSMoETransformer2DModel, "DSMoE, Liu et al. 2025", "DeepSeek-style experts",
     label="DSMoE (Liu et al. 2025)", converter=f"{_CONVERSION}.convert_dsmoe:DSMOE_CONVERTER",
@@ -157,7 +158,8 @@ register_family(ModelFamily(
     "jit", JiTTransformer2DModel, "JiT, Li & He 2025, and JiTMoE, Liu et al. 2025", "pixel-space x-prediction",
     label="JiT / JiTMoE (Li & He 2025; Liu et al. 2025)", converter=f"{_CONVERSION}.convert_jit:JIT_CONVERTER",
     formulations=("jit-xpred",), presets=JIT_PRESETS, preset_aliases=JIT_PRESET_ALIASES, published=JITMOE_PUBLISHED,
-    tiny={"jitmoe": dict(_JIT_TINY, moe_layers=[1, 3], num_experts=4, moe_intermediate_size=8),
+    tiny={"jitmoe": dict(_JIT_TINY, moe_layers=[1, 3], num_experts=4, moe_intermediate_size=8,
+                         shared_expert_intermediate_size=8),
           "dense": dict(_JIT_TINY, moe_layers="none")},
 ))  # fmt: skip
 
@@ -174,7 +176,8 @@ register_family(ModelFamily(
           "no-shared-expert": dict(_SPATIAL_TEMPORAL_TINY, shared_expert_intermediate_size=0)},
 ))  # fmt: skip
 
-_DYNAMIC_TOKEN_TINY = dict(_TINY_LATENT, num_attention_heads=2, attention_head_dim=4, mlp_ratio=1.0, num_experts=4)
+_DYNAMIC_TOKEN_TINY = dict(_TINY_LATENT, num_attention_heads=2, attention_head_dim=4, mlp_ratio=1.0, num_experts=4,
+                           moe_intermediate_size=8)  # fmt: skip
 register_family(ModelFamily(
     "dynamic-token-moe", DynamicTokenMoETransformer2DModel, "DiffMoE, Shi et al. 2025",
     "dynamic token selection over the batch", label="DynamicTokenMoE (DiffMoE, Shi et al. 2025)",
@@ -184,7 +187,8 @@ register_family(ModelFamily(
           "no-shared-expert": dict(_DYNAMIC_TOKEN_TINY, shared_expert_intermediate_size=0)},
 ))  # fmt: skip
 
-_DIT_MOE_TINY = dict(_TINY_LATENT, num_attention_heads=4, attention_head_dim=8, num_experts=4, num_experts_per_tok=2)
+_DIT_MOE_TINY = dict(_TINY_LATENT, num_attention_heads=4, attention_head_dim=8, num_experts=4, num_experts_per_tok=2,
+                     moe_intermediate_size=128, shared_expert_intermediate_size=64)  # fmt: skip
 register_family(ModelFamily(
     "dit-moe", DiTMoETransformer2DModel, "DiT-MoE, Fei et al. 2024", "DiT with softmax top-k experts",
     label="DiTMoE (DiT-MoE, Fei et al. 2024)", converter=f"{_CONVERSION}.convert_dit_moe:DIT_MOE_CONVERTER",

@@ -130,7 +130,8 @@ def test_rf_noise_at_one_reproduces_the_upstream_euler_sampler():
 def _tiny_ddpm_pipeline():
     transformer = randomize_weights(DSMoETransformer2DModel(
         sample_size=4, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=2,
-        attention_head_dim=8, num_classes=3, num_experts=4, moe_intermediate_size=8, formulation="ddpm-learned-sigma",
+        attention_head_dim=8, num_classes=3, num_experts=4, moe_intermediate_size=8, shared_expert_intermediate_size=8,
+        formulation="ddpm-learned-sigma",
     )).eval()  # fmt: skip
     pipe = ClassConditionalMoEPipeline(transformer=transformer, scheduler=DDPM.default_scheduler())
     pipe.set_progress_bar_config(disable=True)

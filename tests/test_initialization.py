@@ -1,6 +1,6 @@
 """A fresh model of every family is initialised as its original code initialises one: adaLN-Zero (every block is the
 identity, the output exactly 0) and each parameter group drawn from the original distribution (see
-`diffmoe_hf.models.initialization`). Loading weights never initialises them."""
+each class's `_initialize_family_weights`). Loading weights never initialises them."""
 
 import math
 import os
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from diffmoe_hf.families import get_family
-from diffmoe_hf.models import initialization
+from diffmoe_hf.models.modeling_common import DiTForwardMixin
 
 from .helpers import randomize_weights, tiny_variants
 
@@ -200,9 +200,7 @@ def test_loading_keeps_the_saved_weights_and_never_initialises(family, variant, 
     def refuse(model):
         raise AssertionError("from_pretrained ran the weight initialisation")
 
-    monkeypatch.setattr(
-        initialization, "_FAMILY_INITIALIZERS", dict.fromkeys(initialization._FAMILY_INITIALIZERS, refuse)
-    )
+    monkeypatch.setattr(type(model), "_initialize_family_weights", refuse)
     loaded = type(model).from_pretrained(tmp_path)
     saved = model.state_dict()
     assert loaded.state_dict().keys() == saved.keys()
@@ -210,6 +208,12 @@ def test_loading_keeps_the_saved_weights_and_never_initialises(family, variant, 
         torch.testing.assert_close(tensor, saved[name], rtol=0, atol=0, msg=name)
 
 
-def test_unknown_model_class_is_refused():
-    with pytest.raises(TypeError, match="No weight initialisation is known for Linear"):
-        initialization.initialize_weights(torch.nn.Linear(2, 2))
+def test_a_model_class_without_its_initialisation_is_refused():
+    class Unported(DiTForwardMixin, torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj_out = torch.nn.Linear(2, 2)
+            self.initialize_weights()
+
+    with pytest.raises(NotImplementedError, match="Unported defines no `_initialize_family_weights`"):
+        Unported()

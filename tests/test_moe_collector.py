@@ -10,7 +10,14 @@ from diffmoe_hf.families import get_family
 from diffmoe_hf.models.moe import MoECollector, SoftmaxTopKRouter, active_moe_collector
 
 
-TINY = get_family("dit-moe").tiny_config("ddpm", sample_size=4, num_attention_heads=2, attention_head_dim=4)
+TINY = get_family("dit-moe").tiny_config(
+    "ddpm",
+    sample_size=4,
+    num_attention_heads=2,
+    attention_head_dim=4,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=16,
+)
 
 
 def _inputs():

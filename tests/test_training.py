@@ -128,6 +128,7 @@ def test_full_training_from_preset_in_pixel_space(tmp_path):
         "moe_layers": [1],
         "num_experts": 4,
         "moe_intermediate_size": 8,
+        "shared_expert_intermediate_size": 8,
     }
     out = str(tmp_path / "out")
     args = [

@@ -2,8 +2,8 @@
 
 Preset keys name their family (`"DiT-MoE-XL/2"`, `"Diff-MoE-XL/2"`, `"DSMoE-S-E16"`, ...) and no key belongs to two
 families. Aliases are other names of the same architecture: the names the original code records in a checkpoint's
-`args.model` (`"DiT-XL/2"` in both DiT-MoE and Diff-MoE of Cheng et al.) and earlier keys of this package. They are
-looked up only within their own family, so the same alias may mean a different architecture in another family.
+`args.model` (`"DiT-XL/2"` in both DiT-MoE and Diff-MoE of Cheng et al.) and the spellings of the Hub releases. They
+are looked up only within their own family, so the same alias may mean a different architecture in another family.
 A model file passes its family's label (`ModelFamily.label` of `diffmoe_hf.families`, which reads the model files and
 so cannot be read from here) for the error message; `tests/test_names.py` checks the two agree.
 """
