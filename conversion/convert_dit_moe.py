@@ -27,12 +27,18 @@ import torch
 
 from diffmoe_hf.families import get_family
 from diffmoe_hf.formulations import FORMULATION_ALIASES, resolve_formulation, rf_flag_formulation
-from diffmoe_hf.models.presets import resolve_preset
 from diffmoe_hf.models.transformer_dit_moe import DIT_MOE_PRESET_ALIASES, DIT_MOE_PRESETS, DiTMoETransformer2DModel
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
 from .config_sources import SourcedSettings, constructor_kwargs, dit_constructor_arguments, read_config_file
-from .state_dict_utils import DIT_SKELETON_RENAME_RULES, build_converted_model
+from .family_converter import FamilyConverter, write_original_files
+from .state_dict_utils import (
+    DIT_SKELETON_RENAME_RULES,
+    build_converted_model,
+    fixed_pos_embed,
+    original_state_dict,
+    resolve_checkpoint_preset,
+)
 
 
 # `models.DiT` constructor arguments (upstream names)
@@ -66,8 +72,8 @@ def _is_architecture(name) -> bool:
 def _preset_fields(name: str, origin: str) -> dict:
     """Upstream architecture fields of a preset key or original `DiT_models` name."""
     try:
-        preset = DIT_MOE_PRESETS[resolve_preset("dit-moe", DIT_MOE_PRESETS, name, DIT_MOE_PRESET_ALIASES)]
-    except ValueError as err:
+        preset = DIT_MOE_PRESETS[resolve_checkpoint_preset("dit-moe", DIT_MOE_PRESETS, name, DIT_MOE_PRESET_ALIASES)]
+    except CheckpointError as err:
         raise CheckpointError(f"{err} (from {origin})") from None
     return dit_constructor_arguments(preset)
 
@@ -336,3 +342,33 @@ DIT_MOE_MODEL_CARD = dict(
         "(DiT-MoE-S/2-8E2A, -S/2-16E2A, -B/2-8E2A, -XL/2-8E2A, -G/2-16E2A)."
     ),
 )
+
+
+def original_dit_moe_state_dict(model: DiTMoETransformer2DModel) -> dict[str, torch.Tensor]:
+    """The `models.DiT` state dict of `model`: the flash attention layout for a model with q/k norms, else timm's."""
+    rules = _RENAME_RULES
+    if model.config["qk_norm"] is not None:  # the first rule that produces a key wins: the flash names first
+        rules = sorted(_RENAME_RULES, key=lambda rule: not re.search(r"Wqkv|out_proj", rule[0]))
+    return {**original_state_dict(model, rules), **fixed_pos_embed(model)}
+
+
+def write_original_dit_moe(model: DiTMoETransformer2DModel, folder: str) -> dict:
+    """`model` as the original DiT-MoE code saves it (the flash attention layout for a model with q/k norms, else
+    timm's), with its `models.DiT` arguments and formulation (see `FamilyConverter.write_original`)."""
+    config = model.config
+    flash = config["qk_norm"] is not None
+    if flash and config["qk_norm"] != "layer_norm":
+        raise ValueError("The original flash attention layout has LayerNorm q/k norms.")
+    arguments = dict(
+        input_size=config["sample_size"], patch_size=config["patch_size"], in_channels=config["in_channels"],
+        hidden_size=config["num_attention_heads"] * config["attention_head_dim"], depth=config["num_layers"],
+        num_heads=config["num_attention_heads"], class_dropout_prob=config["class_dropout_prob"],
+        num_classes=config["num_classes"], num_experts=config["num_experts"],
+        num_experts_per_tok=config["num_experts_per_tok"],
+        learn_sigma=config["out_channels"] == 2 * config["in_channels"], use_flash_attn=flash,
+        formulation=config["formulation"],
+    )  # fmt: skip
+    return write_original_files(folder, original_dit_moe_state_dict(model), arguments)
+
+
+DIT_MOE_CONVERTER = FamilyConverter(build_dit_moe_transformer, DIT_MOE_MODEL_CARD, write_original_dit_moe)

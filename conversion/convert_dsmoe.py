@@ -9,7 +9,14 @@ from diffmoe_hf.models.transformer_dsmoe import _RELEASED_COMMON, DSMOE_PRESETS,
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
 from .config_sources import read_config_file, require_config_or_preset
-from .state_dict_utils import DIT_SKELETON_RENAME_RULES, build_converted_model, resolve_checkpoint_preset
+from .family_converter import FamilyConverter, write_original_files
+from .state_dict_utils import (
+    DIT_SKELETON_RENAME_RULES,
+    build_converted_model,
+    fixed_pos_embed,
+    original_state_dict,
+    resolve_checkpoint_preset,
+)
 
 
 _ROPE = {"2d": "rope_2d", "1d": "rope_1d", "none": "sincos"}
@@ -177,3 +184,47 @@ DSMOE_MODEL_CARD = dict(
         "| DSMoE-3B-E16 | 965M | 7.52 | 2.38 |"
     ),
 )
+
+
+def efficient_moe_dit_params(config) -> dict:
+    """The inverse of `efficient_moe_dit_config`: the shared DiT fields of a model `config` as yaml `model.params`."""
+    return dict(
+        input_size=config["sample_size"], patch_size=config["patch_size"], in_channels=config["in_channels"],
+        learn_sigma=config["out_channels"] == 2 * config["in_channels"], depth=config["num_layers"],
+        hidden_size=config["num_attention_heads"] * config["attention_head_dim"],
+        num_heads=config["num_attention_heads"], head_dim=config["attention_head_dim"],
+        mlp_ratio=float(config["mlp_ratio"]), num_classes=config["num_classes"],
+        class_dropout_prob=config["class_dropout_prob"],
+    )  # fmt: skip
+
+
+def _moe_layer_flags(num_layers: int, moe_layers: list[int]) -> dict:
+    """The inverse of `_moe_layers`: the `interleave` / `skip_first2` flags that give `moe_layers`."""
+    for interleave in (False, True):
+        first = moe_layers[0] if moe_layers else num_layers
+        candidate = {"interleave": interleave, "skip_first2": first if interleave is False else first - 1}
+        if _moe_layers(num_layers, candidate) == list(moe_layers):
+            return candidate
+    raise ValueError(f"moe_layers={moe_layers} is no layout of the original DSMoE code.")
+
+
+def write_original_dsmoe(model: DSMoETransformer2DModel, folder: str) -> dict:
+    """`model` as the original DSMoE code saves it, with its training yaml (see `FamilyConverter.write_original`)."""
+    config = model.config
+    shared = config["shared_expert_intermediate_size"]
+    if shared not in (0, config["moe_intermediate_size"]):
+        raise ValueError("The original DSMoE's shared expert is as wide as a routed one (or absent).")
+    moe = dict(
+        num_experts=config["num_experts"], num_experts_per_tok=config["num_experts_per_tok"],
+        moe_intermediate_size=config["moe_intermediate_size"], n_group=config["n_group"],
+        topk_group=config["topk_group"], routed_scaling_factor=float(config["routed_scaling_factor"]),
+        use_shared_expert=shared > 0, **_moe_layer_flags(config["num_layers"], config["moe_layers"]),
+    )  # fmt: skip
+    rope = {value: key for key, value in _ROPE.items()}[config["positional_embedding"]]
+    norm = {value: key for key, value in _NORM.items()}[config["norm_type"]]
+    params = dict(efficient_moe_dit_params(config), rope_type=rope, norm_type=norm, MoE_config=moe)
+    state_dict = {**original_state_dict(model, _RENAME_RULES), **fixed_pos_embed(model)}
+    return write_original_files(folder, state_dict, {"model": {"params": params}})
+
+
+DSMOE_CONVERTER = FamilyConverter(build_dsmoe_transformer, DSMOE_MODEL_CARD, write_original_dsmoe)

@@ -37,7 +37,13 @@ from .config_sources import (
     read_config_file,
     require_config_or_preset,
 )
-from .state_dict_utils import DIT_SKELETON_RENAME_RULES, build_converted_model, resolve_checkpoint_preset
+from .family_converter import FamilyConverter, write_original_files
+from .state_dict_utils import (
+    DIT_SKELETON_RENAME_RULES,
+    build_converted_model,
+    original_state_dict,
+    resolve_checkpoint_preset,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -341,4 +347,28 @@ SPATIAL_TEMPORAL_MOE_MODEL_CARD = dict(
     default_steps=250,
     default_guidance=1.5,
     results="No checkpoints were released with the original code; see the paper for ImageNet 256x256 results.",
+)
+
+
+def write_original_spatial_temporal_moe(model: SpatialTemporalMoETransformer2DModel, folder: str) -> dict:
+    """`model` as the original Diff-MoE (Cheng et al.) code saves it, with its `DiT(**kwargs)` arguments and
+    formulation (see `FamilyConverter.write_original`)."""
+    config = model.config
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    if config["shared_expert_intermediate_size"] % dim:
+        raise ValueError("The original Diff-MoE's shared experts are a multiple of hidden_size wide.")
+    kwargs = dict(
+        input_size=config["sample_size"], hidden_size=dim, depth=config["num_layers"],
+        num_heads=config["num_attention_heads"], mlp_ratio=config["moe_intermediate_size"] / dim,
+        class_dropout_prob=config["class_dropout_prob"], num_classes=config["num_classes"],
+        num_experts=config["num_experts"], num_experts_per_tok=config["num_experts_per_tok"],
+        n_shared_experts=config["shared_expert_intermediate_size"] // dim,
+        learn_sigma=config["out_channels"] == 2 * config["in_channels"],
+    )  # fmt: skip
+    state_dict = original_state_dict(model, _RENAME_RULES)
+    return write_original_files(folder, state_dict, {"kwargs": kwargs, "formulation": config["formulation"]})
+
+
+SPATIAL_TEMPORAL_MOE_CONVERTER = FamilyConverter(
+    build_spatial_temporal_moe_transformer, SPATIAL_TEMPORAL_MOE_MODEL_CARD, write_original_spatial_temporal_moe
 )

@@ -59,6 +59,14 @@ def _guidance_scale(text: str) -> float:
     return value
 
 
+def _taking(option: str) -> str:
+    """The families whose converter takes `option` (`family_options`), e.g. `"spatial-temporal-moe / dit-moe"`."""
+    from diffmoe_hf.conversion import family_options
+    from diffmoe_hf.families import FAMILIES
+
+    return " / ".join(family for family in FAMILIES if option in family_options(family))
+
+
 def _add_convert_parser(subparsers) -> None:
     from diffmoe_hf.dtypes import DTYPES
     from diffmoe_hf.families import FAMILIES, family_names
@@ -93,13 +101,13 @@ def _add_convert_parser(subparsers) -> None:
         "record it",
     )
     parser.add_argument(
-        "--num-experts", type=int, help="routed experts per MoE layer (bare spatial-temporal-moe / dit-moe dicts)"
+        "--num-experts", type=int, help=f"routed experts per MoE layer (bare {_taking('num_experts')} dicts)"
     )
     parser.add_argument(
-        "--experts-per-token", type=int, help="experts per token (bare spatial-temporal-moe / dit-moe dicts)"
+        "--experts-per-token", type=int, help=f"experts per token (bare {_taking('experts_per_token')} dicts)"
     )
     parser.add_argument(
-        "--formulation", help="ddpm or rf, for families trained with either (spatial-temporal-moe, dit-moe)"
+        "--formulation", help=f"ddpm or rf, for families trained with either ({_taking('formulation')})"
     )
     parser.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights (default: ema)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="saved dtype")
@@ -189,7 +197,7 @@ def _add_evaluate_digits_parser(subparsers) -> None:
 
 
 def _add_sample_parser(subparsers) -> None:
-    from diffmoe_hf.evaluation.commands import add_sample_arguments, run_sample
+    from diffmoe_hf.cli_evaluation import add_sample_arguments, run_sample
 
     parser = subparsers.add_parser(
         "sample",
@@ -203,7 +211,7 @@ def _add_sample_parser(subparsers) -> None:
 
 
 def _add_evaluate_parser(subparsers) -> None:
-    from diffmoe_hf.evaluation.commands import add_evaluate_arguments, run_evaluate
+    from diffmoe_hf.cli_evaluation import add_evaluate_arguments, run_evaluate
 
     parser = subparsers.add_parser(
         "evaluate",

@@ -4,21 +4,9 @@ presets' expert widths, the MoE layers' attributes, the shared layers' keyword-o
 import inspect
 
 import pytest
+import torch
 
-from diffmoe_hf import (
-    DiTMoETransformer2DModel,
-    DSMoETransformer2DModel,
-    DynamicTokenMoETransformer2DModel,
-    JiTTransformer2DModel,
-    SpatialTemporalMoETransformer2DModel,
-)
-from diffmoe_hf.models import (
-    DIT_MOE_PRESETS,
-    DSMOE_PRESETS,
-    DYNAMIC_TOKEN_MOE_PRESETS,
-    JIT_PRESETS,
-    SPATIAL_TEMPORAL_MOE_PRESETS,
-)
+from diffmoe_hf.families import FAMILIES, get_family
 from diffmoe_hf.models.blocks import AdaLNZeroTransformerBlock
 from diffmoe_hf.models.dynamic_token_moe_layer import CapacityPredictor, DynamicTokenMoE, ExpertChoiceRouter
 from diffmoe_hf.models.modeling_common import resolve_moe_layers
@@ -41,16 +29,9 @@ from diffmoe_hf.models.transformer_dit_moe import SoftmaxTopKMoE
 from diffmoe_hf.models.transformer_spatial_temporal_moe import SpatialTemporalMoEBlock
 
 from .helpers import tiny_dsmoe
-from .test_jit import TINY as JIT_TINY
 
 
-MODEL_CLASSES = [
-    DSMoETransformer2DModel,
-    JiTTransformer2DModel,
-    DiTMoETransformer2DModel,
-    DynamicTokenMoETransformer2DModel,
-    SpatialTemporalMoETransformer2DModel,
-]
+MODEL_CLASSES = [family.model_class for family in FAMILIES.values()]
 SHARED_LAYERS = [
     AdaLNZeroTransformerBlock,
     SpatialTemporalMoEBlock,
@@ -92,17 +73,17 @@ def test_no_field_defaults_to_a_none_whose_meaning_depends_on_the_family(model_c
     assert {name for name, p in signature.parameters.items() if p.default is None} <= NONE_DEFAULTS
 
 
-def test_every_moe_preset_states_its_expert_widths():
-    moe_presets = {
-        **DSMOE_PRESETS,
-        **{name: config for name, config in JIT_PRESETS.items() if "moe_layers" in config},
-        **DIT_MOE_PRESETS,
-        **SPATIAL_TEMPORAL_MOE_PRESETS,
-    }
-    for name, config in moe_presets.items():
-        assert {"moe_intermediate_size", "shared_expert_intermediate_size"} <= config.keys(), name
-    # DiffMoE (Shi et al.) presets: no shared expert, 0 being the constructor default of every family
-    assert all("moe_intermediate_size" in config for config in DYNAMIC_TOKEN_MOE_PRESETS.values())
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_moe_preset_states_its_expert_widths(family):
+    family = get_family(family)
+    for name, config in family.presets.items():
+        with torch.device("meta"):
+            model = family.model_class.from_preset(name)
+        if not any(hasattr(block.ff, "router") for block in model.transformer_blocks):
+            continue  # a dense preset (JiT)
+        assert "moe_intermediate_size" in config, name
+        # a preset without a shared expert (DiffMoE of Shi et al.) may leave it to the constructor default, 0
+        assert "shared_expert_intermediate_size" in config or model.config.shared_expert_intermediate_size == 0, name
 
 
 @pytest.mark.parametrize("layer_class", SHARED_LAYERS, ids=lambda c: c.__name__)
@@ -127,5 +108,5 @@ def test_moe_layers_patterns_and_lists():
 def test_the_config_records_the_resolved_layers_and_output_channels():
     model = tiny_dsmoe(num_layers=4, out_channels=None)
     assert model.config.moe_layers == [1, 3] and model.config.out_channels == model.config.in_channels == 4
-    dense = JiTTransformer2DModel(**{**JIT_TINY, "moe_layers": "none"})
+    dense = get_family("jit").tiny_model("dense")
     assert dense.config.moe_layers == [] and not any(hasattr(b.ff, "router") for b in dense.transformer_blocks)

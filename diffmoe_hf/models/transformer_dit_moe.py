@@ -216,7 +216,12 @@ class DiTMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAda
         experts, 2 per token, learned-sigma output); `overrides` replace any config field, e.g. `num_experts=16,
         qk_norm="layer_norm"`.
         """
-        config = {**preset_config("dit-moe", DIT_MOE_PRESETS, name, aliases=DIT_MOE_PRESET_ALIASES), **overrides}
+        config = {
+            **preset_config(
+                "DiTMoE (DiT-MoE, Fei et al. 2024)", DIT_MOE_PRESETS, name, aliases=DIT_MOE_PRESET_ALIASES
+            ),
+            **overrides,
+        }
         config.setdefault("out_channels", 2 * config.get("in_channels", 4))
         return cls(**config)
 

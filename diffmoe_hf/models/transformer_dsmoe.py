@@ -162,7 +162,7 @@ class DSMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdap
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DSMoETransformer2DModel":
         """A randomly initialised model with the architecture of a released checkpoint (see `DSMOE_PRESETS`)."""
-        return cls(**{**preset_config("dsmoe", DSMOE_PRESETS, name, _RELEASED_COMMON), **overrides})
+        return cls(**{**preset_config("DSMoE (Liu et al. 2025)", DSMOE_PRESETS, name, _RELEASED_COMMON), **overrides})
 
     def _initialize_family_weights(self) -> None:
         """

@@ -160,7 +160,12 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
         `DYNAMIC_TOKEN_MOE_PRESETS`.
         """
         return cls(
-            **{**preset_config("dynamic-token-moe", DYNAMIC_TOKEN_MOE_PRESETS, name, _RELEASED_COMMON), **overrides}
+            **{
+                **preset_config(
+                    "DynamicTokenMoE (DiffMoE, Shi et al. 2025)", DYNAMIC_TOKEN_MOE_PRESETS, name, _RELEASED_COMMON
+                ),
+                **overrides,
+            }
         )
 
     def _initialize_family_weights(self) -> None:

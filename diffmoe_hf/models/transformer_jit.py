@@ -80,7 +80,9 @@ _RELEASED_COMMON = dict(sample_size=256, in_channels=3, num_classes=1000, mlp_ra
 
 def jit_preset_config(name: str) -> dict:
     """Constructor arguments of `JiTTransformer2DModel` for a released architecture (a `JIT_PRESETS` key or alias)."""
-    return preset_config("jit", JIT_PRESETS, name, _RELEASED_COMMON, aliases=JIT_PRESET_ALIASES)
+    return preset_config(
+        "JiT / JiTMoE (Li & He 2025; Liu et al. 2025)", JIT_PRESETS, name, _RELEASED_COMMON, aliases=JIT_PRESET_ALIASES
+    )
 
 
 def _token_count_varies(tokens: torch.Tensor, rotary_emb: RotaryTables) -> None:
