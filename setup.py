@@ -5,6 +5,7 @@ sub-packages of the single import package `diffmoe_hf` (`diffmoe_hf.pipelines`, 
 piece of code has exactly one home and one import path.
 """
 
+import ast
 import os
 
 from setuptools import setup
@@ -39,11 +40,23 @@ def _read(name):
         return f.read()
 
 
+def _diffusers_floors():
+    """The string constants of diffmoe_hf/diffusers_floors.py (`CORE`, `TRAIN`), read without importing the package."""
+    tree = ast.parse(_read(os.path.join("diffmoe_hf", "diffusers_floors.py")))
+    return {
+        target.id: ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+    }
+
+
 packages, package_dir = _packages()
+diffusers_floors = _diffusers_floors()
 
 core = [
     "torch>=2.4",
-    "diffusers>=0.37.0",  # the models' apply_lora_scale appears in 0.37; .ci/run tests exactly this version
+    f"diffusers>={diffusers_floors['CORE']}",  # diffmoe_hf/diffusers_floors.py says why
     "accelerate>=1.0",  # meta-device model construction for low-memory checkpoint conversion
     "safetensors>=0.4",
     "huggingface_hub>=0.34",
@@ -53,9 +66,7 @@ core = [
     "tqdm",
 ]
 extras = {
-    # LoRA on these models: set_adapters accepts non-diffusers models from diffusers 0.38, and load_lora_weights reads
-    # a local folder in offline mode without weight_name= from 0.40 (.ci/run tests this floor too)
-    "train": ["accelerate>=1.0", "peft>=0.17", "datasets>=3.0", "diffusers>=0.40.0"],
+    "train": ["accelerate>=1.0", "peft>=0.17", "datasets>=3.0", f"diffusers>={diffusers_floors['TRAIN']}"],
     "space": ["gradio>=5.0"],
     # FID (diffmoe evaluate) also needs torch-fidelity, installed WITHOUT its dependencies:
     # `pip install --no-deps torch-fidelity==0.4.0` (diffmoe_hf/evaluation/inception.py says why)

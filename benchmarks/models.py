@@ -1,5 +1,5 @@
-"""The benchmarked models: one entry per MoE family, its MoE feed-forward layer, and the dense models of equal
-activated FLOPs it is compared with.
+"""The benchmarked models: entries of the registered families (`diffmoe_hf.families`; DSMoE twice, E16 and E48), their
+MoE feed-forward layer, and the dense models of equal activated FLOPs they are compared with.
 
 Dense equivalents:
 - layer: a dense SwiGLU (GELU-tanh MLP for DiffMoE of Shi et al., whose experts are
@@ -11,7 +11,7 @@ Dense equivalents:
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from diffusers import DiTTransformer2DModel
@@ -19,13 +19,7 @@ from diffusers.models.attention import FeedForward
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
-from diffmoe_hf.models import (
-    DiTMoETransformer2DModel,
-    DSMoETransformer2DModel,
-    DynamicTokenMoETransformer2DModel,
-    JiTTransformer2DModel,
-    SpatialTemporalMoETransformer2DModel,
-)
+from diffmoe_hf.families import get_family
 from diffmoe_hf.models.dynamic_token_moe_layer import DynamicTokenMoE, update_capacity_thresholds
 from diffmoe_hf.models.moe import GeluMLPExperts, MoECollector, SwiGLU
 from diffmoe_hf.models.spatial_temporal_moe_layer import SpatialTemporalMoE
@@ -43,44 +37,39 @@ def _segment_linear_flops(rows_shape, weight_shapes, bias_shapes, offsets_shape,
 
 
 @dataclass
-class Family:
-    """A benchmarked family: its model class, presets per size, and a tiny config for `--quick` runs."""
+class Benchmarked:
+    """
+    A benchmarked model of a registered family (`diffmoe_hf.families`): its presets per size, and for `--quick` runs
+    the family's tiny configuration, or `tiny` where the entry benchmarks another expert layout of the family.
+    """
 
     name: str
-    model_class: type
+    family: str
     presets: dict[str, str]
-    tiny: dict = field(default_factory=dict)
+    tiny_variant: str | None = None
+    tiny: dict | None = None
 
     def build(self, size: str) -> nn.Module:
+        family = get_family(self.family)
         torch.manual_seed(0)
         if size == "tiny":
-            return self.model_class(**self.tiny).eval()
-        return self.model_class.from_preset(self.presets[size]).eval()
+            return family.model_class(**(self.tiny or family.tiny_config(self.tiny_variant))).eval()
+        return family.model_class.from_preset(self.presets[size]).eval()
 
 
-_TINY_LATENT = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=2,
-                    attention_head_dim=16, num_classes=10)  # fmt: skip
-FAMILIES = {
-    "dsmoe": Family("dsmoe", DSMoETransformer2DModel, {"S": "DSMoE-S-E16", "B": "DSMoE-B-E16"},
-                    dict(_TINY_LATENT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_group=2,
-                         topk_group=2)),
-    "dsmoe-e48": Family("dsmoe-e48", DSMoETransformer2DModel, {"S": "DSMoE-S-E48", "B": "DSMoE-B-E48"},
-                        dict(_TINY_LATENT, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=16)),
-    # JiTMoE exists in B, L and H only (pixel space, 256 patches + 32 class tokens): not in the S runs
-    "jitmoe": Family("jitmoe", JiTTransformer2DModel, {"B": "JiTMoE-B/16-E16"},
-                     dict(sample_size=32, patch_size=8, in_channels=3, num_layers=2, num_attention_heads=2,
-                          attention_head_dim=16, num_classes=10, bottleneck_dim=16, in_context_len=4,
-                          in_context_start=0, moe_layers=[1], num_experts=4, num_experts_per_tok=2,
-                          moe_intermediate_size=32, n_group=2, topk_group=2)),
-    "dit-moe": Family("dit-moe", DiTMoETransformer2DModel, {"S": "DiT-MoE-S/2", "B": "DiT-MoE-B/2"},
-                      dict(_TINY_LATENT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
-                           shared_expert_intermediate_size=32)),
-    "dynamic-token-moe": Family("dynamic-token-moe", DynamicTokenMoETransformer2DModel,
-                                {"S": "DiffMoE-S-E16", "B": "DiffMoE-B-E16"}, dict(_TINY_LATENT, num_experts=4)),
-    "spatial-temporal-moe": Family("spatial-temporal-moe", SpatialTemporalMoETransformer2DModel,
-                                   {"S": "Diff-MoE-S/2", "B": "Diff-MoE-B/2"},
-                       dict(_TINY_LATENT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
-                            shared_expert_intermediate_size=32, modulation_rank=8)),
+BENCHMARKED = {
+    entry.name: entry
+    for entry in (
+        Benchmarked("dsmoe", "dsmoe", {"S": "DSMoE-S-E16", "B": "DSMoE-B-E16"}),
+        Benchmarked("dsmoe-e48", "dsmoe", {"S": "DSMoE-S-E48", "B": "DSMoE-B-E48"},
+                    tiny=get_family("dsmoe").tiny_config(num_experts=8, num_experts_per_tok=3, n_group=1,
+                                                         topk_group=1)),
+        # JiTMoE exists in B, L and H only (pixel space, 256 patches + 32 class tokens): not in the S runs
+        Benchmarked("jitmoe", "jit", {"B": "JiTMoE-B/16-E16"}, tiny_variant="jitmoe"),
+        Benchmarked("dit-moe", "dit-moe", {"S": "DiT-MoE-S/2", "B": "DiT-MoE-B/2"}),
+        Benchmarked("dynamic-token-moe", "dynamic-token-moe", {"S": "DiffMoE-S-E16", "B": "DiffMoE-B-E16"}),
+        Benchmarked("spatial-temporal-moe", "spatial-temporal-moe", {"S": "Diff-MoE-S/2", "B": "Diff-MoE-B/2"}),
+    )
 }  # fmt: skip
 
 

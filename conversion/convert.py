@@ -4,22 +4,16 @@ import inspect
 import json
 import logging
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 
-from diffmoe_hf.families import resolve_family
+from diffmoe_hf.dtypes import DTYPES
+from diffmoe_hf.families import get_family, match_published_settings, resolve_family
 from diffmoe_hf.formulations import get_formulation
 from diffmoe_hf.labels import imagenet_id2label
 from diffmoe_hf.pipelines import ClassConditionalMoEPipeline
+from diffmoe_hf.published_settings import SETTINGS_FILE, model_card_section
 
 from .checkpoint_io import load_original_checkpoint
-from .convert_dit_moe import DIT_MOE_MODEL_CARD, build_dit_moe_transformer
-from .convert_dsmoe import DSMOE_MODEL_CARD, build_dsmoe_transformer
-from .convert_dynamic_token_moe import DIFFMOE_DTS_MODEL_CARD, build_dynamic_token_moe_transformer
-from .convert_jit import JIT_MODEL_CARD, build_jit_transformer
-from .convert_spatial_temporal_moe import SPATIAL_TEMPORAL_MOE_MODEL_CARD, build_spatial_temporal_moe_transformer
 from .hub_folder import (
-    DTYPES,
     cast_for_saving,
     check_output_dir,
     push_folder_to_hub,
@@ -27,32 +21,9 @@ from .hub_folder import (
     save_folder_atomically,
 )
 from .model_card import render_model_card
-from .published_settings import SETTINGS_FILE, match_published_settings, model_card_section
 
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FamilyConverter:
-    """
-    How to turn one family's checkpoints into a transformer: `build(checkpoint, config_path=, preset=, **options)`,
-    where `options` are the family's own keyword arguments (e.g. the spatial-temporal-moe family's `num_experts`,
-    `experts_per_token`, `formulation`).
-    """
-
-    build: Callable
-    model_card: dict
-
-
-# keyed by family id (`diffmoe_hf.families`); look a user's name up with `resolve_family`, which also takes aliases
-CONVERTERS = {
-    "dsmoe": FamilyConverter(build_dsmoe_transformer, DSMOE_MODEL_CARD),
-    "spatial-temporal-moe": FamilyConverter(build_spatial_temporal_moe_transformer, SPATIAL_TEMPORAL_MOE_MODEL_CARD),
-    "dynamic-token-moe": FamilyConverter(build_dynamic_token_moe_transformer, DIFFMOE_DTS_MODEL_CARD),
-    "jit": FamilyConverter(build_jit_transformer, JIT_MODEL_CARD),
-    "dit-moe": FamilyConverter(build_dit_moe_transformer, DIT_MOE_MODEL_CARD),
-}
 
 
 def family_options(family: str) -> list[str]:
@@ -60,7 +31,7 @@ def family_options(family: str) -> list[str]:
     The family-specific keyword arguments `convert_checkpoint` accepts for `family` (a family id or alias), beyond
     config_path and preset.
     """
-    parameters = inspect.signature(CONVERTERS[resolve_family(family)].build).parameters
+    parameters = inspect.signature(get_family(family).load_converter().build).parameters
     return [name for name in list(parameters)[1:] if name not in ("config_path", "preset")]
 
 
@@ -132,8 +103,7 @@ def convert_checkpoint(
     Nothing is written unless the whole conversion succeeds.
 
     Args:
-        family: a family id (`"dsmoe"`, `"jit"`, `"spatial-temporal-moe"`, `"dynamic-token-moe"`, `"dit-moe"`) or
-            one of its aliases (`"diff-moe"`, `"diffmoe-dts"`); see `diffmoe_hf.families`.
+        family: a registered family id or one of its aliases (`diffmoe_hf.families.family_names()`).
         checkpoint_path: original `.pt`/`.pth` or `.safetensors` file.
         output_dir: folder to create; an existing non-empty one is refused unless `overwrite`.
         config_path, preset: the architecture, for families whose checkpoints do not record it.
@@ -165,7 +135,7 @@ def convert_checkpoint(
         logger.warning(action)
     check_output_dir(output_dir, overwrite)
     _check_input_files(config_path, id2label_path)
-    converter = CONVERTERS[family]
+    converter = get_family(family).load_converter()
     checkpoint = load_original_checkpoint(
         checkpoint_path, weights=weights, trust_checkpoint=trust_checkpoint, mmap=True
     )

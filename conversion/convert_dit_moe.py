@@ -24,19 +24,23 @@ import os
 import re
 
 import torch
-import yaml
 
 from diffmoe_hf.families import get_family
-from diffmoe_hf.models.presets import resolve_preset
+from diffmoe_hf.formulations import FORMULATION_ALIASES, resolve_formulation, rf_flag_formulation
 from diffmoe_hf.models.transformer_dit_moe import DIT_MOE_PRESET_ALIASES, DIT_MOE_PRESETS, DiTMoETransformer2DModel
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
-from .state_dict_utils import DIT_SKELETON_RENAME_RULES, build_converted_model
+from .config_sources import SourcedSettings, constructor_kwargs, dit_constructor_arguments, read_config_file
+from .family_converter import FamilyConverter, write_original_files
+from .state_dict_utils import (
+    DIT_SKELETON_RENAME_RULES,
+    build_converted_model,
+    fixed_pos_embed,
+    original_state_dict,
+    resolve_checkpoint_preset,
+)
 
 
-FORMULATIONS = ("ddpm-learned-sigma", "rf-noise-at-1")
-# short names accepted for the `formulation` option and config field (as the spatial-temporal-moe converter)
-FORMULATION_ALIASES = {"ddpm": "ddpm-learned-sigma", "rf": "rf-noise-at-1"}
 # `models.DiT` constructor arguments (upstream names)
 CONSTRUCTOR_ARGS = (
     "input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio", "class_dropout_prob",
@@ -60,28 +64,6 @@ DIT_MOE_RELEASE_NAMES = {
 }
 
 
-class _Sourced(dict):
-    """Architecture fields in upstream names, each remembering where its value came from (for error messages)."""
-
-    def __init__(self):
-        super().__init__()
-        self.origin = {}
-
-    def put(self, key, value, origin: str, override: bool = False) -> None:
-        """Sets `key`; a different value for a key already set is an error unless `override`."""
-        if key in self and self[key] != value and not override:
-            raise CheckpointError(f"Contradicting options: {self.describe(key)} but {key}={value!r} ({origin}).")
-        if override or key not in self:
-            self[key], self.origin[key] = value, origin
-
-    def merge(self, other: "_Sourced", override: bool = False) -> None:
-        for key, value in other.items():
-            self.put(key, value, other.origin[key], override)
-
-    def describe(self, key) -> str:
-        return f"{key}={self[key]!r} ({self.origin[key]})"
-
-
 def _is_architecture(name) -> bool:
     """Whether `name` is a key of `DIT_MOE_PRESETS` or one of its aliases (the original `DiT_models` names)."""
     return name in DIT_MOE_PRESETS or name in DIT_MOE_PRESET_ALIASES
@@ -90,21 +72,16 @@ def _is_architecture(name) -> bool:
 def _preset_fields(name: str, origin: str) -> dict:
     """Upstream architecture fields of a preset key or original `DiT_models` name."""
     try:
-        preset = DIT_MOE_PRESETS[resolve_preset("dit-moe", DIT_MOE_PRESETS, name, DIT_MOE_PRESET_ALIASES)]
-    except ValueError as err:
+        preset = DIT_MOE_PRESETS[resolve_checkpoint_preset("dit-moe", DIT_MOE_PRESETS, name, DIT_MOE_PRESET_ALIASES)]
+    except CheckpointError as err:
         raise CheckpointError(f"{err} (from {origin})") from None
-    return dict(
-        depth=preset["num_layers"],
-        hidden_size=preset["num_attention_heads"] * preset["attention_head_dim"],
-        num_heads=preset["num_attention_heads"],
-        patch_size=preset["patch_size"],
-    )
+    return dit_constructor_arguments(preset)
 
 
-def _train_fields(fields: dict, origin: str) -> _Sourced:
+def _train_fields(fields: dict, origin: str) -> SourcedSettings:
     """Constructor fields plus `formulation` from train.py-style fields (`model`, `image_size`, `rf` included)."""
     fields = dict(fields)
-    out = _Sourced()
+    out = SourcedSettings()
     model = fields.pop("model", None)
     if model is not None:
         for key, value in _preset_fields(model, origin).items():
@@ -116,37 +93,25 @@ def _train_fields(fields: dict, origin: str) -> _Sourced:
         out.put("input_size", image_size // 8, f"{origin}, image_size={image_size}")
     rf = fields.pop("rf", None)
     if rf is not None:
-        out.put("formulation", "rf-noise-at-1" if rf else "ddpm-learned-sigma", f"{origin}, rf={rf!r}")
+        out.put("formulation", rf_flag_formulation(rf), f"{origin}, rf={rf!r}")
     if "formulation" in fields:
-        fields["formulation"] = FORMULATION_ALIASES.get(fields["formulation"], fields["formulation"])
-        if fields["formulation"] not in FORMULATIONS:
-            raise CheckpointError(
-                f"formulation={fields['formulation']!r} ({origin}); DiT-MoE models use {', '.join(FORMULATIONS)} "
-                f"(or {', '.join(FORMULATION_ALIASES)})."
-            )
+        try:  # DiT-MoE trains either way: the formulations of the short names ddpm and rf
+            fields["formulation"] = resolve_formulation(fields["formulation"], FORMULATION_ALIASES.values())
+        except ValueError as err:
+            raise CheckpointError(f"{err} ({origin}; DiT-MoE models use DDPM or rectified flow)") from None
     for key, value in fields.items():
         out.put(key, value, origin)
     return out
 
 
-def read_config_file(path: str) -> dict:
+def read_dit_moe_config(path: str) -> dict:
     """
     The constructor arguments of a JSON/YAML config: a mapping of `models.DiT` arguments (plus `model`, `image_size`,
     `rf`, `formulation`), or a construction record with the arguments under `"kwargs"` and an optional top-level
     `formulation` / `rf`.
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as err:
-        raise CheckpointError(f"Could not read the DiT-MoE config {path}: {err}") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} must hold a mapping of DiT-MoE constructor arguments.")
-    if isinstance(config.get("kwargs"), dict):
-        fields = dict(config["kwargs"])
-        fields.update({key: config[key] for key in ("formulation", "rf") if key in config})
-    else:
-        fields = config
+    what = "DiT-MoE constructor arguments"
+    fields = constructor_kwargs(read_config_file(path, what), path, what)
     unknown = sorted(set(fields) - set(CONSTRUCTOR_ARGS) - set(CONFIG_EXTRAS))
     if unknown:
         raise CheckpointError(
@@ -156,8 +121,9 @@ def read_config_file(path: str) -> dict:
     return fields
 
 
-def _explicit_fields(config_path: str | None, preset: str | None, options: dict) -> _Sourced:
-    explicit = _Sourced()
+def _explicit_fields(config_path: str | None, preset: str | None, options: dict) -> SourcedSettings:
+    """The fields the user gives: options, then a preset, then a config file; they must agree."""
+    explicit = SourcedSettings()
     for key, value in _train_fields({k: v for k, v in options.items() if v is not None}, "option").items():
         name = {"num_experts_per_tok": "experts_per_token"}.get(key, key)
         explicit.put(key, value, f"the {name} option")
@@ -176,14 +142,14 @@ def _explicit_fields(config_path: str | None, preset: str | None, options: dict)
                 f"({', '.join(DIT_MOE_RELEASE_NAMES)}, or by file name: {', '.join(DIT_MOE_RELEASES)})."
             )
     if config_path is not None:
-        explicit.merge(_train_fields(read_config_file(config_path), config_path))
+        explicit.merge(_train_fields(read_dit_moe_config(config_path), config_path))
     return explicit
 
 
-def _recorded_fields(checkpoint: LoadedCheckpoint) -> _Sourced:
+def _recorded_fields(checkpoint: LoadedCheckpoint) -> SourcedSettings:
     """The architecture recorded in train.py `args` (empty for bare and release files)."""
     if checkpoint.args is None:
-        return _Sourced()
+        return SourcedSettings()
     args = vars(checkpoint.args)
     fields = {key: args[key] for key in ("image_size", "num_classes", "num_experts", "num_experts_per_tok", "rf")
               if args.get(key) is not None}  # fmt: skip
@@ -376,3 +342,33 @@ DIT_MOE_MODEL_CARD = dict(
         "(DiT-MoE-S/2-8E2A, -S/2-16E2A, -B/2-8E2A, -XL/2-8E2A, -G/2-16E2A)."
     ),
 )
+
+
+def original_dit_moe_state_dict(model: DiTMoETransformer2DModel) -> dict[str, torch.Tensor]:
+    """The `models.DiT` state dict of `model`: the flash attention layout for a model with q/k norms, else timm's."""
+    rules = _RENAME_RULES
+    if model.config["qk_norm"] is not None:  # the first rule that produces a key wins: the flash names first
+        rules = sorted(_RENAME_RULES, key=lambda rule: not re.search(r"Wqkv|out_proj", rule[0]))
+    return {**original_state_dict(model, rules), **fixed_pos_embed(model)}
+
+
+def write_original_dit_moe(model: DiTMoETransformer2DModel, folder: str) -> dict:
+    """`model` as the original DiT-MoE code saves it (the flash attention layout for a model with q/k norms, else
+    timm's), with its `models.DiT` arguments and formulation (see `FamilyConverter.write_original`)."""
+    config = model.config
+    flash = config["qk_norm"] is not None
+    if flash and config["qk_norm"] != "layer_norm":
+        raise ValueError("The original flash attention layout has LayerNorm q/k norms.")
+    arguments = dict(
+        input_size=config["sample_size"], patch_size=config["patch_size"], in_channels=config["in_channels"],
+        hidden_size=config["num_attention_heads"] * config["attention_head_dim"], depth=config["num_layers"],
+        num_heads=config["num_attention_heads"], class_dropout_prob=config["class_dropout_prob"],
+        num_classes=config["num_classes"], num_experts=config["num_experts"],
+        num_experts_per_tok=config["num_experts_per_tok"],
+        learn_sigma=config["out_channels"] == 2 * config["in_channels"], use_flash_attn=flash,
+        formulation=config["formulation"],
+    )  # fmt: skip
+    return write_original_files(folder, original_dit_moe_state_dict(model), arguments)
+
+
+DIT_MOE_CONVERTER = FamilyConverter(build_dit_moe_transformer, DIT_MOE_MODEL_CARD, write_original_dit_moe)

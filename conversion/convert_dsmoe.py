@@ -4,13 +4,19 @@ The architecture is not stored in DSMoE checkpoints: it comes from the training 
 arguments of `models_DSMoE.DiT`) or from a released preset name.
 """
 
-import yaml
-
 from diffmoe_hf.families import get_family
 from diffmoe_hf.models.transformer_dsmoe import _RELEASED_COMMON, DSMOE_PRESETS, DSMoETransformer2DModel
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
-from .state_dict_utils import DIT_SKELETON_RENAME_RULES, build_converted_model, resolve_checkpoint_preset
+from .config_sources import read_config_file, require_config_or_preset
+from .family_converter import FamilyConverter, write_original_files
+from .state_dict_utils import (
+    DIT_SKELETON_RENAME_RULES,
+    build_converted_model,
+    fixed_pos_embed,
+    original_state_dict,
+    resolve_checkpoint_preset,
+)
 
 
 _ROPE = {"2d": "rope_2d", "1d": "rope_1d", "none": "sincos"}
@@ -19,12 +25,8 @@ _NORM = {"layernorm": "layer_norm", "rmsnorm": "rms_norm"}
 
 def read_yaml_model_params(path: str) -> dict:
     """The `model.params` block of an EfficientMoE training yaml (DSMoE, or DiffMoE of Shi et al.)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as err:
-        raise CheckpointError(f"Could not read the training config {path}: {err}") from None
-    params = (config or {}).get("model", {}).get("params") if isinstance(config, dict) else None
+    config = read_config_file(path, "training config")
+    params = (config.get("model") or {}).get("params")
     if not isinstance(params, dict):
         raise CheckpointError(f"{path} has no model.params section; pass the yaml the model was trained with.")
     basic = config.get("basic") or {}
@@ -137,8 +139,7 @@ def config_from_yaml_or_preset(config_path, preset, from_params, from_preset, fa
     `from_params` applied to the training yaml's `model.params`, or `from_preset(preset)`; exactly one of
     `config_path` and `preset` is needed.
     """
-    if config_path is not None and preset is not None:
-        raise CheckpointError("Pass either the training yaml (--config) or a preset (--preset), not both.")
+    require_config_or_preset(config_path, preset, "the training yaml")
     if config_path is not None:
         return from_params(read_yaml_model_params(config_path))
     if preset is not None:
@@ -183,3 +184,47 @@ DSMOE_MODEL_CARD = dict(
         "| DSMoE-3B-E16 | 965M | 7.52 | 2.38 |"
     ),
 )
+
+
+def efficient_moe_dit_params(config) -> dict:
+    """The inverse of `efficient_moe_dit_config`: the shared DiT fields of a model `config` as yaml `model.params`."""
+    return dict(
+        input_size=config["sample_size"], patch_size=config["patch_size"], in_channels=config["in_channels"],
+        learn_sigma=config["out_channels"] == 2 * config["in_channels"], depth=config["num_layers"],
+        hidden_size=config["num_attention_heads"] * config["attention_head_dim"],
+        num_heads=config["num_attention_heads"], head_dim=config["attention_head_dim"],
+        mlp_ratio=float(config["mlp_ratio"]), num_classes=config["num_classes"],
+        class_dropout_prob=config["class_dropout_prob"],
+    )  # fmt: skip
+
+
+def _moe_layer_flags(num_layers: int, moe_layers: list[int]) -> dict:
+    """The inverse of `_moe_layers`: the `interleave` / `skip_first2` flags that give `moe_layers`."""
+    for interleave in (False, True):
+        first = moe_layers[0] if moe_layers else num_layers
+        candidate = {"interleave": interleave, "skip_first2": first if interleave is False else first - 1}
+        if _moe_layers(num_layers, candidate) == list(moe_layers):
+            return candidate
+    raise ValueError(f"moe_layers={moe_layers} is no layout of the original DSMoE code.")
+
+
+def write_original_dsmoe(model: DSMoETransformer2DModel, folder: str) -> dict:
+    """`model` as the original DSMoE code saves it, with its training yaml (see `FamilyConverter.write_original`)."""
+    config = model.config
+    shared = config["shared_expert_intermediate_size"]
+    if shared not in (0, config["moe_intermediate_size"]):
+        raise ValueError("The original DSMoE's shared expert is as wide as a routed one (or absent).")
+    moe = dict(
+        num_experts=config["num_experts"], num_experts_per_tok=config["num_experts_per_tok"],
+        moe_intermediate_size=config["moe_intermediate_size"], n_group=config["n_group"],
+        topk_group=config["topk_group"], routed_scaling_factor=float(config["routed_scaling_factor"]),
+        use_shared_expert=shared > 0, **_moe_layer_flags(config["num_layers"], config["moe_layers"]),
+    )  # fmt: skip
+    rope = {value: key for key, value in _ROPE.items()}[config["positional_embedding"]]
+    norm = {value: key for key, value in _NORM.items()}[config["norm_type"]]
+    params = dict(efficient_moe_dit_params(config), rope_type=rope, norm_type=norm, MoE_config=moe)
+    state_dict = {**original_state_dict(model, _RENAME_RULES), **fixed_pos_embed(model)}
+    return write_original_files(folder, state_dict, {"model": {"params": params}})
+
+
+DSMOE_CONVERTER = FamilyConverter(build_dsmoe_transformer, DSMOE_MODEL_CARD, write_original_dsmoe)

@@ -14,8 +14,15 @@ from diffmoe_hf.models.transformer_dynamic_token_moe import (
 )
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
-from .convert_dsmoe import config_from_yaml_or_preset, efficient_moe_dit_config
-from .state_dict_utils import DIT_SKELETON_RENAME_RULES, build_converted_model, resolve_checkpoint_preset
+from .convert_dsmoe import config_from_yaml_or_preset, efficient_moe_dit_config, efficient_moe_dit_params
+from .family_converter import FamilyConverter, write_original_files
+from .state_dict_utils import (
+    DIT_SKELETON_RENAME_RULES,
+    build_converted_model,
+    fixed_pos_embed,
+    original_state_dict,
+    resolve_checkpoint_preset,
+)
 
 
 def diffmoe_config_from_params(params: dict) -> dict:
@@ -36,6 +43,7 @@ def diffmoe_config_from_params(params: dict) -> dict:
         config,
         moe_layers=[i for i in range(depth) if i % 2 == 1 or not moe.get("interleave")],
         num_experts=moe["num_experts"],
+        moe_intermediate_size=int(dim * config["mlp_ratio"]),  # upstream's experts are as wide as its dense MLPs
         capacity=float(moe["capacity"]),
         # upstream builds one shared MLP (width 8 * hidden_size) whenever n_shared_experts > 0
         shared_expert_intermediate_size=8 * dim if moe.get("n_shared_experts", 0) > 0 else 0,
@@ -108,4 +116,27 @@ DIFFMOE_DTS_MODEL_CARD = dict(
     default_guidance=1.5,
     experts="{config.num_experts} experts choosing their tokens from the batch (dynamic capacity at inference)",
     results="See the DiffMoE paper and the EfficientMoE paper (DiffMoE baselines) for FID numbers.",
+)
+
+
+def write_original_dynamic_token_moe(model: DynamicTokenMoETransformer2DModel, folder: str) -> dict:
+    """`model` as the original DiffMoE (Shi et al.) code saves it, with its training yaml (see
+    `FamilyConverter.write_original`)."""
+    config = model.config
+    depth, dim = config["num_layers"], config["num_attention_heads"] * config["attention_head_dim"]
+    interleave = list(config["moe_layers"]) == list(range(1, depth, 2))
+    if not interleave and list(config["moe_layers"]) != list(range(depth)):
+        raise ValueError("The original DiffMoE has MoE in every block or in the odd ones.")
+    if config["shared_expert_intermediate_size"] not in (0, 8 * dim):
+        raise ValueError("The original DiffMoE's shared MLP is 8 * hidden_size wide (or absent).")
+    moe = dict(num_experts=config["num_experts"], capacity=float(config["capacity"]), interleave=interleave,
+               n_shared_experts=int(config["shared_expert_intermediate_size"] > 0))  # fmt: skip
+    params = dict(efficient_moe_dit_params(config), MoE_config=moe,
+                  CapacityPred_loss_weight=float(config["capacity_loss_weight"]))  # fmt: skip
+    state_dict = {**original_state_dict(model, _RENAME_RULES), **fixed_pos_embed(model)}
+    return write_original_files(folder, state_dict, {"model": {"params": params}})
+
+
+DYNAMIC_TOKEN_MOE_CONVERTER = FamilyConverter(
+    build_dynamic_token_moe_transformer, DIFFMOE_DTS_MODEL_CARD, write_original_dynamic_token_moe
 )

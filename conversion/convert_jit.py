@@ -9,9 +9,6 @@ constructor arguments; the sampling parameters (`noise_scale`, `t_eps`, `label_d
 import argparse
 import logging
 
-import yaml
-
-from diffmoe_hf.models.presets import resolve_preset
 from diffmoe_hf.models.transformer_jit import (
     JIT_PRESET_ALIASES,
     JIT_PRESETS,
@@ -20,7 +17,16 @@ from diffmoe_hf.models.transformer_jit import (
 )
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
-from .state_dict_utils import DIT_SKELETON_RENAME_RULES, QKV_SPLIT, build_converted_model
+from .config_sources import read_config_file, require_config_or_preset
+from .family_converter import FamilyConverter, write_original_files
+from .state_dict_utils import (
+    DIT_SKELETON_RENAME_RULES,
+    QKV_SPLIT,
+    build_converted_model,
+    fixed_pos_embed,
+    original_state_dict,
+    resolve_checkpoint_preset,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -32,6 +38,8 @@ _JIT_DEFAULTS = dict(input_size=256, patch_size=16, in_channels=3, hidden_size=1
 # `main_jit.get_args_parser` defaults of the sampling / training parameters the converted config records
 _ARGS_DEFAULTS = dict(label_drop_prob=0.1, noise_scale=1.0, t_eps=0.05)
 
+# SwiGLUFFN computes w3(silu(a) * b) for the halves (a, b) of w12
+_FUSED = (QKV_SPLIT, ("w12", ("gate_proj", "up_proj")))
 _RENAME_RULES = DIT_SKELETON_RENAME_RULES + [
     (r"x_embedder\.proj1\.weight", r"pos_embed.patch_proj.weight"),
     (r"x_embedder\.proj2\.(weight|bias)", r"pos_embed.hidden_proj.\1"),
@@ -134,14 +142,10 @@ def read_jit_config_file(path: str) -> tuple[dict, dict]:
     Reads a YAML or JSON file holding the `JiT(...)` constructor arguments, either bare or as the `net_kwargs` of an
     argument record (which may also hold the training `args`). Returns `(constructor kwargs, args)`.
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            record = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as err:
-        raise CheckpointError(f"Could not read the JiT config {path}: {err}") from None
-    if isinstance(record, dict) and isinstance(record.get("net_kwargs"), dict):
+    record = read_config_file(path, "JiT constructor arguments")
+    if isinstance(record.get("net_kwargs"), dict):
         return record["net_kwargs"], record.get("args") or {}
-    if isinstance(record, dict) and {"depth", "hidden_size"} & set(record):
+    if {"depth", "hidden_size"} & set(record):
         return record, {}
     raise CheckpointError(
         f"{path} holds neither JiT constructor arguments (depth, hidden_size, ...) nor a `net_kwargs` section."
@@ -155,14 +159,12 @@ def convert_jit(checkpoint: LoadedCheckpoint, config: dict) -> JiTTransformer2DM
     Raises:
         CheckpointError: listing unconsumed, missing and mismatched keys when checkpoint and config disagree.
     """
-    # SwiGLUFFN computes w3(silu(a) * b) for the halves (a, b) of w12
-    fused = (QKV_SPLIT, ("w12", ("gate_proj", "up_proj")))
-    return build_converted_model(JiTTransformer2DModel, config, checkpoint.state_dict, _RENAME_RULES, "JiT", fused)
+    return build_converted_model(JiTTransformer2DModel, config, checkpoint.state_dict, _RENAME_RULES, "JiT", _FUSED)
 
 
 def _same_preset(first: str, second: str) -> bool:
     try:
-        return resolve_preset("jit", JIT_PRESETS, first, JIT_PRESET_ALIASES) == resolve_preset(
+        return resolve_checkpoint_preset("jit", JIT_PRESETS, first, JIT_PRESET_ALIASES) == resolve_checkpoint_preset(
             "jit", JIT_PRESETS, second, JIT_PRESET_ALIASES
         )
     except ValueError:
@@ -178,8 +180,7 @@ def build_jit_transformer(
     refused.
     """
     args = _as_dict(checkpoint.args)
-    if config_path is not None and preset is not None:
-        raise CheckpointError("Pass either a JiT config file (--config) or a preset (--preset), not both.")
+    require_config_or_preset(config_path, preset, "a JiT config file")
     if config_path is not None:
         kwargs, file_args = read_jit_config_file(config_path)
         config = jit_config_from_kwargs(kwargs, args or file_args)
@@ -218,3 +219,34 @@ JIT_MODEL_CARD = dict(
     default_guidance=2.9,
     results="See the upstream README (ImageNet 256x256, FID-50K, JiTMoE-B/16-E16 and JiTMoE-L/16-E16).",
 )
+
+
+def write_original_jit(model: JiTTransformer2DModel, folder: str) -> dict:
+    """`model` as the original JiT code saves it, with its `JiT(...)` arguments and the training args that set the
+    sampling parameters (see `FamilyConverter.write_original`)."""
+    config = model.config
+    depth, dim = config["num_layers"], config["num_attention_heads"] * config["attention_head_dim"]
+    net_kwargs = dict(
+        input_size=config["sample_size"], patch_size=config["patch_size"], in_channels=config["in_channels"],
+        hidden_size=dim, depth=depth, num_heads=config["num_attention_heads"], mlp_ratio=float(config["mlp_ratio"]),
+        num_classes=config["num_classes"], bottleneck_dim=config["bottleneck_dim"],
+        in_context_len=config["in_context_len"], in_context_start=config["in_context_start"],
+    )  # fmt: skip
+    if list(config["moe_layers"]) == list(range(1, depth, 2)):
+        shared = config["shared_expert_intermediate_size"]
+        if shared not in (0, config["moe_intermediate_size"]):
+            raise ValueError("The original JiTMoE's shared expert is as wide as a routed one (or absent).")
+        net_kwargs["moe_config"] = dict(
+            hidden_size=dim, interleave=True, num_experts=config["num_experts"],
+            num_experts_per_tok=config["num_experts_per_tok"], moe_intermediate_size=config["moe_intermediate_size"],
+            n_group=config["n_group"], topk_group=config["topk_group"],
+            routed_scaling_factor=float(config["routed_scaling_factor"]), use_shared_expert=shared > 0,
+        )  # fmt: skip
+    elif config["moe_layers"]:
+        raise ValueError("The original JiT has MoE in the odd blocks or in none.")
+    args = dict(label_drop_prob=config["class_dropout_prob"], noise_scale=config["noise_scale"], t_eps=config["t_eps"])
+    state_dict = {**original_state_dict(model, _RENAME_RULES, _FUSED), **fixed_pos_embed(model)}
+    return write_original_files(folder, state_dict, {"net_kwargs": net_kwargs, "args": args})
+
+
+JIT_CONVERTER = FamilyConverter(build_jit_transformer, JIT_MODEL_CARD, write_original_jit)

@@ -15,15 +15,14 @@ slicing of the expert matmuls) only changes the float summation order and is ign
 `rank` argument (the original always uses 64; the port reads it from the weights).
 """
 
-import json
 import logging
 import math
 import re
 
 import torch
-import yaml
 
 from diffmoe_hf.families import get_family
+from diffmoe_hf.formulations import FORMULATION_ALIASES, resolve_formulation, rf_flag_formulation
 from diffmoe_hf.models.transformer_spatial_temporal_moe import (
     SPATIAL_TEMPORAL_MOE_PRESET_ALIASES,
     SPATIAL_TEMPORAL_MOE_PRESETS,
@@ -31,17 +30,24 @@ from diffmoe_hf.models.transformer_spatial_temporal_moe import (
 )
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
-from .state_dict_utils import DIT_SKELETON_RENAME_RULES, build_converted_model, resolve_checkpoint_preset
+from .config_sources import (
+    SourcedSettings,
+    constructor_kwargs,
+    dit_constructor_arguments,
+    read_config_file,
+    require_config_or_preset,
+)
+from .family_converter import FamilyConverter, write_original_files
+from .state_dict_utils import (
+    DIT_SKELETON_RENAME_RULES,
+    build_converted_model,
+    original_state_dict,
+    resolve_checkpoint_preset,
+)
 
 
 logger = logging.getLogger(__name__)
 
-FORMULATION_NAMES = {
-    "ddpm": "ddpm-learned-sigma",
-    "rf": "rf-noise-at-1",
-    "ddpm-learned-sigma": "ddpm-learned-sigma",
-    "rf-noise-at-1": "rf-noise-at-1",
-}
 # `DiT(**kwargs)` defaults of the original models.py
 _UPSTREAM_DEFAULTS = dict(class_dropout_prob=0.1, num_experts_per_tok=2, mlp_ratio=4, n_shared_experts=2)
 
@@ -60,24 +66,8 @@ _RENAME_RULES = DIT_SKELETON_RENAME_RULES + [
 
 def read_constructor_kwargs(path: str) -> dict:
     """The original `DiT(**kwargs)` arguments from a JSON/YAML file (top level, or under `kwargs`)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
-    except (OSError, ValueError, yaml.YAMLError) as err:
-        raise CheckpointError(
-            f"Could not read the Diff-MoE (Cheng et al.) constructor arguments from {path}: {err}"
-        ) from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a mapping of DiT constructor arguments.")
-    kwargs = data.get("kwargs", data)
-    if not isinstance(kwargs, dict):
-        raise CheckpointError(f"{path}: `kwargs` must be a mapping of DiT constructor arguments.")
-    kwargs = dict(kwargs)
-    if "formulation" in data:
-        kwargs["formulation"] = data["formulation"]
-    elif "rf" in data:
-        kwargs["rf"] = data["rf"]
-    return kwargs
+    what = "Diff-MoE (Cheng et al.) constructor arguments"
+    return constructor_kwargs(read_config_file(path, what), path, what)
 
 
 def _preset_settings(name: str) -> dict:
@@ -86,24 +76,22 @@ def _preset_settings(name: str) -> dict:
         "spatial-temporal-moe", SPATIAL_TEMPORAL_MOE_PRESETS, name, SPATIAL_TEMPORAL_MOE_PRESET_ALIASES
     )
     preset = SPATIAL_TEMPORAL_MOE_PRESETS[key]
-    dim = preset["num_attention_heads"] * preset["attention_head_dim"]
+    fields = dit_constructor_arguments(preset)
     return dict(
-        hidden_size=dim,
-        depth=preset["num_layers"],
-        num_heads=preset["num_attention_heads"],
-        patch_size=preset["patch_size"],
+        fields,
         intermediate_size=preset["moe_intermediate_size"],
-        n_shared_experts=preset["shared_expert_intermediate_size"] // dim,
+        n_shared_experts=preset["shared_expert_intermediate_size"] // fields["hidden_size"],
     )
 
 
-def _declared_settings(checkpoint: LoadedCheckpoint, config_path, preset, num_experts, experts_per_token, formulation):
-    """Merges the settings of every source (lowest precedence first) and records where each came from."""
-    settings, origin = {}, {}
+def _declared_settings(
+    checkpoint: LoadedCheckpoint, config_path, preset, num_experts, experts_per_token, formulation
+) -> SourcedSettings:
+    """The settings of every source, a later source overriding an earlier one, each with where it came from."""
+    settings = SourcedSettings()
 
     def update(values: dict, source: str):
-        for key, value in values.items():
-            settings[key], origin[key] = value, source
+        settings.put_all(values, source, override=True)
 
     args = vars(checkpoint.args) if checkpoint.args is not None else {}
     if args.get("model") is not None and preset is None and config_path is None:
@@ -112,8 +100,7 @@ def _declared_settings(checkpoint: LoadedCheckpoint, config_path, preset, num_ex
            "the checkpoint's args")  # fmt: skip
     if args.get("image_size") is not None:
         update({"input_size": args["image_size"] // 8}, f"args.image_size={args['image_size']} (VAE factor 8)")
-    if config_path is not None and preset is not None:
-        raise CheckpointError("Pass either the constructor arguments (config_path) or a preset, not both.")
+    require_config_or_preset(config_path, preset, "the constructor arguments")
     if config_path is not None:
         update({k: v for k, v in _UPSTREAM_DEFAULTS.items() if k not in settings}, "the original DiT defaults")
         update(read_constructor_kwargs(config_path), config_path)
@@ -123,7 +110,7 @@ def _declared_settings(checkpoint: LoadedCheckpoint, config_path, preset, num_ex
     update({"num_experts_per_tok": experts_per_token} if experts_per_token is not None else {},
            "the experts_per_token option")  # fmt: skip
     update({"formulation": formulation} if formulation is not None else {}, "the formulation option")
-    return settings, origin
+    return settings
 
 
 def _weight_shapes(state_dict: dict[str, torch.Tensor]) -> dict:
@@ -187,7 +174,8 @@ def spatial_temporal_moe_config(
     Raises:
         CheckpointError: when the heads or experts per token are unknown, or a setting contradicts the weights.
     """
-    settings, origin = _declared_settings(checkpoint, config_path, preset, num_experts, experts_per_token, formulation)
+    settings = _declared_settings(checkpoint, config_path, preset, num_experts, experts_per_token, formulation)
+    origin = dict(settings.origin)  # plus the sources of the sizes derived below
     if settings.get("use_flash_attn"):
         raise CheckpointError(
             "use_flash_attn=True: the original Diff-MoE (Cheng et al.) block refuses flash attention too."
@@ -280,14 +268,14 @@ def spatial_temporal_moe_config(
     )
 
 
-def _formulation(settings: dict, state_dict: dict[str, torch.Tensor], shapes: dict) -> str:
+def _formulation(settings: SourcedSettings, state_dict: dict[str, torch.Tensor], shapes: dict) -> str:
     if "formulation" in settings:
-        name = settings["formulation"]
-        if name not in FORMULATION_NAMES:
-            raise CheckpointError(f"formulation must be one of {', '.join(FORMULATION_NAMES)}, got {name!r}.")
-        return FORMULATION_NAMES[name]
+        try:  # Diff-MoE trains either way: the formulations of the short names ddpm and rf
+            return resolve_formulation(settings["formulation"], FORMULATION_ALIASES.values())
+        except ValueError as err:
+            raise CheckpointError(f"{err} (from {settings.origin['formulation']}).") from None
     if "rf" in settings:
-        return "rf-noise-at-1" if settings["rf"] else "ddpm-learned-sigma"
+        return rf_flag_formulation(settings["rf"])
     # rectified-flow training never updates the learned-sigma rows of the output layer, which start at zero
     sigma_rows = state_dict["final_layer.linear.weight"].unflatten(0, (-1, shapes["out_channels"]))
     if shapes["out_channels"] > shapes["in_channels"] and not sigma_rows[:, shapes["in_channels"] :].any():
@@ -359,4 +347,28 @@ SPATIAL_TEMPORAL_MOE_MODEL_CARD = dict(
     default_steps=250,
     default_guidance=1.5,
     results="No checkpoints were released with the original code; see the paper for ImageNet 256x256 results.",
+)
+
+
+def write_original_spatial_temporal_moe(model: SpatialTemporalMoETransformer2DModel, folder: str) -> dict:
+    """`model` as the original Diff-MoE (Cheng et al.) code saves it, with its `DiT(**kwargs)` arguments and
+    formulation (see `FamilyConverter.write_original`)."""
+    config = model.config
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    if config["shared_expert_intermediate_size"] % dim:
+        raise ValueError("The original Diff-MoE's shared experts are a multiple of hidden_size wide.")
+    kwargs = dict(
+        input_size=config["sample_size"], hidden_size=dim, depth=config["num_layers"],
+        num_heads=config["num_attention_heads"], mlp_ratio=config["moe_intermediate_size"] / dim,
+        class_dropout_prob=config["class_dropout_prob"], num_classes=config["num_classes"],
+        num_experts=config["num_experts"], num_experts_per_tok=config["num_experts_per_tok"],
+        n_shared_experts=config["shared_expert_intermediate_size"] // dim,
+        learn_sigma=config["out_channels"] == 2 * config["in_channels"],
+    )  # fmt: skip
+    state_dict = original_state_dict(model, _RENAME_RULES)
+    return write_original_files(folder, state_dict, {"kwargs": kwargs, "formulation": config["formulation"]})
+
+
+SPATIAL_TEMPORAL_MOE_CONVERTER = FamilyConverter(
+    build_spatial_temporal_moe_transformer, SPATIAL_TEMPORAL_MOE_MODEL_CARD, write_original_spatial_temporal_moe
 )

@@ -8,7 +8,6 @@ import tempfile
 import torch
 
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HUB_LAYOUTS = ("package", "remote_code")
 
 

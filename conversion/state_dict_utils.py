@@ -5,6 +5,7 @@ import re
 import torch
 from torch import nn
 
+from diffmoe_hf.families import get_family
 from diffmoe_hf.models.presets import resolve_preset
 
 from .checkpoint_io import CheckpointError
@@ -24,6 +25,7 @@ DIT_SKELETON_RENAME_RULES = [
     (r"final_layer\.linear\.(weight|bias)", r"proj_out.proj.\1"),
     (r"final_layer\.adaLN_modulation\.1\.(weight|bias)", r"proj_out.modulation.linear.\1"),
 ]  # fmt: skip
+QKV_SPLIT = ("attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v"))
 
 
 def resolve_checkpoint_preset(family: str, presets: dict, name: str, aliases: dict | None = None) -> str:
@@ -32,7 +34,7 @@ def resolve_checkpoint_preset(family: str, presets: dict, name: str, aliases: di
     finds it; an unknown name is a `CheckpointError` that names the family and lists its presets and aliases.
     """
     try:
-        return resolve_preset(family, presets, name, aliases)
+        return resolve_preset(get_family(family).label, presets, name, aliases)
     except ValueError as err:
         raise CheckpointError(str(err)) from None
 
@@ -50,6 +52,89 @@ def rename_keys(source: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -
                 converted[pattern.sub(replacement, key)] = source.pop(key)
                 break
     return converted
+
+
+def _capturing_groups(pattern: str) -> list[tuple[int, int]]:
+    """The (start, end) spans of the capturing groups of a regex, in group-number order."""
+    spans, opened, i = [], [], 0
+    while i < len(pattern):
+        if pattern[i] == "\\":
+            i += 1
+        elif pattern[i] == "(":
+            opened.append((i, not pattern.startswith("(?", i)))
+        elif pattern[i] == ")":
+            start, capturing = opened.pop()
+            if capturing:
+                spans.append((start, i + 1))
+        i += 1
+    return sorted(spans)
+
+
+def _inverse_rule(pattern: str, replacement: str) -> tuple[re.Pattern, str]:
+    """
+    The inverse of one `rename_keys` rule whose groups are all top-level: a regex matching the renamed keys (each
+    `\\N` of `replacement` matches what group N of `pattern` matches) and the template of the original key.
+    """
+    groups = _capturing_groups(pattern)
+    template, end = "", 0
+    for number, (start, stop) in enumerate(groups, 1):
+        if start < end:
+            raise ValueError(f"Nested group in rename rule {pattern!r}: not invertible.")
+        template += re.sub(r"\\(.)", r"\1", pattern[end:start]) + f"\\g<g{number}>"
+        end = stop
+    template += re.sub(r"\\(.)", r"\1", pattern[end:])
+    inverse, seen = "", set()
+    for part in re.split(r"(\\\d+)", replacement):
+        if re.fullmatch(r"\\\d+", part):
+            number = int(part[1:])
+            start, stop = groups[number - 1]
+            inverse += f"(?P=g{number})" if number in seen else f"(?P<g{number}>{pattern[start + 1 : stop - 1]})"
+            seen.add(number)
+        else:
+            inverse += re.escape(part)
+    return re.compile(inverse), template
+
+
+def original_state_dict(
+    model: nn.Module,
+    rename_rules: list[tuple[str, str]],
+    fused_projections: tuple[tuple[str, tuple[str, ...]], ...] = (QKV_SPLIT,),
+) -> dict[str, torch.Tensor]:
+    """
+    The inverse of `build_converted_model`'s renaming: `model`'s state dict under the original key names, with the
+    split projections fused again (`(fused, parts)` pairs). Tensors the original code keeps but the model recomputes
+    (fixed position tables) are the caller's to add.
+
+    Raises:
+        ValueError: for a key no rule produces.
+    """
+    state_dict = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    for fused, (first, *others) in fused_projections:
+        suffix = re.compile(rf"(.*)\.{re.escape(first)}\.(weight|bias)")
+        for key in [k for k in state_dict if suffix.fullmatch(k)]:
+            prefix, kind = suffix.fullmatch(key).groups()
+            parts = [state_dict.pop(key)] + [state_dict.pop(f"{prefix}.{part}.{kind}") for part in others]
+            state_dict[f"{prefix}.{fused}.{kind}"] = torch.cat(parts)
+    inverses = [(*_inverse_rule(pattern, replacement), re.compile(pattern), replacement)
+                for pattern, replacement in rename_rules]  # fmt: skip
+    original = {}
+    for key, value in state_dict.items():
+        for inverse, template, forward, replacement in inverses:
+            match = inverse.fullmatch(key)
+            source = match and match.expand(template)
+            if source and forward.fullmatch(source) and forward.sub(replacement, source) == key:
+                original[source] = value
+                break
+        else:
+            raise ValueError(f"No rename rule produces {key!r}.")
+    return original
+
+
+def fixed_pos_embed(model) -> dict[str, torch.Tensor]:
+    """The fixed sin-cos `pos_embed` table the original code stores and the model recomputes (`check_fixed_pos_embed`
+    reads it back), or nothing for a model without one."""
+    table = getattr(model.pos_embed, "pos_embed", None)
+    return {} if table is None else {"pos_embed": table.detach().clone()}
 
 
 def split_fused_projection(state_dict: dict[str, torch.Tensor], fused: str, parts: tuple[str, ...]) -> None:
@@ -101,9 +186,6 @@ def load_converted_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
         model.load_state_dict(adopted, strict=True, assign=True)
         return
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state_dict.items()}, strict=True)
-
-
-QKV_SPLIT = ("attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v"))
 
 
 def check_fixed_pos_embed(source: dict[str, torch.Tensor], model) -> None:

@@ -1,16 +1,19 @@
 """Diffusion Mixture-of-Experts transformers for diffusers.
 
-Every model and pipeline module is imported eagerly: diffusers resolves classes of non-diffusers libraries recorded in
-`model_index.json` only through `sys.modules`. Importing the package also registers its classes with diffusers
-(`diffusers_registration`), so that `DiffusionPipeline.from_pretrained`, `diffusers.AutoModel` and the cache hooks of
-`transformer.enable_cache` work with them.
+This module gathers the whole package, and with `diffusers_registration` it is the only one allowed to (every other
+module imports only its own layer and those below it; `tests/test_import_layers.py` checks this): it imports every
+family (`families` registers each family's model class and transformer blocks with diffusers) and the pipeline, and
+registers the pipeline with diffusers. Every model and pipeline module is imported eagerly: diffusers resolves classes
+of non-diffusers libraries recorded in `model_index.json` only through `sys.modules`. After `import diffmoe_hf`,
+`DiffusionPipeline.from_pretrained`, `diffusers.AutoModel` and the cache hooks of `transformer.enable_cache` work
+with the package's folders.
 """
 
 from diffusers import ModelMixin
 
-from .diffusers_registration import register_with_diffusers, with_subclasses
+from .diffusers_registration import register_classes_in_diffusers_namespace
 from .embedded_models import default_models
-from .families import FAMILIES, resolve_family
+from .families import FAMILIES, get_family, register_family, resolve_family
 from .formulations import FORMULATIONS, get_formulation
 from .models import (
     DIT_MOE_PRESET_ALIASES,
@@ -21,28 +24,13 @@ from .models import (
     JIT_PRESETS,
     SPATIAL_TEMPORAL_MOE_PRESET_ALIASES,
     SPATIAL_TEMPORAL_MOE_PRESETS,
-    DiTMoETransformer2DModel,
-    DSMoETransformer2DModel,
-    DynamicTokenMoETransformer2DModel,
-    JiTTransformer2DModel,
-    SpatialTemporalMoETransformer2DModel,
 )
-from .models.blocks import AdaLNZeroTransformerBlock
 from .pipelines import ClassConditionalMoEPipeline
 
 
-register_with_diffusers(
-    pipeline_classes=[ClassConditionalMoEPipeline],
-    model_classes=[
-        DiTMoETransformer2DModel,
-        DSMoETransformer2DModel,
-        DynamicTokenMoETransformer2DModel,
-        JiTTransformer2DModel,
-        SpatialTemporalMoETransformer2DModel,
-    ],
-    # every family's blocks derive from it (the MoE blocks, Diff-MoE's SpatialTemporalMoEBlock), all imported above
-    block_classes=with_subclasses(AdaLNZeroTransformerBlock),
-)
+# the model class of every registered family under its own name (`diffmoe_hf.DSMoETransformer2DModel`, ...)
+globals().update({family.class_name: family.model_class for family in FAMILIES.values()})
+register_classes_in_diffusers_namespace([ClassConditionalMoEPipeline])
 
 __version__ = "0.1.0"
 
@@ -58,13 +46,11 @@ __all__ = [
     "SPATIAL_TEMPORAL_MOE_PRESET_ALIASES",
     "SPATIAL_TEMPORAL_MOE_PRESETS",
     "ClassConditionalMoEPipeline",
-    "DiTMoETransformer2DModel",
-    "DSMoETransformer2DModel",
-    "DynamicTokenMoETransformer2DModel",
-    "JiTTransformer2DModel",
-    "SpatialTemporalMoETransformer2DModel",
     "ModelMixin",
     "default_models",
+    "get_family",
     "get_formulation",
+    "register_family",
     "resolve_family",
+    *(family.class_name for family in FAMILIES.values()),
 ]

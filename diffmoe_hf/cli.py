@@ -6,7 +6,6 @@ or a grid too large to write stops the command at once with one line that says w
 """
 
 import argparse
-import contextlib
 import difflib
 import logging
 import math
@@ -60,7 +59,16 @@ def _guidance_scale(text: str) -> float:
     return value
 
 
+def _taking(option: str) -> str:
+    """The families whose converter takes `option` (`family_options`), e.g. `"spatial-temporal-moe / dit-moe"`."""
+    from diffmoe_hf.conversion import family_options
+    from diffmoe_hf.families import FAMILIES
+
+    return " / ".join(family for family in FAMILIES if option in family_options(family))
+
+
 def _add_convert_parser(subparsers) -> None:
+    from diffmoe_hf.dtypes import DTYPES
     from diffmoe_hf.families import FAMILIES, family_names
 
     description = textwrap.fill(
@@ -93,16 +101,16 @@ def _add_convert_parser(subparsers) -> None:
         "record it",
     )
     parser.add_argument(
-        "--num-experts", type=int, help="routed experts per MoE layer (bare spatial-temporal-moe / dit-moe dicts)"
+        "--num-experts", type=int, help=f"routed experts per MoE layer (bare {_taking('num_experts')} dicts)"
     )
     parser.add_argument(
-        "--experts-per-token", type=int, help="experts per token (bare spatial-temporal-moe / dit-moe dicts)"
+        "--experts-per-token", type=int, help=f"experts per token (bare {_taking('experts_per_token')} dicts)"
     )
     parser.add_argument(
-        "--formulation", help="ddpm or rf, for families trained with either (spatial-temporal-moe, dit-moe)"
+        "--formulation", help=f"ddpm or rf, for families trained with either ({_taking('formulation')})"
     )
     parser.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights (default: ema)")
-    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="saved dtype")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="saved dtype")
     parser.add_argument("--vae", help="local AutoencoderKL folder to include as vae/")
     parser.add_argument("--id2label", help="JSON {class id: name}; ImageNet names are used for 1000 classes")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -189,7 +197,7 @@ def _add_evaluate_digits_parser(subparsers) -> None:
 
 
 def _add_sample_parser(subparsers) -> None:
-    from diffmoe_hf.evaluation.commands import add_sample_arguments, run_sample
+    from diffmoe_hf.cli_evaluation import add_sample_arguments, run_sample
 
     parser = subparsers.add_parser(
         "sample",
@@ -203,7 +211,7 @@ def _add_sample_parser(subparsers) -> None:
 
 
 def _add_evaluate_parser(subparsers) -> None:
-    from diffmoe_hf.evaluation.commands import add_evaluate_arguments, run_evaluate
+    from diffmoe_hf.cli_evaluation import add_evaluate_arguments, run_evaluate
 
     parser = subparsers.add_parser(
         "evaluate",
@@ -326,18 +334,15 @@ def _check_output(path: str, overwrite: bool) -> None:
 
 
 def _write_png(image, path: str) -> None:
-    """Writes `image` to `path` through a temporary `PATH.partial.png`, which is removed if anything fails."""
-    partial = path + ".partial.png"
+    """Writes `image` to `path` all-or-nothing (`atomic_files.written_atomically`)."""
+    from diffmoe_hf.atomic_files import written_atomically
+
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        image.save(partial, format="PNG")
-        os.replace(partial, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.remove(partial)
-        if isinstance(err, OSError):
-            raise CommandError(f"Could not write {path}: {err.strerror or err}. Nothing was written.") from None
-        raise
+        with written_atomically(path, suffix=".png") as partial:
+            image.save(partial, format="PNG")
+    except OSError as err:
+        raise CommandError(f"Could not write {path}: {err.strerror or err}. Nothing was written.") from None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,9 @@
-"""Makes diffusers' own loaders and cache hooks work with the diffmoe_hf classes (run once by `import diffmoe_hf`).
+"""Makes diffusers' own loaders and cache hooks work with the diffmoe_hf classes.
+
+Together with the package's `__init__`, this is where the package is gathered for diffusers: `register_family`
+(`diffmoe_hf.families`) registers each family's model class and transformer blocks here as the family is registered,
+and `import diffmoe_hf` registers the pipeline. This module itself imports nothing of the package, so every layer
+may call it.
 
 Why this route. Every folder the package writes (converter output, `save_pretrained`, training output, the shipped
 models) has `"_class_name": "ClassConditionalMoEPipeline"` in `model_index.json` and names each model component by
@@ -76,8 +81,7 @@ def with_subclasses(cls: type) -> list[type]:
     return [cls, *(sub for child in cls.__subclasses__() for sub in with_subclasses(child))]
 
 
-def register_with_diffusers(pipeline_classes, model_classes, block_classes) -> None:
-    """Everything above, for the package's pipelines, models and transformer blocks."""
-    register_classes_in_diffusers_namespace([*pipeline_classes, *model_classes])
+def register_model_classes(model_classes) -> None:
+    """The model classes in the `diffusers` namespace and their modules as `LOADABLE_CLASSES` libraries."""
+    register_classes_in_diffusers_namespace(model_classes)
     register_model_libraries(model_classes)
-    register_transformer_blocks(block_classes)

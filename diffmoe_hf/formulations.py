@@ -10,6 +10,16 @@ noise) and step with the velocity `noise - x0`; each formulation converts to and
 | `jit-xpred` | flow time t in [0, 1] | t = 0 | clean image x (pixel space) |
 | `rf-noise-at-1` | flow time t in [0, 1] | t = 1 | velocity `noise - data` |
 | `ddpm-learned-sigma` | DDPM index 0..999 | t = 999 | eps (channels C..2C-1: learned variance v in [-1, 1]) |
+
+A formulation also says how the original code trains it (`training_times`, `noisy_sample`, `loss_terms`, which
+`diffmoe_hf.training_losses` runs); per-sample terms are means over all non-batch dimensions:
+
+| name | time (default) | noisy input z | loss terms |
+|---|---|---|---|
+| `rf-noise-at-0` (DSMoE, DiffMoE of Shi et al.) | t ~ U[0, 1) | `t x + (1 - t) eps` | mse: MSE(out[:C], x - eps) |
+| `rf-noise-at-1` (DiT-MoE, Diff-MoE of Cheng et al.) | t = sigmoid(N(0, 1)) | `(1 - t) x + t eps` | mse: MSE(out[:C], eps - x) |
+| `jit-xpred` (JiT) | t = sigmoid(N(-0.8, 0.8)) | `t x + (1 - t) s eps` | mse: MSE of `v = (x - z) / max(1 - t, t_eps)` |
+| `ddpm-learned-sigma` (DiT-MoE, Diff-MoE of Cheng et al.) | t ~ U{0..999} | `sqrt(abar) x + sqrt(1 - abar) eps` | mse: MSE(out[:C], eps); vb (2C outputs): `gaussian_diffusion` |
 """
 
 from dataclasses import dataclass
@@ -23,6 +33,8 @@ from diffusers.schedulers import (
     FlowMatchHeunDiscreteScheduler,
     SchedulerMixin,
 )
+
+from .gaussian_diffusion import DDPMDiffusion, broadcast_to_sample, mean_flat
 
 
 def in_guidance_interval(model_time: torch.Tensor, guidance_interval: tuple[float, float] | None) -> torch.Tensor:
@@ -59,8 +71,28 @@ class SamplingPlan:
         return len(self.timesteps)
 
 
+@dataclass
+class TimeSampling:
+    """
+    How flow-matching formulations draw the training time t in (0, 1) (t in the formulation's own convention).
+
+    Args:
+        scheme: `"uniform"` (t ~ U[0, 1)), `"logit_normal"` (t = sigmoid(N(logit_mean, logit_std))) or `None` for the
+            formulation's upstream default.
+        logit_mean, logit_std: Parameters of the logit-normal scheme; `None` uses the formulation's default (0, 1;
+            JiT: -0.8, 0.8).
+    """
+
+    scheme: str | None = None
+    logit_mean: float | None = None
+    logit_std: float | None = None
+
+
 class Formulation:
-    """Base class: plans a sampling call (`sampling_plan`) and maps model predictions to `scheduler.step` inputs."""
+    """
+    Base class: plans a sampling call (`sampling_plan`), maps model predictions to `scheduler.step` inputs, and
+    defines the training objective (`training_times`, `noisy_sample`, `loss_terms`).
+    """
 
     name: str
     # pipeline defaults when the caller gives none (the original sampling scripts' values)
@@ -68,6 +100,8 @@ class Formulation:
     default_guidance_interval: tuple[float, float] | None = None
     # the scheduler classes this formulation can drive (the default scheduler's class first)
     compatible_schedulers: tuple[type[SchedulerMixin], ...] = ()
+    # how the original training script draws flow times (`training_times`)
+    default_time_sampling: TimeSampling = TimeSampling("uniform")
 
     def for_model(self, config) -> "Formulation":
         """This formulation with the parameters a transformer records in its config (none by default)."""
@@ -134,6 +168,62 @@ class Formulation:
         """
         raise NotImplementedError
 
+    def training_times(
+        self,
+        batch_size: int,
+        device: torch.device,
+        time_sampling: TimeSampling | None = None,
+        scheduler: SchedulerMixin | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """
+        (batch_size,) model times to train at. This default draws float32 flow times t in [0, 1) as `time_sampling`
+        says, its unset fields taken from `default_time_sampling`; `scheduler` is for formulations whose times come
+        from a noise schedule.
+        """
+        default = self.default_time_sampling
+        sampling = time_sampling or TimeSampling()
+        scheme = sampling.scheme or default.scheme
+        if scheme == "uniform":
+            return torch.rand(batch_size, device=device, generator=generator)
+        if scheme == "logit_normal":
+            mean = default.logit_mean if sampling.logit_mean is None else sampling.logit_mean
+            std = default.logit_std if sampling.logit_std is None else sampling.logit_std
+            normal = torch.randn(batch_size, device=device, generator=generator)
+            return torch.sigmoid(normal * (std if std is not None else 1.0) + (mean or 0.0))
+        raise ValueError(f"Unknown time sampling scheme {scheme!r}; use 'uniform' or 'logit_normal'.")
+
+    def noisy_sample(
+        self, x0: torch.Tensor, noise: torch.Tensor, model_time: torch.Tensor, scheduler: SchedulerMixin | None = None
+    ) -> torch.Tensor:
+        """
+        The transformer's training input z_t: clean data `x0` (B, C, H, W) noised with standard Gaussian `noise` (same
+        shape) at the (B,) `model_time` (`scheduler`: the noise schedule, where the formulation has one).
+        """
+        raise NotImplementedError
+
+    def loss_terms(
+        self,
+        output: torch.Tensor,
+        x0: torch.Tensor,
+        noise: torch.Tensor,
+        sample: torch.Tensor,
+        model_time: torch.Tensor,
+        scheduler: SchedulerMixin | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """
+        The per-sample terms of the training loss, (B,) float32 each, whose sum is the loss of a sample: `"mse"`, the
+        regression of the output, and any further term (`"vb"`).
+
+        Args:
+            output: (B, C_out, H, W) transformer output for `sample` (C_out >= C).
+            x0, noise: (B, C, H, W) the clean data and the noise `sample` was made of.
+            sample: (B, C, H, W) the transformer's input (`noisy_sample`).
+            model_time: (B,) the transformer's timestep input.
+            scheduler: The noise schedule, where the formulation has one.
+        """
+        raise NotImplementedError
+
 
 def _flow_time(scheduler: SchedulerMixin) -> torch.Tensor:
     """`timesteps / num_train_timesteps` of a flow-matching scheduler (its sigma before any shift), float32."""
@@ -150,6 +240,7 @@ class RectifiedFlowNoiseAtZero(Formulation):
 
     name = "rf-noise-at-0"
     compatible_schedulers = (FlowMatchEulerDiscreteScheduler,)
+    default_time_sampling = TimeSampling("uniform")
 
     def default_scheduler(self) -> SchedulerMixin:
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
@@ -165,6 +256,13 @@ class RectifiedFlowNoiseAtZero(Formulation):
     def scheduler_output(self, prediction, sample, model_time, scheduler):
         return -prediction[:, : sample.shape[1]]
 
+    def noisy_sample(self, x0, noise, model_time, scheduler=None):
+        t = broadcast_to_sample(model_time, x0)
+        return t * x0 + (1 - t) * noise
+
+    def loss_terms(self, output, x0, noise, sample, model_time, scheduler=None):
+        return {"mse": mean_flat((output[:, : x0.shape[1]].float() - (x0 - noise)) ** 2)}
+
 
 class RectifiedFlowNoiseAtOne(Formulation):
     """
@@ -176,6 +274,7 @@ class RectifiedFlowNoiseAtOne(Formulation):
 
     name = "rf-noise-at-1"
     compatible_schedulers = (FlowMatchEulerDiscreteScheduler,)
+    default_time_sampling = TimeSampling("logit_normal", 0.0, 1.0)
 
     def default_scheduler(self) -> SchedulerMixin:
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
@@ -190,6 +289,13 @@ class RectifiedFlowNoiseAtOne(Formulation):
 
     def scheduler_output(self, prediction, sample, model_time, scheduler):
         return prediction[:, : sample.shape[1]]
+
+    def noisy_sample(self, x0, noise, model_time, scheduler=None):
+        t = broadcast_to_sample(model_time, x0)
+        return (1 - t) * x0 + t * noise
+
+    def loss_terms(self, output, x0, noise, sample, model_time, scheduler=None):
+        return {"mse": mean_flat((output[:, : x0.shape[1]].float() - (noise - x0)) ** 2)}
 
 
 def ddim_respacing(num_train_timesteps: int, num_inference_steps: int) -> list[int]:
@@ -297,6 +403,30 @@ class DDPMLearnedSigma(Formulation):
             return prediction[:, : 2 * channels]
         return prediction[:, :channels]
 
+    def _diffusion(self, scheduler: SchedulerMixin | None) -> DDPMDiffusion:
+        """The Gaussian diffusion of `scheduler`'s betas (default: this formulation's scheduler)."""
+        return DDPMDiffusion.from_scheduler(scheduler or self.default_scheduler())
+
+    def training_times(self, batch_size, device, time_sampling=None, scheduler=None, generator=None):
+        """(batch_size,) DDPM indices drawn uniformly from the schedule's (`time_sampling` is for flows only)."""
+        num_timesteps = self._diffusion(scheduler).num_timesteps
+        return torch.randint(0, num_timesteps, (batch_size,), device=device, generator=generator)
+
+    def noisy_sample(self, x0, noise, model_time, scheduler=None):
+        return self._diffusion(scheduler).add_noise(x0, noise, model_time)
+
+    def loss_terms(self, output, x0, noise, sample, model_time, scheduler=None):
+        """`mse` of the eps half; with a learned variance half (2C outputs), `vb` as ADM trains it: from the detached
+        eps, so that it trains only the variance."""
+        channels = x0.shape[1]
+        output = output.float()
+        eps = output[:, :channels]
+        terms = {"mse": mean_flat((noise - eps) ** 2)}
+        if output.shape[1] >= 2 * channels:
+            variance = output[:, channels : 2 * channels]
+            terms["vb"] = self._diffusion(scheduler).vb_term(eps.detach(), variance, x0, sample, model_time)
+        return terms
+
 
 class JiTXPrediction(RectifiedFlowNoiseAtZero):
     """
@@ -319,6 +449,7 @@ class JiTXPrediction(RectifiedFlowNoiseAtZero):
     compatible_schedulers = (FlowMatchHeunDiscreteScheduler, FlowMatchEulerDiscreteScheduler)
     default_guidance_scale = 2.9
     default_guidance_interval = (0.1, 1.0)
+    default_time_sampling = TimeSampling("logit_normal", -0.8, 0.8)
 
     def __init__(self, t_eps: float = 0.05, noise_scale: float = 1.0):
         self.t_eps = t_eps
@@ -368,6 +499,16 @@ class JiTXPrediction(RectifiedFlowNoiseAtZero):
     def scheduler_output(self, prediction, sample, model_time, scheduler):
         return -self.velocity(prediction[:, : sample.shape[1]], sample, model_time)
 
+    def noisy_sample(self, x0, noise, model_time, scheduler=None):
+        t = broadcast_to_sample(model_time, x0)
+        return t * x0 + (1 - t) * noise * self.noise_scale
+
+    def loss_terms(self, output, x0, noise, sample, model_time, scheduler=None):
+        """`mse` of the velocities the clean image and the x-prediction give (as the original trains)."""
+        prediction = output[:, : x0.shape[1]].float()
+        target = self.velocity(x0, sample, model_time)
+        return {"mse": mean_flat((target - self.velocity(prediction, sample, model_time)) ** 2)}
+
     @torch.no_grad()
     def guided_velocity(
         self,
@@ -406,11 +547,44 @@ FORMULATIONS: dict[str, Formulation] = {
 }
 
 
+# The short names of the command line (`--formulation ddpm|rf`) and of the original code of the families trained either
+# way (DiT-MoE, Diff-MoE of Cheng et al., whose train.py `args.rf` flag picks one): DDPM with a learned variance, or
+# rectified flow with noise at t = 1.
+FORMULATION_ALIASES = {"ddpm": "ddpm-learned-sigma", "rf": "rf-noise-at-1"}
+
+
 def get_formulation(name: str) -> Formulation:
     """The registered formulation called `name` (a transformer's `config.formulation`)."""
     if name not in FORMULATIONS:
         raise ValueError(f"Unknown formulation {name!r}; known: {', '.join(FORMULATIONS)}.")
     return FORMULATIONS[name]
+
+
+def resolve_formulation(name: str, allowed=None) -> str:
+    """
+    The registered name that `name` (a registered name or one of `FORMULATION_ALIASES`) stands for.
+
+    Args:
+        name: What the user or a config gave.
+        allowed: The registered names the caller accepts (default: every registered one).
+
+    Raises:
+        ValueError: for any other name, listing the accepted names and aliases.
+    """
+    allowed = tuple(FORMULATIONS if allowed is None else allowed)
+    resolved = FORMULATION_ALIASES.get(name, name)
+    if resolved not in allowed:
+        aliases = [alias for alias, target in FORMULATION_ALIASES.items() if target in allowed]
+        raise ValueError(
+            f"formulation {name!r} is not one of {', '.join(allowed)}"
+            + (f" (or their short names {', '.join(aliases)})" if aliases else "")
+        )
+    return resolved
+
+
+def rf_flag_formulation(rf: bool) -> str:
+    """The formulation the original DiT-MoE / Diff-MoE (Cheng et al.) `args.rf` flag selects."""
+    return FORMULATION_ALIASES["rf" if rf else "ddpm"]
 
 
 def available_schedulers(formulation: str, scheduler: SchedulerMixin) -> dict[str, SchedulerMixin]:

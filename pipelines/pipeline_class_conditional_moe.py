@@ -8,9 +8,6 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-
-# from its module: diffusers.loaders exports the LoRA mixins only when transformers (not a core dependency) is installed
-from diffusers.loaders.lora_pipeline import SanaLoraLoaderMixin
 from diffusers.models import AutoencoderKL
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers import SchedulerMixin
@@ -18,6 +15,8 @@ from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
 from diffmoe_hf.formulations import get_formulation, max_inference_steps
+
+from .lora_loading import TransformerLoraLoaderMixin
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -89,7 +88,7 @@ def flatten_class_labels(class_labels) -> list:
     )
 
 
-class ClassConditionalMoEPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
+class ClassConditionalMoEPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
     r"""
     Class-conditional generation with a diffusion MoE transformer (DSMoE and the other diffmoe_hf families).
 

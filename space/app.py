@@ -18,6 +18,7 @@ import gradio as gr
 import torch
 
 from diffmoe_hf import ClassConditionalMoEPipeline, default_models
+from diffmoe_hf.families import family_of_model
 from diffmoe_hf.formulations import available_schedulers
 from diffmoe_hf.space.routing_view import RoutingCollector, layer_label, load_table, render_expert_map, render_load
 
@@ -40,6 +41,11 @@ class DemoModel:
     name: str
     pipe: ClassConditionalMoEPipeline
     schedulers: dict  # scheduler class name -> scheduler instance (the folder's own first)
+
+    @property
+    def family(self) -> str:
+        """The label of the model's family (`diffmoe_hf.families`), e.g. `"JiT / JiTMoE (Li & He 2025; Liu et al. 2025)"`."""
+        return family_of_model(self.pipe.transformer).label
 
     @property
     def num_classes(self) -> int:
@@ -275,7 +281,8 @@ class DemoApp:
             )
             with gr.Row():
                 with gr.Column(scale=1):
-                    model_picker = gr.Dropdown(choices=list(self.models), value=first.name, label="Model",
+                    model_picker = gr.Dropdown(choices=[(f"{name}: {model.family}", name) for name, model in self.models.items()],
+                                               value=first.name, label="Model",
                                                visible=len(self.models) > 1, elem_id="model")  # fmt: skip
                     classes = gr.Dropdown(
                         choices=first.class_choices(),

@@ -1,4 +1,5 @@
-"""Tiny models and folders shared by the tests (CPU, seconds)."""
+"""Tiny models and folders shared by the tests (CPU, seconds). The families and their tiny configurations come from
+the registry (`diffmoe_hf.families`); no test module lists families of its own."""
 
 import math
 import os
@@ -10,7 +11,9 @@ from diffusers.models.normalization import RMSNorm
 from torch import nn
 
 from diffmoe_hf import ClassConditionalMoEPipeline, DSMoETransformer2DModel
+from diffmoe_hf.families import FAMILIES, get_family
 from diffmoe_hf.formulations import get_formulation
+from diffmoe_hf.models.moe import GroupedExperts
 
 from .conftest import parity_root
 
@@ -103,15 +106,42 @@ def dsmoe_case(name: str = DSMOE_CASE) -> str:
     return os.path.join(parity_root(), name)
 
 
-def tiny_dsmoe(**overrides) -> DSMoETransformer2DModel:
-    config = dict(
-        sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=2,
-        attention_head_dim=8, mlp_ratio=2.0, num_classes=10, num_experts=4, num_experts_per_tok=2,
-        moe_intermediate_size=8, n_group=2, topk_group=2,
-    )  # fmt: skip
-    config.update(overrides)
+def registered_families() -> list[str]:
+    """The ids of every registered family, for `pytest.mark.parametrize`."""
+    return list(FAMILIES)
+
+
+def tiny_variants() -> list[tuple[str, str]]:
+    """`(family id, tiny variant)` for every registered tiny configuration."""
+    return [(family.id, variant) for family in FAMILIES.values() for variant in family.tiny]
+
+
+def tiny_model(family: str, variant: str | None = None, seed: int = 0, **overrides) -> nn.Module:
+    """The registered tiny model of `family` (`variant`, default the first; config `overrides` applied) in eval mode,
+    with random weights (`randomize_weights(seed)`)."""
     torch.manual_seed(0)  # callers draw their inputs from the global generator after this
-    return randomize_weights(DSMoETransformer2DModel(**config).eval())
+    return randomize_weights(get_family(family).tiny_model(variant, **overrides).eval(), seed)
+
+
+def model_inputs(model: nn.Module, batch_size: int = 2) -> dict:
+    """Seeded keyword inputs of a forward of `model`: (B, C, H, W) latents or images, timesteps in [0, 1), labels."""
+    config = model.config
+    generator = torch.Generator().manual_seed(1)
+    shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
+    return dict(
+        hidden_states=torch.randn(shape, generator=generator),
+        timestep=torch.rand(batch_size, generator=generator),
+        class_labels=torch.randint(0, config.num_classes, (batch_size,), generator=generator),
+    )
+
+
+def expert_banks(model: nn.Module) -> list[GroupedExperts]:
+    """Every expert bank of `model`, in module order (the order a forward calls them)."""
+    return [module for module in model.modules() if isinstance(module, GroupedExperts)]
+
+
+def tiny_dsmoe(**overrides) -> DSMoETransformer2DModel:
+    return tiny_model("dsmoe", **overrides)
 
 
 def unwritable_folder(tmp_path, kind: str) -> str:

@@ -1,17 +1,19 @@
-"""Tiny pipelines of all five families for the pipeline contract, loading and cache tests (CPU, seconds)."""
+"""Tiny pipelines of every registered family for the pipeline contract, loading and cache tests (CPU, seconds)."""
 
 import torch
 
 from diffmoe_hf import ClassConditionalMoEPipeline
+from diffmoe_hf.families import FAMILIES
 from diffmoe_hf.formulations import get_formulation
 
 from .helpers import randomize_weights, tiny_vae
 from .training_helpers import NUM_CLASSES, tiny_transformer
 
 
-FAMILIES = ("dsmoe", "jit", "diff-moe", "diffmoe-dts", "dit-moe")
-# families whose experts route each token on its own, so a sample does not depend on the rest of its batch
-PER_TOKEN_ROUTING = tuple(f for f in FAMILIES if f != "diffmoe-dts")
+def per_token_routing_families() -> list[str]:
+    """The families whose experts route each token on its own, so a sample does not depend on the rest of its
+    batch (`routing_depends_on_batch` is False)."""
+    return [family.id for family in FAMILIES.values() if not family.model_class.routing_depends_on_batch]
 
 
 def family_transformer(family: str, **overrides):

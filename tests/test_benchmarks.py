@@ -34,7 +34,7 @@ def test_regional_compile_of_the_repeated_blocks():
         "dynamic-token-moe",
         "spatial-temporal-moe",
     ):  # data-dependent expert counts; the family's own block class
-        model = models.FAMILIES[name].build("tiny")
+        model = models.BENCHMARKED[name].build("tiny")
         inputs = models.model_inputs(model, 2, "cpu", torch.float32)
         models.calibrate_capacity(model, inputs)
         with torch.no_grad():

@@ -11,7 +11,10 @@ import pytest
 import torch
 from packaging import version
 
-from .pipeline_families import FAMILIES, family_pipeline
+from diffmoe_hf.families import get_family
+
+from .helpers import registered_families
+from .pipeline_families import family_pipeline
 
 
 CACHE_CLASSES = ("FirstBlockCacheConfig", "TaylorSeerCacheConfig", "MagCacheConfig")
@@ -50,8 +53,9 @@ def same_token_count_needed(name: str) -> bool:
 
 
 def cached_pipeline(family: str, name: str):
-    # JiT then prepends its class tokens before block 0 instead of block 1
-    in_context = {"in_context_start": 0} if family == "jit" and same_token_count_needed(name) else {}
+    # a model with in-context class tokens (JiT) then prepends them before block 0 instead of block 1
+    has_class_tokens = "in_context_start" in get_family(family).tiny_config()
+    in_context = {"in_context_start": 0} if has_class_tokens and same_token_count_needed(name) else {}
     return family_pipeline(family, **in_context)
 
 
@@ -107,7 +111,7 @@ class CallLog:
 
 
 @pytest.mark.parametrize("name", CACHE_CLASSES)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", registered_families())
 def test_a_cache_that_never_skips_changes_nothing(family, name):
     pipe = cached_pipeline(family, name)
     reference = run(pipe)
@@ -115,7 +119,7 @@ def test_a_cache_that_never_skips_changes_nothing(family, name):
     torch.testing.assert_close(run(pipe), reference, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", registered_families())
 def test_first_block_cache_reuses_the_residual_of_its_own_context(family):
     pipe = cached_pipeline(family, "FirstBlockCacheConfig")
     pipe.transformer.enable_cache(skipping("FirstBlockCacheConfig"))
@@ -137,7 +141,7 @@ def test_first_block_cache_reuses_the_residual_of_its_own_context(family):
     assert skipped > 0
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", registered_families())
 def test_mag_cache_adds_the_residual_of_the_last_computed_call_of_its_context(family):
     pipe = cached_pipeline(family, "MagCacheConfig")
     pipe.transformer.enable_cache(skipping("MagCacheConfig"))
@@ -157,7 +161,7 @@ def test_mag_cache_adds_the_residual_of_the_last_computed_call_of_its_context(fa
     assert skipped > 0
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", registered_families())
 def test_taylorseer_extrapolates_the_attention_of_its_own_context(family):
     pipe = cached_pipeline(family, "TaylorSeerCacheConfig")
     pipe.transformer.enable_cache(skipping("TaylorSeerCacheConfig"))
@@ -181,7 +185,7 @@ def test_taylorseer_extrapolates_the_attention_of_its_own_context(family):
 
 
 @pytest.mark.parametrize("name", CACHE_CLASSES)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", registered_families())
 def test_cached_calls_repeat_and_disabling_restores_the_uncached_output(family, name):
     pipe = cached_pipeline(family, name)
     reference = run(pipe)

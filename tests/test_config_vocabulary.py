@@ -1,19 +1,12 @@
-"""One name per concept across the families: the config fields, the MoE layers' attributes, the shared layers'
-keyword-only constructors; and folders saved with the earlier field names still load as the model they were."""
+"""One name and one meaning per concept across the families: the config fields (and what their defaults mean), the
+presets' expert widths, the MoE layers' attributes, the shared layers' keyword-only constructors."""
 
 import inspect
-import json
 
 import pytest
 import torch
 
-from diffmoe_hf import (
-    DiTMoETransformer2DModel,
-    DSMoETransformer2DModel,
-    DynamicTokenMoETransformer2DModel,
-    JiTTransformer2DModel,
-    SpatialTemporalMoETransformer2DModel,
-)
+from diffmoe_hf.families import FAMILIES, get_family
 from diffmoe_hf.models.blocks import AdaLNZeroTransformerBlock
 from diffmoe_hf.models.dynamic_token_moe_layer import CapacityPredictor, DynamicTokenMoE, ExpertChoiceRouter
 from diffmoe_hf.models.modeling_common import resolve_moe_layers
@@ -35,22 +28,10 @@ from diffmoe_hf.models.spatial_temporal_moe_layer import (
 from diffmoe_hf.models.transformer_dit_moe import SoftmaxTopKMoE
 from diffmoe_hf.models.transformer_spatial_temporal_moe import SpatialTemporalMoEBlock
 
-from .helpers import randomize_weights, tiny_dsmoe
-from .test_jit import TINY as JIT_TINY
-from .test_spatial_temporal_moe import TINY as SPATIAL_TEMPORAL_TINY
+from .helpers import tiny_dsmoe
 
 
-DYNAMIC_TOKEN_TINY = dict(
-    sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=3, num_attention_heads=2,
-    attention_head_dim=4, mlp_ratio=1.0, num_classes=10, num_experts=4,
-)  # fmt: skip
-MODEL_CLASSES = [
-    DSMoETransformer2DModel,
-    JiTTransformer2DModel,
-    DiTMoETransformer2DModel,
-    DynamicTokenMoETransformer2DModel,
-    SpatialTemporalMoETransformer2DModel,
-]
+MODEL_CLASSES = [family.model_class for family in FAMILIES.values()]
 SHARED_LAYERS = [
     AdaLNZeroTransformerBlock,
     SpatialTemporalMoEBlock,
@@ -70,8 +51,6 @@ SHARED_LAYERS = [
     CapacityPredictor,
     DynamicTokenMoE,
 ]
-# names earlier versions used for concepts that now have one name in every family
-RETIRED_FIELDS = {"num_shared_experts", "shared_intermediate_size"}
 
 
 def _init_parameters(model_class) -> set[str]:
@@ -80,9 +59,31 @@ def _init_parameters(model_class) -> set[str]:
 
 @pytest.mark.parametrize("model_class", MODEL_CLASSES, ids=lambda c: c.__name__)
 def test_every_family_names_its_moe_fields_the_same_way(model_class):
-    fields = _init_parameters(model_class)
-    assert not fields & RETIRED_FIELDS
-    assert {"num_experts", "shared_expert_intermediate_size"} <= fields
+    assert {"num_experts", "moe_intermediate_size", "shared_expert_intermediate_size"} <= _init_parameters(model_class)
+
+
+# `None` means one thing, the same in every family: `out_channels=None` is `in_channels` (diffusers' convention; the
+# config records the number), `qk_norm=None` is no q/k norm
+NONE_DEFAULTS = {"out_channels", "qk_norm"}
+
+
+@pytest.mark.parametrize("model_class", MODEL_CLASSES, ids=lambda c: c.__name__)
+def test_no_field_defaults_to_a_none_whose_meaning_depends_on_the_family(model_class):
+    signature = inspect.signature(model_class.__init__)
+    assert {name for name, p in signature.parameters.items() if p.default is None} <= NONE_DEFAULTS
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_moe_preset_states_its_expert_widths(family):
+    family = get_family(family)
+    for name, config in family.presets.items():
+        with torch.device("meta"):
+            model = family.model_class.from_preset(name)
+        if not any(hasattr(block.ff, "router") for block in model.transformer_blocks):
+            continue  # a dense preset (JiT)
+        assert "moe_intermediate_size" in config, name
+        # a preset without a shared expert (DiffMoE of Shi et al.) may leave it to the constructor default, 0
+        assert "shared_expert_intermediate_size" in config or model.config.shared_expert_intermediate_size == 0, name
 
 
 @pytest.mark.parametrize("layer_class", SHARED_LAYERS, ids=lambda c: c.__name__)
@@ -104,91 +105,8 @@ def test_moe_layers_patterns_and_lists():
         resolve_moe_layers([4], 4)
 
 
-def test_the_config_records_the_resolved_layers_and_widths():
-    model = tiny_dsmoe(num_layers=4)
-    assert model.config.moe_layers == [1, 3]
-    assert model.config.shared_expert_intermediate_size == model.config.moe_intermediate_size
-    dense = JiTTransformer2DModel(**{**JIT_TINY, "moe_layers": "none"})
+def test_the_config_records_the_resolved_layers_and_output_channels():
+    model = tiny_dsmoe(num_layers=4, out_channels=None)
+    assert model.config.moe_layers == [1, 3] and model.config.out_channels == model.config.in_channels == 4
+    dense = get_family("jit").tiny_model("dense")
     assert dense.config.moe_layers == [] and not any(hasattr(b.ff, "router") for b in dense.transformer_blocks)
-
-
-def _public(config) -> dict:
-    """A config's fields without diffusers' bookkeeping (`_name_or_path`, `_use_default_values`, ...)."""
-    return {key: value for key, value in config.items() if not key.startswith("_")}
-
-
-def _rewrite_config(folder, edit) -> None:
-    path = folder / "config.json"
-    config = json.loads(path.read_text())
-    edit(config)
-    path.write_text(json.dumps(config))
-
-
-def _legacy_dsmoe_or_jit(moe_layers_none_means):
-    def edit(config):
-        assert config.pop("shared_expert_intermediate_size") == config["moe_intermediate_size"]
-        config["num_shared_experts"] = 1
-        if moe_layers_none_means is not None:
-            config["moe_layers"] = None
-
-    return edit
-
-
-def _legacy_dynamic_token(num_shared_experts):
-    def edit(config):
-        config.pop("shared_expert_intermediate_size")
-        config.pop("moe_intermediate_size")  # it did not exist: the experts took the dense MLPs' width
-        config.update(num_shared_experts=num_shared_experts, moe_layers=None)
-
-    return edit
-
-
-def _legacy_spatial_temporal(config):
-    config["shared_intermediate_size"] = config.pop("shared_expert_intermediate_size") or None
-
-
-LEGACY_CASES = {
-    # DSMoE's `moe_layers: null` meant the odd blocks
-    "dsmoe": (lambda: tiny_dsmoe(num_layers=4), _legacy_dsmoe_or_jit("odd")),
-    # JiT's meant no MoE block at all
-    "jit-dense": (lambda: JiTTransformer2DModel(**{**JIT_TINY, "moe_layers": "none"}), _legacy_dsmoe_or_jit("none")),
-    "jitmoe": (lambda: JiTTransformer2DModel(**JIT_TINY), _legacy_dsmoe_or_jit(None)),
-    "diff-moe-shared": (
-        lambda: SpatialTemporalMoETransformer2DModel(**SPATIAL_TEMPORAL_TINY),
-        _legacy_spatial_temporal,
-    ),
-    "diffmoe-shared": (
-        lambda: DynamicTokenMoETransformer2DModel(**DYNAMIC_TOKEN_TINY, shared_expert_intermediate_size=64),
-        _legacy_dynamic_token(num_shared_experts=1),
-    ),
-    "diffmoe-no-shared": (lambda: DynamicTokenMoETransformer2DModel(**DYNAMIC_TOKEN_TINY), _legacy_dynamic_token(0)),
-    "diff-moe-no-shared": (
-        lambda: SpatialTemporalMoETransformer2DModel(
-            **{**SPATIAL_TEMPORAL_TINY, "shared_expert_intermediate_size": 0}
-        ),
-        _legacy_spatial_temporal,
-    ),
-}
-
-
-@pytest.mark.parametrize("case", sorted(LEGACY_CASES))
-def test_folders_saved_with_the_earlier_field_names_load_as_the_same_model(case, tmp_path):
-    build, make_legacy = LEGACY_CASES[case]
-    model = randomize_weights(build().eval())  # non-trivial outputs: a fresh adaLN-Zero model returns zeros
-    model.save_pretrained(tmp_path)
-    _rewrite_config(tmp_path, make_legacy)
-
-    loaded = type(model).from_pretrained(tmp_path).eval()
-
-    assert _public(loaded.config) == _public(model.config)
-    assert loaded.state_dict().keys() == model.state_dict().keys()
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[name], tensor), name
-    config = model.config
-    channels = config.in_channels
-    x = torch.randn(2, channels, config.sample_size, config.sample_size, generator=torch.Generator().manual_seed(1))
-    t, y = torch.tensor([0.3, 0.7]), torch.tensor([1, 2])
-    with torch.no_grad():
-        expected = model(x, t, y).sample
-        assert expected.abs().max() > 0
-        torch.testing.assert_close(loaded(x, t, y).sample, expected, rtol=0, atol=0)

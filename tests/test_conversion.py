@@ -167,7 +167,8 @@ def test_imagenet_models_get_the_1000_class_names(tmp_path):
     from diffmoe_hf.conversion import build_pipeline
 
     pipe = build_pipeline(DSMoETransformer2DModel(sample_size=4, num_layers=2, num_attention_heads=2,
-                                                  attention_head_dim=8, num_experts=4, moe_intermediate_size=8))  # fmt: skip
+                                                  attention_head_dim=8, num_experts=4, moe_intermediate_size=8,
+                                                  shared_expert_intermediate_size=8))  # fmt: skip
     assert len(pipe.config.id2label) == 1000
     assert pipe.get_label_ids(["golden retriever", "tench"]) == [207, 0]
 

@@ -1,12 +1,13 @@
 """The `ddpm-learned-sigma` and `rf-noise-at-1` formulations: upstream DiT/ADM timestep grids, exact DDIM respacing,
-learned-variance routing of the model output, and the pipeline's 3-channel guidance option."""
+learned-variance routing of the model output, the pipeline's 3-channel guidance option, and the short names ddpm / rf
+of the families trained either way."""
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
 from diffmoe_hf import ClassConditionalMoEPipeline, DSMoETransformer2DModel, get_formulation
-from diffmoe_hf.formulations import ddim_respacing, evenly_spaced_respacing
+from diffmoe_hf.formulations import ddim_respacing, evenly_spaced_respacing, resolve_formulation, rf_flag_formulation
 
 from .helpers import assert_float32_close, float32_tolerance, model_float32_tolerance, randomize_weights
 
@@ -129,7 +130,8 @@ def test_rf_noise_at_one_reproduces_the_upstream_euler_sampler():
 def _tiny_ddpm_pipeline():
     transformer = randomize_weights(DSMoETransformer2DModel(
         sample_size=4, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=2,
-        attention_head_dim=8, num_classes=3, num_experts=4, moe_intermediate_size=8, formulation="ddpm-learned-sigma",
+        attention_head_dim=8, num_classes=3, num_experts=4, moe_intermediate_size=8, shared_expert_intermediate_size=8,
+        formulation="ddpm-learned-sigma",
     )).eval()  # fmt: skip
     pipe = ClassConditionalMoEPipeline(transformer=transformer, scheduler=DDPM.default_scheduler())
     pipe.set_progress_bar_config(disable=True)
@@ -162,3 +164,14 @@ def test_pipeline_runs_ddpm_formulation_with_standard_schedulers(scheduler_cls):
     out = pipe(class_labels=[0, 1], num_inference_steps=6, generator=torch.Generator().manual_seed(0),
                output_type="latent", guidance_channels=3).images  # fmt: skip
     assert out.shape == (2, 4, 4, 4) and torch.isfinite(out).all()
+
+
+def test_short_names_resolve_and_other_formulations_are_refused():
+    either = ("ddpm-learned-sigma", "rf-noise-at-1")
+    assert [resolve_formulation(name, either) for name in ("ddpm", "rf", *either)] == [*either, *either]
+    assert [rf_flag_formulation(rf) for rf in (False, True)] == list(either)
+    assert resolve_formulation("jit-xpred") == "jit-xpred"
+    with pytest.raises(ValueError, match=r"'rf-noise-at-0' is not one of ddpm-learned-sigma, rf-noise-at-1 \(or"):
+        resolve_formulation("rf-noise-at-0", either)
+    with pytest.raises(ValueError, match="'flow' is not one of"):
+        resolve_formulation("flow")

@@ -11,71 +11,39 @@ import pytest
 import torch
 from torch import nn
 
-from diffmoe_hf import (
-    DiTMoETransformer2DModel,
-    DSMoETransformer2DModel,
-    DynamicTokenMoETransformer2DModel,
-    JiTTransformer2DModel,
-    SpatialTemporalMoETransformer2DModel,
-)
+from diffmoe_hf.families import get_family
 from diffmoe_hf.models.dynamic_token_moe_layer import DynamicTokenMoE
 from diffmoe_hf.models.moe import (
-    GroupedExperts,
     default_expert_backend,
     reads_weights_directly,
     resolve_expert_backend,
 )
 
-from .helpers import float32_tolerance, model_float32_tolerance, randomize_weights
+from .helpers import (
+    expert_banks,
+    float32_tolerance,
+    model_float32_tolerance,
+    model_inputs,
+    randomize_weights,
+    registered_families,
+)
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-_LATENT = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=4, num_attention_heads=2,
-               attention_head_dim=8, num_classes=10)  # fmt: skip
-# two blocks of each kind (dense and MoE where a family mixes them), four experts of hidden width 16
-FAMILIES = {
-    "dsmoe": (DSMoETransformer2DModel, dict(_LATENT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-                                            n_group=2, topk_group=2, mlp_ratio=2.0)),
-    "jitmoe": (JiTTransformer2DModel, dict(sample_size=16, patch_size=4, in_channels=3, num_layers=4,
-                                           num_attention_heads=2, attention_head_dim=8, num_classes=10,
-                                           bottleneck_dim=8, in_context_len=2, in_context_start=1, moe_layers=[1, 3],
-                                           num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, n_group=2,
-                                           topk_group=2, mlp_ratio=2.0)),
-    "dit-moe": (DiTMoETransformer2DModel, dict(_LATENT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-                                               shared_expert_intermediate_size=16)),
-    "diffmoe": (DynamicTokenMoETransformer2DModel, dict(_LATENT, num_experts=4, mlp_ratio=2.0)),
-    "diff-moe": (SpatialTemporalMoETransformer2DModel, dict(_LATENT, num_experts=4, num_experts_per_tok=2,
-                                                            moe_intermediate_size=16, shared_expert_intermediate_size=16,
-                                                            modulation_rank=4)),
-}  # fmt: skip
+# two blocks of each kind (dense and MoE where a family mixes them)
+BLOCKS = 4
 
 
 def tiny_model(family: str) -> nn.Module:
     """A tiny eval-mode model whose every parameter matters (adaLN branches and gates are not zero)."""
-    model_class, config = FAMILIES[family]
     torch.manual_seed(0)
-    model = randomize_weights(model_class(**config).eval())
+    model = randomize_weights(get_family(family).tiny_model(num_layers=BLOCKS).eval())
     with torch.no_grad():
         for layer in model.modules():
             if isinstance(layer, DynamicTokenMoE):  # calibrated thresholds: a varying number of tokens per expert
                 layer.capacity_predictor.expert_threshold.fill_(0.5)
     return model
-
-
-def model_inputs(model: nn.Module, batch_size: int = 2) -> dict:
-    config = model.config
-    generator = torch.Generator().manual_seed(1)
-    return dict(
-        hidden_states=torch.randn(batch_size, config.in_channels, config.sample_size, config.sample_size,
-                                  generator=generator),
-        timestep=torch.rand(batch_size, generator=generator),
-        class_labels=torch.randint(0, config.num_classes, (batch_size,), generator=generator),
-    )  # fmt: skip
-
-
-def expert_banks(model: nn.Module) -> list[GroupedExperts]:
-    return [m for m in model.modules() if isinstance(m, GroupedExperts)]
 
 
 def backends_seen(model: nn.Module, inputs: dict) -> set[str]:
@@ -217,7 +185,7 @@ class _MarkedTensor(torch.Tensor):
     """A tensor subclass standing in for quantized weights (torchao's are subclasses too)."""
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", registered_families())
 def test_every_backend_gives_the_same_model_output(family):
     model = tiny_model(family)
     inputs = model_inputs(model)
@@ -253,7 +221,7 @@ _ROUTER = r"router|capacity_predictor"  # every family's router; DiffMoE's capac
     [(torch.float8_e4m3fn, torch.float32), (torch.float16, torch.float32), (torch.float8_e4m3fn, torch.bfloat16)],
     ids=["fp8-fp32", "fp16-fp32", "fp8-bf16"],
 )
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", registered_families())
 def test_layerwise_casting_computes_with_the_stored_weights_and_exact_routers(
     family, storage_dtype, compute_dtype, tmp_path
 ):
@@ -292,7 +260,7 @@ def test_layerwise_casting_computes_with_the_stored_weights_and_exact_routers(
 
 @pytest.mark.parametrize("to_disk", [False, True], ids=["memory", "disk"])
 @pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", registered_families())
 def test_group_offloading_gives_the_model_output(family, offload_type, to_disk, tmp_path):
     model = tiny_model(family)
     inputs = model_inputs(model)
@@ -315,7 +283,7 @@ def test_group_offloading_gives_the_model_output(family, offload_type, to_disk, 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams need a CUDA device")
 @pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", registered_families())
 def test_group_offloading_with_cuda_streams(family, offload_type):
     model = tiny_model(family)
     inputs = {k: v.cuda() for k, v in model_inputs(model).items()}
@@ -333,7 +301,7 @@ def test_group_offloading_with_cuda_streams(family, offload_type):
 # Loading and casting under torch.inference_mode()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", registered_families())
 def test_loading_casting_and_updating_under_inference_mode(family, tmp_path):
     model = tiny_model(family)
     inputs = model_inputs(model)
@@ -367,7 +335,7 @@ def test_loading_casting_and_updating_under_inference_mode(family, tmp_path):
 # Regional compilation
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", registered_families())
 def test_compile_repeated_blocks_fullgraph_compiles_each_block_class_once(family):
     model = tiny_model(family)
     inputs = model_inputs(model)
@@ -388,7 +356,7 @@ def test_compile_repeated_blocks_fullgraph_compiles_each_block_class_once(family
 # Gradient checkpointing
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", registered_families())
 def test_gradient_checkpointing_gives_the_same_gradients(family):
     def gradients(checkpointing: bool):
         model = tiny_model(family).train()
@@ -419,12 +387,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(family):
 # LoRA
 
 
-_SWIGLU_EXPERTS = ["gate_proj", "up_proj", "down_proj"]
-_EXPERT_PROJECTIONS = {"dsmoe": _SWIGLU_EXPERTS, "jitmoe": _SWIGLU_EXPERTS, "dit-moe": _SWIGLU_EXPERTS,
-                       "diffmoe": r".*\.experts\.\d+\.net\.(0\.proj|2)", "diff-moe": _SWIGLU_EXPERTS}  # fmt: skip
+def expert_projections(model: nn.Module) -> str:
+    """A peft `target_modules` regex for every `nn.Linear` of the routed experts (`...experts.<e>.<name>`)."""
+    names = {re.sub(r".*\.experts\.\d+\.", "", name) for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and re.search(r"\.experts\.\d+\.", name)}  # fmt: skip
+    return rf".*\.experts\.\d+\.({'|'.join(re.escape(name) for name in sorted(names))})"
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", registered_families())
 def test_lora_keeps_the_fast_backend_unless_it_wraps_the_experts(family):
     from peft import LoraConfig
 
@@ -435,7 +405,7 @@ def test_lora_keeps_the_fast_backend_unless_it_wraps_the_experts(family):
     assert backends_seen(model, inputs) == {"segment_linear"}
     torch.testing.assert_close(run(model, inputs), base, atol=0, rtol=0)  # lora_B starts at zero
 
-    model.add_adapter(LoraConfig(r=2, target_modules=_EXPERT_PROJECTIONS[family]), adapter_name="experts")
+    model.add_adapter(LoraConfig(r=2, target_modules=expert_projections(model)), adapter_name="experts")
     model.set_adapters(["attention", "experts"])
     assert backends_seen(model, inputs) == {"modules"}
     with torch.no_grad():
@@ -462,7 +432,7 @@ def stored_bytes(tensor: torch.Tensor) -> int:
     return sum(stored_bytes(getattr(tensor, name)) for name in names)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", registered_families())
 def test_torchao_int8_weight_only_quantizes_every_expert(family, tmp_path):
     pytest.importorskip("torchao")
     from diffusers import TorchAoConfig
@@ -528,7 +498,7 @@ def test_pipeline_quantization_config_reaches_the_experts(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="diffusers' bitsandbytes quantizer needs a CUDA GPU")
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", registered_families())
 def test_bitsandbytes_int8_quantizes_every_expert(family, tmp_path):
     pytest.importorskip("bitsandbytes")
     from diffusers import BitsAndBytesConfig

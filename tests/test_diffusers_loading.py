@@ -24,17 +24,11 @@ from diffmoe_hf import ClassConditionalMoEPipeline, default_models
 from diffmoe_hf.conversion import apply_hub_layout, convert_checkpoint
 from diffmoe_hf.diffusers_registration import register_classes_in_diffusers_namespace
 
-from .helpers import dsmoe_case
-from .pipeline_families import FAMILIES, family_pipeline
+from .helpers import dsmoe_case, registered_families
+from .pipeline_families import family_pipeline
 
 
-MODEL_CLASSES = (
-    diffmoe_hf.DiTMoETransformer2DModel,
-    diffmoe_hf.DSMoETransformer2DModel,
-    diffmoe_hf.DynamicTokenMoETransformer2DModel,
-    diffmoe_hf.JiTTransformer2DModel,
-    diffmoe_hf.SpatialTemporalMoETransformer2DModel,
-)
+MODEL_CLASSES = tuple(family.model_class for family in diffmoe_hf.FAMILIES.values())
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -101,7 +95,7 @@ def test_registration_never_replaces_a_diffusers_class():
     assert diffusers.DiTPipeline is not impostor
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", registered_families())
 def test_diffusion_pipeline_loads_a_saved_folder_of_every_family(tmp_path, family):
     pipe = family_pipeline(family)
     pipe.save_pretrained(tmp_path)

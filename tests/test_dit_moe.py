@@ -13,12 +13,12 @@ from diffmoe_hf import ClassConditionalMoEPipeline, DiTMoETransformer2DModel
 from diffmoe_hf.conversion import (
     CheckpointError,
     convert_checkpoint,
-    convert_dit_moe,
     init_empty_model,
     load_original_checkpoint,
 )
 from diffmoe_hf.conversion.checkpoint_io import LoadedCheckpoint
-from diffmoe_hf.conversion.convert_dit_moe import build_dit_moe_transformer, dit_moe_config
+from diffmoe_hf.conversion.convert_dit_moe import build_dit_moe_transformer, convert_dit_moe, dit_moe_config
+from diffmoe_hf.families import get_family
 from diffmoe_hf.models.moe import MoECollector
 
 from .conftest import parity_root
@@ -31,8 +31,7 @@ from .helpers import (
 )
 
 
-TINY = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=4,
-            attention_head_dim=8, num_classes=10, num_experts=4, num_experts_per_tok=2)  # fmt: skip
+TINY = get_family("dit-moe").tiny_config("ddpm")
 # the same architecture as `models.DiT` constructor arguments
 TINY_UPSTREAM = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, mlp_ratio=4,
                      num_classes=10, num_experts=4, num_experts_per_tok=2, learn_sigma=True)  # fmt: skip

@@ -28,7 +28,7 @@ EXPERT_WIDTH = 12  # intermediate size of `tiny_layer`'s experts
 def tiny_model(**overrides) -> DynamicTokenMoETransformer2DModel:
     config = dict(
         sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=2,
-        attention_head_dim=4, mlp_ratio=1.0, num_classes=10, num_experts=EXPERTS,
+        attention_head_dim=4, mlp_ratio=1.0, num_classes=10, num_experts=EXPERTS, moe_intermediate_size=8,
     )  # fmt: skip
     model = randomize_weights(DynamicTokenMoETransformer2DModel(**{**config, **overrides})).eval()
     model.transformer_blocks[1].ff.capacity_predictor.expert_threshold.copy_(torch.tensor([0.3, 0.4, 0.5, 0.6]))
@@ -418,48 +418,3 @@ def test_converter_keeps_the_calibrated_buffers(fixture_case):
     assert torch.equal(predictor.expert_threshold, stored)
     assert "transformer_blocks.1.ff.capacity_predictor.expert_threshold" in model.state_dict()
     assert "transformer_blocks.1.ff.capacity_predictor.ema_decay" in model.state_dict()
-
-
-def _rename_router_to_gate(state_dict: dict) -> dict:
-    """A state dict as saved when DiffMoE's router was called `gate`."""
-    return {k.replace(".ff.router.weight", ".ff.gate.weight"): v for k, v in state_dict.items()}
-
-
-@torch.no_grad()
-def test_folders_and_state_dicts_saved_with_the_gate_name_load(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    model = tiny_model()
-    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([3, 10])
-    expected = model(x, t, y).sample
-    model.save_pretrained(tmp_path)
-    weights = tmp_path / "diffusion_pytorch_model.safetensors"
-    old_names = _rename_router_to_gate(load_file(weights))
-    assert "transformer_blocks.1.ff.gate.weight" in old_names
-    save_file(old_names, weights)
-
-    loaded = DynamicTokenMoETransformer2DModel.from_pretrained(tmp_path).eval()
-    assert torch.equal(loaded.transformer_blocks[1].ff.router.weight, model.transformer_blocks[1].ff.router.weight)
-    torch.testing.assert_close(loaded(x, t, y).sample, expected, atol=0, rtol=0)
-
-    fresh = tiny_model()  # a raw `load_state_dict`, as training checkpoints and EMA copies use
-    fresh.load_state_dict(_rename_router_to_gate(model.state_dict()))
-    torch.testing.assert_close(fresh(x, t, y).sample, expected, atol=0, rtol=0)
-
-
-def test_sharded_folders_with_the_gate_name_are_refused(tmp_path):
-    import json
-
-    from safetensors.torch import load_file, save_file
-
-    tiny_model().save_pretrained(tmp_path, max_shard_size="2KB")
-    shards = sorted(tmp_path.glob("*.safetensors"))
-    assert len(shards) > 1
-    for shard in shards:
-        save_file(_rename_router_to_gate(load_file(shard)), shard)
-    index_path = tmp_path / "diffusion_pytorch_model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
-    index["weight_map"] = _rename_router_to_gate(index["weight_map"])
-    index_path.write_text(json.dumps(index))
-    with pytest.raises(ValueError, match=r"transformer_blocks\.1\.ff\.gate\.weight.*\.ff\.router\.weight"):
-        DynamicTokenMoETransformer2DModel.from_pretrained(tmp_path)

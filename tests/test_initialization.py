@@ -1,6 +1,6 @@
 """A fresh model of every family is initialised as its original code initialises one: adaLN-Zero (every block is the
 identity, the output exactly 0) and each parameter group drawn from the original distribution (see
-`diffmoe_hf.models.initialization`). Loading weights never initialises them."""
+each class's `_initialize_family_weights`). Loading weights never initialises them."""
 
 import math
 import os
@@ -9,41 +9,13 @@ import re
 import pytest
 import torch
 
-from diffmoe_hf import (
-    DiTMoETransformer2DModel,
-    DSMoETransformer2DModel,
-    DynamicTokenMoETransformer2DModel,
-    JiTTransformer2DModel,
-    SpatialTemporalMoETransformer2DModel,
-)
-from diffmoe_hf.models import initialization
+from diffmoe_hf.families import get_family
+from diffmoe_hf.models.modeling_common import DiTForwardMixin
 
-from .helpers import randomize_weights
+from .helpers import randomize_weights, tiny_variants
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-_LATENT = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_attention_heads=2, attention_head_dim=16,
-               num_classes=10)  # fmt: skip
-# tiny models with every kind of parameter of their family: dense and MoE blocks, shared experts, norm gains,
-# q/k norms, in-context class tokens
-FAMILIES = {
-    "dsmoe": (DSMoETransformer2DModel, dict(_LATENT, num_layers=4, norm_type="rms_norm", num_experts=4,
-                                            num_experts_per_tok=2, moe_intermediate_size=16, n_group=2, topk_group=2,
-                                            mlp_ratio=2.0)),
-    "jit": (JiTTransformer2DModel, dict(sample_size=16, patch_size=4, in_channels=3, num_layers=4,
-                                        num_attention_heads=2, attention_head_dim=16, num_classes=10, bottleneck_dim=8,
-                                        in_context_len=4, in_context_start=1, moe_layers=[1, 3], num_experts=4,
-                                        num_experts_per_tok=2, moe_intermediate_size=16, mlp_ratio=2.0)),
-    "diffmoe-dts": (DynamicTokenMoETransformer2DModel, dict(_LATENT, num_layers=4, num_experts=4, mlp_ratio=2.0,
-                                                            num_shared_experts=1)),
-    "dit-moe": (DiTMoETransformer2DModel, dict(_LATENT, num_layers=2, num_experts=4, num_experts_per_tok=2,
-                                               moe_intermediate_size=32, shared_expert_intermediate_size=16,
-                                               qk_norm="layer_norm")),
-    "diff-moe": (SpatialTemporalMoETransformer2DModel, dict(_LATENT, num_layers=2, num_experts=4,
-                                                            num_experts_per_tok=2, moe_intermediate_size=32,
-                                                            shared_intermediate_size=16, modulation_rank=8)),
-}  # fmt: skip
 
 # Parameter groups and their original init, first matching pattern wins. Kinds (fans from the parameter's shape,
 # fan_in = product of all dims but the first):
@@ -79,7 +51,7 @@ EXPECTED = {
         (r"\.ff\.((experts\.\d+|shared_experts)\.)?(gate|up)_proj\.weight$", ("xavier", 2)),  # fused `w12`
         (r"\.ff\.((experts\.\d+|shared_experts)\.)?down_proj\.weight$", ("xavier", 1)),
     ],
-    "diffmoe-dts": _DIT
+    "dynamic-token-moe": _DIT
     + [
         (r"\.ff\.router\.weight$", ("normal", 0.006)),
         (r"\.ff\.capacity_predictor\.linear_[12]\.weight$", ("xavier", 1)),
@@ -90,7 +62,7 @@ EXPECTED = {
         (r"\.ff\.router\.weight$", ("kaiming_uniform",)),
         (r"\.ff\.(experts\.\d+|shared_experts)\.(gate|up|down)_proj\.weight$", ("xavier", 1)),
     ],
-    "diff-moe": [
+    "spatial-temporal-moe": [
         # PyTorch's default Conv2d init; the bias bound is 1 / sqrt(fan_in) of the 5x5 depthwise kernel
         (r"\.depthwise_conv\.weight$", ("kaiming_uniform",)),
         (r"\.depthwise_conv\.bias$", ("uniform", 1 / 5)),
@@ -104,10 +76,11 @@ EXPECTED = {
 }
 
 
-def fresh_model(family: str, seed: int = 0):
-    model_class, config = FAMILIES[family]
+def fresh_model(family: str, variant: str | None = None, seed: int = 0):
+    """A fresh model of the family's registered tiny configuration `variant` (the variants cover every kind of
+    parameter: dense and MoE blocks, shared experts, norm gains, q/k norms, in-context class tokens)."""
     torch.manual_seed(seed)
-    return model_class.from_config(config).eval()
+    return get_family(family).model_class.from_config(get_family(family).tiny_config(variant)).eval()
 
 
 def model_inputs(model, batch_size: int = 2):
@@ -146,10 +119,10 @@ def standardized(parameter: torch.Tensor, kind: tuple) -> tuple[torch.Tensor, st
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_fresh_model_output_is_exactly_zero_and_every_block_is_the_identity(family):
+@pytest.mark.parametrize("family, variant", tiny_variants())
+def test_fresh_model_output_is_exactly_zero_and_every_block_is_the_identity(family, variant):
     """adaLN-Zero, as every original: the gates and the output layer start at zero."""
-    model = fresh_model(family)
+    model = fresh_model(family, variant)
     seen = []
 
     def check_identity(block, args, output):
@@ -188,22 +161,22 @@ def assert_original_init(family: str, model) -> None:
         assert abs(values.square().mean() - 1) <= 5 * math.sqrt((fourth_moment - 1) / n), (pattern, values.var(), n)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_every_parameter_group_has_the_original_distribution(family):
-    assert_original_init(family, fresh_model(family))
+@pytest.mark.parametrize("family, variant", tiny_variants())
+def test_every_parameter_group_has_the_original_distribution(family, variant):
+    assert_original_init(family, fresh_model(family, variant))
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_init_is_deterministic_under_manual_seed(family):
-    first, again, other = fresh_model(family, 0), fresh_model(family, 0), fresh_model(family, 1)
+@pytest.mark.parametrize("family, variant", tiny_variants())
+def test_init_is_deterministic_under_manual_seed(family, variant):
+    first, again, other = (fresh_model(family, variant, seed) for seed in (0, 0, 1))
     for (name, a), b, c in zip(first.state_dict().items(), again.state_dict().values(), other.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     assert not torch.equal(first.transformer_blocks[1].attn.to_q.weight, other.transformer_blocks[1].attn.to_q.weight)
 
 
-@pytest.mark.parametrize("family", ["dsmoe", "dit-moe"])  # RMSNorm gains; q/k LayerNorm gains and biases
-def test_initialize_weights_resets_a_trained_model(family):
-    model = randomize_weights(fresh_model(family))
+@pytest.mark.parametrize("family, variant", [("dsmoe", "rms-norm"), ("dit-moe", "qk-norm")])
+def test_initialize_weights_resets_a_trained_model(family, variant):  # RMSNorm gains; q/k LayerNorm gains and biases
+    model = randomize_weights(fresh_model(family, variant))
     with torch.no_grad():
         assert torch.count_nonzero(model(*model_inputs(model)).sample) > 0
         model.initialize_weights()
@@ -217,19 +190,17 @@ def test_router_and_capacity_buffers_start_at_zero():
     assert all(b.ff.capacity_predictor.expert_threshold.abs().max() == 0 for b in dynamic.transformer_blocks[1::2])
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_loading_keeps_the_saved_weights_and_never_initialises(family, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family, variant", tiny_variants())
+def test_loading_keeps_the_saved_weights_and_never_initialises(family, variant, tmp_path, monkeypatch):
     """`from_pretrained` builds the model on the meta device and loads the saved tensors exactly; the family's
     initialisation is not run on the way (no second pass over the weights)."""
-    model = randomize_weights(fresh_model(family))
+    model = randomize_weights(fresh_model(family, variant))
     model.save_pretrained(tmp_path)
 
     def refuse(model):
         raise AssertionError("from_pretrained ran the weight initialisation")
 
-    monkeypatch.setattr(
-        initialization, "_FAMILY_INITIALIZERS", dict.fromkeys(initialization._FAMILY_INITIALIZERS, refuse)
-    )
+    monkeypatch.setattr(type(model), "_initialize_family_weights", refuse)
     loaded = type(model).from_pretrained(tmp_path)
     saved = model.state_dict()
     assert loaded.state_dict().keys() == saved.keys()
@@ -237,6 +208,12 @@ def test_loading_keeps_the_saved_weights_and_never_initialises(family, tmp_path,
         torch.testing.assert_close(tensor, saved[name], rtol=0, atol=0, msg=name)
 
 
-def test_unknown_model_class_is_refused():
-    with pytest.raises(TypeError, match="No weight initialisation is known for Linear"):
-        initialization.initialize_weights(torch.nn.Linear(2, 2))
+def test_a_model_class_without_its_initialisation_is_refused():
+    class Unported(DiTForwardMixin, torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj_out = torch.nn.Linear(2, 2)
+            self.initialize_weights()
+
+    with pytest.raises(NotImplementedError, match="Unported defines no `_initialize_family_weights`"):
+        Unported()

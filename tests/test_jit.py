@@ -11,15 +11,14 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteSche
 from diffmoe_hf import ClassConditionalMoEPipeline, JiTTransformer2DModel, get_formulation
 from diffmoe_hf.conversion import CheckpointError, LoadedCheckpoint, convert_checkpoint
 from diffmoe_hf.conversion.convert_jit import build_jit_transformer, jit_config_from_kwargs
+from diffmoe_hf.families import get_family
 from diffmoe_hf.models.transformer_jit import JIT_PRESETS
 
 from .conftest import parity_root
 from .helpers import assert_float32_close, model_float32_tolerance, randomize_weights
 
 
-TINY = dict(sample_size=16, patch_size=4, num_layers=4, num_attention_heads=2, attention_head_dim=8, mlp_ratio=1.0,
-            num_classes=10, bottleneck_dim=4, in_context_len=2, in_context_start=1, moe_layers=[1, 3], num_experts=4,
-            moe_intermediate_size=8)  # fmt: skip
+TINY = get_family("jit").tiny_config("jitmoe")
 
 # total / activated parameters in Mi (2**20), trainable parameters of the original classes
 PRESET_PARAMS_MI = {

@@ -1,4 +1,4 @@
-"""LoRA on every family through the pipeline's SanaLoraLoaderMixin (CONVENTIONS section 5): targets from the training
+"""LoRA on every family through the pipeline's TransformerLoraLoaderMixin (CONVENTIONS section 5): targets from the training
 script, save_lora_weights -> load_lora_weights round trip, adapter weights, fuse and unload."""
 
 import pytest
@@ -10,11 +10,8 @@ from peft.utils import get_peft_model_state_dict
 from diffmoe_hf import ClassConditionalMoEPipeline
 from diffmoe_hf.training.train_class_conditional import LORA_LAYER_KINDS, lora_target_modules
 
-from .helpers import assert_float32_close, model_float32_tolerance
+from .helpers import assert_float32_close, model_float32_tolerance, registered_families
 from .training_helpers import NUM_CLASSES, save_tiny_pipeline
-
-
-FAMILIES = ["dsmoe", "diff-moe", "diffmoe-dts", "dit-moe", "jit"]
 
 
 def _output(transformer, **kwargs):
@@ -26,7 +23,7 @@ def _output(transformer, **kwargs):
         return transformer(x, t, torch.tensor([0, NUM_CLASSES - 1]), **kwargs).sample
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", registered_families())
 def test_lora_round_trip(family, tmp_path):
     folder = save_tiny_pipeline(str(tmp_path / "pipe"), family)
     pipe = ClassConditionalMoEPipeline.from_pretrained(folder)

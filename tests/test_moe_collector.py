@@ -6,11 +6,18 @@ import pytest
 import torch
 
 from diffmoe_hf import DiTMoETransformer2DModel
+from diffmoe_hf.families import get_family
 from diffmoe_hf.models.moe import MoECollector, SoftmaxTopKRouter, active_moe_collector
 
 
-TINY = dict(sample_size=4, patch_size=2, in_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=4,
-            num_classes=10, num_experts=4, num_experts_per_tok=2)  # fmt: skip
+TINY = get_family("dit-moe").tiny_config(
+    "ddpm",
+    sample_size=4,
+    num_attention_heads=2,
+    attention_head_dim=4,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=16,
+)
 
 
 def _inputs():

@@ -5,51 +5,32 @@ import os
 import pytest
 import torch
 
+from diffmoe_hf import DiTMoETransformer2DModel
 from diffmoe_hf.cli import build_parser, main
-from diffmoe_hf.conversion import CONVERTERS, convert_checkpoint
-from diffmoe_hf.conversion.checkpoint_io import CheckpointError, load_original_checkpoint
+from diffmoe_hf.conversion import FamilyConverter, convert_checkpoint
+from diffmoe_hf.conversion.checkpoint_io import CheckpointError, LoadedCheckpoint, load_original_checkpoint
+from diffmoe_hf.conversion.convert_dit_moe import original_dit_moe_state_dict
 from diffmoe_hf.conversion.convert_dynamic_token_moe import build_dynamic_token_moe_transformer
-from diffmoe_hf.families import FAMILIES, FAMILY_ALIASES, family_names, get_family, resolve_family
-from diffmoe_hf.models import (
-    DIT_MOE_PRESET_ALIASES,
-    DIT_MOE_PRESETS,
-    DSMOE_PRESETS,
-    DYNAMIC_TOKEN_MOE_PRESETS,
-    JIT_PRESET_ALIASES,
-    JIT_PRESETS,
-    SPATIAL_TEMPORAL_MOE_PRESET_ALIASES,
-    SPATIAL_TEMPORAL_MOE_PRESETS,
-    DiTMoETransformer2DModel,
-    DSMoETransformer2DModel,
-    DynamicTokenMoETransformer2DModel,
-    JiTTransformer2DModel,
-    SpatialTemporalMoETransformer2DModel,
-)
+from diffmoe_hf.families import FAMILIES, FAMILY_ALIASES, family_names, get_family, published_settings, resolve_family
 from diffmoe_hf.models.presets import resolve_preset
 
 from .conftest import parity_root
 
 
-# family id -> (model class, preset table, alias table, prefix every key of the family starts with)
+# family id -> (model class, preset table, alias table, the paper's model name, which every preset key starts with)
 PRESET_TABLES = {
-    "dsmoe": (DSMoETransformer2DModel, DSMOE_PRESETS, {}, ("DSMoE-",)),
-    "jit": (JiTTransformer2DModel, JIT_PRESETS, JIT_PRESET_ALIASES, ("JiT-", "JiTMoE-")),
-    "spatial-temporal-moe": (
-        SpatialTemporalMoETransformer2DModel, SPATIAL_TEMPORAL_MOE_PRESETS, SPATIAL_TEMPORAL_MOE_PRESET_ALIASES,
-        ("Diff-MoE-",),
-    ),
-    "dynamic-token-moe": (DynamicTokenMoETransformer2DModel, DYNAMIC_TOKEN_MOE_PRESETS, {}, ("DiffMoE-",)),
-    "dit-moe": (DiTMoETransformer2DModel, DIT_MOE_PRESETS, DIT_MOE_PRESET_ALIASES, ("DiT-MoE-",)),
-}  # fmt: skip
+    family.id: (family.model_class, family.presets, family.preset_aliases, family.paper.split(",")[0])
+    for family in FAMILIES.values()
+}
 # the original code of DiT-MoE and of Diff-MoE (Cheng et al.) both name their architectures `DiT_models["DiT-XL/2"]`
 # etc.; each family accepts these names for its own architectures, which is the only name two families share
 ORIGINAL_DIT_NAMES = {f"DiT-{size}/{patch}" for size in ("S", "B", "L", "XL") for patch in (2, 4, 8)} | {"DiT-G/2"}
 
 
 def test_every_family_has_a_converter_a_class_and_a_preset_table():
-    assert set(CONVERTERS) == set(FAMILIES) == set(PRESET_TABLES)
-    for family_id, (model_class, *_) in PRESET_TABLES.items():
-        assert get_family(family_id).class_name == model_class.__name__
+    for family in FAMILIES.values():
+        assert isinstance(family.load_converter(), FamilyConverter), family.id
+        assert family.class_name == family.model_class.__name__ and family.presets, family.id
 
 
 def test_family_ids_and_aliases_resolve():
@@ -151,7 +132,7 @@ def test_preset_keys_name_their_family_and_aliases_point_at_keys():
 def test_every_alias_gives_the_architecture_of_its_key(family):
     model_class, presets, aliases, _ = PRESET_TABLES[family]
     for alias, key in aliases.items():
-        assert resolve_preset(family, presets, alias, aliases) == key
+        assert resolve_preset(get_family(family).label, presets, alias, aliases) == key
     if aliases:  # through from_preset: the smallest architecture of the family, on the meta device
         alias = min(aliases, key=lambda name: presets[aliases[name]]["num_layers"])
         with torch.device("meta"):
@@ -188,13 +169,17 @@ def test_converter_preset_error_names_the_family():
         build_dynamic_token_moe_transformer(checkpoint)
 
 
+def _checkpoint(state_dict) -> LoadedCheckpoint:
+    return LoadedCheckpoint(dict(state_dict), "ema", "bare-state-dict", None)
+
+
 def test_converter_preset_takes_the_original_name_and_the_key():
     from diffmoe_hf.conversion.convert_dit_moe import dit_moe_config
 
-    from .test_dit_moe import _checkpoint, upstream_state_dict
-
     with torch.device("meta"):
-        source = upstream_state_dict(DiTMoETransformer2DModel.from_preset("DiT-MoE-S/2"))  # meta tensors: shapes only
+        source = original_dit_moe_state_dict(
+            DiTMoETransformer2DModel.from_preset("DiT-MoE-S/2")
+        )  # meta tensors: shapes only
     options = dict(experts_per_token=2, formulation="ddpm")
     by_key = dit_moe_config(_checkpoint(source), preset="DiT-MoE-S/2", **options)
     assert dit_moe_config(_checkpoint(source), preset="DiT-S/2", **options) == by_key
@@ -205,22 +190,18 @@ def test_converter_preset_takes_the_original_name_and_the_key():
 
 @pytest.mark.parametrize("name", family_names())
 def test_training_takes_every_family_id_and_alias(name):
-    from diffmoe_hf.training.train_class_conditional import parse_args, transformer_class
+    from diffmoe_hf.training.train_class_conditional import parse_args
 
     args = parse_args(["--preset", "x", "--model_family", name, "--train_data_dir", "."])
     assert args.model_family == resolve_family(name)
-    assert transformer_class(args.model_family).__name__ == get_family(name).class_name
 
 
 def test_dit_moe_releases_go_by_their_published_names():
     from diffmoe_hf.conversion.convert_dit_moe import DIT_MOE_RELEASE_NAMES, dit_moe_config
-    from diffmoe_hf.conversion.published_settings import published_settings
-
-    from .test_dit_moe import _checkpoint, upstream_state_dict
 
     assert set(DIT_MOE_RELEASE_NAMES) == {s.name for s in published_settings() if s.family == "dit-moe"}
     with torch.device("meta"):
-        source = upstream_state_dict(DiTMoETransformer2DModel.from_preset("DiT-MoE-S/2", num_experts=8))
+        source = original_dit_moe_state_dict(DiTMoETransformer2DModel.from_preset("DiT-MoE-S/2", num_experts=8))
     by_name = dit_moe_config(_checkpoint(source), preset="DiT-MoE-S/2-8E2A")
     assert by_name == dit_moe_config(_checkpoint(source), preset="dit_moe_s_8E2A")
     assert by_name["num_experts_per_tok"] == 2 and by_name["formulation"] == "ddpm-learned-sigma"

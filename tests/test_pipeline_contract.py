@@ -1,4 +1,4 @@
-"""The call contract of current diffusers pipelines (as diffusers' pipeline tester checks it), for all five families."""
+"""The call contract of current diffusers pipelines (as diffusers' pipeline tester checks it), for every registered family."""
 
 import inspect
 import re
@@ -9,8 +9,8 @@ import torch
 
 from diffmoe_hf import ClassConditionalMoEPipeline, default_models
 
-from .helpers import float32_tolerance
-from .pipeline_families import FAMILIES, PER_TOKEN_ROUTING, CallRecorder, family_pipeline
+from .helpers import float32_tolerance, registered_families
+from .pipeline_families import CallRecorder, family_pipeline, per_token_routing_families
 
 
 def latent_call(**kwargs):
@@ -25,7 +25,7 @@ def test_call_signature_has_the_canonical_parameters():
             "callback_on_step_end_tensor_inputs", "guidance_scale", "attention_kwargs"} <= optional  # fmt: skip
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", registered_families())
 def test_callback_reads_the_properties_and_its_guidance_change_applies(family):
     """diffusers' `test_callback_cfg`: `pipe._guidance_scale` changed in a callback is used by the next steps."""
     pipe = family_pipeline(family)
@@ -42,11 +42,12 @@ def test_callback_reads_the_properties_and_its_guidance_change_applies(family):
                        callback_on_step_end=guidance_off_after_first_step))  # fmt: skip
     steps = pipe.num_timesteps  # the scheduler's timesteps: 3, or 5 for Heun (two evaluations per step but the last)
     assert seen == [(steps, 3.0, True)] + [(steps, 1.0, False)] * (steps - 1)
-    guided = [[1, 2], [3, 3]] if family == "diffmoe-dts" else [[1, 2, 3, 3]]  # DiffMoE: separate passes
+    separate_passes = recorder.inner.routing_depends_on_batch  # DiffMoE
+    guided = [[1, 2], [3, 3]] if separate_passes else [[1, 2, 3, 3]]
     assert recorder.calls == guided + [[1, 2]] * (steps - 1)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", registered_families())
 def test_guidance_scale_increased_in_every_step_ends_at_its_sum(family):
     pipe = family_pipeline(family)
 
@@ -59,7 +60,7 @@ def test_guidance_scale_increased_in_every_step_ends_at_its_sum(family):
     assert pipe.guidance_scale == 2.0 + pipe.num_timesteps
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", registered_families())
 def test_a_callback_that_keeps_guidance_changes_nothing(family):
     pipe = family_pipeline(family)
 
@@ -73,7 +74,7 @@ def test_a_callback_that_keeps_guidance_changes_nothing(family):
     torch.testing.assert_close(with_callback, reference, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", registered_families())
 def test_interrupt_skips_the_remaining_steps(family):
     pipe = family_pipeline(family)
     recorder = CallRecorder(pipe.transformer)
@@ -92,7 +93,7 @@ def test_interrupt_skips_the_remaining_steps(family):
     assert not pipe.interrupt  # the next call starts afresh
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", registered_families())
 def test_nested_and_tensor_labels_are_flattened(family):
     pipe = family_pipeline(family)
     reference = pipe(**latent_call(generator=torch.manual_seed(0))).images
@@ -101,7 +102,7 @@ def test_nested_and_tensor_labels_are_flattened(family):
         torch.testing.assert_close(images, reference, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("family", PER_TOKEN_ROUTING)
+@pytest.mark.parametrize("family", per_token_routing_families())
 def test_batched_call_matches_single_calls(family):
     """diffusers' `test_inference_batch_single_identical`: batching `[[1], [1]]` with one generator per image."""
     pipe = family_pipeline(family)
@@ -135,7 +136,7 @@ def test_wrong_types_get_a_type_error(kwargs, message):
         pipe(**latent_call(**kwargs))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", registered_families())
 def test_more_steps_than_the_scheduler_has_fail_fast(family):
     pipe = family_pipeline(family)
     recorder = CallRecorder(pipe.transformer)
@@ -195,7 +196,7 @@ def test_the_example_in_the_docstring_runs(tmp_path, monkeypatch):
     assert (tmp_path / "three.png").is_file()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", registered_families())
 def test_pt_np_and_pil_outputs_agree(family):
     pipe = family_pipeline(family)
     outputs = {kind: pipe(**latent_call(output_type=kind, generator=torch.manual_seed(0))).images
@@ -206,7 +207,7 @@ def test_pt_np_and_pil_outputs_agree(family):
         np.testing.assert_array_equal(np.asarray(image).reshape(expected.shape), expected)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", registered_families())
 def test_callback_gets_exactly_the_requested_tensors_and_may_replace_the_last_latents(family):
     """diffusers' `test_callback_inputs`."""
     pipe = family_pipeline(family)

@@ -7,7 +7,7 @@ import os
 from diffmoe_hf import DSMoETransformer2DModel, JiTTransformer2DModel
 from diffmoe_hf.cli import main
 from diffmoe_hf.conversion import convert, convert_checkpoint
-from diffmoe_hf.conversion.published_settings import match_published_settings, published_settings
+from diffmoe_hf.families import match_published_settings, published_settings
 from diffmoe_hf.models.transformer_dsmoe import DSMOE_PRESETS
 
 from .helpers import dsmoe_case, tiny_vae

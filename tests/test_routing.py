@@ -1,13 +1,12 @@
 """`diffmoe_hf.routing.record_routing` on every family's MoE layers."""
 
+import pytest
 import torch
 
-from diffmoe_hf import DynamicTokenMoETransformer2DModel, JiTTransformer2DModel, SpatialTemporalMoETransformer2DModel
+from diffmoe_hf.families import get_family
 from diffmoe_hf.routing import record_routing
 
-from .helpers import tiny_dsmoe
-from .test_jit import TINY as JIT_TINY
-from .test_spatial_temporal_moe import TINY as SPATIAL_TEMPORAL_TINY
+from .helpers import registered_families, tiny_dsmoe
 
 
 def _inputs(model, batch=2):
@@ -58,25 +57,23 @@ def test_counts_accumulate_and_summary_flags_collapse():
     assert [shares[f"routing/transformer_blocks.1.ff/expert_{e}"] for e in range(4)] == [0.0, 0.0, 0.5, 0.5]
 
 
-def test_every_family_is_recorded():
-    models = [
-        JiTTransformer2DModel(**JIT_TINY),
-        SpatialTemporalMoETransformer2DModel(**SPATIAL_TEMPORAL_TINY),
-        DynamicTokenMoETransformer2DModel(
-            sample_size=8, patch_size=2, in_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=4,
-            num_classes=10, num_experts=4,
-        ),
-    ]  # fmt: skip
-    for model in models:
-        x, t, y = _inputs(model)
-        for training in (True, False):
-            model.train(training)
-            with record_routing(model) as routing:
-                model(x, t, y)
-            assert routing, type(model).__name__
-            for layer in routing.values():
-                assert layer.calls == 1 and int(layer.counts.sum()) > 0
-    # DiffMoE (expert choice): every expert takes the same number of tokens in training
+@pytest.mark.parametrize("family", registered_families())
+def test_every_family_is_recorded(family):
+    model = get_family(family).tiny_model()
+    x, t, y = _inputs(model)
+    for training in (True, False):
+        model.train(training)
+        with record_routing(model) as routing:
+            model(x, t, y)
+        assert routing, type(model).__name__
+        for layer in routing.values():
+            assert layer.calls == 1 and int(layer.counts.sum()) > 0
+
+
+def test_expert_choice_layers_balance_the_experts_in_training():
+    """DiffMoE (expert choice): every expert takes the same number of tokens in training."""
+    model = get_family("dynamic-token-moe").tiny_model("no-shared-expert")
+    x, t, y = _inputs(model)
     model.train()
     with record_routing(model) as routing:
         model(x, t, y)
@@ -85,10 +82,7 @@ def test_every_family_is_recorded():
 
 @torch.no_grad()
 def test_expert_choice_routing_is_read_from_the_router_output():
-    model = DynamicTokenMoETransformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=4,
-        num_classes=10, num_experts=4,
-    ).eval()  # fmt: skip
+    model = get_family("dynamic-token-moe").tiny_model("no-shared-expert").eval()
     model.transformer_blocks[1].ff.capacity_predictor.expert_threshold.fill_(0.5)  # a varying count per expert
     x, t, y = _inputs(model)
     seen = []

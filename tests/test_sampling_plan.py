@@ -14,13 +14,8 @@ from diffusers import (
     FlowMatchHeunDiscreteScheduler,
 )
 
-from diffmoe_hf import (
-    DiTMoETransformer2DModel,
-    DSMoETransformer2DModel,
-    DynamicTokenMoETransformer2DModel,
-    JiTTransformer2DModel,
-    SpatialTemporalMoETransformer2DModel,
-)
+from diffmoe_hf import DynamicTokenMoETransformer2DModel
+from diffmoe_hf.families import FAMILIES
 from diffmoe_hf.formulations import FORMULATIONS, Formulation, get_formulation
 from diffmoe_hf.models.modeling_common import DiTForwardMixin
 
@@ -154,16 +149,7 @@ def test_a_pipeline_call_plans_once_and_leaves_a_derived_scheduler_untouched(mon
     assert torch.equal(torch.stack(seen), plans[0].timesteps) and pipe.num_timesteps == len(plans[0]) == 5
 
 
-@pytest.mark.parametrize(
-    "model_class",
-    [
-        DSMoETransformer2DModel,
-        JiTTransformer2DModel,
-        SpatialTemporalMoETransformer2DModel,
-        DynamicTokenMoETransformer2DModel,
-        DiTMoETransformer2DModel,
-    ],
-)
+@pytest.mark.parametrize("model_class", [family.model_class for family in FAMILIES.values()], ids=lambda c: c.__name__)
 def test_routing_depends_on_batch_is_the_shared_base_default_except_for_dynamic_token_selection(model_class):
     assert issubclass(model_class, DiTForwardMixin) and DiTForwardMixin.routing_depends_on_batch is False
     batch_level = model_class is DynamicTokenMoETransformer2DModel

@@ -17,19 +17,17 @@ from PIL import Image
 
 from diffmoe_hf import (
     ClassConditionalMoEPipeline,
-    DynamicTokenMoETransformer2DModel,
-    SpatialTemporalMoETransformer2DModel,
     default_models,
     get_formulation,
 )
 from diffmoe_hf.conversion import convert_checkpoint
+from diffmoe_hf.families import get_family
 from diffmoe_hf.formulations import FORMULATIONS
 from diffmoe_hf.space import app as space_app
 from diffmoe_hf.space.routing_view import RoutingView, render_expert_map, render_load
 
 from .conftest import REPO_ROOT, parity_root
-from .helpers import randomize_weights, tiny_dsmoe, tiny_vae
-from .test_spatial_temporal_moe import TINY as SPATIAL_TEMPORAL_TINY
+from .helpers import tiny_dsmoe, tiny_model, tiny_vae
 
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -51,11 +49,8 @@ def model_folders(tmp_path_factory):
                        config_path=os.path.join(case, "config.yaml"), id2label_path=str(names))  # fmt: skip
     id2label = {str(i): name for i, name in enumerate(DIGITS)}
     torch.manual_seed(0)
-    dynamic = randomize_weights(DynamicTokenMoETransformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2,
-        attention_head_dim=4, mlp_ratio=1.0, num_classes=10, num_experts=4, moe_layers=[0, 1],
-    )).eval()  # fmt: skip
-    spatial_temporal = randomize_weights(SpatialTemporalMoETransformer2DModel(**SPATIAL_TEMPORAL_TINY)).eval()
+    dynamic = tiny_model("dynamic-token-moe", "no-shared-expert", out_channels=4, moe_layers=[0, 1])
+    spatial_temporal = tiny_model("spatial-temporal-moe")
     for name, transformer in (("dsmoe", tiny_dsmoe()), ("dynamic", dynamic), ("diff-moe", spatial_temporal)):
         scheduler = get_formulation(transformer.config.formulation).default_scheduler()
         pipe = ClassConditionalMoEPipeline(
@@ -122,6 +117,11 @@ def test_only_converted_folders_with_safetensors_or_repo_ids_are_loaded(tmp_path
         space_app.load_pipeline(str(pickled))
     with pytest.raises(ValueError, match="neither an existing folder nor a Hub repo id"):
         space_app.load_pipeline(str(tmp_path / "missing" / "folder"))
+
+
+def test_every_model_is_shown_with_its_family(demo_app):
+    assert demo_app.models["diff-moe"].family == get_family("spatial-temporal-moe").label
+    assert demo_app.models["dynamic"].family == get_family("dynamic-token-moe").label
 
 
 def test_scheduler_choices_follow_the_formulation(demo_app):

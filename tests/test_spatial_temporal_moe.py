@@ -7,12 +7,9 @@ import pytest
 import torch
 
 from diffmoe_hf import SPATIAL_TEMPORAL_MOE_PRESETS, ClassConditionalMoEPipeline, SpatialTemporalMoETransformer2DModel
-from diffmoe_hf.conversion import (
-    CheckpointError,
-    LoadedCheckpoint,
-    build_spatial_temporal_moe_transformer,
-    convert_checkpoint,
-)
+from diffmoe_hf.conversion import CheckpointError, LoadedCheckpoint, convert_checkpoint
+from diffmoe_hf.conversion.convert_spatial_temporal_moe import build_spatial_temporal_moe_transformer
+from diffmoe_hf.families import get_family
 from diffmoe_hf.models.attention import apply_rotary, rotary_tables
 
 from .helpers import (
@@ -24,11 +21,7 @@ from .helpers import (
 )
 
 
-TINY = dict(
-    sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=4,
-    attention_head_dim=8, num_classes=10, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
-    shared_expert_intermediate_size=32, modulation_rank=8,
-)  # fmt: skip
+TINY = get_family("spatial-temporal-moe").tiny_config("shared-expert")
 
 # original parameter counts in millions (input 32, 1000 classes, E = 8 / 16), which include the
 # all-zero [1, T, D] pos_embed parameter that the port does not keep

@@ -17,6 +17,7 @@ from diffmoe_hf.training import extract_features
 from diffmoe_hf.training.train_class_conditional import main, parse_args
 
 from .conftest import REPO_ROOT
+from .helpers import registered_families
 from .training_helpers import (
     NUM_CLASSES,
     make_image_folder,
@@ -24,10 +25,8 @@ from .training_helpers import (
     save_tiny_pipeline,
     script_args,
     tiny_transformer,
+    train,
 )
-
-
-FAMILIES = ["dsmoe", "diff-moe", "diffmoe-dts", "dit-moe", "jit"]
 
 
 @pytest.fixture(autouse=True)
@@ -36,13 +35,6 @@ def _offline(monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-
-def train(pretrained: str, data: str, output_dir: str, *extra: str, family: str = "dsmoe"):
-    try:
-        main(parse_args(script_args(pretrained, data, output_dir, *extra, family=family)))
-    finally:
-        AcceleratorState._reset_state(True)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +46,7 @@ def _png(path):
     return np.asarray(Image.open(path)).astype(int)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", registered_families())
 def test_lora_training_reloads_with_load_lora_weights(family, images, tmp_path):
     pretrained = save_tiny_pipeline(str(tmp_path / "pipe"), family)
     out = str(tmp_path / "lora")
@@ -136,6 +128,7 @@ def test_full_training_from_preset_in_pixel_space(tmp_path):
         "moe_layers": [1],
         "num_experts": 4,
         "moe_intermediate_size": 8,
+        "shared_expert_intermediate_size": 8,
     }
     out = str(tmp_path / "out")
     args = [

@@ -8,8 +8,8 @@ import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch.distributions import Normal, kl_divergence
 
-from diffmoe_hf.formulations import get_formulation
-from diffmoe_hf.training_losses import TimeSampling, diffusion_training_loss, sample_flow_time
+from diffmoe_hf.formulations import TimeSampling, get_formulation
+from diffmoe_hf.training_losses import diffusion_training_loss
 
 
 class Recorder(torch.nn.Module):
@@ -135,14 +135,14 @@ def test_ddpm_without_learned_sigma_is_plain_eps_mse():
 )  # fmt: skip
 def test_logit_normal_time_sampling(name, sampling, mean, std):
     generator = torch.Generator().manual_seed(0)
-    t = sample_flow_time(get_formulation(name), 20000, torch.device("cpu"), sampling, generator=generator)
+    t = get_formulation(name).training_times(20000, torch.device("cpu"), sampling, generator=generator)
     logits = torch.logit(t.double())
     assert abs(float(logits.mean()) - mean) < 0.03 and abs(float(logits.std()) - std) < 0.03
 
 
 def test_uniform_time_sampling_is_the_rf_noise_at_zero_default():
     generator = torch.Generator().manual_seed(0)
-    t = sample_flow_time(get_formulation("rf-noise-at-0"), 20000, torch.device("cpu"), generator=generator)
+    t = get_formulation("rf-noise-at-0").training_times(20000, torch.device("cpu"), generator=generator)
     assert 0 <= float(t.min()) and float(t.max()) < 1 and abs(float(t.mean()) - 0.5) < 0.01
     with pytest.raises(ValueError, match="uniform"):
-        sample_flow_time(get_formulation("rf-noise-at-0"), 2, torch.device("cpu"), TimeSampling("cosine"))
+        get_formulation("rf-noise-at-0").training_times(2, torch.device("cpu"), TimeSampling("cosine"))

@@ -1,4 +1,5 @@
-"""Tiny pipelines and datasets for the training tests (generated in a temporary folder; no network)."""
+"""Tiny pipelines and datasets for the training tests (generated in a temporary folder; no network). Every family
+comes from the registry (`diffmoe_hf.families`): a family's tiny model is its registered tiny configuration."""
 
 import os
 import subprocess
@@ -8,46 +9,22 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffmoe_hf import (
-    ClassConditionalMoEPipeline,
-    DiTMoETransformer2DModel,
-    DynamicTokenMoETransformer2DModel,
-    JiTTransformer2DModel,
-    SpatialTemporalMoETransformer2DModel,
-)
+from diffmoe_hf import ClassConditionalMoEPipeline
+from diffmoe_hf.families import get_family
 from diffmoe_hf.formulations import get_formulation
 
-from .helpers import randomize_weights, tiny_dsmoe, tiny_vae
-from .test_dit_moe import TINY as DIT_MOE_TINY
-from .test_jit import TINY as JIT_TINY
-from .test_spatial_temporal_moe import TINY as SPATIAL_TEMPORAL_TINY
+from .helpers import randomize_weights, tiny_vae
 
 
 NUM_CLASSES = 3
 
 
-def tiny_transformer(family: str):
-    """A tiny transformer of `family` with random weights (`randomize_weights`: a "pretrained" model whose every
-    block matters; latent families: 4 x 8 x 8, JiT: 3 x 16 x 16 pixels)."""
+def tiny_transformer(family: str, variant: str | None = None, **overrides):
+    """A tiny transformer of `family` (an id or alias; its registered tiny configuration `variant`, default the first,
+    with NUM_CLASSES classes and `overrides`) with random weights (`randomize_weights`: a "pretrained" model whose every
+    block matters)."""
     torch.manual_seed(0)
-    if family == "dsmoe":
-        return tiny_dsmoe(num_classes=NUM_CLASSES)
-    if family == "diff-moe":
-        model = SpatialTemporalMoETransformer2DModel(**{**SPATIAL_TEMPORAL_TINY, "num_classes": NUM_CLASSES})
-    elif family == "diffmoe-dts":
-        model = DynamicTokenMoETransformer2DModel(
-            sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=2,
-            attention_head_dim=4, mlp_ratio=1.0, num_classes=NUM_CLASSES, num_experts=4, shared_expert_intermediate_size=64,
-        )  # fmt: skip
-    elif family == "dit-moe":  # the rectified-flow variant (Diff-MoE covers DDPM)
-        model = DiTMoETransformer2DModel(
-            **{**DIT_MOE_TINY, "num_classes": NUM_CLASSES, "formulation": "rf-noise-at-1"}
-        )
-    elif family == "jit":
-        model = JiTTransformer2DModel(**{**JIT_TINY, "num_classes": NUM_CLASSES})
-    else:
-        raise ValueError(family)
-    return randomize_weights(model)
+    return randomize_weights(get_family(family).tiny_model(variant, num_classes=NUM_CLASSES, **overrides))
 
 
 def save_tiny_pipeline(folder: str, family: str, transformer=None) -> str:
@@ -64,7 +41,8 @@ def save_tiny_pipeline(folder: str, family: str, transformer=None) -> str:
 
 
 def resolution(family: str) -> int:
-    return 16 if family == "jit" else 8
+    """The training images' side: the tiny model's sample size (the tiny VAE does not downsample)."""
+    return get_family(family).tiny_config()["sample_size"]
 
 
 def script_args(pretrained: str, data: str, output_dir: str, *extra: str, family: str = "dsmoe") -> list[str]:
@@ -74,6 +52,18 @@ def script_args(pretrained: str, data: str, output_dir: str, *extra: str, family
         "--resolution", str(resolution(family)), "--train_batch_size", "2", "--seed", "0", "--report_to", "none",
         "--validation_inference_steps", "2", "--validation_epochs", "0", "--routing_log_steps", "1", *extra,
     ]  # fmt: skip
+
+
+def train(pretrained: str, data: str, output_dir: str, *extra: str, family: str = "dsmoe") -> None:
+    """Runs train_class_conditional.py in this process on `script_args(...)` (then resets accelerate's state)."""
+    from accelerate.state import AcceleratorState
+
+    from diffmoe_hf.training.train_class_conditional import main, parse_args
+
+    try:
+        main(parse_args(script_args(pretrained, data, output_dir, *extra, family=family)))
+    finally:
+        AcceleratorState._reset_state(True)
 
 
 def run_two_processes(args: list[str], accelerate_config: str | None = None) -> str:

@@ -17,6 +17,8 @@ import shutil
 
 from accelerate.logging import get_logger
 
+from diffmoe_hf.atomic_files import fsync_path
+
 
 COMPLETE_MARKER = "checkpoint_complete.json"
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
@@ -114,17 +116,6 @@ def remove_incomplete_checkpoints(output_dir: str) -> None:
             shutil.rmtree(os.path.join(output_dir, name))
 
 
-def _fsync(path: str) -> None:
-    """Flushes a file, or a folder's entries (POSIX), to disk."""
-    if os.path.isdir(path) and os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _remove(path: str) -> None:
     """Renames `path` to `<path>.deleting` (a name no resume picks) before deleting it, so a kill leaves no half."""
     doomed = path + ".deleting"
@@ -152,21 +143,21 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
         for root, _, names in os.walk(partial):
             for name in names:
                 path = os.path.join(root, name)
-                _fsync(path)
+                fsync_path(path)
                 files[os.path.relpath(path, partial).replace(os.sep, "/")] = os.path.getsize(path)
-            _fsync(root)
+            fsync_path(root)
         marker = {"step": step, "num_processes": accelerator.num_processes, "files": files}
         with open(os.path.join(partial, COMPLETE_MARKER), "w", encoding="utf-8") as f:
             json.dump(marker, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _fsync(partial)
+        fsync_path(partial)
         replaced = None
         if os.path.exists(final):  # a run resumed from an earlier step replaces the later checkpoints it remakes
             replaced = final + ".deleting"
             os.replace(final, replaced)
         os.replace(partial, final)
-        _fsync(output_dir)
+        fsync_path(output_dir)
         if replaced is not None:
             shutil.rmtree(replaced)
         logger.info(f"Saved state to {final}")

@@ -17,6 +17,8 @@ from PIL import Image, UnidentifiedImageError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from diffmoe_hf.atomic_files import written_atomically
+
 
 LATENTS_METADATA = "metadata.json"
 
@@ -283,8 +285,8 @@ def shard_name(index: int) -> str:
 def write_latent_shard(folder: str, index: int, latents: torch.Tensor, labels: torch.Tensor) -> None:
     """Writes shard `index` atomically (a partly written shard never has its final name)."""
     path = os.path.join(folder, shard_name(index))
-    save_file({"latents": latents.contiguous(), "labels": labels.long().contiguous()}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    with written_atomically(path) as partial:
+        save_file({"latents": latents.contiguous(), "labels": labels.long().contiguous()}, partial)
 
 
 class LatentDataset(torch.utils.data.Dataset):

@@ -22,6 +22,8 @@ from accelerate import Accelerator
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
+from diffmoe_hf.atomic_files import write_text_atomically
+from diffmoe_hf.dtypes import DTYPES
 from diffmoe_hf.training.data import (
     LATENTS_METADATA,
     ImageTransform,
@@ -65,7 +67,7 @@ def parse_args(input_args=None):
         "--dtype",
         type=str,
         default="fp32",
-        choices=["fp32", "fp16", "bf16"],
+        choices=list(DTYPES),
         help="Storage dtype of the latents (the VAE runs in float32).",
     )
     parser.add_argument("--seed", type=int, default=0)
@@ -114,11 +116,10 @@ def main(args):
                 previous = {k: v for k, v in json.load(f).items() if k != "complete"}
             if previous != metadata:
                 raise ValueError(f"{args.output_dir} holds an extraction with other settings; use another folder.")
-        with open(metadata_path, "w", encoding="utf-8") as f:
-            json.dump({**metadata, "complete": False}, f, indent=2)
+        write_text_atomically(metadata_path, json.dumps({**metadata, "complete": False}, indent=2))
     accelerator.wait_for_everyone()
 
-    storage_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    storage_dtype = DTYPES[args.dtype]
     mine = range(accelerator.process_index, num_shards, accelerator.num_processes)
     todo = [i for i in mine if not os.path.isfile(os.path.join(args.output_dir, shard_name(i)))]
     if len(todo) < len(mine):
@@ -145,8 +146,7 @@ def main(args):
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with open(metadata_path, "w", encoding="utf-8") as f:
-            json.dump({**metadata, "complete": True}, f, indent=2)
+        write_text_atomically(metadata_path, json.dumps({**metadata, "complete": True}, indent=2))
         accelerator.print(f"Wrote {len(dataset)} latents in {num_shards} shards to {args.output_dir}.")
     accelerator.end_training()
 

@@ -36,9 +36,10 @@ from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_c
 from huggingface_hub import ModelCard, ModelCardData
 from tqdm.auto import tqdm
 
-import diffmoe_hf
+from diffmoe_hf import diffusers_floors
+from diffmoe_hf.dtypes import DTYPES
 from diffmoe_hf.families import FAMILIES, family_names, get_family, resolve_family
-from diffmoe_hf.formulations import get_formulation
+from diffmoe_hf.formulations import TimeSampling, get_formulation
 from diffmoe_hf.pipelines import ClassConditionalMoEPipeline
 from diffmoe_hf.routing import record_routing
 from diffmoe_hf.training.checkpoints import (
@@ -57,10 +58,10 @@ from diffmoe_hf.training.data import (
     load_image_dataset,
     relabel,
 )
-from diffmoe_hf.training_losses import TimeSampling, diffusion_training_loss
+from diffmoe_hf.training_losses import diffusion_training_loss
 
 
-check_min_version("0.35.0")
+check_min_version(diffusers_floors.TRAIN)
 
 logger = get_logger(__name__)
 
@@ -83,7 +84,8 @@ def parse_args(input_args=None):
         "--preset",
         type=str,
         default=None,
-        help="Start from fresh weights with a released architecture, e.g. 'DSMoE-S-E16' (needs --model_family).",
+        help="Start from fresh weights with a released architecture, a preset of --model_family: "
+        + "; ".join(f"{family.id}: {', '.join(family.presets)}" for family in FAMILIES.values()),
     )
     parser.add_argument(
         "--model_family",
@@ -238,15 +240,6 @@ def parse_args(input_args=None):
 # models
 
 
-def transformer_class(family: str):
-    """The transformer class of a family id or alias (`diffmoe_hf.families`)."""
-    class_name = get_family(family).class_name
-    cls = getattr(diffmoe_hf, class_name, None)
-    if cls is None:
-        raise ValueError(f"This diffmoe_hf version has no {class_name} (family {family!r}).")
-    return cls
-
-
 def load_components(args, num_classes_from_data: int | None, data_id2label: dict[str, str] | None):
     """Transformer, VAE (or None) and scheduler to train, plus the class names for the saved pipeline (a fresh model
     from --preset takes the data's)."""
@@ -266,7 +259,7 @@ def load_components(args, num_classes_from_data: int | None, data_id2label: dict
         return pipeline.transformer, vae, pipeline.scheduler, pipeline.config.id2label
 
     overrides = json.loads(args.model_config_overrides) if args.model_config_overrides else {}
-    cls = transformer_class(args.model_family)
+    cls = get_family(args.model_family).model_class
     if "num_classes" not in overrides and num_classes_from_data is not None:
         overrides["num_classes"] = num_classes_from_data
     with torch.device("meta"):  # the architecture only, to know its input channels
@@ -429,7 +422,7 @@ def main(args):
                 f" takes {sample_shape}."
             )
 
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)  # mixed precision "no": float32
     if vae is not None:
         vae.requires_grad_(False).to(accelerator.device, dtype=torch.float32).eval()
     if args.cache_latents and vae is not None and args.train_latents_dir is None:

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .metrics import FeatureStatistics, frechet_distance
+
 
 DIGIT_MAX = 16.0
 NUM_CLASSES = 10
@@ -75,12 +77,8 @@ def to_digit_space(images: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def _frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    from scipy import linalg
-
-    mean_a, mean_b = features_a.mean(0), features_b.mean(0)
-    cov_a, cov_b = np.cov(features_a, rowvar=False), np.cov(features_b, rowvar=False)
-    covmean = linalg.sqrtm(cov_a @ cov_b).real
-    return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
+    """Frechet distance of the Gaussians fitted to two (N, D) feature sets (`metrics.frechet_distance`)."""
+    return frechet_distance(FeatureStatistics.of(features_a), FeatureStatistics.of(features_b))
 
 
 def _mean_pairwise_distance(points: np.ndarray) -> float:

@@ -33,6 +33,7 @@ import shutil
 import numpy as np
 import torch
 
+from diffmoe_hf.atomic_files import write_text_atomically, written_atomically
 from diffmoe_hf.formulations import get_formulation
 
 
@@ -191,7 +192,7 @@ class SampleRun:
                 )
             return
         os.makedirs(self.parts_dir, exist_ok=True)
-        _write_atomic(record_path, lambda f: f.write(json.dumps(self.record, indent=2).encode()))
+        write_text_atomically(record_path, json.dumps(self.record, indent=2))
 
     def my_batches(self, process_index: int, num_processes: int) -> list[int]:
         """The unfinished batches of this process (batch b runs on process b % num_processes)."""
@@ -207,7 +208,7 @@ class SampleRun:
             arrays["pixels"] = pixels.numpy()
         if self.png_dir is not None:
             _write_pngs(self.png_dir, indices, arrays["images"])
-        _write_atomic(self.batch_path(batch), lambda f: np.savez(f, **arrays))
+        _save_npz(self.batch_path(batch), arrays)
 
     def finished_samples(self) -> int:
         """Samples on disk (all processes)."""
@@ -231,16 +232,14 @@ class SampleRun:
         arrays = {"arr_0": np.concatenate(images), "arr_1": self.labels}
         if self.keep_float:
             arrays["arr_float"] = np.concatenate(pixels)
-        _write_atomic(self.output, lambda f: np.savez(f, **arrays))
+        _save_npz(self.output, arrays)
         shutil.rmtree(self.parts_dir)
 
 
-def _write_atomic(path: str, write) -> None:
-    """Writes `path` through a temporary sibling moved into place, so a killed process never leaves half a file."""
-    partial = f"{path}.partial-{os.getpid()}"
-    with open(partial, "wb") as f:
-        write(f)
-    os.replace(partial, path)
+def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """`np.savez` of `arrays` to `path`, all-or-nothing (a killed process never leaves half a file)."""
+    with written_atomically(path) as partial, open(partial, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def _write_pngs(folder: str, indices, images: np.ndarray) -> None:

@@ -196,7 +196,6 @@ class DynamicTokenMoE(nn.Module):
             self.shared_experts = FeedForward(
                 dim, inner_dim=shared_expert_intermediate_size, activation_fn="gelu-approximate", bias=True
             )
-        self.register_load_state_dict_pre_hook(_rename_gate_to_router_on_load)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, N, D) -> (B, N, D); routing runs over all B*N tokens together."""
@@ -236,19 +235,3 @@ class DynamicTokenMoE(nn.Module):
                 capacity_quantile=capacity_quantile(capacity_logits, k),
             )
         return segments
-
-
-def rename_gate_to_router(state_dict: dict, prefix: str) -> None:
-    """
-    Renames, in place, the router weight of the layer at `prefix` (e.g. `"transformer_blocks.1.ff."`) in a state dict
-    saved before the router was called `router` (`<layer>.gate.weight`). Used by `load_state_dict` (a pre-hook of
-    the layer) and by the model's `from_pretrained` (`_fix_state_dict_keys_on_load`).
-    """
-    old, new = f"{prefix}gate.weight", f"{prefix}router.weight"
-    if old in state_dict and new not in state_dict:
-        state_dict[new] = state_dict.pop(old)
-
-
-def _rename_gate_to_router_on_load(module, state_dict, prefix, *args) -> None:
-    """The `load_state_dict` pre-hook of `DynamicTokenMoE` (a module-level function, so the layer still pickles)."""
-    rename_gate_to_router(state_dict, prefix)

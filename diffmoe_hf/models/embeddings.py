@@ -37,14 +37,16 @@ class TimestepClassEmbedding(nn.Module):
         if add_null_class and class_dropout_prob == 0:
             self.class_embedder.embedding_table = nn.Embedding(num_classes + 1, embedding_dim)
 
-    def forward(self, timestep: torch.Tensor, class_labels: torch.LongTensor) -> torch.Tensor:
+    def forward(self, timestep: torch.Tensor, class_labels: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
             timestep: (B,) model time in the family's own units (flow time in [0, 1] or DDPM index 0..999).
             class_labels: (B,) int64 class ids; `num_classes` is the null class.
 
         Returns:
-            (B, D) conditioning vector.
+            `(conditioning, label_embedding)`, each (B, D): the conditioning vector c, and its class part (labels
+            dropped in training mode), which JiT also feeds to its blocks as in-context class tokens.
         """
         time_features = self.time_proj(timestep).to(self.timestep_embedder.linear_1.weight.dtype)
-        return self.timestep_embedder(time_features) + self.class_embedder(class_labels)
+        label_embedding = self.class_embedder(class_labels)
+        return self.timestep_embedder(time_features) + label_embedding, label_embedding

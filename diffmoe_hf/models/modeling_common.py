@@ -1,18 +1,14 @@
 """Forward pieces every DiT-style family shares; each family's `forward` composes them around its own blocks."""
 
 import functools
-import inspect
 from dataclasses import dataclass
 
-import diffusers
 import torch
 from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.utils import apply_lora_scale
-from packaging import version
 
 from .blocks import unpatchify
-from .initialization import initialize_weights
 from .moe import MoECollector, set_expert_backend
 from .validation import check_model_inputs
 
@@ -74,8 +70,7 @@ def resolve_moe_layers(moe_layers: str | list[int], num_layers: int) -> list[int
     the released DSMoE, JiTMoE and DiffMoE (Shi et al.) models), `"none"` (a dense model) or a list of block indices.
 
     Raises:
-        ValueError: for anything else (including `None`, whose meaning differed between families in earlier versions;
-            their saved configs are translated by `upgrade_legacy_config`) or an index outside 0..num_layers-1.
+        ValueError: for anything else (including `None`) or an index outside 0..num_layers-1.
     """
     if isinstance(moe_layers, str) and moe_layers in MOE_LAYER_PATTERNS:
         return {"all": list(range(num_layers)), "odd": list(range(1, num_layers, 2)), "none": []}[moe_layers]
@@ -90,37 +85,22 @@ def resolve_moe_layers(moe_layers: str | list[int], num_layers: int) -> list[int
     return indices
 
 
-def upgrade_legacy_moe_fields(model_class: type, config: dict, moe_layers_none: str, shared_expert_width: str) -> dict:
-    """
-    Translates the MoE fields of a `model_class` config saved by an earlier version into the current names:
-    `moe_layers: null`, which meant `moe_layers_none` for this family, and `num_shared_experts: n` (n shared experts
-    as wide as the config field `shared_expert_width` each), now `shared_expert_intermediate_size`, the width of the one
-    fused shared expert. A config in the current names is returned unchanged.
-    """
-    config = dict(config)
-    if "moe_layers" in config and config["moe_layers"] is None:
-        config["moe_layers"] = moe_layers_none
-    if "num_shared_experts" in config:
-        width = config.get(shared_expert_width, config_default(model_class, shared_expert_width))
-        config["shared_expert_intermediate_size"] = config.pop("num_shared_experts") * width
-    return config
-
-
-def config_default(model_class: type, name: str):
-    """The default of `model_class`'s constructor argument `name`."""
-    return inspect.signature(model_class.__init__).parameters[name].default
-
-
 class DiTForwardMixin(CacheMixin):
     """
-    For transformers with `pos_embed` (patch embedding), `embedding` (`TimestepClassEmbedding`),
-    `transformer_blocks`, `proj_out` (`PatchOutputLayer`) and `gradient_checkpointing`.
+    The forward, initialisation and diffusers settings of every family's transformer: a model with `pos_embed`
+    (patch embedding), `embedding` (`TimestepClassEmbedding`), `transformer_blocks`, `proj_out` (`PatchOutputLayer`),
+    `out_channels` and `gradient_checkpointing`.
+
+    A family's class defines `_initialize_family_weights` (its original initialisation) and may override the hooks of
+    the shared `forward`: `block_inputs` (what every block takes besides tokens and conditioning, e.g. rotary tables),
+    `run_blocks` (the loop over the blocks, e.g. to add tokens of its own) and `finish_moe_call` (state the MoE layers
+    calibrate once per training call).
 
     `CacheMixin` gives `enable_cache(config)` / `disable_cache()` / `cache_context(name)` with diffusers' cache hooks
     (FirstBlockCache, TaylorSeer, MagCache, ...); the blocks are registered for them by `import diffmoe_hf`.
 
-    Each family decorates its `forward` with `returns_moe_outputs`, so every call collects its MoE layers' auxiliary
-    losses and training statistics and returns them in a `MoETransformer2DModelOutput`.
+    The `forward` is decorated with `returns_moe_outputs`, so every call collects its MoE layers' auxiliary losses and
+    training statistics and returns them in a `MoETransformer2DModelOutput`.
 
     Attributes:
         routing_depends_on_batch (`bool`): Whether a sample's output depends on the other samples of the call (MoE
@@ -137,74 +117,52 @@ class DiTForwardMixin(CacheMixin):
     _no_split_modules = ["AdaLNZeroTransformerBlock", "AdaLNZeroMoETransformerBlock"]
     # one compiled graph per block class: dense and MoE blocks (see `AdaLNZeroMoETransformerBlock`)
     _repeated_blocks = ["AdaLNZeroTransformerBlock", "AdaLNZeroMoETransformerBlock"]
-    # routing decisions are computed in float32 whatever the model's dtype (the capacity predictor of DiffMoE, Shi et al., too)
-    _skip_layerwise_casting_patterns = ["pos_embed", "norm", "embedding", "router", "capacity_predictor"]
-    _keep_in_fp32_modules = ["router", "capacity_predictor"]
+    # routing decisions are computed in float32 whatever the model's dtype; a family extends both lists with its
+    # own routing modules
+    _skip_layerwise_casting_patterns = ["pos_embed", "norm", "embedding", "router"]
+    _keep_in_fp32_modules = ["router"]
 
-    @classmethod
-    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
-        """
-        `ConfigMixin.from_config` (which `from_pretrained` uses too) on `upgrade_legacy_config(config)`, so folders
-        saved with earlier config field names still load as the model they were saved from.
-        """
-        if isinstance(config, dict):
-            config = cls.upgrade_legacy_config(dict(config))
-        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
-
-    @classmethod
-    def upgrade_legacy_config(cls, config: dict) -> dict:
-        """
-        A config written by an earlier version of this package -> the same architecture in the current field names.
-        Families whose config fields were renamed override it; configs in the current names pass through unchanged.
-        """
-        return config
-
-    def enable_cache(self, config) -> None:
-        """
-        Enables a diffusers cache (`FirstBlockCacheConfig`, `TaylorSeerCacheConfig`, `MagCacheConfig`, ...) on this
-        transformer; see `diffusers.models.cache_utils.CacheMixin.enable_cache`.
-
-        Raises:
-            ValueError: for a cache that cannot handle a model adding tokens after its first block (JiT with in-context
-                class tokens, `in_context_start > 0`): FirstBlockCache (it subtracts block outputs of different token
-                counts), and MagCache before diffusers 0.42 (which first matched the residual to the image tokens).
-        """
-        from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig
-
-        if self.config.get("in_context_len", 0) and self.config.get("in_context_start", 0):
-            refused = isinstance(config, FirstBlockCacheConfig)
-            refused |= isinstance(config, MagCacheConfig) and version.parse(diffusers.__version__) < version.parse(
-                "0.42.0"
-            )
-            if refused:
-                raise ValueError(
-                    f"{type(config).__name__} (diffusers {diffusers.__version__}) cannot run on this "
-                    f"{type(self).__name__}: it prepends {self.config.in_context_len} class tokens before block "
-                    f"{self.config.in_context_start}, so its first and last blocks return different token counts. Use "
-                    "TaylorSeerCacheConfig (or MagCacheConfig with diffusers >= 0.42) instead."
-                )
-        super().enable_cache(config)
-
+    @torch.no_grad()
     def initialize_weights(self) -> None:
         """
         (Re)initialises every parameter as the family's original code initialises a new model (adaLN-Zero: every
-        block starts as the identity and the output is exactly 0); see `diffmoe_hf.models.initialization`. Called at
-        the end of `__init__`; a no-op while diffusers' `from_pretrained` builds a model whose weights it loads.
+        block starts as the identity and the output is exactly 0) by running the class's
+        `_initialize_family_weights`. Called at the end of `__init__`; a no-op for a model whose parameters are all on
+        the meta device (diffusers' `from_pretrained` builds one before loading its weights).
         """
-        initialize_weights(self)
+        if all(parameter.is_meta for parameter in self.parameters()):
+            return
+        self._initialize_family_weights()
+
+    def _initialize_family_weights(self) -> None:
+        """
+        Draws every parameter as the family's original code does, from the pieces in
+        `diffmoe_hf.models.initialization` (`initialize_dit`, the router inits) and the family's own. Each transformer
+        class defines it: the DiT init alone is the original init of no family (each adds its routers, convolutions
+        or embeddings), so there is no default.
+
+        Raises:
+            NotImplementedError: in a class that does not define it.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} defines no `_initialize_family_weights`: write its original initialisation there "
+            "(see diffmoe_hf.models.initialization, e.g. `initialize_dit(self)` followed by its routers' init)."
+        )
 
     def embed_inputs(
         self, hidden_states: torch.Tensor, timestep, class_labels
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """
         Validates a call and embeds it.
 
         Returns:
-            `(tokens (B, N, D), conditioning (B, D), timestep (B,), class_labels (B,))`.
+            `(tokens (B, N, D), conditioning (B, D), label_embedding (B, D))`, the last being the class part of the
+            conditioning (after label dropout in training mode).
         """
         timestep, class_labels = check_model_inputs(self.config, hidden_states, timestep, class_labels)
         tokens = self.pos_embed(hidden_states)
-        return tokens, self.embedding(timestep, class_labels).to(tokens.dtype), timestep, class_labels
+        conditioning, label_embedding = self.embedding(timestep, class_labels)
+        return tokens, conditioning.to(tokens.dtype), label_embedding.to(tokens.dtype)
 
     def finish_moe_call(self, collector: MoECollector) -> None:
         """
@@ -225,31 +183,35 @@ class DiTForwardMixin(CacheMixin):
         return_dict: bool = True,
     ) -> MoETransformer2DModelOutput | tuple[torch.Tensor, ...]:
         """
-        The DiT forward every latent family shares (JiT, with its class tokens, has its own): patch embedding, the
-        blocks (each given the family's `block_inputs`), the adaLN output layer and unpatchify.
+        The DiT forward of every family: patch embedding, the blocks (`run_blocks`, each block given the family's
+        `block_inputs`), the adaLN output layer and unpatchify.
 
         Args:
-            hidden_states: (B, C, H, W) noisy latents, H and W multiples of the patch size.
+            hidden_states: (B, C, H, W) noisy latents (or pixels), H and W multiples of the patch size.
             timestep: (B,) or scalar model time, unscaled, in the units of the model's `config.formulation`
-                (`diffmoe_hf.formulations`): the flow time in [0, 1] (`rf-noise-at-0`: 0 = noise; `rf-noise-at-1`:
-                1 = noise) or the DDPM index 0..999 (`ddpm-learned-sigma`).
+                (`diffmoe_hf.formulations`): the flow time in [0, 1] (`rf-noise-at-0`, `jit-xpred`: 0 = noise;
+                `rf-noise-at-1`: 1 = noise) or the DDPM index 0..999 (`ddpm-learned-sigma`).
             class_labels: (B,) int64 class ids; `num_classes` is the null class.
             attention_kwargs: `{"scale": s}` scales LoRA layers.
             return_dict: Whether to return a `MoETransformer2DModelOutput`.
 
         Returns:
             `sample`: (B, out_channels, H, W), the formulation's prediction in the first C channels (the velocity
-            `data - noise` for `rf-noise-at-0`, `noise - data` for `rf-noise-at-1`, eps for `ddpm-learned-sigma`)
-            and, for models with 2C outputs, the learned-variance values (DDPM) or an untrained half. In training mode
-            also `aux_loss` and `moe_statistics`. The layers of DiffMoE (Shi et al.; `routing_depends_on_batch`)
-            route over all B samples together.
+            `data - noise` for `rf-noise-at-0`, `noise - data` for `rf-noise-at-1`, eps for `ddpm-learned-sigma`, the
+            clean image for `jit-xpred`) and, for models with 2C outputs, the learned-variance values (DDPM) or an
+            untrained half. In training mode also `aux_loss` and `moe_statistics`. The layers of DiffMoE (Shi et al.;
+            `routing_depends_on_batch`) route over all B samples together.
         """
-        tokens, conditioning, _, _ = self.embed_inputs(hidden_states, timestep, class_labels)
+        tokens, conditioning, label_embedding = self.embed_inputs(hidden_states, timestep, class_labels)
         height, width = hidden_states.shape[-2:]
         block_inputs = self.block_inputs(tokens, height, width)
-        for block in self.transformer_blocks:
-            tokens = self.run_block(block, tokens, conditioning, *block_inputs)
-        return self.patch_output(tokens, conditioning, height, width, self.out_channels, return_dict)
+        tokens = self.run_blocks(tokens, conditioning, label_embedding, block_inputs)
+        output = unpatchify(
+            self.proj_out(tokens, conditioning), self.config.patch_size, self.out_channels, height, width
+        )
+        if not return_dict:
+            return (output,)
+        return MoETransformer2DModelOutput(sample=output)
 
     def block_inputs(self, tokens: torch.Tensor, height: int, width: int) -> tuple:
         """
@@ -258,21 +220,22 @@ class DiTForwardMixin(CacheMixin):
         """
         return ()
 
+    def run_blocks(
+        self, tokens: torch.Tensor, conditioning: torch.Tensor, label_embedding: torch.Tensor, block_inputs: tuple
+    ) -> torch.Tensor:
+        """
+        (B, N, D) image tokens through every block -> (B, N, D) image tokens. A family whose blocks also see tokens
+        of their own (JiT's in-context class tokens, built from the (B, D) `label_embedding`) overrides it.
+        """
+        for block in self.transformer_blocks:
+            tokens = self.run_block(block, tokens, conditioning, *block_inputs)
+        return tokens
+
     def run_block(self, block, tokens: torch.Tensor, *block_args) -> torch.Tensor:
         """`block(tokens, *block_args)`, recomputed in backward when gradient checkpointing is on."""
         if torch.is_grad_enabled() and self.gradient_checkpointing:
             return self._gradient_checkpointing_func(block, tokens, *block_args)
         return block(tokens, *block_args)
-
-    def patch_output(
-        self, tokens: torch.Tensor, conditioning: torch.Tensor, height: int, width: int, out_channels: int,
-        return_dict: bool,
-    ) -> MoETransformer2DModelOutput | tuple[torch.Tensor]:  # fmt: skip
-        """(B, N, D) image tokens -> (B, out_channels, height, width) through the output layer and unpatchify."""
-        output = unpatchify(self.proj_out(tokens, conditioning), self.config.patch_size, out_channels, height, width)
-        if not return_dict:
-            return (output,)
-        return MoETransformer2DModelOutput(sample=output)
 
     def set_expert_backend(self, backend: str) -> None:
         """

@@ -27,27 +27,42 @@ from torch import nn
 
 from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer
 from .embeddings import TimestepClassEmbedding
+from .initialization import initialize_dit, initialize_softmax_routers
 from .modeling_common import DiTForwardMixin
 from .moe import SoftmaxTopKRouter, SwiGLUTokenChoiceMoE
 from .presets import preset_config
 
 
-# `DiT_models` of feizc/DiT-MoE: depth, width and heads of each named architecture (width = heads * head dim), keyed
+# `DiT_models` of feizc/DiT-MoE: depth, width and heads of each named architecture (width D = heads * head dim), keyed
 # by the paper's names (its released models are e.g. "DiT-MoE-XL/2-8E2A": this architecture, 8 experts, 2 active).
+# The expert widths are the original's: routed experts int(mlp_ratio * D) with mlp_ratio 4, the shared expert 2D.
 DIT_MOE_PRESETS = {
-    "DiT-MoE-S/2": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, patch_size=2),
-    "DiT-MoE-S/4": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, patch_size=4),
-    "DiT-MoE-S/8": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, patch_size=8),
-    "DiT-MoE-B/2": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64, patch_size=2),
-    "DiT-MoE-B/4": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64, patch_size=4),
-    "DiT-MoE-B/8": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64, patch_size=8),
-    "DiT-MoE-L/2": dict(num_layers=24, num_attention_heads=16, attention_head_dim=64, patch_size=2),
-    "DiT-MoE-L/4": dict(num_layers=24, num_attention_heads=16, attention_head_dim=64, patch_size=4),
-    "DiT-MoE-L/8": dict(num_layers=24, num_attention_heads=16, attention_head_dim=64, patch_size=8),
-    "DiT-MoE-XL/2": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, patch_size=2),
-    "DiT-MoE-XL/4": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, patch_size=4),
-    "DiT-MoE-XL/8": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, patch_size=8),
-    "DiT-MoE-G/2": dict(num_layers=40, num_attention_heads=16, attention_head_dim=88, patch_size=2),
+    "DiT-MoE-S/2":   dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, patch_size=2,
+                          moe_intermediate_size=1536, shared_expert_intermediate_size=768),
+    "DiT-MoE-S/4":   dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, patch_size=4,
+                          moe_intermediate_size=1536, shared_expert_intermediate_size=768),
+    "DiT-MoE-S/8":   dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, patch_size=8,
+                          moe_intermediate_size=1536, shared_expert_intermediate_size=768),
+    "DiT-MoE-B/2":   dict(num_layers=12, num_attention_heads=12, attention_head_dim=64, patch_size=2,
+                          moe_intermediate_size=3072, shared_expert_intermediate_size=1536),
+    "DiT-MoE-B/4":   dict(num_layers=12, num_attention_heads=12, attention_head_dim=64, patch_size=4,
+                          moe_intermediate_size=3072, shared_expert_intermediate_size=1536),
+    "DiT-MoE-B/8":   dict(num_layers=12, num_attention_heads=12, attention_head_dim=64, patch_size=8,
+                          moe_intermediate_size=3072, shared_expert_intermediate_size=1536),
+    "DiT-MoE-L/2":   dict(num_layers=24, num_attention_heads=16, attention_head_dim=64, patch_size=2,
+                          moe_intermediate_size=4096, shared_expert_intermediate_size=2048),
+    "DiT-MoE-L/4":   dict(num_layers=24, num_attention_heads=16, attention_head_dim=64, patch_size=4,
+                          moe_intermediate_size=4096, shared_expert_intermediate_size=2048),
+    "DiT-MoE-L/8":   dict(num_layers=24, num_attention_heads=16, attention_head_dim=64, patch_size=8,
+                          moe_intermediate_size=4096, shared_expert_intermediate_size=2048),
+    "DiT-MoE-XL/2":  dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, patch_size=2,
+                          moe_intermediate_size=4608, shared_expert_intermediate_size=2304),
+    "DiT-MoE-XL/4":  dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, patch_size=4,
+                          moe_intermediate_size=4608, shared_expert_intermediate_size=2304),
+    "DiT-MoE-XL/8":  dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, patch_size=8,
+                          moe_intermediate_size=4608, shared_expert_intermediate_size=2304),
+    "DiT-MoE-G/2":   dict(num_layers=40, num_attention_heads=16, attention_head_dim=88, patch_size=2,
+                          moe_intermediate_size=5632, shared_expert_intermediate_size=2816),
 }  # fmt: skip
 # the original names, which checkpoints record in `args.model` (Diff-MoE of Cheng et al. uses the same names for
 # other architectures)
@@ -114,18 +129,17 @@ class DiTMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAda
         sample_size (`int`): Side of the square latent the model was trained on (`image_size // 8`).
         patch_size (`int`): Patch side p.
         in_channels (`int`): Latent channels C.
-        out_channels (`int`, *optional*): Output channels; the released models have 2C (learned sigma). Defaults to
-            `in_channels`.
+        out_channels (`int`, *optional*): Output channels; the released models have 2C (learned sigma). `None` means
+            `in_channels`; the config records the number.
         num_layers (`int`): Number of transformer blocks.
         num_attention_heads (`int`), attention_head_dim (`int`): Attention shape; the hidden width D is their product.
         num_classes (`int`): Number of classes; id `num_classes` is the null class used for guidance.
         class_dropout_prob (`float`): Label dropout in training mode (the null row exists only when it is > 0).
         num_experts (`int`): Routed experts E per block.
         num_experts_per_tok (`int`): Experts each token is sent to (k).
-        moe_intermediate_size (`int`, *optional*): Hidden width of each routed SwiGLU expert; defaults to 4D
-            (`mlp_ratio` 4 upstream).
-        shared_expert_intermediate_size (`int`, *optional*): Hidden width of the shared SwiGLU expert; defaults to
-            2D (fixed upstream). 0 removes it.
+        moe_intermediate_size (`int`): Hidden width of each routed SwiGLU expert (upstream: 4D, `mlp_ratio` 4).
+        shared_expert_intermediate_size (`int`): Hidden width of the shared SwiGLU expert (upstream: 2D). 0 removes
+            it.
         qk_norm (`str`, *optional*): `None` (timm attention layout: DiT-MoE S/B) or `"layer_norm"` (affine
             per-head LayerNorm on q and k, eps 1e-6: the flash-attention layout of the XL/G checkpoints).
         aux_loss_alpha (`float`): Weight of the load-balancing loss computed in training mode and returned summed
@@ -148,8 +162,8 @@ class DiTMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAda
         class_dropout_prob: float = 0.1,
         num_experts: int = 8,
         num_experts_per_tok: int = 2,
-        moe_intermediate_size: int | None = None,
-        shared_expert_intermediate_size: int | None = None,
+        moe_intermediate_size: int = 4608,
+        shared_expert_intermediate_size: int = 2304,
         qk_norm: str | None = None,
         aux_loss_alpha: float = 0.01,
         formulation: str = "ddpm-learned-sigma",
@@ -158,15 +172,8 @@ class DiTMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAda
         if qk_norm not in QK_NORMS:
             raise ValueError(f"qk_norm={qk_norm!r}; expected one of {QK_NORMS}.")
         dim = num_attention_heads * attention_head_dim
-        # the widths are stored explicitly: a float ratio would not round-trip them
-        moe_intermediate_size = 4 * dim if moe_intermediate_size is None else moe_intermediate_size
-        if shared_expert_intermediate_size is None:
-            shared_expert_intermediate_size = 2 * dim
-        self.register_to_config(
-            moe_intermediate_size=moe_intermediate_size,
-            shared_expert_intermediate_size=shared_expert_intermediate_size,
-        )
         self.out_channels = out_channels if out_channels is not None else in_channels
+        self.register_to_config(out_channels=self.out_channels)
 
         self.pos_embed = PatchEmbed(
             height=sample_size,
@@ -209,6 +216,20 @@ class DiTMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAda
         experts, 2 per token, learned-sigma output); `overrides` replace any config field, e.g. `num_experts=16,
         qk_norm="layer_norm"`.
         """
-        config = {**preset_config("dit-moe", DIT_MOE_PRESETS, name, aliases=DIT_MOE_PRESET_ALIASES), **overrides}
+        config = {
+            **preset_config(
+                "DiTMoE (DiT-MoE, Fei et al. 2024)", DIT_MOE_PRESETS, name, aliases=DIT_MOE_PRESET_ALIASES
+            ),
+            **overrides,
+        }
         config.setdefault("out_channels", 2 * config.get("in_channels", 4))
         return cls(**config)
+
+    def _initialize_family_weights(self) -> None:
+        """
+        DiT-MoE (feizc/DiT-MoE `models.py`, `DiT.initialize_weights`): the DiT init (experts and shared expert are
+        plain Linears, q/k/v fused in both the timm and the flash layout, q/k LayerNorm gains 1 and biases 0), routers
+        kaiming-uniform (`MoEGate.reset_parameters`, not reached by the Linear walk).
+        """
+        initialize_dit(self)
+        initialize_softmax_routers(self)

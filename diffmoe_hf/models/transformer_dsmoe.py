@@ -20,35 +20,37 @@ from diffusers.models.modeling_utils import ModelMixin
 from .attention import rotary_tables
 from .blocks import PatchOutputLayer, adaln_zero_blocks
 from .embeddings import TimestepClassEmbedding
-from .modeling_common import DiTForwardMixin, resolve_moe_layers, upgrade_legacy_moe_fields
+from .initialization import initialize_dit, initialize_sigmoid_routers
+from .modeling_common import DiTForwardMixin, resolve_moe_layers
 from .moe import DeepSeekMoE
 from .presets import preset_config
 
 
 # The seven released models (yaml configs of yhlleo/EfficientMoE, DSMoE/config/). All: 256px ImageNet (latent 32x32x4),
-# patch 2, learned-sigma output (8 channels), rope 2d, LayerNorm, MoE on odd layers, one shared expert.
+# patch 2, learned-sigma output (8 channels), rope 2d, LayerNorm, MoE on odd layers, one shared expert as wide as a
+# routed one.
 DSMOE_PRESETS = {
     "DSMoE-S-E16": dict(num_layers=10, num_attention_heads=6, attention_head_dim=64, num_experts=16,
-                        moe_intermediate_size=768, n_group=2, topk_group=2, num_experts_per_tok=2,
-                        routed_scaling_factor=2.0),
+                        num_experts_per_tok=2, n_group=2, topk_group=2, routed_scaling_factor=2.0,
+                        moe_intermediate_size=768, shared_expert_intermediate_size=768),
     "DSMoE-S-E48": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, num_experts=48,
-                        moe_intermediate_size=128, n_group=1, topk_group=1, num_experts_per_tok=5,
-                        routed_scaling_factor=2.5),
+                        num_experts_per_tok=5, n_group=1, topk_group=1, routed_scaling_factor=2.5,
+                        moe_intermediate_size=128, shared_expert_intermediate_size=128),
     "DSMoE-B-E16": dict(num_layers=10, num_attention_heads=12, attention_head_dim=64, num_experts=16,
-                        moe_intermediate_size=1536, n_group=2, topk_group=2, num_experts_per_tok=2,
-                        routed_scaling_factor=2.0),
+                        num_experts_per_tok=2, n_group=2, topk_group=2, routed_scaling_factor=2.0,
+                        moe_intermediate_size=1536, shared_expert_intermediate_size=1536),
     "DSMoE-B-E48": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64, num_experts=48,
-                        moe_intermediate_size=256, n_group=1, topk_group=1, num_experts_per_tok=5,
-                        routed_scaling_factor=2.5),
+                        num_experts_per_tok=5, n_group=1, topk_group=1, routed_scaling_factor=2.5,
+                        moe_intermediate_size=256, shared_expert_intermediate_size=256),
     "DSMoE-L-E16": dict(num_layers=20, num_attention_heads=16, attention_head_dim=64, num_experts=16,
-                        moe_intermediate_size=2048, n_group=2, topk_group=2, num_experts_per_tok=2,
-                        routed_scaling_factor=2.0),
+                        num_experts_per_tok=2, n_group=2, topk_group=2, routed_scaling_factor=2.0,
+                        moe_intermediate_size=2048, shared_expert_intermediate_size=2048),
     "DSMoE-L-E48": dict(num_layers=24, num_attention_heads=16, attention_head_dim=64, num_experts=48,
-                        moe_intermediate_size=448, n_group=1, topk_group=1, num_experts_per_tok=5,
-                        routed_scaling_factor=2.5),
+                        num_experts_per_tok=5, n_group=1, topk_group=1, routed_scaling_factor=2.5,
+                        moe_intermediate_size=448, shared_expert_intermediate_size=448),
     "DSMoE-3B-E16": dict(num_layers=30, num_attention_heads=16, attention_head_dim=72, num_experts=16,
-                         moe_intermediate_size=2880, n_group=2, topk_group=2, num_experts_per_tok=2,
-                         routed_scaling_factor=2.0),
+                         num_experts_per_tok=2, n_group=2, topk_group=2, routed_scaling_factor=2.0,
+                         moe_intermediate_size=2880, shared_expert_intermediate_size=2880),
 }  # fmt: skip
 _RELEASED_COMMON = dict(sample_size=32, patch_size=2, in_channels=4, out_channels=8, num_classes=1000, mlp_ratio=4.0)
 
@@ -64,7 +66,7 @@ class DSMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdap
         patch_size (`int`): Patch side p.
         in_channels (`int`): Latent channels C.
         out_channels (`int`, *optional*): Output channels; the released models have 2C (the upper half is an untrained
-            learned-sigma head). Defaults to `in_channels`.
+            learned-sigma head). `None` means `in_channels`; the config records the number.
         num_layers (`int`): Number of transformer blocks.
         num_attention_heads (`int`), attention_head_dim (`int`): Attention shape; the hidden width is their product.
         mlp_ratio (`float`): Hidden width of the dense (non-MoE) layers' SiLU MLP, as a multiple of the hidden width.
@@ -81,8 +83,8 @@ class DSMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdap
         n_group (`int`), topk_group (`int`): Group-limited routing: experts form `n_group` groups and each token may
             only use experts of its `topk_group` best groups.
         routed_scaling_factor (`float`): Scale on the routed experts' weights.
-        shared_expert_intermediate_size (`int`, *optional*): Hidden width of each MoE layer's shared SwiGLU expert;
-            defaults to `moe_intermediate_size` (upstream's one shared expert; n of them are one of n times the width).
+        shared_expert_intermediate_size (`int`): Hidden width of each MoE layer's shared SwiGLU expert (upstream's
+            `n_shared_experts` experts of width `moe_intermediate_size` fused into one; the released models have one).
             0 removes it, and each MoE layer adds its input instead (as upstream without shared experts).
         formulation (`str`): Meaning of the timestep input and output; see `diffmoe_hf.formulations`.
     """
@@ -109,7 +111,7 @@ class DSMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdap
         n_group: int = 1,
         topk_group: int = 1,
         routed_scaling_factor: float = 2.0,
-        shared_expert_intermediate_size: int | None = None,
+        shared_expert_intermediate_size: int = 768,
         formulation: str = "rf-noise-at-0",
     ):
         super().__init__()
@@ -120,9 +122,7 @@ class DSMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdap
         dim = num_attention_heads * attention_head_dim
         self.out_channels = out_channels if out_channels is not None else in_channels
         moe_layers = resolve_moe_layers(moe_layers, num_layers)
-        if shared_expert_intermediate_size is None:
-            shared_expert_intermediate_size = moe_intermediate_size
-        self.register_to_config(moe_layers=moe_layers, shared_expert_intermediate_size=shared_expert_intermediate_size)
+        self.register_to_config(out_channels=self.out_channels, moe_layers=moe_layers)
 
         self.pos_embed = PatchEmbed(
             height=sample_size,
@@ -160,16 +160,18 @@ class DSMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdap
         self.initialize_weights()
 
     @classmethod
-    def upgrade_legacy_config(cls, config: dict) -> dict:
-        """Earlier versions: `moe_layers: null` meant the odd blocks, `num_shared_experts` counted shared experts."""
-        return upgrade_legacy_moe_fields(
-            cls, config, moe_layers_none="odd", shared_expert_width="moe_intermediate_size"
-        )
-
-    @classmethod
     def from_preset(cls, name: str, **overrides) -> "DSMoETransformer2DModel":
         """A randomly initialised model with the architecture of a released checkpoint (see `DSMOE_PRESETS`)."""
-        return cls(**{**preset_config("dsmoe", DSMOE_PRESETS, name, _RELEASED_COMMON), **overrides})
+        return cls(**{**preset_config("DSMoE (Liu et al. 2025)", DSMOE_PRESETS, name, _RELEASED_COMMON), **overrides})
+
+    def _initialize_family_weights(self) -> None:
+        """
+        DSMoE (yhlleo/EfficientMoE `DSMoE/models/models_DSMoE.py`, `DiT.initialize_weights` with `init_MoeMLP=False`
+        as in every released config): the DiT init (fused q/k/v; the dense SiLU MLPs, experts and shared expert are
+        plain Linears), routers kaiming-normal with a zero correction bias, RMSNorm gains 1.
+        """
+        initialize_dit(self)
+        initialize_sigmoid_routers(self)
 
     def block_inputs(self, tokens: torch.Tensor, height: int, width: int) -> tuple:
         """The rotary tables of the (height / p) x (width / p) token grid, unless the model adds sin-cos positions."""

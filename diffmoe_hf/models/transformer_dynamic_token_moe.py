@@ -15,28 +15,31 @@ from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin, FeedForward
 from diffusers.models.embeddings import PatchEmbed
 from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
 
 from .blocks import PatchOutputLayer, adaln_zero_blocks
-from .dynamic_token_moe_layer import DynamicTokenMoE, rename_gate_to_router, update_capacity_thresholds
+from .dynamic_token_moe_layer import DynamicTokenMoE, update_capacity_thresholds
 from .embeddings import TimestepClassEmbedding
-from .modeling_common import (
-    DiTForwardMixin,
-    config_default,
-    resolve_moe_layers,
-)
+from .initialization import initialize_dit
+from .modeling_common import DiTForwardMixin, resolve_moe_layers
 from .moe import MoECollector
 from .presets import preset_config
 
 
 # The DiffMoE configs of yhlleo/EfficientMoE (DSMoE/config/000_DiffMoE_*_Flow.yaml). All: 256px ImageNet (latent
-# 32x32x4), patch 2, learned-sigma output (8 channels), mlp_ratio 4, capacity 1, MoE on odd layers, no shared expert.
-# "DiffMoE-L-E16" is what 000_DiffMoE_L_E16_Flow.yaml defines: 8 experts, the same model as "DiffMoE-L-E8".
+# 32x32x4), patch 2, learned-sigma output (8 channels), mlp_ratio 4 (experts as wide as the dense MLPs, 4D), capacity
+# 1, MoE on odd layers, no shared expert. "DiffMoE-L-E16" is what 000_DiffMoE_L_E16_Flow.yaml defines: 8 experts, the
+# same model as "DiffMoE-L-E8".
 DYNAMIC_TOKEN_MOE_PRESETS = {
-    "DiffMoE-S-E16": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, num_experts=16),
-    "DiffMoE-B-E16": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64, num_experts=16),
-    "DiffMoE-L-E16": dict(num_layers=24, num_attention_heads=16, attention_head_dim=64, num_experts=8),
-    "DiffMoE-L-E8": dict(num_layers=24, num_attention_heads=16, attention_head_dim=64, num_experts=8),
-}
+    "DiffMoE-S-E16": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, num_experts=16,
+                          moe_intermediate_size=1536),
+    "DiffMoE-B-E16": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64, num_experts=16,
+                          moe_intermediate_size=3072),
+    "DiffMoE-L-E16": dict(num_layers=24, num_attention_heads=16, attention_head_dim=64, num_experts=8,
+                          moe_intermediate_size=4096),
+    "DiffMoE-L-E8": dict(num_layers=24, num_attention_heads=16, attention_head_dim=64, num_experts=8,
+                         moe_intermediate_size=4096),
+}  # fmt: skip
 _RELEASED_COMMON = dict(
     sample_size=32, patch_size=2, in_channels=4, out_channels=8, num_classes=1000, mlp_ratio=4.0, capacity=1.0
 )
@@ -61,14 +64,12 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
     recomputed under gradient checkpointing do not update them again), averaged over ranks when `torch.distributed`
     is initialised (see `update_capacity_thresholds`).
 
-    Folders and state dicts saved when the router was called `gate` (`...ff.gate.weight`) load as they are.
-
     Args:
         sample_size (`int`): Side of the square latent the model was trained on.
         patch_size (`int`): Patch side p.
         in_channels (`int`): Latent channels C.
         out_channels (`int`, *optional*): Output channels; the original models have 2C (the upper half is an untrained
-            learned-sigma head). Defaults to `in_channels`.
+            learned-sigma head). `None` means `in_channels`; the config records the number.
         num_layers (`int`): Number of transformer blocks.
         num_attention_heads (`int`), attention_head_dim (`int`): Attention shape; the hidden width is their product.
         mlp_ratio (`float`): Hidden width of the dense GELU-tanh MLPs, as a multiple of the hidden width.
@@ -77,8 +78,8 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
         moe_layers (`str` or `list[int]`): The MoE blocks: `"odd"` (the released configs), `"all"`, `"none"` or a
             list of block indices; the config records the list.
         num_experts (`int`): Experts per MoE layer.
-        moe_intermediate_size (`int`, *optional*): Hidden width of each expert; defaults to the dense MLPs' width
-            `int(D * mlp_ratio)` (as upstream).
+        moe_intermediate_size (`int`): Hidden width of each expert (upstream: the dense MLPs' width
+            `int(D * mlp_ratio)`).
         capacity (`float`): Training capacity factor: each expert takes `tokens / num_experts * capacity` tokens.
         shared_expert_intermediate_size (`int`): Hidden width of the shared GELU-tanh MLP added for every token
             (upstream: 8x the hidden width when the model has shared experts); 0 for none.
@@ -88,6 +89,9 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
 
     # Routing is over the token pool of the whole call: cond and uncond must be separate transformer calls.
     routing_depends_on_batch = True
+    # the capacity predictor decides, like the router, in float32 whatever the model's dtype
+    _skip_layerwise_casting_patterns = [*DiTForwardMixin._skip_layerwise_casting_patterns, "capacity_predictor"]
+    _keep_in_fp32_modules = [*DiTForwardMixin._keep_in_fp32_modules, "capacity_predictor"]
 
     @register_to_config
     def __init__(
@@ -104,7 +108,7 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
         class_dropout_prob: float = 0.1,
         moe_layers: str | list[int] = "odd",
         num_experts: int = 16,
-        moe_intermediate_size: int | None = None,
+        moe_intermediate_size: int = 1536,
         capacity: float = 1.0,
         shared_expert_intermediate_size: int = 0,
         capacity_loss_weight: float = 1.0,
@@ -114,9 +118,7 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
         dim = num_attention_heads * attention_head_dim
         self.out_channels = out_channels if out_channels is not None else in_channels
         moe_layers = resolve_moe_layers(moe_layers, num_layers)
-        if moe_intermediate_size is None:
-            moe_intermediate_size = int(dim * mlp_ratio)
-        self.register_to_config(moe_layers=moe_layers, moe_intermediate_size=moe_intermediate_size)
+        self.register_to_config(out_channels=self.out_channels, moe_layers=moe_layers)
         if num_experts < 1:
             raise ValueError(f"num_experts={num_experts} must be at least 1.")
 
@@ -152,61 +154,32 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
         self.initialize_weights()
 
     @classmethod
-    def upgrade_legacy_config(cls, config: dict) -> dict:
-        """
-        Earlier versions: `moe_layers: null` meant the odd blocks, and `num_shared_experts` counted shared MLPs of width
-        8 * D (upstream builds one whenever the count is positive).
-        """
-        config = dict(config)
-        num_shared_experts = config.pop("num_shared_experts", None)
-        if num_shared_experts is not None:
-            heads = config.get("num_attention_heads", config_default(cls, "num_attention_heads"))
-            head_dim = config.get("attention_head_dim", config_default(cls, "attention_head_dim"))
-            config["shared_expert_intermediate_size"] = 8 * heads * head_dim if num_shared_experts > 0 else 0
-        if "moe_layers" in config and config["moe_layers"] is None:
-            config["moe_layers"] = "odd"
-        return config
-
-    @classmethod
     def from_preset(cls, name: str, **overrides) -> "DynamicTokenMoETransformer2DModel":
         """
         A randomly initialised model with the architecture of an EfficientMoE config of DiffMoE (Shi et al.), see
         `DYNAMIC_TOKEN_MOE_PRESETS`.
         """
         return cls(
-            **{**preset_config("dynamic-token-moe", DYNAMIC_TOKEN_MOE_PRESETS, name, _RELEASED_COMMON), **overrides}
+            **{
+                **preset_config(
+                    "DynamicTokenMoE (DiffMoE, Shi et al. 2025)", DYNAMIC_TOKEN_MOE_PRESETS, name, _RELEASED_COMMON
+                ),
+                **overrides,
+            }
         )
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+    def _initialize_family_weights(self) -> None:
         """
-        `ModelMixin.from_pretrained`. Folders saved when the router was called `gate` load as they are when their
-        weights are one file (renamed by `_fix_state_dict_keys_on_load`); diffusers does not offer that step for
-        sharded weights, so a sharded folder with the old names is refused instead of loading without its routers.
-
-        Raises:
-            ValueError: for a sharded folder with the old router names, saying how to re-save it.
+        DiffMoE of Shi et al. (KwaiVGI/DiffMoE `models/models_DiffMoE.py`, also yhlleo/EfficientMoE
+        `DSMoE/models/models_DiffMoE.py`: `DiT.initialize_weights`): the DiT init (experts, shared expert and the
+        capacity predictor are plain Linears), the router N(0, 0.006²) (a bare parameter upstream, which the Linear
+        walk does not reach), the capacity thresholds 0.
         """
-        output_loading_info = kwargs.pop("output_loading_info", False)
-        model, loading_info = super().from_pretrained(
-            pretrained_model_name_or_path, output_loading_info=True, **kwargs
-        )
-        old_names = [key for key in loading_info.get("unexpected_keys", []) if key.endswith(".ff.gate.weight")]
-        if old_names:
-            raise ValueError(
-                f"{pretrained_model_name_or_path} holds sharded weights saved when the DiffMoE router was called "
-                f"`gate` ({old_names[0]}, ...), which diffusers cannot rename while loading shards. Rename the keys "
-                "`.ff.gate.weight` -> `.ff.router.weight` in its safetensors files and index, or re-save it as one "
-                "file (`save_pretrained(..., max_shard_size=...)` larger than the model) with the version that wrote it."
-            )
-        return (model, loading_info) if output_loading_info else model
-
-    def _fix_state_dict_keys_on_load(self, state_dict) -> None:
-        """Renames, in place, the router keys of folders saved when it was called `gate` (`...ff.gate.weight`)."""
-        super()._fix_state_dict_keys_on_load(state_dict)
-        for name, module in self.named_modules():
+        initialize_dit(self)
+        for module in self.modules():
             if isinstance(module, DynamicTokenMoE):
-                rename_gate_to_router(state_dict, f"{name}.")
+                nn.init.normal_(module.router.weight, std=0.006)
+                nn.init.constant_(module.capacity_predictor.expert_threshold, 0.0)
 
     def finish_moe_call(self, collector: MoECollector) -> None:
         """

@@ -22,31 +22,31 @@ through diffusers' attention dispatch in the input dtype (the original computes 
 matters under bf16/fp16); attention/projection/expert dropout (0 in every released training script) is not modelled.
 """
 
+import diffusers
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils import apply_lora_scale
+from packaging import version
 from torch import nn
 
 from .attention import RotaryTables, pad_rotary_tables, rotary_tables
 from .blocks import PatchOutputLayer, adaln_zero_blocks
 from .embeddings import TimestepClassEmbedding
-from .modeling_common import DiTForwardMixin, resolve_moe_layers, returns_moe_outputs, upgrade_legacy_moe_fields
+from .initialization import flattened_conv_xavier, fused_xavier, initialize_dit, initialize_sigmoid_routers
+from .modeling_common import DiTForwardMixin, resolve_moe_layers
 from .moe import DeepSeekMoE, SwiGLU
 from .presets import preset_config
-from .validation import check_model_inputs
 
 
-# one shared expert as wide as a routed one (the default `shared_expert_intermediate_size`)
 _E16 = dict(num_experts=16, num_experts_per_tok=2, n_group=2, topk_group=2, routed_scaling_factor=2.5)
 
 # `JiT_models` of yhlleo/EfficientMoE `JiTMoE/model_jit.py`. All: 256px RGB, ImageNet-1k, mlp_ratio 4, 32 in-context
 # class tokens. The MoE models are keyed by the names of the paper and the Hub releases ("JiTMoE-B/16-E16", MoE on odd
-# blocks); the dense JiT models by their original names.
+# blocks, one shared expert as wide as a routed one); the dense JiT models by their original names.
 JIT_PRESETS = {
     "JiT-B/16": dict(num_layers=12, num_attention_heads=12, patch_size=16, bottleneck_dim=128, in_context_start=4),
     "JiT-B/32": dict(num_layers=12, num_attention_heads=12, patch_size=32, bottleneck_dim=128, in_context_start=4),
@@ -57,12 +57,14 @@ JIT_PRESETS = {
     "JiT-H/32": dict(num_layers=32, num_attention_heads=16, patch_size=32, bottleneck_dim=256, in_context_start=10,
                      attention_head_dim=80),
     "JiTMoE-B/16-E16": dict(num_layers=10, num_attention_heads=12, patch_size=16, bottleneck_dim=128,
-                            in_context_start=4, moe_layers=[1, 3, 5, 7, 9], moe_intermediate_size=1536, **_E16),
+                            in_context_start=4, moe_layers=[1, 3, 5, 7, 9], moe_intermediate_size=1536,
+                            shared_expert_intermediate_size=1536, **_E16),
     "JiTMoE-L/16-E16": dict(num_layers=20, num_attention_heads=16, patch_size=16, bottleneck_dim=128,
-                            in_context_start=8, moe_layers=list(range(1, 20, 2)), moe_intermediate_size=2048, **_E16),
+                            in_context_start=8, moe_layers=list(range(1, 20, 2)), moe_intermediate_size=2048,
+                            shared_expert_intermediate_size=2048, **_E16),
     "JiTMoE-H/16-E16": dict(num_layers=28, num_attention_heads=16, patch_size=16, bottleneck_dim=256,
                             in_context_start=10, attention_head_dim=80, moe_layers=list(range(1, 28, 2)),
-                            moe_intermediate_size=2048, **_E16),
+                            moe_intermediate_size=2048, shared_expert_intermediate_size=2048, **_E16),
 }  # fmt: skip
 # the names the original code records in a checkpoint's `args.model`, and the Hub releases' spelling without "/"
 JIT_PRESET_ALIASES = {
@@ -78,7 +80,9 @@ _RELEASED_COMMON = dict(sample_size=256, in_channels=3, num_classes=1000, mlp_ra
 
 def jit_preset_config(name: str) -> dict:
     """Constructor arguments of `JiTTransformer2DModel` for a released architecture (a `JIT_PRESETS` key or alias)."""
-    return preset_config("jit", JIT_PRESETS, name, _RELEASED_COMMON, aliases=JIT_PRESET_ALIASES)
+    return preset_config(
+        "JiT / JiTMoE (Li & He 2025; Liu et al. 2025)", JIT_PRESETS, name, _RELEASED_COMMON, aliases=JIT_PRESET_ALIASES
+    )
 
 
 def _token_count_varies(tokens: torch.Tensor, rotary_emb: RotaryTables) -> None:
@@ -100,11 +104,12 @@ class JiTPatchEmbed(nn.Module):
 
     (B, C, S, S) image -> p x p conv (stride p, no bias) to `bottleneck_dim` channels -> 1x1 conv with bias to D ->
     (B, T, D) tokens in raster order, plus the MAE 2-D sin-cos table (a non-persistent buffer, as in diffusers'
-    `PatchEmbed`).
+    `PatchEmbed`), which exists for `sample_size` x `sample_size` images only.
     """
 
     def __init__(self, sample_size: int, patch_size: int, in_channels: int, bottleneck_dim: int, embed_dim: int):
         super().__init__()
+        self.sample_size = sample_size
         self.patch_proj = nn.Conv2d(in_channels, bottleneck_dim, patch_size, stride=patch_size, bias=False)
         self.hidden_proj = nn.Conv2d(bottleneck_dim, embed_dim, 1)
         grid = sample_size // patch_size
@@ -112,6 +117,13 @@ class JiTPatchEmbed(nn.Module):
         self.register_buffer("pos_embed", pos_embed.float().unsqueeze(0), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) images -> (B, T, D) tokens; raises `ValueError` for images of another size."""
+        height, width = images.shape[-2:]
+        if (height, width) != (self.sample_size, self.sample_size):
+            raise ValueError(
+                f"JiT models take {self.sample_size}x{self.sample_size} images (fixed position embedding), got "
+                f"{height}x{width}."
+            )
         tokens = self.hidden_proj(self.patch_proj(images)).flatten(2).transpose(1, 2)
         # row-major (B, T, D) like every block's output, so compiled blocks see one memory layout
         return (tokens + self.pos_embed.to(tokens.dtype)).contiguous()
@@ -141,9 +153,9 @@ class JiTTransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdapte
         num_experts (`int`), num_experts_per_tok (`int`), moe_intermediate_size (`int`), n_group (`int`),
         topk_group (`int`), routed_scaling_factor (`float`): The MoE layers (see `DeepSeekMoE`); their SwiGLU experts
             have biases and hidden width `moe_intermediate_size`.
-        shared_expert_intermediate_size (`int`, *optional*): Hidden width of each MoE layer's shared SwiGLU expert;
-            defaults to `moe_intermediate_size` (upstream's one shared expert). 0 removes it, and each MoE layer adds
-            its input instead.
+        shared_expert_intermediate_size (`int`): Hidden width of each MoE layer's shared SwiGLU expert (upstream's
+            `n_shared_experts` experts of width `moe_intermediate_size` fused into one; the released models have one).
+            0 removes it, and each MoE layer adds its input instead.
         noise_scale (`float`): Standard deviation of the initial noise the model was trained with (sampling
             parameter, read by the pipeline).
         t_eps (`float`): Lower clamp of `1 - t` when the x-prediction is turned into a velocity (read by the
@@ -173,7 +185,7 @@ class JiTTransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdapte
         n_group: int = 2,
         topk_group: int = 2,
         routed_scaling_factor: float = 2.5,
-        shared_expert_intermediate_size: int | None = None,
+        shared_expert_intermediate_size: int = 1536,
         noise_scale: float = 1.0,
         t_eps: float = 0.05,
         formulation: str = "jit-xpred",
@@ -181,9 +193,7 @@ class JiTTransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdapte
         super().__init__()
         dim = num_attention_heads * attention_head_dim
         moe_layers = resolve_moe_layers(moe_layers, num_layers)
-        if shared_expert_intermediate_size is None:
-            shared_expert_intermediate_size = moe_intermediate_size
-        self.register_to_config(moe_layers=moe_layers, shared_expert_intermediate_size=shared_expert_intermediate_size)
+        self.register_to_config(moe_layers=moe_layers)
         if attention_head_dim % 4:
             raise ValueError(f"attention_head_dim={attention_head_dim} must be divisible by 4 (2-D rotary embedding).")
         if sample_size % patch_size:
@@ -219,74 +229,87 @@ class JiTTransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdapte
             norm_type="rms_norm",
             qk_norm="rms_norm",
         )
+        self.out_channels = in_channels  # x-prediction: the clean image
         self.proj_out = PatchOutputLayer(dim, patch_size, in_channels, norm_type="rms_norm")
         self.gradient_checkpointing = False
         self.initialize_weights()
-
-    @classmethod
-    def upgrade_legacy_config(cls, config: dict) -> dict:
-        """Earlier versions: `moe_layers: null` meant the dense JiT, `num_shared_experts` counted shared experts."""
-        return upgrade_legacy_moe_fields(
-            cls, config, moe_layers_none="none", shared_expert_width="moe_intermediate_size"
-        )
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "JiTTransformer2DModel":
         """A randomly initialised model with a released architecture (see `JIT_PRESETS`, `JIT_PRESET_ALIASES`)."""
         return cls(**{**jit_preset_config(name), **overrides})
 
-    def _class_tokens(self, label_embedding: torch.Tensor) -> torch.Tensor:
-        """(B, D) label embedding -> (B, L, D) in-context class tokens."""
-        return label_embedding.unsqueeze(1) + self.in_context_pos_embed.to(label_embedding.dtype)
-
-    @apply_lora_scale("attention_kwargs")
-    @returns_moe_outputs
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        timestep: torch.Tensor | float,
-        class_labels: torch.LongTensor,
-        attention_kwargs: dict | None = None,
-        return_dict: bool = True,
-    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+    def _initialize_family_weights(self) -> None:
         """
-        Args:
-            hidden_states: (B, C, S, S) noisy images `t * x + (1 - t) * noise` (x in [-1, 1]).
-            timestep: (B,) or scalar flow time in [0, 1], 0 = pure noise, 1 = data (unscaled).
-            class_labels: (B,) int64 class ids; `num_classes` is the null class.
-            attention_kwargs: `{"scale": s}` scales LoRA layers.
-            return_dict: Whether to return a `Transformer2DModelOutput`.
+        JiT / JiTMoE (yhlleo/EfficientMoE `JiTMoE/model_jit.py`, `JiT.initialize_weights`; `JiTMoE/moe.py`): the DiT
+        init with both bottleneck convolutions Xavier-initialised as flattened Linears (the 1x1 one with a zero bias),
+        the SwiGLU `w12` (dense layers, experts, shared expert) fused over gate and up, the in-context position
+        embedding N(0, 0.02²), RMSNorm and q/k-norm gains 1.
 
-        Returns:
-            (B, C, S, S) prediction of the clean image x.
+        Deliberate difference: the original router weight is `torch.empty` and never initialised (whatever memory
+        held); here it gets DSMoE's kaiming-normal init (same router, same repository), with a zero correction bias.
         """
-        timestep, class_labels = check_model_inputs(self.config, hidden_states, timestep, class_labels)
-        _, _, height, width = hidden_states.shape
-        if (height, width) != (self.config.sample_size,) * 2:
-            raise ValueError(
-                f"JiT models take {self.config.sample_size}x{self.config.sample_size} images (fixed position "
-                f"embedding), got {height}x{width}."
+        initialize_dit(self)
+        for module in self.modules():
+            if isinstance(module, SwiGLU):
+                fused_xavier(module.gate_proj, module.up_proj)
+        flattened_conv_xavier(self.pos_embed.patch_proj)
+        flattened_conv_xavier(self.pos_embed.hidden_proj)
+        if self.in_context_pos_embed is not None:
+            nn.init.normal_(self.in_context_pos_embed, std=0.02)
+        initialize_sigmoid_routers(self)
+
+    def enable_cache(self, config) -> None:
+        """
+        Enables a diffusers cache (`FirstBlockCacheConfig`, `TaylorSeerCacheConfig`, `MagCacheConfig`, ...); see
+        `diffusers.models.cache_utils.CacheMixin.enable_cache`.
+
+        Raises:
+            ValueError: for a cache that cannot handle class tokens joining after the first block
+                (`in_context_start > 0`): FirstBlockCache (it subtracts block outputs of different token counts), and
+                MagCache before diffusers 0.42 (which first matched the residual to the image tokens).
+        """
+        if self.config.in_context_len and self.config.in_context_start:
+            refused = isinstance(config, FirstBlockCacheConfig)
+            refused |= isinstance(config, MagCacheConfig) and version.parse(diffusers.__version__) < version.parse(
+                "0.42.0"
             )
-        embedding = self.embedding
-        label_embedding = embedding.class_embedder(class_labels)  # drops labels in training mode
-        time_features = embedding.time_proj(timestep).to(embedding.timestep_embedder.linear_1.weight.dtype)
-        conditioning = embedding.timestep_embedder(time_features) + label_embedding
+            if refused:
+                raise ValueError(
+                    f"{type(config).__name__} (diffusers {diffusers.__version__}) cannot run on this "
+                    f"{type(self).__name__}: it prepends {self.config.in_context_len} class tokens before block "
+                    f"{self.config.in_context_start}, so its first and last blocks return different token counts. Use "
+                    "TaylorSeerCacheConfig (or MagCacheConfig with diffusers >= 0.42) instead."
+                )
+        super().enable_cache(config)
 
-        tokens = self.pos_embed(hidden_states)
-        conditioning = conditioning.to(tokens.dtype)
+    def block_inputs(self, tokens: torch.Tensor, height: int, width: int) -> tuple:
+        """The interleaved 2-D rotary tables of the (height / p) x (width / p) image token grid."""
         patch = self.config.patch_size
         image_rotary = rotary_tables(
             "rope_2d_interleaved", self.config.attention_head_dim, height // patch, width // patch, tokens.device
         )
-        num_prefix = self.config.in_context_len
+        return (image_rotary,)
+
+    def run_blocks(
+        self, tokens: torch.Tensor, conditioning: torch.Tensor, label_embedding: torch.Tensor, block_inputs: tuple
+    ) -> torch.Tensor:
+        """
+        The blocks, with the L = `in_context_len` class tokens (the (B, D) label embedding plus the learned
+        in-context position embedding, identity rotations) prepended before block `in_context_start` and dropped
+        after the last block: (B, N, D) image tokens -> (B, N, D).
+        """
+        num_prefix, start = self.config.in_context_len, self.config.in_context_start
+        if not num_prefix:
+            return super().run_blocks(tokens, conditioning, label_embedding, block_inputs)
+        (image_rotary,) = block_inputs
         rotary_emb = image_rotary
         for index, block in enumerate(self.transformer_blocks):
-            if num_prefix and index == self.config.in_context_start:
-                tokens = torch.cat([self._class_tokens(label_embedding.to(tokens.dtype)), tokens], dim=1)
+            if index == start:
+                class_tokens = label_embedding.unsqueeze(1) + self.in_context_pos_embed.to(label_embedding.dtype)
+                tokens = torch.cat([class_tokens, tokens], dim=1)
                 rotary_emb = pad_rotary_tables(image_rotary, num_prefix)
-            if num_prefix and self.config.in_context_start > 0:
+            if start > 0:
                 _token_count_varies(tokens, rotary_emb)
             tokens = self.run_block(block, tokens, conditioning, rotary_emb)
-
-        tokens = tokens[:, num_prefix:]
-        return self.patch_output(tokens, conditioning, height, width, self.config.in_channels, return_dict)
+        return tokens[:, num_prefix:]

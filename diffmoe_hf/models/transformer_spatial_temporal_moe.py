@@ -25,6 +25,7 @@ from torch import nn
 from .attention import RotaryTables, rotary_tables
 from .blocks import AdaLNZeroTransformerBlock, PatchOutputLayer, modulate
 from .embeddings import TimestepClassEmbedding
+from .initialization import initialize_dit, initialize_softmax_routers, torch_default_conv
 from .modeling_common import DiTForwardMixin
 from .presets import preset_config
 from .spatial_temporal_moe_layer import SpatialTemporalMoE
@@ -120,7 +121,7 @@ class SpatialTemporalMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMi
         patch_size (`int`): Patch side p.
         in_channels (`int`): Latent channels C.
         out_channels (`int`, *optional*): Output channels; the original models have 2C (epsilon or velocity, then the
-            learned-variance values). Defaults to `in_channels`.
+            learned-variance values). `None` means `in_channels`; the config records the number.
         num_layers (`int`): Number of blocks.
         num_attention_heads (`int`), attention_head_dim (`int`): Attention shape; the hidden width D is their
             product. The head dim must be divisible by 4 (2-D rotary embedding).
@@ -166,6 +167,7 @@ class SpatialTemporalMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMi
             raise ValueError(f"attention_head_dim={attention_head_dim} must be divisible by 4 (2-D rotary embedding).")
         dim = num_attention_heads * attention_head_dim
         self.out_channels = out_channels if out_channels is not None else in_channels
+        self.register_to_config(out_channels=self.out_channels)
         self.pos_embed = PatchEmbed(
             height=sample_size,
             width=sample_size,
@@ -199,23 +201,28 @@ class SpatialTemporalMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMi
         self.initialize_weights()
 
     @classmethod
-    def upgrade_legacy_config(cls, config: dict) -> dict:
-        """Earlier versions called the shared expert's width `shared_intermediate_size`, with `null` for none."""
-        config = dict(config)
-        if "shared_intermediate_size" in config:
-            config["shared_expert_intermediate_size"] = config.pop("shared_intermediate_size") or 0
-        return config
-
-    @classmethod
     def from_preset(cls, name: str, **overrides) -> "SpatialTemporalMoETransformer2DModel":
         """
         A randomly initialised model with the architecture of an original `DiT_models` preset (see
         `SPATIAL_TEMPORAL_MOE_PRESETS`, e.g. `"Diff-MoE-XL/2"`; the original names such as `"DiT-XL/2"` are aliases),
         256px ImageNet latents and 8 experts, top-2, unless overridden (e.g. `num_experts=16`).
         """
-        config = preset_config("spatial-temporal-moe", SPATIAL_TEMPORAL_MOE_PRESETS, name, _PRESET_COMMON,
+        config = preset_config("SpatialTemporalMoE (Diff-MoE, Cheng et al.)", SPATIAL_TEMPORAL_MOE_PRESETS, name, _PRESET_COMMON,
                                aliases=SPATIAL_TEMPORAL_MOE_PRESET_ALIASES)  # fmt: skip
         return cls(**{**config, **overrides})
+
+    def _initialize_family_weights(self) -> None:
+        """
+        Diff-MoE of Cheng et al. (kunncheng/Diff-MoE `models.py`, `DiT.initialize_weights`): the DiT init, which runs
+        after the experts set their own adaLN (kaiming-uniform bottleneck, zeroed output) and so replaces it by
+        Xavier-uniform weights and zero biases: only the block-level adaLN and the output layer start at zero. The
+        recalibration (`se`) Linears are Xavier too; routers are kaiming-uniform (`MoEGate.reset_parameters`); the 5x5
+        depthwise convolutions keep PyTorch's default init.
+        """
+        initialize_dit(self)
+        initialize_softmax_routers(self)
+        for block in self.transformer_blocks:
+            torch_default_conv(block.depthwise_conv)
 
     def block_inputs(self, tokens: torch.Tensor, height: int, width: int) -> tuple:
         """The 2-D rotary tables of the token grid and the grid's (rows, cols), for `SpatialTemporalMoEBlock`."""

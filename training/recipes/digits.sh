@@ -33,13 +33,14 @@ for model in $MODELS; do
       PRESET=JiT-B/16 FAMILY=jit MODEL_STEPS=${STEPS:-2000}
       OVERRIDES='{"in_channels": 1, "patch_size": 4, "num_layers": 4, "num_attention_heads": 4, "attention_head_dim": 16,
                   "mlp_ratio": 2.0, "bottleneck_dim": 16, "in_context_len": 0, "moe_layers": [1, 3], "num_experts": 4,
-                  "num_experts_per_tok": 2, "moe_intermediate_size": 64}' ;;
+                  "num_experts_per_tok": 2, "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64}' ;;
     dsmoe)   # DSMoE (latent family) run in pixel space: rectified flow, 1 channel, no VAE; same size as above,
              # trained 3x longer (at 2000 steps its samples were too blurry for the Frechet target)
       PRESET=DSMoE-S-E16 FAMILY=dsmoe MODEL_STEPS=${STEPS:-6000}
       OVERRIDES='{"in_channels": 1, "out_channels": 1, "patch_size": 4, "num_layers": 4, "num_attention_heads": 4,
                   "attention_head_dim": 16, "mlp_ratio": 2.0, "moe_layers": [1, 3], "num_experts": 4,
-                  "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1, "moe_intermediate_size": 64}' ;;
+                  "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1, "moe_intermediate_size": 64,
+                  "shared_expert_intermediate_size": 64}' ;;
     *) echo "unknown model $model (jitmoe, dsmoe)" >&2; exit 2 ;;
   esac
   start=$(date +%s)

@@ -1,10 +1,12 @@
-"""Published sampling and evaluation settings of the released checkpoints, and their record in converted folders.
+"""Published sampling and evaluation settings of the released checkpoints (data about the released models), and
+their record in converted folders.
 
 For each released model: the sampler, steps and guidance its authors used for their reported FID / IS, the
-`diffmoe evaluate` protocol that measures the same way, and the published numbers (ImageNet, FID-50K). The converter
-recognises a released architecture from the converted config (`match_published_settings`) and writes
-`published_settings.json` into the folder, the default guidance scale into `model_index.json` and a table into the
-model card; `diffmoe sample` then uses these settings unless told otherwise (`read_folder_settings`).
+`diffmoe evaluate` protocol that measures the same way, and the published numbers (ImageNet, FID-50K). Each family's
+registration (`diffmoe_hf.families`) lists its releases (`DSMOE_PUBLISHED`, `JITMOE_PUBLISHED`, `DIT_MOE_PUBLISHED`).
+The converter recognises a released architecture from the converted config (`families.match_published_settings`)
+and writes `published_settings.json` into the folder, the default guidance scale into `model_index.json` and a table
+into the model card; `diffmoe sample` then uses these settings unless told otherwise (`read_folder_settings`).
 
 Sources: the READMEs of yhlleo/EfficientMoE (DSMoE and JiTMoE tables, the JiTMoE training scripts' `--cfg 2.9
 --interval_min 0.1 --interval_max 1.0`, JiT's default of 50 Heun steps; "we follow the evaluation protocols of
@@ -17,7 +19,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
-from diffmoe_hf.families import resolve_family
+from diffmoe_hf.models.transformer_dsmoe import DSMOE_PRESETS
 
 
 SETTINGS_FILE = "published_settings.json"
@@ -87,8 +89,6 @@ class PublishedSettings:
 
 
 def _dsmoe(size: str, fid_1: float, is_1: float, fid_15: float, is_15: float) -> PublishedSettings:
-    from diffmoe_hf.models.transformer_dsmoe import DSMOE_PRESETS
-
     preset = DSMOE_PRESETS[f"DSMoE-{size}"]
     architecture = {k: preset[k] for k in ("num_layers", "num_attention_heads", "attention_head_dim", "num_experts",
                                            "num_experts_per_tok")}  # fmt: skip
@@ -133,41 +133,31 @@ def _dit_moe_architecture(layers: int, heads: int, head_dim: int, experts: int) 
             "num_experts": experts, "num_experts_per_tok": 2}  # fmt: skip
 
 
-def published_settings() -> tuple[PublishedSettings, ...]:
-    """Every released model's published settings."""
-    unreported = "The paper shows this model's FID only as training curves (Figure 3), with no table value."
-    return (
-        _dsmoe("S-E16", 39.84, 38.63, 14.53, 97.55),
-        _dsmoe("S-E48", 40.20, 38.09, 14.81, 96.51),
-        _dsmoe("B-E16", 20.33, 71.42, 4.50, 186.79),
-        _dsmoe("B-E48", 19.46, 72.69, 4.27, 191.03),
-        _dsmoe("L-E16", 9.80, 115.45, 2.59, 272.55),
-        _dsmoe("L-E48", 9.19, 118.52, 2.55, 278.35),
-        _dsmoe("3B-E16", 7.52, 135.29, 2.38, 304.93),
-        _jitmoe("B", 4.23, 245.53),
-        _jitmoe("L", 3.10, 311.34),
-        _dit_moe("DiT-MoE-S/2-8E2A", {**_dit_moe_architecture(12, 6, 64, 8), "sample_size": 32},
-                 (PublishedResult(None, None),), unreported),
-        _dit_moe("DiT-MoE-S/2-16E2A", {**_dit_moe_architecture(12, 6, 64, 16), "sample_size": 32},
-                 (PublishedResult(None, None),), unreported),
-        _dit_moe("DiT-MoE-B/2-8E2A", {**_dit_moe_architecture(12, 12, 64, 8), "sample_size": 32},
-                 (PublishedResult(None, None),), unreported),
-        _dit_moe("DiT-MoE-XL/2-8E2A", {**_dit_moe_architecture(28, 16, 72, 8), "sample_size": 32},
-                 (PublishedResult(None, 1.72, 315.73, 4.47, 0.83, 0.64),), "Table 2."),
-        _dit_moe("DiT-MoE-G/2-16E2A", _dit_moe_architecture(40, 16, 88, 16),
-                 (PublishedResult(None, 1.80, dataset="ImageNet 512x512"),),
-                 "Section 3.5 (512x512; no other metric published)."),
-    )  # fmt: skip
+_UNREPORTED = "The paper shows this model's FID only as training curves (Figure 3), with no table value."
 
-
-def match_published_settings(family: str, config) -> PublishedSettings | None:
-    """The published settings of the released model of `family` (an id or alias) whose architecture `config` has, or
-    None."""
-    family = resolve_family(family)
-    for settings in published_settings():
-        if settings.family == family and all(config.get(k) == v for k, v in settings.architecture.items()):
-            return settings
-    return None
+DSMOE_PUBLISHED = (
+    _dsmoe("S-E16", 39.84, 38.63, 14.53, 97.55),
+    _dsmoe("S-E48", 40.20, 38.09, 14.81, 96.51),
+    _dsmoe("B-E16", 20.33, 71.42, 4.50, 186.79),
+    _dsmoe("B-E48", 19.46, 72.69, 4.27, 191.03),
+    _dsmoe("L-E16", 9.80, 115.45, 2.59, 272.55),
+    _dsmoe("L-E48", 9.19, 118.52, 2.55, 278.35),
+    _dsmoe("3B-E16", 7.52, 135.29, 2.38, 304.93),
+)
+JITMOE_PUBLISHED = (_jitmoe("B", 4.23, 245.53), _jitmoe("L", 3.10, 311.34))
+DIT_MOE_PUBLISHED = (
+    _dit_moe("DiT-MoE-S/2-8E2A", {**_dit_moe_architecture(12, 6, 64, 8), "sample_size": 32},
+             (PublishedResult(None, None),), _UNREPORTED),
+    _dit_moe("DiT-MoE-S/2-16E2A", {**_dit_moe_architecture(12, 6, 64, 16), "sample_size": 32},
+             (PublishedResult(None, None),), _UNREPORTED),
+    _dit_moe("DiT-MoE-B/2-8E2A", {**_dit_moe_architecture(12, 12, 64, 8), "sample_size": 32},
+             (PublishedResult(None, None),), _UNREPORTED),
+    _dit_moe("DiT-MoE-XL/2-8E2A", {**_dit_moe_architecture(28, 16, 72, 8), "sample_size": 32},
+             (PublishedResult(None, 1.72, 315.73, 4.47, 0.83, 0.64),), "Table 2."),
+    _dit_moe("DiT-MoE-G/2-16E2A", _dit_moe_architecture(40, 16, 88, 16),
+             (PublishedResult(None, 1.80, dataset="ImageNet 512x512"),),
+             "Section 3.5 (512x512; no other metric published)."),
+)  # fmt: skip
 
 
 def _number(value, digits: int = 2) -> str:

@@ -1,11 +1,15 @@
-"""`diffmoe sample` and `diffmoe evaluate`: argument definitions and runners (the CLI delegates here)."""
+"""`diffmoe sample` and `diffmoe evaluate`: argument definitions and runners (the CLI delegates here).
+
+Part of the command-line layer, with `cli.py`: it loads the pipeline and reads a folder's published settings, which
+the evaluation library below it (`diffmoe_hf.evaluation`) does not.
+"""
 
 import argparse
 import json
 import os
 
-
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+from diffmoe_hf.atomic_files import write_text_atomically
+from diffmoe_hf.dtypes import DTYPES
 
 
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +46,7 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
 def _sampling_defaults(model: str, args) -> tuple[dict, str | None]:
     """Pipeline call arguments and scheduler class name: the command line's, else the model folder's published
     settings (`published_settings.json`, written by the converter for released models), else the pipeline's."""
-    from diffmoe_hf.conversion.published_settings import read_folder_settings
+    from diffmoe_hf.published_settings import read_folder_settings
 
     published = read_folder_settings(model) or {}
     chosen = {
@@ -71,13 +75,12 @@ def run_sample(args) -> None:
     from diffusers import schedulers
 
     from diffmoe_hf import ClassConditionalMoEPipeline
-
-    from .sampling import SampleRun, run_sampling
+    from diffmoe_hf.evaluation.sampling import SampleRun, run_sampling
 
     state = distributed_state()
     if os.path.exists(args.output) and not args.overwrite:
         raise FileExistsError(f"{args.output} already exists; pass --overwrite to replace it.")
-    dtype = getattr(torch, DTYPES[args.dtype])
+    dtype = DTYPES[args.dtype]
     components = {}
     if args.vae:
         from diffusers import AutoencoderKL
@@ -105,7 +108,7 @@ def run_sample(args) -> None:
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    from .evaluate import PROTOCOLS
+    from diffmoe_hf.evaluation.evaluate import PROTOCOLS
 
     parser.add_argument("samples", help="sample batch: .npz (ADM format, arr_0) or an image folder")
     parser.add_argument(
@@ -130,8 +133,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate(args) -> None:
-    from .evaluate import PROTOCOLS, evaluate_batches, evaluation_record, load_batch, summary_line
-    from .inception import InceptionFeatures, resolve_weights
+    from diffmoe_hf.evaluation.evaluate import PROTOCOLS, evaluate_batches, evaluation_record, load_batch, summary_line
+    from diffmoe_hf.evaluation.inception import InceptionFeatures, resolve_weights
 
     if args.output and os.path.exists(args.output) and not args.overwrite:
         raise FileExistsError(f"{args.output} already exists; pass --overwrite to replace it.")
@@ -148,10 +151,7 @@ def run_evaluate(args) -> None:
         return
     text = json.dumps(record, indent=2)
     if args.output:
-        partial = f"{args.output}.partial"
-        with open(partial, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-        os.replace(partial, args.output)
+        write_text_atomically(args.output, text + "\n")
     else:
         print(text)
     print(summary_line(record))

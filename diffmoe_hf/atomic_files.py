@@ -1,0 +1,44 @@
+"""Writing a file all-or-nothing: into a hidden-by-name sibling first, moved onto the final name only once complete.
+
+A killed or failing writer therefore never leaves half a file under the final name. The sibling is created with
+`open` (or the writer's own call), so the file gets the permissions the umask gives, like any file the user creates.
+Folder-level saves with their own staging (converted folders, training checkpoints) use `fsync_path` from here.
+"""
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def written_atomically(path: str, suffix: str = "") -> Iterator[str]:
+    """
+    Yields the path of a temporary sibling of `path` (`PATH.partial-PID` + `suffix`, e.g. `".png"` for writers that
+    pick the format from the extension) for the block to write; moves it onto `path` when the block finishes and
+    removes it when the block raises.
+    """
+    partial = f"{path}.partial-{os.getpid()}{suffix}"
+    try:
+        yield partial
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    """Writes `text` (UTF-8) to `path` all-or-nothing (see `written_atomically`)."""
+    with written_atomically(path) as partial, open(partial, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def fsync_path(path: str) -> None:
+    """Flushes a file, or a folder's entries (POSIX only; elsewhere folders are skipped), to disk."""
+    if os.path.isdir(path) and os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
