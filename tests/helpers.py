@@ -13,6 +13,7 @@ from torch import nn
 from diffmoe_hf import ClassConditionalMoEPipeline, DSMoETransformer2DModel
 from diffmoe_hf.families import FAMILIES, get_family
 from diffmoe_hf.formulations import get_formulation
+from diffmoe_hf.models.moe import GroupedExperts
 
 from .conftest import parity_root
 
@@ -120,6 +121,23 @@ def tiny_model(family: str, variant: str | None = None, seed: int = 0, **overrid
     with random weights (`randomize_weights(seed)`)."""
     torch.manual_seed(0)  # callers draw their inputs from the global generator after this
     return randomize_weights(get_family(family).tiny_model(variant, **overrides).eval(), seed)
+
+
+def model_inputs(model: nn.Module, batch_size: int = 2) -> dict:
+    """Seeded keyword inputs of a forward of `model`: (B, C, H, W) latents or images, timesteps in [0, 1), labels."""
+    config = model.config
+    generator = torch.Generator().manual_seed(1)
+    shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
+    return dict(
+        hidden_states=torch.randn(shape, generator=generator),
+        timestep=torch.rand(batch_size, generator=generator),
+        class_labels=torch.randint(0, config.num_classes, (batch_size,), generator=generator),
+    )
+
+
+def expert_banks(model: nn.Module) -> list[GroupedExperts]:
+    """Every expert bank of `model`, in module order (the order a forward calls them)."""
+    return [module for module in model.modules() if isinstance(module, GroupedExperts)]
 
 
 def tiny_dsmoe(**overrides) -> DSMoETransformer2DModel:

@@ -15,7 +15,7 @@ from diffmoe_hf.conversion.convert_dynamic_token_moe import build_dynamic_token_
 from diffmoe_hf.formulations import get_formulation
 from diffmoe_hf.models import dynamic_token_moe_layer
 from diffmoe_hf.models.dynamic_token_moe_layer import DynamicTokenMoE
-from diffmoe_hf.models.moe import GroupedExperts, MoECollector, segments_from_expert_choice
+from diffmoe_hf.models.moe import EXPERT_BACKENDS, MoECollector, segments_from_expert_choice
 
 from .conftest import parity_root
 from .helpers import assert_float32_close, float32_tolerance, model_float32_tolerance, randomize_weights
@@ -118,7 +118,7 @@ def test_grouped_gelu_experts_match_the_expert_modules():
     layer = tiny_layer()
     segments = segments_from_expert_choice(torch.randint(0, 6, (EXPERTS, 3)), torch.rand(EXPERTS, 3))
     rows = torch.randn(EXPERTS * 3, DIM)
-    per_module = GroupedExperts.forward_grouped(layer.experts, rows, segments)
+    per_module = EXPERT_BACKENDS["modules"].run(layer.experts, rows, segments)
     grouped = layer.experts.forward_grouped(rows, segments)
     assert_float32_close(grouped, per_module, float32_tolerance(per_module, EXPERT_WIDTH, depth=2))
 

@@ -129,7 +129,7 @@ def test_each_family_layer_compiles_fullgraph_forward_and_backward(name):
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_cpu_default_backend_runs_segment_linear_on_the_experts_own_weights(mode, monkeypatch):
-    from diffmoe_hf.models.moe.layers import experts as experts_module
+    from diffmoe_hf.models.moe.layers import expert_backends
 
     layer = _layers()["deepseek"].train(mode == "train")
     calls = []
@@ -138,8 +138,8 @@ def test_cpu_default_backend_runs_segment_linear_on_the_experts_own_weights(mode
         calls.append([w.data_ptr() for w in weights])
         return segment_linear(rows, weights, biases, offsets)
 
-    monkeypatch.setattr(experts_module, "segment_linear", counting_segment_linear)
-    monkeypatch.setattr(experts_module.StackedLinearExperts, "stacked", lambda *args: pytest.fail("stacked a copy"))
+    monkeypatch.setattr(expert_backends, "segment_linear", counting_segment_linear)
+    monkeypatch.setattr(expert_backends, "stacked_expert_parameters", lambda *args: pytest.fail("stacked a copy"))
     with torch.set_grad_enabled(mode == "train"):
         layer(torch.randn(2, 6, 16))
     own = {p.data_ptr() for p in layer.experts.parameters()}

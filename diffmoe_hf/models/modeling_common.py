@@ -240,9 +240,10 @@ class DiTForwardMixin(CacheMixin):
     def set_expert_backend(self, backend: str) -> None:
         """
         How every MoE layer runs its experts: `"auto"` (default: `"grouped_mm"` for bf16 on CUDA, else
-        `"segment_linear"`), `"modules"` (each expert module on its tokens), `"segment_linear"` or `"grouped_mm"`. A
-        fast backend steps aside to `"modules"` by itself wherever the experts' weights cannot be read directly
-        (LoRA on experts, layerwise casting, leaf-level group offloading, quantized weights); see
+        `"segment_linear"`), `"modules"` (each expert module on its tokens), `"segment_linear"`, `"grouped_mm"` or
+        any backend added with `register_expert_backend`; an unknown name is a `ValueError`. A fast backend steps
+        aside to `"modules"` by itself wherever the experts' weights cannot be read directly (LoRA on experts,
+        layerwise casting, leaf-level group offloading, quantized weights); see
         `diffmoe_hf.models.moe.layers.expert_backends`.
         """
         set_expert_backend(self, backend)

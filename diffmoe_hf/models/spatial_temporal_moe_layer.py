@@ -2,11 +2,13 @@
 DiffMoE of Shi et al.): SwiGLU experts with their own low-rank adaLN conditioning and a residual inside each expert,
 a per-sample recalibration of the experts' hidden channels, softmax top-k routing and the shared grouped dispatch."""
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .moe import ExpertSegments, SoftmaxTopKRouter, StackedLinearExperts, segments_from_topk, swiglu_activation
+from .moe import ExpertSegments, GroupedExperts, SoftmaxTopKRouter, segments_from_topk, swiglu_activation
 
 
 class LowRankModulation(nn.Module):
@@ -72,18 +74,16 @@ class ModulatedSwiGLU(nn.Module):
         return hidden_states + gate * self.down_proj(intermediate)
 
 
-class ModulatedSwiGLUExperts(StackedLinearExperts):
+class ModulatedSwiGLUExperts(GroupedExperts):
     """
-    E `ModulatedSwiGLU` experts (`experts.{e}.gate_proj/up_proj/down_proj/modulation`). `forward_grouped` takes each
-    row's conditioning from its sample (`segments.token_index // tokens_per_sample`). With a fast backend:
+    E `ModulatedSwiGLU` experts (`experts.{e}.gate_proj/up_proj/down_proj/modulation`), run through the bank's
+    expert backend like every bank. Each row takes the conditioning and channel weights of its sample
+    (`segments.token_index // tokens_per_sample`): the `"modules"` backend calls each expert module with them
+    (`row_arguments`), and `forward_projected` (what a fast backend runs):
 
-    - the E experts' modulations are computed once per (sample, expert) by calling each expert's `modulation` module
-      on the (B, D) conditioning (so its hooks and wrappers run), then gathered per row;
-    - gate and up projections run as one grouped GEMM per expert over `[gate; up]`, the down projection as a second
-      one, through the bank's backend (`segment_linear` or `grouped_mm`, as in `SwiGLUExperts`).
-
-    With the `"modules"` backend (requested, or whenever a projection's weights cannot be read directly, e.g. under
-    LoRA, layerwise casting, leaf-level offloading or quantization) each expert module runs on its segment.
+    - computes the E experts' modulations once per (sample, expert) by calling each expert's `modulation` module on
+      the (B, D) conditioning (so its hooks and wrappers run), then gathers them per row;
+    - asks for the gate and up projections together (one `[gate | up]` output), then the down projection.
 
     Args:
         dim (`int`): Token width D.
@@ -92,36 +92,45 @@ class ModulatedSwiGLUExperts(StackedLinearExperts):
         modulation_rank (`int`): Bottleneck of each expert's adaLN.
     """
 
-    _linear_paths = ("gate_proj", "up_proj", "down_proj")
+    projection_paths = ("gate_proj", "up_proj", "down_proj")
 
     def __init__(self, *, dim: int, num_experts: int, intermediate_size: int, modulation_rank: int):
         expert = dict(dim=dim, intermediate_size=intermediate_size, modulation_rank=modulation_rank)
         super().__init__([ModulatedSwiGLU(**expert) for _ in range(num_experts)])
 
-    def forward_grouped(
+    def row_arguments(
         self,
-        rows: torch.Tensor,
         segments: ExpertSegments,
         conditioning: torch.Tensor,
         channel_weights: torch.Tensor,
         tokens_per_sample: int,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
-            rows: (R, D) routed token rows sorted by expert.
-            segments: their layout (`token_index` indexes the flattened (B * tokens_per_sample) tokens).
+            segments: the layout of the routed rows (`token_index` indexes the flattened (B * tokens_per_sample)
+                tokens).
             conditioning: (B, D) per-sample conditioning vectors.
             channel_weights: (B, intermediate_size) per-sample recalibration of the hidden channels.
             tokens_per_sample: tokens of one sample in the flattened token pool.
 
         Returns:
-            (R, D) each row's expert output (residual included).
+            (R, D) conditioning and (R, intermediate_size) channel weights of each row's sample.
         """
         sample_index = segments.token_index // tokens_per_sample
-        backend = self.backend(rows)
-        if backend == "modules":
-            return self._forward_per_expert(rows, segments, conditioning[sample_index], channel_weights[sample_index])
-        project = self.project_with_own_weights if backend == "segment_linear" else self.project_with_stacked_weights
+        return conditioning[sample_index], channel_weights[sample_index]
+
+    def forward_projected(
+        self,
+        rows: torch.Tensor,
+        segments: ExpertSegments,
+        project: Callable[..., torch.Tensor],
+        conditioning: torch.Tensor,
+        channel_weights: torch.Tensor,
+        tokens_per_sample: int,
+    ) -> torch.Tensor:
+        """(R, D) routed rows sorted by expert -> (R, D) each row's expert output (residual included); the other
+        arguments as in `row_arguments`."""
+        sample_index = segments.token_index // tokens_per_sample
         # modulation of every expert for every sample: (B, E, 3D), then one row per routed token
         modulation = torch.stack([expert.modulation(conditioning) for expert in self], dim=1)
         shift, scale, gate = modulation.chunk(3, dim=-1)
@@ -129,18 +138,13 @@ class ModulatedSwiGLUExperts(StackedLinearExperts):
         per_row = torch.cat([shift, 1 + scale, gate], dim=-1)[sample_index, segments.expert_index]
         shift, scale, gate = per_row.chunk(3, dim=-1)
         modulated = torch.addcmul(shift, F.layer_norm(rows, rows.shape[-1:], eps=1e-6), scale)  # each expert's `norm`
-        intermediate = swiglu_activation(project(modulated, segments, "gate_proj", "up_proj"))
+        intermediate = swiglu_activation(project(modulated, "gate_proj", "up_proj"))
         row_channel_weights = channel_weights.index_select(0, sample_index)
         if torch.is_grad_enabled():
             intermediate = intermediate * row_channel_weights
         else:  # inference: in place, in the (new) projection output
             intermediate = intermediate.mul_(row_channel_weights)
-        return torch.addcmul(rows, gate, project(intermediate, segments, "down_proj"))
-
-    def _forward_per_expert(self, rows, segments, conditioning, channel_weights) -> torch.Tensor:
-        sizes = segments.sizes()
-        chunks = zip(self, rows.split(sizes), conditioning.split(sizes), channel_weights.split(sizes))
-        return torch.cat([expert(x, c, w) for expert, x, c, w in chunks], dim=0)
+        return torch.addcmul(rows, gate, project(intermediate, "down_proj"))
 
 
 class SpatialTemporalMoE(nn.Module):

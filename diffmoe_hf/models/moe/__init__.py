@@ -1,32 +1,36 @@
 """The MoE code every family shares, split like megablocks into layers and ops.
 
-- `layers/`: `nn.Module`s a model builds: the routers (`routers`), the expert banks and how they run their experts
-  (`experts`, `expert_backends`), the token-choice SwiGLU MoE layer of DSMoE, JiTMoE and DiT-MoE (`swiglu_moe`)
-  and its DeepSeek-style variant (`deepseek_moe`).
+- `layers/`: `nn.Module`s a model builds: the routers (`routers`), the expert banks (`experts`), the registry of
+  expert backends, the functions that run a bank's experts (`expert_backends`), the token-choice SwiGLU MoE layer
+  of DSMoE, JiTMoE and DiT-MoE (`swiglu_moe`) and its DeepSeek-style variant (`deepseek_moe`).
 - `ops/`: tensor functions and custom ops with no parameters: the routing layout (`routing_layout`: routed pairs
   sorted into per-expert segments and combined back) and the grouped GEMMs that run all experts at once
   (`grouped_gemm`, `mkl_grouped_gemm`).
 
 A MoE layer routes its tokens (router -> expert ids and weights), lays the routing out as `ExpertSegments`, and calls
-its bank's `forward_routed`, which gathers the rows, runs every expert on its segment and sums the weighted outputs
-back onto the tokens. In training mode the layers report their auxiliary losses and statistics to the call's
-`MoECollector` (`collector`), which the model's forward opens and returns in its output. MoE layers used by one family
-only live next to that family's model (`diffmoe_hf/models/transformer_dit_moe.py`, `dynamic_token_moe_layer.py`,
-`spatial_temporal_moe_layer.py`).
+its bank's `forward_routed`, which gathers the rows, runs every expert on its segment through the bank's expert
+backend and sums the weighted outputs back onto the tokens. In training mode the layers report their auxiliary losses
+and statistics to the call's `MoECollector` (`collector`), which the model's forward opens and returns in its output.
+MoE layers used by one family only live next to that family's model (`diffmoe_hf/models/transformer_dit_moe.py`,
+`dynamic_token_moe_layer.py`, `spatial_temporal_moe_layer.py`).
 """
 
 from .collector import MoECollector, active_moe_collector
 from .layers.deepseek_moe import DeepSeekMoE
 from .layers.expert_backends import (
     EXPERT_BACKENDS,
+    ExpertBackend,
     default_expert_backend,
+    expert_backend_names,
+    expert_parameters,
     reads_weights_directly,
+    register_expert_backend,
     resolve_expert_backend,
+    stacked_expert_parameters,
 )
 from .layers.experts import (
     GeluMLPExperts,
     GroupedExperts,
-    StackedLinearExperts,
     SwiGLU,
     SwiGLUExperts,
     set_expert_backend,

@@ -1,1 +1,2 @@
-"""MoE modules: routers, expert banks (and the backends they run their experts with), the DeepSeek-style MoE layer."""
+"""MoE modules: routers, expert banks and the registry of expert backends that run them, the token-choice SwiGLU MoE
+layer and its DeepSeek-style variant."""

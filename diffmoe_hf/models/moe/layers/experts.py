@@ -1,14 +1,17 @@
 """Expert banks: a `ModuleList` of per-expert modules (checkpoint- and LoRA-friendly `nn.Linear`s) that can also
-run all experts at once on expert-sorted rows, through the bank's expert backend (see `expert_backends`)."""
+run all experts at once on expert-sorted rows, through the bank's expert backend (see `expert_backends`). A bank
+describes its experts to the backends (`GroupedExperts`); it does not know which backends exist."""
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention import FeedForward
 from torch import nn
 
-from ..ops.grouped_gemm import grouped_linear, segment_linear
 from ..ops.routing_layout import ExpertSegments, combine_segments
-from .expert_backends import check_expert_backend, resolve_expert_backend
+from .expert_backends import EXPERT_BACKENDS, check_expert_backend, resolve_expert_backend
 
 
 class SwiGLU(nn.Module):
@@ -54,20 +57,42 @@ def _submodule(module: nn.Module, path: list[str]) -> nn.Module:
     return module
 
 
-class GroupedExperts(nn.ModuleList):
+class GroupedExperts(nn.ModuleList, ABC):
     """
     E experts stored as `experts.{e}.<module>` (state-dict and LoRA friendly). `forward_grouped` runs expert e on the
-    e-th segment of expert-sorted rows, through the bank's `expert_backend` (see `expert_backends`): this base class has only
-    the `"modules"` backend (each expert module called on its segment); subclasses add the fast backends for
-    experts made of `nn.Linear` projections, and fall back to `"modules"` whenever reading the projections' weights
-    directly would not give what calling them computes.
+    e-th segment of expert-sorted rows through the bank's `expert_backend`, a function of the registry in
+    `expert_backends`, which reads what differs between bank kinds from this small description:
+
+    - `projection_paths`: the sub-module paths of every `nn.Linear` projection of an expert, e.g.
+      `("gate_proj", "up_proj", "down_proj")`;
+    - `forward_projected`: the experts' computation written once, with the projections done by the backend;
+    - `row_arguments`: what an expert module takes after its rows, one row per routed row.
 
     Attributes:
-        expert_backend (`str`): `"auto"` (default), `"modules"`, `"segment_linear"` or `"grouped_mm"`; set it for a
-            whole model with `set_expert_backend`.
+        expert_backend (`str`): `"auto"` (default) or a registered backend (`"modules"`, `"segment_linear"`,
+            `"grouped_mm"`, ...); an unknown name is a `ValueError` when it is set. Set it for a whole model with
+            `set_expert_backend`.
     """
 
-    expert_backend: str = "auto"
+    projection_paths: tuple[str, ...]
+    _expert_backend: str = "auto"
+
+    @property
+    def expert_backend(self) -> str:
+        return self._expert_backend
+
+    @expert_backend.setter
+    def expert_backend(self, backend: str) -> None:
+        self._expert_backend = check_expert_backend(backend)
+
+    def projections(self, *paths: str) -> list[nn.Module]:
+        """The modules at `paths` (default: `projection_paths`) of every expert, expert-major."""
+        names = [path.split(".") for path in paths or self.projection_paths]
+        return [_submodule(expert, path) for expert in self for path in names]
+
+    def backend(self, rows: torch.Tensor) -> str:
+        """The backend a call on these (R, D) rows runs (`resolve_expert_backend` of `expert_backend`)."""
+        return resolve_expert_backend(self.expert_backend, self.projections(), rows)
 
     def forward_routed(self, tokens: torch.Tensor, segments: ExpertSegments, **expert_inputs) -> torch.Tensor:
         """
@@ -78,8 +103,8 @@ class GroupedExperts(nn.ModuleList):
         Args:
             tokens: (S, D) token pool.
             segments: the routing sorted by expert (`segments_from_topk`, or a family's own selection).
-            expert_inputs: extra per-call inputs of `forward_grouped` (e.g. the per-sample conditioning of Diff-MoE, Cheng et al., which
-                the bank gathers per row through `segments.token_index`).
+            expert_inputs: the bank's extra per-call inputs (e.g. the per-sample conditioning of Diff-MoE, Cheng et
+                al., which the bank gathers per row through `segments.token_index`).
 
         Returns:
             (S, D) weighted sum of each token's expert outputs (zero for tokens no expert took).
@@ -88,13 +113,23 @@ class GroupedExperts(nn.ModuleList):
         expert_out = self.forward_grouped(rows, segments, **expert_inputs)  # a new tensor
         return combine_segments(expert_out, segments, tokens.shape[0], scale_in_place=not torch.is_grad_enabled())
 
-    def forward_grouped(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
-        """(R, D) rows sorted by expert -> (R, D) outputs of each row's expert."""
-        return self._forward_modules(rows, segments)
+    def forward_grouped(self, rows: torch.Tensor, segments: ExpertSegments, **expert_inputs) -> torch.Tensor:
+        """(R, D) rows sorted by expert -> (R, D) outputs of each row's expert, by the backend `backend(rows)`."""
+        return EXPERT_BACKENDS[self.backend(rows)].run(self, rows, segments, **expert_inputs)
 
-    def _forward_modules(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
-        chunks = rows.split(segments.sizes())
-        return torch.cat([expert(chunk) for expert, chunk in zip(self, chunks)], dim=0)
+    @abstractmethod
+    def forward_projected(
+        self, rows: torch.Tensor, segments: ExpertSegments, project: Callable[..., torch.Tensor], **expert_inputs
+    ) -> torch.Tensor:
+        """
+        (R, D) rows sorted by expert -> (R, D) outputs of each row's expert, with every projection computed as
+        `project(hidden, *paths)`: (R, in) -> (R, sum out) the projections at `paths` of each row's expert,
+        concatenated (a new tensor, which may be modified in place).
+        """
+
+    def row_arguments(self, segments: ExpertSegments, **expert_inputs) -> tuple[torch.Tensor, ...]:
+        """The (R, ...) tensors an expert module takes after its rows, row r for routed row r (here: none)."""
+        return ()
 
 
 def set_expert_backend(module: nn.Module, backend: str) -> None:
@@ -102,7 +137,8 @@ def set_expert_backend(module: nn.Module, backend: str) -> None:
     Sets the `expert_backend` of every expert bank in `module` (a model or a layer).
 
     Args:
-        backend: `"auto"`, `"modules"`, `"segment_linear"` or `"grouped_mm"` (see `diffmoe_hf.models.moe.layers.expert_backends`).
+        backend: `"auto"` or a registered backend name (see `diffmoe_hf.models.moe.layers.expert_backends`); an
+            unknown name is a `ValueError`, also for a module without expert banks.
     """
     check_expert_backend(backend)
     for submodule in module.modules():
@@ -110,72 +146,10 @@ def set_expert_backend(module: nn.Module, backend: str) -> None:
             submodule.expert_backend = backend
 
 
-class StackedLinearExperts(GroupedExperts):
+class SwiGLUExperts(GroupedExperts):
     """
-    A `GroupedExperts` bank whose experts are made of `nn.Linear` projections (at the sub-module paths
-    `_linear_paths`), with the three backends: `"segment_linear"` (the experts' own weights, one GEMM per expert and
-    projection), `"grouped_mm"` (weights stacked per call into (E, out, in) tensors, one grouped GEMM per projection)
-    and `"modules"`. `backend(rows)` says which one a call runs.
-
-    Subclasses set `_linear_paths` and implement `_forward_segment_linear` and `_forward_grouped_mm`.
-    """
-
-    _linear_paths: tuple[str, ...] = ()
-
-    def projections(self, *paths: str) -> list[nn.Module]:
-        """The modules at `paths` (default: `_linear_paths`) of every expert, expert-major."""
-        names = [path.split(".") for path in paths or self._linear_paths]
-        return [_submodule(expert, path) for expert in self for path in names]
-
-    def backend(self, rows: torch.Tensor) -> str:
-        """The backend a call on these (R, D) rows runs (`resolve_expert_backend` of `expert_backend`)."""
-        return resolve_expert_backend(self.expert_backend, self.projections(), rows)
-
-    def forward_grouped(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
-        backend = self.backend(rows)
-        if backend == "segment_linear":
-            return self._forward_segment_linear(rows, segments)
-        if backend == "grouped_mm":
-            return self._forward_grouped_mm(rows, segments)
-        return self._forward_modules(rows, segments)
-
-    def _forward_segment_linear(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _forward_grouped_mm(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
-        raise NotImplementedError
-
-    def own_parameters(self, name: str, *paths: str) -> list[torch.Tensor]:
-        """Parameter `name` ("weight" or "bias") of the projections at `paths`, expert-major, for `segment_linear`
-        (an empty list when they have no bias)."""
-        if torch.compiler.is_compiling():
-            tensors = [getattr(linear, name) for linear in self.projections(*paths)]
-        else:
-            tensors = [linear._parameters[name] for linear in self.projections(*paths)]
-        return [] if tensors[0] is None else tensors
-
-    def stacked(self, name: str, *paths: str) -> torch.Tensor | None:
-        """(E, sum out, in) weights or (E, sum out) biases of the projections at `paths`, concatenated per expert and
-        stacked (a new tensor), or `None` when they have no bias."""
-        tensors = self.own_parameters(name, *paths)
-        if not tensors:
-            return None
-        return torch.stack([torch.cat(tensors[e : e + len(paths)]) for e in range(0, len(tensors), len(paths))])
-
-    def project_with_own_weights(self, rows: torch.Tensor, segments: ExpertSegments, *paths: str) -> torch.Tensor:
-        """The projections at `paths` of each row's expert, concatenated, from the experts' own weights."""
-        weights, biases = self.own_parameters("weight", *paths), self.own_parameters("bias", *paths)
-        return segment_linear(rows, weights, biases, segments.offsets)
-
-    def project_with_stacked_weights(self, rows: torch.Tensor, segments: ExpertSegments, *paths: str) -> torch.Tensor:
-        """The projections at `paths` of each row's expert, concatenated, as one grouped GEMM over stacked weights."""
-        return grouped_linear(rows, self.stacked("weight", *paths), segments, self.stacked("bias", *paths))
-
-
-class SwiGLUExperts(StackedLinearExperts):
-    """
-    E SwiGLU experts (`experts.{e}.gate_proj/up_proj/down_proj`). With a fast backend the gate and up projections
-    of all experts run as one grouped GEMM into a `[gate | up]` output, then the down projection as a second one.
+    E SwiGLU experts (`experts.{e}.gate_proj/up_proj/down_proj`). The gate and up projections are asked for together
+    (one `[gate | up]` output: one grouped GEMM with a fast backend), then the down projection.
 
     Args:
         dim (`int`): Token width D.
@@ -184,25 +158,23 @@ class SwiGLUExperts(StackedLinearExperts):
         bias (`bool`): Whether the projections have biases (JiTMoE) or not (DSMoE).
     """
 
-    _linear_paths = ("gate_proj", "up_proj", "down_proj")
+    projection_paths = ("gate_proj", "up_proj", "down_proj")
 
     def __init__(self, *, dim: int, num_experts: int, intermediate_size: int, bias: bool = False):
         super().__init__([SwiGLU(dim=dim, intermediate_size=intermediate_size, bias=bias) for _ in range(num_experts)])
 
-    def _forward_segment_linear(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
-        gate_up = self.project_with_own_weights(rows, segments, "gate_proj", "up_proj")  # (R, 2I) as [gate | up]
-        return self.project_with_own_weights(swiglu_activation(gate_up), segments, "down_proj")
-
-    def _forward_grouped_mm(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
-        gate_up = self.project_with_stacked_weights(rows, segments, "gate_proj", "up_proj")
-        return self.project_with_stacked_weights(swiglu_activation(gate_up), segments, "down_proj")
+    def forward_projected(
+        self, rows: torch.Tensor, segments: ExpertSegments, project: Callable[..., torch.Tensor]
+    ) -> torch.Tensor:
+        gate_up = project(rows, "gate_proj", "up_proj")  # (R, 2I) as [gate | up]
+        return project(swiglu_activation(gate_up), "down_proj")
 
 
-class GeluMLPExperts(StackedLinearExperts):
+class GeluMLPExperts(GroupedExperts):
     """
     E GELU-tanh MLPs with biases, `Linear(D, I) -> GELU(tanh) -> Linear(I, D)`, each a diffusers
-    `FeedForward(activation_fn="gelu-approximate")` (`experts.{e}.net.0.proj`, `experts.{e}.net.2`; DiffMoE of Shi et al.). With a
-    fast backend both projections run as grouped GEMMs with per-expert biases.
+    `FeedForward(activation_fn="gelu-approximate")` (`experts.{e}.net.0.proj`, `experts.{e}.net.2`; DiffMoE of Shi
+    et al.). With a fast backend both projections run as grouped GEMMs with per-expert biases.
 
     Args:
         dim (`int`): Token width D.
@@ -210,7 +182,7 @@ class GeluMLPExperts(StackedLinearExperts):
         intermediate_size (`int`): Hidden width I of each expert.
     """
 
-    _linear_paths = ("net.0.proj", "net.2")
+    projection_paths = ("net.0.proj", "net.2")
 
     def __init__(self, *, dim: int, num_experts: int, intermediate_size: int):
         super().__init__(
@@ -220,10 +192,7 @@ class GeluMLPExperts(StackedLinearExperts):
             ]
         )
 
-    def _forward_segment_linear(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
-        hidden = gelu_tanh_activation(self.project_with_own_weights(rows, segments, "net.0.proj"))
-        return self.project_with_own_weights(hidden, segments, "net.2")
-
-    def _forward_grouped_mm(self, rows: torch.Tensor, segments: ExpertSegments) -> torch.Tensor:
-        hidden = gelu_tanh_activation(self.project_with_stacked_weights(rows, segments, "net.0.proj"))
-        return self.project_with_stacked_weights(hidden, segments, "net.2")
+    def forward_projected(
+        self, rows: torch.Tensor, segments: ExpertSegments, project: Callable[..., torch.Tensor]
+    ) -> torch.Tensor:
+        return project(gelu_tanh_activation(project(rows, "net.0.proj")), "net.2")

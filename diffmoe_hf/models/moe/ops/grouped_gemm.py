@@ -7,7 +7,8 @@ device allows.
 - `grouped_linear`: one `F.grouped_mm` (`segment_mm`) over (E, out, in) stacked weights where it has a kernel (CUDA
   bf16), else one `torch.mm` per segment. On CUDA nothing on this path moves data to the host.
 
-Which one a bank uses is its expert backend (`diffmoe_hf.models.moe.layers.expert_backends`).
+They are the projections of the `"segment_linear"` and `"grouped_mm"` expert backends
+(`diffmoe_hf.models.moe.layers.expert_backends`).
 """
 
 from typing import NamedTuple
