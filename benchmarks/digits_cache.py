@@ -78,7 +78,7 @@ def cache_configs(pipe, call_kwargs) -> dict:
             retention_ratio=0.2,
             num_inference_steps=calls,
             mag_ratios=ratios[main_context],
-        ),  # fmt: skip
+        ),
     }
 
 
@@ -109,8 +109,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     reference = DigitsReference(0)
-    results = {"num_samples": args.num_samples, "steps": args.steps, "timing_batch": args.timing_batch,
-               "rounds": args.rounds, "torch_threads": torch.get_num_threads(), "models": {}}  # fmt: skip
+    results = {
+        "num_samples": args.num_samples,
+        "steps": args.steps,
+        "timing_batch": args.timing_batch,
+        "rounds": args.rounds,
+        "torch_threads": torch.get_num_threads(),
+        "models": {},
+    }
     for name, folder in default_models().items():
         pipe = ClassConditionalMoEPipeline.from_pretrained(folder)
         pipe.set_progress_bar_config(disable=True)
@@ -128,8 +134,16 @@ def main(argv=None) -> None:
             metrics["frechet_over_floor"] = metrics["frechet_distance"] / metrics["frechet_floor"]
             if config is not None:
                 pipe.transformer.disable_cache()
-            row = {k: metrics[k] for k in ("accuracy", "worst_class_accuracy", "frechet_over_floor", "c2st_accuracy",
-                                           "memorisation_rate")}  # fmt: skip
+            row = {
+                k: metrics[k]
+                for k in (
+                    "accuracy",
+                    "worst_class_accuracy",
+                    "frechet_over_floor",
+                    "c2st_accuracy",
+                    "memorisation_rate",
+                )
+            }
             row["meets_targets"] = all(meets(k, row[k]) for k in TARGETS)
             if config is not None:
                 row["speedup"] = time_against_uncached(pipe, config, timing_kwargs, args.rounds)

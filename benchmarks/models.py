@@ -61,16 +61,19 @@ BENCHMARKED = {
     entry.name: entry
     for entry in (
         Benchmarked("dsmoe", "dsmoe", {"S": "DSMoE-S-E16", "B": "DSMoE-B-E16"}),
-        Benchmarked("dsmoe-e48", "dsmoe", {"S": "DSMoE-S-E48", "B": "DSMoE-B-E48"},
-                    tiny=get_family("dsmoe").tiny_config(num_experts=8, num_experts_per_tok=3, n_group=1,
-                                                         topk_group=1)),
+        Benchmarked(
+            "dsmoe-e48",
+            "dsmoe",
+            {"S": "DSMoE-S-E48", "B": "DSMoE-B-E48"},
+            tiny=get_family("dsmoe").tiny_config(num_experts=8, num_experts_per_tok=3, n_group=1, topk_group=1),
+        ),
         # JiTMoE exists in B, L and H only (pixel space, 256 patches + 32 class tokens): not in the S runs
         Benchmarked("jitmoe", "jit", {"B": "JiTMoE-B/16-E16"}, tiny_variant="jitmoe"),
         Benchmarked("dit-moe", "dit-moe", {"S": "DiT-MoE-S/2", "B": "DiT-MoE-B/2"}),
         Benchmarked("dynamic-token-moe", "dynamic-token-moe", {"S": "DiffMoE-S-E16", "B": "DiffMoE-B-E16"}),
         Benchmarked("spatial-temporal-moe", "spatial-temporal-moe", {"S": "Diff-MoE-S/2", "B": "Diff-MoE-B/2"}),
     )
-}  # fmt: skip
+}
 
 
 def model_inputs(model: nn.Module, batch_size: int, device, dtype) -> dict:

@@ -197,16 +197,20 @@ def print_table(results: dict) -> None:
             if "error" in r:
                 print(f"{section:9s} {name:12s} ERROR {r['error']}")
             elif section == "pipeline":
-                print(f"{section:9s} {name:12s} {r['images_per_s']:10.2f} images/s, peak {r['peak_memory_mib']:.0f} MiB"
-                      f" ({r['peak_memory_kind']})")  # fmt: skip
+                print(
+                    f"{section:9s} {name:12s} {r['images_per_s']:10.2f} images/s, peak {r['peak_memory_mib']:.0f} MiB"
+                    f" ({r['peak_memory_kind']})"
+                )
             else:
                 moe, dense = r["moe"], r["dense"]
                 extra = (
                     f"  {100 * r['moe_fraction_of_matmul']:.0f}% of matmul" if "moe_fraction_of_matmul" in r else ""
                 )
-                print(f"{section:9s} {name:12s} {moe['median_ms']:9.1f}/{moe['min_ms']:9.1f} "
-                      f"{dense['median_ms']:9.1f}/{dense['min_ms']:9.1f} {r['median_ratio']:9.2f} "
-                      f"{r['min_ratio']:9.2f}{extra}")  # fmt: skip
+                print(
+                    f"{section:9s} {name:12s} {moe['median_ms']:9.1f}/{moe['min_ms']:9.1f} "
+                    f"{dense['median_ms']:9.1f}/{dense['min_ms']:9.1f} {r['median_ratio']:9.2f} "
+                    f"{r['min_ratio']:9.2f}{extra}"
+                )
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -61,8 +61,20 @@ def _inert_class(qualified_name: str) -> type:
 
 def _safe_globals() -> list:
     inert = [(_inert_class(name), name) for name in _OMEGACONF_CLASSES]
-    return [argparse.Namespace, collections.defaultdict, collections.OrderedDict, (typing.Any, "typing.Any"),
-            dict, list, int, float, str, tuple, set, bool] + inert  # fmt: skip
+    return [
+        argparse.Namespace,
+        collections.defaultdict,
+        collections.OrderedDict,
+        (typing.Any, "typing.Any"),
+        dict,
+        list,
+        int,
+        float,
+        str,
+        tuple,
+        set,
+        bool,
+    ] + inert
 
 
 @dataclass
@@ -107,8 +119,10 @@ def _torch_load(path: str, trust_checkpoint: bool, mmap: bool = False):
 def _refused_globals(path: str, err: pickle.UnpicklingError) -> list[str]:
     """The classes / functions outside the allow-list that made the restricted unpickler refuse `path` (empty when
     it refused the bytes themselves, i.e. the file is not a pickle)."""
-    allowed = {entry[1] if isinstance(entry, tuple) else f"{entry.__module__}.{entry.__qualname__}"
-               for entry in _safe_globals()}  # fmt: skip
+    allowed = {
+        entry[1] if isinstance(entry, tuple) else f"{entry.__module__}.{entry.__qualname__}"
+        for entry in _safe_globals()
+    }
     if zipfile.is_zipfile(path):
         try:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(path)

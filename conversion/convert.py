@@ -55,15 +55,21 @@ def _load_id2label(path: str | None, num_classes: int) -> dict[str, str] | None:
         with open(path, encoding="utf-8") as f:
             names = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"Class-name file {path} (--id2label) is not valid JSON ({err}); it must map class ids "
-                         f"to names, e.g. {example}.") from None  # fmt: skip
+        raise ValueError(
+            f"Class-name file {path} (--id2label) is not valid JSON ({err}); it must map class ids "
+            f"to names, e.g. {example}."
+        ) from None
     if not isinstance(names, dict):
-        raise ValueError(f"Class-name file {path} (--id2label) holds a JSON {type(names).__name__}, not an object "
-                         f"mapping class ids to names, e.g. {example}.")  # fmt: skip
+        raise ValueError(
+            f"Class-name file {path} (--id2label) holds a JSON {type(names).__name__}, not an object "
+            f"mapping class ids to names, e.g. {example}."
+        )
     id2label = {str(k).strip(): str(v) for k, v in names.items()}
     if set(id2label) != {str(i) for i in range(num_classes)}:
-        raise ValueError(f"Class-name file {path} (--id2label) must name exactly the classes 0..{num_classes - 1} "
-                         f"of this model, one name each, e.g. {example}.")  # fmt: skip
+        raise ValueError(
+            f"Class-name file {path} (--id2label) must name exactly the classes 0..{num_classes - 1} "
+            f"of this model, one name each, e.g. {example}."
+        )
     return id2label
 
 

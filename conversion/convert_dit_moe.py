@@ -151,8 +151,11 @@ def _recorded_fields(checkpoint: LoadedCheckpoint) -> SourcedSettings:
     if checkpoint.args is None:
         return SourcedSettings()
     args = vars(checkpoint.args)
-    fields = {key: args[key] for key in ("image_size", "num_classes", "num_experts", "num_experts_per_tok", "rf")
-              if args.get(key) is not None}  # fmt: skip
+    fields = {
+        key: args[key]
+        for key in ("image_size", "num_classes", "num_experts", "num_experts_per_tok", "rf")
+        if args.get(key) is not None
+    }
     if _is_architecture(args.get("model")):
         fields["model"] = args["model"]
     return _train_fields(fields, "checkpoint args")
@@ -163,8 +166,13 @@ _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
 
 def infer_from_weights(state_dict: dict[str, torch.Tensor], class_dropout_prob: float) -> dict:
     """The architecture fields (upstream names) that the shapes of a DiT-MoE state dict determine."""
-    required = ("x_embedder.proj.weight", "blocks.0.moe.gate.weight", "y_embedder.embedding_table.weight",
-                "final_layer.linear.weight", "blocks.0.moe.experts.0.gate_proj.weight")  # fmt: skip
+    required = (
+        "x_embedder.proj.weight",
+        "blocks.0.moe.gate.weight",
+        "y_embedder.embedding_table.weight",
+        "final_layer.linear.weight",
+        "blocks.0.moe.experts.0.gate_proj.weight",
+    )
     absent = [key for key in required if key not in state_dict]
     if absent:
         raise CheckpointError(
@@ -360,14 +368,20 @@ def write_original_dit_moe(model: DiTMoETransformer2DModel, folder: str) -> dict
     if flash and config["qk_norm"] != "layer_norm":
         raise ValueError("The original flash attention layout has LayerNorm q/k norms.")
     arguments = dict(
-        input_size=config["sample_size"], patch_size=config["patch_size"], in_channels=config["in_channels"],
-        hidden_size=config["num_attention_heads"] * config["attention_head_dim"], depth=config["num_layers"],
-        num_heads=config["num_attention_heads"], class_dropout_prob=config["class_dropout_prob"],
-        num_classes=config["num_classes"], num_experts=config["num_experts"],
+        input_size=config["sample_size"],
+        patch_size=config["patch_size"],
+        in_channels=config["in_channels"],
+        hidden_size=config["num_attention_heads"] * config["attention_head_dim"],
+        depth=config["num_layers"],
+        num_heads=config["num_attention_heads"],
+        class_dropout_prob=config["class_dropout_prob"],
+        num_classes=config["num_classes"],
+        num_experts=config["num_experts"],
         num_experts_per_tok=config["num_experts_per_tok"],
-        learn_sigma=config["out_channels"] == 2 * config["in_channels"], use_flash_attn=flash,
+        learn_sigma=config["out_channels"] == 2 * config["in_channels"],
+        use_flash_attn=flash,
         formulation=config["formulation"],
-    )  # fmt: skip
+    )
     return write_original_files(folder, original_dit_moe_state_dict(model), arguments)
 
 

@@ -189,13 +189,18 @@ DSMOE_MODEL_CARD = dict(
 def efficient_moe_dit_params(config) -> dict:
     """The inverse of `efficient_moe_dit_config`: the shared DiT fields of a model `config` as yaml `model.params`."""
     return dict(
-        input_size=config["sample_size"], patch_size=config["patch_size"], in_channels=config["in_channels"],
-        learn_sigma=config["out_channels"] == 2 * config["in_channels"], depth=config["num_layers"],
+        input_size=config["sample_size"],
+        patch_size=config["patch_size"],
+        in_channels=config["in_channels"],
+        learn_sigma=config["out_channels"] == 2 * config["in_channels"],
+        depth=config["num_layers"],
         hidden_size=config["num_attention_heads"] * config["attention_head_dim"],
-        num_heads=config["num_attention_heads"], head_dim=config["attention_head_dim"],
-        mlp_ratio=float(config["mlp_ratio"]), num_classes=config["num_classes"],
+        num_heads=config["num_attention_heads"],
+        head_dim=config["attention_head_dim"],
+        mlp_ratio=float(config["mlp_ratio"]),
+        num_classes=config["num_classes"],
         class_dropout_prob=config["class_dropout_prob"],
-    )  # fmt: skip
+    )
 
 
 def _moe_layer_flags(num_layers: int, moe_layers: list[int]) -> dict:
@@ -215,11 +220,15 @@ def write_original_dsmoe(model: DSMoETransformer2DModel, folder: str) -> dict:
     if shared not in (0, config["moe_intermediate_size"]):
         raise ValueError("The original DSMoE's shared expert is as wide as a routed one (or absent).")
     moe = dict(
-        num_experts=config["num_experts"], num_experts_per_tok=config["num_experts_per_tok"],
-        moe_intermediate_size=config["moe_intermediate_size"], n_group=config["n_group"],
-        topk_group=config["topk_group"], routed_scaling_factor=float(config["routed_scaling_factor"]),
-        use_shared_expert=shared > 0, **_moe_layer_flags(config["num_layers"], config["moe_layers"]),
-    )  # fmt: skip
+        num_experts=config["num_experts"],
+        num_experts_per_tok=config["num_experts_per_tok"],
+        moe_intermediate_size=config["moe_intermediate_size"],
+        n_group=config["n_group"],
+        topk_group=config["topk_group"],
+        routed_scaling_factor=float(config["routed_scaling_factor"]),
+        use_shared_expert=shared > 0,
+        **_moe_layer_flags(config["num_layers"], config["moe_layers"]),
+    )
     rope = {value: key for key, value in _ROPE.items()}[config["positional_embedding"]]
     norm = {value: key for key, value in _NORM.items()}[config["norm_type"]]
     params = dict(efficient_moe_dit_params(config), rope_type=rope, norm_type=norm, MoE_config=moe)

@@ -92,9 +92,13 @@ def build_dynamic_token_moe_transformer(
 ) -> DynamicTokenMoETransformer2DModel:
     """Converts a DiffMoE (Shi et al.) checkpoint whose architecture is given by its training yaml or a preset name."""
     config = config_from_yaml_or_preset(
-        config_path, preset, diffmoe_config_from_params, diffmoe_config_from_preset, "dynamic-token-moe",
+        config_path,
+        preset,
+        diffmoe_config_from_params,
+        diffmoe_config_from_preset,
+        "dynamic-token-moe",
         DYNAMIC_TOKEN_MOE_PRESETS,
-    )  # fmt: skip
+    )
     return convert_dynamic_token_moe(checkpoint, config)
 
 
@@ -129,10 +133,17 @@ def write_original_dynamic_token_moe(model: DynamicTokenMoETransformer2DModel, f
         raise ValueError("The original DiffMoE has MoE in every block or in the odd ones.")
     if config["shared_expert_intermediate_size"] not in (0, 8 * dim):
         raise ValueError("The original DiffMoE's shared MLP is 8 * hidden_size wide (or absent).")
-    moe = dict(num_experts=config["num_experts"], capacity=float(config["capacity"]), interleave=interleave,
-               n_shared_experts=int(config["shared_expert_intermediate_size"] > 0))  # fmt: skip
-    params = dict(efficient_moe_dit_params(config), MoE_config=moe,
-                  CapacityPred_loss_weight=float(config["capacity_loss_weight"]))  # fmt: skip
+    moe = dict(
+        num_experts=config["num_experts"],
+        capacity=float(config["capacity"]),
+        interleave=interleave,
+        n_shared_experts=int(config["shared_expert_intermediate_size"] > 0),
+    )
+    params = dict(
+        efficient_moe_dit_params(config),
+        MoE_config=moe,
+        CapacityPred_loss_weight=float(config["capacity_loss_weight"]),
+    )
     state_dict = {**original_state_dict(model, _RENAME_RULES), **fixed_pos_embed(model)}
     return write_original_files(folder, state_dict, {"model": {"params": params}})
 

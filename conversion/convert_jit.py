@@ -32,9 +32,19 @@ from .state_dict_utils import (
 logger = logging.getLogger(__name__)
 
 # `JiT.__init__` defaults, for arguments a config file leaves out
-_JIT_DEFAULTS = dict(input_size=256, patch_size=16, in_channels=3, hidden_size=1024, depth=24, num_heads=16,
-                     mlp_ratio=4.0, num_classes=1000, bottleneck_dim=128, in_context_len=32,
-                     in_context_start=8)  # fmt: skip
+_JIT_DEFAULTS = dict(
+    input_size=256,
+    patch_size=16,
+    in_channels=3,
+    hidden_size=1024,
+    depth=24,
+    num_heads=16,
+    mlp_ratio=4.0,
+    num_classes=1000,
+    bottleneck_dim=128,
+    in_context_len=32,
+    in_context_start=8,
+)
 # `main_jit.get_args_parser` defaults of the sampling / training parameters the converted config records
 _ARGS_DEFAULTS = dict(label_drop_prob=0.1, noise_scale=1.0, t_eps=0.05)
 
@@ -227,21 +237,33 @@ def write_original_jit(model: JiTTransformer2DModel, folder: str) -> dict:
     config = model.config
     depth, dim = config["num_layers"], config["num_attention_heads"] * config["attention_head_dim"]
     net_kwargs = dict(
-        input_size=config["sample_size"], patch_size=config["patch_size"], in_channels=config["in_channels"],
-        hidden_size=dim, depth=depth, num_heads=config["num_attention_heads"], mlp_ratio=float(config["mlp_ratio"]),
-        num_classes=config["num_classes"], bottleneck_dim=config["bottleneck_dim"],
-        in_context_len=config["in_context_len"], in_context_start=config["in_context_start"],
-    )  # fmt: skip
+        input_size=config["sample_size"],
+        patch_size=config["patch_size"],
+        in_channels=config["in_channels"],
+        hidden_size=dim,
+        depth=depth,
+        num_heads=config["num_attention_heads"],
+        mlp_ratio=float(config["mlp_ratio"]),
+        num_classes=config["num_classes"],
+        bottleneck_dim=config["bottleneck_dim"],
+        in_context_len=config["in_context_len"],
+        in_context_start=config["in_context_start"],
+    )
     if list(config["moe_layers"]) == list(range(1, depth, 2)):
         shared = config["shared_expert_intermediate_size"]
         if shared not in (0, config["moe_intermediate_size"]):
             raise ValueError("The original JiTMoE's shared expert is as wide as a routed one (or absent).")
         net_kwargs["moe_config"] = dict(
-            hidden_size=dim, interleave=True, num_experts=config["num_experts"],
-            num_experts_per_tok=config["num_experts_per_tok"], moe_intermediate_size=config["moe_intermediate_size"],
-            n_group=config["n_group"], topk_group=config["topk_group"],
-            routed_scaling_factor=float(config["routed_scaling_factor"]), use_shared_expert=shared > 0,
-        )  # fmt: skip
+            hidden_size=dim,
+            interleave=True,
+            num_experts=config["num_experts"],
+            num_experts_per_tok=config["num_experts_per_tok"],
+            moe_intermediate_size=config["moe_intermediate_size"],
+            n_group=config["n_group"],
+            topk_group=config["topk_group"],
+            routed_scaling_factor=float(config["routed_scaling_factor"]),
+            use_shared_expert=shared > 0,
+        )
     elif config["moe_layers"]:
         raise ValueError("The original JiT has MoE in the odd blocks or in none.")
     args = dict(label_drop_prob=config["class_dropout_prob"], noise_scale=config["noise_scale"], t_eps=config["t_eps"])

@@ -96,8 +96,10 @@ def _declared_settings(
     args = vars(checkpoint.args) if checkpoint.args is not None else {}
     if args.get("model") is not None and preset is None and config_path is None:
         update(_preset_settings(args["model"]), f"args.model={args['model']!r}")
-    update({k: args[k] for k in ("num_experts", "num_experts_per_tok", "num_classes", "rf") if args.get(k) is not None},
-           "the checkpoint's args")  # fmt: skip
+    update(
+        {k: args[k] for k in ("num_experts", "num_experts_per_tok", "num_classes", "rf") if args.get(k) is not None},
+        "the checkpoint's args",
+    )
     if args.get("image_size") is not None:
         update({"input_size": args["image_size"] // 8}, f"args.image_size={args['image_size']} (VAE factor 8)")
     require_config_or_preset(config_path, preset, "the constructor arguments")
@@ -107,17 +109,24 @@ def _declared_settings(
     if preset is not None:
         update(_preset_settings(preset), f"preset={preset!r}")
     update({"num_experts": num_experts} if num_experts is not None else {}, "the num_experts option")
-    update({"num_experts_per_tok": experts_per_token} if experts_per_token is not None else {},
-           "the experts_per_token option")  # fmt: skip
+    update(
+        {"num_experts_per_tok": experts_per_token} if experts_per_token is not None else {},
+        "the experts_per_token option",
+    )
     update({"formulation": formulation} if formulation is not None else {}, "the formulation option")
     return settings
 
 
 def _weight_shapes(state_dict: dict[str, torch.Tensor]) -> dict:
     """Every size the weights determine."""
-    required = ("x_embedder.proj.weight", "blocks.0.moe.gate.weight", "blocks.0.moe.experts.0.gate_proj.weight",
-                "blocks.0.moe.experts.0.adaLN_modulation.0.weight", "final_layer.linear.weight",
-                "y_embedder.embedding_table.weight")  # fmt: skip
+    required = (
+        "x_embedder.proj.weight",
+        "blocks.0.moe.gate.weight",
+        "blocks.0.moe.experts.0.gate_proj.weight",
+        "blocks.0.moe.experts.0.adaLN_modulation.0.weight",
+        "final_layer.linear.weight",
+        "y_embedder.embedding_table.weight",
+    )
     missing = [k for k in required if k not in state_dict]
     if missing:
         dit_moe = missing == ["blocks.0.moe.experts.0.adaLN_modulation.0.weight"]
@@ -358,13 +367,18 @@ def write_original_spatial_temporal_moe(model: SpatialTemporalMoETransformer2DMo
     if config["shared_expert_intermediate_size"] % dim:
         raise ValueError("The original Diff-MoE's shared experts are a multiple of hidden_size wide.")
     kwargs = dict(
-        input_size=config["sample_size"], hidden_size=dim, depth=config["num_layers"],
-        num_heads=config["num_attention_heads"], mlp_ratio=config["moe_intermediate_size"] / dim,
-        class_dropout_prob=config["class_dropout_prob"], num_classes=config["num_classes"],
-        num_experts=config["num_experts"], num_experts_per_tok=config["num_experts_per_tok"],
+        input_size=config["sample_size"],
+        hidden_size=dim,
+        depth=config["num_layers"],
+        num_heads=config["num_attention_heads"],
+        mlp_ratio=config["moe_intermediate_size"] / dim,
+        class_dropout_prob=config["class_dropout_prob"],
+        num_classes=config["num_classes"],
+        num_experts=config["num_experts"],
+        num_experts_per_tok=config["num_experts_per_tok"],
         n_shared_experts=config["shared_expert_intermediate_size"] // dim,
         learn_sigma=config["out_channels"] == 2 * config["in_channels"],
-    )  # fmt: skip
+    )
     state_dict = original_state_dict(model, _RENAME_RULES)
     return write_original_files(folder, state_dict, {"kwargs": kwargs, "formulation": config["formulation"]})
 

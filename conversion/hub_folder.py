@@ -152,8 +152,9 @@ def _apply_umask(folder: str) -> None:
             os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
-def save_folder_atomically(pipeline, output_dir: str, overwrite: bool, max_shard_size: str, extra_files: dict,
-                           hub_layout: str = "package") -> None:  # fmt: skip
+def save_folder_atomically(
+    pipeline, output_dir: str, overwrite: bool, max_shard_size: str, extra_files: dict, hub_layout: str = "package"
+) -> None:
     """
     Saves `pipeline` (safetensors, sharded at `max_shard_size`) plus `extra_files` (`{relative path: text}`) into a
     hidden sibling folder and moves it to `output_dir` only once complete; a failure leaves no partial folder and an

@@ -24,7 +24,7 @@ DIT_SKELETON_RENAME_RULES = [
     (r"blocks\.(\d+)\.adaLN_modulation\.1\.(weight|bias)", r"transformer_blocks.\1.modulation.linear.\2"),
     (r"final_layer\.linear\.(weight|bias)", r"proj_out.proj.\1"),
     (r"final_layer\.adaLN_modulation\.1\.(weight|bias)", r"proj_out.modulation.linear.\1"),
-]  # fmt: skip
+]
 QKV_SPLIT = ("attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v"))
 
 
@@ -115,8 +115,10 @@ def original_state_dict(
             prefix, kind = suffix.fullmatch(key).groups()
             parts = [state_dict.pop(key)] + [state_dict.pop(f"{prefix}.{part}.{kind}") for part in others]
             state_dict[f"{prefix}.{fused}.{kind}"] = torch.cat(parts)
-    inverses = [(*_inverse_rule(pattern, replacement), re.compile(pattern), replacement)
-                for pattern, replacement in rename_rules]  # fmt: skip
+    inverses = [
+        (*_inverse_rule(pattern, replacement), re.compile(pattern), replacement)
+        for pattern, replacement in rename_rules
+    ]
     original = {}
     for key, value in state_dict.items():
         for inverse, template, forward, replacement in inverses:

@@ -146,16 +146,20 @@ def _add_generate_parser(subparsers) -> None:
     )
     parser.add_argument("--per-class", type=_positive_int, default=4, help="images per class (default 4)")
     parser.add_argument(
-        "--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
+        "--batch-size",
+        type=_positive_int,
+        default=DEFAULT_BATCH_SIZE,
         help=f"images per pipeline call (default {DEFAULT_BATCH_SIZE}); bounds the memory of large grids. A --seed "
         "reproduces its images for the same --batch-size; another batch size may change them (the batches draw their "
         "noise in turn from one generator, and DiffMoE of Shi et al., dynamic-token-moe, routes over the whole "
         "batch).",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--steps", type=_positive_int, default=None,
+        "--steps",
+        type=_positive_int,
+        default=None,
         help="denoising steps (default: the pipeline default; at most the scheduler's num_train_timesteps)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--guidance-scale", type=_guidance_scale, default=None, help="classifier-free guidance scale (finite, >= 0)"
     )
@@ -174,8 +178,12 @@ def _add_generate_parser(subparsers) -> None:
         default=64,
         help="enlarge small images by an integer factor (nearest neighbour) to at least this many pixels (default 64)",
     )
-    parser.add_argument("--padding", type=_non_negative_int, default=None, help="grey pixels between images (default: "
-                        "4 for enlarged images, else 0)")  # fmt: skip
+    parser.add_argument(
+        "--padding",
+        type=_non_negative_int,
+        default=None,
+        help="grey pixels between images (default: 4 for enlarged images, else 0)",
+    )
     parser.set_defaults(handler=_run_generate)
 
 
@@ -188,8 +196,9 @@ def _add_evaluate_digits_parser(subparsers) -> None:
     )
     parser.add_argument("--model", required=True, help="model folder or Hub repo id of a 10-class 1-channel model")
     parser.add_argument("--num-samples", type=_positive_int, default=1000, help="samples in total (default 1000)")
-    parser.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the pipeline "
-                        "default)")  # fmt: skip
+    parser.add_argument(
+        "--steps", type=_positive_int, default=None, help="denoising steps (default: the pipeline default)"
+    )
     parser.add_argument("--guidance-scale", type=_guidance_scale, default=None, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=_seed, default=0)
     parser.add_argument("--output", help="also write the metrics as JSON to this file")
@@ -234,8 +243,13 @@ def _run_evaluate_digits(args) -> None:
     pipe.set_progress_bar_config(disable=True)
     call_kwargs = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale}
     reference = DigitsReference(args.seed)
-    metrics = evaluate_pipeline(pipe, args.num_samples, args.seed, reference=reference,
-                                **{k: v for k, v in call_kwargs.items() if v is not None})  # fmt: skip
+    metrics = evaluate_pipeline(
+        pipe,
+        args.num_samples,
+        args.seed,
+        reference=reference,
+        **{k: v for k, v in call_kwargs.items() if v is not None},
+    )
     print(f"held-out real digits: classifier accuracy {reference.heldout_accuracy():.3f}")
     for name, value in metrics.as_dict().items():
         print(f"{name:32s} {value:.4f}" if isinstance(value, float) else f"{name:32s} {value}")
@@ -247,8 +261,11 @@ def _run_evaluate_digits(args) -> None:
 def _run_convert(args) -> None:
     from diffmoe_hf.conversion import convert_checkpoint
 
-    family_settings = {"num_experts": args.num_experts, "experts_per_token": args.experts_per_token,
-                       "formulation": args.formulation}  # fmt: skip
+    family_settings = {
+        "num_experts": args.num_experts,
+        "experts_per_token": args.experts_per_token,
+        "formulation": args.formulation,
+    }
     output = convert_checkpoint(
         args.family,
         args.checkpoint,
@@ -320,8 +337,9 @@ def _check_output(path: str, overwrite: bool) -> None:
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise CommandError(f"Cannot create the folder {folder} for --output: {existing} is a file. Choose another "
-                           "--output.")  # fmt: skip
+        raise CommandError(
+            f"Cannot create the folder {folder} for --output: {existing} is a file. Choose another --output."
+        )
     try:
         handle, probe = tempfile.mkstemp(prefix=".diffmoe-write-check-", dir=existing)
         os.close(handle)
@@ -359,8 +377,9 @@ class GridLayout:
     padding: int
 
     @classmethod
-    def for_images(cls, count: int, columns: int, image_size: tuple[int, int], min_cell_size: int = 1,
-                   padding: int | None = None) -> "GridLayout":  # fmt: skip
+    def for_images(
+        cls, count: int, columns: int, image_size: tuple[int, int], min_cell_size: int = 1, padding: int | None = None
+    ) -> "GridLayout":
         """`padding=None`: 4 pixels when the images are enlarged, else 0."""
         factor = max(1, -(-min_cell_size // min(image_size)))  # ceil division: small images are enlarged whole
         padding = padding if padding is not None else (4 if factor > 1 else 0)
@@ -429,8 +448,9 @@ def _class_ids(pipe, values: list[str] | None) -> list[int]:
         elif value.lower() in by_lower_name:
             class_id = by_lower_name[value.lower()]
         elif not pipe.labels:
-            raise CommandError(f"--classes {value}: this model has no class names; give class ids "
-                               f"0..{num_classes - 1}.")  # fmt: skip
+            raise CommandError(
+                f"--classes {value}: this model has no class names; give class ids 0..{num_classes - 1}."
+            )
         else:
             spelled = {name.lower(): name for name in pipe.labels}
             close = difflib.get_close_matches(value.lower(), spelled, n=5, cutoff=0.6)
@@ -438,8 +458,10 @@ def _class_ids(pipe, values: list[str] | None) -> list[int]:
                 hint = "close names: " + ", ".join(f"{spelled[c]!r} (class {by_lower_name[c]})" for c in close)
             else:
                 hint = "no name is close; the names are the id2label entries of the model's model_index.json"
-            raise CommandError(f"--classes {value!r} is not a class name of this model ({hint}). Class ids "
-                               f"0..{num_classes - 1} work too.")  # fmt: skip
+            raise CommandError(
+                f"--classes {value!r} is not a class name of this model ({hint}). Class ids "
+                f"0..{num_classes - 1} work too."
+            )
         ids.append(class_id)
     return ids
 
@@ -455,8 +477,11 @@ def _select_scheduler(pipe, name: str | None) -> None:
     formulation = pipe.transformer.config.formulation
     available = available_schedulers(formulation, pipe.scheduler)
     if name not in available:
-        problem = ("is not a diffusers scheduler" if not isinstance(getattr(diffusers_schedulers, name, None), type)
-                   else f"cannot sample this model (formulation {formulation})")  # fmt: skip
+        problem = (
+            "is not a diffusers scheduler"
+            if not isinstance(getattr(diffusers_schedulers, name, None), type)
+            else f"cannot sample this model (formulation {formulation})"
+        )
         raise CommandError(f"--scheduler {name} {problem}; choose one of: {', '.join(available)}.")
     pipe.scheduler = available[name]
 

@@ -16,23 +16,39 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="converted folder or Hub repo id")
     parser.add_argument("--vae", help="AutoencoderKL folder or repo, for latent models saved without vae/")
     parser.add_argument("--num-samples", type=int, default=50_000, help="samples in total (default 50000)")
-    parser.add_argument("--batch-size", type=int, default=32,
-                        help="samples per global batch (default 32); batches of consecutive indices go round-robin "
-                        "to the processes, so the output does not depend on the number of processes")  # fmt: skip
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="samples per global batch (default 32); batches of consecutive indices go round-robin "
+        "to the processes, so the output does not depend on the number of processes",
+    )
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's published setting, else 50)")
     parser.add_argument("--seed", type=int, default=0, help="fixes every label and noise (default 0)")
     parser.add_argument("--output", required=True, help=".npz file to write (ADM format: arr_0 uint8 NHWC)")
     parser.add_argument("--png-dir", help="also write each sample as <png-dir>/<index>.png")
-    parser.add_argument("--keep-float", action="store_true",
-                        help="also store the un-rounded float pixels (arr_float) for `evaluate --protocol "
-                        "float-features` (float32: 39 GB for 50K 256x256 samples)")  # fmt: skip
-    parser.add_argument("--labels", choices=["balanced", "random"], default="balanced",
-                        help="balanced: each class num-samples/num-classes times (default); random: uniform "
-                        "labels as DiT's sampling script")  # fmt: skip
+    parser.add_argument(
+        "--keep-float",
+        action="store_true",
+        help="also store the un-rounded float pixels (arr_float) for `evaluate --protocol "
+        "float-features` (float32: 39 GB for 50K 256x256 samples)",
+    )
+    parser.add_argument(
+        "--labels",
+        choices=["balanced", "random"],
+        default="balanced",
+        help="balanced: each class num-samples/num-classes times (default); random: uniform "
+        "labels as DiT's sampling script",
+    )
     parser.add_argument("--scheduler", help="diffusers scheduler class name (default: the folder's)")
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: the model's)")
-    parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                        help="guide only for LOW < model time < HIGH (default: the model's)")  # fmt: skip
+    parser.add_argument(
+        "--guidance-interval",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="guide only for LOW < model time < HIGH (default: the model's)",
+    )
     parser.add_argument(
         "--guidance-channels",
         type=int,
@@ -96,12 +112,23 @@ def run_sample(args) -> None:
         if scheduler_class is None:
             raise ValueError(f"Unknown diffusers scheduler {scheduler_name!r}.")
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
-    local = {name: os.path.abspath(path) if path and os.path.isdir(path) else path
-             for name, path in (("model", args.model), ("vae", args.vae))}  # fmt: skip
-    settings = {**local, "dtype": args.dtype,
-                "scheduler": type(pipe.scheduler).__name__}  # fmt: skip
-    run = SampleRun(pipe, args.output, args.num_samples, args.batch_size, args.seed, args.labels, call_kwargs,
-                    settings, png_dir=args.png_dir, keep_float=args.keep_float)  # fmt: skip
+    local = {
+        name: os.path.abspath(path) if path and os.path.isdir(path) else path
+        for name, path in (("model", args.model), ("vae", args.vae))
+    }
+    settings = {**local, "dtype": args.dtype, "scheduler": type(pipe.scheduler).__name__}
+    run = SampleRun(
+        pipe,
+        args.output,
+        args.num_samples,
+        args.batch_size,
+        args.seed,
+        args.labels,
+        call_kwargs,
+        settings,
+        png_dir=args.png_dir,
+        keep_float=args.keep_float,
+    )
     run_sampling(run, state, progress=not args.no_progress)
     if state.is_main_process:
         print(f"Wrote {args.num_samples} samples of {args.model} to {args.output} ({json.dumps(run.record['call'])})")
@@ -116,11 +143,18 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="reference batch: .npz (images and/or mu, sigma, mu_s, sigma_s) or an image folder",
     )
-    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="adm",
-                        help="adm (default: the ADM evaluator's numerics), jit (torch-fidelity, JiT), float-features "
-                        "(un-rounded pixels; DiffMoE of Shi et al., DSMoE)")  # fmt: skip
-    parser.add_argument("--inception-weights", help="the Inception weights file (weights-inception-2015-12-05-"
-                        "6726825d.pth); default: the torch hub cache, downloaded there only when online")  # fmt: skip
+    parser.add_argument(
+        "--protocol",
+        choices=sorted(PROTOCOLS),
+        default="adm",
+        help="adm (default: the ADM evaluator's numerics), jit (torch-fidelity, JiT), float-features "
+        "(un-rounded pixels; DiffMoE of Shi et al., DSMoE)",
+    )
+    parser.add_argument(
+        "--inception-weights",
+        help="the Inception weights file (weights-inception-2015-12-05-"
+        "6726825d.pth); default: the torch hub cache, downloaded there only when online",
+    )
     parser.add_argument(
         "--allow-nonstandard-weights",
         action="store_true",

@@ -142,62 +142,145 @@ _CONVERSION = "diffmoe_hf.conversion"
 # the latent families' tiny token grid: 4 x 8 x 8 latents in 2 x 2 patches
 _TINY_LATENT = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_classes=10)
 
-_DSMOE_TINY = dict(_TINY_LATENT, num_attention_heads=2, attention_head_dim=8, mlp_ratio=2.0, num_experts=4,
-                   num_experts_per_tok=2, moe_intermediate_size=8, shared_expert_intermediate_size=8, n_group=2,
-                   topk_group=2)  # fmt: skip
-register_family(ModelFamily(
-    "dsmoe", DSMoETransformer2DModel, "DSMoE, Liu et al. 2025", "DeepSeek-style experts",
-    label="DSMoE (Liu et al. 2025)", converter=f"{_CONVERSION}.convert_dsmoe:DSMOE_CONVERTER",
-    formulations=("rf-noise-at-0",), presets=DSMOE_PRESETS, published=DSMOE_PUBLISHED,
-    tiny={"default": _DSMOE_TINY, "rms-norm": dict(_DSMOE_TINY, norm_type="rms_norm")},
-))  # fmt: skip
+_DSMOE_TINY = dict(
+    _TINY_LATENT,
+    num_attention_heads=2,
+    attention_head_dim=8,
+    mlp_ratio=2.0,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=8,
+    shared_expert_intermediate_size=8,
+    n_group=2,
+    topk_group=2,
+)
+register_family(
+    ModelFamily(
+        "dsmoe",
+        DSMoETransformer2DModel,
+        "DSMoE, Liu et al. 2025",
+        "DeepSeek-style experts",
+        label="DSMoE (Liu et al. 2025)",
+        converter=f"{_CONVERSION}.convert_dsmoe:DSMOE_CONVERTER",
+        formulations=("rf-noise-at-0",),
+        presets=DSMOE_PRESETS,
+        published=DSMOE_PUBLISHED,
+        tiny={"default": _DSMOE_TINY, "rms-norm": dict(_DSMOE_TINY, norm_type="rms_norm")},
+    )
+)
 
-_JIT_TINY = dict(sample_size=16, patch_size=4, num_layers=4, num_attention_heads=2, attention_head_dim=8, mlp_ratio=1.0,
-                 num_classes=10, bottleneck_dim=4, in_context_len=2, in_context_start=1)  # fmt: skip
-register_family(ModelFamily(
-    "jit", JiTTransformer2DModel, "JiT, Li & He 2025, and JiTMoE, Liu et al. 2025", "pixel-space x-prediction",
-    label="JiT / JiTMoE (Li & He 2025; Liu et al. 2025)", converter=f"{_CONVERSION}.convert_jit:JIT_CONVERTER",
-    formulations=("jit-xpred",), presets=JIT_PRESETS, preset_aliases=JIT_PRESET_ALIASES, published=JITMOE_PUBLISHED,
-    tiny={"jitmoe": dict(_JIT_TINY, moe_layers=[1, 3], num_experts=4, moe_intermediate_size=8,
-                         shared_expert_intermediate_size=8),
-          "dense": dict(_JIT_TINY, moe_layers="none")},
-))  # fmt: skip
+_JIT_TINY = dict(
+    sample_size=16,
+    patch_size=4,
+    num_layers=4,
+    num_attention_heads=2,
+    attention_head_dim=8,
+    mlp_ratio=1.0,
+    num_classes=10,
+    bottleneck_dim=4,
+    in_context_len=2,
+    in_context_start=1,
+)
+register_family(
+    ModelFamily(
+        "jit",
+        JiTTransformer2DModel,
+        "JiT, Li & He 2025, and JiTMoE, Liu et al. 2025",
+        "pixel-space x-prediction",
+        label="JiT / JiTMoE (Li & He 2025; Liu et al. 2025)",
+        converter=f"{_CONVERSION}.convert_jit:JIT_CONVERTER",
+        formulations=("jit-xpred",),
+        presets=JIT_PRESETS,
+        preset_aliases=JIT_PRESET_ALIASES,
+        published=JITMOE_PUBLISHED,
+        tiny={
+            "jitmoe": dict(
+                _JIT_TINY, moe_layers=[1, 3], num_experts=4, moe_intermediate_size=8, shared_expert_intermediate_size=8
+            ),
+            "dense": dict(_JIT_TINY, moe_layers="none"),
+        },
+    )
+)
 
-_SPATIAL_TEMPORAL_TINY = dict(_TINY_LATENT, num_attention_heads=4, attention_head_dim=8, num_experts=4,
-                              num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=32,
-                              modulation_rank=8)  # fmt: skip
-register_family(ModelFamily(
-    "spatial-temporal-moe", SpatialTemporalMoETransformer2DModel, "Diff-MoE, Cheng et al.",
-    "time-aware and space-adaptive experts", label="SpatialTemporalMoE (Diff-MoE, Cheng et al.)",
-    converter=f"{_CONVERSION}.convert_spatial_temporal_moe:SPATIAL_TEMPORAL_MOE_CONVERTER",
-    formulations=("ddpm-learned-sigma", "rf-noise-at-1"), presets=SPATIAL_TEMPORAL_MOE_PRESETS,
-    preset_aliases=SPATIAL_TEMPORAL_MOE_PRESET_ALIASES, aliases=("diff-moe",),
-    tiny={"shared-expert": _SPATIAL_TEMPORAL_TINY,
-          "no-shared-expert": dict(_SPATIAL_TEMPORAL_TINY, shared_expert_intermediate_size=0)},
-))  # fmt: skip
+_SPATIAL_TEMPORAL_TINY = dict(
+    _TINY_LATENT,
+    num_attention_heads=4,
+    attention_head_dim=8,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=24,
+    shared_expert_intermediate_size=32,
+    modulation_rank=8,
+)
+register_family(
+    ModelFamily(
+        "spatial-temporal-moe",
+        SpatialTemporalMoETransformer2DModel,
+        "Diff-MoE, Cheng et al.",
+        "time-aware and space-adaptive experts",
+        label="SpatialTemporalMoE (Diff-MoE, Cheng et al.)",
+        converter=f"{_CONVERSION}.convert_spatial_temporal_moe:SPATIAL_TEMPORAL_MOE_CONVERTER",
+        formulations=("ddpm-learned-sigma", "rf-noise-at-1"),
+        presets=SPATIAL_TEMPORAL_MOE_PRESETS,
+        preset_aliases=SPATIAL_TEMPORAL_MOE_PRESET_ALIASES,
+        aliases=("diff-moe",),
+        tiny={
+            "shared-expert": _SPATIAL_TEMPORAL_TINY,
+            "no-shared-expert": dict(_SPATIAL_TEMPORAL_TINY, shared_expert_intermediate_size=0),
+        },
+    )
+)
 
-_DYNAMIC_TOKEN_TINY = dict(_TINY_LATENT, num_attention_heads=2, attention_head_dim=4, mlp_ratio=1.0, num_experts=4,
-                           moe_intermediate_size=8)  # fmt: skip
-register_family(ModelFamily(
-    "dynamic-token-moe", DynamicTokenMoETransformer2DModel, "DiffMoE, Shi et al. 2025",
-    "dynamic token selection over the batch", label="DynamicTokenMoE (DiffMoE, Shi et al. 2025)",
-    converter=f"{_CONVERSION}.convert_dynamic_token_moe:DYNAMIC_TOKEN_MOE_CONVERTER",
-    formulations=("rf-noise-at-0",), presets=DYNAMIC_TOKEN_MOE_PRESETS, aliases=("diffmoe-dts",),
-    tiny={"shared-expert": dict(_DYNAMIC_TOKEN_TINY, shared_expert_intermediate_size=64),
-          "no-shared-expert": dict(_DYNAMIC_TOKEN_TINY, shared_expert_intermediate_size=0)},
-))  # fmt: skip
+_DYNAMIC_TOKEN_TINY = dict(
+    _TINY_LATENT, num_attention_heads=2, attention_head_dim=4, mlp_ratio=1.0, num_experts=4, moe_intermediate_size=8
+)
+register_family(
+    ModelFamily(
+        "dynamic-token-moe",
+        DynamicTokenMoETransformer2DModel,
+        "DiffMoE, Shi et al. 2025",
+        "dynamic token selection over the batch",
+        label="DynamicTokenMoE (DiffMoE, Shi et al. 2025)",
+        converter=f"{_CONVERSION}.convert_dynamic_token_moe:DYNAMIC_TOKEN_MOE_CONVERTER",
+        formulations=("rf-noise-at-0",),
+        presets=DYNAMIC_TOKEN_MOE_PRESETS,
+        aliases=("diffmoe-dts",),
+        tiny={
+            "shared-expert": dict(_DYNAMIC_TOKEN_TINY, shared_expert_intermediate_size=64),
+            "no-shared-expert": dict(_DYNAMIC_TOKEN_TINY, shared_expert_intermediate_size=0),
+        },
+    )
+)
 
-_DIT_MOE_TINY = dict(_TINY_LATENT, num_attention_heads=4, attention_head_dim=8, num_experts=4, num_experts_per_tok=2,
-                     moe_intermediate_size=128, shared_expert_intermediate_size=64)  # fmt: skip
-register_family(ModelFamily(
-    "dit-moe", DiTMoETransformer2DModel, "DiT-MoE, Fei et al. 2024", "DiT with softmax top-k experts",
-    label="DiTMoE (DiT-MoE, Fei et al. 2024)", converter=f"{_CONVERSION}.convert_dit_moe:DIT_MOE_CONVERTER",
-    formulations=("ddpm-learned-sigma", "rf-noise-at-1"), presets=DIT_MOE_PRESETS,
-    preset_aliases=DIT_MOE_PRESET_ALIASES, published=DIT_MOE_PUBLISHED,
-    # the rectified-flow variant first (the Diff-MoE tiny model covers DDPM with learned sigma)
-    tiny={"rectified-flow": dict(_DIT_MOE_TINY, formulation="rf-noise-at-1"), "ddpm": _DIT_MOE_TINY,
-          "qk-norm": dict(_DIT_MOE_TINY, qk_norm="layer_norm")},
-))  # fmt: skip
+_DIT_MOE_TINY = dict(
+    _TINY_LATENT,
+    num_attention_heads=4,
+    attention_head_dim=8,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=128,
+    shared_expert_intermediate_size=64,
+)
+register_family(
+    ModelFamily(
+        "dit-moe",
+        DiTMoETransformer2DModel,
+        "DiT-MoE, Fei et al. 2024",
+        "DiT with softmax top-k experts",
+        label="DiTMoE (DiT-MoE, Fei et al. 2024)",
+        converter=f"{_CONVERSION}.convert_dit_moe:DIT_MOE_CONVERTER",
+        formulations=("ddpm-learned-sigma", "rf-noise-at-1"),
+        presets=DIT_MOE_PRESETS,
+        preset_aliases=DIT_MOE_PRESET_ALIASES,
+        published=DIT_MOE_PUBLISHED,
+        # the rectified-flow variant first (the Diff-MoE tiny model covers DDPM with learned sigma)
+        tiny={
+            "rectified-flow": dict(_DIT_MOE_TINY, formulation="rf-noise-at-1"),
+            "ddpm": _DIT_MOE_TINY,
+            "qk-norm": dict(_DIT_MOE_TINY, qk_norm="layer_norm"),
+        },
+    )
+)
 
 
 def family_names() -> list[str]:

@@ -77,9 +77,13 @@ class PublishedSettings:
 
     def sampling(self) -> dict:
         """The pipeline call settings `diffmoe sample` takes as defaults."""
-        chosen = {"num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale,
-                  "guidance_interval": list(self.guidance_interval) if self.guidance_interval else None,
-                  "guidance_channels": self.guidance_channels, "scheduler": self.scheduler}  # fmt: skip
+        chosen = {
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "guidance_interval": list(self.guidance_interval) if self.guidance_interval else None,
+            "guidance_channels": self.guidance_channels,
+            "scheduler": self.scheduler,
+        }
         return {k: v for k, v in chosen.items() if v is not None}
 
     def to_json(self) -> str:
@@ -90,47 +94,77 @@ class PublishedSettings:
 
 def _dsmoe(size: str, fid_1: float, is_1: float, fid_15: float, is_15: float) -> PublishedSettings:
     preset = DSMOE_PRESETS[f"DSMoE-{size}"]
-    architecture = {k: preset[k] for k in ("num_layers", "num_attention_heads", "attention_head_dim", "num_experts",
-                                           "num_experts_per_tok")}  # fmt: skip
+    architecture = {
+        k: preset[k]
+        for k in ("num_layers", "num_attention_heads", "attention_head_dim", "num_experts", "num_experts_per_tok")
+    }
     return PublishedSettings(
-        name=f"DSMoE-{size}", family="dsmoe", architecture={**architecture, "sample_size": 32, "num_classes": 1000},
-        scheduler="FlowMatchEulerDiscreteScheduler", num_inference_steps=250, guidance_scale=1.5,
-        protocol="float-features", source=DSMOE_SOURCE,
+        name=f"DSMoE-{size}",
+        family="dsmoe",
+        architecture={**architecture, "sample_size": 32, "num_classes": 1000},
+        scheduler="FlowMatchEulerDiscreteScheduler",
+        num_inference_steps=250,
+        guidance_scale=1.5,
+        protocol="float-features",
+        source=DSMOE_SOURCE,
         results=(PublishedResult(1.0, fid_1, is_1), PublishedResult(1.5, fid_15, is_15)),
         notes="Evaluated as DiffMoE (Shi et al.) does (Inception features of un-rounded pixels against ADM's "
         "VIRTUAL_imagenet256 statistics): sample with --keep-float and evaluate with --protocol float-features.",
-    )  # fmt: skip
+    )
 
 
 def _jitmoe(size: str, fid: float, inception_score: float) -> PublishedSettings:
     layers, heads = {"B": (10, 12), "L": (20, 16)}[size]
     return PublishedSettings(
-        name=f"JiTMoE-{size}/16-E16", family="jit",
-        architecture={"num_layers": layers, "num_attention_heads": heads, "patch_size": 16, "num_experts": 16,
-                      "sample_size": 256, "num_classes": 1000},
-        scheduler="FlowMatchHeunDiscreteScheduler", num_inference_steps=50, guidance_scale=2.9,
-        guidance_interval=(0.1, 1.0), protocol="jit", source=JIT_SOURCE,
+        name=f"JiTMoE-{size}/16-E16",
+        family="jit",
+        architecture={
+            "num_layers": layers,
+            "num_attention_heads": heads,
+            "patch_size": 16,
+            "num_experts": 16,
+            "sample_size": 256,
+            "num_classes": 1000,
+        },
+        scheduler="FlowMatchHeunDiscreteScheduler",
+        num_inference_steps=50,
+        guidance_scale=2.9,
+        guidance_interval=(0.1, 1.0),
+        protocol="jit",
+        source=JIT_SOURCE,
         results=(PublishedResult(2.9, fid, inception_score),),
         notes="JiT evaluates with torch-fidelity against its own ImageNet 256 statistics file (mu, sigma): pass that "
         "file as --reference with --protocol jit.",
-    )  # fmt: skip
+    )
 
 
 def _dit_moe(name: str, architecture: dict, results: tuple, notes: str) -> PublishedSettings:
     rectified_flow = architecture["num_layers"] >= 28  # the released XL and G checkpoints are rectified-flow models
     return PublishedSettings(
-        name=name, family="dit-moe", architecture={**architecture, "num_classes": 1000},
+        name=name,
+        family="dit-moe",
+        architecture={**architecture, "num_classes": 1000},
         scheduler="FlowMatchEulerDiscreteScheduler" if rectified_flow else "DDPMScheduler",
-        num_inference_steps=250, guidance_scale=1.5, guidance_channels=None if rectified_flow else 3,
-        protocol="adm", source=DIT_MOE_SOURCE, results=results,
+        num_inference_steps=250,
+        guidance_scale=1.5,
+        guidance_channels=None if rectified_flow else 3,
+        protocol="adm",
+        source=DIT_MOE_SOURCE,
+        results=results,
         notes=notes + " The paper reports FID-50K with 250 sampling steps in ADM's evaluator and does not state "
         "the guidance scale of its tables; 1.5 is the README's sampling example.",
-    )  # fmt: skip
+    )
 
 
 def _dit_moe_architecture(layers: int, heads: int, head_dim: int, experts: int) -> dict:
-    return {"num_layers": layers, "num_attention_heads": heads, "attention_head_dim": head_dim, "patch_size": 2,
-            "num_experts": experts, "num_experts_per_tok": 2}  # fmt: skip
+    return {
+        "num_layers": layers,
+        "num_attention_heads": heads,
+        "attention_head_dim": head_dim,
+        "patch_size": 2,
+        "num_experts": experts,
+        "num_experts_per_tok": 2,
+    }
 
 
 _UNREPORTED = "The paper shows this model's FID only as training curves (Figure 3), with no table value."

@@ -431,9 +431,14 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, TransformerLoraLoaderMixin)
         guidance_scale = default_scale if guidance_scale is None else guidance_scale
         guidance_interval = default_interval if guidance_interval is None else guidance_interval
         self.check_inputs(
-            num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs, guidance_interval,
-            latents, guidance_channels,
-        )  # fmt: skip
+            num_inference_steps,
+            guidance_scale,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+            guidance_interval,
+            latents,
+            guidance_channels,
+        )
         self._guidance_scale = float(guidance_scale)
         self._interrupt = False
         self._current_timestep = None

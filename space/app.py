@@ -281,9 +281,13 @@ class DemoApp:
             )
             with gr.Row():
                 with gr.Column(scale=1):
-                    model_picker = gr.Dropdown(choices=[(f"{name}: {model.family}", name) for name, model in self.models.items()],
-                                               value=first.name, label="Model",
-                                               visible=len(self.models) > 1, elem_id="model")  # fmt: skip
+                    model_picker = gr.Dropdown(
+                        choices=[(f"{name}: {model.family}", name) for name, model in self.models.items()],
+                        value=first.name,
+                        label="Model",
+                        visible=len(self.models) > 1,
+                        elem_id="model",
+                    )
                     classes = gr.Dropdown(
                         choices=first.class_choices(),
                         value=[0],
@@ -293,17 +297,26 @@ class DemoApp:
                         label="Classes (type to search)",
                         elem_id="classes",
                     )
-                    guidance = gr.Slider(0.0, MAX_GUIDANCE, value=first.pipe.default_guidance()[0], step=0.1,
-                                         label="Guidance scale (<= 1: no guidance)", elem_id="guidance")  # fmt: skip
+                    guidance = gr.Slider(
+                        0.0,
+                        MAX_GUIDANCE,
+                        value=first.pipe.default_guidance()[0],
+                        step=0.1,
+                        label="Guidance scale (<= 1: no guidance)",
+                        elem_id="guidance",
+                    )
                     steps = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps", elem_id="steps")
-                    scheduler = gr.Dropdown(choices=list(first.schedulers), value=first_scheduler, label="Scheduler",
-                                            elem_id="scheduler")  # fmt: skip
+                    scheduler = gr.Dropdown(
+                        choices=list(first.schedulers), value=first_scheduler, label="Scheduler", elem_id="scheduler"
+                    )
                     with gr.Row():
-                        seed = gr.Number(value=0, minimum=0, maximum=MAX_SEED, precision=0, label="Seed",
-                                         elem_id="seed")  # fmt: skip
+                        seed = gr.Number(
+                            value=0, minimum=0, maximum=MAX_SEED, precision=0, label="Seed", elem_id="seed"
+                        )
                         randomize = gr.Checkbox(value=True, label="Randomize seed", elem_id="randomize")
-                    images_per_class = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images per class",
-                                                 elem_id="images_per_class")  # fmt: skip
+                    images_per_class = gr.Slider(
+                        1, MAX_IMAGES, value=1, step=1, label="Images per class", elem_id="images_per_class"
+                    )
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Column(scale=2):
                     # lossless: webp (the default) blurs the colours of small samples
@@ -315,8 +328,9 @@ class DemoApp:
                 step = gr.Slider(1, DEFAULT_STEPS, value=DEFAULT_STEPS, step=1, label="Sampling step", elem_id="step")
             caption = gr.Markdown("Generate images to see where the experts work.", elem_id="routing_caption")
             with gr.Row():
-                routing_map = gr.Image(label="Experts per patch (first image)", type="pil", format="png",
-                                       elem_id="routing_map")  # fmt: skip
+                routing_map = gr.Image(
+                    label="Experts per patch (first image)", type="pil", format="png", elem_id="routing_map"
+                )
                 load_plot = gr.Image(label="Expert load per layer (%)", type="pil", format="png", elem_id="load_plot")
             load_numbers = gr.Dataframe(
                 value=None, headers=["layer"], label="Expert load (%)", interactive=False, elem_id="load_table"

@@ -161,9 +161,16 @@ def unwritable_folder(tmp_path, kind: str) -> str:
 def tiny_vae() -> AutoencoderKL:
     torch.manual_seed(0)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-        block_out_channels=(8,), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=8,
-    ).eval()  # fmt: skip
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(8,),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=8,
+    ).eval()
 
 
 def tiny_pipeline(with_vae: bool = True, **model_overrides) -> ClassConditionalMoEPipeline:
@@ -172,9 +179,23 @@ def tiny_pipeline(with_vae: bool = True, **model_overrides) -> ClassConditionalM
         transformer=transformer,
         scheduler=get_formulation(transformer.config.formulation).default_scheduler(),
         vae=tiny_vae() if with_vae else None,
-        id2label={str(i): name for i, name in enumerate(
-            ["tench, Tinca tinca", "goldfish", "great white shark, white shark", "tiger shark", "hammerhead",
-             "electric ray", "stingray", "cock", "hen", "ostrich"])},
-    )  # fmt: skip
+        id2label={
+            str(i): name
+            for i, name in enumerate(
+                [
+                    "tench, Tinca tinca",
+                    "goldfish",
+                    "great white shark, white shark",
+                    "tiger shark",
+                    "hammerhead",
+                    "electric ray",
+                    "stingray",
+                    "cock",
+                    "hen",
+                    "ostrich",
+                ]
+            )
+        },
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe

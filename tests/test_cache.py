@@ -60,8 +60,14 @@ def cached_pipeline(family: str, name: str):
 
 
 def run(pipe, **kwargs):
-    call = {"class_labels": [1, 2], "num_inference_steps": STEPS, "guidance_scale": 2.0, "output_type": "latent",
-            "generator": torch.manual_seed(0), **kwargs}  # fmt: skip
+    call = {
+        "class_labels": [1, 2],
+        "num_inference_steps": STEPS,
+        "guidance_scale": 2.0,
+        "output_type": "latent",
+        "generator": torch.manual_seed(0),
+        **kwargs,
+    }
     return pipe(**call).images
 
 

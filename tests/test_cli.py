@@ -26,17 +26,63 @@ def test_module_entry_point_runs():
 def test_convert_then_generate(tmp_path, capsys):
     case = dsmoe_case()
     tiny_vae().save_pretrained(tmp_path / "vae")
-    assert main(["convert", "dsmoe", "--checkpoint", os.path.join(case, "checkpoint.pt"), "--config",
-                 os.path.join(case, "config.yaml"), "--output", str(tmp_path / "m")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "convert",
+                "dsmoe",
+                "--checkpoint",
+                os.path.join(case, "checkpoint.pt"),
+                "--config",
+                os.path.join(case, "config.yaml"),
+                "--output",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 0
+    )
     grid = tmp_path / "grid.png"
     assert main(["generate", "--model", str(tmp_path / "m"), "--steps", "1", "--output", str(grid)]) == 2
     assert "no VAE" in capsys.readouterr().err and not grid.exists()
-    assert main(["generate", "--model", str(tmp_path / "m"), "--vae", str(tmp_path / "vae"), "--classes", "1", "7",
-                 "--per-class", "3", "--steps", "2", "--output", str(grid)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tmp_path / "m"),
+                "--vae",
+                str(tmp_path / "vae"),
+                "--classes",
+                "1",
+                "7",
+                "--per-class",
+                "3",
+                "--steps",
+                "2",
+                "--output",
+                str(grid),
+            ]
+        )
+        == 0
+    )
     # 8 px images enlarged x8, 4 grey pixels between them
     assert Image.open(grid).size == (3 * 64 + 2 * 4, 2 * 64 + 4) and str(grid) in capsys.readouterr().out
-    assert main(["generate", "--model", str(tmp_path / "m"), "--vae", str(tmp_path / "vae"), "--steps", "1",
-                 "--output", str(grid)]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tmp_path / "m"),
+                "--vae",
+                str(tmp_path / "vae"),
+                "--steps",
+                "1",
+                "--output",
+                str(grid),
+            ]
+        )
+        == 2
+    )
     assert "--overwrite" in capsys.readouterr().err
 
 
@@ -50,8 +96,23 @@ def test_errors_are_reported_without_traceback(tmp_path, capsys):
 
 def test_family_options_are_checked(tmp_path, capsys):
     case = dsmoe_case()
-    assert main(["convert", "dsmoe", "--checkpoint", os.path.join(case, "checkpoint.pt"), "--config",
-                 os.path.join(case, "config.yaml"), "--num-experts", "8", "--output", str(tmp_path / "o")]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "convert",
+                "dsmoe",
+                "--checkpoint",
+                os.path.join(case, "checkpoint.pt"),
+                "--config",
+                os.path.join(case, "config.yaml"),
+                "--num-experts",
+                "8",
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "does not take num_experts" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
@@ -77,8 +138,21 @@ def latent_model(tmp_path_factory):
     """A converted 4-channel latent DSMoE folder (no vae/) and a tiny VAE folder."""
     root = tmp_path_factory.mktemp("latent")
     case = dsmoe_case()
-    assert main(["convert", "dsmoe", "--checkpoint", os.path.join(case, "checkpoint.pt"), "--config",
-                 os.path.join(case, "config.yaml"), "--output", str(root / "model")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "convert",
+                "dsmoe",
+                "--checkpoint",
+                os.path.join(case, "checkpoint.pt"),
+                "--config",
+                os.path.join(case, "config.yaml"),
+                "--output",
+                str(root / "model"),
+            ]
+        )
+        == 0
+    )
     tiny_vae().save_pretrained(root / "vae")
     return root / "model", root / "vae"
 
@@ -100,8 +174,14 @@ def test_non_finite_or_negative_guidance_is_refused(tmp_path, capsys, value):
     assert not (tmp_path / "grid.png").exists()
 
 
-OUT_OF_RANGE = [("--per-class", "0"), ("--batch-size", "0"), ("--steps", "0"), ("--seed", "-1"), ("--padding", "-2"),
-                ("--min-cell-size", "0")]  # fmt: skip
+OUT_OF_RANGE = [
+    ("--per-class", "0"),
+    ("--batch-size", "0"),
+    ("--steps", "0"),
+    ("--seed", "-1"),
+    ("--padding", "-2"),
+    ("--min-cell-size", "0"),
+]
 
 
 @pytest.mark.parametrize("option, value", OUT_OF_RANGE)
@@ -113,8 +193,26 @@ def test_out_of_range_numbers_are_refused_by_the_parser(tmp_path, capsys, option
 
 def test_samples_come_in_bounded_batches(tmp_path, pipeline_calls):
     grid = tmp_path / "grid.png"
-    assert main(["generate", "--classes", "0", "1", "2", "--per-class", "3", "--batch-size", "4", "--steps", "1",
-                 "--output", str(grid)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "generate",
+                "--classes",
+                "0",
+                "1",
+                "2",
+                "--per-class",
+                "3",
+                "--batch-size",
+                "4",
+                "--steps",
+                "1",
+                "--output",
+                str(grid),
+            ]
+        )
+        == 0
+    )
     assert pipeline_calls == [4, 4, 1]
     assert Image.open(grid).size == (3 * 64 + 2 * 4, 3 * 64 + 2 * 4)  # 16 px digits enlarged x4, 4 px between
 
@@ -147,8 +245,12 @@ def test_non_finite_samples_are_not_written(tmp_path, capsys, latent_model):
             parameter.fill_(float("nan"))
     pipe.save_pretrained(tmp_path / "broken")
     grid = tmp_path / "grid.png"
-    assert main(["generate", "--model", str(tmp_path / "broken"), "--vae", str(vae), "--steps", "1",
-                 "--output", str(grid)]) == 2  # fmt: skip
+    assert (
+        main(
+            ["generate", "--model", str(tmp_path / "broken"), "--vae", str(vae), "--steps", "1", "--output", str(grid)]
+        )
+        == 2
+    )
     assert "NaN or infinite" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["broken"]  # no grid, no partial file
 
@@ -198,8 +300,24 @@ def test_scheduler_the_formulation_cannot_use_is_refused(tmp_path, capsys, pipel
     assert "FlowMatchHeunDiscreteScheduler, FlowMatchEulerDiscreteScheduler" in err and pipeline_calls == []
     assert main(["generate", "--scheduler", "NoSuchScheduler", "--output", str(grid)]) == 2
     assert "NoSuchScheduler is not a diffusers scheduler" in capsys.readouterr().err
-    assert main(["generate", "--scheduler", "FlowMatchEulerDiscreteScheduler", "--classes", "3", "--per-class", "1",
-                 "--steps", "2", "--output", str(grid)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "generate",
+                "--scheduler",
+                "FlowMatchEulerDiscreteScheduler",
+                "--classes",
+                "3",
+                "--per-class",
+                "1",
+                "--steps",
+                "2",
+                "--output",
+                str(grid),
+            ]
+        )
+        == 0
+    )
 
 
 def test_cli_and_space_offer_the_same_schedulers():

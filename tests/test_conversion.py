@@ -40,8 +40,9 @@ def test_layouts_all_give_the_same_model(tmp_path):
     torch.save({"model": {f"module.{k}": v for k, v in ema.items()}, "args": argparse.Namespace()}, tmp_path / "m.pt")
     reference = _forward(_convert(tmp_path / "from-train-dict"))
     for name, extra in (("release.pt", {}), ("ema.safetensors", {}), ("m.pt", {"weights": "model"})):
-        torch.testing.assert_close(_forward(_convert(tmp_path / name.replace(".", "-"), tmp_path / name, **extra)),
-                                   reference, atol=0, rtol=0)  # fmt: skip
+        torch.testing.assert_close(
+            _forward(_convert(tmp_path / name.replace(".", "-"), tmp_path / name, **extra)), reference, atol=0, rtol=0
+        )
 
 
 def test_raw_weights_differ_from_ema(tmp_path):
@@ -166,9 +167,17 @@ def test_folder_contents_and_model_card(tmp_path):
 def test_imagenet_models_get_the_1000_class_names(tmp_path):
     from diffmoe_hf.conversion import build_pipeline
 
-    pipe = build_pipeline(DSMoETransformer2DModel(sample_size=4, num_layers=2, num_attention_heads=2,
-                                                  attention_head_dim=8, num_experts=4, moe_intermediate_size=8,
-                                                  shared_expert_intermediate_size=8))  # fmt: skip
+    pipe = build_pipeline(
+        DSMoETransformer2DModel(
+            sample_size=4,
+            num_layers=2,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            num_experts=4,
+            moe_intermediate_size=8,
+            shared_expert_intermediate_size=8,
+        )
+    )
     assert len(pipe.config.id2label) == 1000
     assert pipe.get_label_ids(["golden retriever", "tench"]) == [207, 0]
 
@@ -197,8 +206,14 @@ def test_missing_config_file_is_explained(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("content, problem", [("{not json", "is not valid JSON"), ("[1, 2]", "holds a JSON list"),
-                                               ('{"0": "zero"}', "must name exactly the classes 0..9")])  # fmt: skip
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("{not json", "is not valid JSON"),
+        ("[1, 2]", "holds a JSON list"),
+        ('{"0": "zero"}', "must name exactly the classes 0..9"),
+    ],
+)
 def test_bad_class_name_file_is_named(tmp_path, content, problem):
     names = tmp_path / "names.json"
     names.write_text(content)

@@ -17,8 +17,14 @@ from .helpers import dsmoe_case
 
 
 CASE = dsmoe_case()
-CONVERT = ["convert", "dsmoe", "--checkpoint", os.path.join(CASE, "checkpoint.pt"), "--config",
-           os.path.join(CASE, "config.yaml")]  # fmt: skip
+CONVERT = [
+    "convert",
+    "dsmoe",
+    "--checkpoint",
+    os.path.join(CASE, "checkpoint.pt"),
+    "--config",
+    os.path.join(CASE, "config.yaml"),
+]
 
 # moments: "kill-before-move-in": SIGKILL when the finished folder is about to be moved to --output;
 # "interrupt-after-move-aside": SIGINT right after --overwrite moved the old folder aside;
@@ -46,16 +52,27 @@ sys.exit(main(sys.argv[3:]))
 
 
 def _convert_with_signal(moment: str, output, *extra) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-c", CONVERTER_WITH_SIGNAL, moment, str(output), *CONVERT, "--output", str(output),
-               *extra]  # fmt: skip
+    command = [
+        sys.executable,
+        "-c",
+        CONVERTER_WITH_SIGNAL,
+        moment,
+        str(output),
+        *CONVERT,
+        "--output",
+        str(output),
+        *extra,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
 
 
 def _hidden_siblings(output) -> dict[str, list[str]]:
     names = sorted(os.listdir(output.parent))
-    return {kind: [n for n in names if n.startswith(f".{output.name}.{kind}-")]
-            for kind in ("partial", "previous", "removing")}  # fmt: skip
+    return {
+        kind: [n for n in names if n.startswith(f".{output.name}.{kind}-")]
+        for kind in ("partial", "previous", "removing")
+    }
 
 
 def _old_folder(output) -> None:

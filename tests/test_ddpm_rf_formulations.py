@@ -128,11 +128,22 @@ def test_rf_noise_at_one_reproduces_the_upstream_euler_sampler():
 
 
 def _tiny_ddpm_pipeline():
-    transformer = randomize_weights(DSMoETransformer2DModel(
-        sample_size=4, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=2,
-        attention_head_dim=8, num_classes=3, num_experts=4, moe_intermediate_size=8, shared_expert_intermediate_size=8,
-        formulation="ddpm-learned-sigma",
-    )).eval()  # fmt: skip
+    transformer = randomize_weights(
+        DSMoETransformer2DModel(
+            sample_size=4,
+            patch_size=2,
+            in_channels=4,
+            out_channels=8,
+            num_layers=2,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            num_classes=3,
+            num_experts=4,
+            moe_intermediate_size=8,
+            shared_expert_intermediate_size=8,
+            formulation="ddpm-learned-sigma",
+        )
+    ).eval()
     pipe = ClassConditionalMoEPipeline(transformer=transformer, scheduler=DDPM.default_scheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -161,8 +172,13 @@ def test_guidance_channels_option_guides_only_the_first_channels():
 def test_pipeline_runs_ddpm_formulation_with_standard_schedulers(scheduler_cls):
     pipe = _tiny_ddpm_pipeline()
     pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
-    out = pipe(class_labels=[0, 1], num_inference_steps=6, generator=torch.Generator().manual_seed(0),
-               output_type="latent", guidance_channels=3).images  # fmt: skip
+    out = pipe(
+        class_labels=[0, 1],
+        num_inference_steps=6,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+        guidance_channels=3,
+    ).images
     assert out.shape == (2, 4, 4, 4) and torch.isfinite(out).all()
 
 

@@ -70,8 +70,11 @@ def routing_record(model: nn.Module) -> tuple[list, list]:
     decisions, handles = [], []
     for module in model.modules():
         if isinstance(module, DynamicTokenMoE):  # its router returns the experts' choices as ExpertSegments
-            handles.append(module.router.register_forward_hook(
-                lambda m, args, out: decisions.append((out.token_index.clone(), out.expert_index.clone()))))  # fmt: skip
+            handles.append(
+                module.router.register_forward_hook(
+                    lambda m, args, out: decisions.append((out.token_index.clone(), out.expert_index.clone()))
+                )
+            )
         elif hasattr(module, "router") and hasattr(module, "experts"):
             handles.append(module.router.register_forward_hook(lambda m, args, out: decisions.append(out[0].clone())))
     return decisions, handles
@@ -316,10 +319,12 @@ def test_loading_casting_and_updating_under_inference_mode(family, tmp_path):
 
     with torch.inference_mode():
         loaded.to(torch.float64)
-    torch.testing.assert_close(run(loaded, {**inputs, "hidden_states": inputs["hidden_states"].double()}),
-                               run(copy.deepcopy(model).double(), {**inputs, "hidden_states":
-                                                                    inputs["hidden_states"].double()}),
-                               atol=0, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        run(loaded, {**inputs, "hidden_states": inputs["hidden_states"].double()}),
+        run(copy.deepcopy(model).double(), {**inputs, "hidden_states": inputs["hidden_states"].double()}),
+        atol=0,
+        rtol=0,
+    )
     # weights updated in place (no version counter on inference tensors) are what the next forward computes with
     other = tiny_model(family)
     with torch.no_grad():
@@ -389,8 +394,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(family):
 
 def expert_projections(model: nn.Module) -> str:
     """A peft `target_modules` regex for every `nn.Linear` of the routed experts (`...experts.<e>.<name>`)."""
-    names = {re.sub(r".*\.experts\.\d+\.", "", name) for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and re.search(r"\.experts\.\d+\.", name)}  # fmt: skip
+    names = {
+        re.sub(r".*\.experts\.\d+\.", "", name)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and re.search(r"\.experts\.\d+\.", name)
+    }
     return rf".*\.experts\.\d+\.({'|'.join(re.escape(name) for name in sorted(names))})"
 
 

@@ -35,8 +35,9 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 def sample(pipe, **kwargs):
     pipe.set_progress_bar_config(disable=True)
     output_type = "pt" if pipe.vae is not None or pipe.transformer.config.in_channels in (1, 3) else "latent"
-    return pipe(class_labels=[1, 2], num_inference_steps=2, output_type=output_type, generator=torch.manual_seed(0),
-                **kwargs).images  # fmt: skip
+    return pipe(
+        class_labels=[1, 2], num_inference_steps=2, output_type=output_type, generator=torch.manual_seed(0), **kwargs
+    ).images
 
 
 @pytest.fixture
@@ -80,8 +81,12 @@ def test_import_registers_the_classes_diffusers_looks_up():
     for cls in MODEL_CLASSES:
         assert getattr(diffusers, cls.__name__) is cls
         assert cls.__module__ in pipeline_loading_utils.LOADABLE_CLASSES
-    index = {"_class_name": "ClassConditionalMoEPipeline", "transformer": [MODEL_CLASSES[0].__module__, "X"],
-             "scheduler": ["diffusers", "DDPMScheduler"], "vae": [None, None]}  # fmt: skip
+    index = {
+        "_class_name": "ClassConditionalMoEPipeline",
+        "transformer": [MODEL_CLASSES[0].__module__, "X"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "vae": [None, None],
+    }
     custom, folders = pipeline_loading_utils._get_custom_components_and_folders(
         "org/repo", index, ["model_index.json"]
     )
@@ -122,11 +127,13 @@ def test_diffusion_pipeline_loads_the_shipped_models(name):
 def test_diffusion_pipeline_loads_converter_output(tmp_path):
     case = dsmoe_case()
     output = tmp_path / "converted"
-    convert_checkpoint("dsmoe", os.path.join(case, "checkpoint.pt"), str(output),
-                       config_path=os.path.join(case, "config.yaml"))  # fmt: skip
+    convert_checkpoint(
+        "dsmoe", os.path.join(case, "checkpoint.pt"), str(output), config_path=os.path.join(case, "config.yaml")
+    )
     loaded = DiffusionPipeline.from_pretrained(output)
-    torch.testing.assert_close(sample(loaded), sample(ClassConditionalMoEPipeline.from_pretrained(output)),
-                               atol=0, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        sample(loaded), sample(ClassConditionalMoEPipeline.from_pretrained(output)), atol=0, rtol=0
+    )
 
 
 def test_auto_model_loads_a_training_checkpoint_transformer(tmp_path):
@@ -139,8 +146,9 @@ def test_auto_model_loads_a_training_checkpoint_transformer(tmp_path):
 
 
 @pytest.mark.parametrize("listing", [False, True], ids=["cache-only", "online-listing"])
-def test_hub_repo_loads_with_diffusion_pipeline_our_class_and_auto_model(tmp_path, hub_repo, hub_listing, listing,
-                                                                         monkeypatch):  # fmt: skip
+def test_hub_repo_loads_with_diffusion_pipeline_our_class_and_auto_model(
+    tmp_path, hub_repo, hub_listing, listing, monkeypatch
+):
     pipe = family_pipeline("dsmoe")
     pipe.save_pretrained(tmp_path / "repo")
     cache = hub_repo(tmp_path / "repo", "diffmoe-test/tiny-dsmoe")

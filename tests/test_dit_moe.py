@@ -33,8 +33,19 @@ from .helpers import (
 
 TINY = get_family("dit-moe").tiny_config("ddpm")
 # the same architecture as `models.DiT` constructor arguments
-TINY_UPSTREAM = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, mlp_ratio=4,
-                     num_classes=10, num_experts=4, num_experts_per_tok=2, learn_sigma=True)  # fmt: skip
+TINY_UPSTREAM = dict(
+    input_size=8,
+    patch_size=2,
+    in_channels=4,
+    hidden_size=32,
+    depth=2,
+    num_heads=4,
+    mlp_ratio=4,
+    num_classes=10,
+    num_experts=4,
+    num_experts_per_tok=2,
+    learn_sigma=True,
+)
 
 
 def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -51,14 +62,21 @@ def upstream_state_dict(model: DiTMoETransformer2DModel) -> dict[str, torch.Tens
     """The `models.DiT` state dict of `model` (flash key layout when it has a q/k norm), for converter tests."""
     flash = model.config.qk_norm is not None
     source = {"pos_embed": model.pos_embed.pos_embed.clone()}
-    renames = {"pos_embed.proj": "x_embedder.proj", "proj_out.proj": "final_layer.linear",
-               "proj_out.modulation.linear": "final_layer.adaLN_modulation.1",
-               "embedding.timestep_embedder.linear_1": "t_embedder.mlp.0",
-               "embedding.timestep_embedder.linear_2": "t_embedder.mlp.2",
-               "embedding.class_embedder.embedding_table": "y_embedder.embedding_table",
-               ".modulation.linear": ".adaLN_modulation.1", ".ff.router": ".moe.gate", ".ff.": ".moe.",
-               "transformer_blocks.": "blocks.", ".attn.norm_q": ".attn.q_norm", ".attn.norm_k": ".attn.k_norm",
-               ".attn.to_out.0": ".attn.out_proj" if flash else ".attn.proj"}  # fmt: skip
+    renames = {
+        "pos_embed.proj": "x_embedder.proj",
+        "proj_out.proj": "final_layer.linear",
+        "proj_out.modulation.linear": "final_layer.adaLN_modulation.1",
+        "embedding.timestep_embedder.linear_1": "t_embedder.mlp.0",
+        "embedding.timestep_embedder.linear_2": "t_embedder.mlp.2",
+        "embedding.class_embedder.embedding_table": "y_embedder.embedding_table",
+        ".modulation.linear": ".adaLN_modulation.1",
+        ".ff.router": ".moe.gate",
+        ".ff.": ".moe.",
+        "transformer_blocks.": "blocks.",
+        ".attn.norm_q": ".attn.q_norm",
+        ".attn.norm_k": ".attn.k_norm",
+        ".attn.to_out.0": ".attn.out_proj" if flash else ".attn.proj",
+    }
     for key, value in model.state_dict().items():
         if ".attn.to_k." in key or ".attn.to_v." in key:
             continue
@@ -87,8 +105,13 @@ def _config_file(tmp_path, **fields) -> str:
 
 # DiT-MoE parameter counts of the original classes (millions, input 32, 1000 classes, timm attention), E8 / E16. Upstream
 # counts include its frozen `pos_embed` Parameter (T x D), a non-persistent buffer here.
-UPSTREAM_PARAMS = {"DiT-S/2": (199.3, 369.2), "DiT-B/2": (795.9, 1475.4), "DiT-L/2": (2823.8, 5239.9),
-               "DiT-XL/2": (4168.2, 7735.7), "DiT-G/2": (8890.6, 16503.7)}  # fmt: skip
+UPSTREAM_PARAMS = {
+    "DiT-S/2": (199.3, 369.2),
+    "DiT-B/2": (795.9, 1475.4),
+    "DiT-L/2": (2823.8, 5239.9),
+    "DiT-XL/2": (4168.2, 7735.7),
+    "DiT-G/2": (8890.6, 16503.7),
+}
 
 
 @pytest.mark.parametrize("name", sorted(UPSTREAM_PARAMS))
@@ -227,8 +250,15 @@ def test_train_checkpoint_and_release_files(tmp_path):
     """train.py dict (args + EMA), bare EMA dict and the `{"ema": ...}` release layout give the same model."""
     model = _randomize(DiTMoETransformer2DModel(**TINY, qk_norm="layer_norm", formulation="rf-noise-at-1"))
     ema = upstream_state_dict(model)
-    args = argparse.Namespace(model="DiT-XL/2", image_size=64, num_classes=10, num_experts=4, num_experts_per_tok=2,
-                              pretraining_tp=1, rf=True)  # fmt: skip
+    args = argparse.Namespace(
+        model="DiT-XL/2",
+        image_size=64,
+        num_classes=10,
+        num_experts=4,
+        num_experts_per_tok=2,
+        pretraining_tp=1,
+        rf=True,
+    )
     raw = {key: value + 1.0 for key, value in ema.items()}
     files = {
         "train.pt": {"model": raw, "ema": ema, "opt": {}, "args": args},
@@ -268,8 +298,9 @@ def test_release_names_and_train_args_give_the_architecture():
     config = dit_moe_config(_checkpoint(source), preset="dit_moe_xl_8E2A")
     assert config["num_experts_per_tok"] == 2 and config["formulation"] == "rf-noise-at-1"
     assert config["qk_norm"] == "layer_norm" and config["attention_head_dim"] == 72 and config["sample_size"] == 32
-    args = argparse.Namespace(model="DiT-XL/2", image_size=256, num_classes=1000, num_experts=8,
-                              num_experts_per_tok=2, rf=False)  # fmt: skip
+    args = argparse.Namespace(
+        model="DiT-XL/2", image_size=256, num_classes=1000, num_experts=8, num_experts_per_tok=2, rf=False
+    )
     config = dit_moe_config(_checkpoint(source, args))
     assert config["formulation"] == "ddpm-learned-sigma" and config["num_layers"] == 28
     message = r"hidden_size=1408 \(preset dit_moe_g_16E2A, model='DiT-G/2'\) contradicts the checkpoint weights"
@@ -288,8 +319,9 @@ def test_missing_options_are_reported():
 
 def test_explicit_options(tmp_path):
     model = _randomize(DiTMoETransformer2DModel(**TINY, qk_norm="layer_norm"))
-    args = argparse.Namespace(model="DiT-XL/2", image_size=64, num_classes=10, num_experts=4, num_experts_per_tok=1,
-                              rf=True)  # fmt: skip
+    args = argparse.Namespace(
+        model="DiT-XL/2", image_size=64, num_classes=10, num_experts=4, num_experts_per_tok=1, rf=True
+    )
     config = _config_file(tmp_path, hidden_size=32, depth=2, num_heads=4)
     converted = build_dit_moe_transformer(
         _checkpoint(upstream_state_dict(model), args), config, experts_per_token=2, formulation="ddpm"
@@ -301,8 +333,9 @@ def test_explicit_options(tmp_path):
         build_dit_moe_transformer(_checkpoint(upstream_state_dict(model), args), config, num_experts=6)
     message = r"num_experts_per_tok=3 \(the experts_per_token option\) but num_experts_per_tok=2 \(preset"
     with pytest.raises(CheckpointError, match=message):
-        build_dit_moe_transformer(_checkpoint(upstream_state_dict(model)), preset="dit_moe_xl_8E2A",
-                                  experts_per_token=3)  # fmt: skip
+        build_dit_moe_transformer(
+            _checkpoint(upstream_state_dict(model)), preset="dit_moe_xl_8E2A", experts_per_token=3
+        )
 
 
 @pytest.mark.parametrize(

@@ -27,9 +27,18 @@ EXPERT_WIDTH = 12  # intermediate size of `tiny_layer`'s experts
 
 def tiny_model(**overrides) -> DynamicTokenMoETransformer2DModel:
     config = dict(
-        sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=2,
-        attention_head_dim=4, mlp_ratio=1.0, num_classes=10, num_experts=EXPERTS, moe_intermediate_size=8,
-    )  # fmt: skip
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=4,
+        mlp_ratio=1.0,
+        num_classes=10,
+        num_experts=EXPERTS,
+        moe_intermediate_size=8,
+    )
     model = randomize_weights(DynamicTokenMoETransformer2DModel(**{**config, **overrides})).eval()
     model.transformer_blocks[1].ff.capacity_predictor.expert_threshold.copy_(torch.tensor([0.3, 0.4, 0.5, 0.6]))
     return model
@@ -404,9 +413,11 @@ def test_converter_reports_a_mismatched_checkpoint(fixture_case, tmp_path):
     shallow = write_yaml(tmp_path, fixture_case, lambda p: p.update(depth=2))
     with pytest.raises(CheckpointError, match="converted keys the model does not have"):
         convert_checkpoint(
-            "diffmoe-dts", os.path.join(fixture_case, "checkpoint_ema_only.pt"), str(tmp_path / "out"),
+            "diffmoe-dts",
+            os.path.join(fixture_case, "checkpoint_ema_only.pt"),
+            str(tmp_path / "out"),
             config_path=shallow,
-        )  # fmt: skip
+        )
     assert not (tmp_path / "out").exists()
 
 

@@ -29,8 +29,10 @@ def _random_state_dict() -> dict[str, torch.Tensor]:
     convolutions, so that features vary between images through all 94 layers."""
     module = load_inception_module()
     network_class = module.FeatureExtractorInceptionV3
-    with mock.patch.object(module, "load_state_dict_from_url", lambda *a, **k: None), \
-            mock.patch.object(network_class, "load_state_dict", lambda self, state: None):  # fmt: skip
+    with (
+        mock.patch.object(module, "load_state_dict_from_url", lambda *a, **k: None),
+        mock.patch.object(network_class, "load_state_dict", lambda self, state: None),
+    ):
         shapes = network_class("inception-v3-compat", ["2048"]).state_dict()
     generator = torch.Generator().manual_seed(0)
     state = {}
@@ -55,8 +57,10 @@ def network(weights):
 
 
 def test_inception_module_loads_without_importing_torchvision():
-    code = ("import sys; from diffmoe_hf.evaluation.inception import load_inception_module as load; load(); "
-            "assert 'torchvision' not in sys.modules and 'torch_fidelity' not in sys.modules")  # fmt: skip
+    code = (
+        "import sys; from diffmoe_hf.evaluation.inception import load_inception_module as load; load(); "
+        "assert 'torchvision' not in sys.modules and 'torch_fidelity' not in sys.modules"
+    )
     assert os.system(f'{sys.executable} -c "{code}"') == 0
 
 
@@ -104,11 +108,22 @@ def test_features_and_the_protocols_input_paths(network):
 def test_evaluate_end_to_end_on_the_digits_model(weights, tmp_path, capsys):
     common = ["--model", DIGITS, "--num-samples", "5", "--batch-size", "5", "--steps", "3", "--no-progress"]
     assert main(["sample", *common, "--seed", "0", "--output", str(tmp_path / "a.npz")]) == 0
-    assert main(["sample", *common, "--seed", "1", "--png-dir", str(tmp_path / "b"), "--output",
-                 str(tmp_path / "b.npz")]) == 0  # fmt: skip
-    evaluate = ["evaluate", str(tmp_path / "a.npz"), "--reference", str(tmp_path / "b"), "--inception-weights",
-                weights, "--allow-nonstandard-weights", "--no-progress",
-                "--output", str(tmp_path / "adm.json")]  # fmt: skip
+    assert (
+        main(["sample", *common, "--seed", "1", "--png-dir", str(tmp_path / "b"), "--output", str(tmp_path / "b.npz")])
+        == 0
+    )
+    evaluate = [
+        "evaluate",
+        str(tmp_path / "a.npz"),
+        "--reference",
+        str(tmp_path / "b"),
+        "--inception-weights",
+        weights,
+        "--allow-nonstandard-weights",
+        "--no-progress",
+        "--output",
+        str(tmp_path / "adm.json"),
+    ]
     assert main(evaluate) == 0
     record = json.loads((tmp_path / "adm.json").read_text())
     assert record["protocol"]["name"] == "adm" and record["inception"]["standard"] is False
@@ -131,8 +146,11 @@ class _PixelFeatures:
     def __call__(self, images, float_pixels=False):
         x = torch.as_tensor(np.asarray(images), dtype=torch.float64).permute(0, 3, 1, 2)
         pooled = torch.nn.functional.adaptive_avg_pool2d(x, 3).flatten(1)  # (B, 27)
-        return {"pool": pooled.float().numpy(), "spatial": pooled[:, :12].float().numpy(),
-                "logits": (pooled[:, :10] / 50).float().numpy()}  # fmt: skip
+        return {
+            "pool": pooled.float().numpy(),
+            "spatial": pooled[:, :12].float().numpy(),
+            "logits": (pooled[:, :10] / 50).float().numpy(),
+        }
 
 
 def test_a_reference_as_statistics_or_as_images_gives_the_same_scores(tmp_path):
@@ -148,8 +166,12 @@ def test_a_reference_as_statistics_or_as_images_gives_the_same_scores(tmp_path):
     pool, spatial = FeatureStatistics.of(reference["pool"]), FeatureStatistics.of(reference["spatial"])
     np.savez(tmp_path / "stats.npz", mu=pool.mu, sigma=pool.sigma, mu_s=spatial.mu, sigma_s=spatial.sigma)
     samples = load_batch(str(tmp_path / "samples.npz"))
-    scores = {name: evaluate_batches(samples, load_batch(str(tmp_path / f"{name}.npz")), network, protocol, 16, state,
-                                     progress=False) for name in ("images", "stats")}  # fmt: skip
+    scores = {
+        name: evaluate_batches(
+            samples, load_batch(str(tmp_path / f"{name}.npz")), network, protocol, 16, state, progress=False
+        )
+        for name in ("images", "stats")
+    }
     assert scores["images"]["fid"] == scores["stats"]["fid"] and scores["images"]["sfid"] == scores["stats"]["sfid"]
     assert scores["stats"]["precision"] is None and 0 < scores["images"]["precision"] < 1
     itself = evaluate_batches(samples, samples, network, protocol, 16, state, progress=False)
@@ -157,8 +179,9 @@ def test_a_reference_as_statistics_or_as_images_gives_the_same_scores(tmp_path):
     sigma_norm = np.linalg.norm(FeatureStatistics.of(network(samples.images)["pool"]).sigma, 2)
     assert abs(itself["fid"]) <= 2 * 27 * np.sqrt(np.finfo(np.float64).eps) * sigma_norm
     assert itself["precision"] == itself["recall"] == 1.0
-    jit = evaluate_batches(samples, load_batch(str(tmp_path / "stats.npz")), network, PROTOCOLS["jit"], 16, state,
-                           progress=False)  # fmt: skip
+    jit = evaluate_batches(
+        samples, load_batch(str(tmp_path / "stats.npz")), network, PROTOCOLS["jit"], 16, state, progress=False
+    )
     assert set(jit) == {"fid", "inception_score", "inception_score_std"} and jit["fid"] == scores["stats"]["fid"]
 
 
@@ -169,14 +192,36 @@ def test_two_processes_give_the_same_record(weights, tmp_path):
     np.savez(tmp_path / "samples.npz", arr_0=rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
     np.savez(tmp_path / "reference.npz", arr_0=rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    arguments = ["-m", "diffmoe_hf", "evaluate", str(tmp_path / "samples.npz"), "--reference",
-                 str(tmp_path / "reference.npz"), "--protocol", "jit", "--batch-size", "2", "--inception-weights",
-                 weights, "--allow-nonstandard-weights", "--no-progress", "--output"]  # fmt: skip
-    launchers = {"one": [sys.executable], "two": [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                  "--nproc_per_node", "2"]}  # fmt: skip
+    arguments = [
+        "-m",
+        "diffmoe_hf",
+        "evaluate",
+        str(tmp_path / "samples.npz"),
+        "--reference",
+        str(tmp_path / "reference.npz"),
+        "--protocol",
+        "jit",
+        "--batch-size",
+        "2",
+        "--inception-weights",
+        weights,
+        "--allow-nonstandard-weights",
+        "--no-progress",
+        "--output",
+    ]
+    launchers = {
+        "one": [sys.executable],
+        "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    }
     for name, launcher in launchers.items():
-        result = subprocess.run([*launcher, *arguments, str(tmp_path / f"{name}.json")], env=env, capture_output=True,
-                                text=True, timeout=600, cwd=REPO_ROOT)  # fmt: skip
+        result = subprocess.run(
+            [*launcher, *arguments, str(tmp_path / f"{name}.json")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=REPO_ROOT,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
     one, two = (json.loads((tmp_path / f"{name}.json").read_text()) for name in launchers)
     assert one["metrics"] == two["metrics"] and one["samples"]["count"] == 4

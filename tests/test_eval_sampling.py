@@ -22,8 +22,23 @@ DIGITS = default_models()["digits-jitmoe"]
 
 
 def _sample(model, output, *extra, num_samples=10, batch_size=4):
-    argv = ["sample", "--model", model, "--num-samples", str(num_samples), "--batch-size", str(batch_size),
-            "--steps", "2", "--seed", "3", "--output", str(output), "--no-progress", *extra]  # fmt: skip
+    argv = [
+        "sample",
+        "--model",
+        model,
+        "--num-samples",
+        str(num_samples),
+        "--batch-size",
+        str(batch_size),
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "--output",
+        str(output),
+        "--no-progress",
+        *extra,
+    ]
     assert main(argv) == 0
 
 
@@ -99,8 +114,27 @@ def test_resume_after_a_kill_gives_the_identical_file(tmp_path, monkeypatch):
     assert parts == ["batch-000000.npz", "batch-000001.npz", "run.json"] and not (tmp_path / "resumed.npz").exists()
     monkeypatch.setattr(sampling.SampleRun, "run_batch", original_run_batch)
     # other settings are refused, and the parts are kept
-    assert main(["sample", "--model", DIGITS, "--num-samples", "10", "--batch-size", "4", "--steps", "3",
-                 "--seed", "3", "--output", str(tmp_path / "resumed.npz"), "--no-progress"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                DIGITS,
+                "--num-samples",
+                "10",
+                "--batch-size",
+                "4",
+                "--steps",
+                "3",
+                "--seed",
+                "3",
+                "--output",
+                str(tmp_path / "resumed.npz"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert len(os.listdir(tmp_path / "resumed.npz.parts")) == 3
     _sample(DIGITS, tmp_path / "resumed.npz")
     with np.load(tmp_path / "full.npz") as full, np.load(tmp_path / "resumed.npz") as resumed:
@@ -111,10 +145,29 @@ def test_one_and_two_processes_write_the_identical_file(tmp_path):
     """DiffMoE routes over the batch: batches are fixed index ranges, so its samples are bit-identical on 2 ranks."""
     model = save_tiny_pipeline(str(tmp_path / "m"), "diffmoe-dts")
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    arguments = ["-m", "diffmoe_hf", "sample", "--model", model, "--num-samples", "11", "--batch-size", "3",
-                 "--steps", "2", "--seed", "3", "--guidance-scale", "1.5", "--no-progress", "--output"]  # fmt: skip
-    launchers = {"one": [sys.executable], "two": [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                  "--nproc_per_node", "2"]}  # fmt: skip
+    arguments = [
+        "-m",
+        "diffmoe_hf",
+        "sample",
+        "--model",
+        model,
+        "--num-samples",
+        "11",
+        "--batch-size",
+        "3",
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "--guidance-scale",
+        "1.5",
+        "--no-progress",
+        "--output",
+    ]
+    launchers = {
+        "one": [sys.executable],
+        "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    }
     for name, launcher in launchers.items():  # same threads per process: only the process count differs
         command = [*launcher, *arguments, str(tmp_path / f"{name}.npz")]
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)

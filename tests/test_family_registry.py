@@ -62,8 +62,9 @@ def check_conversion_and_sampling(family_id: str, variant: str | None, folder) -
     for key, tensor in model.state_dict().items():
         assert torch.equal(loaded[key], tensor), key
     pipe.set_progress_bar_config(disable=True)
-    images = pipe([0, NUM_CLASSES - 1], num_inference_steps=2, output_type="pt",
-                  generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    images = pipe(
+        [0, NUM_CLASSES - 1], num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0)
+    ).images
     side = model.config.sample_size
     assert images.shape == (2, 3, side, side) and torch.isfinite(images).all()
     return str(folder / "converted")
@@ -127,11 +128,18 @@ SIXTH_CONVERTER = FamilyConverter(build_sixth_transformer, DSMOE_CONVERTER.model
 def sixth_family():
     family = register_family(
         ModelFamily(
-            "sixth-moe", SixthMoETransformer2DModel, "SixthMoE, a test", "DSMoE under another name",
-            label="SixthMoE (a test)", converter=f"{__name__}:SIXTH_CONVERTER", formulations=("rf-noise-at-0",),
-            presets={}, tiny=get_family("dsmoe").tiny, aliases=("sixth",),
+            "sixth-moe",
+            SixthMoETransformer2DModel,
+            "SixthMoE, a test",
+            "DSMoE under another name",
+            label="SixthMoE (a test)",
+            converter=f"{__name__}:SIXTH_CONVERTER",
+            formulations=("rf-noise-at-0",),
+            presets={},
+            tiny=get_family("dsmoe").tiny,
+            aliases=("sixth",),
         )
-    )  # fmt: skip
+    )
     yield family
     del FAMILIES[family.id], FAMILY_ALIASES["sixth"]
     delattr(diffusers, family.class_name)

@@ -213,8 +213,14 @@ def test_pipeline_matches_guided_velocity_euler_step():
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
     formulation = get_formulation("jit-xpred")
     noise, labels = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
-    sample = pipe(labels, num_inference_steps=1, latents=noise, guidance_scale=3.0, guidance_interval=(0.0, 1.0),
-                  output_type="latent").images  # fmt: skip
+    sample = pipe(
+        labels,
+        num_inference_steps=1,
+        latents=noise,
+        guidance_scale=3.0,
+        guidance_interval=(0.0, 1.0),
+        output_type="latent",
+    ).images
     velocity = formulation.guided_velocity(pipe.transformer, noise, torch.zeros(2), labels, 3.0, (0.0, 1.0))
     # at t = 0 the velocity is x_hat - z; guidance u + 3 (c - u) adds up to 1 + 2 * 3 model errors
     tolerance = 7 * model_float32_tolerance(pipe.transformer, velocity)
@@ -241,8 +247,12 @@ def _bare_checkpoint(case, args=None) -> LoadedCheckpoint:
 
 def test_converter_reads_sampling_parameters_from_args(tmp_path):
     case = _fixture("jitmoe-p4-e4")
-    folder = convert_checkpoint("jit", os.path.join(case, "checkpoint.pt"), str(tmp_path / "out"),
-                                config_path=os.path.join(case, "config.yaml"))  # fmt: skip
+    folder = convert_checkpoint(
+        "jit",
+        os.path.join(case, "checkpoint.pt"),
+        str(tmp_path / "out"),
+        config_path=os.path.join(case, "config.yaml"),
+    )
     pipe = ClassConditionalMoEPipeline.from_pretrained(folder)
     assert isinstance(pipe.scheduler, FlowMatchHeunDiscreteScheduler)
     config = pipe.transformer.config
@@ -277,8 +287,17 @@ def test_converter_errors(tmp_path):
 
 
 def test_config_from_kwargs_follows_the_upstream_moe_flags():
-    moe = dict(num_experts=4, hidden_size=32, moe_intermediate_size=8, n_group=2, topk_group=2, num_experts_per_tok=2,
-               routed_scaling_factor=2.5, use_shared_expert=False, proj_drop=0.0)  # fmt: skip
+    moe = dict(
+        num_experts=4,
+        hidden_size=32,
+        moe_intermediate_size=8,
+        n_group=2,
+        topk_group=2,
+        num_experts_per_tok=2,
+        routed_scaling_factor=2.5,
+        use_shared_expert=False,
+        proj_drop=0.0,
+    )
     base = dict(depth=5, hidden_size=32, num_heads=4, input_size=16, patch_size=4, in_context_start=1)
     assert jit_config_from_kwargs({**base, "moe_config": {**moe, "interleave": True}})["moe_layers"] == [1, 3]
     config = jit_config_from_kwargs({**base, "moe_config": {**moe, "interleave": True}})

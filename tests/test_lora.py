@@ -69,8 +69,10 @@ def test_lora_layer_kinds_select_their_modules():
 
     transformer = tiny_transformer("dsmoe")
     attention = lora_target_modules(transformer, ["attention"])
-    assert attention == r"transformer_blocks\.\d+\.attn\.to_k|transformer_blocks\.\d+\.attn\.to_out\.0|" \
-        r"transformer_blocks\.\d+\.attn\.to_q|transformer_blocks\.\d+\.attn\.to_v"  # fmt: skip
+    assert (
+        attention == r"transformer_blocks\.\d+\.attn\.to_k|transformer_blocks\.\d+\.attn\.to_out\.0|"
+        r"transformer_blocks\.\d+\.attn\.to_q|transformer_blocks\.\d+\.attn\.to_v"
+    )
     shared = lora_target_modules(transformer, ["shared_experts"])
     assert "shared_experts" in shared and "experts\\.\\d+" not in shared
     with pytest.raises(ValueError, match="no layers"):

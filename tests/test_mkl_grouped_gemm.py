@@ -76,9 +76,11 @@ def test_segment_linear_agrees_with_and_without_the_grouped_gemm(grouped, sizes,
     upstream = torch.randn_like(out)
     grads = torch.autograd.grad((out * upstream).sum(), [rows, *weights, *biases])
     ref = torch.cat(
-        [torch.cat([torch.nn.functional.linear(chunk, weights[2 * i + p], biases[2 * i + p]) for p in range(2)], 1)
-         for i, chunk in enumerate(rows.split(sizes))]
-    )  # fmt: skip
+        [
+            torch.cat([torch.nn.functional.linear(chunk, weights[2 * i + p], biases[2 * i + p]) for p in range(2)], 1)
+            for i, chunk in enumerate(rows.split(sizes))
+        ]
+    )
     ref_grads = torch.autograd.grad((ref * upstream).sum(), [rows, *weights, *biases])
     # the longest dot products: the rows of the largest segment (weight gradients), then 8 features forward
     longest = max(max(sizes), rows.shape[1])
@@ -90,8 +92,14 @@ def test_segment_linear_agrees_with_and_without_the_grouped_gemm(grouped, sizes,
 def test_segments_are_one_gemm_per_projection():
     offsets = torch.tensor([300, 307, 307, 327], dtype=torch.int32)
     whole = [(b.index, b.start, b.end, b.column, b.width) for b in grouped_gemm._blocks(offsets, [5, 4])]
-    assert whole == [(0, 0, 300, 0, 5), (1, 0, 300, 5, 4), (2, 300, 307, 0, 5), (3, 300, 307, 5, 4),
-                     (6, 307, 327, 0, 5), (7, 307, 327, 5, 4)]  # fmt: skip  # the expert without rows has none
+    assert whole == [
+        (0, 0, 300, 0, 5),
+        (1, 0, 300, 5, 4),
+        (2, 300, 307, 0, 5),
+        (3, 300, 307, 5, 4),
+        (6, 307, 327, 0, 5),
+        (7, 307, 327, 5, 4),
+    ]  # the expert without rows has none
 
 
 def test_a_gemm_with_most_of_the_work_is_cut_into_balanced_row_blocks():

@@ -94,11 +94,16 @@ def test_segment_linear_values_and_gradients_match_per_segment_linears():
         bounds = [(0, 4), (4, 4), (4, 10)]
         ref = torch.cat(
             [
-                torch.cat([torch.nn.functional.linear(rows[s:e], weights[2 * i + p], *bias[2 * i + p : 2 * i + p + 1])
-                           for p in range(2)], dim=1)
+                torch.cat(
+                    [
+                        torch.nn.functional.linear(rows[s:e], weights[2 * i + p], *bias[2 * i + p : 2 * i + p + 1])
+                        for p in range(2)
+                    ],
+                    dim=1,
+                )
                 for i, (s, e) in enumerate(bounds)
             ]
-        )  # fmt: skip
+        )
         upstream = torch.randn_like(out)
         inputs = [rows, *weights, *bias]
         got = torch.autograd.grad((out * upstream).sum(), inputs, allow_unused=True)

@@ -107,8 +107,9 @@ def test_parity(case, tmp_path):
         errors[name] = (actual - reference).abs().max().item()
         assert errors[name] <= _tolerance(reference), f"{name}: max abs error {errors[name]:.3e}"
 
-    checkpoints = ["checkpoint.pt"] + [f for f in ("checkpoint_ema_only.pt", "checkpoint_release_format.pt")
-                                       if os.path.isfile(os.path.join(case, f))]  # fmt: skip
+    checkpoints = ["checkpoint.pt"] + [
+        f for f in ("checkpoint_ema_only.pt", "checkpoint_release_format.pt") if os.path.isfile(os.path.join(case, f))
+    ]
     for index, checkpoint in enumerate(checkpoints):
         folder = str(tmp_path / f"converted-{index}")
         convert_checkpoint(spec["converter"], os.path.join(case, checkpoint), folder, **spec["convert_kwargs"](case))
@@ -166,9 +167,13 @@ def test_parity(case, tmp_path):
         if "v_cfg" in expected:  # the original sampler's guided velocity at per-sample times
             formulation = get_formulation(transformer.config.formulation).for_model(transformer.config)
             v_cfg = formulation.guided_velocity(
-                transformer, inputs["x"], inputs["t"], inputs["y"], sample_kwargs["guidance_scale"],
+                transformer,
+                inputs["x"],
+                inputs["t"],
+                inputs["y"],
+                sample_kwargs["guidance_scale"],
                 sample_kwargs.get("guidance_interval"),
-            )  # fmt: skip
+            )
             compare("v_cfg", v_cfg, expected["v_cfg"])
 
     PARITY_REPORT.append(

@@ -33,10 +33,12 @@ def test_out_of_range_class_ids_are_refused(labels):
 
 def test_class_names_can_be_passed_directly():
     pipe = tiny_pipeline()
-    by_name = pipe(class_labels=["goldfish", "hen"], num_inference_steps=2, generator=torch.manual_seed(0),
-                   output_type="latent").images  # fmt: skip
-    by_id = pipe(class_labels=[1, 8], num_inference_steps=2, generator=torch.manual_seed(0),
-                 output_type="latent").images  # fmt: skip
+    by_name = pipe(
+        class_labels=["goldfish", "hen"], num_inference_steps=2, generator=torch.manual_seed(0), output_type="latent"
+    ).images
+    by_id = pipe(
+        class_labels=[1, 8], num_inference_steps=2, generator=torch.manual_seed(0), output_type="latent"
+    ).images
     torch.testing.assert_close(by_name, by_id)
 
 
@@ -95,8 +97,9 @@ def test_guidance_matches_the_separate_pass_formula():
     pipe = tiny_pipeline()
     latents = torch.randn(2, 4, 8, 8, generator=torch.manual_seed(0))
     # one Euler step from noise (flow time 0) to data (1): x + v, with v = v_u + s * (v_c - v_u) on the latent channels
-    one_step = pipe(class_labels=[1, 2], latents=latents, num_inference_steps=1, guidance_scale=2.5,
-                    output_type="latent").images  # fmt: skip
+    one_step = pipe(
+        class_labels=[1, 2], latents=latents, num_inference_steps=1, guidance_scale=2.5, output_type="latent"
+    ).images
     with torch.no_grad():
         cond = pipe.transformer(latents, torch.zeros(2), torch.tensor([1, 2])).sample[:, :4]
         uncond = pipe.transformer(latents, torch.zeros(2), torch.tensor([10, 10])).sample[:, :4]
@@ -114,8 +117,13 @@ def test_callback_on_step_end_sees_and_replaces_latents():
         seen.append(step)
         return {"latents": torch.zeros_like(callback_kwargs["latents"])}
 
-    out = pipe(class_labels=[1], num_inference_steps=3, output_type="latent", callback_on_step_end=callback,
-               callback_on_step_end_tensor_inputs=["latents"]).images  # fmt: skip
+    out = pipe(
+        class_labels=[1],
+        num_inference_steps=3,
+        output_type="latent",
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=["latents"],
+    ).images
     assert seen == [0, 1, 2] and torch.count_nonzero(out) == 0
 
 
@@ -144,8 +152,12 @@ def test_save_and_reload_keeps_labels_and_outputs(tmp_path):
     loaded = ClassConditionalMoEPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
     kwargs = dict(class_labels=[1, 2], num_inference_steps=2, output_type="latent")
-    torch.testing.assert_close(loaded(generator=torch.manual_seed(0), **kwargs).images,
-                               pipe(generator=torch.manual_seed(0), **kwargs).images, atol=0, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        loaded(generator=torch.manual_seed(0), **kwargs).images,
+        pipe(generator=torch.manual_seed(0), **kwargs).images,
+        atol=0,
+        rtol=0,
+    )
     assert loaded.get_label_ids("goldfish") == [1]
 
 

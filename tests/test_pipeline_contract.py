@@ -21,8 +21,17 @@ def test_call_signature_has_the_canonical_parameters():
     parameters = inspect.signature(ClassConditionalMoEPipeline.__call__).parameters
     optional = {name for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
     assert "class_labels" in parameters
-    assert {"num_inference_steps", "generator", "latents", "output_type", "return_dict", "callback_on_step_end",
-            "callback_on_step_end_tensor_inputs", "guidance_scale", "attention_kwargs"} <= optional  # fmt: skip
+    assert {
+        "num_inference_steps",
+        "generator",
+        "latents",
+        "output_type",
+        "return_dict",
+        "callback_on_step_end",
+        "callback_on_step_end_tensor_inputs",
+        "guidance_scale",
+        "attention_kwargs",
+    } <= optional
 
 
 @pytest.mark.parametrize("family", registered_families())
@@ -38,8 +47,14 @@ def test_callback_reads_the_properties_and_its_guidance_change_applies(family):
         pipeline._guidance_scale = 1.0
         return callback_kwargs
 
-    pipe(**latent_call(num_inference_steps=3, guidance_scale=3.0, guidance_interval=(0, float("inf")),
-                       callback_on_step_end=guidance_off_after_first_step))  # fmt: skip
+    pipe(
+        **latent_call(
+            num_inference_steps=3,
+            guidance_scale=3.0,
+            guidance_interval=(0, float("inf")),
+            callback_on_step_end=guidance_off_after_first_step,
+        )
+    )
     steps = pipe.num_timesteps  # the scheduler's timesteps: 3, or 5 for Heun (two evaluations per step but the last)
     assert seen == [(steps, 3.0, True)] + [(steps, 1.0, False)] * (steps - 1)
     separate_passes = recorder.inner.routing_depends_on_batch  # DiffMoE
@@ -55,8 +70,13 @@ def test_guidance_scale_increased_in_every_step_ends_at_its_sum(family):
         pipeline._guidance_scale += 1.0
         return callback_kwargs
 
-    pipe(**latent_call(guidance_scale=2.0, callback_on_step_end=increase_guidance,
-                       callback_on_step_end_tensor_inputs=pipe._callback_tensor_inputs))  # fmt: skip
+    pipe(
+        **latent_call(
+            guidance_scale=2.0,
+            callback_on_step_end=increase_guidance,
+            callback_on_step_end_tensor_inputs=pipe._callback_tensor_inputs,
+        )
+    )
     assert pipe.guidance_scale == 2.0 + pipe.num_timesteps
 
 
@@ -69,8 +89,9 @@ def test_a_callback_that_keeps_guidance_changes_nothing(family):
         return callback_kwargs
 
     reference = pipe(**latent_call(guidance_scale=2.5, generator=torch.manual_seed(0))).images
-    with_callback = pipe(**latent_call(guidance_scale=2.5, generator=torch.manual_seed(0),
-                                       callback_on_step_end=same_guidance)).images  # fmt: skip
+    with_callback = pipe(
+        **latent_call(guidance_scale=2.5, generator=torch.manual_seed(0), callback_on_step_end=same_guidance)
+    ).images
     torch.testing.assert_close(with_callback, reference, atol=0, rtol=0)
 
 
@@ -106,10 +127,15 @@ def test_nested_and_tensor_labels_are_flattened(family):
 def test_batched_call_matches_single_calls(family):
     """diffusers' `test_inference_batch_single_identical`: batching `[[1], [1]]` with one generator per image."""
     pipe = family_pipeline(family)
-    single = pipe(class_labels=[1], num_inference_steps=2, output_type="latent",
-                  generator=torch.Generator().manual_seed(0)).images  # fmt: skip
-    batch = pipe(class_labels=[[1], [1]], num_inference_steps=2, output_type="latent",
-                 generator=[torch.Generator().manual_seed(i) for i in range(2)]).images  # fmt: skip
+    single = pipe(
+        class_labels=[1], num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0)
+    ).images
+    batch = pipe(
+        class_labels=[[1], [1]],
+        num_inference_steps=2,
+        output_type="latent",
+        generator=[torch.Generator().manual_seed(i) for i in range(2)],
+    ).images
     config = pipe.transformer.config
     width = config.num_attention_heads * config.attention_head_dim
     # per evaluation four stacked width-D matmuls per block (q/k/v, attention output, two MLP layers), two steps
@@ -176,8 +202,11 @@ def test_non_finite_latents_from_a_callback_fail_instead_of_a_blank_image():
         return {"latents": torch.full_like(callback_kwargs["latents"], float("nan"))}
 
     with pytest.raises(ValueError, match="Sampling produced NaN or infinite latents"):
-        pipe(**latent_call(output_type="pil", callback_on_step_end=poison,
-                           callback_on_step_end_tensor_inputs=["latents"]))  # fmt: skip
+        pipe(
+            **latent_call(
+                output_type="pil", callback_on_step_end=poison, callback_on_step_end_tensor_inputs=["latents"]
+            )
+        )
 
 
 def test_a_generator_list_of_the_wrong_length_is_refused():
@@ -199,8 +228,10 @@ def test_the_example_in_the_docstring_runs(tmp_path, monkeypatch):
 @pytest.mark.parametrize("family", registered_families())
 def test_pt_np_and_pil_outputs_agree(family):
     pipe = family_pipeline(family)
-    outputs = {kind: pipe(**latent_call(output_type=kind, generator=torch.manual_seed(0))).images
-               for kind in ("pt", "np", "pil")}  # fmt: skip
+    outputs = {
+        kind: pipe(**latent_call(output_type=kind, generator=torch.manual_seed(0))).images
+        for kind in ("pt", "np", "pil")
+    }
     np.testing.assert_array_equal(outputs["pt"].permute(0, 2, 3, 1).numpy(), outputs["np"])
     as_bytes = (outputs["np"] * 255).round().astype("uint8")
     for image, expected in zip(outputs["pil"], as_bytes):
@@ -218,6 +249,11 @@ def test_callback_gets_exactly_the_requested_tensors_and_may_replace_the_last_la
             callback_kwargs["latents"] = torch.zeros_like(callback_kwargs["latents"])
         return callback_kwargs
 
-    images = pipe(**latent_call(output_type="latent", callback_on_step_end=zero_last_latents,
-                                callback_on_step_end_tensor_inputs=pipe._callback_tensor_inputs)).images  # fmt: skip
+    images = pipe(
+        **latent_call(
+            output_type="latent",
+            callback_on_step_end=zero_last_latents,
+            callback_on_step_end_tensor_inputs=pipe._callback_tensor_inputs,
+        )
+    ).images
     assert torch.count_nonzero(images) == 0

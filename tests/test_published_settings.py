@@ -42,12 +42,19 @@ def test_converter_writes_the_settings_and_sample_uses_them(tmp_path, monkeypatc
     monkeypatch.setattr(convert, "match_published_settings", lambda family, config: stand_in)
     case = dsmoe_case()
     tiny_vae().save_pretrained(tmp_path / "vae")
-    folder = convert_checkpoint("dsmoe", os.path.join(case, "checkpoint.pt"), str(tmp_path / "m"),
-                                config_path=os.path.join(case, "config.yaml"),
-                                vae_path=str(tmp_path / "vae"))  # fmt: skip
+    folder = convert_checkpoint(
+        "dsmoe",
+        os.path.join(case, "checkpoint.pt"),
+        str(tmp_path / "m"),
+        config_path=os.path.join(case, "config.yaml"),
+        vae_path=str(tmp_path / "vae"),
+    )
     recorded = json.loads(open(os.path.join(folder, "published_settings.json")).read())
-    assert recorded["sampling"] == {"num_inference_steps": 2, "guidance_scale": 1.25,
-                                    "scheduler": "FlowMatchEulerDiscreteScheduler"}  # fmt: skip
+    assert recorded["sampling"] == {
+        "num_inference_steps": 2,
+        "guidance_scale": 1.25,
+        "scheduler": "FlowMatchEulerDiscreteScheduler",
+    }
     assert json.loads(open(os.path.join(folder, "model_index.json")).read())["default_guidance_scale"] == 1.25
     card = open(os.path.join(folder, "README.md")).read()
     assert "## Published evaluation (DSMoE-S-E16)" in card and "| ImageNet 256x256 | 1.5 | 14.53 |" in card

@@ -143,8 +143,12 @@ def test_a_pipeline_call_plans_once_and_leaves_a_derived_scheduler_untouched(mon
 
     monkeypatch.setattr(Formulation, "sampling_plan", recording_plan)
     seen = []
-    pipe(class_labels=[1], num_inference_steps=3, output_type="latent",
-         callback_on_step_end=lambda p, i, t, kwargs: seen.append(t) or kwargs)  # fmt: skip
+    pipe(
+        class_labels=[1],
+        num_inference_steps=3,
+        output_type="latent",
+        callback_on_step_end=lambda p, i, t, kwargs: seen.append(t) or kwargs,
+    )
     assert len(plans) == 1 and state(pipe.scheduler) == before
     assert torch.equal(torch.stack(seen), plans[0].timesteps) and pipe.num_timesteps == len(plans[0]) == 5
 

@@ -45,8 +45,13 @@ def model_folders(tmp_path_factory):
     names.write_text(json.dumps({str(i): name for i, name in enumerate(DIGITS)}))
     case = os.path.join(parity_root(), JIT_CASE)
     folders = {"jitmoe": str(root / "jitmoe")}
-    convert_checkpoint("jit", os.path.join(case, "checkpoint.pt"), folders["jitmoe"],
-                       config_path=os.path.join(case, "config.yaml"), id2label_path=str(names))  # fmt: skip
+    convert_checkpoint(
+        "jit",
+        os.path.join(case, "checkpoint.pt"),
+        folders["jitmoe"],
+        config_path=os.path.join(case, "config.yaml"),
+        id2label_path=str(names),
+    )
     id2label = {str(i): name for i, name in enumerate(DIGITS)}
     torch.manual_seed(0)
     dynamic = tiny_model("dynamic-token-moe", "no-shared-expert", out_channels=4, moe_layers=[0, 1])
@@ -66,8 +71,9 @@ def demo_app(model_folders):
     return space_app.DemoApp(space_app.load_models(model_folders, device="cpu"))
 
 
-def _generate(demo_app, model="jitmoe", classes=(3,), guidance=2.9, steps=3, scheduler=None, seed=7, randomize=False,
-              per_class=1):  # fmt: skip
+def _generate(
+    demo_app, model="jitmoe", classes=(3,), guidance=2.9, steps=3, scheduler=None, seed=7, randomize=False, per_class=1
+):
     scheduler = scheduler or next(iter(demo_app.models[model].schedulers))
     return demo_app.generate(model, list(classes), guidance, steps, scheduler, seed, randomize, per_class)
 
@@ -315,8 +321,9 @@ def test_app_served_on_localhost_and_driven_with_gradio_client(served, demo_app)
     from gradio_client import Client
 
     client = Client(served, verbose=False)
-    result = client.predict("jitmoe", [2, 7], 2.9, 2, "FlowMatchEulerDiscreteScheduler", 5, False, 1,
-                            api_name="/generate")  # fmt: skip
+    result = client.predict(
+        "jitmoe", [2, 7], 2.9, 2, "FlowMatchEulerDiscreteScheduler", 5, False, 1, api_name="/generate"
+    )
     gallery, seed, _, _, picture, chart, _, caption = result
     assert seed == 5 and [item["caption"] for item in gallery] == ["two - seed 5", "seven - seed 6"]
     assert all(os.path.isfile(item["image"]) for item in gallery)
@@ -325,15 +332,17 @@ def test_app_served_on_localhost_and_driven_with_gradio_client(served, demo_app)
     served_image = np.asarray(Image.open(gallery[0]["image"]).convert("RGB"))
     np.testing.assert_array_equal(served_image, np.asarray(direct[0][0][0]))  # lossless: what the model made
     with pytest.raises(Exception, match="at most 8"):
-        client.predict("jitmoe", [1, 2, 3], 2.9, 2, "FlowMatchEulerDiscreteScheduler", 5, False, 3,
-                       api_name="/generate")  # fmt: skip
+        client.predict(
+            "jitmoe", [1, 2, 3], 2.9, 2, "FlowMatchEulerDiscreteScheduler", 5, False, 3, api_name="/generate"
+        )
 
 
 def test_app_runs_as_a_file(model_folders):
     """`python space/app.py --help` works from a checkout (absolute imports only)."""
     script = os.path.join(REPO_ROOT, "space", "app.py")
-    result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120,
-                            check=False)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, script, "--help"], capture_output=True, text=True, timeout=120, check=False
+    )
     assert result.returncode == 0 and "--model" in result.stdout
 
 

@@ -85,8 +85,17 @@ def _original_state_dict(model: SpatialTemporalMoETransformer2DModel) -> dict[st
 
 
 def _original_args(**overrides) -> argparse.Namespace:
-    return argparse.Namespace(**{"model": "DiT-S/2", "num_experts": 4, "num_experts_per_tok": 2, "rf": False,
-                                 "pretraining_tp": 2, "num_classes": 10, **overrides})  # fmt: skip
+    return argparse.Namespace(
+        **{
+            "model": "DiT-S/2",
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "rf": False,
+            "pretraining_tp": 2,
+            "num_classes": 10,
+            **overrides,
+        }
+    )
 
 
 def _original_count(model: SpatialTemporalMoETransformer2DModel) -> int:
@@ -199,8 +208,10 @@ def _checkpoint(model, args=None):
 def test_converter_round_trip_with_constructor_kwargs(tmp_path):
     model = _tiny_model(shared_expert_intermediate_size=0)
     config = tmp_path / "kwargs.yaml"
-    config.write_text("input_size: 8\nhidden_size: 32\ndepth: 2\nnum_heads: 4\nmlp_ratio: 0.75\nnum_classes: 10\n"
-                      "num_experts: 4\nnum_experts_per_tok: 2\nn_shared_experts: null\n")  # fmt: skip
+    config.write_text(
+        "input_size: 8\nhidden_size: 32\ndepth: 2\nnum_heads: 4\nmlp_ratio: 0.75\nnum_classes: 10\n"
+        "num_experts: 4\nnum_experts_per_tok: 2\nn_shared_experts: null\n"
+    )
     converted = build_spatial_temporal_moe_transformer(_checkpoint(model), config_path=str(config))
     assert (
         converted.config.formulation == "ddpm-learned-sigma" and converted.config.shared_expert_intermediate_size == 0
@@ -255,8 +266,15 @@ def test_converter_rejects_a_sincos_pos_embed(tmp_path):
 def test_convert_checkpoint_writes_the_formulation_scheduler(tmp_path):
     model = _tiny_model()
     path = tmp_path / "train.pt"
-    torch.save({"model": _original_state_dict(model), "ema": _original_state_dict(model), "opt": {},
-                "args": _original_args(model="DiT-S/2", rf=True)}, path)  # fmt: skip
+    torch.save(
+        {
+            "model": _original_state_dict(model),
+            "ema": _original_state_dict(model),
+            "opt": {},
+            "args": _original_args(model="DiT-S/2", rf=True),
+        },
+        path,
+    )
     config = tmp_path / "kwargs.json"
     config.write_text('{"hidden_size": 32, "depth": 2, "num_heads": 4, "mlp_ratio": 0.75, "n_shared_experts": 1}')
     with pytest.raises(ValueError, match="does not take num_experts"):
@@ -265,8 +283,9 @@ def test_convert_checkpoint_writes_the_formulation_scheduler(tmp_path):
     pipe = ClassConditionalMoEPipeline.from_pretrained(folder)
     assert pipe.transformer.config.formulation == "rf-noise-at-1"  # from args.rf
     assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
-    folder = convert_checkpoint("diff-moe", str(path), str(tmp_path / "ddpm"), config_path=str(config),
-                                formulation="ddpm", experts_per_token=1)  # fmt: skip
+    folder = convert_checkpoint(
+        "diff-moe", str(path), str(tmp_path / "ddpm"), config_path=str(config), formulation="ddpm", experts_per_token=1
+    )
     pipe = ClassConditionalMoEPipeline.from_pretrained(folder)
     assert pipe.transformer.config.formulation == "ddpm-learned-sigma"
     assert pipe.transformer.config.num_experts_per_tok == 1

@@ -50,8 +50,23 @@ def _png(path):
 def test_lora_training_reloads_with_load_lora_weights(family, images, tmp_path):
     pretrained = save_tiny_pipeline(str(tmp_path / "pipe"), family)
     out = str(tmp_path / "lora")
-    train(pretrained, images, out, "--use_lora", "--rank", "4", "--max_train_steps", "2", "--checkpointing_steps", "5",
-          "--validation_epochs", "1", "--validation_class_labels", "0,2", family=family)  # fmt: skip
+    train(
+        pretrained,
+        images,
+        out,
+        "--use_lora",
+        "--rank",
+        "4",
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        "5",
+        "--validation_epochs",
+        "1",
+        "--validation_class_labels",
+        "0,2",
+        family=family,
+    )
     assert os.path.isfile(os.path.join(out, "pytorch_lora_weights.safetensors"))
     assert "lora" in open(os.path.join(out, "README.md")).read()
     state = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
@@ -79,8 +94,16 @@ def test_resume_continues_exactly(images, tmp_path):
     """n steps in one run == k steps, then --resume_from_checkpoint latest for the remaining n - k (mid-epoch, with
     EMA, gradient accumulation, random flips, label dropout, DiffMoE thresholds and the checkpoint limit)."""
     pretrained = save_tiny_pipeline(str(tmp_path / "pipe"), "diffmoe-dts")
-    common = ["--use_ema", "--random_flip", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "2",
-              "--learning_rate", "1e-3"]  # fmt: skip
+    common = [
+        "--use_ema",
+        "--random_flip",
+        "--gradient_accumulation_steps",
+        "2",
+        "--checkpointing_steps",
+        "2",
+        "--learning_rate",
+        "1e-3",
+    ]
     full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
     train(pretrained, images, full, *common, "--max_train_steps", "4", "--checkpoints_total_limit", "1")
     assert sorted(d for d in os.listdir(full) if d.startswith("checkpoint-")) == ["checkpoint-4"]
@@ -132,11 +155,33 @@ def test_full_training_from_preset_in_pixel_space(tmp_path):
     }
     out = str(tmp_path / "out")
     args = [
-        "--preset", "JiT-B/16", "--model_family", "jit", "--model_config_overrides", json.dumps(tiny),
-        "--train_data_dir", data, "--resolution", "16", "--output_dir", out, "--train_batch_size", "2",
-        "--max_train_steps", "2", "--report_to", "none", "--seed", "0", "--validation_epochs", "1",
-        "--validation_inference_steps", "2", "--checkpointing_steps", "10",
-    ]  # fmt: skip
+        "--preset",
+        "JiT-B/16",
+        "--model_family",
+        "jit",
+        "--model_config_overrides",
+        json.dumps(tiny),
+        "--train_data_dir",
+        data,
+        "--resolution",
+        "16",
+        "--output_dir",
+        out,
+        "--train_batch_size",
+        "2",
+        "--max_train_steps",
+        "2",
+        "--report_to",
+        "none",
+        "--seed",
+        "0",
+        "--validation_epochs",
+        "1",
+        "--validation_inference_steps",
+        "2",
+        "--checkpointing_steps",
+        "10",
+    ]
     try:
         main(parse_args(args))
     finally:
@@ -150,8 +195,22 @@ def test_full_training_from_preset_in_pixel_space(tmp_path):
 def test_feature_extraction_resumes_and_latents_train(images, tmp_path):
     pretrained = save_tiny_pipeline(str(tmp_path / "pipe"), "dsmoe")
     latents = str(tmp_path / "latents")
-    extract_args = ["--train_data_dir", images, "--vae_name_or_path", pretrained, "--vae_subfolder", "vae",
-                    "--resolution", "8", "--batch_size", "3", "--shard_size", "5", "--output_dir", latents]  # fmt: skip
+    extract_args = [
+        "--train_data_dir",
+        images,
+        "--vae_name_or_path",
+        pretrained,
+        "--vae_subfolder",
+        "vae",
+        "--resolution",
+        "8",
+        "--batch_size",
+        "3",
+        "--shard_size",
+        "5",
+        "--output_dir",
+        latents,
+    ]
     extract_features.main(extract_features.parse_args(extract_args))
     AcceleratorState._reset_state(True)
     metadata = json.load(open(os.path.join(latents, "metadata.json")))
@@ -169,9 +228,24 @@ def test_feature_extraction_resumes_and_latents_train(images, tmp_path):
     assert torch.equal(first["latents"], again["latents"]) and torch.equal(first["labels"], again["labels"])
 
     out = str(tmp_path / "out")
-    args = ["--pretrained_model_name_or_path", pretrained, "--train_latents_dir", latents, "--output_dir", out,
-            "--train_batch_size", "4", "--max_train_steps", "2", "--report_to", "none", "--validation_epochs", "0",
-            "--checkpointing_steps", "10"]  # fmt: skip
+    args = [
+        "--pretrained_model_name_or_path",
+        pretrained,
+        "--train_latents_dir",
+        latents,
+        "--output_dir",
+        out,
+        "--train_batch_size",
+        "4",
+        "--max_train_steps",
+        "2",
+        "--report_to",
+        "none",
+        "--validation_epochs",
+        "0",
+        "--checkpointing_steps",
+        "10",
+    ]
     try:
         main(parse_args(args))
     finally:
@@ -199,8 +273,20 @@ def test_bad_data_is_named(images, tmp_path):
     write_latent_shard(str(latents), 0, torch.zeros(2, 4, 16, 16), torch.zeros(2, dtype=torch.long))
     (latents / "metadata.json").write_text(json.dumps({"num_shards": 1, "complete": True, "scaling_factor": 0.18215}))
     with pytest.raises(ValueError, match=r"latents-00000.safetensors holds latents of shape \(4, 16, 16\)"):
-        main(parse_args(["--pretrained_model_name_or_path", pretrained, "--train_latents_dir", str(latents),
-                         "--output_dir", str(tmp_path / "o"), "--report_to", "none"]))  # fmt: skip
+        main(
+            parse_args(
+                [
+                    "--pretrained_model_name_or_path",
+                    pretrained,
+                    "--train_latents_dir",
+                    str(latents),
+                    "--output_dir",
+                    str(tmp_path / "o"),
+                    "--report_to",
+                    "none",
+                ]
+            )
+        )
     AcceleratorState._reset_state(True)
     with pytest.raises(ValueError, match="Routers are never LoRA-adapted"):
         parse_args(["--preset", "x", "--model_family", "dsmoe", "--train_data_dir", ".", "--lora_layers", "router"])
@@ -263,8 +349,11 @@ def test_accelerate_configs_wrap_each_familys_block():
         elif config.distributed_type == "DEEPSPEED":
             assert config.deepspeed_config["zero_stage"] == int(name[-6])
     assert {"ddp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"} <= set(os.listdir(folder))
-    blocks = {cls._no_split_modules[0] for cls in (getattr(diffmoe_hf, n) for n in dir(diffmoe_hf)) if hasattr(
-        cls, "_no_split_modules") and cls.__module__.startswith("diffmoe_hf")}  # fmt: skip
+    blocks = {
+        cls._no_split_modules[0]
+        for cls in (getattr(diffmoe_hf, n) for n in dir(diffmoe_hf))
+        if hasattr(cls, "_no_split_modules") and cls.__module__.startswith("diffmoe_hf")
+    }
     assert set(wrap.values()) == blocks == {"AdaLNZeroTransformerBlock", "SpatialTemporalMoEBlock"}
 
 

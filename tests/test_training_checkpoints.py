@@ -94,12 +94,23 @@ def test_sigkill_during_checkpointing_loses_nothing(setup, tmp_path):
     without --checkpoints_total_limit, and the chain ends with the weights of an uninterrupted run."""
     pretrained, images = setup
     out = str(tmp_path / "killed")
-    common = ["--max_train_steps", str(STEPS), "--checkpointing_steps", "1", "--learning_rate", "1e-3",
-              "--resume_from_checkpoint", "latest"]  # fmt: skip
+    common = [
+        "--max_train_steps",
+        str(STEPS),
+        "--checkpointing_steps",
+        "1",
+        "--learning_rate",
+        "1e-3",
+        "--resume_from_checkpoint",
+        "latest",
+    ]
 
     def written_until(output_dir, names, step, filename):
-        return any(os.path.isfile(os.path.join(output_dir, name, filename)) for s, name in _steps(names, ANY).items()
-                   if s >= step)  # fmt: skip
+        return any(
+            os.path.isfile(os.path.join(output_dir, name, filename))
+            for s, name in _steps(names, ANY).items()
+            if s >= step
+        )
 
     # (flags, when to kill given the step the run resumes from)
     stages = [
@@ -137,8 +148,17 @@ def test_sigkill_during_checkpointing_loses_nothing(setup, tmp_path):
     assert not [name for name in final_listing if ANY.fullmatch(name) and not FINAL.fullmatch(name)]
 
     straight = str(tmp_path / "straight")  # in a child as well: the same thread count, so the same float sums
-    straight_args = script_args(pretrained, images, straight, "--max_train_steps", str(STEPS), "--checkpointing_steps",
-                                str(STEPS), "--learning_rate", "1e-3")  # fmt: skip
+    straight_args = script_args(
+        pretrained,
+        images,
+        straight,
+        "--max_train_steps",
+        str(STEPS),
+        "--checkpointing_steps",
+        str(STEPS),
+        "--learning_rate",
+        "1e-3",
+    )
     assert _run_and_kill(straight_args, straight, str(tmp_path / "straight.log"), lambda *_: False) is None
     a = load_file(os.path.join(straight, "transformer", "diffusion_pytorch_model.safetensors"))
     b = load_file(os.path.join(out, "transformer", "diffusion_pytorch_model.safetensors"))
@@ -183,10 +203,13 @@ def test_explicit_checkpoint_must_exist_and_be_complete(setup, tmp_path):
     _fake_checkpoint(out, 3)
     _fake_checkpoint(out, 5, complete=False)
     for resume, message in [
-        ("checkpoint-30", r"--resume_from_checkpoint checkpoint-30: no such folder .*Checkpoints in .*out: "
-                          r"checkpoint-3, checkpoint-5\. Give an existing checkpoint folder, 'latest'"),
+        (
+            "checkpoint-30",
+            r"--resume_from_checkpoint checkpoint-30: no such folder .*Checkpoints in .*out: "
+            r"checkpoint-3, checkpoint-5\. Give an existing checkpoint folder, 'latest'",
+        ),
         ("checkpoint-5", rf"checkpoint-5 is not a complete checkpoint: it has no {COMPLETE_MARKER} .*'latest' picks"),
-    ]:  # fmt: skip
+    ]:
         with pytest.raises(ValueError, match=message):
             try:
                 main(parse_args(script_args(pretrained, images, out, "--resume_from_checkpoint", resume)))
@@ -201,8 +224,21 @@ def test_latest_with_a_stray_folder_starts_a_new_run(setup, tmp_path, caplog):
     (out / "checkpoint-abc").mkdir(parents=True)
     with caplog.at_level(logging.INFO):
         try:
-            main(parse_args(script_args(pretrained, images, str(out), "--max_train_steps", "1",
-                                        "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest")))  # fmt: skip
+            main(
+                parse_args(
+                    script_args(
+                        pretrained,
+                        images,
+                        str(out),
+                        "--max_train_steps",
+                        "1",
+                        "--checkpointing_steps",
+                        "1",
+                        "--resume_from_checkpoint",
+                        "latest",
+                    )
+                )
+            )
         finally:
             AcceleratorState._reset_state(True)
     assert f"Ignoring {out / 'checkpoint-abc'}: not a checkpoint-<step> folder" in caplog.text

@@ -53,8 +53,11 @@ def test_class_folders_map_to_the_models_class_ids(pretrained, tmp_path, monkeyp
 
     monkeypatch.setattr(script, "diffusion_training_loss", recording_loss)
     with caplog.at_level("INFO"):
-        train(*script_args(pretrained, data, str(tmp_path / "out"), "--max_train_steps", "4",
-                           "--checkpointing_steps", "10"))  # fmt: skip
+        train(
+            *script_args(
+                pretrained, data, str(tmp_path / "out"), "--max_train_steps", "4", "--checkpointing_steps", "10"
+            )
+        )
     assert seen == {0, 2}
     assert "Class folders of " + data + " -> class ids: 000/ -> 0, class_2/ -> 2" in caplog.text
 
@@ -75,7 +78,10 @@ def test_class_folders_that_match_no_class_are_refused(pretrained, tmp_path):
 def test_folder_class_ids_rules():
     imagenet = {"134": "crane", "517": "crane", "1": "goldfish, Carassius auratus", "0": "tench, Tinca tinca"}
     assert folder_class_ids(["0207", "goldfish", "tench, Tinca tinca"], 1000, imagenet) == {
-        "0207": 207, "goldfish": 1, "tench, Tinca tinca": 0}  # fmt: skip
+        "0207": 207,
+        "goldfish": 1,
+        "tench, Tinca tinca": 0,
+    }
     with pytest.raises(ValueError, match=r"crane/ names classes \[134, 517\]: name it by its class id"):
         folder_class_ids(["crane"], 1000, imagenet)
     with pytest.raises(ValueError, match=r"1/ and goldfish/ are all class 1"):
@@ -133,8 +139,18 @@ def test_unreadable_images_are_found_before_training_or_skipped(pretrained, tmp_
     assert not os.path.exists(os.path.join(out, "checkpoint-1"))
 
     with caplog.at_level("WARNING"):
-        train(*script_args(pretrained, data, out, "--max_train_steps", "2", "--checkpointing_steps", "10",
-                           "--skip_unreadable_images"))  # fmt: skip
+        train(
+            *script_args(
+                pretrained,
+                data,
+                out,
+                "--max_train_steps",
+                "2",
+                "--checkpointing_steps",
+                "10",
+                "--skip_unreadable_images",
+            )
+        )
     assert "2 of 6 training images cannot be read" in caplog.text and "Training without them" in caplog.text
     assert os.path.isfile(os.path.join(out, "transformer", "diffusion_pytorch_model.safetensors"))
 

@@ -130,9 +130,12 @@ def test_ddpm_without_learned_sigma_is_plain_eps_mse():
 
 @pytest.mark.parametrize(
     ("name", "sampling", "mean", "std"),
-    [("rf-noise-at-1", None, 0.0, 1.0), ("jit-xpred", None, -0.8, 0.8), ("rf-noise-at-0", TimeSampling(
-        "logit_normal", 0.5, 0.5), 0.5, 0.5)],
-)  # fmt: skip
+    [
+        ("rf-noise-at-1", None, 0.0, 1.0),
+        ("jit-xpred", None, -0.8, 0.8),
+        ("rf-noise-at-0", TimeSampling("logit_normal", 0.5, 0.5), 0.5, 0.5),
+    ],
+)
 def test_logit_normal_time_sampling(name, sampling, mean, std):
     generator = torch.Generator().manual_seed(0)
     t = get_formulation(name).training_times(20000, torch.device("cpu"), sampling, generator=generator)

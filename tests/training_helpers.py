@@ -48,10 +48,28 @@ def resolution(family: str) -> int:
 def script_args(pretrained: str, data: str, output_dir: str, *extra: str, family: str = "dsmoe") -> list[str]:
     """Arguments of train_class_conditional.py for a tiny run: no trackers, no validation, seed 0, batch 2."""
     return [
-        "--pretrained_model_name_or_path", pretrained, "--train_data_dir", data, "--output_dir", output_dir,
-        "--resolution", str(resolution(family)), "--train_batch_size", "2", "--seed", "0", "--report_to", "none",
-        "--validation_inference_steps", "2", "--validation_epochs", "0", "--routing_log_steps", "1", *extra,
-    ]  # fmt: skip
+        "--pretrained_model_name_or_path",
+        pretrained,
+        "--train_data_dir",
+        data,
+        "--output_dir",
+        output_dir,
+        "--resolution",
+        str(resolution(family)),
+        "--train_batch_size",
+        "2",
+        "--seed",
+        "0",
+        "--report_to",
+        "none",
+        "--validation_inference_steps",
+        "2",
+        "--validation_epochs",
+        "0",
+        "--routing_log_steps",
+        "1",
+        *extra,
+    ]
 
 
 def train(pretrained: str, data: str, output_dir: str, *extra: str, family: str = "dsmoe") -> None:
@@ -76,13 +94,29 @@ def run_two_processes(args: list[str], accelerate_config: str | None = None) -> 
     here = os.path.dirname(os.path.abspath(__file__))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     if accelerate_config is None:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    os.path.join(here, "ddp_training_worker.py")]  # fmt: skip
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            os.path.join(here, "ddp_training_worker.py"),
+        ]
         env["ACCELERATE_USE_CPU"] = "true"
     else:  # the worker sets up the CPU processes itself (DeepSpeed would be off with ACCELERATE_USE_CPU)
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
-                    "--num_processes", "2", "--mixed_precision", "no",
-                    os.path.join(here, "sharded_cpu_training_worker.py")]  # fmt: skip
+        launcher = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            accelerate_config,
+            "--num_processes",
+            "2",
+            "--mixed_precision",
+            "no",
+            os.path.join(here, "sharded_cpu_training_worker.py"),
+        ]
         env.pop("ACCELERATE_USE_CPU", None)
         env["DS_ACCELERATOR"] = "cpu"
     result = subprocess.run([*launcher, *args], env=env, capture_output=True, text=True, timeout=300)

@@ -170,9 +170,10 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
 def prune_checkpoints(output_dir: str, total_limit: int) -> None:
     """Deletes the oldest complete checkpoints beyond the `total_limit` newest (incomplete ones are left alone)."""
     complete = [
-        step for step in checkpoint_steps(output_dir)
+        step
+        for step in checkpoint_steps(output_dir)
         if why_incomplete(os.path.join(output_dir, f"checkpoint-{step}")) is None
-    ]  # fmt: skip
+    ]
     removing = complete[: max(len(complete) - total_limit, 0)]
     if removing:
         logger.info(f"Removing {len(removing)} old checkpoints: {', '.join(f'checkpoint-{s}' for s in removing)}")

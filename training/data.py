@@ -226,9 +226,10 @@ def find_unreadable_images(
 
     bad = []
     shard = dataset.select(rows)
-    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool, tqdm(
-        total=len(rows), desc="Checking images", disable=not progress
-    ) as bar:  # fmt: skip
+    with (
+        ThreadPoolExecutor(max_workers=os.cpu_count()) as pool,
+        tqdm(total=len(rows), desc="Checking images", disable=not progress) as bar,
+    ):
         offset = start
         for batch in shard.iter(batch_size=256):
             images = batch[image_column]

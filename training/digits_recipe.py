@@ -52,8 +52,15 @@ NOTES = {
     "2000 steps like the JiTMoE model, it missed the Frechet target (3.5x the floor at 1.0, 4.5x at 1.5): its samples were "
     "blurrier than JiTMoE's x-prediction samples.",
 }
-FILES = ("model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
-         "scheduler/scheduler_config.json", "README.md", "samples.png", "metrics.json")  # fmt: skip
+FILES = (
+    "model_index.json",
+    "transformer/config.json",
+    "transformer/diffusion_pytorch_model.safetensors",
+    "scheduler/scheduler_config.json",
+    "README.md",
+    "samples.png",
+    "metrics.json",
+)
 
 
 def meets(name: str, value: float) -> bool:
@@ -76,9 +83,13 @@ def model_card(model: str, pipe, metrics: dict, train_info: dict) -> str:
     formulation = transformer.config.formulation
     guidance = metrics["guidance_scale"]
     rows = []
-    for name, label in [("accuracy", "class-conditional accuracy"), ("worst_class_accuracy", "worst class"),
-                        ("frechet_over_floor", "Frechet distance / real floor"), ("c2st_accuracy", "c2st accuracy"),
-                        ("memorisation_rate", "memorisation rate")]:  # fmt: skip
+    for name, label in [
+        ("accuracy", "class-conditional accuracy"),
+        ("worst_class_accuracy", "worst class"),
+        ("frechet_over_floor", "Frechet distance / real floor"),
+        ("c2st_accuracy", "c2st accuracy"),
+        ("memorisation_rate", "memorisation rate"),
+    ]:
         op, bound = TARGETS[name]
         rows.append(
             f"| {label} | {metrics[name]:.3f} | {op} {bound} | {'yes' if meets(name, metrics[name]) else 'NO'} |"

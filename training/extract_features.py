@@ -73,16 +73,20 @@ def parse_args(input_args=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
     parser.add_argument("--output_dir", type=str, required=True)
-    return parser.parse_args(input_args)  # fmt: skip
+    return parser.parse_args(input_args)
 
 
 def main(args):
     accelerator = Accelerator()
     with accelerator.main_process_first():
         dataset, class_names = load_image_dataset(
-            args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir,
-            args.image_column, args.label_column,
-        )  # fmt: skip
+            args.dataset_name,
+            args.dataset_config_name,
+            args.train_data_dir,
+            args.cache_dir,
+            args.image_column,
+            args.label_column,
+        )
     id2label = {str(i): name for i, name in enumerate(class_names)} if class_names else None
     if args.train_data_dir is not None:  # digit folder names are class ids (an empty folder shifts nothing)
         folder_ids = folder_class_ids(class_names)

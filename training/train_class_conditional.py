@@ -213,7 +213,7 @@ def parse_args(input_args=None):
     parser.add_argument("--hub_token", type=str, default=None)
     parser.add_argument("--hub_model_id", type=str, default=None)
     parser.add_argument("--local_rank", type=int, default=-1)
-    args = parser.parse_args(input_args)  # fmt: skip
+    args = parser.parse_args(input_args)
 
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_local_rank != -1 and env_local_rank != args.local_rank:
@@ -367,9 +367,13 @@ def main(args):
     if args.train_latents_dir is None:
         with accelerator.main_process_first():
             image_dataset, class_names = load_image_dataset(
-                args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir,
-                args.image_column, args.label_column,
-            )  # fmt: skip
+                args.dataset_name,
+                args.dataset_config_name,
+                args.train_data_dir,
+                args.cache_dir,
+                args.image_column,
+                args.label_column,
+            )
     # image folders: class ids from the folder names (see folder_class_ids), for a fresh model from the data alone
     num_classes_from_data, data_id2label, folder_ids = None, None, None
     if args.train_data_dir is not None and args.preset is not None:
@@ -455,9 +459,11 @@ def main(args):
     ema = None
     if args.use_ema:
         ema = EMAModel(
-            [p.detach().clone() for p in transformer.parameters()], decay=args.ema_decay,
-            model_cls=type(transformer), model_config=transformer.config,
-        )  # fmt: skip
+            [p.detach().clone() for p in transformer.parameters()],
+            decay=args.ema_decay,
+            model_cls=type(transformer),
+            model_config=transformer.config,
+        )
         ema.to("cpu" if args.offload_ema else accelerator.device)
 
     # checkpoints in diffusers formats (LoRA via save_lora_weights, full models via save_pretrained); DeepSpeed and FSDP
@@ -521,17 +527,24 @@ def main(args):
     else:
         optimizer_cls = torch.optim.AdamW
     optimizer = optimizer_cls(
-        params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-    )  # fmt: skip
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
 
     # its own generator: starting an epoch then draws no number from the global RNG, so a resumed run that skips
     # batches consumes the same random numbers as an uninterrupted one
     train_dataloader = torch.utils.data.DataLoader(
-        train_dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
-        num_workers=args.dataloader_num_workers, drop_last=True,
+        train_dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+        drop_last=True,
         generator=torch.Generator().manual_seed(args.seed or 0),
-    )  # fmt: skip
+    )
     if len(train_dataloader) == 0:
         raise ValueError(
             f"The dataset has {len(train_dataset)} samples, fewer than one batch of {args.train_batch_size}."
@@ -545,9 +558,13 @@ def main(args):
     else:
         num_training_steps = args.max_train_steps * accelerator.num_processes
     lr_scheduler = get_scheduler(
-        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=num_warmup_steps,
-        num_training_steps=num_training_steps, num_cycles=args.lr_num_cycles, power=args.lr_power,
-    )  # fmt: skip
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=num_warmup_steps,
+        num_training_steps=num_training_steps,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
 
     transformer, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         transformer, optimizer, train_dataloader, lr_scheduler
@@ -614,9 +631,13 @@ def main(args):
                 model_outputs.clear()
                 with recording as routing:
                     result = diffusion_training_loss(
-                        formulation, denoiser, x0, batch["class_labels"], scheduler=noise_scheduler,
+                        formulation,
+                        denoiser,
+                        x0,
+                        batch["class_labels"],
+                        scheduler=noise_scheduler,
                         time_sampling=time_sampling,
-                    )  # fmt: skip
+                    )
                 aux_losses = [output.aux_loss for output in model_outputs if output.aux_loss is not None]
                 aux = torch.stack(aux_losses).sum() if aux_losses else None
                 loss = (
@@ -674,9 +695,13 @@ def without_unreadable_images(dataset, args, accelerator):
     """`dataset` after reading every image (the processes share the work): unchanged when all are readable, without
     the unreadable ones with --skip_unreadable_images (a warning names them), else a `ValueError` naming them."""
     bad = find_unreadable_images(
-        dataset, args.image_column, args.image_check == "decode", accelerator.num_processes,
-        accelerator.process_index, progress=accelerator.is_local_main_process,
-    )  # fmt: skip
+        dataset,
+        args.image_column,
+        args.image_check == "decode",
+        accelerator.num_processes,
+        accelerator.process_index,
+        progress=accelerator.is_local_main_process,
+    )
     if accelerator.num_processes > 1:
         bad = gather_object(bad)
     if not bad:
@@ -738,9 +763,12 @@ def log_validation(model, vae, scheduler, id2label, args, accelerator, ema, glob
     model.eval()
     with torch.random.fork_rng(devices=[]), accelerator.autocast():
         images = pipeline(
-            class_labels=labels, num_inference_steps=args.validation_inference_steps,
-            guidance_scale=args.validation_guidance_scale, generator=generator, output_type="pil",
-        ).images  # fmt: skip
+            class_labels=labels,
+            num_inference_steps=args.validation_inference_steps,
+            guidance_scale=args.validation_guidance_scale,
+            generator=generator,
+            output_type="pil",
+        ).images
     model.train()
     if ema is not None:
         ema.restore(model.parameters())
@@ -802,9 +830,12 @@ def save_final(
 
         repo_id = create_repo(repo_id=repo_id, exist_ok=True, token=args.hub_token).repo_id
         upload_folder(
-            repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training", token=args.hub_token,
+            repo_id=repo_id,
+            folder_path=args.output_dir,
+            commit_message="End of training",
+            token=args.hub_token,
             ignore_patterns=["step_*", "epoch_*", "checkpoint-*", "logs/*"],
-        )  # fmt: skip
+        )
 
 
 def save_model_card(repo_id: str, args, model, images) -> None:

@@ -38,9 +38,7 @@ class Protocol:
 PROTOCOLS = {
     "adm": Protocol("adm", False, "adm-splits-5000", spatial=True, precision_recall=True),
     "jit": Protocol("jit", False, "fidelity-10-shuffled-splits", spatial=False, precision_recall=False),
-    "float-features": Protocol(
-        "float-features", True, "adm-splits-5000", spatial=False, precision_recall=False
-    ),  # fmt: skip
+    "float-features": Protocol("float-features", True, "adm-splits-5000", spatial=False, precision_recall=False),
 }
 
 
@@ -119,8 +117,15 @@ def _npz_keys(path: str) -> list[str]:
         return list(data.keys())
 
 
-def compute_features(images: np.ndarray, network: InceptionFeatures, protocol: Protocol, batch_size: int, state,
-                     progress: bool = True, desc: str = "features") -> dict[str, np.ndarray]:  # fmt: skip
+def compute_features(
+    images: np.ndarray,
+    network: InceptionFeatures,
+    protocol: Protocol,
+    batch_size: int,
+    state,
+    progress: bool = True,
+    desc: str = "features",
+) -> dict[str, np.ndarray]:
     """
     Inception features of (N, H, W, 3) images, computed in batches, split over the processes of `state` (contiguous
     ranges) and gathered in order on every process.
@@ -137,8 +142,10 @@ def compute_features(images: np.ndarray, network: InceptionFeatures, protocol: P
         parts.append(network(batch, float_pixels=protocol.float_pixels))
         bar.update(len(batch) * state.num_processes)  # the processes advance together
     bar.close()
-    mine = {key: np.concatenate([p[key] for p in parts]) if parts else np.zeros((0, 1), np.float32)
-            for key in ("pool", "spatial", "logits")}  # fmt: skip
+    mine = {
+        key: np.concatenate([p[key] for p in parts]) if parts else np.zeros((0, 1), np.float32)
+        for key in ("pool", "spatial", "logits")
+    }
     if state.num_processes == 1:
         return mine
     gathered = gather_object([mine])
@@ -153,18 +160,29 @@ def _statistics(batch: ImageBatch, features: dict | None, key: str) -> metrics.F
     return metrics.FeatureStatistics.of(features[key])
 
 
-def evaluate_batches(samples: ImageBatch, reference: ImageBatch, network: InceptionFeatures, protocol: Protocol,
-                     batch_size: int, state, progress: bool = True) -> dict:  # fmt: skip
+def evaluate_batches(
+    samples: ImageBatch,
+    reference: ImageBatch,
+    network: InceptionFeatures,
+    protocol: Protocol,
+    batch_size: int,
+    state,
+    progress: bool = True,
+) -> dict:
     """The metrics of `samples` against `reference` under `protocol` (every process computes; all return the same)."""
     if samples.images is None:
         raise ValueError(f"{samples.path} holds no images (arr_0); the sample side needs images.")
     sample_features = compute_features(samples.images, network, protocol, batch_size, state, progress, "samples")
-    needs_reference_images = protocol.precision_recall or "pool" not in reference.statistics or (
-        protocol.spatial and "spatial" not in reference.statistics)  # fmt: skip
+    needs_reference_images = (
+        protocol.precision_recall
+        or "pool" not in reference.statistics
+        or (protocol.spatial and "spatial" not in reference.statistics)
+    )
     reference_features = None
     if needs_reference_images and reference.images is not None:
-        reference_features = compute_features(reference.images, network, protocol, batch_size, state, progress,
-                                              "reference")  # fmt: skip
+        reference_features = compute_features(
+            reference.images, network, protocol, batch_size, state, progress, "reference"
+        )
     results = {}
     for name, key in (("fid", "pool"), ("sfid", "spatial")):
         if key == "pool" or protocol.spatial:
@@ -188,8 +206,14 @@ def evaluate_batches(samples: ImageBatch, reference: ImageBatch, network: Incept
     return results
 
 
-def evaluation_record(protocol: Protocol, network: InceptionFeatures, samples: ImageBatch, reference: ImageBatch,
-                      results: dict, batch_size: int) -> dict:  # fmt: skip
+def evaluation_record(
+    protocol: Protocol,
+    network: InceptionFeatures,
+    samples: ImageBatch,
+    reference: ImageBatch,
+    results: dict,
+    batch_size: int,
+) -> dict:
     """The JSON written by `diffmoe evaluate`: the metrics and everything that produced them."""
     import torch
 
@@ -208,14 +232,14 @@ def evaluation_record(protocol: Protocol, network: InceptionFeatures, samples: I
             "network": f"{fidelity.__name__}.FeatureExtractorInceptionV3",
             "torch_fidelity": _version("torch-fidelity"),
             "torch": torch.__version__,
-        },  # fmt: skip
+        },
         "settings": {
             "batch_size": batch_size,
             "device": str(network.device),
             "precision_recall_k": 3,
             "inception_score_split_size": 5000 if protocol.inception_score == "adm-splits-5000" else None,
             "diffmoe_hf": _version("diffmoe-hf"),
-        },  # fmt: skip
+        },
     }
 
 

@@ -43,9 +43,27 @@ INPUT_SIZE = 299
 SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]
 POOL_DIM, SPATIAL_DIM, LOGITS_DIM = 2048, 17 * 17 * SPATIAL_CHANNELS, 1008
 # the network's modules in forward order (torch-fidelity's FeatureExtractorInceptionV3), up to the pool3 features
-_TRUNK = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
-          "MaxPool_2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
-          "Mixed_7a", "Mixed_7b", "Mixed_7c", "AvgPool")  # fmt: skip
+_TRUNK = (
+    "Conv2d_1a_3x3",
+    "Conv2d_2a_3x3",
+    "Conv2d_2b_3x3",
+    "MaxPool_1",
+    "Conv2d_3b_1x1",
+    "Conv2d_4a_3x3",
+    "MaxPool_2",
+    "Mixed_5b",
+    "Mixed_5c",
+    "Mixed_5d",
+    "Mixed_6a",
+    "Mixed_6b",
+    "Mixed_6c",
+    "Mixed_6d",
+    "Mixed_6e",
+    "Mixed_7a",
+    "Mixed_7b",
+    "Mixed_7c",
+    "AvgPool",
+)
 
 
 @functools.cache
@@ -99,8 +117,10 @@ def resolve_weights(path: str | None = None) -> str:
             f"No Inception weights: HF_HUB_OFFLINE is set, so nothing is downloaded. Pass --inception-weights with "
             f"{STANDARD_FILE_NAMES[0]} (from {url}), or put it at {cached}."
         )
-    print(f"Downloading the Inception weights {url} to {cached} (pass --inception-weights to use a local file)",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"Downloading the Inception weights {url} to {cached} (pass --inception-weights to use a local file)",
+        file=sys.stderr,
+    )
     os.makedirs(os.path.dirname(cached), exist_ok=True)
     try:
         torch.hub.download_url_to_file(url, cached, hash_prefix=STANDARD_SHA256_PREFIX)
@@ -177,5 +197,8 @@ class InceptionFeatures:
             if x.dtype != torch.uint8:
                 raise ValueError(f"The ADM feature path takes uint8 images, got {x.dtype}.")
             pool, logits = self.network(x.contiguous())
-        return {"pool": pool.float().cpu().numpy(), "spatial": self._spatial.cpu().numpy(),
-                "logits": logits.float().cpu().numpy()}  # fmt: skip
+        return {
+            "pool": pool.float().cpu().numpy(),
+            "spatial": self._spatial.cpu().numpy(),
+            "logits": logits.float().cpu().numpy(),
+        }

@@ -99,19 +99,24 @@ def manifold_radii(features: torch.Tensor, k: int = 3, block: int = 1024) -> tor
     """(N,) squared distance of each feature to its k-th nearest neighbour in `features` (itself excluded)."""
     if len(features) <= k:
         raise ValueError(f"Precision and recall need more than {k} feature vectors per set, got {len(features)}.")
-    radii = [torch.kthvalue(_squared_distances(features[s : s + block], features), k + 1, dim=1).values
-             for s in range(0, len(features), block)]  # fmt: skip
+    radii = [
+        torch.kthvalue(_squared_distances(features[s : s + block], features), k + 1, dim=1).values
+        for s in range(0, len(features), block)
+    ]
     return torch.cat(radii)
 
 
 def _fraction_inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, block: int) -> float:
-    inside = [(_squared_distances(points[s : s + block], centres) <= radii[None, :]).any(dim=1)
-              for s in range(0, len(points), block)]  # fmt: skip
+    inside = [
+        (_squared_distances(points[s : s + block], centres) <= radii[None, :]).any(dim=1)
+        for s in range(0, len(points), block)
+    ]
     return torch.cat(inside).double().mean().item()
 
 
-def precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = 3, block: int = 1024,
-                     device: str | torch.device = "cpu") -> tuple[float, float]:  # fmt: skip
+def precision_recall(
+    reference: np.ndarray, samples: np.ndarray, k: int = 3, block: int = 1024, device: str | torch.device = "cpu"
+) -> tuple[float, float]:
     """ADM's improved precision and recall of (N, D) sample features against (M, D) reference features."""
     ref = torch.as_tensor(reference, dtype=torch.float32, device=device)
     sam = torch.as_tensor(samples, dtype=torch.float32, device=device)

@@ -70,8 +70,10 @@ def _index_seed(seed: int, index: int, stream: int) -> int:
 def sample_noise(indices, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """(len(indices), *shape) float32 standard Gaussian noise, row `j` drawn on CPU from sample `indices[j]`'s own
     generator (so a sample's noise does not depend on the batch it is in)."""
-    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(_index_seed(seed, int(i), _NOISE_STREAM)))
-            for i in indices]  # fmt: skip
+    rows = [
+        torch.randn(shape, generator=torch.Generator().manual_seed(_index_seed(seed, int(i), _NOISE_STREAM)))
+        for i in indices
+    ]
     return torch.stack(rows)
 
 
@@ -147,10 +149,18 @@ class SampleRun:
     """
 
     def __init__(
-        self, pipe, output: str, num_samples: int, batch_size: int, seed: int, label_mode: str = "balanced",
-        call_kwargs: dict | None = None, settings: dict | None = None, png_dir: str | None = None,
+        self,
+        pipe,
+        output: str,
+        num_samples: int,
+        batch_size: int,
+        seed: int,
+        label_mode: str = "balanced",
+        call_kwargs: dict | None = None,
+        settings: dict | None = None,
+        png_dir: str | None = None,
         keep_float: bool = False,
-    ):  # fmt: skip
+    ):
         if num_samples < 1 or batch_size < 1:
             raise ValueError(f"--num-samples and --batch-size must be positive, got {num_samples} and {batch_size}.")
         if not output.endswith(".npz"):
@@ -161,12 +171,15 @@ class SampleRun:
         self.labels = sample_labels(num_samples, pipe.transformer.config.num_classes, seed, label_mode)
         self.parts_dir = output + ".parts"
         self.record = {
-            "num_samples": num_samples, "batch_size": batch_size, "seed": seed, "label_mode": label_mode,
+            "num_samples": num_samples,
+            "batch_size": batch_size,
+            "seed": seed,
+            "label_mode": label_mode,
             "keep_float": keep_float,
             "labels_sha256": hashlib.sha256(self.labels.tobytes()).hexdigest(),
             "call": {k: _describe(v) for k, v in sorted(self.call_kwargs.items())},
             **{k: _describe(v) for k, v in sorted((settings or {}).items())},
-        }  # fmt: skip
+        }
 
     @property
     def num_batches(self) -> int:
@@ -265,8 +278,13 @@ def run_sampling(run: SampleRun, state, progress: bool = True) -> None:
     run.prepare(state.is_main_process)
     state.wait_for_everyone()
     batches = run.my_batches(state.process_index, state.num_processes)
-    bar = tqdm(total=run.num_samples, initial=run.finished_samples(), unit="sample", desc="sampling",
-               disable=not (progress and state.is_main_process))  # fmt: skip
+    bar = tqdm(
+        total=run.num_samples,
+        initial=run.finished_samples(),
+        unit="sample",
+        desc="sampling",
+        disable=not (progress and state.is_main_process),
+    )
     for batch in batches:
         run.run_batch(batch)
         if not bar.disable:

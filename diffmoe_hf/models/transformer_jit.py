@@ -74,8 +74,9 @@ JIT_PRESET_ALIASES = {
     "JiTMoE-B16-E16": "JiTMoE-B/16-E16",
     "JiTMoE-L16-E16": "JiTMoE-L/16-E16",
 }
-_RELEASED_COMMON = dict(sample_size=256, in_channels=3, num_classes=1000, mlp_ratio=4.0, attention_head_dim=64,
-                        in_context_len=32)  # fmt: skip
+_RELEASED_COMMON = dict(
+    sample_size=256, in_channels=3, num_classes=1000, mlp_ratio=4.0, attention_head_dim=64, in_context_len=32
+)
 
 
 def jit_preset_config(name: str) -> dict:

@@ -207,8 +207,13 @@ class SpatialTemporalMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMi
         `SPATIAL_TEMPORAL_MOE_PRESETS`, e.g. `"Diff-MoE-XL/2"`; the original names such as `"DiT-XL/2"` are aliases),
         256px ImageNet latents and 8 experts, top-2, unless overridden (e.g. `num_experts=16`).
         """
-        config = preset_config("SpatialTemporalMoE (Diff-MoE, Cheng et al.)", SPATIAL_TEMPORAL_MOE_PRESETS, name, _PRESET_COMMON,
-                               aliases=SPATIAL_TEMPORAL_MOE_PRESET_ALIASES)  # fmt: skip
+        config = preset_config(
+            "SpatialTemporalMoE (Diff-MoE, Cheng et al.)",
+            SPATIAL_TEMPORAL_MOE_PRESETS,
+            name,
+            _PRESET_COMMON,
+            aliases=SPATIAL_TEMPORAL_MOE_PRESET_ALIASES,
+        )
         return cls(**{**config, **overrides})
 
     def _initialize_family_weights(self) -> None:

@@ -88,9 +88,24 @@ def _mkl_sgemm_batch():
             ctypes.POINTER(t) for t in (ctypes.c_int, ctypes.c_float, ctypes.c_void_p)
         )
         sgemm_batch.restype = None
-        sgemm_batch.argtypes = [ctypes.c_int, int_array, int_array, int_array, int_array, int_array, float_array,
-                                pointer_array, int_array, pointer_array, int_array, float_array, pointer_array,
-                                int_array, ctypes.c_int, int_array]  # fmt: skip
+        sgemm_batch.argtypes = [
+            ctypes.c_int,
+            int_array,
+            int_array,
+            int_array,
+            int_array,
+            int_array,
+            float_array,
+            pointer_array,
+            int_array,
+            pointer_array,
+            int_array,
+            float_array,
+            pointer_array,
+            int_array,
+            ctypes.c_int,
+            int_array,
+        ]
         if _agrees_with_torch(sgemm_batch):
             return sgemm_batch
     return None
