@@ -179,3 +179,31 @@ def prune_checkpoints(output_dir: str, total_limit: int) -> None:
         logger.info(f"Removing {len(removing)} old checkpoints: {', '.join(f'checkpoint-{s}' for s in removing)}")
     for step in removing:
         _remove(os.path.join(output_dir, f"checkpoint-{step}"))
+
+
+def why_random_state_unrestorable(path: str, process_index: int, num_processes: int, device_type: str) -> str | None:
+    """
+    None when process `process_index` of `num_processes` (on a `device_type` device: "cpu", "cuda", ...) can restore
+    its random state from the complete checkpoint `path` exactly as it was saved, else the reason it cannot (for
+    messages). `accelerator.load_state` itself only logs at INFO level when it cannot.
+    """
+    from accelerate.utils import load
+    from accelerate.utils.constants import RNG_STATE_NAME
+
+    saved_processes = read_marker(path)["num_processes"]
+    if saved_processes != num_processes:
+        return f"it was saved by {saved_processes} processes and is resumed by {num_processes}"
+    file = os.path.join(path, f"{RNG_STATE_NAME}_{process_index}.pkl")
+    if not os.path.isfile(file):
+        return f"{os.path.basename(file)} is missing"
+    try:
+        states = load(file)
+    except Exception as error:  # whatever torch.load raises on a damaged or foreign file
+        return f"{os.path.basename(file)} cannot be read ({type(error).__name__}: {error})"
+    expected = ["random_state", "numpy_random_seed", "torch_manual_seed"]
+    if device_type not in ("cpu", "mps"):
+        expected.append(f"torch_{device_type}_manual_seed")
+    missing = [key for key in expected if key not in states]
+    if missing:
+        return f"{os.path.basename(file)} holds no {', '.join(missing)} (saved on another kind of device?)"
+    return None
