@@ -54,6 +54,7 @@ from diffmoe_hf.routing import record_routing
 from diffmoe_hf.training.checkpoints import (
     LEFTOVER_NAME,
     checkpoint_steps,
+    follow_umask,
     read_marker,
     remove_incomplete_checkpoints,
     resolve_checkpoint,
@@ -379,6 +380,20 @@ def lora_target_modules(transformer, kinds: list[str]) -> str:
 # training
 
 
+def cast_keeping_float32_modules(model, device, dtype: torch.dtype):
+    """`model` moved to `device` with its floating-point parameters and buffers in `dtype`, except those of the modules
+    its class keeps in float32 (`_keep_in_fp32_modules`, e.g. routers), as `from_pretrained(torch_dtype=...)` casts;
+    unlike `ModelMixin.to(dtype)`, which casts those too and warns about them. Returns `model`."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    model.to(device)
+    for name, module in model.named_modules():
+        target = torch.float32 if keep & set(name.split(".")) else dtype
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if tensor.is_floating_point():
+                tensor.data = tensor.data.to(target)
+    return model
+
+
 def unwrap(accelerator, model):
     model = accelerator.unwrap_model(model)
     return model._orig_mod if hasattr(model, "_orig_mod") else model
@@ -507,7 +522,7 @@ def main(args):
 
     weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)  # mixed precision "no": float32
     if vae is not None:
-        vae.requires_grad_(False).to(accelerator.device, dtype=torch.float32).eval()
+        cast_keeping_float32_modules(vae.requires_grad_(False), accelerator.device, torch.float32).eval()
     if args.cache_latents and vae is not None and args.train_latents_dir is None:
         train_dataset = encode_dataset(train_dataset, vae, args, accelerator)
 
@@ -516,7 +531,7 @@ def main(args):
         from peft import LoraConfig
 
         transformer.requires_grad_(False)
-        transformer.to(accelerator.device, dtype=weight_dtype)
+        cast_keeping_float32_modules(transformer, accelerator.device, weight_dtype)
         kinds = [kind for kind in args.lora_layers.split(",") if kind]
         with user_input_errors():
             target_modules = lora_target_modules(transformer, kinds)
@@ -927,7 +942,7 @@ def save_final(
         model.load_state_dict(state_dict)
         model.to(accelerator.device)
     if not args.use_lora:
-        model = model.to(torch.float32)
+        model = cast_keeping_float32_modules(model, accelerator.device, torch.float32)
     if args.use_lora:
         from peft.utils import get_peft_model_state_dict
 
@@ -941,6 +956,7 @@ def save_final(
             ema.copy_to(model.parameters())
         pipeline = ClassConditionalMoEPipeline(transformer=model, scheduler=scheduler, vae=vae, id2label=id2label)
         pipeline.save_pretrained(args.output_dir)
+    follow_umask(args.output_dir, skip=(r"checkpoint-.*", re.escape(args.logging_dir), "validation"))
 
     images = None
     if args.validation_epochs and not (sharded_params and args.use_lora):
