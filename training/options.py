@@ -8,15 +8,19 @@ import contextlib
 import json
 import math
 import os
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from diffmoe_hf.cli import CommandError
 from diffmoe_hf.families import get_family
 
 
-# options that count something: at least 1 when given
+# options that count something (of either script): at least 1 when given
 COUNTS = (
+    "batch_size",
+    "shard_size",
+    "num_classes",
     "train_batch_size",
     "num_train_epochs",
     "max_train_steps",
@@ -33,7 +37,7 @@ COUNTS = (
     "lr_num_cycles",
 )
 # options where 0 means "none" / "off"
-NON_NEGATIVE = ("lr_warmup_steps", "validation_epochs", "dataloader_num_workers")
+NON_NEGATIVE = ("lr_warmup_steps", "validation_epochs", "dataloader_num_workers", "seed")
 # float options: (name, lowest, highest, whether the lowest is allowed)
 FLOAT_RANGES = (
     ("learning_rate", 0.0, math.inf, False),
@@ -141,3 +145,25 @@ def user_input_errors() -> Iterator[None]:
         if isinstance(error, OSError) and error.strerror and error.filename:
             raise CommandError(f"{error.strerror}: {error.filename}") from error
         raise CommandError(str(error)) from error
+
+
+def run_script(
+    script: str, parse_args: Callable, main: Callable, argv: list[str] | None, interrupted: Callable
+) -> int:
+    """
+    Runs `main(parse_args(argv))` and returns the exit status: 0; 2 with one line on stderr for a `CommandError`;
+    130 for Ctrl-C, with one line (from the main process) ending in `interrupted(args)`, which cleans up and says what
+    was kept (`args` is None when the interruption came before the arguments were parsed).
+    """
+    args = None
+    try:
+        args = parse_args(argv)
+        main(args)
+    except CommandError as error:
+        print(f"{script}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"{script}: interrupted; {interrupted(args)}", file=sys.stderr)
+        return 130
+    return 0

@@ -79,6 +79,7 @@ from diffmoe_hf.training.options import (
     check_output_dir,
     check_preset,
     parse_class_ids,
+    run_script,
     user_input_errors,
 )
 from diffmoe_hf.training_losses import diffusion_training_loss
@@ -1034,20 +1035,8 @@ batch size {args.train_batch_size} per device, mixed precision {args.mixed_preci
 
 
 def run(argv: list[str] | None = None) -> int:
-    """The script's entry point: trains, and returns the exit status. A user's mistake (`CommandError`, raised before
-    the first step) is one line on stderr and status 2; Ctrl-C is one line saying which checkpoint was kept and 130."""
-    args = None
-    try:
-        args = parse_args(argv)
-        main(args)
-    except CommandError as error:
-        print(f"{SCRIPT}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"{SCRIPT}: interrupted; {what_was_kept(args.output_dir if args else None)}", file=sys.stderr)
-        return 130
-    return 0
+    """The script's entry point: trains, and returns the exit status (see `run_script`)."""
+    return run_script(SCRIPT, parse_args, main, argv, lambda args: what_was_kept(args.output_dir if args else None))
 
 
 def what_was_kept(output_dir: str | None) -> str:
