@@ -61,8 +61,7 @@ def load_image_dataset(
         finally:
             datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = counting
         if len(folders) == 1 and label_column not in dataset.column_names:
-            dataset = dataset.add_column(label_column, [0] * len(dataset))
-            dataset = dataset.cast_column(label_column, ClassLabel(names=folders))
+            dataset = dataset.add_column(label_column, [0] * len(dataset), feature=ClassLabel(names=folders))
     for column in (image_column, label_column):
         if column not in dataset.column_names:
             raise ValueError(

@@ -163,6 +163,10 @@ def run_script(
         print(f"{script}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        from tqdm import tqdm
+
+        for bar in list(tqdm._instances):  # closed now, so that they do not redraw after the message at exit
+            bar.close()
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"{script}: interrupted; {interrupted(args)}", file=sys.stderr)
         return 130

@@ -833,7 +833,7 @@ def choose_validation_classes(requested: list[int] | None, num_classes: int, dat
 
 def without_unreadable_images(dataset, args, accelerator):
     """`dataset` after reading every image (the processes share the work): unchanged when all are readable, without
-    the unreadable ones with --skip_unreadable_images (a warning names them), else a `ValueError` naming them."""
+    the unreadable ones with --skip_unreadable_images (a warning names them), else a `CommandError` naming them."""
     bad = find_unreadable_images(
         dataset,
         args.image_column,
@@ -850,7 +850,7 @@ def without_unreadable_images(dataset, args, accelerator):
     listed = "; ".join(message for _, message in bad[:10]) + (f"; ... ({len(bad) - 10} more)" if len(bad) > 10 else "")
     summary = f"{len(bad)} of {len(dataset)} training images cannot be read: {listed}"
     if not args.skip_unreadable_images:
-        raise ValueError(
+        raise CommandError(
             f"{summary}. Replace or delete these files, or pass --skip_unreadable_images to train without them."
         )
     logger.warning(f"{summary}. Training without them (--skip_unreadable_images).")
