@@ -74,6 +74,11 @@ OPTION_CASES = [
     ("lora-layers-empty", ["--lora_layers", ","], r"--lora_layers ',': give a comma-separated list"),
     ("lora-router", ["--lora_layers", "router"], r"Routers are never LoRA-adapted"),
     ("lora-and-ema", ["--use_lora", "--use_ema"], r"--use_ema is for full fine-tuning"),
+    (
+        "tracker-unknown",
+        ["--report_to", "tensorbord"],
+        r"--report_to 'tensorbord' is unknown; choose one of none, all",
+    ),
     ("two-data-options", ["--dataset_name", "cifar10"], r"Give exactly one of --dataset_name, --train_data_dir"),
     ("model-and-preset", ["--preset", "DSMoE-S-E16", "--model_family", "dsmoe"], r"Give exactly one of --pretrained"),
 ]
@@ -160,6 +165,18 @@ def test_unwritable_output_folder_is_refused(monkeypatch, tmp_path):
         CommandError, match=r"--output_dir diffmoe-model: cannot write in .* \(Permission denied\); choose a"
     ):
         script.parse_args(["--pretrained_model_name_or_path", "x", "--train_data_dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
+def test_a_tracker_that_is_not_installed_is_refused_and_not_the_default(tracker, monkeypatch, images):
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, f"is_{tracker}_available", lambda: False)
+    argv = ["--pretrained_model_name_or_path", "x", "--train_data_dir", images]
+    with pytest.raises(CommandError, match=rf"--report_to {tracker}: {tracker} is not installed; install it or pass"):
+        script.parse_args([*argv, "--report_to", tracker])
+    if tracker == "tensorboard":
+        assert script.parse_args(argv).report_to == "none"
 
 
 def test_one_class_folder_trains_that_class_quietly(pretrained, tmp_path, capfd, caplog):

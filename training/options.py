@@ -110,6 +110,29 @@ def check_preset(args) -> None:
             )
 
 
+def resolve_tracker(report_to: str | None) -> str:
+    """--report_to checked: a tracker accelerate knows and that is installed, "all" or "none"; None (the default)
+    means TensorBoard when it is installed, else none."""
+    import accelerate.utils
+    from accelerate.utils import LoggerType
+
+    def installed(name: str) -> bool:
+        return bool(getattr(accelerate.utils, f"is_{name}_available")())
+
+    if report_to is None:
+        return "tensorboard" if installed("tensorboard") else "none"
+    if report_to in ("none", "all"):
+        return report_to
+    trackers = [kind.value for kind in LoggerType if kind != LoggerType.ALL]
+    if report_to not in trackers:
+        raise CommandError(f"--report_to {report_to!r} is unknown; choose one of none, all, {', '.join(trackers)}.")
+    if not installed(report_to):
+        raise CommandError(
+            f"--report_to {report_to}: {report_to} is not installed; install it or pass --report_to none."
+        )
+    return report_to
+
+
 def check_data_folder(option: str, path: str | None) -> None:
     if path is None:
         return

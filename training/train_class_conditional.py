@@ -33,7 +33,6 @@ from accelerate.utils import (
     DataLoaderConfiguration,
     ProjectConfiguration,
     gather_object,
-    is_tensorboard_available,
     set_seed,
 )
 from diffusers import AutoencoderKL
@@ -79,6 +78,7 @@ from diffmoe_hf.training.options import (
     check_output_dir,
     check_preset,
     parse_class_ids,
+    resolve_tracker,
     run_script,
     user_input_errors,
 )
@@ -288,8 +288,7 @@ def check_args(args) -> None:
         )
     if args.validation_class_labels is not None:
         args.validation_class_labels = parse_class_ids(args.validation_class_labels, "--validation_class_labels")
-    if args.report_to is None:
-        args.report_to = "tensorboard" if is_tensorboard_available() else "none"
+    args.report_to = resolve_tracker(args.report_to)
     check_data_folder("--train_data_dir", args.train_data_dir)
     check_data_folder("--train_latents_dir", args.train_latents_dir)
     check_output_dir(args.output_dir)
