@@ -1,6 +1,7 @@
 """The training scripts check every option before any work: a user's mistake is one line naming the value and what to
 do, with exit status 2, and leaves nothing behind; Ctrl-C is one line saying what was kept, with exit status 130."""
 
+import importlib.util
 import json
 import logging
 import multiprocessing
@@ -138,6 +139,10 @@ def test_bad_data_and_output_folders_are_refused(pretrained, images, tmp_path, c
         (
             script_args(pretrained, images, out, "--validation_epochs", "1", "--validation_class_labels", "0,99"),
             r"--validation_class_labels 99: the model has classes 0..2",
+        ),
+        (
+            script_args(pretrained, images, out, "--max_train_samples", "1000"),
+            r"--max_train_samples 1000 is more than the 6 samples of the data",
         ),
         (
             script_args(pretrained, images, out, "--resume_from_checkpoint", "checkpoint-7"),
@@ -305,3 +310,10 @@ def test_feature_extraction_refuses_bad_options(case, extra, message, images, tm
     error = capsys.readouterr().err.strip()
     assert error.startswith("extract_features.py: error: ") and re.search(message, error), error
     assert not (tmp_path / "latents").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
+def test_8bit_adam_without_bitsandbytes_is_refused(images):
+    argv = ["--pretrained_model_name_or_path", "x", "--train_data_dir", images, "--use_8bit_adam"]
+    with pytest.raises(CommandError, match=r"--use_8bit_adam needs bitsandbytes: install it"):
+        script.parse_args(argv)

@@ -15,6 +15,7 @@ training/README.md for every recipe (LoRA, full training, latents, resume, multi
 import argparse
 import contextlib
 import copy
+import importlib.util
 import json
 import logging
 import math
@@ -289,6 +290,10 @@ def check_args(args) -> None:
     if args.validation_class_labels is not None:
         args.validation_class_labels = parse_class_ids(args.validation_class_labels, "--validation_class_labels")
     args.report_to = resolve_tracker(args.report_to)
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise CommandError(
+            "--use_8bit_adam needs bitsandbytes: install it (pip install bitsandbytes) or leave it out."
+        )
     check_data_folder("--train_data_dir", args.train_data_dir)
     check_data_folder("--train_latents_dir", args.train_latents_dir)
     check_output_dir(args.output_dir)
@@ -501,6 +506,11 @@ def main(args):
         with user_input_errors():
             check_labels(image_dataset, args.label_column, config.num_classes, args.image_column)
         if args.max_train_samples is not None:
+            if args.max_train_samples > len(image_dataset):
+                raise CommandError(
+                    f"--max_train_samples {args.max_train_samples} is more than the {len(image_dataset)} samples of "
+                    "the data: lower it or leave it out."
+                )
             image_dataset = image_dataset.shuffle(seed=args.seed).select(range(args.max_train_samples))
         if args.image_check != "none":
             image_dataset = without_unreadable_images(image_dataset, args, accelerator)
