@@ -30,12 +30,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DistributedType
 from accelerate.logging import get_logger
-from accelerate.utils import (
-    DataLoaderConfiguration,
-    ProjectConfiguration,
-    gather_object,
-    set_seed,
-)
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
 from diffusers import AutoencoderKL
 from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.training_utils import EMAModel, _collate_lora_metadata, cast_training_params, free_memory
@@ -234,7 +229,12 @@ def parse_args(input_args=None):
     parser.add_argument("--logging_dir", type=str, default="logs")
     parser.add_argument("--routing_log_steps", type=int, default=50, help="Log the expert load every N steps.")
     parser.add_argument("--validation_epochs", type=int, default=1)
-    parser.add_argument("--validation_class_labels", type=str, default=None, help="e.g. '0,1,2'.")
+    parser.add_argument(
+        "--validation_class_labels",
+        type=str,
+        default=None,
+        help="Class ids to sample at validation, e.g. '0,1,2'; default: the first 4 classes of the training data.",
+    )
     parser.add_argument("--num_validation_images", type=int, default=1, help="Images per validation class.")
     parser.add_argument("--validation_inference_steps", type=int, default=50)
     parser.add_argument("--validation_guidance_scale", type=float, default=None)
