@@ -96,9 +96,10 @@ def check_preset(args) -> None:
         return
     presets = get_family(args.model_family).presets
     if args.preset not in presets:
-        raise CommandError(
-            f"--preset {args.preset!r} is no preset of {args.model_family}; choose one of {', '.join(presets)}."
+        choose = (
+            f"choose one of {', '.join(presets)}" if presets else "it has none: use --pretrained_model_name_or_path"
         )
+        raise CommandError(f"--preset {args.preset!r} is no preset of {args.model_family}; {choose}.")
     if args.model_config_overrides:
         try:
             overrides = json.loads(args.model_config_overrides)
