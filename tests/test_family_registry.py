@@ -153,9 +153,8 @@ def test_one_registration_makes_a_sixth_family(sixth_family, tmp_path, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["convert", "--help"])
     assert "sixth-moe (alias: sixth)\n      SixthMoE, a test" in capsys.readouterr().out
-    assert (
-        parse_args(["--preset", "x", "--model_family", "sixth", "--train_data_dir", "."]).model_family == "sixth-moe"
-    )
+    training_args = ["--pretrained_model_name_or_path", "x", "--model_family", "sixth", "--train_data_dir", "."]
+    assert parse_args(training_args).model_family == "sixth-moe"
     test_every_registration_is_consistent("sixth-moe")
     converted = check_conversion_and_sampling("sixth-moe", None, tmp_path)
     check_training("sixth-moe", converted, tmp_path)

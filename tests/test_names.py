@@ -192,7 +192,8 @@ def test_converter_preset_takes_the_original_name_and_the_key():
 def test_training_takes_every_family_id_and_alias(name):
     from diffmoe_hf.training.train_class_conditional import parse_args
 
-    args = parse_args(["--preset", "x", "--model_family", name, "--train_data_dir", "."])
+    preset = next(iter(get_family(resolve_family(name)).presets))
+    args = parse_args(["--preset", preset, "--model_family", name, "--train_data_dir", "."])
     assert args.model_family == resolve_family(name)
 
 

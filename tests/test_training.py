@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from diffmoe_hf import ClassConditionalMoEPipeline
+from diffmoe_hf.cli import CommandError
 from diffmoe_hf.training import extract_features
 from diffmoe_hf.training.train_class_conditional import main, parse_args
 
@@ -257,13 +258,13 @@ def test_bad_data_is_named(images, tmp_path):
     pretrained = save_tiny_pipeline(str(tmp_path / "pipe"), "dsmoe", tiny_transformer("dsmoe"))
     # a class folder more than the model has classes
     data = make_image_folder(str(tmp_path / "four"), num_classes=NUM_CLASSES + 1, per_class=1)
-    with pytest.raises(ValueError, match=r"class_3/ is no class name of the model"):
+    with pytest.raises(CommandError, match=r"class_3/ is no class name of the model"):
         train(pretrained, data, str(tmp_path / "out"), "--max_train_steps", "1")
     # an unreadable image
     data = make_image_folder(str(tmp_path / "broken"), per_class=2)
     with open(os.path.join(data, "class_1", "1.png"), "wb") as f:
         f.write(b"not a png")
-    with pytest.raises(ValueError, match=r"Cannot read image .*class_1.1\.png"):
+    with pytest.raises(CommandError, match=r"Cannot read image .*class_1.1\.png"):
         train(pretrained, data, str(tmp_path / "out"), "--max_train_steps", "6", "--checkpointing_steps", "10")
     # latents of another shape than the model's
     latents = tmp_path / "latents"
@@ -272,7 +273,7 @@ def test_bad_data_is_named(images, tmp_path):
 
     write_latent_shard(str(latents), 0, torch.zeros(2, 4, 16, 16), torch.zeros(2, dtype=torch.long))
     (latents / "metadata.json").write_text(json.dumps({"num_shards": 1, "complete": True, "scaling_factor": 0.18215}))
-    with pytest.raises(ValueError, match=r"latents-00000.safetensors holds latents of shape \(4, 16, 16\)"):
+    with pytest.raises(CommandError, match=r"latents-00000.safetensors holds latents of shape \(4, 16, 16\)"):
         main(
             parse_args(
                 [
@@ -288,7 +289,7 @@ def test_bad_data_is_named(images, tmp_path):
             )
         )
     AcceleratorState._reset_state(True)
-    with pytest.raises(ValueError, match="Routers are never LoRA-adapted"):
+    with pytest.raises(CommandError, match="Routers are never LoRA-adapted"):
         parse_args(["--preset", "x", "--model_family", "dsmoe", "--train_data_dir", ".", "--lora_layers", "router"])
 
 

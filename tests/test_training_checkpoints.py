@@ -20,6 +20,7 @@ import torch
 from accelerate.state import AcceleratorState, PartialState
 from safetensors.torch import load_file
 
+from diffmoe_hf.cli import CommandError
 from diffmoe_hf.training.checkpoints import COMPLETE_MARKER, resolve_checkpoint, why_incomplete
 from diffmoe_hf.training.train_class_conditional import main, parse_args
 
@@ -210,7 +211,7 @@ def test_explicit_checkpoint_must_exist_and_be_complete(setup, tmp_path):
         ),
         ("checkpoint-5", rf"checkpoint-5 is not a complete checkpoint: it has no {COMPLETE_MARKER} .*'latest' picks"),
     ]:
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(CommandError, match=message):
             try:
                 main(parse_args(script_args(pretrained, images, out, "--resume_from_checkpoint", resume)))
             finally:

@@ -7,6 +7,7 @@ import shutil
 import pytest
 from accelerate.state import AcceleratorState
 
+from diffmoe_hf.cli import CommandError
 from diffmoe_hf.training import train_class_conditional as script
 from diffmoe_hf.training.data import folder_class_ids
 
@@ -65,7 +66,7 @@ def test_class_folders_map_to_the_models_class_ids(pretrained, tmp_path, monkeyp
 def test_class_folders_that_match_no_class_are_refused(pretrained, tmp_path):
     data = make_image_folder(str(tmp_path / "data"), per_class=1)
     _rename(data, {"class_0": "207", "class_1": "dog"})
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(CommandError) as error:
         train(*script_args(pretrained, data, str(tmp_path / "out"), "--max_train_steps", "1"))
     message = str(error.value)
     assert "207/ is class id 207, beyond the model's 3 classes" in message
@@ -130,7 +131,7 @@ def test_unreadable_images_are_found_before_training_or_skipped(pretrained, tmp_
     with open(truncated, "wb") as f:
         f.write(content[: len(content) // 2])
     out = str(tmp_path / "out")
-    with pytest.raises(ValueError) as error:  # the broken images would come in later batches: found before step 1
+    with pytest.raises(CommandError) as error:  # the broken images would come in later batches: found before step 1
         train(*script_args(pretrained, data, out, "--max_train_steps", "1", "--checkpointing_steps", "1"))
     message = str(error.value)
     assert message.startswith("2 of 6 training images cannot be read: Cannot read image ")

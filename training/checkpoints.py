@@ -27,6 +27,25 @@ LEFTOVER_NAME = re.compile(r"checkpoint-\d+\.(tmp|deleting)")
 logger = get_logger(__name__)
 
 
+def follow_umask(folder: str, skip: tuple[str, ...] = ()) -> None:
+    """Gives the files and folders under `folder` (but not the top-level entries whose names match a regular expression
+    of `skip`) the permissions the umask gives new files (0o666 & ~umask) and folders (0o777 & ~umask): the
+    safetensors writer makes its files 0o600, readable by their owner only."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for entry in os.listdir(folder):
+        if any(re.fullmatch(pattern, entry) for pattern in skip):
+            continue
+        path = os.path.join(folder, entry)
+        if not os.path.isdir(path):
+            os.chmod(path, 0o666 & ~umask)
+            continue
+        for root, dirs, names in os.walk(path):
+            os.chmod(root, 0o777 & ~umask)
+            for name in names:
+                os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
 def checkpoint_steps(output_dir: str) -> list[int]:
     """Steps of the `checkpoint-<step>` folders in `output_dir`, oldest first (complete or not)."""
     if not os.path.isdir(output_dir):
@@ -139,6 +158,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
     accelerator.save_state(partial)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        follow_umask(partial)
         files = {}
         for root, _, names in os.walk(partial):
             for name in names:
@@ -179,3 +199,31 @@ def prune_checkpoints(output_dir: str, total_limit: int) -> None:
         logger.info(f"Removing {len(removing)} old checkpoints: {', '.join(f'checkpoint-{s}' for s in removing)}")
     for step in removing:
         _remove(os.path.join(output_dir, f"checkpoint-{step}"))
+
+
+def why_random_state_unrestorable(path: str, process_index: int, num_processes: int, device_type: str) -> str | None:
+    """
+    None when process `process_index` of `num_processes` (on a `device_type` device: "cpu", "cuda", ...) can restore
+    its random state from the complete checkpoint `path` exactly as it was saved, else the reason it cannot (for
+    messages). `accelerator.load_state` itself only logs at INFO level when it cannot.
+    """
+    from accelerate.utils import load
+    from accelerate.utils.constants import RNG_STATE_NAME
+
+    saved_processes = read_marker(path)["num_processes"]
+    if saved_processes != num_processes:
+        return f"it was saved by {saved_processes} processes and is resumed by {num_processes}"
+    file = os.path.join(path, f"{RNG_STATE_NAME}_{process_index}.pkl")
+    if not os.path.isfile(file):
+        return f"{os.path.basename(file)} is missing"
+    try:
+        states = load(file)
+    except Exception as error:  # whatever torch.load raises on a damaged or foreign file
+        return f"{os.path.basename(file)} cannot be read ({type(error).__name__}: {error})"
+    expected = ["random_state", "numpy_random_seed", "torch_manual_seed"]
+    if device_type not in ("cpu", "mps"):
+        expected.append(f"torch_{device_type}_manual_seed")
+    missing = [key for key in expected if key not in states]
+    if missing:
+        return f"{os.path.basename(file)} holds no {', '.join(missing)} (saved on another kind of device?)"
+    return None

@@ -6,6 +6,7 @@ Every dataset yields `{"x0": (C, H, W) float32, "class_labels": int64 scalar}`, 
 holds it.
 """
 
+import contextlib
 import io
 import json
 import os
@@ -36,23 +37,31 @@ def load_image_dataset(
     (`train_data_dir`, read by `datasets`' `imagefolder` builder), with images left undecoded so that
     `ImageTransform` can name the file of an unreadable image.
 
+    A folder with a single class folder is one class (`imagefolder` gives it no label column): `label_column` is 0, the
+    index of that folder's name in `class_names`. `datasets`' progress bars and logging about resolving and
+    "downloading" the files of a local folder are silenced.
+
     Returns:
         `(dataset, class_names)`; `class_names` is the `ClassLabel` names of `label_column`, or None.
     """
     import datasets.config
+    from datasets import ClassLabel, load_dataset
     from datasets import Image as ImageFeature
-    from datasets import load_dataset
 
     if (dataset_name is None) == (train_data_dir is None):
         raise ValueError("Give exactly one of --dataset_name and --train_data_dir (or --train_latents_dir).")
     if dataset_name is not None:
         dataset = load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
     else:  # a local folder: without the request that `load_dataset` makes to count downloads of `imagefolder`
+        folders = class_folders(train_data_dir)
         counting, datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS, False
         try:
-            dataset = load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split="train")
+            with _quiet_datasets():
+                dataset = load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split="train")
         finally:
             datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = counting
+        if len(folders) == 1 and label_column not in dataset.column_names:
+            dataset = dataset.add_column(label_column, [0] * len(dataset), feature=ClassLabel(names=folders))
     for column in (image_column, label_column):
         if column not in dataset.column_names:
             raise ValueError(
@@ -63,6 +72,38 @@ def load_image_dataset(
     label_feature = dataset.features[label_column]
     class_names = list(label_feature.names) if hasattr(label_feature, "names") else None
     return dataset, class_names
+
+
+def class_folders(train_data_dir: str) -> list[str]:
+    """
+    The class folders of an image folder, sorted (as `imagefolder` numbers them).
+
+    Raises:
+        `ValueError` when `train_data_dir` has no sub-folder or no file in its sub-folders.
+    """
+    folders = sorted(entry.name for entry in os.scandir(train_data_dir) if entry.is_dir())
+    layout = "put the images of each class in a sub-folder named by its class id or class name (e.g. DIR/207/x.png)"
+    if not folders:
+        raise ValueError(f"--train_data_dir {train_data_dir} holds no class folders: {layout}.")
+    if not any(files for folder in folders for _, _, files in os.walk(os.path.join(train_data_dir, folder))):
+        raise ValueError(f"--train_data_dir {train_data_dir} holds no images in its class folders: {layout}.")
+    return folders
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """`datasets` without its progress bars and with warnings only, for the block."""
+    from datasets.utils import logging as datasets_logging
+
+    bars, verbosity = datasets_logging.is_progress_bar_enabled(), datasets_logging.get_verbosity()
+    datasets_logging.disable_progress_bar()
+    datasets_logging.set_verbosity_warning()
+    try:
+        yield
+    finally:
+        datasets_logging.set_verbosity(verbosity)
+        if bars:
+            datasets_logging.enable_progress_bar()
 
 
 def _is_class_id(name: str) -> bool:

@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import sys
 
 import torch
 from accelerate import Accelerator
@@ -23,6 +24,7 @@ from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from diffmoe_hf.atomic_files import write_text_atomically
+from diffmoe_hf.cli import CommandError
 from diffmoe_hf.dtypes import DTYPES
 from diffmoe_hf.training.data import (
     LATENTS_METADATA,
@@ -34,6 +36,13 @@ from diffmoe_hf.training.data import (
     relabel,
     shard_name,
     write_latent_shard,
+)
+from diffmoe_hf.training.options import (
+    check_counts,
+    check_data_folder,
+    check_output_dir,
+    run_script,
+    user_input_errors,
 )
 
 
@@ -73,12 +82,18 @@ def parse_args(input_args=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
     parser.add_argument("--output_dir", type=str, required=True)
-    return parser.parse_args(input_args)
+    args = parser.parse_args(input_args)
+    if (args.dataset_name is None) == (args.train_data_dir is None):
+        raise CommandError("Give exactly one of --dataset_name and --train_data_dir.")
+    check_counts(args)
+    check_data_folder("--train_data_dir", args.train_data_dir)
+    check_output_dir(args.output_dir)
+    return args
 
 
 def main(args):
     accelerator = Accelerator()
-    with accelerator.main_process_first():
+    with accelerator.main_process_first(), user_input_errors():
         dataset, class_names = load_image_dataset(
             args.dataset_name,
             args.dataset_config_name,
@@ -89,13 +104,17 @@ def main(args):
         )
     id2label = {str(i): name for i, name in enumerate(class_names)} if class_names else None
     if args.train_data_dir is not None:  # digit folder names are class ids (an empty folder shifts nothing)
-        folder_ids = folder_class_ids(class_names)
+        with user_input_errors():
+            folder_ids = folder_class_ids(class_names)
         dataset = relabel(dataset, args.label_column, class_names, folder_ids)
         id2label = {str(i): name for name, i in sorted(folder_ids.items(), key=lambda item: item[1])}
     num_classes = args.num_classes or (max(int(i) for i in id2label) + 1 if id2label else None)
-    if num_classes is not None:
-        check_labels(dataset, args.label_column, num_classes, args.image_column)
-    vae = AutoencoderKL.from_pretrained(args.vae_name_or_path, subfolder=args.vae_subfolder, cache_dir=args.cache_dir)
+    with user_input_errors():
+        if num_classes is not None:
+            check_labels(dataset, args.label_column, num_classes, args.image_column)
+        vae = AutoencoderKL.from_pretrained(
+            args.vae_name_or_path, subfolder=args.vae_subfolder, cache_dir=args.cache_dir
+        )
     vae.requires_grad_(False).to(accelerator.device).eval()
     dataset = dataset.with_transform(ImageTransform(args.resolution, 3, args.image_column, args.label_column))
 
@@ -119,7 +138,11 @@ def main(args):
             with open(metadata_path, encoding="utf-8") as f:
                 previous = {k: v for k, v in json.load(f).items() if k != "complete"}
             if previous != metadata:
-                raise ValueError(f"{args.output_dir} holds an extraction with other settings; use another folder.")
+                changed = ", ".join(sorted(k for k in {*previous, *metadata} if previous.get(k) != metadata.get(k)))
+                raise CommandError(
+                    f"--output_dir {args.output_dir} holds an extraction with other settings ({changed}): use another"
+                    " folder, or the same settings to resume it."
+                )
         write_text_atomically(metadata_path, json.dumps({**metadata, "complete": False}, indent=2))
     accelerator.wait_for_everyone()
 
@@ -155,5 +178,18 @@ def main(args):
     accelerator.end_training()
 
 
+def run(argv: list[str] | None = None) -> int:
+    """The script's entry point: extracts, and returns the exit status (see `run_script`)."""
+    return run_script("extract_features.py", parse_args, main, argv, _what_was_kept)
+
+
+def _what_was_kept(args) -> str:
+    """After an interruption (a shard being written is never left half-written): the finished shards."""
+    if args is None or not os.path.isdir(args.output_dir):
+        return "nothing was written."
+    done = sum(name.startswith("latents-") and name.endswith(".safetensors") for name in os.listdir(args.output_dir))
+    return f"{done} finished shards are kept in {args.output_dir}; run the same command again to resume."
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    sys.exit(run())

@@ -15,11 +15,14 @@ training/README.md for every recipe (LoRA, full training, latents, resume, multi
 import argparse
 import contextlib
 import copy
+import importlib.util
 import json
 import logging
 import math
 import os
 import re
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +32,7 @@ from accelerate import Accelerator, DistributedType
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
 from diffusers import AutoencoderKL
-from diffusers.optimization import get_scheduler
+from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.training_utils import EMAModel, _collate_lora_metadata, cast_training_params, free_memory
 from diffusers.utils import check_min_version
 from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
@@ -37,16 +40,22 @@ from huggingface_hub import ModelCard, ModelCardData
 from tqdm.auto import tqdm
 
 from diffmoe_hf import diffusers_floors
+from diffmoe_hf.cli import CommandError
 from diffmoe_hf.dtypes import DTYPES
 from diffmoe_hf.families import FAMILIES, family_names, get_family, resolve_family
 from diffmoe_hf.formulations import TimeSampling, get_formulation
 from diffmoe_hf.pipelines import ClassConditionalMoEPipeline
 from diffmoe_hf.routing import record_routing
 from diffmoe_hf.training.checkpoints import (
+    LEFTOVER_NAME,
+    checkpoint_steps,
+    follow_umask,
     read_marker,
     remove_incomplete_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
+    why_incomplete,
+    why_random_state_unrestorable,
 )
 from diffmoe_hf.training.data import (
     ImageTransform,
@@ -58,6 +67,17 @@ from diffmoe_hf.training.data import (
     load_image_dataset,
     relabel,
 )
+from diffmoe_hf.training.options import (
+    check_counts,
+    check_data_folder,
+    check_floats,
+    check_output_dir,
+    check_preset,
+    parse_class_ids,
+    resolve_tracker,
+    run_script,
+    user_input_errors,
+)
 from diffmoe_hf.training_losses import diffusion_training_loss
 
 
@@ -67,6 +87,8 @@ logger = get_logger(__name__)
 
 LORA_LAYER_KINDS = ("attention", "experts", "shared_experts", "dense_ff")
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
+SCRIPT = "train_class_conditional.py"
+LR_SCHEDULERS = tuple(kind.value for kind in SchedulerType)
 
 
 def parse_args(input_args=None):
@@ -185,7 +207,7 @@ def parse_args(input_args=None):
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--scale_lr", action="store_true")
-    parser.add_argument("--lr_scheduler", type=str, default="constant")
+    parser.add_argument("--lr_scheduler", type=str, default="constant", help=f"One of {', '.join(LR_SCHEDULERS)}.")
     parser.add_argument("--lr_warmup_steps", type=int, default=0)
     parser.add_argument("--lr_num_cycles", type=int, default=1)
     parser.add_argument("--lr_power", type=float, default=1.0)
@@ -198,17 +220,33 @@ def parse_args(input_args=None):
     parser.add_argument("--allow_tf32", action="store_true")
     parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
     # logging, validation, checkpoints, hub
-    parser.add_argument("--report_to", type=str, default="tensorboard")
+    parser.add_argument(
+        "--report_to",
+        type=str,
+        default=None,
+        help="Trackers ('tensorboard', 'wandb', 'all', 'none'); default: tensorboard when it is installed, else none.",
+    )
     parser.add_argument("--logging_dir", type=str, default="logs")
     parser.add_argument("--routing_log_steps", type=int, default=50, help="Log the expert load every N steps.")
     parser.add_argument("--validation_epochs", type=int, default=1)
-    parser.add_argument("--validation_class_labels", type=str, default=None, help="e.g. '0,1,2'.")
+    parser.add_argument(
+        "--validation_class_labels",
+        type=str,
+        default=None,
+        help="Class ids to sample at validation, e.g. '0,1,2'; default: the first 4 classes of the training data.",
+    )
     parser.add_argument("--num_validation_images", type=int, default=1, help="Images per validation class.")
     parser.add_argument("--validation_inference_steps", type=int, default=50)
     parser.add_argument("--validation_guidance_scale", type=float, default=None)
     parser.add_argument("--checkpointing_steps", type=int, default=500)
     parser.add_argument("--checkpoints_total_limit", type=int, default=None)
     parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder or 'latest'.")
+    parser.add_argument(
+        "--allow_inexact_resume",
+        action="store_true",
+        help="Resume even when a process's random state cannot be restored (a checkpoint of another number of "
+        "processes, a missing or unreadable random_states file): the run then differs from an uninterrupted one.",
+    )
     parser.add_argument("--push_to_hub", action="store_true")
     parser.add_argument("--hub_token", type=str, default=None)
     parser.add_argument("--hub_model_id", type=str, default=None)
@@ -218,22 +256,47 @@ def parse_args(input_args=None):
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_local_rank != -1 and env_local_rank != args.local_rank:
         args.local_rank = env_local_rank
+    check_args(args)
+    return args
+
+
+def check_args(args) -> None:
+    """Every option checked before any work (see training/options.py); `CommandError` names the first bad one. Also
+    resolves the defaults that depend on the machine (`--report_to`) and parses `--validation_class_labels`."""
     if (args.pretrained_model_name_or_path is None) == (args.preset is None):
-        raise ValueError("Give exactly one of --pretrained_model_name_or_path and --preset.")
+        raise CommandError("Give exactly one of --pretrained_model_name_or_path and --preset.")
     if args.preset is not None and args.model_family is None:
-        raise ValueError("--preset needs --model_family (one of " + ", ".join(FAMILIES) + ").")
+        raise CommandError("--preset needs --model_family (one of " + ", ".join(FAMILIES) + ").")
     if args.model_family is not None:
         args.model_family = resolve_family(args.model_family)
     if sum(x is not None for x in (args.dataset_name, args.train_data_dir, args.train_latents_dir)) != 1:
-        raise ValueError("Give exactly one of --dataset_name, --train_data_dir and --train_latents_dir.")
+        raise CommandError("Give exactly one of --dataset_name, --train_data_dir and --train_latents_dir.")
     if args.use_lora and args.use_ema:
-        raise ValueError("--use_ema is for full fine-tuning; LoRA training keeps no EMA.")
-    unknown = set(filter(None, args.lora_layers.split(","))) - set(LORA_LAYER_KINDS)
-    if "router" in unknown:
-        raise ValueError("Routers are never LoRA-adapted (they score experts in float32 from their raw weight).")
-    if unknown:
-        raise ValueError(f"Unknown --lora_layers {sorted(unknown)}; choose from {LORA_LAYER_KINDS}.")
-    return args
+        raise CommandError("--use_ema is for full fine-tuning; LoRA training keeps no EMA.")
+    kinds = set(filter(None, args.lora_layers.split(",")))
+    if "router" in kinds:
+        raise CommandError("Routers are never LoRA-adapted (they score experts in float32 from their raw weight).")
+    if kinds - set(LORA_LAYER_KINDS) or not kinds:
+        raise CommandError(
+            f"--lora_layers {args.lora_layers!r}: give a comma-separated list of {', '.join(LORA_LAYER_KINDS)}."
+        )
+    check_counts(args)
+    check_floats(args)
+    check_preset(args)
+    if args.lr_scheduler not in LR_SCHEDULERS:
+        raise CommandError(
+            f"--lr_scheduler {args.lr_scheduler!r} is unknown; choose one of {', '.join(LR_SCHEDULERS)}."
+        )
+    if args.validation_class_labels is not None:
+        args.validation_class_labels = parse_class_ids(args.validation_class_labels, "--validation_class_labels")
+    args.report_to = resolve_tracker(args.report_to)
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise CommandError(
+            "--use_8bit_adam needs bitsandbytes: install it (pip install bitsandbytes) or leave it out."
+        )
+    check_data_folder("--train_data_dir", args.train_data_dir)
+    check_data_folder("--train_latents_dir", args.train_latents_dir)
+    check_output_dir(args.output_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -311,12 +374,29 @@ def lora_target_modules(transformer, kinds: list[str]) -> str:
         if kind in kinds:
             patterns.append(re.sub(r"\\\.(\d+)\\\.", r"\\.\\d+\\.", re.escape(name)))
     if not patterns:
-        raise ValueError(f"The transformer has no layers of the kinds {kinds} to adapt.")
+        raise ValueError(
+            f"--lora_layers {','.join(kinds)}: the transformer has no layers of these kinds to adapt; choose among "
+            f"{', '.join(LORA_LAYER_KINDS)}."
+        )
     return "|".join(sorted(set(patterns)))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # training
+
+
+def cast_keeping_float32_modules(model, device, dtype: torch.dtype):
+    """`model` moved to `device` with its floating-point parameters and buffers in `dtype`, except those of the modules
+    its class keeps in float32 (`_keep_in_fp32_modules`, e.g. routers), as `from_pretrained(torch_dtype=...)` casts;
+    unlike `ModelMixin.to(dtype)`, which casts those too and warns about them. Returns `model`."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    model.to(device)
+    for name, module in model.named_modules():
+        target = torch.float32 if keep & set(name.split(".")) else dtype
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if tensor.is_floating_point():
+                tensor.data = tensor.data.to(target)
+    return model
 
 
 def unwrap(accelerator, model):
@@ -350,7 +430,7 @@ def main(args):
     # theirs through a zero-weighted term, which also keeps gradient checkpointing compatible with DDP
     touch_all_parameters = accelerator.num_processes > 1 and not native_checkpoints
     if args.use_ema and sharded_params:
-        raise ValueError("--use_ema needs every rank to hold full parameters: use DDP or DeepSpeed ZeRO-2.")
+        raise CommandError("--use_ema needs every rank to hold full parameters: use DDP or DeepSpeed ZeRO-2.")
     if args.seed is not None:
         set_seed(args.seed)
     if accelerator.is_main_process:
@@ -358,14 +438,16 @@ def main(args):
         remove_incomplete_checkpoints(args.output_dir)
     resume_path = None  # resolved before any work, so that a wrong path is reported at once
     if args.resume_from_checkpoint:
-        resume_path = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+        with user_input_errors():
+            resume_path = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+        check_random_state(resume_path, accelerator, args.allow_inexact_resume)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
     # data (first: a fresh model takes its number of classes from it)
     class_names, image_dataset = None, None
     if args.train_latents_dir is None:
-        with accelerator.main_process_first():
+        with accelerator.main_process_first(), user_input_errors():
             image_dataset, class_names = load_image_dataset(
                 args.dataset_name,
                 args.dataset_config_name,
@@ -377,7 +459,8 @@ def main(args):
     # image folders: class ids from the folder names (see folder_class_ids), for a fresh model from the data alone
     num_classes_from_data, data_id2label, folder_ids = None, None, None
     if args.train_data_dir is not None and args.preset is not None:
-        folder_ids = folder_class_ids(class_names)
+        with user_input_errors():
+            folder_ids = folder_class_ids(class_names)
     if folder_ids is not None:
         num_classes_from_data = max(folder_ids.values()) + 1
         data_id2label = {str(class_id): name for name, class_id in sorted(folder_ids.items(), key=lambda x: x[1])}
@@ -385,11 +468,13 @@ def main(args):
         num_classes_from_data = len(class_names)
         data_id2label = {str(class_id): name for class_id, name in enumerate(class_names)}
 
-    transformer, vae, noise_scheduler, id2label = load_components(args, num_classes_from_data, data_id2label)
+    with user_input_errors():
+        transformer, vae, noise_scheduler, id2label = load_components(args, num_classes_from_data, data_id2label)
     config = transformer.config
     if args.train_data_dir is not None:
         if folder_ids is None:
-            folder_ids = folder_class_ids(class_names, config.num_classes, id2label)
+            with user_input_errors():
+                folder_ids = folder_class_ids(class_names, config.num_classes, id2label)
         by_id = sorted(folder_ids.items(), key=lambda item: item[1])
         mapping = ", ".join(f"{name}/ -> {class_id}" for name, class_id in by_id)
         logger.info(f"Class folders of {args.train_data_dir} -> class ids: {mapping}")
@@ -398,37 +483,56 @@ def main(args):
     if args.class_dropout_prob is not None:
         labels = transformer.embedding.class_embedder
         if args.class_dropout_prob > 0 and labels.embedding_table.num_embeddings <= config.num_classes:
-            raise ValueError("This model has no null-class embedding, so its labels cannot be dropped.")
+            raise CommandError(
+                f"--class_dropout_prob {args.class_dropout_prob}: this model has no null-class embedding, so its "
+                "labels cannot be dropped; leave the option out or set it to 0."
+            )
         labels.dropout_prob = args.class_dropout_prob
         transformer.register_to_config(class_dropout_prob=args.class_dropout_prob)
     sample_shape = (config.in_channels, config.sample_size, config.sample_size)
     if vae is None and config.in_channels not in (1, 3) and args.train_latents_dir is None:
-        raise ValueError(f"A {config.in_channels}-channel model trained on images needs a VAE (--vae_name_or_path).")
+        raise CommandError(f"A {config.in_channels}-channel model trained on images needs a VAE (--vae_name_or_path).")
 
     if args.train_latents_dir is not None:
-        train_dataset = LatentDataset(args.train_latents_dir, sample_shape, config.num_classes)
+        with user_input_errors():
+            train_dataset = LatentDataset(args.train_latents_dir, sample_shape, config.num_classes)
         if vae is not None and abs(train_dataset.metadata["scaling_factor"] - vae.config.scaling_factor) > 1e-8:
-            raise ValueError("The latents were scaled with another scaling factor than this VAE's.")
+            raise CommandError(
+                f"The latents of {args.train_latents_dir} were scaled by {train_dataset.metadata['scaling_factor']}, "
+                f"this VAE scales by {vae.config.scaling_factor}: extract them again with this VAE."
+            )
+        data_classes = sorted(set(train_dataset.labels.tolist()))
     else:
-        check_labels(image_dataset, args.label_column, config.num_classes, args.image_column)
+        with user_input_errors():
+            check_labels(image_dataset, args.label_column, config.num_classes, args.image_column)
         if args.max_train_samples is not None:
+            if args.max_train_samples > len(image_dataset):
+                raise CommandError(
+                    f"--max_train_samples {args.max_train_samples} is more than the {len(image_dataset)} samples of "
+                    "the data: lower it or leave it out."
+                )
             image_dataset = image_dataset.shuffle(seed=args.seed).select(range(args.max_train_samples))
         if args.image_check != "none":
             image_dataset = without_unreadable_images(image_dataset, args, accelerator)
+        data_classes = sorted(set(image_dataset[args.label_column]))
         channels = 3 if vae is not None else config.in_channels
         train_dataset = image_dataset.with_transform(
             ImageTransform(args.resolution, channels, args.image_column, args.label_column)
         )
         size = args.resolution // (2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1)
         if (config.in_channels, size, size) != sample_shape:
-            raise ValueError(
+            raise CommandError(
                 f"--resolution {args.resolution} gives inputs of shape {(config.in_channels, size, size)} but the model"
-                f" takes {sample_shape}."
+                f" takes {sample_shape}: train at --resolution {args.resolution * config.sample_size // size}."
             )
+    if args.validation_epochs:
+        args.validation_class_labels = choose_validation_classes(
+            args.validation_class_labels, config.num_classes, data_classes
+        )
 
     weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)  # mixed precision "no": float32
     if vae is not None:
-        vae.requires_grad_(False).to(accelerator.device, dtype=torch.float32).eval()
+        cast_keeping_float32_modules(vae.requires_grad_(False), accelerator.device, torch.float32).eval()
     if args.cache_latents and vae is not None and args.train_latents_dir is None:
         train_dataset = encode_dataset(train_dataset, vae, args, accelerator)
 
@@ -437,15 +541,17 @@ def main(args):
         from peft import LoraConfig
 
         transformer.requires_grad_(False)
-        transformer.to(accelerator.device, dtype=weight_dtype)
+        cast_keeping_float32_modules(transformer, accelerator.device, weight_dtype)
         kinds = [kind for kind in args.lora_layers.split(",") if kind]
+        with user_input_errors():
+            target_modules = lora_target_modules(transformer, kinds)
         transformer.add_adapter(
             LoraConfig(
                 r=args.rank,
                 lora_alpha=args.lora_alpha or args.rank,
                 lora_dropout=args.lora_dropout,
                 init_lora_weights="gaussian",
-                target_modules=lora_target_modules(transformer, kinds),
+                target_modules=target_modules,
             )
         )
         if args.mixed_precision == "fp16":
@@ -546,8 +652,9 @@ def main(args):
         generator=torch.Generator().manual_seed(args.seed or 0),
     )
     if len(train_dataloader) == 0:
-        raise ValueError(
-            f"The dataset has {len(train_dataset)} samples, fewer than one batch of {args.train_batch_size}."
+        raise CommandError(
+            f"The dataset has {len(train_dataset)} samples, fewer than one batch of {args.train_batch_size}: lower "
+            "--train_batch_size or add data."
         )
 
     num_warmup_steps = args.lr_warmup_steps * accelerator.num_processes
@@ -590,12 +697,6 @@ def main(args):
         logger.info(f"No complete checkpoint in {args.output_dir}: starting a new training run.")
     elif resume_path is not None:
         saved = read_marker(resume_path)
-        if saved["num_processes"] != accelerator.num_processes:
-            logger.warning(
-                f"{resume_path} was saved by {saved['num_processes']} processes and is resumed by "
-                f"{accelerator.num_processes}: the processes' random states differ from the saved ones, so the run "
-                "will not continue exactly as it would have."
-            )
         logger.info(f"Resuming from checkpoint {resume_path}")
         accelerator.load_state(resume_path)
         global_step = saved["step"]
@@ -673,7 +774,9 @@ def main(args):
             if global_step >= args.max_train_steps:
                 break
 
+        # the last epoch's validation is the final one, after the weights are saved
         validate = args.validation_epochs and (epoch + 1) % args.validation_epochs == 0
+        validate = validate and global_step < args.max_train_steps
         if validate and (accelerator.is_main_process or sharded_params):  # sharded weights: every rank samples
             log_validation(model, vae, noise_scheduler, id2label, args, accelerator, ema, global_step)
 
@@ -691,9 +794,55 @@ def main(args):
     accelerator.end_training()
 
 
+def check_random_state(resume_path: str | None, accelerator, allow_inexact: bool) -> None:
+    """Refuses to resume from `resume_path` when this process cannot restore its random state (the run would not
+    continue as an uninterrupted one), or with `allow_inexact` says so in a warning."""
+    if resume_path is None:
+        return
+    reason = why_random_state_unrestorable(
+        resume_path, accelerator.process_index, accelerator.num_processes, accelerator.device.type
+    )
+    if reason is None:
+        return
+    message = f"Process {accelerator.process_index} cannot restore its random state from {resume_path}: {reason}"
+    if not allow_inexact:
+        raise CommandError(
+            f"{message}. Resume with the same number of processes and devices it was saved with, or pass "
+            "--allow_inexact_resume to continue with fresh random states."
+        )
+    logger.warning(
+        f"{message}. --allow_inexact_resume: continuing with fresh random states; THIS RUN IS NO LONGER EXACT (it "
+        "differs from an uninterrupted one).",
+        main_process_only=False,
+    )
+
+
+def choose_validation_classes(requested: list[int] | None, num_classes: int, data_classes: list[int]) -> list[int]:
+    """
+    The classes validation samples: `requested` (--validation_class_labels), else the first 4 classes of the training
+    data. A `CommandError` for a class the model lacks; a warning names requested classes the data lacks.
+    """
+    if requested is None:
+        return data_classes[:4]
+    beyond = [label for label in requested if label >= num_classes]
+    if beyond:
+        raise CommandError(
+            f"--validation_class_labels {','.join(map(str, beyond))}: the model has classes 0..{num_classes - 1}; "
+            "give class ids in that range."
+        )
+    absent = [label for label in requested if label not in set(data_classes)]
+    if absent:
+        shown = ", ".join(map(str, data_classes[:20])) + (", ..." if len(data_classes) > 20 else "")
+        logger.warning(
+            f"--validation_class_labels {','.join(map(str, absent))} are not in the training data (its classes: "
+            f"{shown}): their validation images show the model's other classes, not what it learns here."
+        )
+    return requested
+
+
 def without_unreadable_images(dataset, args, accelerator):
     """`dataset` after reading every image (the processes share the work): unchanged when all are readable, without
-    the unreadable ones with --skip_unreadable_images (a warning names them), else a `ValueError` naming them."""
+    the unreadable ones with --skip_unreadable_images (a warning names them), else a `CommandError` naming them."""
     bad = find_unreadable_images(
         dataset,
         args.image_column,
@@ -710,7 +859,7 @@ def without_unreadable_images(dataset, args, accelerator):
     listed = "; ".join(message for _, message in bad[:10]) + (f"; ... ({len(bad) - 10} more)" if len(bad) > 10 else "")
     summary = f"{len(bad)} of {len(dataset)} training images cannot be read: {listed}"
     if not args.skip_unreadable_images:
-        raise ValueError(
+        raise CommandError(
             f"{summary}. Replace or delete these files, or pass --skip_unreadable_images to train without them."
         )
     logger.warning(f"{summary}. Training without them (--skip_unreadable_images).")
@@ -740,12 +889,10 @@ def encode_dataset(dataset, vae, args, accelerator) -> list[dict]:
     return cached
 
 
-def validation_labels(args, num_classes: int) -> list[int]:
-    if args.validation_class_labels:
-        labels = [int(x) for x in args.validation_class_labels.split(",")]
-    else:
-        labels = list(range(min(4, num_classes)))
-    return [label for label in labels for _ in range(args.num_validation_images)]
+def validation_labels(args) -> list[int]:
+    """The class of each validation image: every class of `choose_validation_classes`, --num_validation_images
+    times."""
+    return [label for label in args.validation_class_labels for _ in range(args.num_validation_images)]
 
 
 def log_validation(model, vae, scheduler, id2label, args, accelerator, ema, global_step: int, final: bool = False):
@@ -758,7 +905,7 @@ def log_validation(model, vae, scheduler, id2label, args, accelerator, ema, glob
         transformer=model, scheduler=copy.deepcopy(scheduler), vae=vae, id2label=id2label
     )
     pipeline.set_progress_bar_config(disable=True)
-    labels = validation_labels(args, model.config.num_classes)
+    labels = validation_labels(args)
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
     model.eval()
     with torch.random.fork_rng(devices=[]), accelerator.autocast():
@@ -805,7 +952,7 @@ def save_final(
         model.load_state_dict(state_dict)
         model.to(accelerator.device)
     if not args.use_lora:
-        model = model.to(torch.float32)
+        model = cast_keeping_float32_modules(model, accelerator.device, torch.float32)
     if args.use_lora:
         from peft.utils import get_peft_model_state_dict
 
@@ -819,6 +966,7 @@ def save_final(
             ema.copy_to(model.parameters())
         pipeline = ClassConditionalMoEPipeline(transformer=model, scheduler=scheduler, vae=vae, id2label=id2label)
         pipeline.save_pretrained(args.output_dir)
+    follow_umask(args.output_dir, skip=(r"checkpoint-.*", re.escape(args.logging_dir), "validation"))
 
     images = None
     if args.validation_epochs and not (sharded_params and args.use_lora):
@@ -895,5 +1043,24 @@ batch size {args.train_batch_size} per device, mixed precision {args.mixed_preci
     card.save(os.path.join(args.output_dir, "README.md"))
 
 
+def run(argv: list[str] | None = None) -> int:
+    """The script's entry point: trains, and returns the exit status (see `run_script`)."""
+    return run_script(SCRIPT, parse_args, main, argv, lambda args: what_was_kept(args.output_dir if args else None))
+
+
+def what_was_kept(output_dir: str | None) -> str:
+    """After an interruption: removes the checkpoint being written, names the newest complete one (for messages)."""
+    if output_dir is None or not os.path.isdir(output_dir):
+        return "nothing was written."
+    for name in os.listdir(output_dir):
+        if LEFTOVER_NAME.fullmatch(name):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    for step in reversed(checkpoint_steps(output_dir)):
+        path = os.path.join(output_dir, f"checkpoint-{step}")
+        if why_incomplete(path) is None:
+            return f"kept {path} (step {step}); continue with --resume_from_checkpoint latest."
+    return f"no checkpoint was kept in {output_dir} (none was complete yet)."
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    sys.exit(run())
