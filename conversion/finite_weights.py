@@ -64,6 +64,6 @@ def check_finite_after_cast(model: torch.nn.Module, dtype_name: str) -> None:
     counts = non_finite_counts(tensors)
     if counts:
         raise ValueError(
-            f"--dtype {dtype_name}: {_tensors(len(counts))} hold values beyond the range of {dtype_name} and would be "
-            f"saved as infinite:{_listed(counts, tensors)}\nConvert with --dtype bf16 (float32's range) or fp32."
+            f"--dtype {dtype_name}: values beyond the range of {dtype_name} in {_tensors(len(counts))} would be saved as "
+            f"infinite:{_listed(counts, tensors)}\nConvert with --dtype bf16 (float32's range) or fp32."
         )

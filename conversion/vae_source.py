@@ -16,7 +16,7 @@ _EXAMPLE = "e.g. stabilityai/sd-vae-ft-mse, or the vae/ folder of a Stable Diffu
 def check_vae_source(source: str) -> None:
     """
     Refuses a `--vae` that cannot be an `AutoencoderKL`: a file, a path that does not exist (anything but a Hub repo
-    id `org/name` is a local path), a pipeline folder (its `vae/` is named), a folder of another model class, or a
+    id `org/name` is a local path), a pipeline folder (its `vae/`, if any, is named), a folder of another model class, or a
     VAE folder whose config does not fit its weights (`folder_checks.check_folder_matches_config`). A Hub repo id is
     left to diffusers.
 
@@ -36,8 +36,17 @@ def check_vae_source(source: str) -> None:
             f"--vae {source}: there is no such folder (and it is not a Hub repo id, org/name). Give the {VAE_CLASS} "
             f"folder, {_EXAMPLE}."
         )
-    if os.path.isfile(os.path.join(source, "model_index.json")) and os.path.isdir(os.path.join(source, "vae")):
-        raise ValueError(f"--vae {source} is a pipeline folder; its VAE is {os.path.join(source, 'vae')}: pass that.")
+    if os.path.isfile(os.path.join(source, "model_index.json")):
+        vae = os.path.join(source, "vae")
+        has_vae = os.path.isdir(vae)
+        raise ValueError(
+            f"--vae {source} is a pipeline folder; "
+            + (
+                f"its VAE is {vae}: pass that."
+                if has_vae
+                else f"it has no vae/ folder. Give the {VAE_CLASS}, {_EXAMPLE}."
+            )
+        )
     config_path = os.path.join(source, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"--vae {source} has no config.json: it is not an {VAE_CLASS} folder ({_EXAMPLE}).")
