@@ -76,6 +76,11 @@ FOLDER_CASES = [
         ["tensor embedding.class_embedder.embedding_table.weight has shape [11, 32], the config implies [11, 64]"],
     ),
     (
+        "negative-size",
+        lambda folder: _edit_config(folder, num_layers=-2),
+        [os.path.join("transformer", "config.json") + " describes no valid DSMoETransformer2DModel:"],
+    ),
+    (
         "no-weights",
         lambda folder: _remove(folder, "diffusion_pytorch_model.safetensors"),
         ["has a config.json but no weights: diffusion_pytorch_model.safetensors (or a sharded"],

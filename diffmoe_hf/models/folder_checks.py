@@ -107,12 +107,23 @@ def _stored_shapes(files: list[str]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _expected_shapes(model_class, config: dict) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape of every tensor `model_class.from_config(config)` saves, built without memory."""
+def _expected_shapes(model_class, config: dict, folder: str) -> dict[str, tuple[int, ...]]:
+    """
+    Tensor name -> shape of every tensor `model_class.from_config(config)` saves, built without memory.
+
+    Raises:
+        ValueError: when the config builds no model (the constructor's message, with the file it came from).
+    """
     from accelerate import init_empty_weights
 
-    with init_empty_weights(include_buffers=False):
-        model = model_class.from_config(config)
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = model_class.from_config(config)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"{os.path.join(folder, 'config.json')} describes no valid {model_class.__name__}: {err} Restore the "
+            "config.json saved with the weights."
+        ) from None
     return {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
 
@@ -137,7 +148,7 @@ def check_folder_matches_config(model_class, folder: str, variant: str | None = 
         return
     files = _weights_files(folder, variant)
     stored = _stored_shapes(files)
-    expected = _expected_shapes(model_class, config)
+    expected = _expected_shapes(model_class, config, folder)
     missing = sorted(set(expected) - set(stored))
     unexpected = sorted(set(stored) - set(expected))
     mismatched = [
