@@ -135,3 +135,18 @@ def test_vae_folder_and_shard_sizes_in_the_accepted_form_convert(tmp_path):
     assert len([name for name in os.listdir(tmp_path / "out" / "transformer") if name.endswith(".safetensors")]) > 1
     shutil.rmtree(vae)
     assert (tmp_path / "out" / "vae" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "vae, fragment",
+    [
+        ("./no-such-vae", "there is no such folder (and it is not a Hub repo id"),
+        ("transformer", "not an AutoencoderKL"),
+    ],
+)
+def test_generate_checks_its_vae_the_same_way(tmp_path, capsys, vae, fragment):
+    model = _converted_folder(tmp_path)
+    vae = vae if vae.startswith(".") else str(model / vae)
+    assert main(["generate", "--model", str(model), "--vae", vae, "--output", str(tmp_path / "grid.png")]) == 2
+    error = capsys.readouterr().err
+    assert fragment in error and "huggingface.co" not in error and not (tmp_path / "grid.png").exists()
