@@ -72,9 +72,10 @@ extras = {
     # `pip install --no-deps torch-fidelity==0.4.0` (diffmoe_hf/evaluation/inception.py says why)
     "eval": ["scikit-learn>=1.3", "scipy"],
 }
-extras["dev"] = sorted(
-    {dep for deps in extras.values() for dep in deps} | {"pytest>=8", "playwright", "torchao>=0.18", "ruff==0.17.6"}
-)
+# torchao (quantization_config) is in no extra: diffusers imports it whenever it is installed, and on a machine where
+# its compiled kernels do not load (CPU-only torch) every command then starts seconds slower with five warning lines.
+# Install it where you quantize; CI installs it for the quantization tests (.ci/run).
+extras["dev"] = sorted({dep for deps in extras.values() for dep in deps} | {"pytest>=8", "playwright", "ruff==0.17.6"})
 
 setup(
     name="diffmoe-hf",

@@ -95,9 +95,47 @@ class LoadedCheckpoint:
     top_level_keys: list[str] = field(default_factory=list)
 
 
+class _GlobalReference(Exception):
+    """Raised by `_FirstObjectReader` at the first class or function the pickle names."""
+
+
+class _FirstObjectReader(pickle.Unpickler):
+    """Reads the first pickled object of a file without resolving any class or function (so nothing can run)."""
+
+    def find_class(self, module, name):
+        raise _GlobalReference(f"{module}.{name}")
+
+    def persistent_load(self, pid):
+        raise _GlobalReference("persistent id")
+
+
+def _is_plain_pickle(path: str) -> bool:
+    """
+    Whether `path` (not a zip archive) was written with `pickle.dump` rather than `torch.save`: the legacy torch.save
+    format starts with the pickled `torch.serialization.MAGIC_NUMBER`, a plain pickle with the object itself (a
+    container, or a reference to a class such as the tensors' rebuild function).
+    """
+    try:
+        with open(path, "rb") as f:
+            first = _FirstObjectReader(f).load()
+    except _GlobalReference:
+        return True
+    except Exception:  # not a pickle at all
+        return False
+    return first != torch.serialization.MAGIC_NUMBER and isinstance(first, (dict, list, tuple))
+
+
 def _torch_load(path: str, trust_checkpoint: bool, mmap: bool = False):
-    if mmap and not zipfile.is_zipfile(path):
+    if not zipfile.is_zipfile(path):
         mmap = False  # only the zip format (torch >= 1.6 default) can be memory-mapped
+        if _is_plain_pickle(path):
+            raise CheckpointError(
+                f"{path} is a plain Python pickle (written with pickle.dump, not torch.save), a format the converter "
+                "does not read: unpickling it runs whatever code it names, and torch.load(weights_only=True), the "
+                "safe reader, only reads torch.save files. If you trust the file, re-save its weights in Python, "
+                "e.g. `torch.save(pickle.load(open(PATH, 'rb')), 'checkpoint.pt')` (or safetensors' save_file for a "
+                "dict of tensors), and convert that file."
+            )
     if trust_checkpoint:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     try:
@@ -140,6 +178,21 @@ def _not_a_checkpoint(path: str) -> CheckpointError:
     )
 
 
+CHECKPOINT_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+
+
+def _folder_not_checkpoint(path: str) -> CheckpointError:
+    """The error for a folder given as the checkpoint: a converted folder, or one holding checkpoint files."""
+    if os.path.isfile(os.path.join(path, "model_index.json")) or os.path.isfile(os.path.join(path, "config.json")):
+        return CheckpointError(
+            f"{path} is a converted diffusers folder, not an original checkpoint: it needs no conversion; load it with "
+            "ClassConditionalMoEPipeline.from_pretrained or `diffmoe generate --model`."
+        )
+    found = sorted(name for name in os.listdir(path) if name.endswith(CHECKPOINT_EXTENSIONS))
+    hint = f"; it holds {', '.join(found[:5])}" + (" ..." if len(found) > 5 else "") if found else ""
+    return CheckpointError(f"{path} is a folder: give the checkpoint file inside it (--checkpoint FILE){hint}.")
+
+
 def _is_state_dict(obj) -> bool:
     return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
 
@@ -177,6 +230,8 @@ def load_original_checkpoint(
     path = os.fspath(path)
     if weights not in WEIGHT_KEYS:
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}.")
+    if os.path.isdir(path):
+        raise _folder_not_checkpoint(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Checkpoint {path} does not exist.")
     if path.endswith(".safetensors"):

@@ -13,14 +13,17 @@ from diffmoe_hf.pipelines import ClassConditionalMoEPipeline
 from diffmoe_hf.published_settings import SETTINGS_FILE, model_card_section
 
 from .checkpoint_io import load_original_checkpoint
+from .finite_weights import check_finite_after_cast, check_finite_checkpoint
 from .hub_folder import (
     cast_for_saving,
     check_output_dir,
+    check_shard_size,
     push_folder_to_hub,
     recover_interrupted_save,
     save_folder_atomically,
 )
 from .model_card import render_model_card
+from .vae_source import check_vae_source, load_vae
 
 
 logger = logging.getLogger(__name__)
@@ -36,7 +39,10 @@ def family_options(family: str) -> list[str]:
 
 
 def _check_input_files(config_path: str | None, id2label_path: str | None) -> None:
-    """Refuses missing input files before the (possibly long) checkpoint load."""
+    """Refuses missing input files, and folders given for them, before the (possibly long) checkpoint load."""
+    for path, option in ((config_path, "--config"), (id2label_path, "--id2label")):
+        if path is not None and os.path.isdir(path):
+            raise IsADirectoryError(f"{option} {path} is a folder: give the file ({option} FILE).")
     if config_path is not None and not os.path.isfile(config_path):
         raise FileNotFoundError(
             f"Config file {config_path} does not exist (--config): give the original training config (.yaml) that "
@@ -75,11 +81,7 @@ def _load_id2label(path: str | None, num_classes: int) -> dict[str, str] | None:
 
 def build_pipeline(transformer, vae_path: str | None = None, id2label_path: str | None = None):
     """A `ClassConditionalMoEPipeline` around a converted transformer, with the scheduler of its formulation."""
-    vae = None
-    if vae_path is not None:
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(vae_path)
+    vae = None if vae_path is None else load_vae(vae_path)
     scheduler = get_formulation(transformer.config.formulation).default_scheduler()
     id2label = _load_id2label(id2label_path, transformer.config.num_classes)
     return ClassConditionalMoEPipeline(transformer=transformer, scheduler=scheduler, vae=vae, id2label=id2label)
@@ -115,7 +117,7 @@ def convert_checkpoint(
         config_path, preset: the architecture, for families whose checkpoints do not record it.
         weights: `"ema"` (default) or `"model"`.
         dtype: `"fp32"`, `"fp16"` or `"bf16"` for the saved transformer (routers stay fp32).
-        vae_path: local `AutoencoderKL` folder to include as `vae/`.
+        vae_path: `AutoencoderKL` folder (or Hub repo id) to include as `vae/` (`vae_source.load_vae`).
         id2label_path: JSON `{class id: "name, synonym"}`; ImageNet names are used for 1000-class models.
         trust_checkpoint: allow arbitrary pickled objects in the checkpoint.
         max_shard_size: shard size for the safetensors files.
@@ -140,13 +142,20 @@ def convert_checkpoint(
     for action in recover_interrupted_save(output_dir):
         logger.warning(action)
     check_output_dir(output_dir, overwrite)
+    check_shard_size(max_shard_size)
     _check_input_files(config_path, id2label_path)
+    if vae_path is not None:
+        check_vae_source(vae_path)
     converter = get_family(family).load_converter()
     checkpoint = load_original_checkpoint(
         checkpoint_path, weights=weights, trust_checkpoint=trust_checkpoint, mmap=True
     )
+    check_finite_checkpoint(checkpoint.state_dict, checkpoint_path, checkpoint.source)
     transformer = converter.build(checkpoint, config_path=config_path, preset=preset, **options)
-    pipeline = build_pipeline(cast_for_saving(transformer, DTYPES[dtype]), vae_path, id2label_path)
+    transformer = cast_for_saving(transformer, DTYPES[dtype])
+    if dtype != "fp32":
+        check_finite_after_cast(transformer, dtype)
+    pipeline = build_pipeline(transformer, vae_path, id2label_path)
     card = render_model_card(
         converter.model_card,
         family,

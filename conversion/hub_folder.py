@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -9,6 +10,23 @@ import torch
 
 
 HUB_LAYOUTS = ("package", "remote_code")
+# the shard sizes `save_pretrained` (huggingface_hub's parse_size_to_int) reads: a number and a decimal unit
+_SHARD_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(KB|MB|GB|TB)\s*", re.IGNORECASE)
+
+
+def check_shard_size(max_shard_size: str | int) -> None:
+    """
+    Refuses a `max_shard_size` that `save_pretrained` cannot read or that is not positive, before any work is done:
+    a whole number of bytes or a number with a unit, e.g. `"5GB"`, `"500MB"`, `"1.5GB"`.
+    """
+    if isinstance(max_shard_size, int) and not isinstance(max_shard_size, bool) and max_shard_size > 0:
+        return
+    match = _SHARD_SIZE.fullmatch(max_shard_size) if isinstance(max_shard_size, str) else None
+    if match is None or float(match.group(1)) <= 0:
+        raise ValueError(
+            f"--max-shard-size {max_shard_size!r} is not a size: give a positive number with a unit KB, MB, GB or "
+            "TB, e.g. 5GB, 500MB or 1.5GB."
+        )
 
 
 def check_output_dir(output_dir: str, overwrite: bool) -> None:

@@ -111,7 +111,7 @@ def _add_convert_parser(subparsers) -> None:
     )
     parser.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights (default: ema)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="saved dtype")
-    parser.add_argument("--vae", help="local AutoencoderKL folder to include as vae/")
+    parser.add_argument("--vae", help="AutoencoderKL folder (or Hub repo id) to include as vae/")
     parser.add_argument("--id2label", help="JSON {class id: name}; ImageNet names are used for 1000 classes")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument(
@@ -519,9 +519,9 @@ def _run_generate(args) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     components = {}
     if args.vae:
-        from diffusers import AutoencoderKL
+        from diffmoe_hf.conversion.vae_source import load_vae
 
-        components["vae"] = AutoencoderKL.from_pretrained(args.vae)
+        components["vae"] = load_vae(args.vae)
     pipe = _load_pipeline(model, **components).to(device)
     in_channels = pipe.transformer.config.in_channels
     if pipe.vae is None and in_channels not in (1, 3):

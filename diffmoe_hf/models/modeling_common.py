@@ -1,6 +1,7 @@
 """Forward pieces every DiT-style family shares; each family's `forward` composes them around its own blocks."""
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -9,6 +10,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.utils import apply_lora_scale
 
 from .blocks import unpatchify
+from .folder_checks import check_folder_matches_config
 from .moe import MoECollector, set_expert_backend
 from .validation import check_model_inputs
 
@@ -121,6 +123,26 @@ class DiTForwardMixin(CacheMixin):
     # own routing modules
     _skip_layerwise_casting_patterns = ["pos_embed", "norm", "embedding", "router"]
     _keep_in_fp32_modules = ["router"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """
+        diffusers' `from_pretrained`, after checking a local folder (`folder_checks.check_folder_matches_config`):
+        a missing weights file, or a `config.json` that does not fit the weights (a hand-edited `num_layers`, another
+        model's config), is refused here, naming the file, field or tensors, instead of loading a model with tensors
+        left on the meta device or weights silently dropped. The pipeline loaders and `diffusers.AutoModel` load the
+        transformer through this method too.
+        """
+        path = os.fspath(pretrained_model_name_or_path)
+        if os.path.isfile(path):
+            raise ValueError(
+                f"{path} is a file; from_pretrained takes the model folder (the one with config.json and the weights), "
+                f"e.g. {os.path.dirname(path) or '.'}."
+            )
+        folder = os.path.normpath(os.path.join(path, kwargs.get("subfolder") or ""))
+        if os.path.isfile(os.path.join(folder, cls.config_name)):
+            check_folder_matches_config(cls, folder, kwargs.get("variant"))
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
