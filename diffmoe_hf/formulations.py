@@ -605,6 +605,14 @@ def scheduler_problem(formulation: str, scheduler) -> str | None:
     )
 
 
+def check_scheduler(formulation: str, scheduler, where: str) -> None:
+    """Raises `ValueError` ("`where`: why") when `scheduler` cannot sample a model of `formulation`
+    (`scheduler_problem`); `where` names the scheduler for the user, e.g. `"pipe.scheduler"`."""
+    problem = scheduler_problem(formulation, scheduler)
+    if problem:
+        raise ValueError(f"{where}: {problem}")
+
+
 def available_schedulers(formulation: str, scheduler: SchedulerMixin) -> dict[str, SchedulerMixin]:
     """
     The schedulers that can sample a model of `formulation` (`scheduler_problem`), by class name: the model's own

@@ -12,7 +12,7 @@ from diffusers.schedulers import SchedulerMixin
 from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
-from diffmoe_hf.formulations import get_formulation, max_inference_steps, scheduler_problem
+from diffmoe_hf.formulations import check_scheduler, get_formulation, max_inference_steps
 
 from .call_arguments import (
     LATENT_LIMIT,
@@ -214,9 +214,7 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, TransformerLoraLoaderMixin)
         callback_on_step_end=None,
     ) -> None:
         """Refuses a call that cannot run or would return garbage, before any work is done (errors say what to do)."""
-        problem = scheduler_problem(self.transformer.config.formulation, self.scheduler)
-        if problem:
-            raise ValueError(f"pipe.scheduler: {problem} E.g. pipe.scheduler = X.from_config(pipe.scheduler.config).")
+        check_scheduler(self.transformer.config.formulation, self.scheduler, "pipe.scheduler")
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral):
             raise TypeError(
                 f"num_inference_steps must be an integer, got {num_inference_steps!r} of type "
