@@ -23,7 +23,7 @@ def guidance_scale_argument(text: str) -> float:
 
 
 def guidance_channels_argument(text: str) -> int:
-    """argparse type of `--guidance-channels`: a whole number >= 1 (the model's channel count is checked after loading)."""
+    """argparse type of `--guidance-channels`: a whole number >= 1 (the model's channels are checked after loading)."""
     try:
         value = int(text)
     except ValueError:

@@ -352,9 +352,9 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, TransformerLoraLoaderMixin)
                 low is 0), one conditional pass elsewhere. Defaults to the formulation's ((0.1, 1.0) for JiT, none
                 for the other families); `(0, float("inf"))` guides at every step.
             generator: `torch.Generator`(s) for reproducible noise (a list: one per image).
-            latents: (B, C, sample_size, sample_size) initial unit Gaussian noise (finite, within +-1e4); drawn from `generator` when omitted (and
-                then scaled as the formulation starts, e.g. by JiT's `noise_scale`; given latents are used as they
-                are).
+            latents: (B, C, sample_size, sample_size) initial unit Gaussian noise (finite, within +-1e4); drawn
+                from `generator` when omitted (and then scaled as the formulation starts, e.g. by JiT's `noise_scale`;
+                given latents are used as they are).
             output_type: `"pil"`, `"np"` (B, H, W, C) in [0, 1], `"pt"` (B, C, H, W) in [0, 1], or `"latent"`.
             return_dict: Return an `ImagePipelineOutput` instead of a tuple.
             attention_kwargs: Forwarded to the transformer; only `{"scale": s}` (scales LoRA) is accepted.
@@ -454,8 +454,8 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, TransformerLoraLoaderMixin)
         if step >= 0:
             self.maybe_free_model_hooks()
             raise ValueError(
-                f"Sampling diverged at scheduler step {step + 1} of {len(plan)}: the latents became NaN, infinite or larger than "
-                f"{LATENT_LIMIT:g}, which would decode to blank or saturated images. Likely causes: guidance_scale="
+                f"Sampling diverged at scheduler step {step + 1} of {len(plan)}: the latents became NaN, infinite or "
+                f"larger than {LATENT_LIMIT:g}, which would decode to blank or saturated images. Likely causes: guidance_scale="
                 f"{self._guidance_scale:g} far too large (these models sample at about 1 to 10), a float16 overflow "
                 "(load the model in float32 or bfloat16), a callback that returned such latents, or broken weights."
             )
