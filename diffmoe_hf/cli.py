@@ -8,12 +8,13 @@ or a grid too large to write stops the command at once with one line that says w
 import argparse
 import difflib
 import logging
-import math
 import os
 import sys
 import tempfile
 import textwrap
 from dataclasses import dataclass
+
+from diffmoe_hf.cli_sampling import check_device, guidance_scale_argument, select_scheduler
 
 
 DEFAULT_BATCH_SIZE = 64
@@ -45,18 +46,6 @@ def _non_negative_int(text: str) -> int:
 
 def _seed(text: str) -> int:
     return _whole_number(text, 0, 2**63 - 1)  # what torch.Generator.manual_seed takes on every device
-
-
-def _guidance_scale(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(
-            f"must be a finite number >= 0 (e.g. 1.5; values <= 1 turn guidance off), got {text!r}"
-        )
-    return value
 
 
 def _taking(option: str) -> str:
@@ -161,7 +150,10 @@ def _add_generate_parser(subparsers) -> None:
         help="denoising steps (default: the pipeline default; at most the scheduler's num_train_timesteps)",
     )
     parser.add_argument(
-        "--guidance-scale", type=_guidance_scale, default=None, help="classifier-free guidance scale (finite, >= 0)"
+        "--guidance-scale",
+        type=guidance_scale_argument,
+        default=None,
+        help="classifier-free guidance scale (finite, >= 0)",
     )
     parser.add_argument(
         "--scheduler",
@@ -170,7 +162,11 @@ def _add_generate_parser(subparsers) -> None:
     )
     parser.add_argument("--seed", type=_seed, default=0)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--output", default="samples.png", help="PNG file to write (default samples.png)")
+    parser.add_argument(
+        "--output",
+        default="samples.png",
+        help="image file to write, in the format its extension names (.png, .jpg, .webp, ...; default samples.png)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument(
         "--min-cell-size",
@@ -199,7 +195,9 @@ def _add_evaluate_digits_parser(subparsers) -> None:
     parser.add_argument(
         "--steps", type=_positive_int, default=None, help="denoising steps (default: the pipeline default)"
     )
-    parser.add_argument("--guidance-scale", type=_guidance_scale, default=None, help="classifier-free guidance scale")
+    parser.add_argument(
+        "--guidance-scale", type=guidance_scale_argument, default=None, help="classifier-free guidance scale"
+    )
     parser.add_argument("--seed", type=_seed, default=0)
     parser.add_argument("--output", help="also write the metrics as JSON to this file")
     parser.set_defaults(handler=_run_evaluate_digits)
@@ -323,8 +321,28 @@ def _load_pipeline(source: str, **components):
         ) from None
 
 
-def _check_output(path: str, overwrite: bool) -> None:
-    """Refuses an `--output` that cannot be written, before anything is loaded or sampled."""
+def _image_format(path: str) -> str:
+    """The PIL format that `--output`'s extension names (`.png` -> PNG, `.jpg` -> JPEG, `.webp` -> WEBP, ...), if PIL
+    can write it; else a `CommandError` listing the extensions it can."""
+    from PIL import Image
+
+    extension = os.path.splitext(path)[1].lower()
+    extensions = Image.registered_extensions()
+    writable = sorted(ext for ext, image_format in extensions.items() if image_format in Image.SAVE)
+    if extension not in writable:
+        said = f"has the extension {extension!r}" if extension else "has no extension"
+        raise CommandError(
+            f"--output {path!r} {said}, which names no image format PIL can write; end it with one of "
+            f"{', '.join(ext for ext in writable if ext in ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif'))} "
+            "(.png keeps the samples lossless)."
+        )
+    return extensions[extension]
+
+
+def _check_output(path: str, overwrite: bool) -> str:
+    """Refuses an `--output` that cannot be written, before anything is loaded or sampled; returns its image format."""
+    if not path.strip():
+        raise CommandError("--output is empty; name the image file to write, e.g. --output samples.png.")
     if os.path.isdir(path):
         raise CommandError(
             f"--output {path} is a folder; name the PNG file to write, e.g. --output "
@@ -349,16 +367,18 @@ def _check_output(path: str, overwrite: bool) -> None:
             f"Cannot write --output {path}: the folder {existing} does not accept new files ({err.strerror}). "
             "Choose another --output."
         ) from None
+    return _image_format(path)
 
 
-def _write_png(image, path: str) -> None:
-    """Writes `image` to `path` all-or-nothing (`atomic_files.written_atomically`)."""
+def _write_image(image, path: str, image_format: str) -> None:
+    """Writes `image` to `path` in `image_format` (a PIL format name) all-or-nothing
+    (`atomic_files.written_atomically`)."""
     from diffmoe_hf.atomic_files import written_atomically
 
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with written_atomically(path, suffix=".png") as partial:
-            image.save(partial, format="PNG")
+        with written_atomically(path, suffix=os.path.splitext(path)[1]) as partial:
+            image.save(partial, format=image_format)
     except OSError as err:
         raise CommandError(f"Could not write {path}: {err.strerror or err}. Nothing was written.") from None
 
@@ -466,26 +486,6 @@ def _class_ids(pipe, values: list[str] | None) -> list[int]:
     return ids
 
 
-def _select_scheduler(pipe, name: str | None) -> None:
-    """Sets `--scheduler` on `pipe` if the model's formulation can use it (`formulations.available_schedulers`)."""
-    from diffusers import schedulers as diffusers_schedulers
-
-    from diffmoe_hf.formulations import available_schedulers
-
-    if name is None:
-        return
-    formulation = pipe.transformer.config.formulation
-    available = available_schedulers(formulation, pipe.scheduler)
-    if name not in available:
-        problem = (
-            "is not a diffusers scheduler"
-            if not isinstance(getattr(diffusers_schedulers, name, None), type)
-            else f"cannot sample this model (formulation {formulation})"
-        )
-        raise CommandError(f"--scheduler {name} {problem}; choose one of: {', '.join(available)}.")
-    pipe.scheduler = available[name]
-
-
 def _check_steps(pipe, steps: int | None) -> None:
     from diffmoe_hf.formulations import max_inference_steps
 
@@ -510,13 +510,20 @@ def _check_grid_size(layout: GridLayout) -> None:
 
 
 def _run_generate(args) -> None:
-    _check_output(args.output, args.overwrite)
+    try:
+        _generate(args)
+    except KeyboardInterrupt:  # the grid is written at the very end, all-or-nothing
+        raise KeyboardInterrupt(f"nothing was written ({args.output} is as it was)") from None
+
+
+def _generate(args) -> None:
+    image_format = _check_output(args.output, args.overwrite)
     model = _checked_model_source(args.model or _default_model())
 
     import numpy as np
     import torch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     components = {}
     if args.vae:
         from diffmoe_hf.conversion.vae_source import load_vae
@@ -529,7 +536,7 @@ def _run_generate(args) -> None:
             f"{model} has no VAE (no vae/ folder) to decode its {in_channels}-channel latents into images; pass "
             "--vae FOLDER_OR_REPO with the AutoencoderKL the model was trained with (e.g. stabilityai/sd-vae-ft-mse)."
         )
-    _select_scheduler(pipe, args.scheduler)
+    select_scheduler(pipe, args.scheduler)
     _check_steps(pipe, args.steps)
     classes = _class_ids(pipe, args.classes)
     labels = [c for c in classes for _ in range(args.per_class)]
@@ -558,7 +565,7 @@ def _run_generate(args) -> None:
             if grid is None:
                 grid = layout.new_grid(image.mode)
             layout.paste(grid, start + offset, image)
-    _write_png(grid, args.output)
+    _write_image(grid, args.output, image_format)
     print(f"Wrote {len(labels)} images ({len(classes)} classes x {args.per_class}) from {model} to {args.output}")
 
 
@@ -582,6 +589,11 @@ def main(argv: list[str] | None = None) -> int:
     package_logger.addHandler(warnings)
     try:
         args.handler(args)
+    except KeyboardInterrupt as interrupt:
+        if not interrupt.args:  # a command that says what it kept raises KeyboardInterrupt("what was kept")
+            raise
+        print(f"diffmoe {args.command}: interrupted; {interrupt}", file=sys.stderr)
+        return 130
     except (CommandError, ValueError, OSError, ImportError) as err:
         if isinstance(err, OSError) and err.strerror and err.filename:
             err = f"{err.strerror}: {err.filename}"

@@ -9,6 +9,12 @@ import json
 import os
 
 from diffmoe_hf.atomic_files import write_text_atomically
+from diffmoe_hf.cli_sampling import (
+    check_sampling_call,
+    guidance_channels_argument,
+    guidance_scale_argument,
+    select_scheduler,
+)
 from diffmoe_hf.dtypes import DTYPES
 
 
@@ -41,7 +47,9 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
         "labels as DiT's sampling script",
     )
     parser.add_argument("--scheduler", help="diffusers scheduler class name (default: the folder's)")
-    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: the model's)")
+    parser.add_argument(
+        "--guidance-scale", type=guidance_scale_argument, help="classifier-free guidance scale (default: the model's)"
+    )
     parser.add_argument(
         "--guidance-interval",
         type=float,
@@ -51,7 +59,7 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--guidance-channels",
-        type=int,
+        type=guidance_channels_argument,
         help="guide only the first N latent channels (3 reproduces the DiT DDPM samplers)",
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model dtype (default fp32)")
@@ -68,12 +76,17 @@ def _sampling_defaults(model: str, args) -> tuple[dict, str | None]:
     chosen = {
         "num_inference_steps": args.steps if args.steps is not None else published.get("num_inference_steps"),
         "guidance_scale": args.guidance_scale if args.guidance_scale is not None else published.get("guidance_scale"),
-        "guidance_interval": args.guidance_interval or published.get("guidance_interval"),
-        "guidance_channels": args.guidance_channels or published.get("guidance_channels"),
+        "guidance_interval": first_given(args.guidance_interval, published.get("guidance_interval")),
+        "guidance_channels": first_given(args.guidance_channels, published.get("guidance_channels")),
     }
     if chosen["guidance_interval"] is not None:
         chosen["guidance_interval"] = tuple(chosen["guidance_interval"])
     return {k: v for k, v in chosen.items() if v is not None}, args.scheduler or published.get("scheduler")
+
+
+def first_given(*values):
+    """The first of `values` that is not None (0 and empty values count as given), else None."""
+    return next((value for value in values if value is not None), None)
 
 
 def distributed_state():
@@ -88,7 +101,6 @@ def distributed_state():
 
 def run_sample(args) -> None:
     import torch
-    from diffusers import schedulers
 
     from diffmoe_hf import ClassConditionalMoEPipeline
     from diffmoe_hf.evaluation.sampling import SampleRun, run_sampling
@@ -107,11 +119,8 @@ def run_sample(args) -> None:
     pipe = ClassConditionalMoEPipeline.from_pretrained(args.model, **components).to(state.device)
     pipe.set_progress_bar_config(disable=True)
     call_kwargs, scheduler_name = _sampling_defaults(args.model, args)
-    if scheduler_name and scheduler_name != type(pipe.scheduler).__name__:
-        scheduler_class = getattr(schedulers, scheduler_name, None)
-        if scheduler_class is None:
-            raise ValueError(f"Unknown diffusers scheduler {scheduler_name!r}.")
-        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    select_scheduler(pipe, scheduler_name)
+    check_sampling_call(pipe, call_kwargs)
     local = {
         name: os.path.abspath(path) if path and os.path.isdir(path) else path
         for name, path in (("model", args.model), ("vae", args.vae))

@@ -587,14 +587,39 @@ def rf_flag_formulation(rf: bool) -> str:
     return FORMULATION_ALIASES["rf" if rf else "ddpm"]
 
 
+def scheduler_problem(formulation: str, scheduler) -> str | None:
+    """
+    Why `scheduler` cannot sample a model of `formulation` (a transformer's `config.formulation`), or None when it can:
+    the one rule of every entry point (the pipeline's call, `diffmoe generate` / `sample`, the Space, training's
+    validation). A scheduler can when it is an instance of one of the formulation's `compatible_schedulers`; any
+    other class would drive the transformer with timesteps or outputs it was not trained for (e.g. a DDPM scheduler
+    on a flow model samples degraded images without an error).
+    """
+    compatible = get_formulation(formulation).compatible_schedulers
+    if isinstance(scheduler, compatible):
+        return None
+    names = ", ".join(scheduler_class.__name__ for scheduler_class in compatible)
+    return (
+        f"{type(scheduler).__name__} cannot sample this model (formulation {formulation}): its timesteps or outputs "
+        f"mean something else, so the samples would be degraded. Use one of: {names}."
+    )
+
+
+def check_scheduler(formulation: str, scheduler, where: str) -> None:
+    """Raises `ValueError` ("`where`: why") when `scheduler` cannot sample a model of `formulation`
+    (`scheduler_problem`); `where` names the scheduler for the user, e.g. `"pipe.scheduler"`."""
+    problem = scheduler_problem(formulation, scheduler)
+    if problem:
+        raise ValueError(f"{where}: {problem}")
+
+
 def available_schedulers(formulation: str, scheduler: SchedulerMixin) -> dict[str, SchedulerMixin]:
     """
-    The schedulers that can sample a model of `formulation` (a transformer's `config.formulation`), by class name: the
-    model's own `scheduler` first (the one its folder ships), then the formulation's `compatible_schedulers`, each
-    built from `scheduler.config`. Any other scheduler class would drive the transformer with timesteps or outputs it
-    was not trained for (e.g. a DDPM scheduler on a flow model samples degraded images without an error).
+    The schedulers that can sample a model of `formulation` (`scheduler_problem`), by class name: the model's own
+    `scheduler` first when it can (the one its folder ships), then the formulation's `compatible_schedulers`, each
+    built from `scheduler.config`.
     """
-    schedulers = {type(scheduler).__name__: scheduler}
+    schedulers = {} if scheduler_problem(formulation, scheduler) else {type(scheduler).__name__: scheduler}
     for scheduler_class in get_formulation(formulation).compatible_schedulers:
         if scheduler_class.__name__ not in schedulers:
             schedulers[scheduler_class.__name__] = scheduler_class.from_config(scheduler.config)

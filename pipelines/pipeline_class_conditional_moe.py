@@ -2,11 +2,9 @@
 
 import difflib
 import inspect
-import math
 import numbers
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from diffusers.models import AutoencoderKL
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
@@ -14,8 +12,21 @@ from diffusers.schedulers import SchedulerMixin
 from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
-from diffmoe_hf.formulations import get_formulation, max_inference_steps
+from diffmoe_hf.formulations import check_scheduler, get_formulation, max_inference_steps
 
+from .call_arguments import (
+    LATENT_LIMIT,
+    check_attention_kwargs,
+    check_callback,
+    check_callback_output,
+    check_generator,
+    check_guidance_channels,
+    check_label_names,
+    check_latents,
+    check_real_number,
+    diverged_step,
+    flatten_class_labels,
+)
 from .lora_loading import TransformerLoraLoaderMixin
 
 
@@ -35,57 +46,6 @@ EXAMPLE_DOC_STRING = """
         >>> images[0].save("three.png")
         ```
 """
-
-
-def check_real_number(name: str, value, minimum: float | None = None, allow_inf: bool = False) -> float:
-    """
-    `value` as a float if it is a finite real number (a Python or NumPy int or float, not a bool) >= `minimum`.
-
-    Raises:
-        TypeError: `value` is not a real number (e.g. the string "2").
-        ValueError: `value` is NaN, infinite (unless `allow_inf`), or below `minimum`.
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}.")
-    value = float(value)
-    if math.isnan(value) or (math.isinf(value) and not allow_inf):
-        raise ValueError(f"{name} must be a finite number, got {value}: pass a number such as 1.5.")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
-    return value
-
-
-def flatten_class_labels(class_labels) -> list:
-    """
-    The class labels of a call as one flat list, in order: a single id or name, a (nested) list or tuple of them (as
-    diffusers' batching produces, e.g. `[[1], [1]]`), or an integer tensor / array of any shape.
-
-    Raises:
-        TypeError: for a float or bool label, or a float / bool tensor or array.
-    """
-    if isinstance(class_labels, (torch.Tensor, np.ndarray)):
-        dtype = class_labels.dtype
-        is_integer = (
-            not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
-            if isinstance(class_labels, torch.Tensor)
-            else dtype.kind in "iu"
-        )
-        if not is_integer:
-            raise TypeError(
-                f"class_labels has type {type(class_labels).__name__} of dtype {dtype}: class ids must be integers "
-                "(e.g. torch.long); convert with `.long()` if the values are whole numbers."
-            )
-        return class_labels.reshape(-1).tolist()
-    if isinstance(class_labels, (list, tuple)):
-        return [label for item in class_labels for label in flatten_class_labels(item)]
-    if isinstance(class_labels, str) or (
-        isinstance(class_labels, numbers.Integral) and not isinstance(class_labels, bool)
-    ):
-        return [int(class_labels) if isinstance(class_labels, numbers.Integral) else class_labels]
-    raise TypeError(
-        f"Class label {class_labels!r} has type {type(class_labels).__name__}: class labels must be integer class "
-        "ids or class names (strings), e.g. class_labels=[1, 7] or class_labels=['goldfish']."
-    )
 
 
 class ClassConditionalMoEPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
@@ -202,7 +162,7 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, TransformerLoraLoaderMixin)
         Returns:
             The class ids, one per name.
         """
-        names = [label] if isinstance(label, str) else list(label)
+        names = check_label_names(label)
         if not self.labels:
             raise ValueError("This pipeline has no class names (id2label is empty); pass integer class ids instead.")
         ids = []
@@ -249,8 +209,12 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, TransformerLoraLoaderMixin)
         guidance_interval=None,
         latents=None,
         guidance_channels=None,
+        attention_kwargs=None,
+        generator=None,
+        callback_on_step_end=None,
     ) -> None:
         """Refuses a call that cannot run or would return garbage, before any work is done (errors say what to do)."""
+        check_scheduler(self.transformer.config.formulation, self.scheduler, "pipe.scheduler")
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral):
             raise TypeError(
                 f"num_inference_steps must be an integer, got {num_inference_steps!r} of type "
@@ -273,11 +237,7 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, TransformerLoraLoaderMixin)
             low, high = (check_real_number("guidance_interval", v, allow_inf=True) for v in interval)
             if low > high:
                 raise ValueError(f"guidance_interval must be (low, high) with low <= high, got {interval!r}.")
-        in_channels = self.transformer.config.in_channels
-        if guidance_channels is not None and not 1 <= guidance_channels <= in_channels:
-            raise ValueError(
-                f"guidance_channels must be None or between 1 and {in_channels}, got {guidance_channels}."
-            )
+        check_guidance_channels(guidance_channels, self.transformer.config.in_channels)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         if output_type != "latent" and self.vae is None and self.transformer.config.in_channels not in (1, 3):
@@ -289,17 +249,10 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, TransformerLoraLoaderMixin)
         unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {self._callback_tensor_inputs}.")
-        if latents is not None:
-            if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
-                raise TypeError(
-                    f"latents must be a floating-point torch.Tensor, got {type(latents).__name__}"
-                    f"{' of dtype ' + str(latents.dtype) if isinstance(latents, torch.Tensor) else ''}."
-                )
-            if not torch.isfinite(latents).all():
-                raise ValueError(
-                    "latents contain NaN or infinite values, which would give blank images: pass finite noise (e.g. "
-                    "from torch.randn) or leave latents=None."
-                )
+        check_latents(latents)
+        check_attention_kwargs(attention_kwargs)
+        check_generator(generator)
+        check_callback(callback_on_step_end)
 
     def prepare_latents(self, batch_size, generator, latents, device, dtype, formulation=None) -> torch.Tensor:
         config = self.transformer.config
@@ -399,12 +352,12 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, TransformerLoraLoaderMixin)
                 low is 0), one conditional pass elsewhere. Defaults to the formulation's ((0.1, 1.0) for JiT, none
                 for the other families); `(0, float("inf"))` guides at every step.
             generator: `torch.Generator`(s) for reproducible noise (a list: one per image).
-            latents: (B, C, sample_size, sample_size) finite initial noise; drawn from `generator` when omitted (and
-                then scaled as the formulation starts, e.g. by JiT's `noise_scale`; given latents are used as they
-                are).
+            latents: (B, C, sample_size, sample_size) initial unit Gaussian noise (finite, within +-1e4); drawn
+                from `generator` when omitted (and then scaled as the formulation starts, e.g. by JiT's `noise_scale`;
+                given latents are used as they are).
             output_type: `"pil"`, `"np"` (B, H, W, C) in [0, 1], `"pt"` (B, C, H, W) in [0, 1], or `"latent"`.
             return_dict: Return an `ImagePipelineOutput` instead of a tuple.
-            attention_kwargs: Forwarded to the transformer (`{"scale": s}` scales LoRA).
+            attention_kwargs: Forwarded to the transformer; only `{"scale": s}` (scales LoRA) is accepted.
             callback_on_step_end: `fn(pipe, step, timestep, callback_kwargs) -> dict` called after every step; the
                 returned `"latents"` replaces the current latents. It may read `pipe.num_timesteps`,
                 `pipe.guidance_scale`, `pipe.do_classifier_free_guidance`, change `pipe.guidance_scale` (or
@@ -422,8 +375,9 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, TransformerLoraLoaderMixin)
 
         Raises:
             TypeError: an argument of the wrong type (a float class id, a string guidance scale, ...).
-            ValueError: an argument out of range or non-finite (before any denoising), or non-finite latents
-                after sampling (e.g. a float16 overflow), which would otherwise decode to blank images.
+            ValueError: an argument out of range or non-finite, or a `pipe.scheduler` the formulation cannot use
+                (before any denoising), or latents that diverged during sampling (NaN, infinite or beyond
+                `LATENT_LIMIT`, e.g. a float16 overflow), which would otherwise decode to blank or saturated images.
         """
         # 1. Check inputs
         formulation = self._formulation()
@@ -438,6 +392,9 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, TransformerLoraLoaderMixin)
             guidance_interval,
             latents,
             guidance_channels,
+            attention_kwargs,
+            generator,
+            callback_on_step_end,
         )
         self._guidance_scale = float(guidance_scale)
         self._interrupt = False
@@ -462,6 +419,8 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, TransformerLoraLoaderMixin)
         # per-expert token counts to size the expert GEMMs.
         if self.transformer.is_cache_enabled:
             self.transformer._reset_stateful_cache()  # a call that raised earlier leaves no stale cache behind
+        # the first step (0-based) after which the latents diverged, on the device: read once after the loop
+        first_diverged = torch.tensor(-1, device=latents.device)
         with self.progress_bar(total=len(plan)) as progress_bar:
             for i, t in enumerate(plan.timesteps):
                 if self.interrupt:
@@ -484,18 +443,21 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, TransformerLoraLoaderMixin)
                 if callback_on_step_end is not None:
                     step_tensors = {"latents": latents}
                     callback_kwargs = {k: step_tensors[k] for k in callback_on_step_end_tensor_inputs or []}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    callback_outputs = check_callback_output(callback_on_step_end(self, i, t, callback_kwargs))
                     latents = callback_outputs.pop("latents", latents)
+                first_diverged = diverged_step(first_diverged, i, latents)
                 progress_bar.update()
         self._current_timestep = None
 
-        # 6. Decode (one host sync: non-finite latents would decode to blank images)
-        if not torch.isfinite(latents).all():
+        # 6. Decode (one host sync: diverged latents would decode to blank or saturated images)
+        step = int(first_diverged)
+        if step >= 0:
             self.maybe_free_model_hooks()
             raise ValueError(
-                "Sampling produced NaN or infinite latents, which would decode to blank images. Typical causes: a "
-                "float16 overflow (load the model in float32 or bfloat16), or a callback that returned non-finite "
-                "latents."
+                f"Sampling diverged at scheduler step {step + 1} of {len(plan)}: the latents became NaN, infinite or "
+                f"larger than {LATENT_LIMIT:g}, which would decode to blank or saturated images. Likely causes: guidance_scale="
+                f"{self._guidance_scale:g} far too large (these models sample at about 1 to 10), a float16 overflow "
+                "(load the model in float32 or bfloat16), a callback that returned such latents, or broken weights."
             )
         if output_type == "latent":
             images = latents

@@ -55,8 +55,10 @@ class DemoModel:
         id2label = self.pipe.config.id2label or {}
         return id2label.get(str(class_id), f"class {class_id}")
 
-    def class_choices(self) -> list[tuple[str, int]]:
-        return [(f"{i}: {self.class_name(i)}", i) for i in range(self.num_classes)]
+    def class_choices(self) -> list[tuple[str, str]]:
+        """(label, value) of every class; the values are the class ids as strings, which is what the API
+        documentation (`view_api()`) shows for a dropdown (integer ids are accepted too)."""
+        return [(f"{i}: {self.class_name(i)}", str(i)) for i in range(self.num_classes)]
 
 
 def configured_sources(cli_models: list[str] | None = None) -> dict[str, str]:
@@ -113,42 +115,61 @@ def load_models(sources: dict[str, str], device: str | None = None) -> dict[str,
     return {name: prepare_model(name, load_pipeline(source, device)) for name, source in sources.items()}
 
 
+def _shown(value, limit: int = 40) -> str:
+    """`repr(value)`, cut to `limit` characters: a request's value is never echoed back or logged in full."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _whole_number(value, label: str, low: int, high: int) -> int:
     """`value` as an int in [low, high], or a `gr.Error` that says what is expected."""
-    message = f"{label} must be a whole number between {low} and {high}."
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise gr.Error(message) from None
+    message = f"{label} must be a whole number between {low} and {high}, got {_shown(value)}."
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise gr.Error(message)
+    number = float(value)
     if not number.is_integer() or not low <= number <= high:
         raise gr.Error(message)
     return int(number)
 
 
+def _class_id(value, num_classes: int) -> int:
+    """A class id given as an int or its decimal string (the dropdown's values), in 0..num_classes-1."""
+    text = value if isinstance(value, str) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        class_id = value
+    elif text is not None and text.strip().isdigit() and len(text) <= 12:
+        class_id = int(text)
+    else:
+        raise gr.Error(
+            f"Unknown class {_shown(value)}: give class ids 0 to {num_classes - 1} (as numbers or strings), or "
+            "choose classes from the list."
+        )
+    if not 0 <= class_id < num_classes:
+        raise gr.Error(f"Class {class_id} does not exist: this model has classes 0 to {num_classes - 1}.")
+    return class_id
+
+
 def _validate(model: DemoModel, class_ids, guidance_scale, num_inference_steps, scheduler, seed, images_per_class):
-    """Checks one request against the model and the limits; returns (class ids, guidance, steps, seed, per class)."""
+    """Checks one request against the model and the limits (the handler receives the request's values unprocessed,
+    so every check is here); returns (class ids, guidance, steps, seed, per class)."""
     if isinstance(class_ids, (int, str)):
         class_ids = [class_ids]
-    if not class_ids:
+    if not isinstance(class_ids, (list, tuple)) or not class_ids:
         raise gr.Error("Pick at least one class.")
-    ids = []
-    for class_id in class_ids:
-        try:
-            class_id = int(class_id)
-        except (TypeError, ValueError):
-            raise gr.Error(f"Unknown class {class_id!r}: choose classes from the list.") from None
-        if not 0 <= class_id < model.num_classes:
-            raise gr.Error(f"Class {class_id} does not exist: this model has classes 0 to {model.num_classes - 1}.")
-        ids.append(class_id)
-    try:
-        guidance = float(guidance_scale)
-    except (TypeError, ValueError):
-        guidance = float("nan")
-    if not 0.0 <= guidance <= MAX_GUIDANCE:  # also refuses NaN
-        raise gr.Error(f"Guidance scale must be between 0 and {MAX_GUIDANCE}.")
+    if len(class_ids) > MAX_IMAGES:
+        raise gr.Error(f"{len(class_ids)} classes: at most {MAX_IMAGES} per request.")
+    ids = [_class_id(class_id, model.num_classes) for class_id in class_ids]
+    guidance = (
+        guidance_scale if isinstance(guidance_scale, (int, float)) and not isinstance(guidance_scale, bool) else None
+    )
+    if guidance is None or not 0.0 <= guidance <= MAX_GUIDANCE:  # also refuses NaN
+        raise gr.Error(f"Guidance scale must be a number between 0 and {MAX_GUIDANCE}, got {_shown(guidance_scale)}.")
     steps = _whole_number(num_inference_steps, "Steps", 1, MAX_STEPS)
-    if scheduler not in model.schedulers:
-        raise gr.Error(f"Scheduler {scheduler!r} is not available for this model; choose one of the list.")
+    if not isinstance(scheduler, str) or scheduler not in model.schedulers:
+        raise gr.Error(
+            f"Scheduler {_shown(scheduler)} is not available for this model; choose one of "
+            f"{', '.join(model.schedulers)}."
+        )
     seed = _whole_number(seed, "Seed", 0, MAX_SEED)
     per_class = _whole_number(images_per_class, "Images per class", 1, MAX_IMAGES)
     if len(ids) * per_class > MAX_IMAGES:
@@ -189,9 +210,11 @@ class DemoApp:
             The gallery `[(image, caption)]`, the seed used, the routing state, updates of the layer and step
             pickers, and the routing outputs of `show_routing` for the last step.
         """
-        if model_name not in self.models:
-            raise gr.Error(f"Unknown model {model_name!r}; choose one of {', '.join(self.models)}.")
+        if not isinstance(model_name, str) or model_name not in self.models:
+            raise gr.Error(f"Unknown model {_shown(model_name)}; choose one of {', '.join(self.models)}.")
         model = self.models[model_name]
+        if not isinstance(randomize_seed, bool):
+            raise gr.Error(f"Randomize seed must be true or false, got {_shown(randomize_seed)}.")
         if randomize_seed:
             seed = random.randint(0, MAX_SEED)
         ids, guidance_scale, steps, seed, per_class = _validate(
@@ -203,14 +226,17 @@ class DemoApp:
         device = pipe._execution_device
         generators = [torch.Generator(device).manual_seed(seed + i) for i in range(len(labels))]
         collector = RoutingCollector(pipe.transformer)
-        with collector:
-            images = pipe(
-                class_labels=labels,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                generator=generators,
-                callback_on_step_end=collector.on_step_end,
-            ).images
+        try:
+            with collector:
+                images = pipe(
+                    class_labels=labels,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance_scale,
+                    generator=generators,
+                    callback_on_step_end=collector.on_step_end,
+                ).images
+        except ValueError as error:  # the pipeline's refusal (e.g. sampling diverged): its message, not a traceback
+            raise gr.Error(str(error)) from None
         captions = [f"{model.class_name(c)} - seed {seed + i}" for i, c in enumerate(labels)]
         view = collector.view
         state = {"view": view, "image": images[0]}
@@ -221,7 +247,8 @@ class DemoApp:
             seed,
             state,
             gr.update(choices=[(layer_label(name), name) for name in view.layers], value=layer),
-            gr.update(maximum=max(last_step, 1), value=last_step, interactive=last_step > 1),
+            # Gradio refuses a slider whose minimum (1) is not below its maximum: one step shows on a 1..2 slider
+            gr.update(maximum=max(last_step, 2), value=last_step, interactive=last_step > 1),
             *self.show_routing(state, layer, last_step),
         )
 
@@ -290,7 +317,7 @@ class DemoApp:
                     )
                     classes = gr.Dropdown(
                         choices=first.class_choices(),
-                        value=[0],
+                        value=[first.class_choices()[0][1]],
                         multiselect=True,
                         filterable=True,
                         max_choices=MAX_IMAGES,
@@ -345,6 +372,7 @@ class DemoApp:
                 outputs=[gallery, used_seed, state, layer, step, *routing_outputs],
                 api_name="generate",
                 concurrency_limit=1,
+                preprocess=False,  # `_validate` checks the raw values and answers with a short gr.Error
             )
             # user events only (`input`/`release`): `generate` updates these pickers itself
             layer.input(self.show_routing, [state, layer, step], routing_outputs, api_visibility="private")
@@ -368,18 +396,44 @@ class DemoApp:
         return demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
 
 
+def _unknown_route(request, error):
+    """404 for an API call to a route that does not exist (Gradio itself answers 500 and logs a traceback)."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"detail": "Not Found: this app's API has the route /generate."}, status_code=404)
+
+
+def serve(demo: gr.Blocks, **launch_kwargs):
+    """`demo.launch(**launch_kwargs)` with the demo's CSS and a 404 for unknown API routes."""
+    from gradio.route_utils import FnIndexInferError
+
+    app_kwargs = {"exception_handlers": {FnIndexInferError: _unknown_route}}
+    return demo.launch(css=CSS, app_kwargs=app_kwargs, **launch_kwargs)
+
+
+def _port(text: str) -> int:
+    """argparse type of `--port`: a TCP port, 1 to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port between 1 and 65535, got {text!r}")
+    return port
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", help="converted folder or Hub repo id (repeatable)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--host", default=None, help="server address (default 127.0.0.1, or $GRADIO_SERVER_NAME)")
-    parser.add_argument("--port", type=int, default=None, help="server port (default 7860, or $GRADIO_SERVER_PORT)")
+    parser.add_argument("--port", type=_port, default=None, help="server port (default 7860, or $GRADIO_SERVER_PORT)")
     args = parser.parse_args(argv)
     try:
         models = load_models(configured_sources(args.model), args.device)
     except (ValueError, OSError) as error:  # nothing configured, not a model folder, Hub repo not reachable
         sys.exit(f"error: {error}")
-    DemoApp(models).build().launch(server_name=args.host, server_port=args.port, css=CSS)
+    serve(DemoApp(models).build(), server_name=args.host, server_port=args.port)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,7 @@ LAYERS = {
         "diffmoe_hf.space",
         "diffmoe_hf.cli",
         "diffmoe_hf.cli_evaluation",
+        "diffmoe_hf.cli_sampling",
         "diffmoe_hf.__main__",
     ),
 }

@@ -259,7 +259,7 @@ def test_show_routing_picks_layer_and_step(demo_app):
 
 def test_select_model_resets_classes_schedulers_and_guidance(demo_app):
     classes, scheduler, guidance = demo_app.select_model("dsmoe")
-    assert classes["choices"][3] == ("3: three", 3) and classes["value"] == [0]
+    assert classes["choices"][3] == ("3: three", "3") and classes["value"] == ["0"]
     assert scheduler["choices"] == ["FlowMatchEulerDiscreteScheduler"]
     assert guidance["value"] == get_formulation("rf-noise-at-0").default_guidance_scale
 
@@ -310,7 +310,7 @@ def test_renderers_handle_unrouted_patches_and_many_experts():
 def served(demo_app):
     demo = demo_app.build()
     assert demo._queue.max_size == space_app.QUEUE_SIZE and demo._queue.default_concurrency_limit == 1
-    demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, css=space_app.CSS)
+    space_app.serve(demo, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     try:
         yield demo.local_url
     finally:
@@ -335,6 +335,73 @@ def test_app_served_on_localhost_and_driven_with_gradio_client(served, demo_app)
         client.predict(
             "jitmoe", [1, 2, 3], 2.9, 2, "FlowMatchEulerDiscreteScheduler", 5, False, 3, api_name="/generate"
         )
+
+
+def test_the_documented_class_ids_are_what_the_server_takes(served):
+    from gradio_client import Client
+
+    client = Client(served, verbose=False)
+    parameters = {
+        p["parameter_name"]: p
+        for p in client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"]["parameters"]
+    }
+    documented = parameters["class_ids"]["type"]["items"]
+    assert documented == {"type": "string", "enum": [str(i) for i in range(10)]}
+    gallery = client.predict(
+        "jitmoe", documented["enum"][2:4], 2.9, 2, "FlowMatchEulerDiscreteScheduler", 5, False, 1, api_name="/generate"
+    )[0]
+    assert [item["caption"] for item in gallery] == ["two - seed 5", "three - seed 6"]
+    one_step = client.predict(
+        "jitmoe", ["1"], 2.9, 1, "FlowMatchEulerDiscreteScheduler", 5, False, 1, api_name="/generate"
+    )
+    assert one_step[3]["value"] == 1  # the routing view's step picker of a one-step sample
+
+
+ONE_MEGABYTE = "x" * 1_000_000
+# case id, the request's arguments (model, classes, guidance, steps, scheduler, seed, randomize, per class), message
+SERVED_BAD_VALUES = [
+    ("class-name", ["jitmoe", ["three"], 2.9, 2, "FlowMatchEulerDiscreteScheduler", 5, False, 1], "Unknown class"),
+    ("class-99", ["jitmoe", [99], 2.9, 2, "FlowMatchEulerDiscreteScheduler", 5, False, 1], "classes 0 to 9"),
+    ("guidance-text", ["jitmoe", [3], "abc", 2, "FlowMatchEulerDiscreteScheduler", 5, False, 1], "Guidance scale"),
+    ("steps-text", ["jitmoe", [3], 2.9, "many", "FlowMatchEulerDiscreteScheduler", 5, False, 1], "Steps must be"),
+    ("seed-list", ["jitmoe", [3], 2.9, 2, "FlowMatchEulerDiscreteScheduler", [5], False, 1], "Seed must be"),
+    ("randomize-text", ["jitmoe", [3], 2.9, 2, "FlowMatchEulerDiscreteScheduler", 5, "no", 1], "true or false"),
+    (
+        "class-1mb",
+        ["jitmoe", [ONE_MEGABYTE], 2.9, 2, "FlowMatchEulerDiscreteScheduler", 5, False, 1],
+        "1000002 characters",
+    ),
+    ("scheduler-1mb", ["jitmoe", [3], 2.9, 2, ONE_MEGABYTE, 5, False, 1], "not available for this model"),
+]
+
+
+@pytest.mark.parametrize("case, arguments, message", SERVED_BAD_VALUES, ids=[c[0] for c in SERVED_BAD_VALUES])
+def test_a_bad_value_gets_a_short_readable_error(served, case, arguments, message):
+    from gradio_client import Client
+
+    with pytest.raises(Exception, match=message) as refused:
+        Client(served, verbose=False).predict(*arguments, api_name="/generate")
+    assert len(str(refused.value)) < 300 and "upstream Gradio app" not in str(refused.value)
+
+
+@pytest.mark.parametrize("route", ["/gradio_api/call/nonexistent", "/gradio_api/run/nonexistent"])
+def test_an_unknown_api_route_is_a_404(served, route):
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        served.rstrip("/") + route, data=b'{"data": []}', headers={"Content-Type": "application/json"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(request, timeout=30)
+    assert answer.value.code == 404
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "http"])
+def test_a_port_outside_1_to_65535_is_refused_by_the_parser(port, capsys):
+    with pytest.raises(SystemExit) as stop:
+        space_app.main(["--port", port])
+    assert stop.value.code == 2 and "must be a TCP port between 1 and 65535" in capsys.readouterr().err
 
 
 def test_app_runs_as_a_file(model_folders):

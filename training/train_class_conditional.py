@@ -43,7 +43,7 @@ from diffmoe_hf import diffusers_floors
 from diffmoe_hf.cli import CommandError
 from diffmoe_hf.dtypes import DTYPES
 from diffmoe_hf.families import FAMILIES, family_names, get_family, resolve_family
-from diffmoe_hf.formulations import TimeSampling, get_formulation
+from diffmoe_hf.formulations import TimeSampling, check_scheduler, get_formulation
 from diffmoe_hf.pipelines import ClassConditionalMoEPipeline
 from diffmoe_hf.routing import record_routing
 from diffmoe_hf.training.checkpoints import (
@@ -318,6 +318,7 @@ def load_components(args, num_classes_from_data: int | None, data_id2label: dict
             formulation = get_formulation(transformer.config.formulation)
             return transformer, load_vae(args, transformer.config.in_channels), formulation.default_scheduler(), None
         pipeline = ClassConditionalMoEPipeline.from_pretrained(path, **load_kwargs)
+        check_scheduler(pipeline.transformer.config.formulation, pipeline.scheduler, f"{path}: scheduler/")
         vae = None if args.no_vae else pipeline.vae
         return pipeline.transformer, vae, pipeline.scheduler, pipeline.config.id2label
 

@@ -31,6 +31,7 @@ from .initialization import initialize_dit, initialize_softmax_routers
 from .modeling_common import DiTForwardMixin
 from .moe import SoftmaxTopKRouter, SwiGLUTokenChoiceMoE
 from .presets import preset_config
+from .validation import check_model_config
 
 
 # `DiT_models` of feizc/DiT-MoE: depth, width and heads of each named architecture (width D = heads * head dim), keyed
@@ -169,6 +170,7 @@ class DiTMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAda
         formulation: str = "ddpm-learned-sigma",
     ):
         super().__init__()
+        check_model_config(self.config)
         if qk_norm not in QK_NORMS:
             raise ValueError(f"qk_norm={qk_norm!r}; expected one of {QK_NORMS}.")
         dim = num_attention_heads * attention_head_dim

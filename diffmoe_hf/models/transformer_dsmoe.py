@@ -24,6 +24,7 @@ from .initialization import initialize_dit, initialize_sigmoid_routers
 from .modeling_common import DiTForwardMixin, resolve_moe_layers
 from .moe import DeepSeekMoE
 from .presets import preset_config
+from .validation import check_model_config
 
 
 # The seven released models (yaml configs of yhlleo/EfficientMoE, DSMoE/config/). All: 256px ImageNet (latent 32x32x4),
@@ -115,6 +116,7 @@ class DSMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdap
         formulation: str = "rf-noise-at-0",
     ):
         super().__init__()
+        check_model_config(self.config)
         if positional_embedding not in POSITIONAL_EMBEDDINGS:
             raise ValueError(
                 f"positional_embedding={positional_embedding!r}; expected one of {POSITIONAL_EMBEDDINGS}."

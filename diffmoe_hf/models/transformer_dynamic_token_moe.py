@@ -24,6 +24,7 @@ from .initialization import initialize_dit
 from .modeling_common import DiTForwardMixin, resolve_moe_layers
 from .moe import MoECollector
 from .presets import preset_config
+from .validation import check_model_config
 
 
 # The DiffMoE configs of yhlleo/EfficientMoE (DSMoE/config/000_DiffMoE_*_Flow.yaml). All: 256px ImageNet (latent
@@ -115,6 +116,7 @@ class DynamicTokenMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin
         formulation: str = "rf-noise-at-0",
     ):
         super().__init__()
+        check_model_config(self.config)
         dim = num_attention_heads * attention_head_dim
         self.out_channels = out_channels if out_channels is not None else in_channels
         moe_layers = resolve_moe_layers(moe_layers, num_layers)

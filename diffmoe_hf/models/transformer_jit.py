@@ -40,6 +40,7 @@ from .initialization import flattened_conv_xavier, fused_xavier, initialize_dit,
 from .modeling_common import DiTForwardMixin, resolve_moe_layers
 from .moe import DeepSeekMoE, SwiGLU
 from .presets import preset_config
+from .validation import check_model_config
 
 
 _E16 = dict(num_experts=16, num_experts_per_tok=2, n_group=2, topk_group=2, routed_scaling_factor=2.5)
@@ -192,6 +193,7 @@ class JiTTransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMixin, PeftAdapte
         formulation: str = "jit-xpred",
     ):
         super().__init__()
+        check_model_config(self.config)
         dim = num_attention_heads * attention_head_dim
         moe_layers = resolve_moe_layers(moe_layers, num_layers)
         self.register_to_config(moe_layers=moe_layers)

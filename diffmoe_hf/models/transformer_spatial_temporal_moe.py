@@ -29,6 +29,7 @@ from .initialization import initialize_dit, initialize_softmax_routers, torch_de
 from .modeling_common import DiTForwardMixin
 from .presets import preset_config
 from .spatial_temporal_moe_layer import SpatialTemporalMoE
+from .validation import check_model_config
 
 
 def _preset(num_layers: int, dim: int, heads: int, patch_size: int, intermediate_size: int, shared: int) -> dict:
@@ -163,6 +164,7 @@ class SpatialTemporalMoETransformer2DModel(DiTForwardMixin, ModelMixin, ConfigMi
         formulation: str = "ddpm-learned-sigma",
     ):
         super().__init__()
+        check_model_config(self.config)
         if attention_head_dim % 4:
             raise ValueError(f"attention_head_dim={attention_head_dim} must be divisible by 4 (2-D rotary embedding).")
         dim = num_attention_heads * attention_head_dim

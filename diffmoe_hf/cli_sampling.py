@@ -1,0 +1,108 @@
+"""The sampling arguments that `diffmoe generate` and `diffmoe sample` share, checked one way for both: argument types
+for argparse, the device, the scheduler (the formulations' one rule) and the pipeline call the command will make.
+Each check raises `ValueError` (or argparse's `ArgumentTypeError`), which the CLI reports as one line, exit status 2,
+before the model is loaded or sampled.
+"""
+
+import argparse
+import inspect
+import math
+
+
+def guidance_scale_argument(text: str) -> float:
+    """argparse type of `--guidance-scale`: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number >= 0 (e.g. 1.5; values <= 1 turn guidance off), got {text!r}"
+        )
+    return value
+
+
+def guidance_channels_argument(text: str) -> int:
+    """argparse type of `--guidance-channels`: a whole number >= 1 (the model's channels are checked after loading)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (the number of latent channels to guide), got {value}")
+    return value
+
+
+def check_device(name: str):
+    """
+    The `torch.device` that `--device NAME` names, if this machine has it: a typo, or `cuda` on a build or machine
+    without CUDA, is a `ValueError` that says which devices there are.
+    """
+    import torch
+
+    available = ["cpu"] + [f"{kind} ({kind}:0 ...)" for kind in ("cuda", "mps", "xpu") if _has_backend(torch, kind)]
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name!r} is not a torch device; available here: {', '.join(available)}.") from None
+    if device.type == "cpu":
+        return device
+    if not _has_backend(torch, device.type):
+        raise ValueError(
+            f"--device {name}: this torch build or machine has no {device.type} device; available here: "
+            f"{', '.join(available)}. Omit --device to use the best one."
+        )
+    count = getattr(torch, device.type).device_count()
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"--device {name}: this machine has {count} {device.type} device(s), {device.type}:0 first.")
+    return device
+
+
+def _has_backend(torch, kind: str) -> bool:
+    backend = getattr(torch, kind, None)
+    return backend is not None and hasattr(backend, "is_available") and backend.is_available()
+
+
+def select_scheduler(pipe, name: str | None) -> None:
+    """Sets the scheduler class called `name` (`--scheduler`) on `pipe` if the model's formulation can use it
+    (`formulations.available_schedulers`, built on `scheduler_problem`); else a `ValueError` with the usable ones."""
+    from diffusers import schedulers as diffusers_schedulers
+
+    from diffmoe_hf.formulations import available_schedulers
+
+    if name is None:
+        return
+    formulation = pipe.transformer.config.formulation
+    available = available_schedulers(formulation, pipe.scheduler)
+    if name not in available:
+        problem = (
+            "is not a diffusers scheduler"
+            if not isinstance(getattr(diffusers_schedulers, name, None), type)
+            else f"cannot sample this model (formulation {formulation})"
+        )
+        raise ValueError(f"--scheduler {name} {problem}; choose one of: {', '.join(available)}.")
+    pipe.scheduler = available[name]
+
+
+def check_sampling_call(pipe, call_kwargs: dict) -> None:
+    """
+    Runs the pipeline's own argument checks (`check_inputs`: steps, guidance scale, interval and channels, the
+    scheduler rule) on the call a command will make with `call_kwargs`, before it samples anything; a problem is a
+    `ValueError` that also says where such a value comes from.
+    """
+    defaults = inspect.signature(type(pipe).__call__).parameters
+    default_scale, default_interval = pipe.default_guidance()
+    try:
+        pipe.check_inputs(
+            call_kwargs.get("num_inference_steps", defaults["num_inference_steps"].default),
+            call_kwargs.get("guidance_scale", default_scale),
+            "np",
+            None,
+            call_kwargs.get("guidance_interval", default_interval),
+            guidance_channels=call_kwargs.get("guidance_channels"),
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"{err} (from the command line, or the model folder's published_settings.json where the command line "
+            "gives none)"
+        ) from None
