@@ -22,14 +22,14 @@ INTERRUPTED = 130  # the shell's exit status for a command stopped by SIGINT (12
 def check_output_file(path: str, overwrite: bool, extension: str, require_extension: bool = True) -> None:
     """Refuses an `--output` that is empty, lacks `extension` (when required), is a folder, exists without
     `--overwrite`, or cannot be created, before anything is loaded or computed."""
-    named = os.path.basename(path) not in ("", extension)
-    if not named or (require_extension and not path.endswith(extension)):
-        raise ValueError(f"--output {path!r}: name the {extension} file to write, e.g. --output results{extension}.")
     if os.path.isdir(path):
         raise ValueError(
             f"--output {path} is a folder (--overwrite replaces files only); name the {extension} file to write, "
             f"e.g. --output {os.path.join(path, 'results' + extension)}."
         )
+    named = os.path.basename(path) not in ("", extension)
+    if not named or (require_extension and not path.endswith(extension)):
+        raise ValueError(f"--output {path!r}: name the {extension} file to write, e.g. --output results{extension}.")
     if os.path.lexists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists; pass --overwrite to replace it.")
     _check_writable_folder(os.path.dirname(os.path.abspath(path)), f"--output {path}")
