@@ -200,6 +200,7 @@ def _add_evaluate_digits_parser(subparsers) -> None:
     )
     parser.add_argument("--seed", type=_seed, default=0)
     parser.add_argument("--output", help="also write the metrics as JSON to this file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     parser.set_defaults(handler=_run_evaluate_digits)
 
 
@@ -233,9 +234,13 @@ def _add_evaluate_parser(subparsers) -> None:
 def _run_evaluate_digits(args) -> None:
     import json
 
+    from diffmoe_hf.atomic_files import write_text_atomically
+    from diffmoe_hf.cli_evaluation import check_output_file
     from diffmoe_hf.evaluation import DigitsReference, evaluate_pipeline
     from diffmoe_hf.evaluation.digits import check_digits_pipeline
 
+    if args.output:
+        check_output_file(args.output, args.overwrite, ".json", require_extension=False)
     pipe = _load_pipeline(args.model)
     check_digits_pipeline(pipe)
     pipe.set_progress_bar_config(disable=True)
@@ -252,8 +257,7 @@ def _run_evaluate_digits(args) -> None:
     for name, value in metrics.as_dict().items():
         print(f"{name:32s} {value:.4f}" if isinstance(value, float) else f"{name:32s} {value}")
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            json.dump(metrics.as_dict(), f, indent=2)
+        write_text_atomically(args.output, json.dumps(metrics.as_dict(), indent=2) + "\n")
 
 
 def _run_convert(args) -> None:

@@ -1,12 +1,16 @@
 """`diffmoe sample` and `diffmoe evaluate`: argument definitions and runners (the CLI delegates here).
 
 Part of the command-line layer, with `cli.py`: it loads the pipeline and reads a folder's published settings, which
-the evaluation library below it (`diffmoe_hf.evaluation`) does not.
+the evaluation library below it (`diffmoe_hf.evaluation`) does not. A user's mistake is raised as `ValueError` or
+`OSError`, which `cli.main` reports as one line with exit status 2 (this module does not import `cli`, which imports
+it).
 """
 
 import argparse
 import json
 import os
+import sys
+import tempfile
 
 from diffmoe_hf.atomic_files import write_text_atomically
 from diffmoe_hf.cli_sampling import (
@@ -16,6 +20,65 @@ from diffmoe_hf.cli_sampling import (
     select_scheduler,
 )
 from diffmoe_hf.dtypes import DTYPES
+
+
+INTERRUPTED = 130  # the shell's exit status for a command stopped by SIGINT (128 + 2)
+
+
+def check_output_file(path: str, overwrite: bool, extension: str, require_extension: bool = True) -> None:
+    """Refuses an `--output` that is empty, lacks `extension` (when required), is a folder, exists without
+    `--overwrite`, or cannot be created, before anything is loaded or computed."""
+    if os.path.isdir(path):
+        raise ValueError(
+            f"--output {path} is a folder (--overwrite replaces files only); name the {extension} file to write, "
+            f"e.g. --output {os.path.join(path, 'results' + extension)}."
+        )
+    named = os.path.basename(path) not in ("", extension)
+    if not named or (require_extension and not path.endswith(extension)):
+        raise ValueError(f"--output {path!r}: name the {extension} file to write, e.g. --output results{extension}.")
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass --overwrite to replace it.")
+    _check_writable_folder(os.path.dirname(os.path.abspath(path)), f"--output {path}")
+
+
+def check_output_folder(path: str, option: str) -> None:
+    """Refuses a folder option (`--png-dir`) that names a file or cannot be created, before anything is sampled."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{option} {path} is a file; name a folder to write the images into.")
+    _check_writable_folder(os.path.abspath(path), f"{option} {path}")
+
+
+def _check_writable_folder(folder: str, what: str) -> None:
+    """Refuses `what` when `folder`, or the closest existing folder above it (missing ones are created), does not
+    accept new files: probed by creating one, as the permission bits do not tell (root, read-only mounts)."""
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"Cannot create the folder {folder} for {what}: {existing} is a file. Choose another path.")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".diffmoe-write-check-", dir=existing)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as err:
+        raise ValueError(
+            f"Cannot write {what}: the folder {existing} does not accept new files ({err.strerror}). "
+            "Choose another path."
+        ) from None
+
+
+def _check_counts(args, names: tuple[str, ...]) -> None:
+    """Refuses a count option below 1 (argparse's `type=int` takes any integer)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+
+
+def interrupted(command: str, kept: str) -> SystemExit:
+    """The exit for Ctrl-C: one line saying what was kept, status 130, no traceback."""
+    print(f"diffmoe {command}: interrupted; {kept}", file=sys.stderr)
+    return SystemExit(INTERRUPTED)
 
 
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +94,12 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's published setting, else 50)")
     parser.add_argument("--seed", type=int, default=0, help="fixes every label and noise (default 0)")
-    parser.add_argument("--output", required=True, help=".npz file to write (ADM format: arr_0 uint8 NHWC)")
+    parser.add_argument(
+        "--output",
+        required=True,
+        help=".npz file to write (ADM format: arr_0 uint8 NHWC); finished batches are kept in <output>.parts/ until "
+        "it is complete, so rerunning an interrupted command continues it",
+    )
     parser.add_argument("--png-dir", help="also write each sample as <png-dir>/<index>.png")
     parser.add_argument(
         "--keep-float",
@@ -43,8 +111,9 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
         "--labels",
         choices=["balanced", "random"],
         default="balanced",
-        help="balanced: each class num-samples/num-classes times (default); random: uniform "
-        "labels as DiT's sampling script",
+        help="balanced (default): every block of num-classes consecutive samples holds each class once, in a "
+        "seeded order; random: uniform labels as DiT's sampling script. Either way a sample's label depends only "
+        "on --seed and its index, not on --num-samples",
     )
     parser.add_argument("--scheduler", help="diffusers scheduler class name (default: the folder's)")
     parser.add_argument(
@@ -90,8 +159,9 @@ def first_given(*values):
 
 
 def distributed_state():
-    """`accelerate.PartialState` of this process. CPU processes (`accelerate launch --cpu`, `ACCELERATE_USE_CPU=true`,
-    or no GPU) join a gloo group, which `PartialState()` alone would not do (each would run as a single process)."""
+    """`accelerate.PartialState` of this process. CPU processes (`ACCELERATE_USE_CPU=true accelerate launch
+    --num_processes N`, `torchrun`, or no GPU) join a gloo group, which `PartialState()` alone would not do (each would
+    run as a single process). `accelerate launch --cpu --num_processes N` starts one process, not N."""
     import torch
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
@@ -100,14 +170,40 @@ def distributed_state():
 
 
 def run_sample(args) -> None:
+    """`diffmoe sample`: every file argument is checked before the model is loaded; Ctrl-C keeps finished batches."""
+    check_output_file(args.output, args.overwrite, ".npz")
+    _check_counts(args, ("num_samples", "batch_size", "steps"))
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}.")
+    if args.png_dir:
+        check_output_folder(args.png_dir, "--png-dir")
+    run = None
+    try:
+        state = distributed_state()
+        run = _prepared_run(args, state)
+        _sample(run, state, args)
+    except KeyboardInterrupt:
+        raise interrupted("sample", _kept_batches(run)) from None
+
+
+def _kept_batches(run) -> str:
+    """What an interrupted `sample` leaves on disk, in words."""
+    batches = 0 if run is None else sum(os.path.isfile(run.batch_path(b)) for b in range(run.num_batches))
+    if not batches:
+        return "nothing was written."
+    return (
+        f"{batches} finished batches ({run.finished_samples()} of {run.num_samples} samples) are kept in "
+        f"{run.parts_dir}; rerun the same command to continue."
+    )
+
+
+def _prepared_run(args, state):
+    """The pipeline of `args.model` on this process's device, as a `SampleRun` of the command's settings."""
     import torch
 
     from diffmoe_hf import ClassConditionalMoEPipeline
-    from diffmoe_hf.evaluation.sampling import SampleRun, run_sampling
+    from diffmoe_hf.evaluation.sampling import SampleRun
 
-    state = distributed_state()
-    if os.path.exists(args.output) and not args.overwrite:
-        raise FileExistsError(f"{args.output} already exists; pass --overwrite to replace it.")
     dtype = DTYPES[args.dtype]
     components = {}
     if args.vae:
@@ -126,7 +222,7 @@ def run_sample(args) -> None:
         for name, path in (("model", args.model), ("vae", args.vae))
     }
     settings = {**local, "dtype": args.dtype, "scheduler": type(pipe.scheduler).__name__}
-    run = SampleRun(
+    return SampleRun(
         pipe,
         args.output,
         args.num_samples,
@@ -138,6 +234,11 @@ def run_sample(args) -> None:
         png_dir=args.png_dir,
         keep_float=args.keep_float,
     )
+
+
+def _sample(run, state, args) -> None:
+    from diffmoe_hf.evaluation.sampling import run_sampling
+
     run_sampling(run, state, progress=not args.no_progress)
     if state.is_main_process:
         print(f"Wrote {args.num_samples} samples of {args.model} to {args.output} ({json.dumps(run.record['call'])})")
@@ -145,6 +246,7 @@ def run_sample(args) -> None:
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     from diffmoe_hf.evaluation.evaluate import PROTOCOLS
+    from diffmoe_hf.evaluation.metrics import PRECISION_RECALL_DISTANCES
 
     parser.add_argument("samples", help="sample batch: .npz (ADM format, arr_0) or an image folder")
     parser.add_argument(
@@ -169,6 +271,18 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="accept Inception weights that are not the standard file (scores not comparable)",
     )
+    parser.add_argument(
+        "--precision-recall-distances",
+        choices=PRECISION_RECALL_DISTANCES,
+        default="float16",
+        help="how precision / recall compute distances: float16 (default: ADM's evaluator, which the papers ran) or "
+        "float32 (exact to float32, not comparable with published numbers)",
+    )
+    parser.add_argument(
+        "--allow-resolution-mismatch",
+        action="store_true",
+        help="score a reference of another resolution than the samples (a warning; not comparable with papers)",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="images per Inception batch (default 64)")
     parser.add_argument("--output", help="write the JSON record to this file (default: print it)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
@@ -176,24 +290,48 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate(args) -> None:
-    from diffmoe_hf.evaluation.evaluate import PROTOCOLS, evaluate_batches, evaluation_record, load_batch, summary_line
+    """`diffmoe evaluate`: the output, both batches and the weights are checked before any feature is computed."""
+    if args.output:
+        check_output_file(args.output, args.overwrite, ".json", require_extension=False)
+    _check_counts(args, ("batch_size",))
+    try:
+        _evaluate(args)
+    except KeyboardInterrupt:
+        raise interrupted("evaluate", "nothing was written (features are not kept); rerun the command.") from None
+
+
+def _evaluate(args) -> None:
+    from diffmoe_hf.evaluation.evaluate import (
+        PROTOCOLS,
+        check_batch_path,
+        check_resolutions,
+        evaluate_batches,
+        evaluation_record,
+        load_batch,
+        summary_line,
+    )
     from diffmoe_hf.evaluation.inception import InceptionFeatures, resolve_weights
 
-    if args.output and os.path.exists(args.output) and not args.overwrite:
-        raise FileExistsError(f"{args.output} already exists; pass --overwrite to replace it.")
-    if args.batch_size < 1:
-        raise ValueError("--batch-size must be positive.")
+    check_batch_path(args.samples, "samples")
+    check_batch_path(args.reference, "--reference")
     state = distributed_state()
     protocol = PROTOCOLS[args.protocol]
+    network = InceptionFeatures(resolve_weights(args.inception_weights), state.device, args.allow_nonstandard_weights)
     samples = load_batch(args.samples, protocol.float_pixels, samples=True)
     reference = load_batch(args.reference, protocol.float_pixels)
-    network = InceptionFeatures(resolve_weights(args.inception_weights), state.device, args.allow_nonstandard_weights)
-    results = evaluate_batches(samples, reference, network, protocol, args.batch_size, state, not args.no_progress)
-    record = evaluation_record(protocol, network, samples, reference, results, args.batch_size)
+    check_resolutions(samples, reference, args.allow_resolution_mismatch)
+    distances = args.precision_recall_distances
+    results = evaluate_batches(
+        samples, reference, network, protocol, args.batch_size, state, not args.no_progress, distances
+    )
+    record = evaluation_record(
+        protocol, network, samples, reference, results, args.batch_size, distances, args.allow_resolution_mismatch
+    )
     if not state.is_main_process:
         return
     text = json.dumps(record, indent=2)
     if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         write_text_atomically(args.output, text + "\n")
     else:
         print(text)

@@ -120,9 +120,78 @@ def _knn_precision_recall(reference, samples, k=3):
 def test_precision_recall_match_a_direct_knn_manifold():
     reference = _features(300, 8, 3)
     samples = _features(250, 8, 4, shift=0.8, scale=1.4)
-    precision, recall = metrics.precision_recall(reference, samples, block=64)  # several blocks
+    precision, recall = metrics.precision_recall(reference, samples, batch=64, distances="float32")  # several blocks
     expected = _knn_precision_recall(reference, samples)
     assert (precision, recall) == expected and 0.05 < precision < 0.95 and 0.05 < recall < 0.95
-    assert metrics.precision_recall(reference, reference) == (1.0, 1.0)
+    assert metrics.precision_recall(reference, reference, distances="float32") == (1.0, 1.0)
     with pytest.raises(ValueError, match="more than 3"):
         metrics.precision_recall(reference[:3], samples)
+
+
+def _adm_block(u, v):
+    """ADM's `DistanceBlock`: float16 features and distances (float32 accumulation, as on a GPU), the whole block in
+    float32 when a float16 value is not finite; returned as float32."""
+    u16, v16 = u.astype(np.float16), v.astype(np.float16)
+    with np.errstate(over="ignore", invalid="ignore"):
+        norm_u = np.square(u16).sum(axis=1, dtype=np.float32).astype(np.float16)[:, None]
+        norm_v = np.square(v16).sum(axis=1, dtype=np.float32).astype(np.float16)[None, :]
+        product = (u16.astype(np.float32) @ v16.astype(np.float32).T).astype(np.float16)
+        block = np.maximum(norm_u - 2 * product + norm_v, np.float16(0))
+    if np.isfinite(block).all():
+        return block.astype(np.float32)
+    norm_u, norm_v = np.square(u).sum(axis=1)[:, None], np.square(v).sum(axis=1)[None, :]
+    return np.maximum(norm_u - 2 * (u @ v.T) + norm_v, np.float32(0))
+
+
+def _adm_precision_recall(reference, samples, batch, k=3):
+    """An independent re-implementation of ADM's `ManifoldEstimator` (numpy): radii from full distance rows
+    assembled of `batch` x `batch` blocks and `np.partition`, then both memberships from reference x sample blocks."""
+
+    def radii(features):
+        out = np.zeros(len(features), np.float32)
+        for r in range(0, len(features), batch):
+            row = np.concatenate(
+                [_adm_block(features[r : r + batch], features[c : c + batch]) for c in range(0, len(features), batch)],
+                axis=1,
+            )
+            out[r : r + batch] = np.partition(row, k, axis=1)[:, k]
+        return out
+
+    reference_radii, sample_radii = radii(reference), radii(samples)
+    reference_in = np.zeros(len(reference), bool)
+    sample_in = np.zeros(len(samples), bool)
+    for r in range(0, len(reference), batch):
+        for c in range(0, len(samples), batch):
+            block = _adm_block(reference[r : r + batch], samples[c : c + batch])
+            reference_in[r : r + batch] |= (block <= sample_radii[None, c : c + batch]).any(axis=1)
+            sample_in[c : c + batch] |= (block <= reference_radii[r : r + batch, None]).any(axis=0)
+    return sample_in.mean(), reference_in.mean()
+
+
+def _grid_features(n, d, seed, step=0.25, levels=16):
+    """Features on a grid of `step` (`levels` values): every float32 sum in the distances is exact, so any
+    summation order gives the same float32 value, and the only rounding is float16's, the same in both codes."""
+    return (np.random.default_rng(seed).integers(0, levels, size=(n, d)) * step).astype(np.float32)
+
+
+@pytest.mark.parametrize("batch", [16, metrics.ADM_BATCH])
+def test_precision_recall_are_adms_float16_computation(batch):
+    reference, samples = _grid_features(120, 128, 0), _grid_features(100, 128, 1)
+    adm = metrics.precision_recall(reference, samples, batch=batch)
+    assert adm == _adm_precision_recall(reference, samples, batch)
+    # float16 rounding moves the radii: on these features the float32 computation gives other numbers
+    assert metrics.precision_recall(reference, samples, batch=batch, distances="float32") != adm
+
+
+def test_precision_recall_fall_back_to_float32_per_block_as_adm():
+    """Rows whose squared norms overflow float16 make their blocks (only those) fall back to float32."""
+    reference, samples = _grid_features(64, 128, 0), _grid_features(48, 128, 1)
+    reference[:5] = np.random.default_rng(4).integers(200, 256, size=(5, 128))  # |u|^2 > 65504
+    result = metrics.precision_recall(reference, samples, batch=16)
+    assert result == _adm_precision_recall(reference, samples, batch=16)
+    assert result != metrics.precision_recall(reference, samples, batch=16, distances="float32")
+
+
+def test_precision_recall_refuse_an_unknown_distance_computation():
+    with pytest.raises(ValueError, match="float16"):
+        metrics.precision_recall(_grid_features(8, 4, 0), _grid_features(8, 4, 1), distances="float64")

@@ -1,5 +1,6 @@
 """`diffmoe sample`: per-sample noise and labels, 1 vs 2 processes, batch sizes, resume, format (CPU, tiny models)."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -44,7 +45,9 @@ def _sample(model, output, *extra, num_samples=10, batch_size=4):
 
 def test_labels_are_balanced_or_random_and_fixed_by_the_seed():
     labels = sample_labels(1003, 10, seed=0)
-    assert np.bincount(labels).tolist() == [101, 101, 101] + [100] * 7
+    assert sorted(np.bincount(labels).tolist()) == [100] * 7 + [101] * 3
+    assert all(sorted(labels[b : b + 10]) == list(range(10)) for b in range(0, 1000, 10))  # blocks of every class
+    assert np.array_equal(labels[:500], sample_labels(500, 10, seed=0))  # a label does not depend on num_samples
     assert np.array_equal(labels, sample_labels(1003, 10, seed=0))
     assert not np.array_equal(labels, sample_labels(1003, 10, seed=1))
     assert not np.array_equal(labels[:20], np.arange(20) % 10)  # shuffled, so a batch mixes classes at random
@@ -97,7 +100,7 @@ def test_uint8_quantisation_is_the_adm_one():
     assert np.array_equal(sampling.to_uint8(x / 2 + 0.5)[0, 0, :, 0], expected.view(-1).numpy())
 
 
-def test_resume_after_a_kill_gives_the_identical_file(tmp_path, monkeypatch):
+def test_resume_after_ctrl_c_or_a_damaged_part_gives_the_identical_file(tmp_path, monkeypatch, capsys, caplog):
     _sample(DIGITS, tmp_path / "full.npz")
     original_run_batch, calls = sampling.SampleRun.run_batch, []
 
@@ -108,9 +111,13 @@ def test_resume_after_a_kill_gives_the_identical_file(tmp_path, monkeypatch):
         original_run_batch(self, batch)
 
     monkeypatch.setattr(sampling.SampleRun, "run_batch", killed_after_two_batches)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as exit_:  # Ctrl-C: one line, status 130, the finished batches kept
         _sample(DIGITS, tmp_path / "resumed.npz")
-    parts = sorted(os.listdir(tmp_path / "resumed.npz.parts"))
+    parts_dir = tmp_path / "resumed.npz.parts"
+    err = capsys.readouterr().err
+    assert exit_.value.code == 130 and "Traceback" not in err
+    assert f"2 finished batches (8 of 10 samples) are kept in {parts_dir}; rerun the same command to continue." in err
+    parts = sorted(os.listdir(parts_dir))
     assert parts == ["batch-000000.npz", "batch-000001.npz", "run.json"] and not (tmp_path / "resumed.npz").exists()
     monkeypatch.setattr(sampling.SampleRun, "run_batch", original_run_batch)
     # other settings are refused, and the parts are kept
@@ -135,8 +142,12 @@ def test_resume_after_a_kill_gives_the_identical_file(tmp_path, monkeypatch):
         )
         == 2
     )
-    assert len(os.listdir(tmp_path / "resumed.npz.parts")) == 3
-    _sample(DIGITS, tmp_path / "resumed.npz")
+    assert len(os.listdir(parts_dir)) == 3
+    damaged = parts_dir / "batch-000001.npz"
+    damaged.write_bytes(damaged.read_bytes()[:200])  # a truncated copy: not a readable zip
+    with caplog.at_level(logging.WARNING, logger="diffmoe_hf"):
+        _sample(DIGITS, tmp_path / "resumed.npz")
+    assert f"{damaged} is not a readable .npz file" in caplog.text and "sampled again" in caplog.text
     with np.load(tmp_path / "full.npz") as full, np.load(tmp_path / "resumed.npz") as resumed:
         assert np.array_equal(full["arr_0"], resumed["arr_0"]) and np.array_equal(full["arr_1"], resumed["arr_1"])
 

@@ -11,9 +11,15 @@ Protocols:
 
 Inputs are `.npz` batches (ADM format: `arr_0` (N, H, W, C); `diffmoe sample --keep-float` adds `arr_float`, the
 un-rounded pixels the float-features protocol reads) or folders of images (sorted by name). Grayscale images are
-repeated to 3 channels.
+repeated to 3 channels. Non-finite statistics or float pixels are refused, naming the file and the array.
+
+Resolution. Every protocol resizes both batches to 299 x 299 whatever their size (ADM's evaluator does so without
+checking), so a reference at another resolution than the samples gives a number, but not one comparable with the
+papers': they score each resolution against the reference batch of that resolution (ADM publishes one per resolution).
+`check_resolutions` refuses such a pair unless the caller allows it, and then warns.
 """
 
+import logging
 import os
 from dataclasses import asdict, dataclass
 
@@ -21,6 +27,10 @@ import numpy as np
 
 from . import metrics
 from .inception import InceptionFeatures
+from .npz_files import read_npz
+
+
+logger = logging.getLogger(__name__)
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -63,6 +73,54 @@ def _as_rgb(images: np.ndarray, path: str) -> np.ndarray:
     return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
+def _finite(array: np.ndarray, path: str, name: str) -> np.ndarray:
+    """`array` if every value is finite; else a message naming the file, the array and how many values are not."""
+    bad = np.size(array) - np.count_nonzero(np.isfinite(array))
+    if bad:
+        raise ValueError(
+            f"{path}: {name} has {bad} NaN or infinite values of {np.size(array)}; the file is damaged or was "
+            "written by a broken run. Recompute it."
+        )
+    return array
+
+
+def _read_image_folder(path: str) -> np.ndarray:
+    """(N, H, W, 3) uint8 images of a folder, sorted by name; an unreadable file is named."""
+    from PIL import Image
+
+    names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
+    if not names:
+        raise ValueError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+    images = []
+    for name in names:
+        file = os.path.join(path, name)
+        try:
+            with Image.open(file) as image:
+                images.append(np.asarray(image.convert("RGB")))
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise ValueError(f"{file} is not a readable image ({err}); replace or remove it.") from None
+    if len({image.shape for image in images}) != 1:
+        raise ValueError(f"The images in {path} have different sizes; resize them to one size first.")
+    return np.stack(images)
+
+
+def check_batch_path(path: str, option: str) -> None:
+    """Refuses a batch path that is neither an existing image folder nor an existing `.npz` file."""
+    if os.path.isdir(path):
+        return
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{option} {path} does not exist; give an .npz batch or an image folder.")
+    if not path.endswith(".npz"):
+        raise ValueError(f"{option} {path} is neither an image folder nor an .npz file.")
+
+
+_NO_FLOAT_PIXELS = (
+    "The float-features protocol scores un-rounded pixels, and {path} has none (no arr_float). Sample with "
+    "`diffmoe sample --keep-float`, or use --protocol adm for uint8 samples."
+)
+_STATISTICS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}
+
+
 def load_batch(path: str, float_pixels: bool = False, samples: bool = False) -> ImageBatch:
     """
     Reads a `.npz` batch or an image folder.
@@ -70,51 +128,56 @@ def load_batch(path: str, float_pixels: bool = False, samples: bool = False) -> 
     Args:
         path: `.npz` (ADM format) or a folder of images.
         float_pixels: Read the un-rounded float pixels (`arr_float`) for the float-features protocol.
-        samples: The batch is the sample side: with `float_pixels` it must hold `arr_float` (rounded pixels would
-            silently measure something else); a reference of real images is uint8 by nature.
+        samples: The batch is the sample side: it must hold images, and with `float_pixels` un-rounded ones
+            (`arr_float`: rounded pixels would silently measure something else); a reference of real images is uint8
+            by nature.
     """
-    if float_pixels and samples and (os.path.isdir(path) or "arr_float" not in _npz_keys(path)):
-        raise ValueError(
-            f"The float-features protocol scores un-rounded pixels, and {path} has none (no arr_float). Sample with "
-            "`diffmoe sample --keep-float`, or use --protocol adm for uint8 samples."
-        )
+    check_batch_path(path, "samples" if samples else "--reference")
     if os.path.isdir(path):
-        from PIL import Image
-
-        names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
-        if not names:
-            raise ValueError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
-        images = [np.asarray(Image.open(os.path.join(path, n)).convert("RGB")) for n in names]
-        if len({image.shape for image in images}) != 1:
-            raise ValueError(f"The images in {path} have different sizes; resize them to one size first.")
-        return ImageBatch(path, np.stack(images), {})
-    if not path.endswith(".npz") or not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is neither an image folder nor an .npz file.")
-    with np.load(path) as data:
-        statistics = {}
-        if "mu" in data and "sigma" in data:
-            statistics["pool"] = metrics.FeatureStatistics(data["mu"], data["sigma"])
-        if "mu_s" in data and "sigma_s" in data:
-            statistics["spatial"] = metrics.FeatureStatistics(data["mu_s"], data["sigma_s"])
-        images = None
-        if float_pixels and "arr_float" in data:
-            images = data["arr_float"].astype(np.float32)
-        elif "arr_0" in data:
-            images = data["arr_0"]
-        if images is None and not statistics:
-            raise ValueError(f"{path} holds neither images (arr_0) nor statistics (mu, sigma).")
+        if float_pixels and samples:
+            raise ValueError(_NO_FLOAT_PIXELS.format(path=path))
+        return ImageBatch(path, _read_image_folder(path), {})
+    data = read_npz(path, ["mu", "sigma", "mu_s", "sigma_s", "arr_0", *(["arr_float"] if float_pixels else [])])
+    image_key = "arr_float" if float_pixels and "arr_float" in data else "arr_0"
+    if float_pixels and samples and image_key != "arr_float":
+        raise ValueError(_NO_FLOAT_PIXELS.format(path=path))
+    statistics = {
+        key: metrics.FeatureStatistics(_finite(data[mu], path, mu), _finite(data[sigma], path, sigma))
+        for key, (mu, sigma) in _STATISTICS.items()
+        if mu in data and sigma in data
+    }
+    images = data.get(image_key)
+    if images is None and samples:
+        raise ValueError(f"{path} holds no images (arr_0); the sample side needs images.")
+    if images is None and not statistics:
+        raise ValueError(f"{path} holds neither images (arr_0) nor statistics (mu, sigma).")
     if images is not None:
         images = _as_rgb(images, path)
-        if not float_pixels and images.dtype != np.uint8:
+        if image_key == "arr_float":
+            images = _finite(images.astype(np.float32), path, image_key)
+        elif images.dtype != np.uint8:
             raise ValueError(f"{path}: this protocol takes uint8 images (ADM format), got {images.dtype}.")
     return ImageBatch(path, images, statistics)
 
 
-def _npz_keys(path: str) -> list[str]:
-    if not path.endswith(".npz") or not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is neither an image folder nor an .npz file.")
-    with np.load(path) as data:
-        return list(data.keys())
+def check_resolutions(samples: ImageBatch, reference: ImageBatch, allow_mismatch: bool = False) -> None:
+    """
+    Refuses (or, with `allow_mismatch`, warns about) samples and reference images of different sizes; see the module
+    docstring. A reference of statistics alone has no known resolution and is not checked.
+    """
+    if samples.images is None or reference.images is None:
+        return
+    sample_size, reference_size = samples.images.shape[1:3], reference.images.shape[1:3]
+    if sample_size == reference_size:
+        return
+    message = (
+        f"the samples ({samples.path}) are {sample_size[0]}x{sample_size[1]} and the reference ({reference.path}) "
+        f"{reference_size[0]}x{reference_size[1]}: both are resized to 299x299, and the scores are not comparable "
+        "with published ones, which use a reference batch at the samples' resolution"
+    )
+    if not allow_mismatch:
+        raise ValueError(f"Refused: {message}. Use such a reference, or pass --allow-resolution-mismatch.")
+    logger.warning(f"WARNING: {message}.")
 
 
 def compute_features(
@@ -152,6 +215,16 @@ def compute_features(
     return {key: np.concatenate([g[key] for g in gathered if len(g[key])]) for key in mine}
 
 
+def _check_features(features: dict[str, np.ndarray], path: str, network: InceptionFeatures) -> None:
+    """Refuses non-finite Inception features (finite pixels give finite features unless the weights are broken)."""
+    for key, values in features.items():
+        if not np.isfinite(values).all():
+            raise ValueError(
+                f"The Inception {key} features of {path} are not all finite, so no metric is reported; the weights "
+                f"file {network.weights_path} is broken. Use the standard one."
+            )
+
+
 def _statistics(batch: ImageBatch, features: dict | None, key: str) -> metrics.FeatureStatistics:
     if key in batch.statistics:
         return batch.statistics[key]
@@ -168,11 +241,16 @@ def evaluate_batches(
     batch_size: int,
     state,
     progress: bool = True,
+    distances: str = "float16",
 ) -> dict:
-    """The metrics of `samples` against `reference` under `protocol` (every process computes; all return the same)."""
+    """
+    The metrics of `samples` against `reference` under `protocol` (every process computes; all return the same);
+    `distances` is the precision / recall distance computation (`metrics.precision_recall`: "float16" is ADM's).
+    """
     if samples.images is None:
         raise ValueError(f"{samples.path} holds no images (arr_0); the sample side needs images.")
     sample_features = compute_features(samples.images, network, protocol, batch_size, state, progress, "samples")
+    _check_features(sample_features, samples.path, network)
     needs_reference_images = (
         protocol.precision_recall
         or "pool" not in reference.statistics
@@ -183,6 +261,7 @@ def evaluate_batches(
         reference_features = compute_features(
             reference.images, network, protocol, batch_size, state, progress, "reference"
         )
+        _check_features(reference_features, reference.path, network)
     results = {}
     for name, key in (("fid", "pool"), ("sfid", "spatial")):
         if key == "pool" or protocol.spatial:
@@ -201,7 +280,7 @@ def evaluate_batches(
             results["precision"] = results["recall"] = None  # statistics alone cannot give them
         else:
             results["precision"], results["recall"] = metrics.precision_recall(
-                reference_features["pool"], sample_features["pool"], device=network.device
+                reference_features["pool"], sample_features["pool"], distances=distances, device=network.device
             )
     return results
 
@@ -213,6 +292,8 @@ def evaluation_record(
     reference: ImageBatch,
     results: dict,
     batch_size: int,
+    distances: str = "float16",
+    resolution_mismatch_allowed: bool = False,
 ) -> dict:
     """The JSON written by `diffmoe evaluate`: the metrics and everything that produced them."""
     import torch
@@ -237,6 +318,9 @@ def evaluation_record(
             "batch_size": batch_size,
             "device": str(network.device),
             "precision_recall_k": 3,
+            "precision_recall_distances": distances if protocol.precision_recall else None,
+            "precision_recall_block": metrics.ADM_BATCH if protocol.precision_recall else None,
+            "resolution_mismatch_allowed": resolution_mismatch_allowed,
             "inception_score_split_size": 5000 if protocol.inception_score == "adm-splits-5000" else None,
             "diffmoe_hf": _version("diffmoe-hf"),
         },

@@ -105,6 +105,8 @@ def resolve_weights(path: str | None = None) -> str:
     there (only when online and `HF_HUB_OFFLINE` is unset).
     """
     if path is not None:
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"--inception-weights {path} is a folder; pass the weights file itself.")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--inception-weights {path} does not exist.")
         return path

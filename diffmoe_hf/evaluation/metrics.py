@@ -9,8 +9,10 @@ papers used.
   samples (float32, as ADM), averaged. torch-fidelity (JiT): 10 equal splits after a shuffle with seed 2020, float64.
 - Precision and recall (Kynkaanniemi et al., as ADM): each feature's radius is the squared distance to its 3rd nearest
   neighbour in its own set (itself excluded); precision is the fraction of samples inside some reference radius,
-  recall the fraction of references inside some sample radius (`<=`). ADM rounds the distances to float16 on the GPU;
-  these are float32.
+  recall the fraction of references inside some sample radius (`<=`). Distances as ADM's `ManifoldEstimator` computes
+  them by default (`distances="float16"`): features rounded to float16, `max(|u|^2 - 2 u.v + |v|^2, 0)` in float16
+  with float32 accumulation, in blocks of 10000 x 10000, a block recomputed in float32 when any of its float16
+  distances is not finite; radii and comparisons in float32. `distances="float32"` computes every block in float32.
 """
 
 from dataclasses import dataclass
@@ -88,37 +90,86 @@ def inception_score_splits(
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def _squared_distances(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(len(u), len(v)) squared Euclidean distances, ADM's formula `max(|u|^2 - 2 u.v + |v|^2, 0)`."""
+PRECISION_RECALL_DISTANCES = ("float16", "float32")
+ADM_BATCH = 10000  # rows and columns per distance block in ADM's ManifoldEstimator
+
+
+def _squared_distances(u: torch.Tensor, v: torch.Tensor, distances: str) -> torch.Tensor:
+    """
+    (len(u), len(v)) float32 squared Euclidean distances of two float32 feature blocks, ADM's formula
+    `max(|u|^2 - 2 u.v + |v|^2, 0)`. "float16": each operation's result rounded to float16 (sums and the matrix
+    product accumulated in float32, as a GPU does), the float32 result used instead when any float16 value is not
+    finite; "float32": float32 throughout.
+    """
+    if distances == "float16":
+        u16, v16 = u.half(), v.half()
+        norms_u = (u16 * u16).sum(dim=1, keepdim=True, dtype=torch.float32).half()
+        norms_v = (v16 * v16).sum(dim=1, dtype=torch.float32).half()[None, :]
+        products = (u16.float() @ v16.float().T).half()
+        block = ((norms_u - 2 * products) + norms_v).clamp_min_(0)
+        if torch.isfinite(block).all():
+            return block.float()
     norms_u = (u * u).sum(dim=1, keepdim=True)
     norms_v = (v * v).sum(dim=1)[None, :]
     return (norms_u - 2 * u @ v.T + norms_v).clamp_min_(0)
 
 
-def manifold_radii(features: torch.Tensor, k: int = 3, block: int = 1024) -> torch.Tensor:
-    """(N,) squared distance of each feature to its k-th nearest neighbour in `features` (itself excluded)."""
+def manifold_radii(features: torch.Tensor, k: int = 3, batch: int = ADM_BATCH, distances: str = "float16"):
+    """(N,) float32 squared distance of each feature to its k-th nearest neighbour in `features` (itself excluded:
+    the (k + 1)-th smallest distance, as ADM), over `batch` x `batch` distance blocks."""
     if len(features) <= k:
         raise ValueError(f"Precision and recall need more than {k} feature vectors per set, got {len(features)}.")
-    radii = [
-        torch.kthvalue(_squared_distances(features[s : s + block], features), k + 1, dim=1).values
-        for s in range(0, len(features), block)
-    ]
+    radii = []
+    for rows in torch.split(features, batch):
+        # the k + 1 smallest of each column block, then of their union: the same value as over the whole row
+        candidates = [
+            torch.topk(_squared_distances(rows, columns, distances), min(k + 1, len(columns)), largest=False).values
+            for columns in torch.split(features, batch)
+        ]
+        radii.append(torch.kthvalue(torch.cat(candidates, dim=1), k + 1, dim=1).values)
     return torch.cat(radii)
 
 
-def _fraction_inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, block: int) -> float:
-    inside = [
-        (_squared_distances(points[s : s + block], centres) <= radii[None, :]).any(dim=1)
-        for s in range(0, len(points), block)
-    ]
-    return torch.cat(inside).double().mean().item()
+def _coverage(reference, reference_radii, samples, sample_radii, batch: int, distances: str):
+    """
+    (samples inside some reference radius, references inside some sample radius) as fractions, both read from the
+    same reference-row x sample-column distance blocks, as ADM does (float16 rounding depends on the orientation).
+    """
+    samples_inside = torch.zeros(len(samples), dtype=torch.bool, device=samples.device)
+    references_inside = torch.zeros(len(reference), dtype=torch.bool, device=reference.device)
+    for start in range(0, len(reference), batch):
+        rows = slice(start, start + batch)
+        for first in range(0, len(samples), batch):
+            columns = slice(first, first + batch)
+            block = _squared_distances(reference[rows], samples[columns], distances)
+            references_inside[rows] |= (block <= sample_radii[None, columns]).any(dim=1)
+            samples_inside[columns] |= (block <= reference_radii[rows, None]).any(dim=0)
+    return samples_inside.double().mean().item(), references_inside.double().mean().item()
 
 
 def precision_recall(
-    reference: np.ndarray, samples: np.ndarray, k: int = 3, block: int = 1024, device: str | torch.device = "cpu"
+    reference: np.ndarray,
+    samples: np.ndarray,
+    k: int = 3,
+    batch: int = ADM_BATCH,
+    distances: str = "float16",
+    device: str | torch.device = "cpu",
 ) -> tuple[float, float]:
-    """ADM's improved precision and recall of (N, D) sample features against (M, D) reference features."""
+    """
+    ADM's improved precision and recall of (N, D) sample features against (M, D) reference features.
+
+    Args:
+        reference, samples: The pool features.
+        k: Neighbourhood size (ADM: 3).
+        batch: Rows and columns per distance block (ADM: 10000; with "float16" it decides which blocks fall back to
+            float32, so only ADM's value reproduces ADM's numbers exactly).
+        distances: "float16" (ADM's default computation) or "float32".
+        device: Where the distances are computed.
+    """
+    if distances not in PRECISION_RECALL_DISTANCES:
+        raise ValueError(f"Unknown distances {distances!r}; choose one of {PRECISION_RECALL_DISTANCES}.")
     ref = torch.as_tensor(reference, dtype=torch.float32, device=device)
     sam = torch.as_tensor(samples, dtype=torch.float32, device=device)
-    ref_radii, sample_radii = manifold_radii(ref, k, block), manifold_radii(sam, k, block)
-    return _fraction_inside(sam, ref, ref_radii, block), _fraction_inside(ref, sam, sample_radii, block)
+    ref_radii = manifold_radii(ref, k, batch, distances)
+    sample_radii = manifold_radii(sam, k, batch, distances)
+    return _coverage(ref, ref_radii, sam, sample_radii, batch, distances)

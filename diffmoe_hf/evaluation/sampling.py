@@ -1,10 +1,12 @@
 """Class-conditional sampling for FID evaluation (`diffmoe sample`): reproducible, distributed, resumable.
 
-Reproducibility. Sample `i` of a run is defined by the seed and `i` alone:
+Reproducibility. Sample `i` of a run is defined by the seed and `i` alone (not by `num_samples`: a run of K samples
+is the first K samples of any longer run with the same settings):
 
-- its class label comes from `sample_labels(num_samples, num_classes, seed, mode)`: "balanced" (default) gives every
-  class `num_samples // num_classes` samples (the first `num_samples % num_classes` classes one more) in a seeded random
-  order; "random" draws each label uniformly, as DiT's `sample_ddp.py` does;
+- its class label comes from `sample_labels(num_samples, num_classes, seed, mode)`: "balanced" (default) cuts the
+  indices into consecutive blocks of `num_classes`, each holding every class once in its own seeded random order (so
+  every class has `num_samples // num_classes` samples, and `num_samples % num_classes` classes, those of the last,
+  partial block, one more); "random" draws each label uniformly, as DiT's `sample_ddp.py` does;
 - its initial noise and any noise a stochastic scheduler adds on the way (DDPM) come from its own CPU generators
   seeded by `(seed, i)`, never from the rank or the batch.
 
@@ -17,8 +19,10 @@ al.) routes over the whole batch, so its samples depend on which samples share a
 the batch size and the indices fix them.
 
 Resume. Each finished batch is written at once to `<output>.parts/batch-<b>.npz` (atomically); a restarted run with
-the same settings skips the batches on disk, and the final `.npz` is identical to an uninterrupted run's. The parts
-folder is removed once the final file is complete. All processes must see the output folder (one machine, or a shared
+the same settings skips the batches on disk, and the final `.npz` is identical to an uninterrupted run's. A part file
+that cannot be read (a damaged disk copy) is named in a warning, removed and sampled again. A parts folder without
+finished batches blocks nothing: a run with other settings takes it over. The parts folder is removed once the final
+file is complete. All processes must see the output folder (one machine, or a shared
 file system).
 
 Output: the ADM sample format, `arr_0` uint8 (K, H, W, C) and `arr_1` int64 (K,) labels, optionally PNGs as well and
@@ -27,6 +31,7 @@ Output: the ADM sample format, `arr_0` uint8 (K, H, W, C) and `arr_1` int64 (K,)
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 
@@ -36,6 +41,10 @@ import torch
 from diffmoe_hf.atomic_files import write_text_atomically, written_atomically
 from diffmoe_hf.formulations import get_formulation
 
+from .npz_files import DamagedNpzError, read_npz
+
+
+logger = logging.getLogger(__name__)
 
 LABEL_MODES = ("balanced", "random")
 RUN_RECORD = "run.json"
@@ -51,15 +60,21 @@ def sample_labels(num_samples: int, num_classes: int, seed: int, mode: str = "ba
         num_samples: K, the number of samples.
         num_classes: Classes of the model (labels 0..num_classes - 1).
         seed: The run's seed.
-        mode: "balanced" (each class K // num_classes times, the first K % num_classes classes once more, in a seeded
-            random order) or "random" (each label uniform and independent, as DiT's sampling script).
+        mode: "balanced" (blocks of `num_classes` consecutive indices, each a seeded permutation of the classes: every
+            class K // num_classes times, K % num_classes classes once more) or "random" (each label uniform and
+            independent, as DiT's sampling script).
+
+    Label `i` depends on `seed`, `i`, `num_classes` and `mode` only: the labels of K samples are the first K of any
+    longer run's.
     """
     if mode not in LABEL_MODES:
         raise ValueError(f"Unknown label mode {mode!r}; choose one of {LABEL_MODES}.")
-    rng = np.random.default_rng([seed, _LABEL_STREAM])
-    if mode == "random":
+    if mode == "random":  # one sequential stream: a longer run draws the same first values
+        rng = np.random.default_rng([seed, _LABEL_STREAM])
         return rng.integers(0, num_classes, size=num_samples, dtype=np.int64)
-    return rng.permutation(np.arange(num_samples, dtype=np.int64) % num_classes)
+    blocks = -(-num_samples // num_classes)
+    orders = [np.random.default_rng([seed, _LABEL_STREAM, b]).permutation(num_classes) for b in range(blocks)]
+    return np.concatenate(orders).astype(np.int64)[:num_samples]
 
 
 def _index_seed(seed: int, index: int, stream: int) -> int:
@@ -193,7 +208,7 @@ class SampleRun:
         if not is_main_process:
             return
         record_path = os.path.join(self.parts_dir, RUN_RECORD)
-        if os.path.isfile(record_path):
+        if os.path.isfile(record_path) and self.finished_samples() > 0:
             with open(record_path, encoding="utf-8") as f:
                 previous = json.load(f)
             if previous != json.loads(json.dumps(self.record)):
@@ -210,12 +225,37 @@ class SampleRun:
     def my_batches(self, process_index: int, num_processes: int) -> list[int]:
         """The unfinished batches of this process (batch b runs on process b % num_processes)."""
         mine = range(process_index, self.num_batches, num_processes)
-        return [b for b in mine if not os.path.isfile(self.batch_path(b))]
+        return [b for b in mine if not self._readable_part(b)]
+
+    def _batch_indices(self, batch: int) -> np.ndarray:
+        return np.arange(batch * self.batch_size, min((batch + 1) * self.batch_size, self.num_samples))
+
+    def _readable_part(self, batch: int) -> bool:
+        """Whether batch `batch`'s part file exists and holds that batch; a damaged one is removed (to resample)."""
+        path = self.batch_path(batch)
+        if not os.path.isfile(path):
+            return False
+        try:
+            if np.array_equal(read_npz(path, ["indices"]).get("indices"), self._batch_indices(batch)):
+                return True
+            problem = f"{path} does not hold the samples of batch {batch}."
+        except DamagedNpzError as err:
+            problem = str(err)
+        logger.warning(f"{problem} It is removed and sampled again.")
+        os.remove(path)
+        return False
 
     def run_batch(self, batch: int) -> None:
         """Samples one global batch and writes its part file."""
-        indices = np.arange(batch * self.batch_size, min((batch + 1) * self.batch_size, self.num_samples))
-        pixels = to_pixels(generate_images(self.pipe, indices, self.labels[indices], self.seed, self.call_kwargs))
+        indices = self._batch_indices(batch)
+        images = generate_images(self.pipe, indices, self.labels[indices], self.seed, self.call_kwargs)
+        if not torch.isfinite(images).all():
+            raise ValueError(
+                f"The model produced NaN or infinite pixels in samples {indices[0]}..{indices[-1]}, so they were not "
+                "kept. Its weights or this sampler setting are broken: try the folder's own scheduler and default "
+                "--guidance-scale, or re-convert it."
+            )
+        pixels = to_pixels(images)
         arrays = {"images": torch.floor(pixels).to(torch.uint8).numpy(), "indices": indices}
         if self.keep_float:
             arrays["pixels"] = pixels.numpy()
@@ -235,13 +275,21 @@ class SampleRun:
         """Main process, after every batch is written: the final `.npz` in index order; removes the parts."""
         images, pixels = [], []
         for batch in range(self.num_batches):
-            with np.load(self.batch_path(batch)) as part:
-                expected = np.arange(batch * self.batch_size, min((batch + 1) * self.batch_size, self.num_samples))
-                if not np.array_equal(part["indices"], expected):
-                    raise ValueError(f"{self.batch_path(batch)} holds other samples than batch {batch}; remove it.")
-                images.append(part["images"])
-                if self.keep_float:
-                    pixels.append(part["pixels"])
+            path = self.batch_path(batch)
+            names = ["images", "pixels"] if self.keep_float else ["images"]
+            try:
+                part = read_npz(path, names)
+                if len(part) < len(names):
+                    raise DamagedNpzError(f"{path} lacks {', '.join(sorted(set(names) - set(part)))}.")
+            except DamagedNpzError as err:
+                os.remove(path)
+                raise ValueError(
+                    f"{err} It was removed; rerun the same command to sample that batch again (the other batches "
+                    "are kept)."
+                ) from None
+            images.append(part["images"])
+            if self.keep_float:
+                pixels.append(part["pixels"])
         arrays = {"arr_0": np.concatenate(images), "arr_1": self.labels}
         if self.keep_float:
             arrays["arr_float"] = np.concatenate(pixels)
@@ -272,7 +320,22 @@ def run_sampling(run: SampleRun, state, progress: bool = True) -> None:
         run: The `SampleRun`.
         state: An `accelerate.PartialState` (process index, count, barrier).
         progress: Show a progress bar (main process) over the samples of all processes.
+
+    A run that fails or is interrupted keeps its finished batches; one that finished none leaves no parts folder.
     """
+    try:
+        _sample_batches(run, state, progress)
+    except BaseException:
+        if state.is_main_process and run.finished_samples() == 0:
+            shutil.rmtree(run.parts_dir, ignore_errors=True)  # nothing worth keeping: no state for a rerun to meet
+        raise
+    if state.is_main_process:
+        run.assemble()
+    state.wait_for_everyone()
+
+
+def _sample_batches(run: SampleRun, state, progress: bool) -> None:
+    """Every process samples its unfinished batches (see `run_sampling`)."""
     from tqdm.auto import tqdm
 
     run.prepare(state.is_main_process)
@@ -294,6 +357,3 @@ def run_sampling(run: SampleRun, state, progress: bool = True) -> None:
     if not bar.disable:
         bar.n = run.finished_samples()
     bar.close()
-    if state.is_main_process:
-        run.assemble()
-    state.wait_for_everyone()
