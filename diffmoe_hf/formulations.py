@@ -70,6 +70,24 @@ class SamplingPlan:
     def __len__(self) -> int:
         return len(self.timesteps)
 
+    @property
+    def evaluations_per_step(self) -> int:
+        """Transformer evaluations per sampling step: the scheduler's `order` (Heun: 2, its last step 1)."""
+        return getattr(self.scheduler, "order", 1)
+
+    @property
+    def num_steps(self) -> int:
+        """Sampling steps (what `num_inference_steps` asked for): the evaluations grouped by `evaluations_per_step`."""
+        return -(-len(self) // self.evaluations_per_step)
+
+    def step_of(self, evaluation: int) -> int:
+        """The 0-based sampling step that transformer evaluation `evaluation` (an index into `timesteps`) belongs to."""
+        return evaluation // self.evaluations_per_step
+
+    def completes_step(self, evaluation: int) -> bool:
+        """Whether evaluation `evaluation` is the last one of its sampling step."""
+        return (evaluation + 1) % self.evaluations_per_step == 0 or evaluation == len(self) - 1
+
 
 @dataclass
 class TimeSampling:

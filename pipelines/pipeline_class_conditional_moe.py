@@ -12,7 +12,7 @@ from diffusers.schedulers import SchedulerMixin
 from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
-from diffmoe_hf.formulations import check_scheduler, get_formulation, max_inference_steps
+from diffmoe_hf.formulations import SamplingPlan, check_scheduler, get_formulation, max_inference_steps
 
 from .call_arguments import (
     LATENT_LIMIT,
@@ -72,7 +72,7 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, TransformerLoraLoaderMixin)
     _optional_components = ["vae"]
     _callback_tensor_inputs = ["latents"]
     _guidance_scale = None
-    _num_timesteps = None
+    _sampling_plan = None
     _current_timestep = None
     _interrupt = False
 
@@ -139,8 +139,15 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, TransformerLoraLoaderMixin)
 
     @property
     def num_timesteps(self) -> int | None:
-        """The number of denoising steps of the running (or last) call."""
-        return self._num_timesteps
+        """The number of timesteps of the running (or last) call, one per transformer evaluation as in diffusers'
+        pipelines (Heun: two per sampling step but the last); `sampling_plan.num_steps` counts sampling steps."""
+        return None if self._sampling_plan is None else len(self._sampling_plan)
+
+    @property
+    def sampling_plan(self) -> SamplingPlan | None:
+        """The `SamplingPlan` of the running (or last) call: its timesteps, model times, guided steps and which
+        sampling step each transformer evaluation belongs to (what a `callback_on_step_end` step index means)."""
+        return self._sampling_plan
 
     @property
     def current_timestep(self) -> torch.Tensor | None:
@@ -410,7 +417,7 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, TransformerLoraLoaderMixin)
         # 4. Sampling plan: the scheduler that steps, its timesteps, the model time and guidance of every step
         plan = formulation.sampling_plan(self.scheduler, int(num_inference_steps), device, guidance_interval)
         scheduler = plan.scheduler
-        self._num_timesteps = len(plan)
+        self._sampling_plan = plan
         step_kwargs = self._step_kwargs(scheduler, generator)
 
         # 5. Denoising loop. The loop itself reads nothing back from the device; what does is out of its hands:
@@ -421,7 +428,7 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, TransformerLoraLoaderMixin)
             self.transformer._reset_stateful_cache()  # a call that raised earlier leaves no stale cache behind
         # the first step (0-based) after which the latents diverged, on the device: read once after the loop
         first_diverged = torch.tensor(-1, device=latents.device)
-        with self.progress_bar(total=len(plan)) as progress_bar:
+        with self.progress_bar(total=plan.num_steps) as progress_bar:  # sampling steps, not evaluations (Heun)
             for i, t in enumerate(plan.timesteps):
                 if self.interrupt:
                     continue
@@ -446,7 +453,8 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, TransformerLoraLoaderMixin)
                     callback_outputs = check_callback_output(callback_on_step_end(self, i, t, callback_kwargs))
                     latents = callback_outputs.pop("latents", latents)
                 first_diverged = diverged_step(first_diverged, i, latents)
-                progress_bar.update()
+                if plan.completes_step(i):
+                    progress_bar.update()
         self._current_timestep = None
 
         # 6. Decode (one host sync: diverged latents would decode to blank or saturated images)
@@ -454,7 +462,7 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, TransformerLoraLoaderMixin)
         if step >= 0:
             self.maybe_free_model_hooks()
             raise ValueError(
-                f"Sampling diverged at scheduler step {step + 1} of {len(plan)}: the latents became NaN, infinite or "
+                f"Sampling diverged at sampling step {plan.step_of(step) + 1} of {plan.num_steps}: the latents became NaN, infinite or "
                 f"larger than {LATENT_LIMIT:g}, which would decode to blank or saturated images. Likely causes: guidance_scale="
                 f"{self._guidance_scale:g} far too large (these models sample at about 1 to 10), a float16 overflow "
                 "(load the model in float32 or bfloat16), a callback that returned such latents, or broken weights."

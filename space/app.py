@@ -241,7 +241,7 @@ class DemoApp:
         view = collector.view
         state = {"view": view, "image": images[0]}
         layer = view.layers[0] if view.layers else None
-        last_step = view.num_steps
+        last_step = view.num_evaluations
         return (
             list(zip(images, captions)),
             seed,
@@ -265,7 +265,7 @@ class DemoApp:
         if not view.layers:
             return None, None, None, "This model has no MoE layer: every token goes through the same feed-forward."
         layer = layer if layer in view.layers else view.layers[0]
-        step = min(max(int(step or view.num_steps), 1), view.num_steps)
+        step = min(max(int(step or view.num_evaluations), 1), view.num_evaluations)
         index = view.layers.index(layer)
         picture = render_expert_map(view.expert_maps[step - 1][index], view.num_experts[index], state["image"])
         loads = view.loads[step - 1]
@@ -279,8 +279,8 @@ class DemoApp:
         else:
             routing = "the expert with the highest router score for each patch of the first image (conditional pass)."
         caption = (
-            f"**{layer_label(layer)}, {view.step_labels[step - 1]} of {view.num_steps}**: {routing} Load: share of the "
-            "(token, expert) assignments of each layer in this step, over all images and guidance passes."
+            f"**{layer_label(layer)}, {view.step_labels[step - 1]}**: {routing} Load: share of the (token, expert) "
+            "assignments of each layer in this transformer evaluation, over all images and guidance passes."
         )
         return picture, render_load(loads, view.layers, view.num_experts), table, caption
 
@@ -352,7 +352,9 @@ class DemoApp:
             gr.Markdown("## Routing")
             with gr.Row():
                 layer = gr.Dropdown(choices=[], label="MoE layer", elem_id="layer")
-                step = gr.Slider(1, DEFAULT_STEPS, value=DEFAULT_STEPS, step=1, label="Sampling step", elem_id="step")
+                step = gr.Slider(
+                    1, DEFAULT_STEPS, value=DEFAULT_STEPS, step=1, label="Transformer evaluation", elem_id="step"
+                )
             caption = gr.Markdown("Generate images to see where the experts work.", elem_id="routing_caption")
             with gr.Row():
                 routing_map = gr.Image(

@@ -68,7 +68,8 @@ class RoutingView:
         num_experts: Routed experts per layer (E).
         expert_choice: Per layer, whether its experts choose their tokens (DiffMoE by Shi et al.: a token may be
             taken by several experts or by none) instead of tokens choosing their top-k experts.
-        step_labels: One label per sampling step (a transformer evaluation round of the pipeline loop).
+        step_labels: One label per transformer evaluation round of the pipeline loop, named by its sampling step
+            (Heun evaluates twice per step but the last: `step 3 of 50, evaluation 2 of 2`).
         expert_maps: `expert_maps[step][layer]` is a (grid, grid) int array with the top expert of each patch of the
             first image (conditional pass): the highest-scoring of the experts that took it, -1 where none did; `None`
             when the layer was not called in that step.
@@ -84,7 +85,7 @@ class RoutingView:
     loads: list[np.ndarray] = field(default_factory=list)
 
     @property
-    def num_steps(self) -> int:
+    def num_evaluations(self) -> int:
         return len(self.step_labels)
 
 
@@ -149,7 +150,7 @@ class RoutingCollector:
             layer.expert_ids.clear()  # only the first image's map of each step is kept
             layer.selections.clear()
         self._step_start = len(self._call_batches)
-        self.view.step_labels.append(f"step {step + 1} (timestep {float(timestep):.4g})")
+        self.view.step_labels.append(_evaluation_label(pipeline.sampling_plan, step, timestep))
         self.view.expert_maps.append(maps)
         self.view.loads.append(np.stack(loads) if loads else np.zeros((0, 0), dtype=np.int64))
         return {}
@@ -264,3 +265,13 @@ def load_table(loads: np.ndarray, layers: list[str]) -> list[list]:
         total = max(int(counts.sum()), 1)
         rows.append([layer_label(name), *[round(100.0 * float(c) / total, 1) for c in counts]])
     return rows
+
+
+def _evaluation_label(plan, evaluation: int, timestep: torch.Tensor) -> str:
+    """`"step 3 of 50 (timestep 0.94)"`; with k evaluations per step `"step 3 of 50, evaluation 2 of 2 (...)"`."""
+    step, per_step = plan.step_of(evaluation), plan.evaluations_per_step
+    in_this_step = min(per_step, len(plan) - step * per_step)  # Heun's last step evaluates once
+    label = f"step {step + 1} of {plan.num_steps}"
+    if in_this_step > 1:
+        label += f", evaluation {evaluation - step * per_step + 1} of {in_this_step}"
+    return f"{label} (timestep {float(timestep):.4g})"

@@ -251,7 +251,7 @@ def test_non_finite_samples_are_not_written(tmp_path, capsys, latent_model):
         )
         == 2
     )
-    assert "Sampling diverged at scheduler step 1 of 1: the latents became NaN" in capsys.readouterr().err
+    assert "Sampling diverged at sampling step 1 of 1: the latents became NaN" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["broken"]  # no grid, no partial file
 
 

@@ -58,7 +58,7 @@ GENERATE_CASES = [
     ("output-no-extension", ["--output", "{tmp}/grid"], "has no extension", False),
     ("scheduler-of-another-formulation", ["--scheduler", "DDPMScheduler"], "cannot sample this model", True),
     ("guidance-nan", ["--guidance-scale", "nan"], "must be a finite number >= 0", False),
-    ("guidance-diverges", ["--guidance-scale", "1e30"], "Sampling diverged at scheduler step 2 of", True),
+    ("guidance-diverges", ["--guidance-scale", "1e30"], "Sampling diverged at sampling step 1 of", True),
 ]
 
 

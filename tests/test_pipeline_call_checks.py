@@ -93,6 +93,6 @@ def test_the_scheduler_rule_accepts_exactly_the_compatible_classes():
 
 def test_a_diverging_guidance_scale_names_the_step():
     pipe = recorded_pipeline()
-    with pytest.raises(ValueError, match=r"Sampling diverged at scheduler step 1 of 2: .* guidance_scale=1e\+30"):
+    with pytest.raises(ValueError, match=r"Sampling diverged at sampling step 1 of 2: .* guidance_scale=1e\+30"):
         call(pipe, guidance_scale=1e30)
     assert len(pipe.transformer.calls) == 2  # the loop ran on: the check costs no host sync per step

@@ -201,7 +201,7 @@ def test_non_finite_latents_from_a_callback_fail_instead_of_a_blank_image():
     def poison(pipeline, step, timestep, callback_kwargs):
         return {"latents": torch.full_like(callback_kwargs["latents"], float("nan"))}
 
-    with pytest.raises(ValueError, match="Sampling diverged at scheduler step 1 of 2: the latents became NaN"):
+    with pytest.raises(ValueError, match="Sampling diverged at sampling step 1 of 2: the latents became NaN"):
         pipe(
             **latent_call(
                 output_type="pil", callback_on_step_end=poison, callback_on_step_end_tensor_inputs=["latents"]

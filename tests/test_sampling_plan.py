@@ -153,6 +153,42 @@ def test_a_pipeline_call_plans_once_and_leaves_a_derived_scheduler_untouched(mon
     assert torch.equal(torch.stack(seen), plans[0].timesteps) and pipe.num_timesteps == len(plans[0]) == 5
 
 
+@pytest.mark.parametrize(("family", "steps", "evaluations", "updates"), [("jit", 3, 5, 3), ("dsmoe", 3, 3, 3)])
+def test_progress_and_steps_count_sampling_steps_not_evaluations(family, steps, evaluations, updates, monkeypatch):
+    """Heun (JiT) evaluates twice per step but the last: its bar and plan count the steps asked for, not the calls."""
+    pipe = family_pipeline(family)
+    bars = []
+
+    class Bar:
+        def __init__(self, total):
+            self.total, self.updates = total, 0
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self):
+            self.updates += 1
+
+    monkeypatch.setattr(pipe, "progress_bar", lambda total: Bar(total))
+    seen = []
+    pipe(
+        class_labels=[1],
+        num_inference_steps=steps,
+        output_type="latent",
+        callback_on_step_end=lambda p, i, t, kwargs: seen.append(p.sampling_plan.step_of(i)) or kwargs,
+    )
+    plan = pipe.sampling_plan
+    assert pipe.num_timesteps == len(plan) == evaluations and plan.num_steps == steps
+    assert [(bar.total, bar.updates) for bar in bars] == [(steps, updates)]
+    per_step = plan.evaluations_per_step
+    assert seen == [i // per_step for i in range(evaluations)] and seen[-1] == steps - 1
+    assert [plan.completes_step(i) for i in range(evaluations)].count(True) == steps
+
+
 @pytest.mark.parametrize("model_class", [family.model_class for family in FAMILIES.values()], ids=lambda c: c.__name__)
 def test_routing_depends_on_batch_is_the_shared_base_default_except_for_dynamic_token_selection(model_class):
     assert issubclass(model_class, DiTForwardMixin) and DiTForwardMixin.routing_depends_on_batch is False

@@ -168,7 +168,11 @@ def test_generate_returns_captioned_images_and_the_routing_view(demo_app, schedu
     view = state["view"]
     assert view.layers == ["transformer_blocks.1.ff", "transformer_blocks.3.ff"] and view.num_experts == [4, 4]
     evaluations = 5 if scheduler.startswith("FlowMatchHeun") else 3  # Heun: 2 per interval, Euler on the last
-    assert view.num_steps == evaluations and step["maximum"] == evaluations and step["value"] == evaluations
+    assert view.num_evaluations == evaluations and step["maximum"] == evaluations and step["value"] == evaluations
+    # labelled by sampling step (3 asked for), not by evaluation
+    per_step = ["evaluation 1 of 2", "evaluation 2 of 2"] if evaluations == 5 else [None]
+    expected = [f"step {s} of 3" + (f", {e}" if e else "") for s in (1, 2) for e in per_step] + ["step 3 of 3"]
+    assert [label.split(" (")[0] for label in view.step_labels] == expected
     assert layer["value"] == view.layers[0] and [v for _, v in layer["choices"]] == view.layers
     for maps, loads in zip(view.expert_maps, view.loads):
         assert all(m.shape == (4, 4) and m.min() >= 0 and m.max() < 4 for m in maps)
@@ -243,14 +247,14 @@ def test_ddpm_model_runs_every_offered_scheduler(demo_app, scheduler):
     ]
     gallery, _, state, *_ = _generate(demo_app, model="diff-moe", guidance=1.5, steps=3, scheduler=scheduler)
     image = np.asarray(gallery[0][0])
-    assert image.shape == (8, 8, 3) and state["view"].num_steps == 3
+    assert image.shape == (8, 8, 3) and state["view"].num_evaluations == 3
     assert len(state["view"].layers) == 2 and state["view"].expert_maps[2][0].shape == (4, 4)
 
 
 def test_show_routing_picks_layer_and_step(demo_app):
     _, _, state, *_ = _generate(demo_app, steps=2, scheduler="FlowMatchEulerDiscreteScheduler")
     picture, _, _, caption = demo_app.show_routing(state, "transformer_blocks.3.ff", 1)
-    assert "block 3, step 1 (timestep 1000) of 2" in caption and isinstance(picture, Image.Image)
+    assert "block 3, step 1 of 2 (timestep 1000)" in caption and isinstance(picture, Image.Image)
     assert demo_app.show_routing(state, "not a layer", 99)[3].startswith("**block 1, step 2")
     assert demo_app.show_routing(None, None, None)[0] is None
     dense = RoutingView([], [], [], ["step 1"], [[]], [np.zeros((0, 0), dtype=np.int64)])
@@ -446,7 +450,7 @@ def test_browser_picks_a_class_generates_and_shows_the_routing(served, tmp_path)
             expect(page.locator("#gallery img")).to_have_count(2, timeout=120_000)
             expect(page.locator("#routing_map img")).to_have_count(1, timeout=60_000)
             expect(page.locator("#load_plot img")).to_have_count(1, timeout=60_000)
-            expect(page.locator("#routing_caption")).to_contain_text("block 1, step 5 (timestep")
+            expect(page.locator("#routing_caption")).to_contain_text("block 1, step 3 of 3 (timestep")
             expect(page.locator("#load_table")).to_contain_text("block 3")
             expect(page.get_by_text("Error", exact=True)).to_have_count(0)
             for selector in ("#gallery img", "#routing_map img"):
