@@ -14,14 +14,17 @@ import tempfile
 import textwrap
 from dataclasses import dataclass
 
-from diffmoe_hf.cli_sampling import check_device, guidance_scale_argument, select_scheduler
+from diffmoe_hf.cli_sampling import (
+    CommandError,
+    check_device,
+    checked_model_source,
+    guidance_scale_argument,
+    load_pipeline,
+    select_scheduler,
+)
 
 
 DEFAULT_BATCH_SIZE = 64
-
-
-class CommandError(Exception):
-    """A problem with the command's arguments or files, reported as one line (exit status 2)."""
 
 
 # argument types: argparse reports their messages as "argument --NAME: MESSAGE" (exit status 2)
@@ -241,7 +244,7 @@ def _run_evaluate_digits(args) -> None:
 
     if args.output:
         check_output_file(args.output, args.overwrite, ".json", require_extension=False)
-    pipe = _load_pipeline(args.model)
+    pipe = load_pipeline(args.model)
     check_digits_pipeline(pipe)
     pipe.set_progress_bar_config(disable=True)
     call_kwargs = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale}
@@ -296,33 +299,6 @@ def _default_model() -> str:
     if not models:
         raise FileNotFoundError("No model is shipped in this installation; pass --model <folder or Hub repo id>.")
     return next(iter(models.values()))
-
-
-def _checked_model_source(source: str) -> str:
-    """`source` if it can be a model: a folder with `model_index.json`, or a Hub repo id (org/name)."""
-    if os.path.isdir(source):
-        if not os.path.isfile(os.path.join(source, "model_index.json")):
-            raise CommandError(
-                f"{source} is not a converted model folder (it has no model_index.json); write one with "
-                "`diffmoe convert`, or pass a Hub repo id."
-            )
-    elif os.path.exists(source) or source.count("/") != 1:
-        raise CommandError(f"--model {source} is neither a converted model folder nor a Hub repo id (org/name).")
-    return source
-
-
-def _load_pipeline(source: str, **components):
-    """`ClassConditionalMoEPipeline.from_pretrained(source)`; a failed Hub load also says that no such folder exists."""
-    from diffmoe_hf import ClassConditionalMoEPipeline
-
-    try:
-        return ClassConditionalMoEPipeline.from_pretrained(_checked_model_source(source), **components)
-    except (OSError, ValueError) as err:
-        if os.path.isdir(source):
-            raise
-        raise CommandError(
-            f"--model {source}: there is no such folder, and as a Hub repo id it failed: {err}"
-        ) from None
 
 
 def _image_format(path: str) -> str:
@@ -522,7 +498,7 @@ def _run_generate(args) -> None:
 
 def _generate(args) -> None:
     image_format = _check_output(args.output, args.overwrite)
-    model = _checked_model_source(args.model or _default_model())
+    model = checked_model_source(args.model or _default_model())
 
     import numpy as np
     import torch
@@ -533,7 +509,7 @@ def _generate(args) -> None:
         from diffmoe_hf.conversion.vae_source import load_vae
 
         components["vae"] = load_vae(args.vae)
-    pipe = _load_pipeline(model, **components).to(device)
+    pipe = load_pipeline(model, **components).to(device)
     in_channels = pipe.transformer.config.in_channels
     if pipe.vae is None and in_channels not in (1, 3):
         raise CommandError(

@@ -17,6 +17,7 @@ from diffmoe_hf.cli_sampling import (
     check_sampling_call,
     guidance_channels_argument,
     guidance_scale_argument,
+    load_pipeline,
     select_scheduler,
 )
 from diffmoe_hf.dtypes import DTYPES
@@ -201,18 +202,17 @@ def _prepared_run(args, state):
     """The pipeline of `args.model` on this process's device, as a `SampleRun` of the command's settings."""
     import torch
 
-    from diffmoe_hf import ClassConditionalMoEPipeline
     from diffmoe_hf.evaluation.sampling import SampleRun
 
     dtype = DTYPES[args.dtype]
     components = {}
     if args.vae:
-        from diffusers import AutoencoderKL
+        from diffmoe_hf.conversion.vae_source import load_vae
 
-        components["vae"] = AutoencoderKL.from_pretrained(args.vae, torch_dtype=dtype)
+        components["vae"] = load_vae(args.vae).to(dtype)
     if dtype != torch.float32:
         components["torch_dtype"] = dtype
-    pipe = ClassConditionalMoEPipeline.from_pretrained(args.model, **components).to(state.device)
+    pipe = load_pipeline(args.model, **components).to(state.device)
     pipe.set_progress_bar_config(disable=True)
     call_kwargs, scheduler_name = _sampling_defaults(args.model, args)
     select_scheduler(pipe, scheduler_name)

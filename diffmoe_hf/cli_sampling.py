@@ -7,6 +7,38 @@ before the model is loaded or sampled.
 import argparse
 import inspect
 import math
+import os
+
+
+class CommandError(Exception):
+    """A problem with the command's arguments or files, reported as one line (exit status 2)."""
+
+
+def checked_model_source(source: str) -> str:
+    """`source` if it can be a model: a folder with `model_index.json`, or a Hub repo id (org/name)."""
+    if os.path.isdir(source):
+        if not os.path.isfile(os.path.join(source, "model_index.json")):
+            raise CommandError(
+                f"{source} is not a converted model folder (it has no model_index.json); write one with "
+                "`diffmoe convert`, or pass a Hub repo id."
+            )
+    elif os.path.exists(source) or source.count("/") != 1:
+        raise CommandError(f"--model {source} is neither a converted model folder nor a Hub repo id (org/name).")
+    return source
+
+
+def load_pipeline(source: str, **components):
+    """`ClassConditionalMoEPipeline.from_pretrained(source)`; a failed Hub load also says that no such folder exists."""
+    from diffmoe_hf import ClassConditionalMoEPipeline
+
+    try:
+        return ClassConditionalMoEPipeline.from_pretrained(checked_model_source(source), **components)
+    except (OSError, ValueError) as err:
+        if os.path.isdir(source):
+            raise
+        raise CommandError(
+            f"--model {source}: there is no such folder, and as a Hub repo id it failed: {err}"
+        ) from None
 
 
 def guidance_scale_argument(text: str) -> float:

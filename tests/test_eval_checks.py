@@ -64,6 +64,16 @@ SAMPLE_CASES = [
     ("zero-batch", ["--output", "{tmp}/s.npz", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     ("zero-steps", ["--output", "{tmp}/s.npz", "--steps", "0"], "--steps must be at least 1, got 0"),
     ("negative-seed", ["--output", "{tmp}/s.npz", "--seed", "-1"], "--seed must be between 0"),
+    (
+        "model-not-a-model-folder",
+        ["--output", "{tmp}/s.npz", "--model", "{folder}"],
+        "is not a converted model folder",
+    ),
+    (
+        "vae-missing",
+        ["--output", "{tmp}/s.npz", "--vae", "{tmp}/no-vae"],
+        "--vae {tmp}/no-vae: there is no such folder",
+    ),
 ]
 
 
@@ -79,7 +89,7 @@ def test_sample_refuses_before_loading_the_model(case, arguments, fragment, tmp_
     argv = ["sample", "--model", DIGITS, "--no-progress", *_fill(arguments, paths, tmp_path)]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert fragment in err and err.count("\n") == 1 and "Traceback" not in err
+    assert fragment.format(tmp=tmp_path) in err and err.count("\n") == 1 and "Traceback" not in err
     assert _files(tmp_path) == before  # nothing left behind
 
 
@@ -181,7 +191,7 @@ def test_a_resolution_mismatch_can_be_allowed_and_then_warns(caplog):
 def test_evaluate_digits_keeps_an_existing_output(tmp_path, capsys, monkeypatch):
     output = tmp_path / "metrics.json"
     output.write_text("{}")
-    monkeypatch.setattr(cli, "_load_pipeline", _must_not_run)
+    monkeypatch.setattr(cli, "load_pipeline", _must_not_run)
     assert main(["evaluate-digits", "--model", DIGITS, "--output", str(output)]) == 2
     assert "pass --overwrite" in capsys.readouterr().err and output.read_text() == "{}"
     assert main(["evaluate-digits", "--model", DIGITS, "--output", str(tmp_path)]) == 2
