@@ -8,6 +8,8 @@ import tempfile
 
 import torch
 
+from diffmoe_hf.atomic_files import apply_umask
+
 
 HUB_LAYOUTS = ("package", "remote_code")
 # the shard sizes `save_pretrained` (huggingface_hub's parse_size_to_int) reads: a number and a decimal unit
@@ -151,25 +153,6 @@ def recover_interrupted_save(output_dir: str) -> list[str]:
     return actions
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _apply_umask(folder: str) -> None:
-    """
-    Gives `folder` and everything in it the permissions of any folder or file the user creates (0o777 / 0o666 minus
-    the umask): `tempfile.mkdtemp` makes 0o700 folders and the safetensors writer 0o600 files, which would lock other
-    users out of a shared model folder.
-    """
-    umask = _current_umask()
-    for root, _, files in os.walk(folder):
-        os.chmod(root, 0o777 & ~umask)
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~umask)
-
-
 def save_folder_atomically(
     pipeline, output_dir: str, overwrite: bool, max_shard_size: str, extra_files: dict, hub_layout: str = "package"
 ) -> None:
@@ -189,7 +172,7 @@ def save_folder_atomically(
             with open(os.path.join(staging, relative_path), "w", encoding="utf-8") as f:
                 f.write(text)
         apply_hub_layout(staging, hub_layout)
-        _apply_umask(staging)
+        apply_umask(staging)
         if os.path.isdir(output_dir):
             previous = _sibling(output_dir, "previous")
             os.rmdir(previous)

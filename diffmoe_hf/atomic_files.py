@@ -2,11 +2,13 @@
 
 A killed or failing writer therefore never leaves half a file under the final name. The sibling is created with
 `open` (or the writer's own call), so the file gets the permissions the umask gives, like any file the user creates.
-Folder-level saves with their own staging (converted folders, training checkpoints) use `fsync_path` from here.
+Folder-level saves with their own staging (converted folders, training checkpoints) use `fsync_path` and
+`apply_umask` from here.
 """
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 
 
@@ -42,3 +44,25 @@ def fsync_path(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def apply_umask(folder: str, skip: tuple[str, ...] = ()) -> None:
+    """
+    Gives `folder` and everything in it, except the top-level entries whose names fully match a regular expression of
+    `skip`, the permissions of a folder (0o777) or file (0o666) the user creates, minus the umask: `tempfile.mkdtemp`
+    makes 0o700 folders and the safetensors writer 0o600 files, which would lock other users out of a shared folder.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for entry in os.listdir(folder):
+        if any(re.fullmatch(pattern, entry) for pattern in skip):
+            continue
+        path = os.path.join(folder, entry)
+        if not os.path.isdir(path):
+            os.chmod(path, 0o666 & ~umask)
+            continue
+        for root, _, names in os.walk(path):
+            os.chmod(root, 0o777 & ~umask)
+            for name in names:
+                os.chmod(os.path.join(root, name), 0o666 & ~umask)

@@ -17,7 +17,7 @@ import shutil
 
 from accelerate.logging import get_logger
 
-from diffmoe_hf.atomic_files import fsync_path
+from diffmoe_hf.atomic_files import apply_umask, fsync_path
 
 
 COMPLETE_MARKER = "checkpoint_complete.json"
@@ -25,25 +25,6 @@ CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 LEFTOVER_NAME = re.compile(r"checkpoint-\d+\.(tmp|deleting)")
 
 logger = get_logger(__name__)
-
-
-def follow_umask(folder: str, skip: tuple[str, ...] = ()) -> None:
-    """Gives the files and folders under `folder` (but not the top-level entries whose names match a regular expression
-    of `skip`) the permissions the umask gives new files (0o666 & ~umask) and folders (0o777 & ~umask): the
-    safetensors writer makes its files 0o600, readable by their owner only."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for entry in os.listdir(folder):
-        if any(re.fullmatch(pattern, entry) for pattern in skip):
-            continue
-        path = os.path.join(folder, entry)
-        if not os.path.isdir(path):
-            os.chmod(path, 0o666 & ~umask)
-            continue
-        for root, dirs, names in os.walk(path):
-            os.chmod(root, 0o777 & ~umask)
-            for name in names:
-                os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def checkpoint_steps(output_dir: str) -> list[int]:
@@ -158,7 +139,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
     accelerator.save_state(partial)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        follow_umask(partial)
+        apply_umask(partial)
         files = {}
         for root, _, names in os.walk(partial):
             for name in names:

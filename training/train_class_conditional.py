@@ -40,6 +40,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from tqdm.auto import tqdm
 
 from diffmoe_hf import diffusers_floors
+from diffmoe_hf.atomic_files import apply_umask
 from diffmoe_hf.cli import CommandError
 from diffmoe_hf.dtypes import DTYPES
 from diffmoe_hf.families import FAMILIES, family_names, get_family, resolve_family
@@ -49,7 +50,6 @@ from diffmoe_hf.routing import record_routing
 from diffmoe_hf.training.checkpoints import (
     LEFTOVER_NAME,
     checkpoint_steps,
-    follow_umask,
     read_marker,
     remove_incomplete_checkpoints,
     resolve_checkpoint,
@@ -967,7 +967,7 @@ def save_final(
             ema.copy_to(model.parameters())
         pipeline = ClassConditionalMoEPipeline(transformer=model, scheduler=scheduler, vae=vae, id2label=id2label)
         pipeline.save_pretrained(args.output_dir)
-    follow_umask(args.output_dir, skip=(r"checkpoint-.*", re.escape(args.logging_dir), "validation"))
+    apply_umask(args.output_dir, skip=(r"checkpoint-.*", re.escape(args.logging_dir), "validation"))
 
     images = None
     if args.validation_epochs and not (sharded_params and args.use_lora):
