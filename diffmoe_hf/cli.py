@@ -10,13 +10,13 @@ import difflib
 import logging
 import os
 import sys
-import tempfile
 import textwrap
 from dataclasses import dataclass
 
 from diffmoe_hf.cli_sampling import (
     CommandError,
     check_device,
+    check_writable_folder,
     checked_model_source,
     guidance_scale_argument,
     load_pipeline,
@@ -330,23 +330,7 @@ def _check_output(path: str, overwrite: bool) -> str:
         )
     if os.path.lexists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists; pass --overwrite to replace it.")
-    folder = os.path.dirname(os.path.abspath(path))
-    existing = folder  # the folder is created when missing: its closest existing ancestor must take new entries
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise CommandError(
-            f"Cannot create the folder {folder} for --output: {existing} is a file. Choose another --output."
-        )
-    try:
-        handle, probe = tempfile.mkstemp(prefix=".diffmoe-write-check-", dir=existing)
-        os.close(handle)
-        os.remove(probe)
-    except OSError as err:
-        raise CommandError(
-            f"Cannot write --output {path}: the folder {existing} does not accept new files ({err.strerror}). "
-            "Choose another --output."
-        ) from None
+    check_writable_folder(os.path.dirname(os.path.abspath(path)), f"--output {path}")
     return _image_format(path)
 
 

@@ -10,11 +10,11 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 from diffmoe_hf.atomic_files import write_text_atomically
 from diffmoe_hf.cli_sampling import (
     check_sampling_call,
+    check_writable_folder,
     guidance_channels_argument,
     guidance_scale_argument,
     load_pipeline,
@@ -39,33 +39,14 @@ def check_output_file(path: str, overwrite: bool, extension: str, require_extens
         raise ValueError(f"--output {path!r}: name the {extension} file to write, e.g. --output results{extension}.")
     if os.path.lexists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists; pass --overwrite to replace it.")
-    _check_writable_folder(os.path.dirname(os.path.abspath(path)), f"--output {path}")
+    check_writable_folder(os.path.dirname(os.path.abspath(path)), f"--output {path}")
 
 
 def check_output_folder(path: str, option: str) -> None:
     """Refuses a folder option (`--png-dir`) that names a file or cannot be created, before anything is sampled."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{option} {path} is a file; name a folder to write the images into.")
-    _check_writable_folder(os.path.abspath(path), f"{option} {path}")
-
-
-def _check_writable_folder(folder: str, what: str) -> None:
-    """Refuses `what` when `folder`, or the closest existing folder above it (missing ones are created), does not
-    accept new files: probed by creating one, as the permission bits do not tell (root, read-only mounts)."""
-    existing = folder
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError(f"Cannot create the folder {folder} for {what}: {existing} is a file. Choose another path.")
-    try:
-        handle, probe = tempfile.mkstemp(prefix=".diffmoe-write-check-", dir=existing)
-        os.close(handle)
-        os.remove(probe)
-    except OSError as err:
-        raise ValueError(
-            f"Cannot write {what}: the folder {existing} does not accept new files ({err.strerror}). "
-            "Choose another path."
-        ) from None
+    check_writable_folder(os.path.abspath(path), f"{option} {path}")
 
 
 def _check_counts(args, names: tuple[str, ...]) -> None:

@@ -8,6 +8,7 @@ import argparse
 import inspect
 import math
 import os
+import tempfile
 
 
 class CommandError(Exception):
@@ -38,6 +39,25 @@ def load_pipeline(source: str, **components):
             raise
         raise CommandError(
             f"--model {source}: there is no such folder, and as a Hub repo id it failed: {err}"
+        ) from None
+
+
+def check_writable_folder(folder: str, what: str) -> None:
+    """Refuses `what` when `folder`, or the closest existing folder above it (missing ones are created), does not
+    accept new files: probed by creating one, as the permission bits do not tell (root, read-only mounts)."""
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise CommandError(f"Cannot create the folder {folder} for {what}: {existing} is a file. Choose another path.")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".diffmoe-write-check-", dir=existing)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as err:
+        raise CommandError(
+            f"Cannot write {what}: the folder {existing} does not accept new files ({err.strerror}). "
+            "Choose another path."
         ) from None
 
 
