@@ -1,6 +1,7 @@
-"""The sampling arguments that `diffmoe generate` and `diffmoe sample` share, checked one way for both: argument types
-for argparse, the device, the scheduler (the formulations' one rule) and the pipeline call the command will make.
-Each check raises `ValueError` (or argparse's `ArgumentTypeError`), which the CLI reports as one line, exit status 2,
+"""What the command-line front-ends share: the sampling arguments that `diffmoe generate` and `diffmoe sample` check
+one way for both (argument types for argparse, the device, the scheduler by the formulations' one rule, the pipeline
+call the command will make), loading a model folder or Hub id, the output folder probe, and `CommandError`. Each check
+raises `CommandError`, `ValueError` or argparse's `ArgumentTypeError`, which the CLI reports as one line, exit status 2,
 before the model is loaded or sampled.
 """
 
