@@ -9,7 +9,7 @@ from diffmoe_hf.models.transformer_dsmoe import _RELEASED_COMMON, DSMOE_PRESETS,
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
 from .config_sources import read_config_file, require_config_or_preset
-from .family_converter import FamilyConverter, write_original_files
+from .family_converter import FamilyConverter, deepseek_moe_config, write_original_files
 from .state_dict_utils import (
     DIT_SKELETON_RENAME_RULES,
     build_converted_model,
@@ -216,19 +216,7 @@ def _moe_layer_flags(num_layers: int, moe_layers: list[int]) -> dict:
 def write_original_dsmoe(model: DSMoETransformer2DModel, folder: str) -> dict:
     """`model` as the original DSMoE code saves it, with its training yaml (see `FamilyConverter.write_original`)."""
     config = model.config
-    shared = config["shared_expert_intermediate_size"]
-    if shared not in (0, config["moe_intermediate_size"]):
-        raise ValueError("The original DSMoE's shared expert is as wide as a routed one (or absent).")
-    moe = dict(
-        num_experts=config["num_experts"],
-        num_experts_per_tok=config["num_experts_per_tok"],
-        moe_intermediate_size=config["moe_intermediate_size"],
-        n_group=config["n_group"],
-        topk_group=config["topk_group"],
-        routed_scaling_factor=float(config["routed_scaling_factor"]),
-        use_shared_expert=shared > 0,
-        **_moe_layer_flags(config["num_layers"], config["moe_layers"]),
-    )
+    moe = dict(deepseek_moe_config(config, "DSMoE"), **_moe_layer_flags(config["num_layers"], config["moe_layers"]))
     rope = {value: key for key, value in _ROPE.items()}[config["positional_embedding"]]
     norm = {value: key for key, value in _NORM.items()}[config["norm_type"]]
     params = dict(efficient_moe_dit_params(config), rope_type=rope, norm_type=norm, MoE_config=moe)

@@ -18,7 +18,7 @@ from diffmoe_hf.models.transformer_jit import (
 
 from .checkpoint_io import CheckpointError, LoadedCheckpoint
 from .config_sources import read_config_file, require_config_or_preset
-from .family_converter import FamilyConverter, write_original_files
+from .family_converter import FamilyConverter, deepseek_moe_config, write_original_files
 from .state_dict_utils import (
     DIT_SKELETON_RENAME_RULES,
     QKV_SPLIT,
@@ -250,20 +250,7 @@ def write_original_jit(model: JiTTransformer2DModel, folder: str) -> dict:
         in_context_start=config["in_context_start"],
     )
     if list(config["moe_layers"]) == list(range(1, depth, 2)):
-        shared = config["shared_expert_intermediate_size"]
-        if shared not in (0, config["moe_intermediate_size"]):
-            raise ValueError("The original JiTMoE's shared expert is as wide as a routed one (or absent).")
-        net_kwargs["moe_config"] = dict(
-            hidden_size=dim,
-            interleave=True,
-            num_experts=config["num_experts"],
-            num_experts_per_tok=config["num_experts_per_tok"],
-            moe_intermediate_size=config["moe_intermediate_size"],
-            n_group=config["n_group"],
-            topk_group=config["topk_group"],
-            routed_scaling_factor=float(config["routed_scaling_factor"]),
-            use_shared_expert=shared > 0,
-        )
+        net_kwargs["moe_config"] = dict(hidden_size=dim, interleave=True, **deepseek_moe_config(config, "JiTMoE"))
     elif config["moe_layers"]:
         raise ValueError("The original JiT has MoE in the odd blocks or in none.")
     args = dict(label_drop_prob=config["class_dropout_prob"], noise_scale=config["noise_scale"], t_eps=config["t_eps"])

@@ -43,3 +43,25 @@ def write_original_files(folder: str, state_dict: dict, config: dict | None = No
         with open(paths["config_path"], "w", encoding="utf-8") as f:
             yaml.safe_dump(config, f)
     return paths
+
+
+def deepseek_moe_config(config, model_name: str) -> dict:
+    """
+    The `MoE_config` / `moe_config` fields the EfficientMoE code (DSMoE and JiTMoE) builds its DeepSeek-style experts
+    from, for a diffmoe_hf `config`: expert count and width, top-k, groups, scaling and whether a shared expert exists.
+
+    Raises:
+        ValueError: for a shared expert of another width than a routed one, which `model_name` cannot express.
+    """
+    shared = config["shared_expert_intermediate_size"]
+    if shared not in (0, config["moe_intermediate_size"]):
+        raise ValueError(f"The original {model_name}'s shared expert is as wide as a routed one (or absent).")
+    return dict(
+        num_experts=config["num_experts"],
+        num_experts_per_tok=config["num_experts_per_tok"],
+        moe_intermediate_size=config["moe_intermediate_size"],
+        n_group=config["n_group"],
+        topk_group=config["topk_group"],
+        routed_scaling_factor=float(config["routed_scaling_factor"]),
+        use_shared_expert=shared > 0,
+    )
