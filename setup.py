@@ -75,7 +75,10 @@ extras = {
 # torchao (quantization_config) is in no extra: diffusers imports it whenever it is installed, and on a machine where
 # its compiled kernels do not load (CPU-only torch) every command then starts seconds slower with five warning lines.
 # Install it where you quantize; CI installs it for the quantization tests (.ci/run).
-extras["dev"] = sorted({dep for deps in extras.values() for dep in deps} | {"pytest>=8", "playwright", "ruff==0.17.6"})
+extras["dev"] = sorted(
+    {dep for deps in extras.values() for dep in deps}
+    | {"pytest>=8", "pytest-xdist>=3.5", "playwright", "ruff==0.17.6"}
+)
 
 setup(
     name="diffmoe-hf",

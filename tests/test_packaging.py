@@ -14,7 +14,7 @@ import sys
 WITHOUT_EXTRAS = """
 import importlib.util, sys
 
-HIDDEN = {"transformers", "peft", "datasets", "gradio", "sklearn", "scipy", "playwright", "pytest"}
+HIDDEN = {"transformers", "peft", "datasets", "gradio", "sklearn", "scipy", "playwright", "pytest", "xdist"}
 find_spec = importlib.util.find_spec
 
 

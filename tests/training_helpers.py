@@ -2,6 +2,7 @@
 comes from the registry (`diffmoe_hf.families`): a family's tiny model is its registered tiny configuration."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -84,6 +85,13 @@ def train(pretrained: str, data: str, output_dir: str, *extra: str, family: str 
         AcceleratorState._reset_state(True)
 
 
+def free_port() -> int:
+    """A TCP port that is free now (for a launcher's rendezvous, so that concurrent test workers never share one)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def run_two_processes(args: list[str], accelerate_config: str | None = None) -> str:
     """
     Runs the script in 2 CPU processes on gloo: tests/ddp_training_worker.py under torchrun (DDP; it also writes each
@@ -113,6 +121,8 @@ def run_two_processes(args: list[str], accelerate_config: str | None = None) -> 
             accelerate_config,
             "--num_processes",
             "2",
+            "--main_process_port",
+            str(free_port()),
             "--mixed_precision",
             "no",
             os.path.join(here, "sharded_cpu_training_worker.py"),
