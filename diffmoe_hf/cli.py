@@ -51,6 +51,15 @@ def _seed(text: str) -> int:
     return _whole_number(text, 0, 2**63 - 1)  # what torch.Generator.manual_seed takes on every device
 
 
+def _digits_num_samples(text: str) -> int:
+    from diffmoe_hf.evaluation.digits import check_num_samples
+
+    try:
+        return check_num_samples(_positive_int(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).replace("num_samples must be", "must be", 1)) from None
+
+
 def _taking(option: str) -> str:
     """The families whose converter takes `option` (`family_options`), e.g. `"spatial-temporal-moe / dit-moe"`."""
     from diffmoe_hf.conversion import family_options
@@ -194,7 +203,12 @@ def _add_evaluate_digits_parser(subparsers) -> None:
         "(metrics in diffmoe_hf.evaluation.digits). Needs the [eval] extra.",
     )
     parser.add_argument("--model", required=True, help="model folder or Hub repo id of a 10-class 1-channel model")
-    parser.add_argument("--num-samples", type=_positive_int, default=1000, help="samples in total (default 1000)")
+    parser.add_argument(
+        "--num-samples",
+        type=_digits_num_samples,
+        default=1000,
+        help="samples in total, a multiple of 10, at least 360 (default 1000)",
+    )
     parser.add_argument(
         "--steps", type=_positive_int, default=None, help="denoising steps (default: the pipeline default)"
     )

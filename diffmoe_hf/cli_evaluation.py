@@ -13,6 +13,7 @@ import sys
 
 from diffmoe_hf.atomic_files import write_text_atomically
 from diffmoe_hf.cli_sampling import (
+    check_device,
     check_sampling_call,
     check_writable_folder,
     guidance_channels_argument,
@@ -114,6 +115,11 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
         help="guide only the first N latent channels (3 reproduces the DiT DDPM samplers)",
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model dtype (default fp32)")
+    parser.add_argument(
+        "--device",
+        help="torch device of a single process (default: the process's accelerator, else cpu); with several "
+        "processes each takes its own, so only cpu may be named",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -140,15 +146,30 @@ def first_given(*values):
     return next((value for value in values if value is not None), None)
 
 
-def distributed_state():
-    """`accelerate.PartialState` of this process. CPU processes (`ACCELERATE_USE_CPU=true accelerate launch
-    --num_processes N`, `torchrun`, or no GPU) join a gloo group, which `PartialState()` alone would not do (each would
-    run as a single process). `accelerate launch --cpu --num_processes N` starts one process, not N."""
+def distributed_state(device: str | None = None):
+    """
+    `accelerate.PartialState` of this process, and the `torch.device` it computes on. CPU processes
+    (`ACCELERATE_USE_CPU=true accelerate launch --num_processes N`, `torchrun`, `--device cpu`, or no GPU) join a gloo
+    group, which `PartialState()` alone would not do (each would run as a single process). `accelerate launch --cpu
+    --num_processes N` starts one process, not N.
+
+    Args:
+        device: the `--device` option (checked with `check_device`), or None for the process's own device. Several
+            processes each take their own accelerator, so then only `cpu` may be named.
+    """
     import torch
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+    chosen = None if device is None else check_device(device)
+    on_cpu = chosen is not None and chosen.type == "cpu"
+    state = PartialState(cpu=on_cpu or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+    if chosen is not None and not on_cpu and state.num_processes > 1:
+        raise ValueError(
+            f"--device {device}: each of the {state.num_processes} processes takes its own device (process i the "
+            "i-th accelerator); omit --device, or pass --device cpu to run every process on the CPU."
+        )
+    return state, chosen or state.device
 
 
 def run_sample(args) -> None:
@@ -161,8 +182,8 @@ def run_sample(args) -> None:
         check_output_folder(args.png_dir, "--png-dir")
     run = None
     try:
-        state = distributed_state()
-        run = _prepared_run(args, state)
+        state, device = distributed_state(args.device)
+        run = _prepared_run(args, device)
         _sample(run, state, args)
     except KeyboardInterrupt:
         raise interrupted("sample", _kept_batches(run)) from None
@@ -179,8 +200,8 @@ def _kept_batches(run) -> str:
     )
 
 
-def _prepared_run(args, state):
-    """The pipeline of `args.model` on this process's device, as a `SampleRun` of the command's settings."""
+def _prepared_run(args, device):
+    """The pipeline of `args.model` on this process's `device`, as a `SampleRun` of the command's settings."""
     import torch
 
     from diffmoe_hf.evaluation.sampling import SampleRun
@@ -193,7 +214,7 @@ def _prepared_run(args, state):
         components["vae"] = load_vae(args.vae).to(dtype)
     if dtype != torch.float32:
         components["torch_dtype"] = dtype
-    pipe = load_pipeline(args.model, **components).to(state.device)
+    pipe = load_pipeline(args.model, **components).to(device)
     pipe.set_progress_bar_config(disable=True)
     call_kwargs, scheduler_name = _sampling_defaults(args.model, args)
     select_scheduler(pipe, scheduler_name)
@@ -265,6 +286,11 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         help="score a reference of another resolution than the samples (a warning; not comparable with papers)",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="images per Inception batch (default 64)")
+    parser.add_argument(
+        "--device",
+        help="torch device of a single process (default: the process's accelerator, else cpu); with several "
+        "processes each takes its own, so only cpu may be named",
+    )
     parser.add_argument("--output", help="write the JSON record to this file (default: print it)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -295,12 +321,13 @@ def _evaluate(args) -> None:
 
     check_batch_path(args.samples, "samples")
     check_batch_path(args.reference, "--reference")
-    state = distributed_state()
+    state, device = distributed_state(args.device)
     protocol = PROTOCOLS[args.protocol]
-    network = InceptionFeatures(resolve_weights(args.inception_weights), state.device, args.allow_nonstandard_weights)
+    # the local files first: a damaged batch is named before any download of the Inception weights
     samples = load_batch(args.samples, protocol.float_pixels, samples=True)
     reference = load_batch(args.reference, protocol.float_pixels)
     check_resolutions(samples, reference, args.allow_resolution_mismatch)
+    network = InceptionFeatures(resolve_weights(args.inception_weights), device, args.allow_nonstandard_weights)
     distances = args.precision_recall_distances
     results = evaluate_batches(
         samples, reference, network, protocol, args.batch_size, state, not args.no_progress, distances

@@ -69,6 +69,8 @@ SAMPLE_CASES = [
         ["--output", "{tmp}/s.npz", "--model", "{folder}"],
         "is not a converted model folder",
     ),
+    ("device-typo", ["--output", "{tmp}/s.npz", "--device", "cpux"], "--device 'cpux' is not a torch device"),
+    ("device-absent", ["--output", "{tmp}/s.npz", "--device", "meta:7"], "no meta device"),
     (
         "vae-missing",
         ["--output", "{tmp}/s.npz", "--vae", "{tmp}/no-vae"],
@@ -134,6 +136,7 @@ EVALUATE_CASES = [
     ("output-exists", "{samples}", ["--output", "{existing}"], "pass --overwrite"),
     ("output-under-a-file", "{samples}", ["--output", "{notes}/r.json"], "notes.txt is a file"),
     ("zero-batch", "{samples}", ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ("device-typo", "{samples}", ["--device", "gpu"], "--device 'gpu' is not a torch device"),
 ]
 
 
@@ -196,3 +199,20 @@ def test_evaluate_digits_keeps_an_existing_output(tmp_path, capsys, monkeypatch)
     assert "pass --overwrite" in capsys.readouterr().err and output.read_text() == "{}"
     assert main(["evaluate-digits", "--model", DIGITS, "--output", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("num_samples", ["1", "365", "0", "many"])
+def test_evaluate_digits_refuses_a_sample_count_before_loading(num_samples, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load_pipeline", _must_not_run)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate-digits", "--model", DIGITS, "--num-samples", num_samples])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--num-samples: " in err and num_samples in err and "Traceback" not in err
+
+
+def test_evaluate_names_a_damaged_batch_before_looking_for_the_inception_weights(tmp_path, capsys, monkeypatch):
+    paths = _layout(tmp_path)
+    monkeypatch.setattr(inception, "resolve_weights", _must_not_run)  # no cache lookup, no download attempt
+    assert main(["evaluate", paths["samples"], "--reference", paths["text"], "--no-progress"]) == 2
+    assert "text.npz is not a readable .npz file" in capsys.readouterr().err

@@ -28,6 +28,7 @@ from .metrics import FeatureStatistics, frechet_distance
 
 DIGIT_MAX = 16.0
 NUM_CLASSES = 10
+MIN_SAMPLES = 36 * NUM_CLASSES  # the fewest samples the per-class metrics are computed on
 
 
 def _require_sklearn():
@@ -200,6 +201,18 @@ class DigitsReference:
         )
 
 
+def check_num_samples(num_samples: int) -> int:
+    """Returns `num_samples` if the metrics can use it (every class equally often, enough samples for the per-class
+    statistics: a multiple of 10, at least `MIN_SAMPLES`), else raises a `ValueError` saying what to pass."""
+    if num_samples % NUM_CLASSES or num_samples < MIN_SAMPLES:
+        raise ValueError(
+            f"num_samples must be a multiple of {NUM_CLASSES} (every digit equally often) and at least {MIN_SAMPLES}, "
+            f"got {num_samples}; e.g. {max(MIN_SAMPLES, -(-num_samples // NUM_CLASSES) * NUM_CLASSES)} (the model "
+            "cards use 1000)."
+        )
+    return num_samples
+
+
 def check_digits_pipeline(pipe) -> None:
     """Refuses, before any sampling, a pipeline that cannot make digits: it needs 10 classes and 1-channel images."""
     config = pipe.transformer.config
@@ -231,8 +244,7 @@ def evaluate_pipeline(
         batch_size: images per pipeline call.
         call_kwargs: forwarded to the pipeline (`num_inference_steps`, `guidance_scale`, ...).
     """
-    if num_samples % NUM_CLASSES or num_samples < 36 * NUM_CLASSES:
-        raise ValueError(f"num_samples must be a multiple of 10 and at least 360, got {num_samples}.")
+    check_num_samples(num_samples)
     check_digits_pipeline(pipe)
     labels = np.arange(num_samples) % NUM_CLASSES
     generator = torch.Generator(pipe.device).manual_seed(seed)
