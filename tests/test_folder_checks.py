@@ -10,6 +10,7 @@ import pytest
 from diffmoe_hf import ClassConditionalMoEPipeline, DSMoETransformer2DModel
 from diffmoe_hf.cli import main
 from diffmoe_hf.conversion import convert_checkpoint
+from diffmoe_hf.models import modeling_common
 from diffmoe_hf.models.folder_checks import key_patterns
 
 from .helpers import dsmoe_case
@@ -118,6 +119,18 @@ def test_a_file_given_for_the_folder_is_named(converted):
     weights = os.path.join(converted, "transformer", "diffusion_pytorch_model.safetensors")
     with pytest.raises(ValueError, match=f"{weights} is a file; from_pretrained takes the model folder"):
         DSMoETransformer2DModel.from_pretrained(weights)
+
+
+def test_tensors_the_weights_do_not_fill_are_refused_after_loading_from_any_source(tmp_path, converted, monkeypatch):
+    """A source the folder check cannot read first (a Hub repo id resolves inside diffusers) is checked after loading:
+    an edited config's extra block, which diffusers leaves on the meta device with a warning, is refused."""
+    folder = str(tmp_path / "deeper")
+    shutil.copytree(converted, folder)
+    _edit_config(folder, num_layers=5)
+    monkeypatch.setattr(modeling_common, "check_folder_matches_config", lambda *args: None)  # as for a Hub id
+    with pytest.raises(ValueError, match=r"no values for \d+ tensors") as error:
+        DSMoETransformer2DModel.from_pretrained(folder, subfolder="transformer")
+    assert "transformer_blocks.4." in str(error.value) and len(str(error.value).splitlines()) <= 16
 
 
 def test_intact_folder_loads(converted):

@@ -186,3 +186,21 @@ def check_folder_matches_config(model_class, folder: str, variant: str | None = 
         + "\nThe config was edited or belongs to other weights: restore the config.json saved with these weights, "
         "or convert / save the model again."
     )
+
+
+def check_no_tensor_left_on_meta(model: torch.nn.Module, source: str) -> None:
+    """
+    Refuses a model that loading left with tensors on the meta device: weights that had no values for some of the
+    tensors the config builds (diffusers only warns, and the first call then fails with "Cannot copy out of meta
+    tensor"). The check for any source, a Hub repo id included; local folders are compared before loading.
+
+    Raises:
+        ValueError: naming the tensors without values, summarised by `key_patterns`.
+    """
+    empty = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
+    if empty:
+        raise ValueError(
+            f"{source}: the weights hold no values for {len(empty)} tensors of the model its config.json builds:"
+            f"{_shown(key_patterns(empty))}\nThe config and the weights belong to different models (e.g. an edited "
+            "num_layers); use the config.json that was saved with these weights."
+        )

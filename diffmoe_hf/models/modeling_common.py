@@ -10,7 +10,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.utils import apply_lora_scale
 
 from .blocks import unpatchify
-from .folder_checks import check_folder_matches_config
+from .folder_checks import check_folder_matches_config, check_no_tensor_left_on_meta
 from .moe import MoECollector, set_expert_backend
 from .validation import check_model_inputs
 
@@ -130,8 +130,9 @@ class DiTForwardMixin(CacheMixin):
         diffusers' `from_pretrained`, after checking a local folder (`folder_checks.check_folder_matches_config`):
         a missing weights file, or a `config.json` that does not fit the weights (a hand-edited `num_layers`, another
         model's config), is refused here, naming the file, field or tensors, instead of loading a model with tensors
-        left on the meta device or weights silently dropped. The pipeline loaders and `diffusers.AutoModel` load the
-        transformer through this method too.
+        left on the meta device or weights silently dropped. Any other source (a Hub repo id) is checked after
+        loading: a tensor the weights gave no value is refused the same way (`check_no_tensor_left_on_meta`). The
+        pipeline loaders and `diffusers.AutoModel` load the transformer through this method too.
         """
         path = os.fspath(pretrained_model_name_or_path)
         if os.path.isfile(path):
@@ -142,7 +143,10 @@ class DiTForwardMixin(CacheMixin):
         folder = os.path.normpath(os.path.join(path, kwargs.get("subfolder") or ""))
         if os.path.isfile(os.path.join(folder, cls.config_name)):
             check_folder_matches_config(cls, folder, kwargs.get("variant"))
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        model = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if kwargs.get("device_map") is None:  # a device map may offload weights to the meta device on purpose
+            check_no_tensor_left_on_meta(model, path)
+        return model
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
