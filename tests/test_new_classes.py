@@ -192,3 +192,44 @@ def test_lora_expert_parts_select_projections_of_every_expert_layout():
     )
     modulation = lora_target_modules(tiny_transformer("spatial-temporal-moe"), ["experts"], ("modulation",))
     assert "modulation\\.linear_1" in modulation and "proj" not in modulation
+
+
+def test_journey_from_a_folder_of_new_classes_to_fid(tmp_path):
+    """The README's journey on a few images: fine-tune the shipped digits model on a folder of new classes (LoRA),
+    `diffmoe generate` them by name, `diffmoe sample`, `diffmoe evaluate` against the folder, the Space's choices."""
+    import json
+
+    import torch
+
+    from diffmoe_hf.cli import main as diffmoe
+    from diffmoe_hf.embedded_models import default_models
+    from diffmoe_hf.space.app import load_models
+    from diffmoe_hf.training.shapes_data import write_shapes_image_folder
+    from diffmoe_hf.training.train_class_conditional import run
+
+    from .helpers import random_inception_state_dict
+
+    data, out = str(tmp_path / "shapes"), str(tmp_path / "my-shapes")
+    write_shapes_image_folder(data, per_class=2)  # circle/, cross/, square/, triangle/: 8 images, fewer than a batch
+    train = ["--pretrained_model_name_or_path", default_models()["digits-jitmoe"], "--train_data_dir", data]
+    train += ["--resolution", "16", "--output_dir", out, "--use_lora", "--new_classes", "replace"]
+    train += ["--max_train_steps", "2", "--validation_epochs", "0", "--report_to", "none", "--seed", "0"]
+    try:
+        assert run(train) == 0
+    finally:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(True)
+    common = ["--model", out, "--steps", "2"]
+    assert diffmoe(["generate", *common, "--classes", "cross", "circle", "--output", str(tmp_path / "g.png")]) == 0
+    samples = str(tmp_path / "samples.npz")
+    assert diffmoe(["sample", *common, "--num-samples", "5", "--output", samples, "--no-progress"]) == 0
+    weights = str(tmp_path / "inception.pth")
+    torch.save(random_inception_state_dict(), weights)
+    record = str(tmp_path / "fid.json")
+    evaluate = ["evaluate", samples, "--reference", data, "--inception-weights", weights, "--output", record]
+    assert diffmoe([*evaluate, "--allow-nonstandard-weights", "--no-progress"]) == 0
+    result = json.load(open(record))
+    assert result["reference"]["count"] == 8 and result["samples"]["count"] == 5 and result["metrics"]["fid"] > 0
+    choices = load_models({"mine": out}, "cpu")["mine"].class_choices()
+    assert choices == [("0: circle", "0"), ("1: cross", "1"), ("2: square", "2"), ("3: triangle", "3")]
