@@ -6,9 +6,8 @@ import re
 from torch import nn
 
 
-# the router-like modules of the families: token routers, DiffMoE's (Shi et al.) capacity predictor, the routing
-# recalibration of Diff-MoE (Cheng et al.)
-ROUTER_PATTERN = re.compile(r"\.ff\.(router|gate|capacity_predictor|recalibration)\.")
+# the router-like modules of the families: token routers and DiffMoE's (Shi et al.) capacity predictor
+ROUTER_PATTERN = re.compile(r"\.ff\.(router|gate|capacity_predictor)\.")
 GROUPS = (
     "class embedding",
     "other embeddings",
@@ -34,7 +33,7 @@ def parameter_group(name: str) -> str:
         return "routers"
     if ".ff.shared_experts." in name:
         return "shared experts"
-    if ".ff.experts." in name:
+    if ".ff.experts." in name or ".ff.recalibration." in name:  # Diff-MoE's (Cheng et al.) recalibration of experts
         return "experts"
     if ".ff." in name:
         return "dense feed-forward"

@@ -3,7 +3,7 @@
 # and trains the same architecture from scratch with the same recipe for the same steps, then scores both. One
 # command, fixed seed, CPU:
 #
-#     bash training/recipes/new_classes_shapes.sh [OUTPUT_DIR=runs/shapes] [STEPS="100 400"]
+#     bash training/recipes/new_classes_shapes.sh [OUTPUT_DIR=runs/shapes] [STEPS="100 400 1500"]
 #
 # Steps: (1) 48 augmented images per shape (circle, cross, square, triangle; 16x16 grayscale) as an image folder
 # (diffmoe_hf.training.shapes_data); (2) for each step count: train_class_conditional.py from digits-jitmoe with
@@ -14,7 +14,7 @@
 # Needs the [train] and [eval] extras. Environment: SEED (0), PYTHON (python), OMP_NUM_THREADS (1), NICE (10).
 set -euo pipefail
 OUT=${1:-runs/shapes}
-STEP_COUNTS=${2:-"100 400"}
+STEP_COUNTS=${2:-"100 400 1500"}
 SEED=${SEED:-0}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
 PYTHON=${PYTHON:-python}
@@ -34,9 +34,10 @@ OVERRIDES='{"in_channels": 1, "patch_size": 4, "num_layers": 4, "num_attention_h
             "mlp_ratio": 2.0, "bottleneck_dim": 16, "in_context_len": 0, "moe_layers": [1, 3], "num_experts": 4,
             "num_experts_per_tok": 2, "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64}'
 
-train() {  # NAME STEPS ARGS...: one run into $OUT/NAME, its time in $OUT/NAME.train_info.json
+train() {  # NAME STEPS ARGS...: one run into $OUT/NAME, its time in $OUT/NAME.train_info.json (a finished run is kept)
   local name=$1 steps=$2
   shift 2
+  if [ -f "$OUT/$name/model_index.json" ]; then echo "kept $name (finished before)"; return; fi
   local start
   start=$(date +%s)
   "${RUN[@]}" "$ROOT/training/train_class_conditional.py" "$@" --max_train_steps "$steps" "${COMMON[@]}" \
