@@ -254,7 +254,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--reference",
         required=True,
-        help="reference batch: .npz (images and/or mu, sigma, mu_s, sigma_s) or an image folder",
+        help="reference batch: .npz (images and/or mu, sigma, mu_s, sigma_s) or an image folder (sub-folders, e.g. "
+        "one per class, included)",
     )
     parser.add_argument(
         "--protocol",

@@ -199,3 +199,27 @@ def tiny_pipeline(with_vae: bool = True, **model_overrides) -> ClassConditionalM
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def random_inception_state_dict() -> dict[str, torch.Tensor]:
+    """torch-fidelity's FeatureExtractorInceptionV3 state dict (keys and shapes of the standard file) with He-normal
+    convolutions, so that features vary between images through all 94 layers."""
+    from unittest import mock
+
+    from diffmoe_hf.evaluation.inception import load_inception_module
+
+    module = load_inception_module()
+    network_class = module.FeatureExtractorInceptionV3
+    with (
+        mock.patch.object(module, "load_state_dict_from_url", lambda *a, **k: None),
+        mock.patch.object(network_class, "load_state_dict", lambda self, state: None),
+    ):
+        shapes = network_class("inception-v3-compat", ["2048"]).state_dict()
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for key, value in shapes.items():
+        if key.endswith("conv.weight") or key == "fc.weight":
+            fan_in = value[0].numel()
+            value = torch.randn(value.shape, generator=generator) * (2 / fan_in) ** 0.5
+        state[key] = value
+    return state

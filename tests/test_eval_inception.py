@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -19,35 +18,16 @@ from diffmoe_hf.evaluation.inception import InceptionFeatures, load_inception_mo
 from diffmoe_hf.evaluation.metrics import FeatureStatistics
 
 from .conftest import REPO_ROOT
+from .helpers import random_inception_state_dict
 
 
 DIGITS = default_models()["digits-jitmoe"]
 
 
-def _random_state_dict() -> dict[str, torch.Tensor]:
-    """torch-fidelity's FeatureExtractorInceptionV3 state dict (keys and shapes of the standard file) with He-normal
-    convolutions, so that features vary between images through all 94 layers."""
-    module = load_inception_module()
-    network_class = module.FeatureExtractorInceptionV3
-    with (
-        mock.patch.object(module, "load_state_dict_from_url", lambda *a, **k: None),
-        mock.patch.object(network_class, "load_state_dict", lambda self, state: None),
-    ):
-        shapes = network_class("inception-v3-compat", ["2048"]).state_dict()
-    generator = torch.Generator().manual_seed(0)
-    state = {}
-    for key, value in shapes.items():
-        if key.endswith("conv.weight") or key == "fc.weight":
-            fan_in = value[0].numel()
-            value = torch.randn(value.shape, generator=generator) * (2 / fan_in) ** 0.5
-        state[key] = value
-    return state
-
-
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("inception") / "random-inception.pth")
-    torch.save(_random_state_dict(), path)
+    torch.save(random_inception_state_dict(), path)
     return path
 
 

@@ -75,6 +75,9 @@ OPTION_CASES = [
     ("lora-layers-empty", ["--lora_layers", ","], r"--lora_layers ',': give a comma-separated list"),
     ("lora-router", ["--lora_layers", "router"], r"Routers are never LoRA-adapted"),
     ("lora-and-ema", ["--use_lora", "--use_ema"], r"--use_ema is for full fine-tuning"),
+    ("expert-parts", ["--lora_expert_parts", "gate"], r"--lora_expert_parts 'gate': give a comma-separated list"),
+    ("init-class-alone", ["--init_class_from", "a=b"], r"--init_class_from starts new classes: give it with"),
+    ("init-class-form", ["--new_classes", "append", "--init_class_from", "a"], r"'a' is not NEW=OLD"),
     (
         "tracker-unknown",
         ["--report_to", "tensorbord"],

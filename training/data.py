@@ -118,6 +118,16 @@ def _names_of_classes(num_classes: int, id2label: dict[str, str] | None, limit: 
     return f"ids 0..{num_classes - 1}: {shown}"
 
 
+def class_name_ids(id2label: dict[str, str] | None) -> dict[str, set[int]]:
+    """Every name of a model's classes -> the class ids carrying it: each whole `id2label` entry and each of its
+    comma-separated synonyms (`"goldfish, Carassius auratus"` gives both names)."""
+    synonyms = {}
+    for class_id, label in (id2label or {}).items():
+        for name in {label.strip(), *(part.strip() for part in label.split(","))}:
+            synonyms.setdefault(name, set()).add(int(class_id))
+    return synonyms
+
+
 def folder_class_ids(
     folders: list[str], num_classes: int | None = None, id2label: dict[str, str] | None = None
 ) -> dict[str, int]:
@@ -145,10 +155,7 @@ def folder_class_ids(
             {name: int(name) for name in folders} if numeric else {name: i for i, name in enumerate(sorted(folders))}
         )
 
-    synonyms = {}  # name -> ids carrying it
-    for class_id, label in (id2label or {}).items():
-        for name in {label.strip(), *(part.strip() for part in label.split(","))}:
-            synonyms.setdefault(name, set()).add(int(class_id))
+    synonyms = class_name_ids(id2label)
     ids, problems = {}, []
     for name in folders:
         if _is_class_id(name):
@@ -171,7 +178,8 @@ def folder_class_ids(
         raise ValueError(
             f"The class folders do not match the model's classes: {'; '.join(problems)}. The model has {num_classes} "
             f"classes ({_names_of_classes(num_classes, id2label)}). Name each folder by the class id it holds (e.g. "
-            "207/) or by one of the model's class names, or train a new model for these classes (--preset)."
+            "207/) or by one of the model's class names, or fine-tune this model on new classes with --new_classes "
+            "replace (only the data's classes) or --new_classes append (the model's classes and the data's)."
         )
     return ids
 
@@ -307,6 +315,12 @@ class ImageTransform:
             "x0": [self.load(image) for image in examples[self.image_column]],
             "class_labels": [torch.tensor(label, dtype=torch.long) for label in examples[self.label_column]],
         }
+
+
+def repeated_to_fill(dataset, repeats: int) -> torch.utils.data.Dataset:
+    """`dataset` (indexable, with a length) `repeats` times over, one copy after the other: a few images then fill a
+    batch (the sampler shuffles across the copies)."""
+    return torch.utils.data.ConcatDataset([dataset] * repeats)
 
 
 def collate(examples: list[dict]) -> dict:

@@ -66,6 +66,14 @@ from diffmoe_hf.training.data import (
     folder_class_ids,
     load_image_dataset,
     relabel,
+    repeated_to_fill,
+)
+from diffmoe_hf.training.lora_merge import load_non_lora_state, merged_lora_model, save_non_lora_state
+from diffmoe_hf.training.new_classes import (
+    NEW_CLASS_MODES,
+    parse_init_class_from,
+    plan_classes,
+    resize_class_embedding,
 )
 from diffmoe_hf.training.options import (
     check_counts,
@@ -78,6 +86,7 @@ from diffmoe_hf.training.options import (
     run_script,
     user_input_errors,
 )
+from diffmoe_hf.training.parameter_groups import router_parameters, trainable_parameter_table
 from diffmoe_hf.training_losses import diffusion_training_loss
 
 
@@ -86,6 +95,7 @@ check_min_version(diffusers_floors.TRAIN)
 logger = get_logger(__name__)
 
 LORA_LAYER_KINDS = ("attention", "experts", "shared_experts", "dense_ff")
+EXPERT_PARTS = ("up", "down", "modulation")
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 SCRIPT = "train_class_conditional.py"
 LR_SCHEDULERS = tuple(kind.value for kind in SchedulerType)
@@ -193,6 +203,40 @@ def parse_args(input_args=None):
         default="attention,experts,shared_experts,dense_ff",
         help=f"Comma-separated kinds of {LORA_LAYER_KINDS} (routers are never adapted).",
     )
+    # new classes on a pretrained model, and what is trained (training/new_classes.py, training/parameter_groups.py)
+    parser.add_argument(
+        "--new_classes",
+        type=str,
+        default=None,
+        choices=NEW_CLASS_MODES,
+        help="Fine-tune a pretrained model on classes it does not have (data class names that are not its class "
+        "names): 'replace' makes the data's classes the model's only classes, 'append' adds them after the model's "
+        "own. The class embedding is resized (the null class for guidance stays last) and trained in full, also "
+        "under LoRA.",
+    )
+    parser.add_argument(
+        "--init_class_from",
+        type=str,
+        default=None,
+        help="With --new_classes: start new classes from an old class's embedding, e.g. 'square=box,disc=3' "
+        "(old class name or id); others start from the mean of the old classes' embeddings.",
+    )
+    parser.add_argument(
+        "--routers",
+        type=str,
+        default=None,
+        choices=["frozen", "trained"],
+        help="Whether the routers (and DiffMoE's capacity predictor) are trained, in full: default frozen under "
+        "--use_lora, trained in full fine-tuning.",
+    )
+    parser.add_argument(
+        "--lora_expert_parts",
+        type=str,
+        default=",".join(EXPERT_PARTS),
+        help=f"Comma-separated parts of the (shared) experts that LoRA adapts, of {EXPERT_PARTS}: 'up' the input "
+        "projections (gate_proj, up_proj; net.0.proj in DiffMoE of Shi et al.), 'down' the output projection "
+        "(down_proj; net.2), 'modulation' the per-expert modulation of Diff-MoE (Cheng et al.).",
+    )
     # full fine-tuning
     parser.add_argument("--use_ema", action="store_true")
     parser.add_argument("--ema_decay", type=float, default=0.9999)
@@ -260,6 +304,25 @@ def parse_args(input_args=None):
     return args
 
 
+def check_new_class_options(args) -> None:
+    """--new_classes, --init_class_from and --routers checked; sets `args.init_class_pairs` ({new: old}),
+    `args.routers` (its default) and `args.merge_lora` (a LoRA run that also trains parameters in full: its output is
+    the whole pipeline with the adapter merged, see `save_final`)."""
+    if args.new_classes is not None and args.preset is not None:
+        raise CommandError("--new_classes is for a pretrained model; a model from --preset takes the data's classes.")
+    if args.new_classes is not None and args.train_latents_dir is not None:
+        raise CommandError(
+            "--new_classes needs the data's class names: use --train_data_dir or a --dataset_name with named labels "
+            "(latents hold class ids only)."
+        )
+    if args.init_class_from is not None and args.new_classes is None:
+        raise CommandError("--init_class_from starts new classes: give it with --new_classes replace|append.")
+    args.init_class_pairs = parse_init_class_from(args.init_class_from)
+    if args.routers is None:
+        args.routers = "frozen" if args.use_lora else "trained"
+    args.merge_lora = args.use_lora and (args.new_classes is not None or args.routers == "trained")
+
+
 def check_args(args) -> None:
     """Every option checked before any work (see training/options.py); `CommandError` names the first bad one. Also
     resolves the defaults that depend on the machine (`--report_to`) and parses `--validation_class_labels`."""
@@ -280,6 +343,12 @@ def check_args(args) -> None:
         raise CommandError(
             f"--lora_layers {args.lora_layers!r}: give a comma-separated list of {', '.join(LORA_LAYER_KINDS)}."
         )
+    parts = set(filter(None, args.lora_expert_parts.split(",")))
+    if parts - set(EXPERT_PARTS) or not parts:
+        raise CommandError(
+            f"--lora_expert_parts {args.lora_expert_parts!r}: give a comma-separated list of {', '.join(EXPERT_PARTS)}."
+        )
+    check_new_class_options(args)
     check_counts(args)
     check_floats(args)
     check_preset(args)
@@ -339,6 +408,41 @@ def load_components(args, num_classes_from_data: int | None, data_id2label: dict
     return transformer, vae, get_formulation(transformer.config.formulation).default_scheduler(), id2label
 
 
+def new_classes(transformer, data_names: list[str] | None, id2label: dict[str, str] | None, args):
+    """
+    --new_classes: the class table of `transformer` rebuilt for the data's classes (training/new_classes.py), the plan
+    logged.
+
+    Returns:
+        `(data class name -> class id, the new id2label)`.
+    """
+    if data_names is None:
+        raise CommandError(
+            f"--new_classes needs the data's class names, but column {args.label_column!r} of {args.dataset_name} has "
+            "none (it is no ClassLabel column): use a dataset with named labels, or an image folder."
+        )
+    num_old = transformer.config.num_classes
+    with user_input_errors():
+        plan = plan_classes(args.new_classes, data_names, num_old, id2label, args.init_class_pairs)
+    names = {class_id: name for name, class_id in plan.data_ids.items()}
+
+    def start(class_id: int) -> str:
+        source = plan.sources[class_id]
+        if source is None:
+            return "the mean of the old classes"
+        return f"old class {source}" + (
+            f" ({id2label[str(source)]!r})" if id2label and str(source) in id2label else ""
+        )
+
+    shown = "; ".join(f"{names[i]} -> {i} (from {start(i)})" for i in sorted(names))
+    logger.info(
+        f"--new_classes {args.new_classes}: {num_old} classes -> {plan.num_classes} (null class {plan.num_classes} "
+        f"last); data classes: {shown}"
+    )
+    resize_class_embedding(transformer, plan.sources)
+    return plan.data_ids, plan.id2label
+
+
 def load_vae(args, channels: int) -> AutoencoderKL | None:
     """The VAE for a model started without one: none for pixel-space models (1 or 3 channels) or with --no_vae."""
     if args.no_vae or (args.vae_name_or_path is None and channels in (1, 3)):
@@ -351,12 +455,24 @@ def load_vae(args, channels: int) -> AutoencoderKL | None:
     return vae
 
 
-def lora_target_modules(transformer, kinds: list[str]) -> str:
+def expert_part(name: str) -> str:
+    """The part (of `EXPERT_PARTS`) of the linear layer `name` inside an expert or shared expert: `up` (gate_proj,
+    up_proj, DiffMoE's net.0.proj), `down` (down_proj, DiffMoE's net.2) or `modulation` (anything else: the
+    per-expert modulation of Diff-MoE of Cheng et al.)."""
+    if re.search(r"\.(gate_proj|up_proj|net\.0\.proj)$", name):
+        return "up"
+    if re.search(r"\.(down_proj|net\.2)$", name):
+        return "down"
+    return "modulation"
+
+
+def lora_target_modules(transformer, kinds: list[str], expert_parts: tuple[str, ...] = EXPERT_PARTS) -> str:
     """
     A regular expression over module names (peft matches it in full) selecting the `nn.Linear` layers of the given
-    kinds: `attention` (to_q, to_k, to_v, to_out.0), `experts` (every linear of the routed experts, e.g. gate_proj /
+    kinds: `attention` (to_q, to_k, to_v, to_out.0), `experts` (the linears of the routed experts, e.g. gate_proj /
     up_proj / down_proj or net.0.proj / net.2 in DiffMoE of Shi et al.), `shared_experts`, `dense_ff` (feed-forwards of
-    blocks without experts). Routers, capacity predictors and modulation / embedding layers are never selected.
+    blocks without experts); in experts and shared experts only the `expert_parts` (see `expert_part`). Routers,
+    capacity predictors and modulation / embedding layers of the blocks are never selected.
     """
     patterns = []
     for name, module in transformer.named_modules():
@@ -372,12 +488,14 @@ def lora_target_modules(transformer, kinds: list[str]) -> str:
             kind = "dense_ff"
         else:
             continue
+        if kind in ("experts", "shared_experts") and expert_part(name) not in expert_parts:
+            continue
         if kind in kinds:
             patterns.append(re.sub(r"\\\.(\d+)\\\.", r"\\.\\d+\\.", re.escape(name)))
     if not patterns:
         raise ValueError(
-            f"--lora_layers {','.join(kinds)}: the transformer has no layers of these kinds to adapt; choose among "
-            f"{', '.join(LORA_LAYER_KINDS)}."
+            f"--lora_layers {','.join(kinds)} (expert parts {','.join(expert_parts)}): the transformer has no layers "
+            f"of these kinds to adapt; choose among {', '.join(LORA_LAYER_KINDS)}."
         )
     return "|".join(sorted(set(patterns)))
 
@@ -471,8 +589,11 @@ def main(args):
 
     with user_input_errors():
         transformer, vae, noise_scheduler, id2label = load_components(args, num_classes_from_data, data_id2label)
+    if args.new_classes is not None:
+        folder_ids, id2label = new_classes(transformer, class_names, id2label, args)
+        image_dataset = relabel(image_dataset, args.label_column, class_names, folder_ids)
     config = transformer.config
-    if args.train_data_dir is not None:
+    if args.train_data_dir is not None and args.new_classes is None:
         if folder_ids is None:
             with user_input_errors():
                 folder_ids = folder_class_ids(class_names, config.num_classes, id2label)
@@ -544,8 +665,9 @@ def main(args):
         transformer.requires_grad_(False)
         cast_keeping_float32_modules(transformer, accelerator.device, weight_dtype)
         kinds = [kind for kind in args.lora_layers.split(",") if kind]
+        parts = tuple(part for part in args.lora_expert_parts.split(",") if part)
         with user_input_errors():
-            target_modules = lora_target_modules(transformer, kinds)
+            target_modules = lora_target_modules(transformer, kinds, parts)
         transformer.add_adapter(
             LoraConfig(
                 r=args.rank,
@@ -555,10 +677,21 @@ def main(args):
                 target_modules=target_modules,
             )
         )
+        if args.new_classes is not None:  # the resized class table is trained in full
+            transformer.embedding.class_embedder.requires_grad_(True)
+        if args.routers == "trained":  # routers are float32 modules already
+            for parameter in router_parameters(transformer):
+                parameter.requires_grad_(True)
         if args.mixed_precision == "fp16":
             cast_training_params(transformer, dtype=torch.float32)
     else:
         transformer.requires_grad_(True).to(accelerator.device)
+        if args.routers == "frozen":
+            for parameter in router_parameters(transformer):
+                parameter.requires_grad_(False)
+    logger.info(
+        f"Parameters by group (trained: in full, or through LoRA adapters):\n{trainable_parameter_table(transformer)}"
+    )
     transformer.train()
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -592,6 +725,7 @@ def main(args):
                     transformer_lora_layers=get_peft_model_state_dict(model),
                     **_collate_lora_metadata({"transformer": model}),
                 )
+                save_non_lora_state(model, output_dir)
             else:
                 model.save_pretrained(os.path.join(output_dir, "transformer"))
             if weights:
@@ -615,6 +749,7 @@ def main(args):
                 incompatible = set_peft_model_state_dict(model, state, adapter_name="default")
                 if getattr(incompatible, "unexpected_keys", None):
                     raise ValueError(f"Unexpected LoRA keys in {input_dir}: {incompatible.unexpected_keys[:5]}")
+                load_non_lora_state(model, input_dir)
                 if args.mixed_precision == "fp16":
                     cast_training_params(model, dtype=torch.float32)
             else:
@@ -641,6 +776,16 @@ def main(args):
         eps=args.adam_epsilon,
     )
 
+    if len(train_dataset) == 0:
+        raise CommandError("The dataset has no samples left to train on: add data.")
+    global_batch = args.train_batch_size * accelerator.num_processes
+    if len(train_dataset) < global_batch:  # a few images: every epoch holds each of them several times
+        repeats = math.ceil(global_batch / len(train_dataset))
+        logger.warning(
+            f"The dataset has {len(train_dataset)} samples, fewer than one batch of {global_batch}: each epoch goes "
+            f"through them {repeats} times."
+        )
+        train_dataset = repeated_to_fill(train_dataset, repeats)
     # its own generator: starting an epoch then draws no number from the global RNG, so a resumed run that skips
     # batches consumes the same random numbers as an uninterrupted one
     train_dataloader = torch.utils.data.DataLoader(
@@ -652,11 +797,6 @@ def main(args):
         drop_last=True,
         generator=torch.Generator().manual_seed(args.seed or 0),
     )
-    if len(train_dataloader) == 0:
-        raise CommandError(
-            f"The dataset has {len(train_dataset)} samples, fewer than one batch of {args.train_batch_size}: lower "
-            "--train_batch_size or add data."
-        )
 
     num_warmup_steps = args.lr_warmup_steps * accelerator.num_processes
     if args.max_train_steps is None:
@@ -944,17 +1084,21 @@ def log_validation(model, vae, scheduler, id2label, args, accelerator, ema, glob
 def save_final(
     accelerator, transformer, model, vae, scheduler, id2label, ema, args, native_checkpoints, sharded_params
 ) -> None:
-    """LoRA weights (`save_lora_weights`) or the whole pipeline (EMA weights if kept), a model card, optional push."""
+    """LoRA weights (`save_lora_weights`) or the whole pipeline (EMA weights if kept; for a LoRA run that trains
+    parameters in full, --new_classes or --routers trained, the adapter merged), a model card, optional push."""
     state_dict = accelerator.get_state_dict(transformer) if native_checkpoints else None  # collective
     if not accelerator.is_main_process:
         return
-    if state_dict is not None and not args.use_lora:  # gathered from DeepSpeed / FSDP shards
+    saves_lora = args.use_lora and not args.merge_lora
+    if args.merge_lora:
+        model = merged_lora_model(model, state_dict).to(accelerator.device)
+    elif state_dict is not None and not args.use_lora:  # gathered from DeepSpeed / FSDP shards
         model = type(model).from_config(model.config)
         model.load_state_dict(state_dict)
         model.to(accelerator.device)
-    if not args.use_lora:
+    if not saves_lora:
         model = cast_keeping_float32_modules(model, accelerator.device, torch.float32)
-    if args.use_lora:
+    if saves_lora:
         from peft.utils import get_peft_model_state_dict
 
         ClassConditionalMoEPipeline.save_lora_weights(
@@ -970,7 +1114,7 @@ def save_final(
     apply_umask(args.output_dir, skip=(r"checkpoint-.*", re.escape(args.logging_dir), "validation"))
 
     images = None
-    if args.validation_epochs and not (sharded_params and args.use_lora):
+    if args.validation_epochs and not (sharded_params and saves_lora):
         images = log_validation(model, vae, scheduler, id2label, args, accelerator, None, args.max_train_steps, True)
     repo_id = args.hub_model_id or Path(args.output_dir).name
     save_model_card(repo_id, args, model, images)
@@ -987,18 +1131,34 @@ def save_final(
         )
 
 
+def merged_note(args) -> str:
+    """The model card's sentence about a merged LoRA run and new classes (empty for other runs)."""
+    note = ""
+    if args.new_classes is not None:
+        note = f"Its classes are new (`--new_classes {args.new_classes}`), named in `model_index.json` (`id2label`). "
+    if args.merge_lora:
+        trained = ["the resized class embedding"] * (args.new_classes is not None) + ["the routers"] * (
+            args.routers == "trained"
+        )
+        note += (
+            f"The LoRA adapter is merged into the weights: {' and '.join(trained)} were trained in full, which a LoRA "
+            "adapter cannot carry, so this folder holds the whole model (no `load_lora_weights` on the base model)."
+        )
+    return note
+
+
 def save_model_card(repo_id: str, args, model, images) -> None:
     base = (
         args.pretrained_model_name_or_path
         or f"{get_family(args.model_family).label} preset {args.preset} (fresh weights)"
     )
-    kind = "LoRA adapter" if args.use_lora else "model"
+    kind = "LoRA adapter" if args.use_lora and not args.merge_lora else "model"
     family = type(model).__name__
     images_md = ""
     if images:
         folder = os.path.join(args.output_dir, "validation", "final")
         images_md = "\n".join(f"![{name}](validation/final/{name})" for name in sorted(os.listdir(folder)))
-    if args.use_lora:
+    if args.use_lora and not args.merge_lora:
         usage = (
             "```python\nfrom diffmoe_hf import ClassConditionalMoEPipeline\n\n"
             f'pipe = ClassConditionalMoEPipeline.from_pretrained("{args.pretrained_model_name_or_path}")\n'
@@ -1017,6 +1177,7 @@ A class-conditional {family} {kind} trained with `diffmoe_hf`'s `training/train_
 {base}, formulation `{model.config.formulation}`, {args.max_train_steps} steps, learning rate {args.learning_rate},
 batch size {args.train_batch_size} per device, mixed precision {args.mixed_precision}
 {f"(LoRA rank {args.rank}, layers {args.lora_layers})" if args.use_lora else ("(EMA weights)" if args.use_ema else "")}.
+{merged_note(args)}
 
 ## Usage
 

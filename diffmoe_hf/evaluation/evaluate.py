@@ -85,10 +85,16 @@ def _finite(array: np.ndarray, path: str, name: str) -> np.ndarray:
 
 
 def _read_image_folder(path: str) -> np.ndarray:
-    """(N, H, W, 3) uint8 images of a folder, sorted by name; an unreadable file is named."""
+    """(N, H, W, 3) uint8 images of a folder and its sub-folders (e.g. a training folder with one sub-folder per
+    class), sorted by their paths in it; an unreadable file is named."""
     from PIL import Image
 
-    names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
+    names = sorted(
+        os.path.relpath(os.path.join(root, name), path)
+        for root, _, files in os.walk(path)
+        for name in files
+        if name.lower().endswith(IMAGE_EXTENSIONS)
+    )
     if not names:
         raise ValueError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
     images = []
