@@ -1,0 +1,65 @@
+"""`--expert_parallel_size` in train_class_conditional.py, in 2 CPU processes on gloo (one launch of
+tests/expert_parallel_training_worker.py, several runs): 5 steps at K = 2 end within the float32 bound of K = 1,
+resuming at K = 2 is exact, checkpoints load at another K (2 -> 1, 1 -> 2) and continue, a checkpoint without
+resharding support is refused, and the export is an ordinary diffusers folder loaded on one process."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file
+
+from .helpers import assert_float32_close, model_float32_tolerance
+from .training_helpers import make_image_folder, save_tiny_pipeline
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("expert-parallel-training")
+    pretrained = save_tiny_pipeline(str(folder / "pipe"), "dit-moe")
+    images = make_image_folder(str(folder / "images"))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [*launcher, "-m", "tests.expert_parallel_training_worker", pretrained, images, str(folder / "runs")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-6000:]
+    return folder / "runs"
+
+
+def exported(runs, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(runs / name / "transformer" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_expert_parallel_training_matches_k1_resumes_exactly_and_reshards(runs):
+    k1, k2 = exported(runs, "ep1"), exported(runs, "ep2")
+    pipe = DiffusionPipeline.from_pretrained(str(runs / "ep2"))  # an ordinary folder, loaded by one process
+    model = pipe.transformer
+    assert k2.keys() == k1.keys() == set(model.state_dict())
+    assert sum(".experts." in name for name in k2) == 2 * 4 * 3  # every expert of both layers was exported
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, k2[name]), name
+    # every step's forward and backward (gradient accumulation 2, recomputed blocks) adds its rounding
+    tolerance = model_float32_tolerance(model, k1["proj_out.proj.weight"], calls=2 * 2 * 2 * STEPS)
+    for name in k1:
+        assert_float32_close(k2[name], k1[name], tolerance, f"K=2 vs K=1: {name}")
+    resumed = exported(runs, "ep2-resumed")
+    for name in k2:
+        assert torch.equal(resumed[name], k2[name]), name
+    for name, expected in (("ep1-from-ep2", k2), ("ep2-from-ep1", k1)):
+        loaded = exported(runs, name)
+        for key in expected:
+            assert_float32_close(loaded[key], expected[key], tolerance, f"{name}: {key}")
+    initial = load_file(str(runs.parent / "pipe" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert not torch.equal(
+        k2["transformer_blocks.0.ff.experts.3.up_proj.weight"],
+        initial["transformer_blocks.0.ff.experts.3.up_proj.weight"],
+    )
+    assert os.path.isdir(runs / "ep2" / "checkpoint-3" / "expert_parallel")
+    assert "was not saved with --expert_parallel_size, so it cannot be resharded" in (runs / "refused.txt").read_text()
