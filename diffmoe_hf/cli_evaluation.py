@@ -116,6 +116,13 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model dtype (default fp32)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--expert-parallel-size",
+        type=int,
+        help="expert parallelism: K processes (of torchrun / accelerate launch) share one copy of the experts, each "
+        "holding E/K of every MoE layer's experts, and sample each batch together; K divides the number of processes "
+        "and every expert count. Writes the same file as without it (per-token families up to float summation order)",
+    )
 
 
 def _sampling_defaults(model: str, args) -> tuple[dict, str | None]:
@@ -149,6 +156,25 @@ def distributed_state():
     from accelerate.utils import parse_flag_from_env
 
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+
+
+def load_expert_parallel_pipeline(model: str, expert_parallel_size: int, state, **components):
+    """The pipeline of `model` on this process's device with only this rank's experts, expert-parallel over groups of
+    `expert_parallel_size` consecutive processes (`diffmoe_hf.parallel`); a size that does not fit is a `ValueError`
+    naming the numbers."""
+    from diffmoe_hf.models.moe import holding_experts
+    from diffmoe_hf.parallel import check_expert_parallel_size, enable_expert_parallel, expert_parallel_mesh
+
+    if expert_parallel_size < 1 or state.num_processes % expert_parallel_size:
+        raise ValueError(
+            f"--expert-parallel-size {expert_parallel_size} must divide the number of processes ({state.num_processes})."
+        )
+    mesh = expert_parallel_mesh(expert_parallel_size, state.device.type)
+    with holding_experts(mesh.expert_rank, mesh.expert_size):
+        pipe = load_pipeline(model, **components).to(state.device)
+    check_expert_parallel_size(pipe.transformer, expert_parallel_size)
+    enable_expert_parallel(pipe.transformer, mesh)
+    return pipe
 
 
 def run_sample(args) -> None:
@@ -193,7 +219,10 @@ def _prepared_run(args, state):
         components["vae"] = load_vae(args.vae).to(dtype)
     if dtype != torch.float32:
         components["torch_dtype"] = dtype
-    pipe = load_pipeline(args.model, **components).to(state.device)
+    if args.expert_parallel_size is None:
+        pipe = load_pipeline(args.model, **components).to(state.device)
+    else:
+        pipe = load_expert_parallel_pipeline(args.model, args.expert_parallel_size, state, **components)
     pipe.set_progress_bar_config(disable=True)
     call_kwargs, scheduler_name = _sampling_defaults(args.model, args)
     select_scheduler(pipe, scheduler_name)
@@ -214,6 +243,7 @@ def _prepared_run(args, state):
         settings,
         png_dir=args.png_dir,
         keep_float=args.keep_float,
+        group_size=args.expert_parallel_size or 1,
     )
 
 

@@ -1,6 +1,6 @@
 """Runs train_class_conditional.py several times in the same 2 CPU processes (gloo), for
 tests/test_expert_parallel_training.py: `torchrun --standalone --nproc_per_node 2 -m
-tests.expert_parallel_training_worker <pretrained pipeline> <image folder> <output root>`.
+tests.expert_parallel_training_worker <pretrained pipeline> <image folder> <output root> <DiffMoE pipeline>`.
 
 Every run trains the tiny DiT-MoE for 5 steps of 2 accumulated batches of 2 per process, with gradient checkpointing,
 into `<output root>/<name>`:
@@ -10,6 +10,10 @@ into `<output root>/<name>`:
 - `ep1-from-ep2`: K = 1 from `ep2`'s step 3; `ep2-from-ep1`: K = 2 from `ep1`'s step 3;
 - `ddp`: without the option, 1 step and its checkpoint; `ep2-from-ddp`: K = 2 from it, which must be refused (the
   message goes to `<output root>/refused.txt`).
+
+Then `diffmoe sample` (6 samples in batches of 2, 2 steps, float pixels kept) of `ep2`'s export and of the DiffMoE
+(Shi et al.) pipeline, without the option (`<output root>/<family>.npz`) and with `--expert-parallel-size 2`
+(`<family>-ep2.npz`).
 """
 
 import os
@@ -17,6 +21,7 @@ import sys
 
 from accelerate.state import AcceleratorState, PartialState
 
+from diffmoe_hf import cli
 from diffmoe_hf.cli import CommandError
 from diffmoe_hf.training import train_class_conditional as script
 
@@ -26,7 +31,12 @@ from .training_helpers import script_args
 COMMON = ["--max_train_steps", "5", "--learning_rate", "1e-3", "--gradient_accumulation_steps", "2"]
 
 
-def main(pretrained: str, images: str, root: str) -> None:
+def sample(model: str, output: str, *extra: str) -> None:
+    options = ["--num-samples", "6", "--batch-size", "2", "--steps", "2", "--keep-float", "--no-progress"]
+    assert cli.main(["sample", "--model", model, "--output", output, *options, *extra]) == 0, output
+
+
+def main(pretrained: str, images: str, root: str, dynamic_token_pipeline: str) -> None:
     # the runs share the processes' one process group: the script's `end_training` must not destroy it
     PartialState.destroy_process_group = lambda self, group=None: None
 
@@ -52,7 +62,10 @@ def main(pretrained: str, images: str, root: str) -> None:
         if int(os.environ["RANK"]) == 0:
             with open(os.path.join(root, "refused.txt"), "w") as f:
                 f.write(str(error))
+    for family, model in (("dit-moe", os.path.join(root, "ep2")), ("dynamic-token-moe", dynamic_token_pipeline)):
+        sample(model, os.path.join(root, f"{family}.npz"))
+        sample(model, os.path.join(root, f"{family}-ep2.npz"), "--expert-parallel-size", "2")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

@@ -9,11 +9,12 @@ import sys
 
 import pytest
 
+from diffmoe_hf import cli
 from diffmoe_hf.families import get_family
 from diffmoe_hf.models.moe import holding_experts
 from diffmoe_hf.parallel import check_expert_parallel_size, expert_parallel_mesh
 
-from .helpers import expert_banks, registered_families, tiny_model
+from .helpers import expert_banks, registered_families, tiny_model, tiny_pipeline
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,6 +43,15 @@ def test_the_expert_parallel_size_must_divide_every_expert_count_of_a_moe_model(
             get_family("dsmoe").tiny_model(num_experts=3, n_group=1, topk_group=1)
     with pytest.raises(ValueError, match="needs torch.distributed initialised"):
         expert_parallel_mesh(2)
+
+
+def test_sampling_refuses_an_expert_parallel_size_that_does_not_divide_the_processes(tmp_path, capsys):
+    folder = str(tmp_path / "pipe")
+    tiny_pipeline(with_vae=False).save_pretrained(folder)
+    output = str(tmp_path / "samples.npz")
+    assert cli.main(["sample", "--model", folder, "--output", output, "--expert-parallel-size", "2"]) == 2
+    message = "diffmoe sample: error: --expert-parallel-size 2 must divide the number of processes (1)."
+    assert capsys.readouterr().err.strip().endswith(message)
 
 
 def test_expert_parallel_matches_one_process_for_every_family(tmp_path):

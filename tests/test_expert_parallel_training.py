@@ -1,12 +1,14 @@
-"""`--expert_parallel_size` in train_class_conditional.py, in 2 CPU processes on gloo (one launch of
-tests/expert_parallel_training_worker.py, several runs): 5 steps at K = 2 end within the float32 bound of K = 1,
-resuming at K = 2 is exact, checkpoints load at another K (2 -> 1, 1 -> 2) and continue, a checkpoint without
-resharding support is refused, and the export is an ordinary diffusers folder loaded on one process."""
+"""`--expert_parallel_size` in train_class_conditional.py and `diffmoe sample --expert-parallel-size`, in 2 CPU
+processes on gloo (one launch of tests/expert_parallel_training_worker.py, several runs): 5 steps at K = 2 end within
+the float32 bound of K = 1, resuming at K = 2 is exact, checkpoints load at another K (2 -> 1, 1 -> 2) and continue,
+a checkpoint without resharding support is refused, the export is an ordinary diffusers folder loaded on one
+process, and sampling at K = 2 writes the file of a run without expert parallelism."""
 
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
@@ -25,8 +27,10 @@ def runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("expert-parallel-training")
     pretrained = save_tiny_pipeline(str(folder / "pipe"), "dit-moe")
     images = make_image_folder(str(folder / "images"))
+    dynamic_token = save_tiny_pipeline(str(folder / "dynamic-token-pipe"), "dynamic-token-moe")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command = [*launcher, "-m", "tests.expert_parallel_training_worker", pretrained, images, str(folder / "runs")]
+    worker = ["-m", "tests.expert_parallel_training_worker", pretrained, images, str(folder / "runs"), dynamic_token]
+    command = [*launcher, *worker]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-6000:]
@@ -63,3 +67,16 @@ def test_expert_parallel_training_matches_k1_resumes_exactly_and_reshards(runs):
     )
     assert os.path.isdir(runs / "ep2" / "checkpoint-3" / "expert_parallel")
     assert "was not saved with --expert_parallel_size, so it cannot be resharded" in (runs / "refused.txt").read_text()
+
+
+@pytest.mark.parametrize("family", ["dit-moe", "dynamic-token-moe"])
+def test_expert_parallel_sampling_writes_the_file_of_one_copy_of_the_experts(runs, family):
+    expected, actual = np.load(runs / f"{family}.npz"), np.load(runs / f"{family}-ep2.npz")
+    assert np.array_equal(actual["arr_1"], expected["arr_1"])
+    folder = runs / "ep2" if family == "dit-moe" else runs.parent / "dynamic-token-pipe"
+    model = DiffusionPipeline.from_pretrained(str(folder)).transformer
+    reference = torch.from_numpy(expected["arr_float"])
+    tolerance = model_float32_tolerance(model, reference, calls=2 * 2 * 2)  # 2 steps, guided, and the VAE's decoder
+    assert_float32_close(torch.from_numpy(actual["arr_float"]), reference, tolerance, family)
+    grey_levels = np.abs(actual["arr_0"].astype(int) - expected["arr_0"].astype(int))
+    assert grey_levels.max() <= 1  # a value on a rounding boundary may round the other way

@@ -7,7 +7,7 @@ For a bank whose `expert_parallel_group` is set (`diffmoe_hf.parallel.enable_exp
    receives from each rank, and for which of its experts;
 2. the rows, and the bank's per-row inputs (`rows_only_expert_inputs`: e.g. the per-sample conditioning and channel
    weights of Diff-MoE's modulated experts, Cheng et al.), go to their experts' ranks with the differentiable
-   `all_to_all_single` of `torch.distributed.nn.functional` (gradients flow back the same way);
+   `all_to_all_single_autograd` of `torch.distributed._functional_collectives` (gradients flow back the same way);
 3. the received rows are sorted by local expert and run through the fast backend `"auto"` resolves to (or
    `"modules"` where LoRA, hooks, quantized or offloaded weights require it, as on one process);
 4. the outputs return to the rows' ranks, in the order the rows left (a second exchange).
@@ -19,7 +19,7 @@ rows of width D on a rank, 2 R D values leave it per layer (forward), plus the p
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as differentiable
+import torch.distributed._functional_collectives as functional_collectives
 from torch import nn
 
 from ..ops.routing_layout import ExpertSegments
@@ -36,8 +36,7 @@ def _exchanged_counts(segments: ExpertSegments, group: dist.ProcessGroup) -> tor
 
 def _exchange(tensor: torch.Tensor, send_sizes: list[int], receive_sizes: list[int], group) -> torch.Tensor:
     """Differentiable all-to-all of the rows of `tensor`: `send_sizes[j]` leading rows go to rank j in turn."""
-    received = tensor.new_empty((sum(receive_sizes), *tensor.shape[1:]))
-    return differentiable.all_to_all_single(received, tensor.contiguous(), receive_sizes, send_sizes, group=group)
+    return functional_collectives.all_to_all_single_autograd(tensor.contiguous(), receive_sizes, send_sizes, group)
 
 
 def _local_segments(received_counts: torch.Tensor) -> tuple[torch.Tensor, ExpertSegments]:

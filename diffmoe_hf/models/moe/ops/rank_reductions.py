@@ -4,7 +4,7 @@ must describe the global batch of all ranks (expert parallelism sets a layer's `
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as differentiable
+import torch.distributed._functional_collectives as functional_collectives
 
 
 def summed_over_ranks(counts: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -16,6 +16,13 @@ def summed_over_ranks(counts: torch.Tensor, group: dist.ProcessGroup | None) -> 
     return total
 
 
+def _differentiable_sum(value: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """`value` summed over the ranks of `group`, in rank order (the same bits on every rank), with its gradient: every
+    rank's value is gathered (`all_gather_single_autograd`, whose backward sums each rank's upstream gradients)."""
+    gathered = functional_collectives.all_gather_single_autograd(value.unsqueeze(0), gather_dim=0, group=group)
+    return gathered.sum(0)
+
+
 def token_mean_over_ranks(values: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """
     (S, E) per-token values of this rank -> (E,) their mean over the tokens of every rank of `group`, with its
@@ -25,7 +32,7 @@ def token_mean_over_ranks(values: torch.Tensor, group: dist.ProcessGroup | None)
     if group is None:
         return values.mean(0)
     sums = torch.cat([values.sum(0), values.new_full((1,), values.shape[0])])
-    sums = differentiable.all_reduce(sums, group=group)
+    sums = _differentiable_sum(sums, group)
     return sums[:-1] / sums[-1]
 
 
@@ -34,4 +41,4 @@ def mean_over_ranks(value: torch.Tensor, group: dist.ProcessGroup | None) -> tor
     its gradient (each rank's own term keeps gradient 1 after data-parallel averaging, as without the mean)."""
     if group is None:
         return value
-    return differentiable.all_reduce(value, group=group) / dist.get_world_size(group)
+    return _differentiable_sum(value, group) / dist.get_world_size(group)
