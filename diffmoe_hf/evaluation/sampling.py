@@ -253,8 +253,8 @@ class SampleRun:
         os.remove(path)
         return False
 
-    def run_batch(self, batch: int, write: bool = True) -> None:
-        """Samples one global batch and, with `write`, writes its part file."""
+    def sample_batch(self, batch: int) -> tuple[np.ndarray, torch.Tensor]:
+        """The indices of one global batch and its float images, checked to be finite (nothing written)."""
         indices = self._batch_indices(batch)
         images = generate_images(self.pipe, indices, self.labels[indices], self.seed, self.call_kwargs)
         if not torch.isfinite(images).all():
@@ -263,8 +263,11 @@ class SampleRun:
                 "kept. Its weights or this sampler setting are broken: try the folder's own scheduler and default "
                 "--guidance-scale, or re-convert it."
             )
-        if not write:
-            return
+        return indices, images
+
+    def run_batch(self, batch: int) -> None:
+        """Samples one global batch and writes its part file."""
+        indices, images = self.sample_batch(batch)
         pixels = to_pixels(images)
         arrays = {"images": torch.floor(pixels).to(torch.uint8).numpy(), "indices": indices}
         if self.keep_float:
@@ -359,7 +362,10 @@ def _sample_batches(run: SampleRun, state, progress: bool) -> None:
         disable=not (progress and state.is_main_process),
     )
     for batch in batches:
-        run.run_batch(batch, write=state.process_index % run.group_size == 0)
+        if state.process_index % run.group_size == 0:
+            run.run_batch(batch)
+        else:  # another rank of the expert-parallel group writes it
+            run.sample_batch(batch)
         if not bar.disable:
             bar.n = run.finished_samples()  # the parts of all processes, on the shared folder
             bar.refresh()
