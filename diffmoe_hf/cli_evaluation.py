@@ -122,6 +122,13 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--expert-parallel-size",
+        type=int,
+        help="expert parallelism: K processes (of torchrun / accelerate launch) share one copy of the experts, each "
+        "holding E/K of every MoE layer's experts, and sample each batch together; K divides the number of processes "
+        "and every expert count. Writes the same file as without it (per-token families up to float summation order)",
+    )
 
 
 def _sampling_defaults(model: str, args) -> tuple[dict, str | None]:
@@ -172,6 +179,25 @@ def distributed_state(device: str | None = None):
     return state, chosen or state.device
 
 
+def load_expert_parallel_pipeline(model: str, expert_parallel_size: int, state, device, **components):
+    """The pipeline of `model` on this process's `device` with only this rank's experts, expert-parallel over groups of
+    `expert_parallel_size` consecutive processes (`diffmoe_hf.parallel`); a size that does not fit is a `ValueError`
+    naming the numbers."""
+    from diffmoe_hf.models.moe import holding_experts
+    from diffmoe_hf.parallel import check_expert_parallel_size, enable_expert_parallel, expert_parallel_mesh
+
+    if expert_parallel_size < 1 or state.num_processes % expert_parallel_size:
+        raise ValueError(
+            f"--expert-parallel-size {expert_parallel_size} must divide the number of processes ({state.num_processes})."
+        )
+    mesh = expert_parallel_mesh(expert_parallel_size, device.type)
+    with holding_experts(mesh.expert_rank, mesh.expert_size):
+        pipe = load_pipeline(model, **components).to(device)
+    check_expert_parallel_size(pipe.transformer, expert_parallel_size)
+    enable_expert_parallel(pipe.transformer, mesh)
+    return pipe
+
+
 def run_sample(args) -> None:
     """`diffmoe sample`: every file argument is checked before the model is loaded; Ctrl-C keeps finished batches."""
     check_output_file(args.output, args.overwrite, ".npz")
@@ -183,7 +209,7 @@ def run_sample(args) -> None:
     run = None
     try:
         state, device = distributed_state(args.device)
-        run = _prepared_run(args, device)
+        run = _prepared_run(args, state, device)
         _sample(run, state, args)
     except KeyboardInterrupt:
         raise interrupted("sample", _kept_batches(run)) from None
@@ -200,8 +226,9 @@ def _kept_batches(run) -> str:
     )
 
 
-def _prepared_run(args, device):
-    """The pipeline of `args.model` on this process's `device`, as a `SampleRun` of the command's settings."""
+def _prepared_run(args, state, device):
+    """The pipeline of `args.model` on this process's `device` (of the processes `state`), as a `SampleRun` of the
+    command's settings."""
     import torch
 
     from diffmoe_hf.evaluation.sampling import SampleRun
@@ -214,7 +241,10 @@ def _prepared_run(args, device):
         components["vae"] = load_vae(args.vae).to(dtype)
     if dtype != torch.float32:
         components["torch_dtype"] = dtype
-    pipe = load_pipeline(args.model, **components).to(device)
+    if args.expert_parallel_size is None:
+        pipe = load_pipeline(args.model, **components).to(device)
+    else:
+        pipe = load_expert_parallel_pipeline(args.model, args.expert_parallel_size, state, device, **components)
     pipe.set_progress_bar_config(disable=True)
     call_kwargs, scheduler_name = _sampling_defaults(args.model, args)
     select_scheduler(pipe, scheduler_name)
@@ -235,6 +265,7 @@ def _prepared_run(args, device):
         settings,
         png_dir=args.png_dir,
         keep_float=args.keep_float,
+        group_size=args.expert_parallel_size or 1,
     )
 
 

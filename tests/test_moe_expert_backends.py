@@ -17,7 +17,7 @@ from diffmoe_hf.models.moe import (
 from .helpers import expert_banks, model_float32_tolerance, model_inputs, registered_families, tiny_model
 
 
-BUILT_IN = ("modules", "segment_linear", "grouped_mm")
+BUILT_IN = ("modules", "segment_linear", "grouped_mm", "expert_parallel")
 
 
 @torch.no_grad()
@@ -32,6 +32,7 @@ def test_the_registry_lists_the_built_in_backends():
         "modules": False,
         "segment_linear": True,
         "grouped_mm": True,
+        "expert_parallel": False,
     }
 
 

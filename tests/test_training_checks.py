@@ -85,6 +85,21 @@ OPTION_CASES = [
     ),
     ("two-data-options", ["--dataset_name", "cifar10"], r"Give exactly one of --dataset_name, --train_data_dir"),
     ("model-and-preset", ["--preset", "DSMoE-S-E16", "--model_family", "dsmoe"], r"Give exactly one of --pretrained"),
+    (
+        "expert-parallel-processes",
+        ["--expert_parallel_size", "2"],
+        r"--expert_parallel_size 2 must divide the number of processes \(1\)",
+    ),
+    (
+        "expert-parallel-launch",
+        ["--expert_parallel_size", "1"],
+        r"--expert_parallel_size: expert_parallel_size=1 needs torch.distributed initialised \(torchrun",
+    ),
+    (
+        "expert-parallel-ema",
+        ["--expert_parallel_size", "1", "--use_ema"],
+        r"--use_ema is not supported with --expert_p",
+    ),
 ]
 
 

@@ -68,6 +68,7 @@ from diffmoe_hf.training.data import (
     relabel,
     repeated_to_fill,
 )
+from diffmoe_hf.training.expert_parallel import ExpertParallelTraining, check_expert_parallel_arguments
 from diffmoe_hf.training.lora_merge import load_non_lora_state, merged_lora_model, save_non_lora_state
 from diffmoe_hf.training.new_classes import (
     NEW_CLASS_MODES,
@@ -238,6 +239,14 @@ def parse_args(input_args=None):
         "(down_proj; net.2), 'modulation' the per-expert modulation of Diff-MoE (Cheng et al.).",
     )
     # full fine-tuning
+    parser.add_argument(
+        "--expert_parallel_size",
+        type=int,
+        default=None,
+        help="Expert parallelism: K processes share one copy of the experts, each holding E/K of every MoE layer's "
+        "experts (K divides the number of processes and every expert count; DDP for the other weights; checkpoints "
+        "load at any K). See training/README.md.",
+    )
     parser.add_argument("--use_ema", action="store_true")
     parser.add_argument("--ema_decay", type=float, default=0.9999)
     parser.add_argument("--offload_ema", action="store_true", help="Keep the EMA weights on the CPU.")
@@ -550,6 +559,10 @@ def main(args):
     touch_all_parameters = accelerator.num_processes > 1 and not native_checkpoints
     if args.use_ema and sharded_params:
         raise CommandError("--use_ema needs every rank to hold full parameters: use DDP or DeepSpeed ZeRO-2.")
+    expert_parallel = None
+    if args.expert_parallel_size is not None:
+        check_expert_parallel_arguments(args, accelerator.num_processes, native_checkpoints)
+        expert_parallel = ExpertParallelTraining(args.expert_parallel_size, accelerator.device.type)
     if args.seed is not None:
         set_seed(args.seed)
     if accelerator.is_main_process:
@@ -587,11 +600,14 @@ def main(args):
         num_classes_from_data = len(class_names)
         data_id2label = {str(class_id): name for class_id, name in enumerate(class_names)}
 
-    with user_input_errors():
+    building = expert_parallel.building() if expert_parallel is not None else contextlib.nullcontext()
+    with user_input_errors(), building:
         transformer, vae, noise_scheduler, id2label = load_components(args, num_classes_from_data, data_id2label)
     if args.new_classes is not None:
         folder_ids, id2label = new_classes(transformer, class_names, id2label, args)
         image_dataset = relabel(image_dataset, args.label_column, class_names, folder_ids)
+    if expert_parallel is not None:
+        expert_parallel.prepare(transformer)
     config = transformer.config
     if args.train_data_dir is not None and args.new_classes is None:
         if folder_ids is None:
@@ -709,6 +725,10 @@ def main(args):
     # checkpoints in diffusers formats (LoRA via save_lora_weights, full models via save_pretrained); DeepSpeed and FSDP
     # keep their own sharded formats and the final model is gathered at the end
     def save_model_hook(models, weights, output_dir):
+        if expert_parallel is not None:  # every rank saves what it holds; accelerate saves no model
+            expert_parallel.save(output_dir, unwrap(accelerator, models[0]), optimizer.optimizer)
+            weights.clear()
+            return
         if not accelerator.is_main_process:
             return
         if ema is not None:
@@ -732,6 +752,10 @@ def main(args):
                 weights.pop()
 
     def load_model_hook(models, input_dir):
+        if expert_parallel is not None:
+            with user_input_errors():
+                expert_parallel.load(input_dir, unwrap(accelerator, models.pop()), optimizer.optimizer)
+            return
         if ema is not None:
             # the model class, not the DDP wrapper `transformer` is after `prepare`
             loaded = EMAModel.from_pretrained(os.path.join(input_dir, "transformer_ema"), ema.model_cls)
@@ -817,6 +841,8 @@ def main(args):
     transformer, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         transformer, optimizer, train_dataloader, lr_scheduler
     )
+    if expert_parallel is not None:  # its state is saved per rank by the hooks, not by accelerate
+        accelerator._optimizers.remove(optimizer)
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
@@ -888,7 +914,10 @@ def main(args):
                 if touch_all_parameters:
                     loss = loss + 0.0 * sum(p.sum() for p in params)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                if expert_parallel is not None:
+                    if accelerator.sync_gradients:
+                        expert_parallel.finish_gradients(model, args.max_grad_norm)
+                elif accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
@@ -918,7 +947,8 @@ def main(args):
         # the last epoch's validation is the final one, after the weights are saved
         validate = args.validation_epochs and (epoch + 1) % args.validation_epochs == 0
         validate = validate and global_step < args.max_train_steps
-        if validate and (accelerator.is_main_process or sharded_params):  # sharded weights: every rank samples
+        every_rank_samples = sharded_params or expert_parallel is not None  # sharded weights or experts
+        if validate and (accelerator.is_main_process or every_rank_samples):
             log_validation(model, vae, noise_scheduler, id2label, args, accelerator, ema, global_step)
 
     elapsed = time.perf_counter() - start_time
@@ -929,6 +959,8 @@ def main(args):
         )
 
     accelerator.wait_for_everyone()
+    if expert_parallel is not None:  # the main process exports every expert
+        model = expert_parallel.full_model(model)
     save_final(
         accelerator, transformer, model, vae, noise_scheduler, id2label, ema, args, native_checkpoints, sharded_params
     )

@@ -18,6 +18,12 @@ summation order (pixel values may differ by one grey level where a value sits on
 al.) routes over the whole batch, so its samples depend on which samples share a batch, as in the original, and only
 the batch size and the indices fix them.
 
+Expert parallelism (`group_size` K > 1, `diffmoe sample --expert-parallel-size K`): the processes form groups of K
+consecutive ranks that hold the experts once between them, batch `b` runs on group `b % (num_processes / K)`, and
+every rank of the group runs the whole batch (its tokens travel to the experts' ranks), so each batch is computed as
+by one process, DiffMoE's batch-level routing included; the group's first rank writes it. The dense layers' work is
+repeated on the K ranks: the point is the experts' memory, split K ways.
+
 Resume. Each finished batch is written at once to `<output>.parts/batch-<b>.npz` (atomically); a restarted run with
 the same settings skips the batches on disk, and the final `.npz` is identical to an uninterrupted run's. A part file
 that cannot be read (a damaged disk copy) is named in a warning, removed and sampled again. A parts folder without
@@ -175,6 +181,7 @@ class SampleRun:
         settings: dict | None = None,
         png_dir: str | None = None,
         keep_float: bool = False,
+        group_size: int = 1,
     ):
         if num_samples < 1 or batch_size < 1:
             raise ValueError(f"--num-samples and --batch-size must be positive, got {num_samples} and {batch_size}.")
@@ -182,7 +189,7 @@ class SampleRun:
             raise ValueError(f"The output must be a .npz file (the ADM sample format), got {output!r}.")
         self.pipe, self.output, self.num_samples, self.batch_size = pipe, output, num_samples, batch_size
         self.seed, self.call_kwargs = seed, dict(call_kwargs or {})
-        self.png_dir, self.keep_float = png_dir, keep_float
+        self.png_dir, self.keep_float, self.group_size = png_dir, keep_float, group_size
         self.labels = sample_labels(num_samples, pipe.transformer.config.num_classes, seed, label_mode)
         self.parts_dir = output + ".parts"
         self.record = {
@@ -223,8 +230,9 @@ class SampleRun:
         write_text_atomically(record_path, json.dumps(self.record, indent=2))
 
     def my_batches(self, process_index: int, num_processes: int) -> list[int]:
-        """The unfinished batches of this process (batch b runs on process b % num_processes)."""
-        mine = range(process_index, self.num_batches, num_processes)
+        """The unfinished batches of this process: batch b runs on the processes of group b % (num_processes /
+        group_size), groups of `group_size` consecutive processes."""
+        mine = range(process_index // self.group_size, self.num_batches, num_processes // self.group_size)
         return [b for b in mine if not self._readable_part(b)]
 
     def _batch_indices(self, batch: int) -> np.ndarray:
@@ -245,8 +253,8 @@ class SampleRun:
         os.remove(path)
         return False
 
-    def run_batch(self, batch: int) -> None:
-        """Samples one global batch and writes its part file."""
+    def sample_batch(self, batch: int) -> tuple[np.ndarray, torch.Tensor]:
+        """The indices of one global batch and its float images, checked to be finite (nothing written)."""
         indices = self._batch_indices(batch)
         images = generate_images(self.pipe, indices, self.labels[indices], self.seed, self.call_kwargs)
         if not torch.isfinite(images).all():
@@ -255,6 +263,11 @@ class SampleRun:
                 "kept. Its weights or this sampler setting are broken: try the folder's own scheduler and default "
                 "--guidance-scale, or re-convert it."
             )
+        return indices, images
+
+    def run_batch(self, batch: int) -> None:
+        """Samples one global batch and writes its part file."""
+        indices, images = self.sample_batch(batch)
         pixels = to_pixels(images)
         arrays = {"images": torch.floor(pixels).to(torch.uint8).numpy(), "indices": indices}
         if self.keep_float:
@@ -349,7 +362,10 @@ def _sample_batches(run: SampleRun, state, progress: bool) -> None:
         disable=not (progress and state.is_main_process),
     )
     for batch in batches:
-        run.run_batch(batch)
+        if state.process_index % run.group_size == 0:
+            run.run_batch(batch)
+        else:  # another rank of the expert-parallel group writes it
+            run.sample_batch(batch)
         if not bar.disable:
             bar.n = run.finished_samples()  # the parts of all processes, on the shared folder
             bar.refresh()

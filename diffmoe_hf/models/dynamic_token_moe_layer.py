@@ -8,6 +8,7 @@ from diffusers.models.attention import FeedForward
 from torch import nn
 
 from .moe import ExpertSegments, GeluMLPExperts, active_moe_collector, segments_from_expert_choice
+from .moe.ops.rank_reductions import mean_over_ranks, summed_over_ranks
 
 
 class Float32Linear(nn.Linear):
@@ -154,6 +155,10 @@ class DynamicTokenMoE(nn.Module):
       router decides which: expert e takes its k_e best-scoring tokens, not necessarily those that passed the
       threshold.
 
+    With a `statistics_group` (expert parallelism sets it to all ranks; default `None`), each rank still selects among
+    its own tokens, as a data-parallel run of the original does, and the reported loss and statistics are those of
+    all ranks: the mean capacity loss and capacity quantile, the summed tokens per expert.
+
     So both modes route over the whole batch: a sample's output depends on the other samples of the call. The
     routing of a call is the output of `router` (an `ExpertSegments`); nothing is stored on the module.
 
@@ -188,6 +193,7 @@ class DynamicTokenMoE(nn.Module):
         self.num_experts = num_experts
         self.capacity = capacity
         self.capacity_loss_weight = capacity_loss_weight
+        self.statistics_group = None
         self.router = ExpertChoiceRouter(dim=dim, num_experts=num_experts)
         self.capacity_predictor = CapacityPredictor(dim=dim, num_experts=num_experts)
         self.experts = GeluMLPExperts(dim=dim, num_experts=num_experts, intermediate_size=intermediate_size)
@@ -225,13 +231,16 @@ class DynamicTokenMoE(nn.Module):
         chosen[segments.token_index, segments.expert_index] = 1.0
         # computed whether or not a collector is open, so that a recomputation under gradient checkpointing records
         # the same autograd graph as the forward it replays
+        group = self.statistics_group
         capacity_loss = self.capacity_loss_weight * F.binary_cross_entropy_with_logits(capacity_logits, chosen)
+        capacity_loss = mean_over_ranks(capacity_loss, group)
         collector = active_moe_collector()
         if collector is not None:
             collector.add_aux_loss(capacity_loss)
+            tokens_per_expert = torch.full((self.num_experts,), k, dtype=torch.int64, device=tokens.device)
             collector.add_statistics(
                 self,
-                tokens_per_expert=torch.full((self.num_experts,), k, dtype=torch.int64, device=tokens.device),
-                capacity_quantile=capacity_quantile(capacity_logits, k),
+                tokens_per_expert=summed_over_ranks(tokens_per_expert, group),
+                capacity_quantile=mean_over_ranks(capacity_quantile(capacity_logits, k), group),
             )
         return segments

@@ -109,15 +109,18 @@ def _stored_shapes(files: list[str]) -> dict[str, tuple[int, ...]]:
 
 def _expected_shapes(model_class, config: dict, folder: str) -> dict[str, tuple[int, ...]]:
     """
-    Tensor name -> shape of every tensor `model_class.from_config(config)` saves, built without memory.
+    Tensor name -> shape of every tensor `model_class.from_config(config)` saves, built without memory (with every
+    expert, also when an expert-parallel rank loads only its own: the folder holds the full model).
 
     Raises:
         ValueError: when the config builds no model (the constructor's message, with the file it came from).
     """
     from accelerate import init_empty_weights
 
+    from .moe.layers.expert_placement import holding_all_experts
+
     try:
-        with init_empty_weights(include_buffers=False):
+        with init_empty_weights(include_buffers=False), holding_all_experts():
             model = model_class.from_config(config)
     except (ValueError, TypeError) as err:
         raise ValueError(

@@ -96,28 +96,63 @@ class ModulatedSwiGLUExperts(GroupedExperts):
 
     def __init__(self, *, dim: int, num_experts: int, intermediate_size: int, modulation_rank: int):
         expert = dict(dim=dim, intermediate_size=intermediate_size, modulation_rank=modulation_rank)
-        super().__init__([ModulatedSwiGLU(**expert) for _ in range(num_experts)])
+        super().__init__(lambda: ModulatedSwiGLU(**expert), num_experts)
 
     def row_arguments(
         self,
         segments: ExpertSegments,
         conditioning: torch.Tensor,
         channel_weights: torch.Tensor,
-        tokens_per_sample: int,
+        tokens_per_sample: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
             segments: the layout of the routed rows (`token_index` indexes the flattened (B * tokens_per_sample)
                 tokens).
-            conditioning: (B, D) per-sample conditioning vectors.
-            channel_weights: (B, intermediate_size) per-sample recalibration of the hidden channels.
-            tokens_per_sample: tokens of one sample in the flattened token pool.
+            conditioning: (B, D) per-sample conditioning vectors, or (R, D) per row when `tokens_per_sample` is
+                `None`.
+            channel_weights: (B, intermediate_size) per-sample recalibration of the hidden channels (per row when
+                `tokens_per_sample` is `None`).
+            tokens_per_sample: tokens of one sample in the flattened token pool, or `None` for per-row inputs (the
+                form `rows_only_expert_inputs` gives).
 
         Returns:
             (R, D) conditioning and (R, intermediate_size) channel weights of each row's sample.
         """
+        if tokens_per_sample is None:
+            return conditioning, channel_weights
         sample_index = segments.token_index // tokens_per_sample
         return conditioning[sample_index], channel_weights[sample_index]
+
+    def rows_only_expert_inputs(
+        self,
+        segments: ExpertSegments,
+        conditioning: torch.Tensor,
+        channel_weights: torch.Tensor,
+        tokens_per_sample: int | None,
+    ) -> dict:
+        """Each row's conditioning and channel weights (`row_arguments`), with `tokens_per_sample=None`."""
+        conditioning, channel_weights = self.row_arguments(
+            segments, conditioning=conditioning, channel_weights=channel_weights, tokens_per_sample=tokens_per_sample
+        )
+        return dict(conditioning=conditioning, channel_weights=channel_weights, tokens_per_sample=None)
+
+    def _row_modulation(
+        self, segments: ExpertSegments, conditioning: torch.Tensor, sample_index: torch.Tensor | None
+    ) -> torch.Tensor:
+        """
+        (R, 3D) `[shift | 1 + scale | gate]` of each row's expert on its conditioning: (B, D) per sample with the
+        (R,) `sample_index` of each row, or (R, D) per row when `sample_index` is `None`.
+        """
+        if sample_index is None:  # per-row conditioning: each expert's modulation on its own segment
+            chunks = zip(self, conditioning.split(segments.sizes()))
+            shift, scale, gate = torch.cat([expert.modulation(chunk) for expert, chunk in chunks]).chunk(3, dim=-1)
+            return torch.cat([shift, 1 + scale, gate], dim=-1)
+        # modulation of every expert for every sample: (B, E, 3D), then one row per routed token
+        modulation = torch.stack([expert.modulation(conditioning) for expert in self], dim=1)
+        shift, scale, gate = modulation.chunk(3, dim=-1)
+        # `1 + scale` on the small (B, E, D) table, then one gather of all three per routed row
+        return torch.cat([shift, 1 + scale, gate], dim=-1)[sample_index, segments.expert_index]
 
     def forward_projected(
         self,
@@ -126,20 +161,17 @@ class ModulatedSwiGLUExperts(GroupedExperts):
         project: Callable[..., torch.Tensor],
         conditioning: torch.Tensor,
         channel_weights: torch.Tensor,
-        tokens_per_sample: int,
+        tokens_per_sample: int | None,
     ) -> torch.Tensor:
         """(R, D) routed rows sorted by expert -> (R, D) each row's expert output (residual included); the other
         arguments as in `row_arguments`."""
-        sample_index = segments.token_index // tokens_per_sample
-        # modulation of every expert for every sample: (B, E, 3D), then one row per routed token
-        modulation = torch.stack([expert.modulation(conditioning) for expert in self], dim=1)
-        shift, scale, gate = modulation.chunk(3, dim=-1)
-        # `1 + scale` on the small (B, E, D) table, then one gather of all three per routed row
-        per_row = torch.cat([shift, 1 + scale, gate], dim=-1)[sample_index, segments.expert_index]
-        shift, scale, gate = per_row.chunk(3, dim=-1)
+        sample_index = None if tokens_per_sample is None else segments.token_index // tokens_per_sample
+        shift, scale, gate = self._row_modulation(segments, conditioning, sample_index).chunk(3, dim=-1)
         modulated = torch.addcmul(shift, F.layer_norm(rows, rows.shape[-1:], eps=1e-6), scale)  # each expert's `norm`
         intermediate = swiglu_activation(project(modulated, "gate_proj", "up_proj"))
-        row_channel_weights = channel_weights.index_select(0, sample_index)
+        row_channel_weights = (
+            channel_weights if sample_index is None else channel_weights.index_select(0, sample_index)
+        )
         if torch.is_grad_enabled():
             intermediate = intermediate * row_channel_weights
         else:  # inference: in place, in the (new) projection output

@@ -2,10 +2,12 @@
 
 - `layers/`: `nn.Module`s a model builds: the routers (`routers`), the expert banks (`experts`), the registry of
   expert backends, the functions that run a bank's experts (`expert_backends`), the token-choice SwiGLU MoE layer
-  of DSMoE, JiTMoE and DiT-MoE (`swiglu_moe`) and its DeepSeek-style variant (`deepseek_moe`).
+  of DSMoE, JiTMoE and DiT-MoE (`swiglu_moe`) and its DeepSeek-style variant (`deepseek_moe`), which experts a bank
+  builds (`expert_placement`) and the expert-parallel backend that sends rows to the rank of their expert
+  (`expert_parallel`).
 - `ops/`: tensor functions and custom ops with no parameters: the routing layout (`routing_layout`: routed pairs
   sorted into per-expert segments and combined back) and the grouped GEMMs that run all experts at once
-  (`grouped_gemm`, `mkl_grouped_gemm`).
+  (`grouped_gemm`, `mkl_grouped_gemm`), and routing statistics reduced over ranks (`rank_reductions`).
 
 A MoE layer routes its tokens (router -> expert ids and weights), lays the routing out as `ExpertSegments`, and calls
 its bank's `forward_routed`, which gathers the rows, runs every expert on its segment through the bank's expert
@@ -28,6 +30,8 @@ from .layers.expert_backends import (
     resolve_expert_backend,
     stacked_expert_parameters,
 )
+from .layers.expert_parallel import run_expert_parallel
+from .layers.expert_placement import expert_block, holding_all_experts, holding_experts, placed_expert_ids
 from .layers.experts import (
     GeluMLPExperts,
     GroupedExperts,

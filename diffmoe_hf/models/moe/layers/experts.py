@@ -12,6 +12,7 @@ from torch import nn
 
 from ..ops.routing_layout import ExpertSegments, combine_segments
 from .expert_backends import EXPERT_BACKENDS, check_expert_backend, resolve_expert_backend
+from .expert_placement import placed_expert_ids
 
 
 class SwiGLU(nn.Module):
@@ -66,7 +67,17 @@ class GroupedExperts(nn.ModuleList, ABC):
     - `projection_paths`: the sub-module paths of every `nn.Linear` projection of an expert, e.g.
       `("gate_proj", "up_proj", "down_proj")`;
     - `forward_projected`: the experts' computation written once, with the projections done by the backend;
-    - `row_arguments`: what an expert module takes after its rows, one row per routed row.
+    - `row_arguments`: what an expert module takes after its rows, one row per routed row;
+    - `rows_only_expert_inputs`: the per-call inputs re-expressed per row, so that rows can run away from their
+      tokens (expert parallelism).
+
+    A bank built inside `holding_experts(rank, size)` (`expert_placement`) holds only its expert-parallel block of
+    the experts, each under its global name `str(e)`: iterate it (`for expert in bank`, local experts in global
+    order), not `bank[i]`. `num_experts` is always the global E, `expert_ids` the global ids held.
+
+    Args:
+        build_expert: `() -> nn.Module`, one expert.
+        num_experts: E, the experts of the layer.
 
     Attributes:
         expert_backend (`str`): `"auto"` (default) or a registered backend (`"modules"`, `"segment_linear"`,
@@ -76,6 +87,15 @@ class GroupedExperts(nn.ModuleList, ABC):
 
     projection_paths: tuple[str, ...]
     _expert_backend: str = "auto"
+    expert_parallel_group: "torch.distributed.ProcessGroup | None" = None
+    """The expert-parallel group the `"expert_parallel"` backend exchanges rows over (`diffmoe_hf.parallel`)."""
+
+    def __init__(self, build_expert: Callable[[], nn.Module], num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.expert_ids = placed_expert_ids(num_experts)
+        for expert_id in self.expert_ids:
+            self.add_module(str(expert_id), build_expert())
 
     @property
     def expert_backend(self) -> str:
@@ -131,6 +151,14 @@ class GroupedExperts(nn.ModuleList, ABC):
         """The (R, ...) tensors an expert module takes after its rows, row r for routed row r (here: none)."""
         return ()
 
+    def rows_only_expert_inputs(self, segments: ExpertSegments, **expert_inputs) -> dict:
+        """
+        `expert_inputs` re-expressed for the routed rows alone: the keyword inputs of a `forward_grouped` call on the
+        same (R, D) rows whose segments have `token_index = arange(R)`. Tensors are (R, ...), row r for routed row r
+        (an expert-parallel backend sends them with the rows); other values are passed as they are (here: none).
+        """
+        return {}
+
 
 def set_expert_backend(module: nn.Module, backend: str) -> None:
     """
@@ -161,7 +189,7 @@ class SwiGLUExperts(GroupedExperts):
     projection_paths = ("gate_proj", "up_proj", "down_proj")
 
     def __init__(self, *, dim: int, num_experts: int, intermediate_size: int, bias: bool = False):
-        super().__init__([SwiGLU(dim=dim, intermediate_size=intermediate_size, bias=bias) for _ in range(num_experts)])
+        super().__init__(lambda: SwiGLU(dim=dim, intermediate_size=intermediate_size, bias=bias), num_experts)
 
     def forward_projected(
         self, rows: torch.Tensor, segments: ExpertSegments, project: Callable[..., torch.Tensor]
@@ -186,10 +214,8 @@ class GeluMLPExperts(GroupedExperts):
 
     def __init__(self, *, dim: int, num_experts: int, intermediate_size: int):
         super().__init__(
-            [
-                FeedForward(dim, inner_dim=intermediate_size, activation_fn="gelu-approximate", bias=True)
-                for _ in range(num_experts)
-            ]
+            lambda: FeedForward(dim, inner_dim=intermediate_size, activation_fn="gelu-approximate", bias=True),
+            num_experts,
         )
 
     def forward_projected(

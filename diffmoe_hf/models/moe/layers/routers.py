@@ -1,12 +1,17 @@
 """Token-choice routers. Each returns `(expert_ids (S, k) int64, expert_weights (S, k) float32)` for S tokens, so a
 `register_forward_hook` on a router sees every routing decision (used by the routing view and the parity tests). In
-training mode they report their statistics (and loss) to the open `MoECollector`, never onto the module."""
+training mode they report their statistics (and loss) to the open `MoECollector`, never onto the module.
+
+A router's `statistics_group` (default `None`: this process's tokens) is the process group whose tokens its
+training statistics and load-balancing loss describe; expert parallelism sets it to all ranks, so that they are the
+global batch's (`diffmoe_hf.parallel`)."""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..collector import active_moe_collector
+from ..ops.rank_reductions import summed_over_ranks, token_mean_over_ranks
 
 
 def assignments_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -60,6 +65,7 @@ class SigmoidGroupLimitedRouter(nn.Module):
         self.n_group = n_group
         self.topk_group = topk_group
         self.routed_scaling_factor = routed_scaling_factor
+        self.statistics_group = None
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
         nn.init.kaiming_normal_(self.weight)
         self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
@@ -80,7 +86,10 @@ class SigmoidGroupLimitedRouter(nn.Module):
             expert_weights = expert_weights / (expert_weights.sum(dim=-1, keepdim=True) + 1e-20)
         collector = active_moe_collector() if self.training else None
         if collector is not None:
-            collector.add_statistics(self, tokens_per_expert=assignments_per_expert(expert_ids, self.num_experts))
+            assignments = summed_over_ranks(
+                assignments_per_expert(expert_ids, self.num_experts), self.statistics_group
+            )
+            collector.add_statistics(self, tokens_per_expert=assignments)
         return expert_ids, expert_weights * self.routed_scaling_factor
 
 
@@ -120,6 +129,7 @@ class SoftmaxTopKRouter(nn.Module):
         self.top_k = num_experts_per_tok
         self.aux_loss_alpha = aux_loss_alpha
         self.normalize_weights = normalize_weights
+        self.statistics_group = None
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
 
@@ -130,13 +140,16 @@ class SoftmaxTopKRouter(nn.Module):
         if self.normalize_weights:
             expert_weights = expert_weights / expert_weights.sum(dim=-1, keepdim=True)
         if self.training:
-            assignments = assignments_per_expert(expert_ids, self.num_experts)
+            assignments = summed_over_ranks(
+                assignments_per_expert(expert_ids, self.num_experts), self.statistics_group
+            )
             # computed whether or not a collector is open, so that a recomputation under gradient checkpointing
             # records the same autograd graph as the forward it replays
             aux_loss = None
             if self.aux_loss_alpha > 0:
-                load = assignments.to(probs.dtype) * self.num_experts / expert_ids.numel()
-                aux_loss = self.aux_loss_alpha * (probs.mean(0) * load).sum()
+                assigned = expert_ids.numel() if self.statistics_group is None else assignments.sum()
+                load = assignments.to(probs.dtype) * self.num_experts / assigned
+                aux_loss = self.aux_loss_alpha * (token_mean_over_ranks(probs, self.statistics_group) * load).sum()
             collector = active_moe_collector()
             if collector is not None:
                 collector.add_statistics(self, tokens_per_expert=assignments)

@@ -1,0 +1,56 @@
+"""Which experts an expert bank builds: all of them (the default), or, while `holding_experts(rank, size)` is open,
+only the contiguous block of expert rank `rank` among `size` expert-parallel ranks. A bank built that way holds its
+experts under their global names (`experts.{e}` with e the global expert id), so its state dict, LoRA targets and
+checkpoints name every expert as a single-process model does; the other experts are never built."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+
+_placement: ContextVar[tuple[int, int] | None] = ContextVar("expert_placement", default=None)
+
+
+@contextmanager
+def holding_experts(rank: int, size: int) -> Iterator[None]:
+    """
+    Expert banks built inside this context build only expert-parallel rank `rank`'s experts of `size` ranks.
+
+    Args:
+        rank: This process's index on the expert axis, 0 <= rank < size.
+        size: Expert-parallel ranks K; every bank built inside must have a multiple of K experts.
+    """
+    if not 0 <= rank < size:
+        raise ValueError(f"expert-parallel rank={rank} must be between 0 and size-1={size - 1}.")
+    token = _placement.set((rank, size))
+    try:
+        yield
+    finally:
+        _placement.reset(token)
+
+
+@contextmanager
+def holding_all_experts() -> Iterator[None]:
+    """Expert banks built inside this context hold every expert, also inside `holding_experts` (e.g. a model built
+    to describe a full checkpoint)."""
+    token = _placement.set(None)
+    try:
+        yield
+    finally:
+        _placement.reset(token)
+
+
+def expert_block(num_experts: int, rank: int, size: int) -> range:
+    """The global ids of the E/K contiguous experts of expert-parallel rank `rank` of `size` (E = `num_experts`)."""
+    if num_experts % size:
+        raise ValueError(
+            f"{num_experts} experts cannot be split over an expert-parallel size of {size}: it must divide them."
+        )
+    per_rank = num_experts // size
+    return range(rank * per_rank, (rank + 1) * per_rank)
+
+
+def placed_expert_ids(num_experts: int) -> range:
+    """The global ids of the experts a bank of `num_experts` built now holds (all of them outside `holding_experts`)."""
+    placement = _placement.get()
+    return range(num_experts) if placement is None else expert_block(num_experts, *placement)

@@ -1,0 +1,61 @@
+"""The ranks of an expert-parallel run as a 2-D `DeviceMesh`: a `"data"` axis of replicas and an `"expert"` axis of
+K ranks that share one copy of the experts (each holds E/K of every layer's experts)."""
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass(frozen=True)
+class ExpertParallelMesh:
+    """
+    Attributes:
+        mesh: (world / K, K) `DeviceMesh` with dims `("data", "expert")`; rank = data index * K + expert index.
+    """
+
+    mesh: DeviceMesh
+
+    @property
+    def expert_group(self) -> dist.ProcessGroup:
+        """The K ranks that together hold every expert once (rows are exchanged among them)."""
+        return self.mesh.get_group("expert")
+
+    @property
+    def replica_group(self) -> dist.ProcessGroup:
+        """The world / K ranks holding the same experts (an expert's gradient is summed over them)."""
+        return self.mesh.get_group("data")
+
+    @property
+    def expert_rank(self) -> int:
+        return self.mesh.get_local_rank("expert")
+
+    @property
+    def expert_size(self) -> int:
+        return self.mesh.size(1)
+
+    @property
+    def world_size(self) -> int:
+        return self.mesh.size()
+
+
+def expert_parallel_mesh(expert_parallel_size: int, device_type: str = "cpu") -> ExpertParallelMesh:
+    """
+    The (data x expert) mesh of all ranks of the initialised default process group, K = `expert_parallel_size`
+    consecutive ranks per expert group. Every rank must call it.
+
+    Raises:
+        ValueError: when `torch.distributed` is not initialised, or K does not divide the number of processes.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            f"expert_parallel_size={expert_parallel_size} needs torch.distributed initialised (torchrun or accelerate "
+            "launch)."
+        )
+    world_size = dist.get_world_size()
+    if expert_parallel_size < 1 or world_size % expert_parallel_size:
+        raise ValueError(
+            f"expert_parallel_size={expert_parallel_size} must divide the number of processes ({world_size})."
+        )
+    shape = (world_size // expert_parallel_size, expert_parallel_size)
+    return ExpertParallelMesh(init_device_mesh(device_type, shape, mesh_dim_names=("data", "expert")))

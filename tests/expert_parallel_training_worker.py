@@ -1,0 +1,71 @@
+"""Runs train_class_conditional.py several times in the same 2 CPU processes (gloo), for
+tests/test_expert_parallel_training.py: `torchrun --standalone --nproc_per_node 2 -m
+tests.expert_parallel_training_worker <pretrained pipeline> <image folder> <output root> <DiffMoE pipeline>`.
+
+Every run trains the tiny DiT-MoE for 5 steps of 2 accumulated batches of 2 per process, with gradient checkpointing,
+into `<output root>/<name>`:
+
+- `ep1`: `--expert_parallel_size 1` (every rank holds every expert), checkpoint at step 3;
+- `ep2`: K = 2, checkpoint at step 3; `ep2-resumed`: K = 2 from `ep2`'s step 3;
+- `ep1-from-ep2`: K = 1 from `ep2`'s step 3; `ep2-from-ep1`: K = 2 from `ep1`'s step 3;
+- `ddp`: without the option, 1 step and its checkpoint; `ep2-from-ddp`: K = 2 from it, which must be refused (the
+  message goes to `<output root>/refused.txt`).
+
+Then `diffmoe sample` (6 samples in batches of 2, 2 steps, float pixels kept) of `ep2`'s export and of the DiffMoE
+(Shi et al.) pipeline, without the option (`<output root>/<family>.npz`) and with `--expert-parallel-size 2`
+(`<family>-ep2.npz`).
+"""
+
+import os
+import sys
+
+from accelerate.state import AcceleratorState, PartialState
+
+from diffmoe_hf import cli
+from diffmoe_hf.cli import CommandError
+from diffmoe_hf.training import train_class_conditional as script
+
+from .training_helpers import script_args
+
+
+COMMON = ["--max_train_steps", "5", "--learning_rate", "1e-3", "--gradient_accumulation_steps", "2"]
+
+
+def sample(model: str, output: str, *extra: str) -> None:
+    options = ["--num-samples", "6", "--batch-size", "2", "--steps", "2", "--keep-float", "--no-progress"]
+    assert cli.main(["sample", "--model", model, "--output", output, *options, *extra]) == 0, output
+
+
+def main(pretrained: str, images: str, root: str, dynamic_token_pipeline: str) -> None:
+    # the runs share the processes' one process group: the script's `end_training` must not destroy it
+    PartialState.destroy_process_group = lambda self, group=None: None
+
+    def run(name: str, *extra: str) -> None:
+        args = script_args(pretrained, images, os.path.join(root, name), family="dit-moe")
+        try:
+            script.main(script.parse_args([*args, *COMMON, "--gradient_checkpointing", *extra]))
+        finally:
+            AcceleratorState._reset_state()
+
+    def checkpoint(name: str, step: int) -> list[str]:
+        return ["--resume_from_checkpoint", os.path.join(root, name, f"checkpoint-{step}")]
+
+    run("ep1", "--expert_parallel_size", "1", "--checkpointing_steps", "3")
+    run("ep2", "--expert_parallel_size", "2", "--checkpointing_steps", "3")
+    run("ep2-resumed", "--expert_parallel_size", "2", *checkpoint("ep2", 3))
+    run("ep1-from-ep2", "--expert_parallel_size", "1", *checkpoint("ep2", 3))
+    run("ep2-from-ep1", "--expert_parallel_size", "2", *checkpoint("ep1", 3))
+    run("ddp", "--max_train_steps", "1", "--checkpointing_steps", "1")
+    try:
+        run("ep2-from-ddp", "--expert_parallel_size", "2", *checkpoint("ddp", 1))
+    except CommandError as error:
+        if int(os.environ["RANK"]) == 0:
+            with open(os.path.join(root, "refused.txt"), "w") as f:
+                f.write(str(error))
+    for family, model in (("dit-moe", os.path.join(root, "ep2")), ("dynamic-token-moe", dynamic_token_pipeline)):
+        sample(model, os.path.join(root, f"{family}.npz"))
+        sample(model, os.path.join(root, f"{family}-ep2.npz"), "--expert-parallel-size", "2")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])

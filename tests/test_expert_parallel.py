@@ -1,0 +1,75 @@
+"""Expert parallelism (`diffmoe_hf.parallel`): banks that build only their block of experts under global names, the
+checks of the expert-parallel size, and, in 2 and 4 CPU processes on gloo (tests/expert_parallel_worker.py), every
+family's outputs, routing, statistics, auxiliary loss and gradients against the single-process model."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from diffmoe_hf import cli
+from diffmoe_hf.families import get_family
+from diffmoe_hf.models.moe import holding_experts
+from diffmoe_hf.parallel import check_expert_parallel_size, expert_parallel_mesh
+
+from .helpers import expert_banks, registered_families, tiny_model, tiny_pipeline
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_a_bank_built_for_an_expert_rank_holds_only_its_experts_under_their_global_names():
+    full = tiny_model("dit-moe")
+    with holding_experts(1, 2):
+        local = get_family("dit-moe").tiny_model()
+    for bank in expert_banks(local):
+        assert list(bank.expert_ids) == [2, 3] and len(bank) == 2 and bank.num_experts == 4
+    local_names, full_names = set(local.state_dict()), set(full.state_dict())
+    assert local_names < full_names
+    assert full_names - local_names == {name for name in full_names if ".experts.0." in name or ".experts.1." in name}
+
+
+def test_the_expert_parallel_size_must_divide_every_expert_count_of_a_moe_model():
+    with pytest.raises(ValueError, match=r"expert_parallel_size=3 must divide the expert count of every MoE layer; "):
+        check_expert_parallel_size(tiny_model("dsmoe"), 3)
+    with pytest.raises(
+        ValueError, match=r"expert_parallel_size=2 needs a model with MoE layers; JiTTransformer2DModel"
+    ):
+        check_expert_parallel_size(tiny_model("jit", "dense"), 2)
+    with pytest.raises(ValueError, match="3 experts cannot be split over an expert-parallel size of 2"):
+        with holding_experts(0, 2):
+            get_family("dsmoe").tiny_model(num_experts=3, n_group=1, topk_group=1)
+    with pytest.raises(ValueError, match="needs torch.distributed initialised"):
+        expert_parallel_mesh(2)
+
+
+def test_sampling_refuses_an_expert_parallel_size_that_does_not_divide_the_processes(tmp_path, capsys):
+    folder = str(tmp_path / "pipe")
+    tiny_pipeline(with_vae=False).save_pretrained(folder)
+    output = str(tmp_path / "samples.npz")
+    assert cli.main(["sample", "--model", folder, "--output", output, "--expert-parallel-size", "2"]) == 2
+    message = "diffmoe sample: error: --expert-parallel-size 2 must divide the number of processes (1)."
+    assert capsys.readouterr().err.strip().endswith(message)
+
+
+def test_expert_parallel_matches_one_process_for_every_family(tmp_path):
+    """One launch of 4 processes: K = 2 (a 2 x 2 mesh: 2 groups of 2 ranks, each expert with 2 replicas whose gradients
+    are summed) and K = 4 (one expert group, one expert per rank), which loads K = 2's checkpoint (and so does K = 1:
+    a single-process model)."""
+    processes, sizes = 4, [2, 4]
+    report = tmp_path / "report.json"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    command = [*launcher, "-m", "tests.expert_parallel_worker", str(report), *map(str, sizes)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    checks = json.loads(report.read_text())["checks"]
+    assert [(check["family"], check["expert_parallel_size"]) for check in checks] == [
+        (family, size) for size in sizes for family in registered_families()
+    ]
+    for check in checks:
+        assert check["experts_held"] * check["expert_parallel_size"] == check["experts_per_layer"]
+        assert check["modules_fallback"] == (check["family"] == "spatial-temporal-moe")
+    assert checks[-1]["loaded_checkpoint_of_size"] == 2

@@ -1,0 +1,82 @@
+"""`--expert_parallel_size` in train_class_conditional.py and `diffmoe sample --expert-parallel-size`, in 2 CPU
+processes on gloo (one launch of tests/expert_parallel_training_worker.py, several runs): 5 steps at K = 2 end within
+the float32 bound of K = 1, resuming at K = 2 is exact, checkpoints load at another K (2 -> 1, 1 -> 2) and continue,
+a checkpoint without resharding support is refused, the export is an ordinary diffusers folder loaded on one
+process, and sampling at K = 2 writes the file of a run without expert parallelism."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file
+
+from .helpers import assert_float32_close, model_float32_tolerance
+from .training_helpers import make_image_folder, save_tiny_pipeline
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("expert-parallel-training")
+    pretrained = save_tiny_pipeline(str(folder / "pipe"), "dit-moe")
+    images = make_image_folder(str(folder / "images"))
+    dynamic_token = save_tiny_pipeline(str(folder / "dynamic-token-pipe"), "dynamic-token-moe")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    worker = ["-m", "tests.expert_parallel_training_worker", pretrained, images, str(folder / "runs"), dynamic_token]
+    command = [*launcher, *worker]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-6000:]
+    return folder / "runs"
+
+
+def exported(runs, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(runs / name / "transformer" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_expert_parallel_training_matches_k1_resumes_exactly_and_reshards(runs):
+    k1, k2 = exported(runs, "ep1"), exported(runs, "ep2")
+    pipe = DiffusionPipeline.from_pretrained(str(runs / "ep2"))  # an ordinary folder, loaded by one process
+    model = pipe.transformer
+    assert k2.keys() == k1.keys() == set(model.state_dict())
+    assert sum(".experts." in name for name in k2) == 2 * 4 * 3  # every expert of both layers was exported
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, k2[name]), name
+    # every step's forward and backward (gradient accumulation 2, recomputed blocks) adds its rounding
+    tolerance = model_float32_tolerance(model, k1["proj_out.proj.weight"], calls=2 * 2 * 2 * STEPS)
+    for name in k1:
+        assert_float32_close(k2[name], k1[name], tolerance, f"K=2 vs K=1: {name}")
+    resumed = exported(runs, "ep2-resumed")
+    for name in k2:
+        assert torch.equal(resumed[name], k2[name]), name
+    for name, expected in (("ep1-from-ep2", k2), ("ep2-from-ep1", k1)):
+        loaded = exported(runs, name)
+        for key in expected:
+            assert_float32_close(loaded[key], expected[key], tolerance, f"{name}: {key}")
+    initial = load_file(str(runs.parent / "pipe" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert not torch.equal(
+        k2["transformer_blocks.0.ff.experts.3.up_proj.weight"],
+        initial["transformer_blocks.0.ff.experts.3.up_proj.weight"],
+    )
+    assert os.path.isdir(runs / "ep2" / "checkpoint-3" / "expert_parallel")
+    assert "was not saved with --expert_parallel_size, so it cannot be resharded" in (runs / "refused.txt").read_text()
+
+
+@pytest.mark.parametrize("family", ["dit-moe", "dynamic-token-moe"])
+def test_expert_parallel_sampling_writes_the_file_of_one_copy_of_the_experts(runs, family):
+    expected, actual = np.load(runs / f"{family}.npz"), np.load(runs / f"{family}-ep2.npz")
+    assert np.array_equal(actual["arr_1"], expected["arr_1"])
+    folder = runs / "ep2" if family == "dit-moe" else runs.parent / "dynamic-token-pipe"
+    model = DiffusionPipeline.from_pretrained(str(folder)).transformer
+    reference = torch.from_numpy(expected["arr_float"])
+    tolerance = model_float32_tolerance(model, reference, calls=2 * 2 * 2)  # 2 steps, guided, and the VAE's decoder
+    assert_float32_close(torch.from_numpy(actual["arr_float"]), reference, tolerance, family)
+    grey_levels = np.abs(actual["arr_0"].astype(int) - expected["arr_0"].astype(int))
+    assert grey_levels.max() <= 1  # a value on a rounding boundary may round the other way
