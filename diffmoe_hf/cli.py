@@ -13,6 +13,11 @@ import sys
 import textwrap
 from dataclasses import dataclass
 
+from diffmoe_hf.cli_expert_offload import (
+    add_expert_offload_arguments,
+    check_expert_offload_arguments,
+    load_pipeline_with_expert_offload,
+)
 from diffmoe_hf.cli_sampling import (
     CommandError,
     check_device,
@@ -183,6 +188,7 @@ def _add_generate_parser(subparsers) -> None:
         default=None,
         help="grey pixels between images (default: 4 for enlarged images, else 0)",
     )
+    add_expert_offload_arguments(parser)
     parser.set_defaults(handler=_run_generate)
 
 
@@ -493,7 +499,8 @@ def _generate(args) -> None:
         from diffmoe_hf.conversion.vae_source import load_vae
 
         components["vae"] = load_vae(args.vae)
-    pipe = load_pipeline(model, **components).to(device)
+    check_expert_offload_arguments(args, model, device, torch.float32)
+    pipe = load_pipeline_with_expert_offload(model, args, device, torch.float32, **components)
     in_channels = pipe.transformer.config.in_channels
     if pipe.vae is None and in_channels not in (1, 3):
         raise CommandError(

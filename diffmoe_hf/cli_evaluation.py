@@ -12,12 +12,16 @@ import os
 import sys
 
 from diffmoe_hf.atomic_files import write_text_atomically
+from diffmoe_hf.cli_expert_offload import (
+    add_expert_offload_arguments,
+    check_expert_offload_arguments,
+    load_pipeline_with_expert_offload,
+)
 from diffmoe_hf.cli_sampling import (
     check_sampling_call,
     check_writable_folder,
     guidance_channels_argument,
     guidance_scale_argument,
-    load_pipeline,
     select_scheduler,
 )
 from diffmoe_hf.dtypes import DTYPES
@@ -116,6 +120,7 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model dtype (default fp32)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_expert_offload_arguments(parser)
 
 
 def _sampling_defaults(model: str, args) -> tuple[dict, str | None]:
@@ -181,7 +186,6 @@ def _kept_batches(run) -> str:
 
 def _prepared_run(args, state):
     """The pipeline of `args.model` on this process's device, as a `SampleRun` of the command's settings."""
-    import torch
 
     from diffmoe_hf.evaluation.sampling import SampleRun
 
@@ -191,9 +195,8 @@ def _prepared_run(args, state):
         from diffmoe_hf.conversion.vae_source import load_vae
 
         components["vae"] = load_vae(args.vae).to(dtype)
-    if dtype != torch.float32:
-        components["torch_dtype"] = dtype
-    pipe = load_pipeline(args.model, **components).to(state.device)
+    check_expert_offload_arguments(args, args.model, state.device, dtype)
+    pipe = load_pipeline_with_expert_offload(args.model, args, state.device, dtype, **components)
     pipe.set_progress_bar_config(disable=True)
     call_kwargs, scheduler_name = _sampling_defaults(args.model, args)
     select_scheduler(pipe, scheduler_name)
