@@ -13,15 +13,15 @@ from diffmoe_hf.models.moe.offload import enable_expert_offload, expert_linears
 
 
 def _random_(parameter: torch.Tensor, name: str, generator: torch.Generator) -> None:
-    """In place: N(0, 1/fan_in) for matrices (unit-scale activations), 1 for norm gains, N(0, 0.1^2) for the rest."""
+    """In place, in the parameter's dtype (no temporaries): uniform with variance 1/fan_in for matrices (unit-scale
+    activations), 1 for norm gains, N(0, 0.1^2) for the rest."""
     if parameter.dim() >= 2:
-        fan_in = parameter[0].numel()
-        values = torch.randn(parameter.shape, generator=generator).div_(math.sqrt(fan_in))
+        bound = math.sqrt(3 / parameter[0].numel())
+        parameter.data.uniform_(-bound, bound, generator=generator)
     elif "norm" in name:
-        values = torch.ones(parameter.shape)
+        parameter.data.fill_(1.0)
     else:
-        values = torch.randn(parameter.shape, generator=generator).mul_(0.1)
-    parameter.data.copy_(values)
+        parameter.data.normal_(0.0, 0.1, generator=generator)
 
 
 def _materialize(module: nn.Module, prefix: str, dtype: torch.dtype, generator: torch.Generator, skip=()) -> None:

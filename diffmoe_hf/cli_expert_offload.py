@@ -48,16 +48,22 @@ def _transformer_folder(source: str) -> str | None:
 
 
 def _stored_dtype(folder: str):
-    """The dtype of the transformer's safetensors weights (of their first tensor), or `None` if unknown."""
+    """The dtype most of the transformer's weights are stored in (by bytes, in its first safetensors file; routers
+    may be float32 in a bfloat16 folder), or `None` if unknown."""
+    import math
+
     import torch
     from safetensors import safe_open
 
     files = sorted(name for name in os.listdir(folder) if name.endswith(".safetensors"))
     if not files:
         return None
+    elements: dict[str, int] = {}
     with safe_open(os.path.join(folder, files[0]), framework="pt") as weights:
-        keys = list(weights.keys())
-        name = _SAFETENSORS_DTYPES.get(weights.get_slice(keys[0]).get_dtype()) if keys else None
+        for key in weights.keys():
+            tensor = weights.get_slice(key)
+            elements[tensor.get_dtype()] = elements.get(tensor.get_dtype(), 0) + math.prod(tensor.get_shape())
+    name = _SAFETENSORS_DTYPES.get(max(elements, key=elements.get)) if elements else None
     return getattr(torch, name) if name else None
 
 

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from diffmoe_hf import default_models
 from diffmoe_hf.cli import main
 from diffmoe_hf.models.moe import set_expert_backend
 from diffmoe_hf.models.moe.offload import EXPERT_OFFLOAD_TIERS, enable_expert_offload, expert_linears
@@ -193,6 +194,10 @@ def test_cli_expert_offload_options(tmp_path, capsys):
         assert main([*common, *options, "--output", str(tmp_path / "refused.png")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "refused.png").exists()
+    if not torch.cuda.is_available():  # diffmoe sample checks the same options before loading
+        sample = ["sample", "--model", default_models()["digits-jitmoe"], "--num-samples", "1"]
+        assert main([*sample, "--output", str(tmp_path / "s.npz"), "--expert-offload", "cpu"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
 
 
 def test_experts_far_larger_than_the_memory_limit_sample_under_it(tmp_path):
