@@ -91,7 +91,12 @@ def test_quantized_tiers_equal_the_model_with_rounded_expert_weights(family):
     }
 
     int8 = tiny_model(family)
-    enable_expert_offload(int8, "int8")
+    plan = enable_expert_offload(int8, "int8")
+    held = sum(
+        linear.weight.qdata.nbytes + linear.weight.scale.nbytes + (0 if linear.bias is None else linear.bias.nbytes)
+        for _, linear in expert_linears(int8)
+    )
+    assert held == plan.tier_resident_bytes  # the plan counts what the quantized experts hold
     dequantized = {}
     for name, linear in expert_linears(int8):
         # torchao's per-row symmetric int8: weight ~ q * scale, |q| <= 127, rounding error <= scale / 2 (plus the
@@ -106,7 +111,10 @@ def test_quantized_tiers_equal_the_model_with_rounded_expert_weights(family):
     assert_float32_close(_output(int8, inputs), expected, model_float32_tolerance(int8, expected), "int8")
 
     fp8 = tiny_model(family)
-    enable_expert_offload(fp8, "fp8")
+    plan = enable_expert_offload(fp8, "fp8")
+    largest = max(sum(p.numel() for p in linear.parameters()) * 4 for _, linear in expert_linears(fp8))
+    held = sum(p.nbytes for _, linear in expert_linears(fp8) for p in linear.parameters())
+    assert held + largest == plan.tier_resident_bytes  # float8 storage plus one float32 projection while it runs
     rounded = {}  # weights and biases are both stored in float8
     for name, linear in expert_linears(fp8):
         for kind, parameter in linear.named_parameters():

@@ -92,26 +92,22 @@ def plan_expert_offload(
     dtype = dtype or next(model.parameters()).dtype
     linears = [module for _, module in expert_linears(model)]
     expert_ids = {id(p) for module in linears for p in module.parameters()}
+    expert_parameters = [p for module in linears for p in module.parameters()]
     resident = _bytes((p for p in model.parameters() if id(p) not in expert_ids), dtype)
-    experts = _bytes((p for module in linears for p in module.parameters()), dtype)
+    experts = _bytes(expert_parameters, dtype)
     largest = max((_bytes(module.parameters(), dtype) for module in linears), default=0)
+    weights = sum(module.weight.numel() for module in linears)
+    biases = sum(module.bias.numel() for module in linears if module.bias is not None)
     stored = 0
     if tier == "none":
         on_device = experts
-    elif tier in ("int8", "fp8"):
-        weights = sum(module.weight.numel() for module in linears)
-        # int8: one scale per output row (torchao's per-row weight-only scheme); biases stay in the compute dtype
-        extras = sum(module.out_features if tier == "int8" else 0 for module in linears)
-        biases = sum(module.bias.numel() for module in linears if module.bias is not None)
-        on_device = weights + (extras + biases) * dtype.itemsize
-        on_device += largest if tier == "fp8" else 0  # one projection upcast while it runs
+    elif tier == "int8":  # a byte per weight, a scale per output row (torchao's per-row scheme), biases as they are
+        on_device = weights + (sum(module.out_features for module in linears) + biases) * dtype.itemsize
+    elif tier == "fp8":  # a byte per weight and bias, and one projection upcast while it runs
+        on_device = weights + biases + largest
     else:  # cpu, disk: one projection at a time
         on_device = largest
-        stored = (
-            experts
-            if tier == "cpu"
-            else _bytes((p for module in linears for p in module.parameters()), stored_dtype or dtype)
-        )
+        stored = experts if tier == "cpu" else _bytes(expert_parameters, stored_dtype or dtype)
     return ExpertMemoryPlan(tier, resident, experts, on_device, stored)
 
 
