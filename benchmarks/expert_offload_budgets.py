@@ -147,26 +147,23 @@ def _gib(value) -> str:
 def table(path: str) -> str:
     """The Markdown table of the records in the JSON-lines file `path`."""
     lines = [
-        "| model | tier | device | blocks measured | peak RssAnon GiB | peak VmRSS GiB | plan: weights resident GiB "
-        "| s / step | full depth: RssAnon GiB, s / step (extrapolated) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | tier | device | blocks measured | peak RssAnon GiB: building / sampling | peak VmRSS GiB "
+        "| peak device GiB | plan: weights resident GiB | s / step | full depth, extrapolated: peak RssAnon GiB, s / step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     with open(path) as handle:
         records = [json.loads(line) for line in handle if line.strip()]
     for r in records:
         if r.get("not_measured"):
-            lines.append(f"| {r['model']} | {r['tier']} | {r['device']} | not measured | | | | | |")
+            lines.append(f"| {r['model']} | {r['tier']} | {r['device']} | not measured | | | | | | |")
             continue
-        measured_all = r["blocks"] == r["full_blocks"]
-        extrapolated = (
-            "(all blocks measured)"
-            if measured_all
-            else f"{_gib(r['extrapolated_peak_rss_anon'])}, {r['extrapolated_seconds_per_step']:.0f}"
-        )
+        extrapolated = "(all blocks measured)"
+        if r["blocks"] != r["full_blocks"]:
+            extrapolated = f"{_gib(r['extrapolated_peak_rss_anon'])}, {r['extrapolated_seconds_per_step']:.0f}"
         lines.append(
             f"| {r['model']} | {r['tier']} | {r['device']} | {r['blocks']} of {r['full_blocks']} "
-            f"| {_gib(r['peak_rss_anon'])} | {_gib(r['peak_vm_rss'])} "
-            f"| {_gib(r['plan_resident'] + r['plan_tier_resident'])} | {r['seconds_per_step']:.1f} | {extrapolated} |"
+            f"| {_gib(r['building_peak_rss_anon'])} / {_gib(r['sampling_peak_rss_anon'])} | {_gib(r['peak_vm_rss'])} "
+            f"| {_gib(r.get('peak_device_allocated'))} | {_gib(r['plan_resident'] + r['plan_tier_resident'])} | {r['seconds_per_step']:.0f} | {extrapolated} |"
         )
     return "\n".join(lines)
 
