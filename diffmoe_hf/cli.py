@@ -24,7 +24,6 @@ from diffmoe_hf.cli_sampling import (
     check_writable_folder,
     checked_model_source,
     guidance_scale_argument,
-    load_pipeline,
     select_scheduler,
 )
 
@@ -210,6 +209,7 @@ def _add_evaluate_digits_parser(subparsers) -> None:
     parser.add_argument("--seed", type=_seed, default=0)
     parser.add_argument("--output", help="also write the metrics as JSON to this file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    add_expert_offload_arguments(parser)
     parser.set_defaults(handler=_run_evaluate_digits)
 
 
@@ -243,6 +243,8 @@ def _add_evaluate_parser(subparsers) -> None:
 def _run_evaluate_digits(args) -> None:
     import json
 
+    import torch
+
     from diffmoe_hf.atomic_files import write_text_atomically
     from diffmoe_hf.cli_evaluation import check_output_file
     from diffmoe_hf.evaluation import DigitsReference, evaluate_pipeline
@@ -250,7 +252,9 @@ def _run_evaluate_digits(args) -> None:
 
     if args.output:
         check_output_file(args.output, args.overwrite, ".json", require_extension=False)
-    pipe = load_pipeline(args.model)
+    cpu = torch.device("cpu")
+    check_expert_offload_arguments(args, args.model, cpu, torch.float32)
+    pipe = load_pipeline_with_expert_offload(args.model, args, cpu, torch.float32)
     check_digits_pipeline(pipe)
     pipe.set_progress_bar_config(disable=True)
     call_kwargs = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale}

@@ -205,10 +205,12 @@ def test_cli_expert_offload_options(tmp_path, capsys):
         assert main([*common, *options, "--output", str(tmp_path / "refused.png")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "refused.png").exists()
-    if not torch.cuda.is_available():  # diffmoe sample checks the same options before loading
-        sample = ["sample", "--model", default_models()["digits-jitmoe"], "--num-samples", "1"]
-        assert main([*sample, "--output", str(tmp_path / "s.npz"), "--expert-offload", "cpu"]) == 2
-        assert "no CUDA device" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # diffmoe sample and evaluate-digits check the same options before loading
+        model = default_models()["digits-jitmoe"]
+        sample = ["sample", "--model", model, "--num-samples", "1", "--output", str(tmp_path / "s.npz")]
+        for command in (sample, ["evaluate-digits", "--model", model]):
+            assert main([*command, "--expert-offload", "cpu"]) == 2
+            assert "no CUDA device" in capsys.readouterr().err
 
 
 def test_experts_far_larger_than_the_memory_limit_sample_under_it(tmp_path):
