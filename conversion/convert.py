@@ -15,7 +15,6 @@ from diffmoe_hf.published_settings import SETTINGS_FILE, model_card_section
 from .checkpoint_io import load_original_checkpoint
 from .finite_weights import check_finite_after_cast, check_finite_checkpoint
 from .hub_folder import (
-    cast_for_saving,
     check_output_dir,
     check_shard_size,
     push_folder_to_hub,
@@ -23,6 +22,7 @@ from .hub_folder import (
     save_folder_atomically,
 )
 from .model_card import render_model_card
+from .streamed_save import save_pipeline_transformer_streamed
 from .vae_source import check_vae_source, load_vae
 
 
@@ -152,9 +152,9 @@ def convert_checkpoint(
     )
     check_finite_checkpoint(checkpoint.state_dict, checkpoint_path, checkpoint.source)
     transformer = converter.build(checkpoint, config_path=config_path, preset=preset, **options)
-    transformer = cast_for_saving(transformer, DTYPES[dtype])
-    if dtype != "fp32":
-        check_finite_after_cast(transformer, dtype)
+    # the transformer keeps the checkpoint's (memory-mapped) tensors; each is cast when its shard is written
+    check_finite_after_cast(transformer, dtype)
+    save_pipeline_transformer_streamed(transformer, DTYPES[dtype])
     pipeline = build_pipeline(transformer, vae_path, id2label_path)
     card = render_model_card(
         converter.model_card,

@@ -2,7 +2,10 @@
 
 import torch
 
+from diffmoe_hf.dtypes import DTYPES
+
 from .checkpoint_io import WEIGHT_KEYS, CheckpointError
+from .streamed_save import saved_dtype
 
 
 # elements per isfinite() call: bounds the temporary boolean tensor whatever the size of the weights
@@ -54,14 +57,18 @@ def check_finite_checkpoint(state_dict: dict[str, torch.Tensor], path: str, sour
 
 def check_finite_after_cast(model: torch.nn.Module, dtype_name: str) -> None:
     """
-    Refuses a model whose finite weights overflowed when cast to the saved dtype (`--dtype fp16` holds at most
-    65504 in magnitude), naming the tensors.
+    Refuses a model whose finite weights would overflow when cast to the saved dtype `dtype_name` (`--dtype fp16`
+    holds at most 65504 in magnitude; routers are saved in float32, `streamed_save.saved_dtype`), naming the tensors.
+    Casts one tensor at a time, so it holds no cast copy of the model.
 
     Raises:
         ValueError: before anything is written.
     """
     tensors = model.state_dict()
-    counts = non_finite_counts(tensors)
+    counts = {}
+    for name, tensor in tensors.items():
+        cast = tensor.to(saved_dtype(model, name, tensor, DTYPES[dtype_name]))
+        counts.update(non_finite_counts({name: cast}))
     if counts:
         raise ValueError(
             f"--dtype {dtype_name}: values beyond the range of {dtype_name} in {_tensors(len(counts))} would be saved as "

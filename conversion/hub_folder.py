@@ -6,8 +6,6 @@ import re
 import shutil
 import tempfile
 
-import torch
-
 from diffmoe_hf.atomic_files import apply_umask
 
 
@@ -16,19 +14,28 @@ HUB_LAYOUTS = ("package", "remote_code")
 _SHARD_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(KB|MB|GB|TB)\s*", re.IGNORECASE)
 
 
-def check_shard_size(max_shard_size: str | int) -> None:
+_UNIT_BYTES = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+
+def shard_size_bytes(max_shard_size: str | int) -> int:
     """
-    Refuses a `max_shard_size` that `save_pretrained` cannot read or that is not positive, before any work is done:
-    a whole number of bytes or a number with a unit, e.g. `"5GB"`, `"500MB"`, `"1.5GB"`.
+    The bytes of a `max_shard_size` as `save_pretrained` reads it: a whole number of bytes or a number with a
+    decimal unit, e.g. `"5GB"`, `"500MB"`, `"1.5GB"`; anything else, or a size that is not positive, is refused.
     """
     if isinstance(max_shard_size, int) and not isinstance(max_shard_size, bool) and max_shard_size > 0:
-        return
+        return max_shard_size
     match = _SHARD_SIZE.fullmatch(max_shard_size) if isinstance(max_shard_size, str) else None
     if match is None or float(match.group(1)) <= 0:
         raise ValueError(
             f"--max-shard-size {max_shard_size!r} is not a size: give a positive number with a unit KB, MB, GB or "
             "TB, e.g. 5GB, 500MB or 1.5GB."
         )
+    return int(float(match.group(1)) * _UNIT_BYTES[match.group(2).upper()])
+
+
+def check_shard_size(max_shard_size: str | int) -> None:
+    """Refuses a `max_shard_size` that `save_pretrained` cannot read (`shard_size_bytes`), before any work is done."""
+    shard_size_bytes(max_shard_size)
 
 
 def check_output_dir(output_dir: str, overwrite: bool) -> None:
@@ -50,16 +57,6 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
             f"Cannot create {output_dir}: the folder {existing} does not accept new folders ({err.strerror}). "
             "Choose another --output."
         ) from None
-
-
-def cast_for_saving(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Casts `model`'s floating-point tensors to `dtype`, except inside the modules named in
-    `_keep_in_fp32_modules` (routers), which stay float32."""
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
-    for name, module in model.named_modules():
-        if not keep.intersection(name.split(".")):
-            module._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
-    return model
 
 
 def apply_hub_layout(folder: str, layout: str) -> None:

@@ -2,10 +2,11 @@
 
 The pattern: build the target model with its parameters on the meta device (`init_empty_model`: no memory), rename
 the source tensors by popping them from the source dict (`state_dict_utils.rename_keys`), and let
-`state_dict_utils.load_converted_state_dict` adopt them as the model's parameters (`assign=True`, one dtype cast at a
-time). A parameter whose source tensor already has the right dtype is the source tensor itself, so the only full copy
-of the weights is the one read from the file (memory-mapped when `load_original_checkpoint(..., mmap=True)`), and
-`save_pretrained(max_shard_size=...)` writes it shard by shard.
+`state_dict_utils.load_converted_state_dict` adopt them as the model's parameters as they are (`assign=True`, in the
+checkpoint's dtype). Each parameter is the source tensor itself, so the only full copy of the weights is the one read
+from the file (memory-mapped when `load_original_checkpoint(..., mmap=True)`), and `streamed_save` writes it shard by
+shard, casting each tensor to the saved dtype as its shard is written: peak memory about one shard plus the largest
+tensor.
 """
 
 from torch import nn

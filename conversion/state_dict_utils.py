@@ -157,8 +157,8 @@ def load_converted_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
     unused, and no unconsumed source key (`leftovers`). Otherwise raises `CheckpointError` listing every problem.
 
     A model built with `low_memory.init_empty_model` (parameters on the meta device) adopts the tensors of
-    `state_dict` instead of copying them, emptying `state_dict` one cast at a time, so no second copy of the weights
-    is made.
+    `state_dict` as they are (their dtype too: `streamed_save` casts each one when it is written), emptying
+    `state_dict`, so no second copy of the weights is made.
     """
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
@@ -184,7 +184,7 @@ def load_converted_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
             "this family):\n" + "\n".join(problems)
         )
     if any(param.is_meta for param in model.parameters()):
-        adopted = {key: state_dict.pop(key).to(expected[key].dtype) for key in list(state_dict)}
+        adopted = {key: state_dict.pop(key) for key in list(state_dict)}
         model.load_state_dict(adopted, strict=True, assign=True)
         return
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state_dict.items()}, strict=True)

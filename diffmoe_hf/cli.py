@@ -13,13 +13,17 @@ import sys
 import textwrap
 from dataclasses import dataclass
 
+from diffmoe_hf.cli_expert_offload import (
+    add_expert_offload_arguments,
+    check_expert_offload_arguments,
+    load_pipeline_with_expert_offload,
+)
 from diffmoe_hf.cli_sampling import (
     CommandError,
     check_device,
     check_writable_folder,
     checked_model_source,
     guidance_scale_argument,
-    load_pipeline,
     select_scheduler,
 )
 
@@ -192,6 +196,7 @@ def _add_generate_parser(subparsers) -> None:
         default=None,
         help="grey pixels between images (default: 4 for enlarged images, else 0)",
     )
+    add_expert_offload_arguments(parser)
     parser.set_defaults(handler=_run_generate)
 
 
@@ -218,6 +223,7 @@ def _add_evaluate_digits_parser(subparsers) -> None:
     parser.add_argument("--seed", type=_seed, default=0)
     parser.add_argument("--output", help="also write the metrics as JSON to this file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    add_expert_offload_arguments(parser)
     parser.set_defaults(handler=_run_evaluate_digits)
 
 
@@ -251,6 +257,8 @@ def _add_evaluate_parser(subparsers) -> None:
 def _run_evaluate_digits(args) -> None:
     import json
 
+    import torch
+
     from diffmoe_hf.atomic_files import write_text_atomically
     from diffmoe_hf.cli_evaluation import check_output_file
     from diffmoe_hf.evaluation import DigitsReference, evaluate_pipeline
@@ -258,7 +266,9 @@ def _run_evaluate_digits(args) -> None:
 
     if args.output:
         check_output_file(args.output, args.overwrite, ".json", require_extension=False)
-    pipe = load_pipeline(args.model)
+    cpu = torch.device("cpu")
+    check_expert_offload_arguments(args, args.model, cpu, torch.float32)
+    pipe = load_pipeline_with_expert_offload(args.model, args, cpu, torch.float32)
     check_digits_pipeline(pipe)
     pipe.set_progress_bar_config(disable=True)
     call_kwargs = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale}
@@ -507,7 +517,8 @@ def _generate(args) -> None:
         from diffmoe_hf.conversion.vae_source import load_vae
 
         components["vae"] = load_vae(args.vae)
-    pipe = load_pipeline(model, **components).to(device)
+    check_expert_offload_arguments(args, model, device, torch.float32)
+    pipe = load_pipeline_with_expert_offload(model, args, device, torch.float32, **components)
     in_channels = pipe.transformer.config.in_channels
     if pipe.vae is None and in_channels not in (1, 3):
         raise CommandError(

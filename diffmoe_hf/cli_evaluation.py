@@ -12,13 +12,17 @@ import os
 import sys
 
 from diffmoe_hf.atomic_files import write_text_atomically
+from diffmoe_hf.cli_expert_offload import (
+    add_expert_offload_arguments,
+    check_expert_offload_arguments,
+    load_pipeline_with_expert_offload,
+)
 from diffmoe_hf.cli_sampling import (
     check_device,
     check_sampling_call,
     check_writable_folder,
     guidance_channels_argument,
     guidance_scale_argument,
-    load_pipeline,
     select_scheduler,
 )
 from diffmoe_hf.dtypes import DTYPES
@@ -129,6 +133,7 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
         "holding E/K of every MoE layer's experts, and sample each batch together; K divides the number of processes "
         "and every expert count. Writes the same file as without it (per-token families up to float summation order)",
     )
+    add_expert_offload_arguments(parser)
 
 
 def _sampling_defaults(model: str, args) -> tuple[dict, str | None]:
@@ -239,11 +244,17 @@ def _prepared_run(args, state, device):
         from diffmoe_hf.conversion.vae_source import load_vae
 
         components["vae"] = load_vae(args.vae).to(dtype)
-    if dtype != torch.float32:
-        components["torch_dtype"] = dtype
+    if args.expert_parallel_size is not None and args.expert_offload != "none":
+        raise ValueError(
+            f"--expert-parallel-size and --expert-offload {args.expert_offload} are two ways of holding fewer experts "
+            "per process; choose one."
+        )
+    check_expert_offload_arguments(args, args.model, device, dtype)
     if args.expert_parallel_size is None:
-        pipe = load_pipeline(args.model, **components).to(device)
+        pipe = load_pipeline_with_expert_offload(args.model, args, device, dtype, **components)
     else:
+        if dtype != torch.float32:
+            components["torch_dtype"] = dtype
         pipe = load_expert_parallel_pipeline(args.model, args.expert_parallel_size, state, device, **components)
     pipe.set_progress_bar_config(disable=True)
     call_kwargs, scheduler_name = _sampling_defaults(args.model, args)

@@ -315,6 +315,26 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, TransformerLoraLoaderMixin)
         accepted = inspect.signature(scheduler.step).parameters
         return {"generator": generator} if "generator" in accepted else {}
 
+    def enable_expert_offload(self, tier: str, offload_dir: str | None = None, memory_budget: int | None = None):
+        """
+        Puts the transformer's routed experts into a memory tier, keeping every other weight resident:
+
+        - `"none"`: as loaded;
+        - `"cpu"`: host RAM, streamed to the CUDA device per projection (diffusers group offloading; needs CUDA;
+          the other weights and the VAE are moved to the CUDA device);
+        - `"disk"`: one safetensors file per expert bank in `offload_dir` (default: a temporary folder),
+          memory-mapped while a projection runs: host RAM holds one projection of experts at a time;
+        - `"int8"`: torchao int8 weight-only; `"fp8"`: stored as float8_e4m3fn, upcast per call.
+
+        `cpu` and `disk` give the same images as the resident model; `int8` and `fp8` round the expert weights.
+        `memory_budget` (bytes of weights on the compute device) is checked against the tier's plan. Every check
+        runs before anything changes. Returns the `ExpertMemoryPlan`.
+        """
+        plan = self.transformer.enable_expert_offload(tier, offload_dir, memory_budget)
+        if tier == "cpu" and self.vae is not None:
+            self.vae.to(next(self.transformer.embedding.parameters()).device)
+        return plan
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) final latents -> (B, 3 or 1, H, W) images in [0, 1]."""
         if self.vae is not None:

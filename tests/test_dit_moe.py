@@ -278,14 +278,17 @@ def test_train_checkpoint_and_release_files(tmp_path):
 
 
 def test_half_precision_deepspeed_checkpoint(tmp_path):
-    """DeepSpeed writes fp16 weights under "module" (no EMA): they convert (upcast to float32) with --weights model."""
+    """DeepSpeed writes fp16 weights under "module" (no EMA): they convert with --weights model; the converted model
+    adopts the memory-mapped fp16 tensors as they are (each is cast when its shard is written), and upcast to float32
+    it computes what the original computes with those weights."""
     model = _randomize(DiTMoETransformer2DModel(**TINY, qk_norm="layer_norm", formulation="rf-noise-at-1"))
     source = {key: value.half() for key, value in upstream_state_dict(model).items()}
     path = str(tmp_path / "mp_rank_00_model_states.pt")
     torch.save({"module": {f"module.{key}": value for key, value in source.items()}}, path)
     checkpoint = load_original_checkpoint(path, weights="model", mmap=True)
     converted = build_dit_moe_transformer(checkpoint, experts_per_token=2, formulation="rf")
-    assert converted.dtype == torch.float32
+    assert converted.dtype == torch.float16
+    converted.float()
     model.load_state_dict({key: value.half().float() for key, value in model.state_dict().items()})
     with torch.no_grad():
         torch.testing.assert_close(converted(*_inputs()).sample, model(*_inputs()).sample, rtol=0, atol=0)

@@ -9,7 +9,7 @@ Layers, lowest first; a module imports only modules of its own layer or below:
 2. the pipeline (`diffmoe_hf.pipelines`) and the package's `__init__`, which gathers the core and the pipeline for
    diffusers;
 3. conversion;
-4. the front-ends: training, the Space, the command line (`cli`, `cli_evaluation`, `__main__`).
+4. the front-ends: training, the Space, the command line (`cli`, `cli_evaluation`, `cli_expert_offload`, `__main__`).
 Function-level imports count: a lazy import is still a dependency. The gathering `__init__` is left out of the cycle
 check (it imports everything by design).
 """
@@ -77,6 +77,7 @@ LAYERS = {
         "diffmoe_hf.space",
         "diffmoe_hf.cli",
         "diffmoe_hf.cli_evaluation",
+        "diffmoe_hf.cli_expert_offload",
         "diffmoe_hf.cli_sampling",
         "diffmoe_hf.__main__",
     ),

@@ -273,3 +273,15 @@ class DiTForwardMixin(CacheMixin):
         `diffmoe_hf.models.moe.layers.expert_backends`.
         """
         set_expert_backend(self, backend)
+
+    def enable_expert_offload(self, tier: str, offload_dir: str | None = None, memory_budget: int | None = None):
+        """
+        Puts the routed experts into a memory tier (`"none"`, `"cpu"`, `"disk"`, `"int8"`, `"fp8"`); attention,
+        norms, embeddings, routers and shared experts stay resident. Bad input (an unknown tier, one this machine or
+        the installed libraries cannot provide, an unwritable or too small `offload_dir`, a `memory_budget` in bytes
+        that cannot be met) is an error before anything changes. Returns the `ExpertMemoryPlan`; see
+        `diffmoe_hf.models.moe.offload.tiers.enable_expert_offload`.
+        """
+        from .moe.offload import enable_expert_offload
+
+        return enable_expert_offload(self, tier, offload_dir, memory_budget)
