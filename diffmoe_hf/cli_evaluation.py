@@ -23,6 +23,7 @@ from diffmoe_hf.cli_sampling import (
     check_writable_folder,
     guidance_channels_argument,
     guidance_scale_argument,
+    load_pipeline,
     select_scheduler,
 )
 from diffmoe_hf.dtypes import DTYPES
