@@ -335,3 +335,46 @@ def test_8bit_adam_without_bitsandbytes_is_refused(images):
     argv = ["--pretrained_model_name_or_path", "x", "--train_data_dir", images, "--use_8bit_adam"]
     with pytest.raises(CommandError, match=r"--use_8bit_adam needs bitsandbytes: install it"):
         script.parse_args(argv)
+
+
+def test_a_checkpoint_of_another_model_or_adapter_is_refused_before_loading(pretrained, images, tmp_path, capsys):
+    """Resuming a run's checkpoint with another model or another LoRA rank: exit 2 naming what
+    differs, before `load_state` (which would fail with a traceback deep in accelerate or peft)."""
+    out = str(tmp_path / "out")
+    assert _run(script_args(pretrained, images, out, "--max_train_steps", "1", "--checkpointing_steps", "1")) == 0
+    other = save_tiny_pipeline(str(tmp_path / "other"), "dit-moe")
+    capsys.readouterr()
+    resume = ["--max_train_steps", "2", "--resume_from_checkpoint", "latest"]
+    assert _run(script_args(other, images, out, *resume)) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this run: it holds a DSMoETransformer2DModel, this run trains a DiTMoE" in err
+    assert "Traceback" not in err
+
+    lora_out = str(tmp_path / "lora")
+    lora = ["--use_lora", "--rank", "4", "--max_train_steps", "1", "--checkpointing_steps", "1"]
+    assert _run(script_args(pretrained, images, lora_out, *lora)) == 0
+    capsys.readouterr()
+    assert _run(script_args(pretrained, images, lora_out, "--use_lora", "--rank", "8", *resume)) == 2
+    err = capsys.readouterr().err
+    assert "--rank 4 there, 8 here" in err and "Traceback" not in err
+
+
+def test_model_record_names_the_config_fields_and_options_that_differ(tmp_path):
+    from diffmoe_hf.training.checkpoints import model_record, why_model_differs
+
+    from .helpers import tiny_model
+
+    model = tiny_model("dsmoe")
+    args = types.SimpleNamespace(
+        use_lora=True, rank=4, lora_layers="attention", lora_expert_parts="up", routers="frozen"
+    )
+    saved = model_record(model, args)
+    path = _checkpoint(tmp_path / "c")
+    marker = json.loads((tmp_path / "c" / COMPLETE_MARKER).read_text())
+    (tmp_path / "c" / COMPLETE_MARKER).write_text(json.dumps({**marker, "model": saved}))
+    assert why_model_differs(path, saved) is None
+    deeper = {**saved, "config": {**saved["config"], "num_layers": saved["config"]["num_layers"] + 1}}
+    other_rank = {**saved, "options": {**saved["options"], "rank": 8}}
+    num_layers = saved["config"]["num_layers"]
+    assert f"config num_layers {num_layers} there, {num_layers + 1} here" in why_model_differs(path, deeper)
+    assert "--rank 4 there, 8 here" in why_model_differs(path, other_rank)

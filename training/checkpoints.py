@@ -123,10 +123,51 @@ def _remove(path: str) -> None:
     shutil.rmtree(doomed)
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None = None) -> str:
+# the options that decide which tensors a run trains, so whether a checkpoint's weights and optimizer state fit it
+TRAINED_TENSOR_OPTIONS = ("use_lora", "rank", "lora_layers", "lora_expert_parts", "routers")
+
+
+def model_record(model, args) -> dict:
+    """
+    What a checkpoint must match to be resumed by a run: the transformer's class and config (after any change the run
+    made, e.g. new classes) and the options that decide which tensors are trained (`TRAINED_TENSOR_OPTIONS`), in the
+    JSON form the marker stores.
+    """
+    config = {key: value for key, value in model.config.items() if not key.startswith("_")}
+    options = {name: getattr(args, name, None) for name in TRAINED_TENSOR_OPTIONS}
+    return json.loads(json.dumps({"class": type(model).__name__, "config": config, "options": options}))
+
+
+def why_model_differs(path: str, record: dict) -> str | None:
+    """None when the complete checkpoint `path` was written by a run of the model and options `record` describes
+    (`model_record`), else what differs, in words (for messages)."""
+    saved = read_marker(path).get("model")
+    if saved is None:
+        return f"its {COMPLETE_MARKER} records no model"
+    if saved["class"] != record["class"]:
+        return f"it holds a {saved['class']}, this run trains a {record['class']}"
+    differences = [
+        f"{label}{name} {saved[kind].get(name)!r} there, {record[kind].get(name)!r} here"
+        for kind, label in (("config", "config "), ("options", "--"))
+        for name in sorted(set(saved[kind]) | set(record[kind]))
+        if saved[kind].get(name) != record[kind].get(name)
+    ]
+    if differences:
+        shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
+        return f"it was written by a run of another model or options ({shown})"
+    return None
+
+
+def save_checkpoint(
+    accelerator, output_dir: str, step: int, total_limit: int | None = None, record: dict | None = None
+) -> str:
     """
     Saves `accelerator.save_state` as `output_dir/checkpoint-<step>`, atomically, then prunes the oldest complete
     checkpoints so that at most `total_limit` remain. Every process must call it (each saves its own RNG state).
+
+    Args:
+        record: the run's `model_record`, kept in the marker so that a resume by another model or with other trained
+            tensors is refused before loading (`why_model_differs`).
 
     Returns:
         The path of the new checkpoint.
@@ -147,7 +188,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
                 fsync_path(path)
                 files[os.path.relpath(path, partial).replace(os.sep, "/")] = os.path.getsize(path)
             fsync_path(root)
-        marker = {"step": step, "num_processes": accelerator.num_processes, "files": files}
+        marker = {"step": step, "num_processes": accelerator.num_processes, "files": files, "model": record}
         with open(os.path.join(partial, COMPLETE_MARKER), "w", encoding="utf-8") as f:
             json.dump(marker, f, indent=1)
             f.flush()

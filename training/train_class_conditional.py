@@ -50,11 +50,13 @@ from diffmoe_hf.routing import record_routing
 from diffmoe_hf.training.checkpoints import (
     LEFTOVER_NAME,
     checkpoint_steps,
+    model_record,
     read_marker,
     remove_incomplete_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
     why_incomplete,
+    why_model_differs,
     why_random_state_unrestorable,
 )
 from diffmoe_hf.training.data import (
@@ -860,10 +862,17 @@ def main(args):
     logger.info(f"  Total optimization steps = {args.max_train_steps}")
 
     global_step, first_epoch, resume_batches = 0, 0, 0
+    record = model_record(unwrap(accelerator, transformer), args)
     if args.resume_from_checkpoint and resume_path is None:
         logger.info(f"No complete checkpoint in {args.output_dir}: starting a new training run.")
     elif resume_path is not None:
         saved = read_marker(resume_path)
+        reason = why_model_differs(resume_path, record)
+        if reason is not None:
+            raise CommandError(
+                f"--resume_from_checkpoint {resume_path} does not fit this run: {reason}. Resume with the model and "
+                "options the checkpoint was written with, or start a new run in another --output_dir."
+            )
         logger.info(f"Resuming from checkpoint {resume_path}")
         accelerator.load_state(resume_path)
         global_step = saved["step"]
@@ -940,7 +949,7 @@ def main(args):
             accelerator.log(logs, step=global_step)
 
             if global_step % args.checkpointing_steps == 0:  # every process saves its random state
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, record)
             if global_step >= args.max_train_steps:
                 break
 
