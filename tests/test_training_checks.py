@@ -378,3 +378,26 @@ def test_model_record_names_the_config_fields_and_options_that_differ(tmp_path):
     num_layers = saved["config"]["num_layers"]
     assert f"config num_layers {num_layers} there, {num_layers + 1} here" in why_model_differs(path, deeper)
     assert "--rank 4 there, 8 here" in why_model_differs(path, other_rank)
+
+
+def test_ctrl_c_while_writing_the_final_model_leaves_no_half_written_weights(
+    monkeypatch, pretrained, images, tmp_path, capsys
+):
+    from diffmoe_hf import ClassConditionalMoEPipeline
+
+    def interrupted_save(self, folder, **kwargs):
+        os.makedirs(os.path.join(folder, "transformer"))
+        with open(os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors"), "wb") as f:
+            f.write(b"half")
+        raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    argv = script_args(pretrained, images, str(out), "--max_train_steps", "1", "--checkpointing_steps", "1")
+    with monkeypatch.context() as patch:
+        patch.setattr(ClassConditionalMoEPipeline, "save_pretrained", interrupted_save)
+        assert _run(argv) == 130
+    assert "interrupted; kept " in capsys.readouterr().err
+    assert not (out / ".final.tmp").exists() and not (out / "transformer").exists()
+    assert _run([*argv, "--resume_from_checkpoint", "latest"]) == 0  # the rerun writes the final model
+    assert (out / "model_index.json").is_file() and (out / "transformer" / "config.json").is_file()
+    assert not (out / ".final.tmp").exists()

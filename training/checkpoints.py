@@ -10,10 +10,12 @@ A checkpoint is written into `checkpoint-<step>.tmp`, every file and folder is f
   interrupted run; `remove_incomplete_checkpoints` deletes them when the next run starts.
 """
 
+import contextlib
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 
 from accelerate.logging import get_logger
 
@@ -23,6 +25,7 @@ from diffmoe_hf.atomic_files import apply_umask, fsync_path
 COMPLETE_MARKER = "checkpoint_complete.json"
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 LEFTOVER_NAME = re.compile(r"checkpoint-\d+\.(tmp|deleting)")
+FINAL_STAGING = ".final.tmp"  # the final pipeline or LoRA weights being written (`staged_final_output`)
 
 logger = get_logger(__name__)
 
@@ -107,13 +110,45 @@ def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str) -> str | No
 
 
 def remove_incomplete_checkpoints(output_dir: str) -> None:
-    """Deletes the `.tmp` / `.deleting` checkpoint folders an interrupted run left in `output_dir` (main process)."""
+    """Deletes the `.tmp` / `.deleting` checkpoint folders and the final-output staging folder an interrupted run left
+    in `output_dir` (main process)."""
     if not os.path.isdir(output_dir):
         return
     for name in sorted(os.listdir(output_dir)):
-        if LEFTOVER_NAME.fullmatch(name):
+        if LEFTOVER_NAME.fullmatch(name) or name == FINAL_STAGING:
             logger.warning(f"Removing {os.path.join(output_dir, name)}, left incomplete by an interrupted run.")
             shutil.rmtree(os.path.join(output_dir, name))
+
+
+@contextlib.contextmanager
+def staged_final_output(output_dir: str) -> Iterator[str]:
+    """
+    Yields `output_dir/.final.tmp` for the run's final files (pipeline folders or LoRA weights); when the block
+    finishes, flushes them to disk and moves each into `output_dir`, replacing an entry of the same name. Interrupted
+    or failing while writing, it removes the staging folder: `output_dir` never holds a half-written weights file,
+    only whole files of this run or of the one before.
+    """
+    staging = os.path.join(output_dir, FINAL_STAGING)
+    if os.path.exists(staging):
+        shutil.rmtree(staging)
+    os.makedirs(staging)
+    try:
+        yield staging
+        apply_umask(staging)
+        for root, _, names in os.walk(staging):
+            for name in names:
+                fsync_path(os.path.join(root, name))
+            fsync_path(root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for name in sorted(os.listdir(staging)):
+        target = os.path.join(output_dir, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            _remove(target)
+        os.replace(os.path.join(staging, name), target)
+    os.rmdir(staging)
+    fsync_path(output_dir)
 
 
 def _remove(path: str) -> None:

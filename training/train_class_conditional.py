@@ -48,6 +48,7 @@ from diffmoe_hf.formulations import TimeSampling, check_scheduler, get_formulati
 from diffmoe_hf.pipelines import ClassConditionalMoEPipeline
 from diffmoe_hf.routing import record_routing
 from diffmoe_hf.training.checkpoints import (
+    FINAL_STAGING,
     LEFTOVER_NAME,
     checkpoint_steps,
     model_record,
@@ -55,6 +56,7 @@ from diffmoe_hf.training.checkpoints import (
     remove_incomplete_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
+    staged_final_output,
     why_incomplete,
     why_model_differs,
     why_random_state_unrestorable,
@@ -1139,19 +1141,20 @@ def save_final(
         model.to(accelerator.device)
     if not saves_lora:
         model = cast_keeping_float32_modules(model, accelerator.device, torch.float32)
-    if saves_lora:
-        from peft.utils import get_peft_model_state_dict
+    if ema is not None and not saves_lora:
+        ema.copy_to(model.parameters())
+    with staged_final_output(args.output_dir) as staging:  # Ctrl-C or a crash leaves no half-written weights
+        if saves_lora:
+            from peft.utils import get_peft_model_state_dict
 
-        ClassConditionalMoEPipeline.save_lora_weights(
-            args.output_dir,
-            transformer_lora_layers=get_peft_model_state_dict(model, state_dict=state_dict),
-            **_collate_lora_metadata({"transformer": model}),
-        )
-    else:
-        if ema is not None:
-            ema.copy_to(model.parameters())
-        pipeline = ClassConditionalMoEPipeline(transformer=model, scheduler=scheduler, vae=vae, id2label=id2label)
-        pipeline.save_pretrained(args.output_dir)
+            ClassConditionalMoEPipeline.save_lora_weights(
+                staging,
+                transformer_lora_layers=get_peft_model_state_dict(model, state_dict=state_dict),
+                **_collate_lora_metadata({"transformer": model}),
+            )
+        else:
+            pipeline = ClassConditionalMoEPipeline(transformer=model, scheduler=scheduler, vae=vae, id2label=id2label)
+            pipeline.save_pretrained(staging)
     apply_umask(args.output_dir, skip=(r"checkpoint-.*", re.escape(args.logging_dir), "validation"))
 
     images = None
@@ -1256,7 +1259,7 @@ def what_was_kept(output_dir: str | None) -> str:
     if output_dir is None or not os.path.isdir(output_dir):
         return "nothing was written."
     for name in os.listdir(output_dir):
-        if LEFTOVER_NAME.fullmatch(name):
+        if LEFTOVER_NAME.fullmatch(name) or name == FINAL_STAGING:
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
     for step in reversed(checkpoint_steps(output_dir)):
         path = os.path.join(output_dir, f"checkpoint-{step}")
