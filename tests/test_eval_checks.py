@@ -191,7 +191,7 @@ def test_a_resolution_mismatch_can_be_allowed_and_then_warns(caplog):
 def test_evaluate_digits_keeps_an_existing_output(tmp_path, capsys, monkeypatch):
     output = tmp_path / "metrics.json"
     output.write_text("{}")
-    monkeypatch.setattr(cli, "load_pipeline", _must_not_run)
+    monkeypatch.setattr(cli, "load_pipeline_with_expert_offload", _must_not_run)
     assert main(["evaluate-digits", "--model", DIGITS, "--output", str(output)]) == 2
     assert "pass --overwrite" in capsys.readouterr().err and output.read_text() == "{}"
     assert main(["evaluate-digits", "--model", DIGITS, "--output", str(tmp_path)]) == 2
