@@ -105,14 +105,22 @@ def load_pipeline_with_expert_offload(source: str, args, device, dtype, **compon
 
     For `disk` the transformer of a local folder is loaded in its stored dtype (so its weights stay memory-mapped),
     its experts written to the offload folder bank after bank, and only then cast to `dtype`: host memory never holds
-    all experts. `cpu` loads on the CPU and moves every non-expert weight to `device`.
+    all experts. `int8` and `fp8` computing in float32 from a folder stored in a lower precision (bf16 files) load it
+    the same way: the non-expert weights are cast to float32, then each expert bank in turn is cast and quantized, so
+    host memory holds one bank in float32 at a time, not the model. `cpu` loads on the CPU and moves every non-expert
+    weight to `device`.
     """
     import torch
+
+    from diffmoe_hf.models.moe.offload import enable_expert_offload
+    from diffmoe_hf.models.moe.offload.tiers import cast_resident_weights
 
     tier = args.expert_offload
     folder = _transformer_folder(source)
     stored = _stored_dtype(folder) if folder is not None else None
-    if tier == "disk" and stored is not None and stored != dtype:
+    upcast = stored is not None and stored != dtype
+    quantized_from_storage = tier in ("int8", "fp8") and upcast and dtype == torch.float32
+    if (tier == "disk" and upcast) or quantized_from_storage:
         components["torch_dtype"] = {"transformer": stored, "default": dtype}
     elif dtype != torch.float32:
         components["torch_dtype"] = dtype
@@ -121,6 +129,12 @@ def load_pipeline_with_expert_offload(source: str, args, device, dtype, **compon
         return pipe.to(device)
     if tier != "cpu":
         pipe.to(device)
+    if quantized_from_storage:
+        cast_resident_weights(pipe.transformer, dtype)
+        enable_expert_offload(
+            pipe.transformer, tier, None, args.memory_budget, materialize_bank=lambda name, bank: bank.to(dtype)
+        )
+        return pipe
     pipe.enable_expert_offload(tier, args.offload_dir, args.memory_budget)
     if tier == "disk":
         pipe.transformer.to(dtype)

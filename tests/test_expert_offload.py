@@ -140,6 +140,48 @@ def test_pipeline_samples_the_same_images_with_experts_on_disk(tmp_path):
     assert (offloaded(**call, generator=torch.Generator().manual_seed(0)).images == expected).all()
 
 
+@pytest.mark.parametrize("tier", ["int8", "fp8"])
+def test_cli_quantizes_a_lower_precision_folder_bank_by_bank_as_the_api_does(tier, tmp_path):
+    """A bfloat16 folder computed in float32 (`--expert-offload int8|fp8`): the CLI loads it in bfloat16 and upcasts
+    one expert bank at a time before quantizing it (never the whole model in float32); the result is the model the
+    API gives from the same folder loaded in float32 and then offloaded."""
+    import argparse
+
+    from diffmoe_hf import ClassConditionalMoEPipeline
+    from diffmoe_hf.cli_expert_offload import load_pipeline_with_expert_offload
+
+    pipe = family_pipeline("dit-moe")
+    pipe.transformer.to(torch.bfloat16)
+    pipe.save_pretrained(tmp_path / "bf16")
+    args = argparse.Namespace(expert_offload=tier, offload_dir=None, memory_budget=None)
+    float32_banks = []  # at each bank's turn: the expert banks held in float32 and not yet quantized
+    offload_bank = tiers_module._offload_bank
+
+    def counting_offload_bank(tier, name, linears, offload_dir):
+        plain = [linear for _, linear in expert_linears(cli_model[0]) if type(linear.weight) is nn.Parameter]
+        float32_banks.append(sum(linear.weight.dtype == torch.float32 for linear in plain) / len(linears))
+        offload_bank(tier, name, linears, offload_dir)
+
+    cli_model = []
+    load = ClassConditionalMoEPipeline.from_pretrained
+
+    def recording_load(*a, **k):
+        loaded = load(*a, **k)
+        cli_model.append(loaded.transformer)
+        return loaded
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tiers_module, "_offload_bank", counting_offload_bank)
+        patch.setattr(ClassConditionalMoEPipeline, "from_pretrained", recording_load)
+        cli = load_pipeline_with_expert_offload(str(tmp_path / "bf16"), args, torch.device("cpu"), torch.float32)
+    assert float32_banks and max(float32_banks) == 1  # one bank in float32 at a time
+    api = ClassConditionalMoEPipeline.from_pretrained(tmp_path / "bf16", torch_dtype=torch.float32)
+    api.enable_expert_offload(tier)
+    assert all(p.dtype == torch.float32 for n, p in cli.transformer.named_parameters() if ".experts." not in n)
+    inputs = model_inputs(cli.transformer)
+    assert torch.equal(_output(cli.transformer, inputs), _output(api.transformer, inputs))
+
+
 def _untouched(model: nn.Module) -> bool:
     return getattr(model, "_expert_offload_tier", "none") == "none" and all(
         linear.weight.numel() > 0 and not linear._forward_pre_hooks and type(linear.weight) is nn.Parameter
