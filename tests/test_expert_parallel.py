@@ -50,8 +50,10 @@ def test_sampling_refuses_an_expert_parallel_size_that_does_not_divide_the_proce
     tiny_pipeline(with_vae=False).save_pretrained(folder)
     output = str(tmp_path / "samples.npz")
     assert cli.main(["sample", "--model", folder, "--output", output, "--expert-parallel-size", "2"]) == 2
-    message = "diffmoe sample: error: --expert-parallel-size 2 must divide the number of processes (1)."
-    assert capsys.readouterr().err.strip().endswith(message)
+    message = "diffmoe sample: error: --expert-parallel-size 2 must divide the number of processes (1); launch a "
+    assert message in capsys.readouterr().err
+    assert cli.main(["sample", "--model", folder, "--output", output, "--expert-parallel-size", "0"]) == 2
+    assert "--expert-parallel-size must be at least 1, got 0." in capsys.readouterr().err
 
 
 def test_expert_parallel_matches_one_process_for_every_family(tmp_path):
