@@ -89,31 +89,11 @@ def guidance_channels_argument(text: str) -> int:
 def check_device(name: str):
     """
     The `torch.device` that `--device NAME` names, if this machine has it: a typo, or `cuda` on a build or machine
-    without CUDA, is a `ValueError` that says which devices there are.
+    without CUDA, is a `ValueError` that says which devices there are (`devices.check_device_available`).
     """
-    import torch
+    from diffmoe_hf.devices import check_device_available
 
-    available = ["cpu"] + [f"{kind} ({kind}:0 ...)" for kind in ("cuda", "mps", "xpu") if _has_backend(torch, kind)]
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"--device {name!r} is not a torch device; available here: {', '.join(available)}.") from None
-    if device.type == "cpu":
-        return device
-    if not _has_backend(torch, device.type):
-        raise ValueError(
-            f"--device {name}: this torch build or machine has no {device.type} device; available here: "
-            f"{', '.join(available)}. Omit --device to use the best one."
-        )
-    count = getattr(torch, device.type).device_count()
-    if device.index is not None and device.index >= count:
-        raise ValueError(f"--device {name}: this machine has {count} {device.type} device(s), {device.type}:0 first.")
-    return device
-
-
-def _has_backend(torch, kind: str) -> bool:
-    backend = getattr(torch, kind, None)
-    return backend is not None and hasattr(backend, "is_available") and backend.is_available()
+    return check_device_available(name, "--device", hint="Omit --device to use the best one.")
 
 
 def select_scheduler(pipe, name: str | None) -> None:

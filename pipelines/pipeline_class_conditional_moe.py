@@ -12,6 +12,7 @@ from diffusers.schedulers import SchedulerMixin
 from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
+from diffmoe_hf.devices import check_device_available
 from diffmoe_hf.formulations import SamplingPlan, check_scheduler, get_formulation, max_inference_steps
 
 from .call_arguments import (
@@ -314,6 +315,17 @@ class ClassConditionalMoEPipeline(DiffusionPipeline, TransformerLoraLoaderMixin)
     def _step_kwargs(scheduler, generator) -> dict:
         accepted = inspect.signature(scheduler.step).parameters
         return {"generator": generator} if "generator" in accepted else {}
+
+    def to(self, *args, **kwargs):
+        """
+        diffusers' `DiffusionPipeline.to`, after checking that this machine has the device it names: `pipe.to("cuda")`
+        on a CPU build, or a typo, is a `ValueError` naming the devices there are (torch itself fails with an
+        `AssertionError` or a long list of device types). `meta` and dtypes pass through unchecked.
+        """
+        device = kwargs.get("device", next((a for a in args if isinstance(a, (str, torch.device))), None))
+        if device is not None and str(device) != "meta":
+            check_device_available(device, "pipe.to(device):", hint="Leave the pipeline on the CPU.")
+        return super().to(*args, **kwargs)
 
     def enable_expert_offload(self, tier: str, offload_dir: str | None = None, memory_budget: int | None = None):
         """

@@ -96,3 +96,22 @@ def test_a_diverging_guidance_scale_names_the_step():
     with pytest.raises(ValueError, match=r"Sampling diverged at sampling step 1 of 2: .* guidance_scale=1e\+30"):
         call(pipe, guidance_scale=1e30)
     assert len(pipe.transformer.calls) == 2  # the loop ran on: the check costs no host sync per step
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize(
+    "args, kwargs, fragment",
+    [
+        (("cuda",), {}, "this torch build or machine has no cuda device; available here: cpu"),
+        ((torch.device("cuda", 1),), {}, "cuda:1: this torch build or machine has no cuda device"),
+        (("cudax",), {}, "'cudax' is not a torch device"),
+        ((), {"device": "cuda"}, "no cuda device"),
+    ],
+)
+def test_moving_the_pipeline_to_a_device_this_machine_lacks_names_it(args, kwargs, fragment):
+    pipe = family_pipeline("dsmoe")
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        pipe.to(*args, **kwargs)
+    assert pipe.device.type == "cpu"
+    pipe.to("cpu", torch.float64)  # devices this machine has, and dtypes, pass through
+    assert pipe.transformer.dtype == torch.float64
