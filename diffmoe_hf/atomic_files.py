@@ -9,6 +9,7 @@ Folder-level saves with their own staging (converted folders, training checkpoin
 import contextlib
 import os
 import re
+import tempfile
 from collections.abc import Iterator
 
 
@@ -66,3 +67,29 @@ def apply_umask(folder: str, skip: tuple[str, ...] = ()) -> None:
             os.chmod(root, 0o777 & ~umask)
             for name in names:
                 os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
+def existing_folder_for(folder: str) -> str:
+    """`folder` if it exists, else the closest existing path above it (where its missing folders would be created)."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    return existing
+
+
+def why_not_writable(folder: str) -> str | None:
+    """
+    None when new files can be created in `folder` (or, for a folder still to be made, in the closest existing folder
+    above it), else why not, in words naming that folder. Probed by creating a file: the permission bits do not tell
+    (root, read-only mounts).
+    """
+    existing = existing_folder_for(folder)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file"
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".diffmoe-write-check-", dir=existing)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as err:
+        return f"the folder {existing} does not accept new files ({err.strerror})"
+    return None

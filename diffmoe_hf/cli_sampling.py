@@ -9,7 +9,6 @@ import argparse
 import inspect
 import math
 import os
-import tempfile
 
 
 class CommandError(Exception):
@@ -45,21 +44,14 @@ def load_pipeline(source: str, **components):
 
 def check_writable_folder(folder: str, what: str) -> None:
     """Refuses `what` when `folder`, or the closest existing folder above it (missing ones are created), does not
-    accept new files: probed by creating one, as the permission bits do not tell (root, read-only mounts)."""
-    existing = folder
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise CommandError(f"Cannot create the folder {folder} for {what}: {existing} is a file. Choose another path.")
-    try:
-        handle, probe = tempfile.mkstemp(prefix=".diffmoe-write-check-", dir=existing)
-        os.close(handle)
-        os.remove(probe)
-    except OSError as err:
-        raise CommandError(
-            f"Cannot write {what}: the folder {existing} does not accept new files ({err.strerror}). "
-            "Choose another path."
-        ) from None
+    accept new files (`atomic_files.why_not_writable`)."""
+    from diffmoe_hf.atomic_files import why_not_writable
+
+    problem = why_not_writable(folder)
+    if problem is not None and problem.endswith("is a file"):
+        raise CommandError(f"Cannot create the folder {folder} for {what}: {problem}. Choose another path.")
+    if problem is not None:
+        raise CommandError(f"Cannot write {what}: {problem}. Choose another path.")
 
 
 def guidance_scale_argument(text: str) -> float:

@@ -22,6 +22,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from diffmoe_hf.atomic_files import existing_folder_for, why_not_writable
+
 from .mapped_experts import offload_linears_to_file
 from .memory_plan import (
     EXPERT_OFFLOAD_TIERS,
@@ -60,17 +62,10 @@ def check_tier_available(tier: str) -> None:
 def check_offload_dir(offload_dir: str, needed_bytes: int) -> None:
     """Raises a `ValueError` if `offload_dir` (created if missing) does not accept new files or has less free space
     than `needed_bytes` (the experts in their stored dtype)."""
-    existing = os.path.abspath(offload_dir)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError(f"offload_dir {offload_dir}: {existing} is a file, not a folder.")
-    try:
-        handle, probe = tempfile.mkstemp(prefix=".diffmoe-write-check-", dir=existing)
-        os.close(handle)
-        os.remove(probe)
-    except OSError as err:
-        raise ValueError(f"offload_dir {offload_dir} does not accept new files ({err.strerror}).") from None
+    problem = why_not_writable(offload_dir)
+    if problem is not None:
+        raise ValueError(f"offload_dir {offload_dir}: {problem}.")
+    existing = existing_folder_for(offload_dir)
     free = shutil.disk_usage(existing).free
     if free < needed_bytes:
         raise ValueError(
