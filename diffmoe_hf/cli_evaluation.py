@@ -190,16 +190,14 @@ def load_expert_parallel_pipeline(model: str, expert_parallel_size: int, state, 
     `expert_parallel_size` consecutive processes (`diffmoe_hf.parallel`); a size that does not fit is a `ValueError`
     naming the numbers."""
     from diffmoe_hf.models.moe import holding_experts
-    from diffmoe_hf.parallel import check_expert_parallel_size, enable_expert_parallel, expert_parallel_mesh
+    from diffmoe_hf.parallel import (
+        check_expert_parallel_processes,
+        check_expert_parallel_size,
+        enable_expert_parallel,
+        expert_parallel_mesh,
+    )
 
-    if expert_parallel_size < 1:
-        raise ValueError(f"--expert-parallel-size must be at least 1, got {expert_parallel_size}.")
-    if state.num_processes % expert_parallel_size:
-        raise ValueError(
-            f"--expert-parallel-size {expert_parallel_size} must divide the number of processes "
-            f"({state.num_processes}); launch a multiple of {expert_parallel_size} processes, e.g. `torchrun "
-            f"--nproc_per_node {expert_parallel_size} -m diffmoe_hf sample ...`."
-        )
+    check_expert_parallel_processes(expert_parallel_size, state.num_processes, "--expert-parallel-size")
     mesh = expert_parallel_mesh(expert_parallel_size, device.type)
     with holding_experts(mesh.expert_rank, mesh.expert_size):
         pipe = load_pipeline(model, **components).to(device)

@@ -1,8 +1,11 @@
 """Tiny models and folders shared by the tests (CPU, seconds). The families and their tiny configurations come from
 the registry (`diffmoe_hf.families`); no test module lists families of its own."""
 
+import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,7 +18,7 @@ from diffmoe_hf.families import FAMILIES, get_family
 from diffmoe_hf.formulations import get_formulation
 from diffmoe_hf.models.moe import GroupedExperts
 
-from .conftest import parity_root
+from .conftest import REPO_ROOT, parity_root
 
 
 DSMOE_CASE = "dsmoe-rope2d-e8g2k2"
@@ -223,3 +226,22 @@ def random_inception_state_dict() -> dict[str, torch.Tensor]:
             value = torch.randn(value.shape, generator=generator) * (2 / fan_in) ** 0.5
         state[key] = value
     return state
+
+
+def run_memory_worker(module: str, folder) -> dict:
+    """
+    Runs the memory-measuring test worker `module` (e.g. `"tests.conversion_memory_worker"`) on `folder` in a fresh
+    process and returns the JSON record it prints last. glibc's allocator is told to return large blocks to the system
+    at once (MALLOC_MMAP_THRESHOLD_), so the worker's RssAnon counts what it holds, not what the allocator caches.
+    """
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", module, str(folder)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

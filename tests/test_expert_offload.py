@@ -2,10 +2,6 @@
 model; the checks that refuse bad input before anything changes; the CLI options."""
 
 import copy
-import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,12 +16,12 @@ from diffmoe_hf.models.moe.offload import EXPERT_OFFLOAD_TIERS, enable_expert_of
 from diffmoe_hf.models.moe.offload import tiers as tiers_module
 from diffmoe_hf.models.moe.offload.tiers import offload_banks_to_host
 
-from .conftest import REPO_ROOT
 from .helpers import (
     assert_float32_close,
     model_float32_tolerance,
     model_inputs,
     registered_families,
+    run_memory_worker,
     tiny_model,
     unwritable_folder,
 )
@@ -260,17 +256,7 @@ def test_experts_far_larger_than_the_memory_limit_sample_under_it(tmp_path):
     after bank and sampled, with the peak anonymous memory (RssAnon, sampled from /proc) above the process's start
     of each stretch. glibc's allocator is told to return large blocks to the system at once
     (MALLOC_MMAP_THRESHOLD_), so the numbers count what the process holds, not what the allocator caches."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.expert_offload_memory_worker", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO_ROOT,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    record = json.loads(result.stdout.strip().splitlines()[-1])
+    record = run_memory_worker("tests.expert_offload_memory_worker", tmp_path)
     assert record["finite"] and record["expert_bytes"] >= 6 * SAMPLING_LIMIT
     assert record["sampling_anon_increase"] <= SAMPLING_LIMIT, record
     assert record["building_anon_increase"] <= record["bank_bytes"] + SAMPLING_LIMIT, record

@@ -1,12 +1,7 @@
 """Converting a checkpoint many shards large holds about one shard plus the largest tensor, measured in a fresh
 process (`conversion_memory_worker`), not assumed."""
 
-import json
-import os
-import subprocess
-import sys
-
-from .conftest import REPO_ROOT
+from .helpers import run_memory_worker
 
 
 def test_conversion_memory_is_bounded_by_a_shard_not_by_the_model(tmp_path):
@@ -14,17 +9,7 @@ def test_conversion_memory_is_bounded_by_a_shard_not_by_the_model(tmp_path):
     sampled from /proc) above the start of the conversion stays within two shards plus the largest tensor (one shard
     of cast tensors, and its serialized copy at most), where casting the model at once would take 96 MiB. glibc's
     allocator is told to return large blocks at once (MALLOC_MMAP_THRESHOLD_), so freed memory does not count."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.conversion_memory_worker", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO_ROOT,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    record = json.loads(result.stdout.strip().splitlines()[-1])
+    record = run_memory_worker("tests.conversion_memory_worker", tmp_path)
     assert record["weights_equal"]
     assert record["checkpoint_bytes"] >= 6 * record["shard_bytes"] and record["shards"] >= 12, record
     bound = 2 * record["shard_bytes"] + record["largest_tensor_bytes"]

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from diffmoe_hf.cli import CommandError
 from diffmoe_hf.models.moe import holding_experts
 from diffmoe_hf.parallel import (
+    check_expert_parallel_processes,
     check_expert_parallel_size,
     clip_grad_norm_,
     enable_expert_parallel,
@@ -40,9 +41,10 @@ CHECKPOINT_FOLDER = "expert_parallel"
 
 def check_expert_parallel_arguments(args, num_processes: int, native_checkpoints: bool) -> None:
     """Refuses, before any work, what expert parallelism does not support, naming the numbers (exit status 2)."""
-    size = args.expert_parallel_size
-    if size < 1 or num_processes % size:
-        raise CommandError(f"--expert_parallel_size {size} must divide the number of processes ({num_processes}).")
+    try:
+        check_expert_parallel_processes(args.expert_parallel_size, num_processes, "--expert_parallel_size")
+    except ValueError as error:
+        raise CommandError(str(error)) from None
     if native_checkpoints:
         raise CommandError("--expert_parallel_size runs on DDP processes: launch without an FSDP or DeepSpeed config.")
     for option in ("use_lora", "use_ema"):

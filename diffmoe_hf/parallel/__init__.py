@@ -15,7 +15,7 @@ runs them (`expert_backend`) are the only switches.
 
 from .checkpoint import load_expert_parallel_checkpoint, save_expert_parallel_checkpoint
 from .gradients import clip_grad_norm_, reduce_expert_gradients
-from .mesh import ExpertParallelMesh, expert_parallel_mesh
+from .mesh import ExpertParallelMesh, check_expert_parallel_processes, expert_parallel_mesh
 from .model import (
     build_expert_parallel_model,
     check_expert_parallel_size,

@@ -39,6 +39,20 @@ class ExpertParallelMesh:
         return self.mesh.size()
 
 
+def check_expert_parallel_processes(expert_parallel_size: int, num_processes: int, option: str) -> None:
+    """
+    Raises a `ValueError` naming `option` (how the caller's user gave the size, e.g. `"--expert-parallel-size"`) and
+    the numbers unless K = `expert_parallel_size` is at least 1 and divides `num_processes`.
+    """
+    if expert_parallel_size < 1:
+        raise ValueError(f"{option} must be at least 1, got {expert_parallel_size}.")
+    if num_processes % expert_parallel_size:
+        raise ValueError(
+            f"{option} {expert_parallel_size} must divide the number of processes ({num_processes}); launch a "
+            f"multiple of {expert_parallel_size} processes, e.g. `torchrun --nproc_per_node {expert_parallel_size}`."
+        )
+
+
 def expert_parallel_mesh(expert_parallel_size: int, device_type: str = "cpu") -> ExpertParallelMesh:
     """
     The (data x expert) mesh of all ranks of the initialised default process group, K = `expert_parallel_size`
@@ -53,9 +67,6 @@ def expert_parallel_mesh(expert_parallel_size: int, device_type: str = "cpu") ->
             "launch)."
         )
     world_size = dist.get_world_size()
-    if expert_parallel_size < 1 or world_size % expert_parallel_size:
-        raise ValueError(
-            f"expert_parallel_size={expert_parallel_size} must divide the number of processes ({world_size})."
-        )
+    check_expert_parallel_processes(expert_parallel_size, world_size, "expert_parallel_size")
     shape = (world_size // expert_parallel_size, expert_parallel_size)
     return ExpertParallelMesh(init_device_mesh(device_type, shape, mesh_dim_names=("data", "expert")))

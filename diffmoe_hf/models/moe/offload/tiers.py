@@ -190,18 +190,21 @@ def offload_banks_to_host(model: nn.Module, device: torch.device) -> None:
             apply_group_offloading(bank, onload_device=device, offload_type="leaf_level", use_stream=use_stream)
 
 
+def _resident_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Every parameter and buffer of `model` that is not a routed expert's."""
+    experts = {id(tensor) for _, linear in expert_linears(model) for tensor in linear.parameters()}
+    return [tensor for tensor in [*model.parameters(), *model.buffers()] if id(tensor) not in experts]
+
+
 def cast_resident_weights(model: nn.Module, dtype: torch.dtype) -> None:
     """Casts every floating-point parameter and buffer of `model` that is not a routed expert's to `dtype` (in place;
     the experts keep their dtype until a tier takes them)."""
-    experts = {id(tensor) for _, linear in expert_linears(model) for tensor in linear.parameters()}
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if id(tensor) not in experts and tensor.is_floating_point():
+    for tensor in _resident_tensors(model):
+        if tensor.is_floating_point():
             tensor.data = tensor.data.to(dtype)
 
 
 def move_resident_weights(model: nn.Module, device: torch.device) -> None:
     """Moves every parameter and buffer of `model` that is not a routed expert's to `device` (in place)."""
-    experts = {id(tensor) for _, linear in expert_linears(model) for tensor in linear.parameters()}
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if id(tensor) not in experts:
-            tensor.data = tensor.data.to(device)
+    for tensor in _resident_tensors(model):
+        tensor.data = tensor.data.to(device)
