@@ -9,7 +9,12 @@ into `<output root>/<name>`:
 - `ep2`: K = 2, checkpoint at step 3; `ep2-resumed`: K = 2 from `ep2`'s step 3;
 - `ep1-from-ep2`: K = 1 from `ep2`'s step 3; `ep2-from-ep1`: K = 2 from `ep1`'s step 3;
 - `ddp`: without the option, 1 step and its checkpoint; `ep2-from-ddp`: K = 2 from it, which must be refused (the
-  message goes to `<output root>/refused.txt`).
+  message goes to `<output root>/refused.txt`);
+- LoRA (rank 4 on attention, experts and shared experts): `lora1` at K = 1, checkpoint at step 3; `lora2-from-lora1`:
+  K = 2 from it, checkpoint at step 4; `lora2-resumed`: K = 2 from that;
+- EMA: `ema-ddp` without the option; `ema1` at K = 1, checkpoint at step 3; `ema2-from-ema1`: K = 2 from it, checkpoint
+  at step 4; `ema2-resumed`: K = 2 from that;
+- bf16 mixed precision: `bf16-2` at K = 2, checkpoint at step 3; `bf16-2-resumed`: K = 2 from it.
 
 Then `diffmoe sample` (6 samples in batches of 2, 2 steps, float pixels kept) of `ep2`'s export and of the DiffMoE
 (Shi et al.) pipeline, without the option (`<output root>/<family>.npz`) and with `--expert-parallel-size 2`
@@ -29,6 +34,7 @@ from .training_helpers import script_args
 
 
 COMMON = ["--max_train_steps", "5", "--learning_rate", "1e-3", "--gradient_accumulation_steps", "2"]
+LORA = ["--use_lora", "--rank", "4", "--lora_layers", "attention,experts,shared_experts"]
 
 
 def sample(model: str, output: str, *extra: str) -> None:
@@ -62,6 +68,25 @@ def main(pretrained: str, images: str, root: str, dynamic_token_pipeline: str) -
         if int(os.environ["RANK"]) == 0:
             with open(os.path.join(root, "refused.txt"), "w") as f:
                 f.write(str(error))
+    run("lora1", *LORA, "--expert_parallel_size", "1", "--checkpointing_steps", "3")
+    run(
+        "lora2-from-lora1", *LORA, "--expert_parallel_size", "2", "--checkpointing_steps", "4", *checkpoint("lora1", 3)
+    )
+    run("lora2-resumed", *LORA, "--expert_parallel_size", "2", *checkpoint("lora2-from-lora1", 4))
+    run("ema-ddp", "--use_ema")
+    run("ema1", "--use_ema", "--expert_parallel_size", "1", "--checkpointing_steps", "3")
+    run(
+        "ema2-from-ema1",
+        "--use_ema",
+        "--expert_parallel_size",
+        "2",
+        "--checkpointing_steps",
+        "4",
+        *checkpoint("ema1", 3),
+    )
+    run("ema2-resumed", "--use_ema", "--expert_parallel_size", "2", *checkpoint("ema2-from-ema1", 4))
+    run("bf16-2", "--mixed_precision", "bf16", "--expert_parallel_size", "2", "--checkpointing_steps", "3")
+    run("bf16-2-resumed", "--mixed_precision", "bf16", "--expert_parallel_size", "2", *checkpoint("bf16-2", 3))
     for family, model in (("dit-moe", os.path.join(root, "ep2")), ("dynamic-token-moe", dynamic_token_pipeline)):
         sample(model, os.path.join(root, f"{family}.npz"))
         sample(model, os.path.join(root, f"{family}-ep2.npz"), "--expert-parallel-size", "2")

@@ -9,7 +9,8 @@ reference's state dict by global names) and compares, for its own 2 of the globa
   experts run through the `"modules"` fallback on the per-row conditioning they received;
 - training mode: the output, the routing and the routing statistics (exactly), the auxiliary loss, and after a
   backward of `mean over samples of sum(output * probe) + aux_loss` (non-expert gradients averaged over the ranks as DDP does, expert
-  gradients by `reduce_expert_gradients`) the gradient of every parameter.
+  gradients by `reduce_expert_gradients`) the gradient of every parameter, then the global gradient norm and clipping
+  (`clip_grad_norm_`).
 
 The reference runs the global batch in one call. DiffMoE (Shi et al.) routes over the samples of its call, and under
 expert parallelism each rank selects among its own tokens as a data-parallel run of the original does, so its
@@ -22,6 +23,7 @@ the tensors of a single-process model loaded from it (resharding, K = 1 included
 """
 
 import json
+import math
 import os
 import sys
 
@@ -31,6 +33,7 @@ import torch.distributed as dist
 from diffmoe_hf.families import get_family
 from diffmoe_hf.parallel import (
     build_expert_parallel_model,
+    clip_grad_norm_,
     expert_parallel_mesh,
     expert_parameter_names,
     load_expert_parallel_checkpoint,
@@ -43,6 +46,7 @@ from diffmoe_hf.routing import record_routing
 from .helpers import (
     assert_float32_close,
     expert_banks,
+    float32_tolerance,
     model_float32_tolerance,
     model_inputs,
     registered_families,
@@ -128,6 +132,19 @@ def reference_results(model, inputs: dict, probe: torch.Tensor, world_size: int)
     ]
 
 
+def check_global_clipping(model, mesh, reference, distance_bound: float, family: str) -> None:
+    """`clip_grad_norm_` of the expert-parallel model: its norm is the reference's global norm (the l2 distance of
+    the gradients, `distance_bound`, bounds the difference of their norms), and it scales every rank's gradients, the
+    experts' too, so that their global norm becomes `max_norm`."""
+    wanted = float(torch.nn.utils.get_total_norm([parameter.grad for parameter in reference.parameters()]))
+    max_norm = wanted / 2
+    norm = float(clip_grad_norm_(model, mesh, max_norm))
+    assert abs(norm - wanted) <= distance_bound, f"{family}: global gradient norm {norm}, single process {wanted}"
+    elements = sum(parameter.numel() for parameter in reference.parameters())
+    clipped = float(clip_grad_norm_(model, mesh, math.inf))  # only measures
+    assert abs(clipped - max_norm) <= float32_tolerance(torch.tensor(max_norm), elements), f"{family}: {clipped}"
+
+
 def check_family(family: str, mesh, rank: int, world_size: int, checkpoint: str | None = None) -> dict:
     """The checks of the module docstring; with `checkpoint`, also one AdamW step saved there (see `main`)."""
     reference = tiny_model(family, **CONFIG)
@@ -179,10 +196,13 @@ def check_family(family: str, mesh, rank: int, world_size: int, checkpoint: str 
             parameter.grad /= world_size
     reduce_expert_gradients(model, mesh)
     gradients = dict(reference.named_parameters())
+    squared_tolerances = 0.0  # bound on the squared l2 distance of all gradients together
     for name, parameter in model.named_parameters():
         wanted = gradients[name].grad
         tolerance = model_float32_tolerance(reference, wanted, tokens, calls=2)
         assert_float32_close(parameter.grad, wanted, tolerance, f"{family} gradient of {name}")
+        squared_tolerances += wanted.numel() * tolerance**2
+    check_global_clipping(model, mesh, reference, math.sqrt(squared_tolerances), family)
     if checkpoint is not None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         optimizer.step()

@@ -6,17 +6,22 @@
   format below and the gradient path differ from a run without the option.
 - DDP reduces the non-expert gradients; the experts are left out of DDP and their gradients are summed over their
   replicas and divided by the number of processes (`reduce_expert_gradients`); the gradient norm is the global one.
-- Checkpoints: the model, optimizer state and hyperparameters are saved by every rank with
-  `torch.distributed.checkpoint` into `<checkpoint>/expert_parallel`, keyed by the global parameter names
+- LoRA adapters on experts live in the banks with their experts (peft wraps each local expert's projections), so they
+  are expert parameters like the weights they adapt; an EMA (`--use_ema`) averages each rank's own parameters.
+- Checkpoints: the model (with its LoRA layers), optimizer state and hyperparameters, and the EMA, are saved by every
+  rank with `torch.distributed.checkpoint` into `<checkpoint>/expert_parallel`, keyed by the global parameter names
   (`diffmoe_hf.parallel.checkpoint`), so a checkpoint loads at any K. accelerate keeps saving the scheduler, the data
   position and the random states; the optimizer is taken out of its care.
-- The final export gathers the experts on the main process into an ordinary diffusers folder.
+- The final export gathers the experts (the EMA weights with `--use_ema`; the adapters of a LoRA run) on the main
+  process into a single-process model, which the script saves as it saves a run without the option.
 """
 
+import copy
 import os
 
 import torch
 from accelerate import init_empty_weights
+from diffusers.training_utils import EMAModel
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -47,9 +52,6 @@ def check_expert_parallel_arguments(args, num_processes: int, native_checkpoints
         raise CommandError(str(error)) from None
     if native_checkpoints:
         raise CommandError("--expert_parallel_size runs on DDP processes: launch without an FSDP or DeepSpeed config.")
-    for option in ("use_lora", "use_ema"):
-        if getattr(args, option):
-            raise CommandError(f"--{option} is not supported with --expert_parallel_size yet.")
     if args.mixed_precision == "fp16":
         raise CommandError("--expert_parallel_size supports --mixed_precision no or bf16, not fp16.")
 
@@ -84,11 +86,12 @@ class ExpertParallelTraining:
         if max_grad_norm > 0:
             clip_grad_norm_(model, self.mesh, max_grad_norm)
 
-    def save(self, directory: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Saves the model and optimizer of every rank into `directory/expert_parallel` (every rank must call it)."""
-        save_expert_parallel_checkpoint(os.path.join(directory, CHECKPOINT_FOLDER), model, optimizer)
+    def save(self, directory: str, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMAModel | None) -> None:
+        """Saves the model, optimizer and EMA of every rank into `directory/expert_parallel` (every rank must call
+        it)."""
+        save_expert_parallel_checkpoint(os.path.join(directory, CHECKPOINT_FOLDER), model, optimizer, ema)
 
-    def load(self, directory: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def load(self, directory: str, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMAModel | None) -> None:
         """Loads what this rank holds from a checkpoint saved at any K (every rank must call it)."""
         path = os.path.join(directory, CHECKPOINT_FOLDER)
         if not os.path.isdir(path):
@@ -96,14 +99,26 @@ class ExpertParallelTraining:
                 f"{directory} was not saved with --expert_parallel_size, so it cannot be resharded: resume it without "
                 "the option, or start from its exported folder with --pretrained_model_name_or_path."
             )
-        load_expert_parallel_checkpoint(path, model, optimizer)
+        load_expert_parallel_checkpoint(path, model, optimizer, ema)
 
-    def full_model(self, model: nn.Module) -> nn.Module | None:
-        """A single-process copy of `model` with every expert on the main process (`None` elsewhere)."""
+    def full_model(self, model: nn.Module, ema: EMAModel | None) -> nn.Module | None:
+        """
+        A single-process copy of `model` with every expert, and its LoRA adapters, on the main process (`None`
+        elsewhere); with `ema`, the copy holds the EMA weights (`model` keeps its own). Every rank must call it.
+        """
+        if ema is not None:
+            ema.store(model.parameters())
+            ema.copy_to(model.parameters())
         state = gather_full_state_dict(model, self.mesh)
+        if ema is not None:
+            if state is not None:  # CPU tensors of the main process are gathered without a copy
+                state = {name: tensor.clone() for name, tensor in state.items()}
+            ema.restore(model.parameters())
         if state is None:
             return None
         with init_empty_weights(include_buffers=False):  # parameters on meta, then the gathered tensors adopted
             full = type(model).from_config(model.config)
+            for adapter_name, adapter_config in getattr(model, "peft_config", {}).items():
+                full.add_adapter(copy.deepcopy(adapter_config), adapter_name=adapter_name)
         full.load_state_dict(state, assign=True)
         return full.eval()

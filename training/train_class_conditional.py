@@ -730,7 +730,7 @@ def main(args):
     # keep their own sharded formats and the final model is gathered at the end
     def save_model_hook(models, weights, output_dir):
         if expert_parallel is not None:  # every rank saves what it holds; accelerate saves no model
-            expert_parallel.save(output_dir, unwrap(accelerator, models[0]), optimizer.optimizer)
+            expert_parallel.save(output_dir, unwrap(accelerator, models[0]), optimizer.optimizer, ema)
             weights.clear()
             return
         if not accelerator.is_main_process:
@@ -758,7 +758,7 @@ def main(args):
     def load_model_hook(models, input_dir):
         if expert_parallel is not None:
             with user_input_errors():
-                expert_parallel.load(input_dir, unwrap(accelerator, models.pop()), optimizer.optimizer)
+                expert_parallel.load(input_dir, unwrap(accelerator, models.pop()), optimizer.optimizer, ema)
             return
         if ema is not None:
             # the model class, not the DDP wrapper `transformer` is after `prepare`
@@ -970,8 +970,8 @@ def main(args):
         )
 
     accelerator.wait_for_everyone()
-    if expert_parallel is not None:  # the main process exports every expert
-        model = expert_parallel.full_model(model)
+    if expert_parallel is not None:  # the main process exports every expert (the EMA weights if kept)
+        model, ema = expert_parallel.full_model(model, ema), None
     save_final(
         accelerator, transformer, model, vae, noise_scheduler, id2label, ema, args, native_checkpoints, sharded_params
     )

@@ -90,7 +90,8 @@ def load_local_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tenso
 def gather_full_state_dict(model: nn.Module, mesh: ExpertParallelMesh) -> dict[str, torch.Tensor] | None:
     """
     The full (single-process) state dict of an expert-parallel `model` on rank 0, `None` on the other ranks: rank 0's
-    own tensors plus the experts of the other ranks of its expert group (on the CPU). Every rank must call it.
+    own tensors plus the experts of the other ranks of its expert group (on the CPU; rank 0's own CPU tensors are
+    not copied, so they share memory with `model`). Every rank must call it.
     """
     experts = set(expert_parameter_names(model))
     state = model.state_dict()
