@@ -1,9 +1,10 @@
-"""Runs train_class_conditional.py several times in the same 2 CPU processes (gloo), for
+"""Runs train_class_conditional.py several times in the same CPU processes (gloo), for
 tests/test_expert_parallel_training.py: `torchrun --standalone --nproc_per_node 2 -m
-tests.expert_parallel_training_worker <pretrained pipeline> <image folder> <output root> <DiffMoE pipeline>`.
+tests.expert_parallel_training_worker two <pretrained pipeline> <image folder> <output root> <DiffMoE pipeline>`, or
+with 4 processes `... four <pretrained pipeline> <image folder> <output root>`.
 
 Every run trains the tiny DiT-MoE for 5 steps of 2 accumulated batches of 2 per process, with gradient checkpointing,
-into `<output root>/<name>`:
+into `<output root>/<name>`. With 2 processes:
 
 - `ep1`: `--expert_parallel_size 1` (every rank holds every expert), checkpoint at step 3;
 - `ep2`: K = 2, checkpoint at step 3; `ep2-resumed`: K = 2 from `ep2`'s step 3;
@@ -19,6 +20,9 @@ into `<output root>/<name>`:
 Then `diffmoe sample` (6 samples in batches of 2, 2 steps, float pixels kept) of `ep2`'s export and of the DiffMoE
 (Shi et al.) pipeline, without the option (`<output root>/<family>.npz`) and with `--expert-parallel-size 2`
 (`<family>-ep2.npz`).
+
+With 4 processes (a 2 x 2 mesh at K = 2, where DDP's 4-rank all-reduces could add in another order after a resume):
+`ep2`: K = 2, checkpoint at step 3; `ep2-resumed`: K = 2 from it; `ep4-from-ep2`: K = 4 from it.
 """
 
 import os
@@ -42,7 +46,8 @@ def sample(model: str, output: str, *extra: str) -> None:
     assert cli.main(["sample", "--model", model, "--output", output, *options, *extra]) == 0, output
 
 
-def main(pretrained: str, images: str, root: str, dynamic_token_pipeline: str) -> None:
+def runner(pretrained: str, images: str, root: str):
+    """`run(name, *options)` (a training run into `root/name`) and `checkpoint(name, step)` (its resume options)."""
     # the runs share the processes' one process group: the script's `end_training` must not destroy it
     PartialState.destroy_process_group = lambda self, group=None: None
 
@@ -56,6 +61,11 @@ def main(pretrained: str, images: str, root: str, dynamic_token_pipeline: str) -
     def checkpoint(name: str, step: int) -> list[str]:
         return ["--resume_from_checkpoint", os.path.join(root, name, f"checkpoint-{step}")]
 
+    return run, checkpoint
+
+
+def two_processes(pretrained: str, images: str, root: str, dynamic_token_pipeline: str) -> None:
+    run, checkpoint = runner(pretrained, images, root)
     run("ep1", "--expert_parallel_size", "1", "--checkpointing_steps", "3")
     run("ep2", "--expert_parallel_size", "2", "--checkpointing_steps", "3")
     run("ep2-resumed", "--expert_parallel_size", "2", *checkpoint("ep2", 3))
@@ -92,5 +102,13 @@ def main(pretrained: str, images: str, root: str, dynamic_token_pipeline: str) -
         sample(model, os.path.join(root, f"{family}-ep2.npz"), "--expert-parallel-size", "2")
 
 
+def four_processes(pretrained: str, images: str, root: str) -> None:
+    run, checkpoint = runner(pretrained, images, root)
+    run("ep2", "--expert_parallel_size", "2", "--checkpointing_steps", "3")
+    run("ep2-resumed", "--expert_parallel_size", "2", *checkpoint("ep2", 3))
+    run("ep4-from-ep2", "--expert_parallel_size", "4", *checkpoint("ep2", 3))
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    plan = {"two": two_processes, "four": four_processes}[sys.argv[1]]
+    plan(*sys.argv[2:])

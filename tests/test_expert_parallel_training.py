@@ -23,18 +23,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 5
 
 
+def launch(processes: int, plan: str, *arguments: str) -> None:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    command = [*launcher, "-m", "tests.expert_parallel_training_worker", plan, *arguments]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-6000:]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("expert-parallel-training")
     pretrained = save_tiny_pipeline(str(folder / "pipe"), "dit-moe")
     images = make_image_folder(str(folder / "images"))
     dynamic_token = save_tiny_pipeline(str(folder / "dynamic-token-pipe"), "dynamic-token-moe")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    worker = ["-m", "tests.expert_parallel_training_worker", pretrained, images, str(folder / "runs"), dynamic_token]
-    command = [*launcher, *worker]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-6000:]
+    launch(2, "two", pretrained, images, str(folder / "runs"), dynamic_token)
     return folder / "runs"
 
 
@@ -133,6 +136,19 @@ def test_bf16_mixed_precision_trains_expert_parallel_and_resumes_exactly(runs):
         assert torch.equal(resumed[name], trained[name]), name
     expert = "transformer_blocks.0.ff.experts.3.up_proj.weight"
     assert not torch.equal(trained[expert], initial[expert])
+
+
+def test_four_processes_resume_bit_exactly_and_reshard_to_four_expert_ranks(tmp_path):
+    """A 2 x 2 mesh: DDP's all-reduces over 4 ranks must add in the same order before and after a resume."""
+    pretrained = save_tiny_pipeline(str(tmp_path / "pipe"), "dit-moe")
+    launch(4, "four", pretrained, make_image_folder(str(tmp_path / "images")), str(tmp_path / "runs"))
+    runs = tmp_path / "runs"
+    straight, resumed, resharded = (exported(runs, name) for name in ("ep2", "ep2-resumed", "ep4-from-ep2"))
+    model = DiffusionPipeline.from_pretrained(str(runs / "ep4-from-ep2")).transformer
+    tolerance = model_float32_tolerance(model, straight["proj_out.proj.weight"], calls=2 * 2 * 2 * STEPS)
+    for name in straight:
+        assert torch.equal(resumed[name], straight[name]), name
+        assert_float32_close(resharded[name], straight[name], tolerance, f"K=2 -> 4: {name}")
 
 
 @pytest.mark.parametrize("family", ["dit-moe", "dynamic-token-moe"])
