@@ -9,8 +9,9 @@ into `<output root>/<name>`. With 2 processes:
 - `ep1`: `--expert_parallel_size 1` (every rank holds every expert), checkpoint at step 3;
 - `ep2`: K = 2, checkpoint at step 3; `ep2-resumed`: K = 2 from `ep2`'s step 3;
 - `ep1-from-ep2`: K = 1 from `ep2`'s step 3; `ep2-from-ep1`: K = 2 from `ep1`'s step 3;
-- `ddp`: without the option, 1 step and its checkpoint; `ep2-from-ddp`: K = 2 from it, which must be refused (the
-  message goes to `<output root>/refused.txt`);
+- `ddp`: without the option, 1 step and its checkpoint; `ep2-from-ddp`: K = 2 from it, which must be refused;
+  `three-experts`: K = 2 on a model with 3 experts per layer, which must be refused before the data is read (the
+  messages go to `<output root>/refused.json`);
 - LoRA (rank 4 on attention, experts and shared experts): `lora1` at K = 1, checkpoint at step 3; `lora2-from-lora1`:
   K = 2 from it, checkpoint at step 4; `lora2-resumed`: K = 2 from that;
 - EMA: `ema-ddp` without the option; `ema1` at K = 1, checkpoint at step 3; `ema2-from-ema1`: K = 2 from it, checkpoint
@@ -25,6 +26,7 @@ With 4 processes (a 2 x 2 mesh at K = 2, where DDP's 4-rank all-reduces could ad
 `ep2`: K = 2, checkpoint at step 3; `ep2-resumed`: K = 2 from it; `ep4-from-ep2`: K = 4 from it.
 """
 
+import json
 import os
 import sys
 
@@ -32,9 +34,10 @@ from accelerate.state import AcceleratorState, PartialState
 
 from diffmoe_hf import cli
 from diffmoe_hf.cli import CommandError
+from diffmoe_hf.families import get_family
 from diffmoe_hf.training import train_class_conditional as script
 
-from .training_helpers import script_args
+from .training_helpers import save_tiny_pipeline, script_args
 
 
 COMMON = ["--max_train_steps", "5", "--learning_rate", "1e-3", "--gradient_accumulation_steps", "2"]
@@ -51,8 +54,8 @@ def runner(pretrained: str, images: str, root: str):
     # the runs share the processes' one process group: the script's `end_training` must not destroy it
     PartialState.destroy_process_group = lambda self, group=None: None
 
-    def run(name: str, *extra: str) -> None:
-        args = script_args(pretrained, images, os.path.join(root, name), family="dit-moe")
+    def run(name: str, *extra: str, model: str = pretrained) -> None:
+        args = script_args(model, images, os.path.join(root, name), family="dit-moe")
         try:
             script.main(script.parse_args([*args, *COMMON, "--gradient_checkpointing", *extra]))
         finally:
@@ -64,6 +67,10 @@ def runner(pretrained: str, images: str, root: str):
     return run, checkpoint
 
 
+def data_read_too_early(*args, **kwargs):
+    raise AssertionError("the data was read before the expert counts were checked")
+
+
 def two_processes(pretrained: str, images: str, root: str, dynamic_token_pipeline: str) -> None:
     run, checkpoint = runner(pretrained, images, root)
     run("ep1", "--expert_parallel_size", "1", "--checkpointing_steps", "3")
@@ -72,12 +79,24 @@ def two_processes(pretrained: str, images: str, root: str, dynamic_token_pipelin
     run("ep1-from-ep2", "--expert_parallel_size", "1", *checkpoint("ep2", 3))
     run("ep2-from-ep1", "--expert_parallel_size", "2", *checkpoint("ep1", 3))
     run("ddp", "--max_train_steps", "1", "--checkpointing_steps", "1")
+    refused = {}
     try:
         run("ep2-from-ddp", "--expert_parallel_size", "2", *checkpoint("ddp", 1))
     except CommandError as error:
-        if int(os.environ["RANK"]) == 0:
-            with open(os.path.join(root, "refused.txt"), "w") as f:
-                f.write(str(error))
+        refused["ep2-from-ddp"] = str(error)
+    three_experts = get_family("dit-moe").tiny_model(num_experts=3)
+    folder = save_tiny_pipeline(os.path.join(root, f"three-experts-{os.environ['RANK']}"), "dit-moe", three_experts)
+    read_data = script.load_image_dataset
+    script.load_image_dataset = data_read_too_early
+    try:
+        run("three-experts", "--expert_parallel_size", "2", model=folder)
+    except CommandError as error:
+        refused["three-experts"] = str(error)
+    finally:
+        script.load_image_dataset = read_data
+    if int(os.environ["RANK"]) == 0:
+        with open(os.path.join(root, "refused.json"), "w") as f:
+            json.dump(refused, f)
     run("lora1", *LORA, "--expert_parallel_size", "1", "--checkpointing_steps", "3")
     run(
         "lora2-from-lora1", *LORA, "--expert_parallel_size", "2", "--checkpointing_steps", "4", *checkpoint("lora1", 3)

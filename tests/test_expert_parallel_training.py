@@ -5,6 +5,7 @@ a checkpoint without resharding support is refused, the export is an ordinary di
 process, LoRA on experts, EMA and bf16 mixed precision train expert-parallel and resume exactly, and sampling at K = 2
 writes the file of a run without expert parallelism."""
 
+import json
 import os
 import subprocess
 import sys
@@ -74,7 +75,13 @@ def test_expert_parallel_training_matches_k1_resumes_exactly_and_reshards(runs):
         initial["transformer_blocks.0.ff.experts.3.up_proj.weight"],
     )
     assert os.path.isdir(runs / "ep2" / "checkpoint-3" / "expert_parallel")
-    assert "was not saved with --expert_parallel_size, so it cannot be resharded" in (runs / "refused.txt").read_text()
+    refused = json.loads((runs / "refused.json").read_text())
+    assert "was not saved with --expert_parallel_size, so it cannot be resharded" in refused["ep2-from-ddp"]
+    assert refused["three-experts"] == (
+        "--expert_parallel_size: expert_parallel_size=2 must divide the expert count of every MoE layer; "
+        "transformer_blocks.0.ff.experts has 3 experts."
+    )
+    assert not (runs / "three-experts").exists()
 
 
 def step_tolerance(runs, reference: torch.Tensor) -> float:

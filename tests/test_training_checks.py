@@ -96,9 +96,9 @@ OPTION_CASES = [
         r"--expert_parallel_size: expert_parallel_size=1 needs torch.distributed initialised \(torchrun",
     ),
     (
-        "expert-parallel-ema",
-        ["--expert_parallel_size", "1", "--use_ema"],
-        r"--use_ema is not supported with --expert_p",
+        "expert-parallel-fp16",
+        ["--expert_parallel_size", "1", "--mixed_precision", "fp16"],
+        r"--expert_parallel_size supports --mixed_precision no or bf16, not fp16",
     ),
 ]
 

@@ -69,12 +69,17 @@ class ExpertParallelTraining:
         """Context in which the transformer is built or loaded: only this rank's experts are created."""
         return holding_experts(self.mesh.expert_rank, self.mesh.expert_size)
 
-    def prepare(self, transformer: nn.Module) -> None:
-        """Checks the model, switches it to expert parallelism and keeps its experts out of DDP (before `prepare`)."""
+    def check_model(self, transformer: nn.Module) -> None:
+        """A `CommandError` naming the numbers unless K divides every MoE layer's expert count of `transformer` (any
+        device: the meta device's outline is checked before any work)."""
         try:
             check_expert_parallel_size(transformer, self.mesh.expert_size)
         except ValueError as error:
             raise CommandError(f"--expert_parallel_size: {error}") from None
+
+    def prepare(self, transformer: nn.Module) -> None:
+        """Checks the model, switches it to expert parallelism and keeps its experts out of DDP (before `prepare`)."""
+        self.check_model(transformer)
         enable_expert_parallel(transformer, self.mesh)
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             transformer, expert_parameter_names(transformer)

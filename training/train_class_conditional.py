@@ -397,9 +397,7 @@ def load_components(args, num_classes_from_data: int | None, data_id2label: dict
     if args.pretrained_model_name_or_path is not None:
         path = args.pretrained_model_name_or_path
         load_kwargs = dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
-        if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(
-            os.path.join(path, "model_index.json")
-        ):
+        if is_model_folder(path):
             from diffusers import AutoModel
 
             transformer = AutoModel.from_pretrained(path, **load_kwargs)
@@ -425,6 +423,38 @@ def load_components(args, num_classes_from_data: int | None, data_id2label: dict
     if data_id2label and max(int(i) for i in data_id2label) < transformer.config.num_classes:
         id2label = data_id2label
     return transformer, vae, get_formulation(transformer.config.formulation).default_scheduler(), id2label
+
+
+def is_model_folder(path: str) -> bool:
+    """Whether --pretrained_model_name_or_path is a local folder of a transformer alone (not of a pipeline)."""
+    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(
+        os.path.join(path, "model_index.json")
+    )
+
+
+def transformer_outline(args) -> torch.nn.Module:
+    """The transformer this run trains, built on the meta device from its preset or its config file alone (no
+    weights, no data: the number of classes may still change), for checks before the expensive work."""
+    if args.pretrained_model_name_or_path is None:
+        overrides = json.loads(args.model_config_overrides) if args.model_config_overrides else {}
+        with torch.device("meta"):
+            return get_family(args.model_family).model_class.from_preset(args.preset, **overrides)
+    import diffusers
+
+    path = args.pretrained_model_name_or_path
+    config = diffusers.AutoModel.load_config(
+        path,
+        subfolder=None if is_model_folder(path) else "transformer",
+        revision=args.revision,
+        cache_dir=args.cache_dir,
+    )
+    model_class = getattr(diffusers, config.get("_class_name", ""), None)
+    if model_class is None:
+        raise ValueError(
+            f"{path}: its transformer's class {config.get('_class_name')!r} is not a model diffusers knows."
+        )
+    with torch.device("meta"):
+        return model_class.from_config(config)
 
 
 def new_classes(transformer, data_names: list[str] | None, id2label: dict[str, str] | None, args):
@@ -586,6 +616,8 @@ def main(args):
     if args.expert_parallel_size is not None:
         check_expert_parallel_arguments(args, accelerator.num_processes, native_checkpoints)
         expert_parallel = ExpertParallelTraining(args.expert_parallel_size, accelerator.device.type)
+        with user_input_errors():  # the expert counts, before the data and the weights are read
+            expert_parallel.check_model(transformer_outline(args))
     if args.seed is not None:
         set_seed(args.seed)
     if accelerator.is_main_process:
