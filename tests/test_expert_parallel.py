@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch.distributed as dist
 
 from diffmoe_hf import cli
 from diffmoe_hf.families import get_family
@@ -43,6 +44,21 @@ def test_the_expert_parallel_size_must_divide_every_expert_count_of_a_moe_model(
             get_family("dsmoe").tiny_model(num_experts=3, n_group=1, topk_group=1)
     with pytest.raises(ValueError, match="needs torch.distributed initialised"):
         expert_parallel_mesh(2)
+
+
+def test_a_backend_without_all_to_all_is_named_when_the_mesh_is_made(monkeypatch):
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert expert_parallel_mesh(1).expert_size == 1  # gloo runs the exchange
+
+        def unsupported(*args, **kwargs):
+            raise RuntimeError("ProcessGroupGloo does not support alltoall")
+
+        monkeypatch.setattr(dist, "all_to_all_single", unsupported)
+        with pytest.raises(ValueError, match=r"all_to_all_single, which the 'gloo' backend of torch \S+ does not run"):
+            expert_parallel_mesh(1)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_sampling_refuses_an_expert_parallel_size_that_does_not_divide_the_processes(tmp_path, capsys):

@@ -3,6 +3,7 @@ K ranks that share one copy of the experts (each holds E/K of every layer's expe
 
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -59,7 +60,8 @@ def expert_parallel_mesh(expert_parallel_size: int, device_type: str = "cpu") ->
     consecutive ranks per expert group. Every rank must call it.
 
     Raises:
-        ValueError: when `torch.distributed` is not initialised, or K does not divide the number of processes.
+        ValueError: when `torch.distributed` is not initialised, K does not divide the number of processes, or the
+            backend does not run `all_to_all_single` (`check_all_to_all`).
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError(
@@ -69,4 +71,26 @@ def expert_parallel_mesh(expert_parallel_size: int, device_type: str = "cpu") ->
     world_size = dist.get_world_size()
     check_expert_parallel_processes(expert_parallel_size, world_size, "expert_parallel_size")
     shape = (world_size // expert_parallel_size, expert_parallel_size)
-    return ExpertParallelMesh(init_device_mesh(device_type, shape, mesh_dim_names=("data", "expert")))
+    mesh = ExpertParallelMesh(init_device_mesh(device_type, shape, mesh_dim_names=("data", "expert")))
+    check_all_to_all(mesh.expert_group, device_type)
+    return mesh
+
+
+def check_all_to_all(group: dist.ProcessGroup, device_type: str) -> None:
+    """
+    Raises a `ValueError` naming the backend and torch's version unless the backend of `group` runs
+    `all_to_all_single`, the exchange expert parallelism is built on (gloo and NCCL do; some builds' backends do not).
+    One exchange of one int64 per rank; every rank of `group` must call it.
+    """
+    device = (
+        torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device(device_type)
+    )
+    sent = torch.arange(dist.get_world_size(group), dtype=torch.int64, device=device)
+    try:
+        dist.all_to_all_single(torch.empty_like(sent), sent, group=group)
+    except (RuntimeError, NotImplementedError) as error:
+        raise ValueError(
+            f"expert parallelism exchanges tokens with all_to_all_single, which the {dist.get_backend(group)!r} "
+            f"backend of torch {torch.__version__} does not run ({error}); launch with the gloo (CPU) or nccl (CUDA) "
+            "backend, or a torch whose backend supports it."
+        ) from error
