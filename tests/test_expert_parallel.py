@@ -3,11 +3,13 @@ checks of the expert-parallel size, and, in 2 and 4 CPU processes on gloo (tests
 family's outputs, routing, statistics, auxiliary loss and gradients against the single-process model."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from diffmoe_hf import cli
@@ -30,6 +32,24 @@ def test_a_bank_built_for_an_expert_rank_holds_only_its_experts_under_their_glob
     local_names, full_names = set(local.state_dict()), set(full.state_dict())
     assert local_names < full_names
     assert full_names - local_names == {name for name in full_names if ".experts.0." in name or ".experts.1." in name}
+
+
+def test_a_rank_loads_its_experts_from_a_full_folder_without_warning_about_the_others(tmp_path):
+    full = tiny_model("dit-moe")
+    full.save_pretrained(tmp_path)
+    records, handler = [], logging.Handler()
+    handler.emit = records.append
+    diffusers_logger = logging.getLogger("diffusers")  # diffusers' loggers do not propagate to the root logger
+    diffusers_logger.addHandler(handler)
+    try:
+        with holding_experts(1, 2):
+            local = type(full).from_pretrained(tmp_path)
+    finally:
+        diffusers_logger.removeHandler(handler)
+    assert not [record.getMessage() for record in records if "were not used" in record.getMessage()]
+    for name, tensor in local.state_dict().items():
+        assert torch.equal(tensor, full.state_dict()[name]), name
+    assert type(full)._keys_to_ignore_on_load_unexpected is None  # elsewhere every unused weight is reported
 
 
 def test_the_expert_parallel_size_must_divide_every_expert_count_of_a_moe_model():

@@ -11,7 +11,7 @@ from diffusers.utils import apply_lora_scale
 
 from .blocks import unpatchify
 from .folder_checks import check_folder_matches_config, check_no_tensor_left_on_meta
-from .moe import MoECollector, set_expert_backend
+from .moe import MoECollector, OtherRanksExpertsUnused, set_expert_backend
 from .validation import check_model_inputs
 
 
@@ -123,6 +123,8 @@ class DiTForwardMixin(CacheMixin):
     # own routing modules
     _skip_layerwise_casting_patterns = ["pos_embed", "norm", "embedding", "router"]
     _keep_in_fp32_modules = ["router"]
+    # a rank of expert parallelism loads a full checkpoint: the other ranks' experts go unused, unreported
+    _keys_to_ignore_on_load_unexpected = OtherRanksExpertsUnused()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):

@@ -31,7 +31,14 @@ from .layers.expert_backends import (
     stacked_expert_parameters,
 )
 from .layers.expert_parallel import run_expert_parallel
-from .layers.expert_placement import expert_block, holding_all_experts, holding_experts, placed_expert_ids
+from .layers.expert_placement import (
+    OtherRanksExpertsUnused,
+    expert_block,
+    holding_all_experts,
+    holding_experts,
+    holds_every_expert,
+    placed_expert_ids,
+)
 from .layers.experts import (
     GeluMLPExperts,
     GroupedExperts,

@@ -50,6 +50,23 @@ def expert_block(num_experts: int, rank: int, size: int) -> range:
     return range(rank * per_rank, (rank + 1) * per_rank)
 
 
+def holds_every_expert() -> bool:
+    """Whether banks built now build every expert (`False` inside `holding_experts`)."""
+    return _placement.get() is None
+
+
+class OtherRanksExpertsUnused:
+    """
+    A model class's diffusers `_keys_to_ignore_on_load_unexpected`, computed when diffusers reads it: the patterns of
+    the experts a full checkpoint holds and a model built inside `holding_experts` does not (the other ranks'), so that
+    loading a full checkpoint for one rank does not warn about every expert it leaves to the others. Outside the
+    context, `None`: every unused weight is reported.
+    """
+
+    def __get__(self, instance, owner) -> list[str] | None:
+        return None if holds_every_expert() else [r"\.experts\.\d+\."]
+
+
 def placed_expert_ids(num_experts: int) -> range:
     """The global ids of the experts a bank of `num_experts` built now holds (all of them outside `holding_experts`)."""
     placement = _placement.get()
