@@ -78,7 +78,8 @@ def ring_gather_or_scatter(size: float, world: int) -> float:
 
 def strategies(counts: dict, world: int, images_per_rank: int, activation_bytes: int) -> dict:
     """Per-rank GB of weights, gradients, optimizer state (float32, AdamW), FSDP's transient gathered weights, and GB
-    sent per step, for DDP, ZeRO-2, FSDP2 (one unit per block) and EP (K = gcd(E, W)) with FSDP2 on the rest."""
+    sent per step, for DDP, ZeRO-2, FSDP2 (one unit per block) and EP (K = gcd(E, W)) with DDP on the rest (what
+    `--expert_parallel_size` runs) or with FSDP2 on the rest (not implemented: what sharding the rest would give)."""
     n, n_e = counts["parameters"], counts["expert_parameters"]
     n_d = n - n_e
     gb = 1e9
@@ -92,7 +93,14 @@ def strategies(counts: dict, world: int, images_per_rank: int, activation_bytes:
         "DDP": (n, n, n, 0, ring_all_reduce(FLOAT32 * n, world)),
         "ZeRO-2": (n, n / world, n / world, 0, 2 * ring_gather_or_scatter(FLOAT32 * n, world)),
         "FSDP2": (n / world, n / world, n / world, counts["largest_block"], fsdp(n)),
-        f"EP (K={k}) + FSDP2": (
+        f"EP (K={k}) + DDP": (
+            n_e / k + n_d,
+            n_e / k + n_d,
+            n_e / k + n_d,
+            0,
+            ring_all_reduce(FLOAT32 * n_d, world) + ring_all_reduce(FLOAT32 * n_e / k, replicas) + all_to_all,
+        ),
+        f"EP (K={k}) + FSDP2 (not implemented)": (
             n_e / k + n_d / world,
             n_e / k + n_d / world,
             n_e / k + n_d / world,
