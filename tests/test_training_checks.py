@@ -366,7 +366,7 @@ def test_model_record_names_the_config_fields_and_options_that_differ(tmp_path):
 
     model = tiny_model("dsmoe")
     args = types.SimpleNamespace(
-        use_lora=True, rank=4, lora_layers="attention", lora_expert_parts="up", routers="frozen"
+        use_lora=True, rank=4, lora_layers="attention", lora_expert_parts="up", routers="frozen", use_ema=False
     )
     saved = model_record(model, args)
     path = _checkpoint(tmp_path / "c")
@@ -378,6 +378,19 @@ def test_model_record_names_the_config_fields_and_options_that_differ(tmp_path):
     num_layers = saved["config"]["num_layers"]
     assert f"config num_layers {num_layers} there, {num_layers + 1} here" in why_model_differs(path, deeper)
     assert "--rank 4 there, 8 here" in why_model_differs(path, other_rank)
+    with_ema = {**saved, "options": {**saved["options"], "use_ema": True}}
+    assert "--use_ema False there, True here" in why_model_differs(path, with_ema)
+    expert_parallel = model_record(model, types.SimpleNamespace(**vars(args), expert_parallel_size=2))
+    assert "it was not saved with --expert_parallel_size, so it cannot be resharded" in why_model_differs(
+        path, expert_parallel
+    )
+    marker["model"] = expert_parallel
+    (tmp_path / "c" / COMPLETE_MARKER).write_text(json.dumps(marker))
+    assert "it was saved with --expert_parallel_size (its weights are per-rank files" in why_model_differs(path, saved)
+    assert (
+        why_model_differs(path, model_record(model, types.SimpleNamespace(**vars(args), expert_parallel_size=1)))
+        is None
+    )
 
 
 def test_ctrl_c_while_writing_the_final_model_leaves_no_half_written_weights(

@@ -158,19 +158,23 @@ def _remove(path: str) -> None:
     shutil.rmtree(doomed)
 
 
-# the options that decide which tensors a run trains, so whether a checkpoint's weights and optimizer state fit it
-TRAINED_TENSOR_OPTIONS = ("use_lora", "rank", "lora_layers", "lora_expert_parts", "routers")
+# the options that decide which tensors a run trains and keeps, so whether a checkpoint's weights, optimizer state and
+# EMA fit it
+TRAINED_TENSOR_OPTIONS = ("use_lora", "rank", "lora_layers", "lora_expert_parts", "routers", "use_ema")
 
 
 def model_record(model, args) -> dict:
     """
     What a checkpoint must match to be resumed by a run: the transformer's class and config (after any change the run
-    made, e.g. new classes) and the options that decide which tensors are trained (`TRAINED_TENSOR_OPTIONS`), in the
-    JSON form the marker stores.
+    made, e.g. new classes), the options that decide which tensors are trained and kept (`TRAINED_TENSOR_OPTIONS`),
+    and the layout of its weights (`"expert_parallel"`: per-rank files keyed by global names, which load at any
+    `--expert_parallel_size`; else `"accelerate"`), in the JSON form the marker stores.
     """
     config = {key: value for key, value in model.config.items() if not key.startswith("_")}
     options = {name: getattr(args, name, None) for name in TRAINED_TENSOR_OPTIONS}
-    return json.loads(json.dumps({"class": type(model).__name__, "config": config, "options": options}))
+    layout = "accelerate" if getattr(args, "expert_parallel_size", None) is None else "expert_parallel"
+    record = {"class": type(model).__name__, "config": config, "options": options, "layout": layout}
+    return json.loads(json.dumps(record))
 
 
 def why_model_differs(path: str, record: dict) -> str | None:
@@ -181,6 +185,19 @@ def why_model_differs(path: str, record: dict) -> str | None:
         return f"its {COMPLETE_MARKER} records no model"
     if saved["class"] != record["class"]:
         return f"it holds a {saved['class']}, this run trains a {record['class']}"
+    layout = saved.get("layout")
+    if layout == "expert_parallel" and record["layout"] != layout:
+        return (
+            "it was saved with --expert_parallel_size (its weights are per-rank files in expert_parallel/), so "
+            "resume it with --expert_parallel_size (any size that fits, 1 included)"
+        )
+    if record["layout"] == "expert_parallel" and layout != record["layout"]:
+        return (
+            "it was not saved with --expert_parallel_size, so it cannot be resharded: resume it without the option, "
+            "or start from its exported folder with --pretrained_model_name_or_path"
+        )
+    if layout is None:
+        return f"its {COMPLETE_MARKER} records no weights layout (an earlier version of this script wrote it)"
     differences = [
         f"{label}{name} {saved[kind].get(name)!r} there, {record[kind].get(name)!r} here"
         for kind, label in (("config", "config "), ("options", "--"))

@@ -97,14 +97,9 @@ class ExpertParallelTraining:
         save_expert_parallel_checkpoint(os.path.join(directory, CHECKPOINT_FOLDER), model, optimizer, ema)
 
     def load(self, directory: str, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMAModel | None) -> None:
-        """Loads what this rank holds from a checkpoint saved at any K (every rank must call it)."""
-        path = os.path.join(directory, CHECKPOINT_FOLDER)
-        if not os.path.isdir(path):
-            raise CommandError(
-                f"{directory} was not saved with --expert_parallel_size, so it cannot be resharded: resume it without "
-                "the option, or start from its exported folder with --pretrained_model_name_or_path."
-            )
-        load_expert_parallel_checkpoint(path, model, optimizer, ema)
+        """Loads what this rank holds from a checkpoint saved at any K (every rank must call it; the checkpoint's
+        marker was checked to record this layout and the same `--use_ema`)."""
+        load_expert_parallel_checkpoint(os.path.join(directory, CHECKPOINT_FOLDER), model, optimizer, ema)
 
     def full_model(self, model: nn.Module, ema: EMAModel | None) -> nn.Module | None:
         """

@@ -808,8 +808,7 @@ def main(args):
 
     def load_model_hook(models, input_dir):
         if expert_parallel is not None:
-            with user_input_errors():
-                expert_parallel.load(input_dir, unwrap(accelerator, models.pop()), optimizer.optimizer, ema)
+            expert_parallel.load(input_dir, unwrap(accelerator, models.pop()), optimizer.optimizer, ema)
             return
         if ema is not None:
             # the model class, not the DDP wrapper `transformer` is after `prepare`
