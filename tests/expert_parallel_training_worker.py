@@ -10,8 +10,9 @@ into `<output root>/<name>`. With 2 processes:
 - `ep2`: K = 2, checkpoint at step 3; `ep2-resumed`: K = 2 from `ep2`'s step 3;
 - `ep1-from-ep2`: K = 1 from `ep2`'s step 3; `ep2-from-ep1`: K = 2 from `ep1`'s step 3;
 - `ddp`: without the option, 1 step and its checkpoint; `ep2-from-ddp`: K = 2 from it, which must be refused;
-  `three-experts`: K = 2 on a model with 3 experts per layer, which must be refused before the data is read (the
-  messages go to `<output root>/refused.json`);
+  `three-experts`: K = 2 on a model with 3 experts per layer, which must be refused before the data is read; and
+  `sample-dense`: `diffmoe sample --expert-parallel-size 2` of a dense JiT pipeline, refused before its weights are
+  read (the messages and the exit status go to `<output root>/refused.json`, the CLI's message to stderr);
 - LoRA (rank 4 on attention, experts and shared experts): `lora1` at K = 1, checkpoint at step 3; `lora2-from-lora1`:
   K = 2 from it, checkpoint at step 4; `lora2-resumed`: K = 2 from that;
 - EMA: `ema-ddp` without the option; `ema1` at K = 1, checkpoint at step 3; `ema2-from-ema1`: K = 2 from it, checkpoint
@@ -32,7 +33,7 @@ import sys
 
 from accelerate.state import AcceleratorState, PartialState
 
-from diffmoe_hf import cli
+from diffmoe_hf import cli, cli_evaluation
 from diffmoe_hf.cli import CommandError
 from diffmoe_hf.families import get_family
 from diffmoe_hf.training import train_class_conditional as script
@@ -71,6 +72,10 @@ def data_read_too_early(*args, **kwargs):
     raise AssertionError("the data was read before the expert counts were checked")
 
 
+def weights_read_too_early(*args, **kwargs):
+    raise AssertionError("the weights were read before the expert counts were checked")
+
+
 def two_processes(pretrained: str, images: str, root: str, dynamic_token_pipeline: str) -> None:
     run, checkpoint = runner(pretrained, images, root)
     run("ep1", "--expert_parallel_size", "1", "--checkpointing_steps", "3")
@@ -94,6 +99,16 @@ def two_processes(pretrained: str, images: str, root: str, dynamic_token_pipelin
         refused["three-experts"] = str(error)
     finally:
         script.load_image_dataset = read_data
+    dense = save_tiny_pipeline(
+        os.path.join(root, f"dense-{os.environ['RANK']}"), "jit", get_family("jit").tiny_model("dense")
+    )
+    read_weights = cli_evaluation.load_pipeline
+    cli_evaluation.load_pipeline = weights_read_too_early
+    try:
+        options = ["--num-samples", "2", "--batch-size", "2", "--steps", "2", "--expert-parallel-size", "2"]
+        refused["sample-dense"] = cli.main(["sample", "--model", dense, "--output", f"{dense}.npz", *options])
+    finally:
+        cli_evaluation.load_pipeline = read_weights
     if int(os.environ["RANK"]) == 0:
         with open(os.path.join(root, "refused.json"), "w") as f:
             json.dump(refused, f)

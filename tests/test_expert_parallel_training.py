@@ -24,12 +24,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 5
 
 
-def launch(processes: int, plan: str, *arguments: str) -> None:
+def launch(processes: int, plan: str, *arguments: str) -> str:
+    """Runs the worker's `plan` in `processes` processes; returns their stderr."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     command = [*launcher, "-m", "tests.expert_parallel_training_worker", plan, *arguments]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-6000:]
+    return result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,8 @@ def runs(tmp_path_factory):
     pretrained = save_tiny_pipeline(str(folder / "pipe"), "dit-moe")
     images = make_image_folder(str(folder / "images"))
     dynamic_token = save_tiny_pipeline(str(folder / "dynamic-token-pipe"), "dynamic-token-moe")
-    launch(2, "two", pretrained, images, str(folder / "runs"), dynamic_token)
+    stderr = launch(2, "two", pretrained, images, str(folder / "runs"), dynamic_token)
+    (folder / "runs" / "stderr.txt").write_text(stderr)
     return folder / "runs"
 
 
@@ -82,6 +85,9 @@ def test_expert_parallel_training_matches_k1_resumes_exactly_and_reshards(runs):
         "transformer_blocks.0.ff.experts has 3 experts."
     )
     assert not (runs / "three-experts").exists()
+    assert refused["sample-dense"] == 2
+    message = "diffmoe sample: error: expert_parallel_size=2 needs a model with MoE layers; JiTTransformer2DModel"
+    assert message in (runs / "stderr.txt").read_text()
 
 
 def step_tolerance(runs, reference: torch.Tensor) -> float:

@@ -51,6 +51,7 @@ from diffmoe_hf.cli import CommandError
 from diffmoe_hf.dtypes import DTYPES
 from diffmoe_hf.families import FAMILIES, family_names, get_family, resolve_family
 from diffmoe_hf.formulations import TimeSampling, check_scheduler, get_formulation
+from diffmoe_hf.parallel import model_outline
 from diffmoe_hf.pipelines import ClassConditionalMoEPipeline
 from diffmoe_hf.routing import record_routing
 from diffmoe_hf.training.checkpoints import (
@@ -439,22 +440,9 @@ def transformer_outline(args) -> torch.nn.Module:
         overrides = json.loads(args.model_config_overrides) if args.model_config_overrides else {}
         with torch.device("meta"):
             return get_family(args.model_family).model_class.from_preset(args.preset, **overrides)
-    import diffusers
-
     path = args.pretrained_model_name_or_path
-    config = diffusers.AutoModel.load_config(
-        path,
-        subfolder=None if is_model_folder(path) else "transformer",
-        revision=args.revision,
-        cache_dir=args.cache_dir,
-    )
-    model_class = getattr(diffusers, config.get("_class_name", ""), None)
-    if model_class is None:
-        raise ValueError(
-            f"{path}: its transformer's class {config.get('_class_name')!r} is not a model diffusers knows."
-        )
-    with torch.device("meta"):
-        return model_class.from_config(config)
+    subfolder = None if is_model_folder(path) else "transformer"
+    return model_outline(path, subfolder, revision=args.revision, cache_dir=args.cache_dir)
 
 
 def new_classes(transformer, data_names: list[str] | None, id2label: dict[str, str] | None, args):

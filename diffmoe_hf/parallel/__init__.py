@@ -23,4 +23,5 @@ from .model import (
     expert_parameter_names,
     gather_full_state_dict,
     load_local_state_dict,
+    model_outline,
 )

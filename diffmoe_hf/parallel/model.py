@@ -35,6 +35,26 @@ def check_expert_parallel_size(model: nn.Module, expert_parallel_size: int) -> N
             )
 
 
+def model_outline(source: str, subfolder: str | None = None, **load_kwargs) -> nn.Module:
+    """
+    The model whose `config.json` is at `source` (a folder or Hub repo id; in `subfolder`, e.g. a pipeline's
+    `"transformer"`), built on the meta device from its config alone: no weights are read, so its expert counts can be
+    checked (`check_expert_parallel_size`) before any expensive work. `load_kwargs` go to `load_config` (`revision`,
+    `cache_dir`, ...).
+
+    Raises:
+        ValueError: when the config names a class diffusers does not know.
+    """
+    import diffusers
+
+    config = diffusers.AutoModel.load_config(source, subfolder=subfolder, **load_kwargs)
+    model_class = getattr(diffusers, config.get("_class_name") or "", None)
+    if model_class is None:
+        raise ValueError(f"{source}: its model class {config.get('_class_name')!r} is not one diffusers knows.")
+    with torch.device("meta"):
+        return model_class.from_config(config)
+
+
 def build_expert_parallel_model(build: Callable[[], nn.Module], mesh: ExpertParallelMesh) -> nn.Module:
     """`build()` with only this rank's experts in every bank (the others are never built), expert-parallel
     (`enable_expert_parallel`)."""
