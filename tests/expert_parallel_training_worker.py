@@ -1,7 +1,7 @@
 """Runs train_class_conditional.py several times in the same CPU processes (gloo), for
 tests/test_expert_parallel_training.py: `torchrun --standalone --nproc_per_node 2 -m
 tests.expert_parallel_training_worker two <pretrained pipeline> <image folder> <output root> <DiffMoE pipeline>`, or
-with 4 processes `... four <pretrained pipeline> <image folder> <output root>`.
+with 4 processes `... four <pretrained pipeline> <image folder> <output root> <collapsed DSMoE pipeline>`.
 
 Every run trains the tiny DiT-MoE for 5 steps of 2 accumulated batches of 2 per process, with gradient checkpointing,
 into `<output root>/<name>`. With 2 processes:
@@ -24,7 +24,9 @@ Then `diffmoe sample` (6 samples in batches of 2, 2 steps, float pixels kept) of
 (`<family>-ep2.npz`).
 
 With 4 processes (a 2 x 2 mesh at K = 2, where DDP's 4-rank all-reduces could add in another order after a resume):
-`ep2`: K = 2, checkpoint at step 3; `ep2-resumed`: K = 2 from it; `ep4-from-ep2`: K = 4 from it.
+`ep2`: K = 2, checkpoint at step 3; `ep2-resumed`: K = 2 from it; `ep4-from-ep2`: K = 4 from it; and without the
+option, a DSMoE whose collapsed router leaves experts idle (`... four <pretrained> <images> <root> <that DSMoE>`):
+`ddp`, checkpoint at step 3, and `ddp-resumed` from it.
 """
 
 import json
@@ -51,12 +53,13 @@ def sample(model: str, output: str, *extra: str) -> None:
 
 
 def runner(pretrained: str, images: str, root: str):
-    """`run(name, *options)` (a training run into `root/name`) and `checkpoint(name, step)` (its resume options)."""
+    """`run(name, *options, model=..., family=...)` (a training run into `root/name`, of the tiny DiT-MoE by default)
+    and `checkpoint(name, step)` (its resume options)."""
     # the runs share the processes' one process group: the script's `end_training` must not destroy it
     PartialState.destroy_process_group = lambda self, group=None: None
 
-    def run(name: str, *extra: str, model: str = pretrained) -> None:
-        args = script_args(model, images, os.path.join(root, name), family="dit-moe")
+    def run(name: str, *extra: str, model: str = pretrained, family: str = "dit-moe") -> None:
+        args = script_args(model, images, os.path.join(root, name), family=family)
         try:
             script.main(script.parse_args([*args, *COMMON, "--gradient_checkpointing", *extra]))
         finally:
@@ -136,11 +139,13 @@ def two_processes(pretrained: str, images: str, root: str, dynamic_token_pipelin
         sample(model, os.path.join(root, f"{family}-ep2.npz"), "--expert-parallel-size", "2")
 
 
-def four_processes(pretrained: str, images: str, root: str) -> None:
+def four_processes(pretrained: str, images: str, root: str, collapsed_dsmoe: str) -> None:
     run, checkpoint = runner(pretrained, images, root)
     run("ep2", "--expert_parallel_size", "2", "--checkpointing_steps", "3")
     run("ep2-resumed", "--expert_parallel_size", "2", *checkpoint("ep2", 3))
     run("ep4-from-ep2", "--expert_parallel_size", "4", *checkpoint("ep2", 3))
+    run("ddp", "--checkpointing_steps", "3", model=collapsed_dsmoe, family="dsmoe")
+    run("ddp-resumed", *checkpoint("ddp", 3), model=collapsed_dsmoe, family="dsmoe")
 
 
 if __name__ == "__main__":

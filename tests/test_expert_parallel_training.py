@@ -17,7 +17,7 @@ from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
 from .helpers import assert_float32_close, model_float32_tolerance
-from .training_helpers import make_image_folder, save_tiny_pipeline
+from .training_helpers import make_image_folder, save_tiny_pipeline, tiny_transformer
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,9 +152,14 @@ def test_bf16_mixed_precision_trains_expert_parallel_and_resumes_exactly(runs):
 
 
 def test_four_processes_resume_bit_exactly_and_reshard_to_four_expert_ranks(tmp_path):
-    """A 2 x 2 mesh: DDP's all-reduces over 4 ranks must add in the same order before and after a resume."""
+    """A 2 x 2 mesh: DDP's all-reduces over 4 ranks must add in the same order before and after a resume; so must a
+    run without expert parallelism whose idle experts DDP reduces too (a DSMoE router collapsed onto 2 experts)."""
     pretrained = save_tiny_pipeline(str(tmp_path / "pipe"), "dit-moe")
-    launch(4, "four", pretrained, make_image_folder(str(tmp_path / "images")), str(tmp_path / "runs"))
+    collapsed = tiny_transformer("dsmoe")
+    with torch.no_grad():  # every token of block 1 prefers experts 2 and 3: experts 0 and 1 get no tokens
+        collapsed.transformer_blocks[1].ff.router.e_score_correction_bias.copy_(torch.tensor([0.0, 0.0, 10, 20]))
+    dsmoe = save_tiny_pipeline(str(tmp_path / "dsmoe"), "dsmoe", collapsed)
+    launch(4, "four", pretrained, make_image_folder(str(tmp_path / "images")), str(tmp_path / "runs"), dsmoe)
     runs = tmp_path / "runs"
     straight, resumed, resharded = (exported(runs, name) for name in ("ep2", "ep2-resumed", "ep4-from-ep2"))
     model = DiffusionPipeline.from_pretrained(str(runs / "ep4-from-ep2")).transformer
@@ -162,6 +167,9 @@ def test_four_processes_resume_bit_exactly_and_reshard_to_four_expert_ranks(tmp_
     for name in straight:
         assert torch.equal(resumed[name], straight[name]), name
         assert_float32_close(resharded[name], straight[name], tolerance, f"K=2 -> 4: {name}")
+    straight, resumed = exported(runs, "ddp"), exported(runs, "ddp-resumed")
+    for name in straight:
+        assert torch.equal(resumed[name], straight[name]), f"DDP, 4 processes: {name}"
 
 
 @pytest.mark.parametrize("family", ["dit-moe", "dynamic-token-moe"])
