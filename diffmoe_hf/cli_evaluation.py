@@ -199,8 +199,12 @@ def load_expert_parallel_pipeline(model: str, expert_parallel_size: int, state, 
     )
 
     check_expert_parallel_processes(expert_parallel_size, state.num_processes, "--expert-parallel-size")
-    if os.path.isfile(os.path.join(model, "transformer", "config.json")):  # the expert counts, before any weight is
-        check_expert_parallel_size(model_outline(model, "transformer"), expert_parallel_size)  # read (else after)
+    try:  # the expert counts from the config alone, before any weight is read (or downloaded)
+        outline = model_outline(model, "transformer")
+    except OSError:  # no config there: loading names what is wrong with the folder or repo id
+        outline = None
+    if outline is not None:
+        check_expert_parallel_size(outline, expert_parallel_size)
     mesh = expert_parallel_mesh(expert_parallel_size, device.type)
     with holding_experts(mesh.expert_rank, mesh.expert_size):
         pipe = load_pipeline(model, **components).to(device)
