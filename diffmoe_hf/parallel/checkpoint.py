@@ -1,11 +1,11 @@
-"""Checkpoints of an expert-parallel model and its optimizer that load at any expert-parallel size.
+"""Checkpoints of an expert-parallel model, its optimizer and its EMA that load at any expert-parallel size.
 
 Every rank saves what it holds with `torch.distributed.checkpoint` (DCP), keyed by global names: `model.<name>` for
 the model's tensors, `optimizer.<parameter name>.<state>` for the optimizer state (e.g. AdamW's `exp_avg`,
-`exp_avg_sq`, `step`), `optimizer_group.<i>.<hyperparameter>`, and with an EMA (diffusers' `EMAModel` of the
-model's parameters) `ema.<parameter name>` for its averages and `ema_state.optimization_step`. An expert is a whole tensor under its global name
-(`...experts.{e}...`), saved once however many replicas hold it, so a rank of any other K (1 included: a
-single-process model) loads exactly the tensors it holds: resharding is reading other keys.
+`exp_avg_sq`, `step`), `optimizer_group.<i>.<hyperparameter>`, and with an EMA (diffusers' `EMAModel` of the model's
+parameters) `ema.<parameter name>` for its averages and `ema_state.optimization_step`. An expert is a whole tensor
+under its global name (`...experts.{e}...`), saved once however many replicas hold it, so a rank of any other K (1
+included: a single-process model) loads exactly the tensors it holds: resharding is reading other keys.
 """
 
 from typing import TYPE_CHECKING
