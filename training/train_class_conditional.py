@@ -35,6 +35,7 @@ from accelerate.utils import (
     DistributedDataParallelKwargs,
     ProjectConfiguration,
     gather_object,
+    get_int_from_env,
     set_seed,
 )
 from diffusers import AutoencoderKL
@@ -555,6 +556,10 @@ def cast_keeping_float32_modules(model, device, dtype: torch.dtype):
     return model
 
 
+# where torchrun / accelerate launch and MPI launchers put the number of processes (as accelerate reads it)
+LAUNCHER_WORLD_SIZES = ["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"]
+
+
 def exact_resume_ddp_kwargs(num_processes: int) -> DistributedDataParallelKwargs:
     """
     DDP's options for a run that resumes bit for bit. DDP rebuilds its gradient buckets once, after the first step, in
@@ -580,7 +585,7 @@ def main(args):
         log_with=args.report_to if args.report_to != "none" else None,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        kwargs_handlers=[exact_resume_ddp_kwargs(int(os.environ.get("WORLD_SIZE", "1")))],  # set by the launchers
+        kwargs_handlers=[exact_resume_ddp_kwargs(get_int_from_env(LAUNCHER_WORLD_SIZES, 1))],
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
