@@ -52,6 +52,31 @@ def test_a_rank_loads_its_experts_from_a_full_folder_without_warning_about_the_o
     assert type(full)._keys_to_ignore_on_load_unexpected is None  # elsewhere every unused weight is reported
 
 
+@pytest.mark.parametrize("family", registered_families())
+def test_fresh_experts_of_different_expert_ranks_are_different_draws(family):
+    """Every rank builds from the same seed: without a stream of their own, rank 1's experts would copy rank 0's."""
+    if not expert_banks(tiny_model(family)):
+        pytest.skip("no MoE layer")
+
+    def build(rank: int):
+        torch.manual_seed(0)
+        with holding_experts(rank, 2):
+            return get_family(family).tiny_model().state_dict()
+
+    first, second = build(0), build(1)
+    half = expert_banks(tiny_model(family))[0].num_experts // 2
+    copied = 0
+    for name, tensor in first.items():
+        if ".experts." not in name:
+            assert torch.equal(second[name], tensor), f"{family}: {name} differs between ranks"
+            continue
+        expert = int(name.split(".experts.")[1].split(".")[0])
+        twin = name.replace(f".experts.{expert}.", f".experts.{expert + half}.", 1)
+        random = tensor.unique().numel() > 1  # not a constant init (zero biases, unit gains)
+        copied += random and torch.equal(second[twin], tensor)
+    assert copied == 0, f"{family}: {copied} expert tensors of rank 1 copy rank 0's"
+
+
 def test_the_expert_parallel_size_must_divide_every_expert_count_of_a_moe_model():
     with pytest.raises(ValueError, match=r"expert_parallel_size=3 must divide the expert count of every MoE layer; "):
         check_expert_parallel_size(tiny_model("dsmoe"), 3)

@@ -11,7 +11,14 @@ from diffusers.utils import apply_lora_scale
 
 from .blocks import unpatchify
 from .folder_checks import check_folder_matches_config, check_no_tensor_left_on_meta
-from .moe import MoECollector, OtherRanksExpertsUnused, set_expert_backend
+from .moe import (
+    GroupedExperts,
+    MoECollector,
+    OtherRanksExpertsUnused,
+    expert_placement,
+    expert_rank_seed,
+    set_expert_backend,
+)
 from .validation import check_model_inputs
 
 
@@ -85,6 +92,10 @@ def resolve_moe_layers(moe_layers: str | list[int], num_layers: int) -> list[int
     if any(not 0 <= index < num_layers for index in indices):
         raise ValueError(f"moe_layers={list(moe_layers)} must index blocks 0..{num_layers - 1}.")
     return indices
+
+
+def expert_banks_of(model: torch.nn.Module) -> list[GroupedExperts]:
+    return [module for module in model.modules() if isinstance(module, GroupedExperts)]
 
 
 class DiTForwardMixin(CacheMixin):
@@ -161,6 +172,29 @@ class DiTForwardMixin(CacheMixin):
         if all(parameter.is_meta for parameter in self.parameters()):
             return
         self._initialize_family_weights()
+        placement = expert_placement()
+        if placement is not None and placement[0] > 0:
+            self._draw_experts_for_rank(placement[0])
+
+    def _draw_experts_for_rank(self, expert_rank: int) -> None:
+        """
+        Expert parallelism: every rank builds its model from the same random state, so the experts of expert rank r > 0
+        would be drawn exactly as rank 0's (expert j + r E/K a copy of expert j, a model of K identical groups). The
+        family's init runs again on a random stream of this rank's own (from the run's seed and the rank), and only the
+        expert banks keep its values; every other tensor stays as drawn, the same on every rank.
+        """
+        expert_tensors = {
+            id(tensor) for bank in expert_banks_of(self) for tensor in bank.state_dict(keep_vars=True).values()
+        }
+        shared = {
+            name: tensor.clone()
+            for name, tensor in self.state_dict(keep_vars=True).items()
+            if id(tensor) not in expert_tensors
+        }
+        with torch.random.fork_rng():
+            torch.manual_seed(expert_rank_seed(expert_rank))
+            self._initialize_family_weights()
+        self.load_state_dict(shared, strict=False)
 
     def _initialize_family_weights(self) -> None:
         """

@@ -34,6 +34,8 @@ from .layers.expert_parallel import run_expert_parallel
 from .layers.expert_placement import (
     OtherRanksExpertsUnused,
     expert_block,
+    expert_placement,
+    expert_rank_seed,
     holding_all_experts,
     holding_experts,
     holds_every_expert,

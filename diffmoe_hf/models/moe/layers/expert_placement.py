@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
+import torch
+
 
 _placement: ContextVar[tuple[int, int] | None] = ContextVar("expert_placement", default=None)
 
@@ -48,6 +50,18 @@ def expert_block(num_experts: int, rank: int, size: int) -> range:
         )
     per_rank = num_experts // size
     return range(rank * per_rank, (rank + 1) * per_rank)
+
+
+def expert_placement() -> tuple[int, int] | None:
+    """`(expert rank, expert-parallel size)` of the banks built now: inside `holding_experts`, else None."""
+    return _placement.get()
+
+
+def expert_rank_seed(expert_rank: int) -> int:
+    """The seed of expert rank `expert_rank`'s own random stream, from the process's seed (`torch.initial_seed()`, the
+    same on every rank of a seeded run): fresh experts, and fresh adapters on them, are drawn from it, so that the ranks
+    do not draw copies of each other's."""
+    return (torch.initial_seed() * 1_000_003 + expert_rank) % 2**63
 
 
 def holds_every_expert() -> bool:
