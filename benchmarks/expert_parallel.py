@@ -78,8 +78,8 @@ def ring_gather_or_scatter(size: float, world: int) -> float:
 
 def strategies(counts: dict, world: int, images_per_rank: int, activation_bytes: int) -> dict:
     """Per-rank GB of weights, gradients, optimizer state (float32, AdamW), FSDP's transient gathered weights, and GB
-    sent per step, for DDP, ZeRO-2, FSDP2 (one unit per block) and EP (K = gcd(E, W)) with DDP on the rest (what
-    `--expert_parallel_size` runs) or with FSDP2 on the rest (not implemented: what sharding the rest would give)."""
+    sent per step, for DDP, ZeRO-2, FSDP2 (one unit per block) and EP (K = gcd(E, W)) with DDP or FSDP2 on the rest
+    (`--non_expert_parallel ddp|fsdp2`)."""
     n, n_e = counts["parameters"], counts["expert_parameters"]
     n_d = n - n_e
     gb = 1e9
@@ -100,7 +100,7 @@ def strategies(counts: dict, world: int, images_per_rank: int, activation_bytes:
             0,
             ring_all_reduce(FLOAT32 * n_d, world) + ring_all_reduce(FLOAT32 * n_e / k, replicas) + all_to_all,
         ),
-        f"EP (K={k}) + FSDP2 (not implemented)": (
+        f"EP (K={k}) + FSDP2": (
             n_e / k + n_d / world,
             n_e / k + n_d / world,
             n_e / k + n_d / world,
@@ -222,6 +222,7 @@ def measured(args) -> dict:
         expert_parallel_mesh,
         expert_parameter_names,
         reduce_expert_gradients,
+        shard_non_experts,
     )
 
     dist.init_process_group("gloo")
@@ -240,6 +241,9 @@ def measured(args) -> dict:
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_parameter_names(model))
             wrapped = DistributedDataParallel(model)
             wrapped.register_comm_hook(None, counter.ddp_hook)
+        elif mode == "ep-fsdp2":
+            mesh = expert_parallel_mesh(world)
+            model = wrapped = shard_non_experts(build_expert_parallel_model(build, mesh).train())
         elif mode == "ddp":
             model = build().train()
             wrapped = DistributedDataParallel(model)
@@ -268,7 +272,7 @@ def measured(args) -> dict:
             if output.aux_loss is not None:
                 loss = loss + output.aux_loss
             loss.backward()
-            if mode == "ep":
+            if mode in ("ep", "ep-fsdp2"):
                 reduce_expert_gradients(model, mesh)
             optimizer.step()
             optimizer.zero_grad()
@@ -311,7 +315,9 @@ def main() -> None:
     measured_parser = commands.add_parser("measured")
     measured_parser.add_argument("--preset", default="DiT-MoE-S/2")
     measured_parser.add_argument("--overrides", default="{}", help="JSON config overrides")
-    measured_parser.add_argument("--modes", nargs="+", default=["ddp", "fsdp2", "ep"], choices=["ddp", "fsdp2", "ep"])
+    measured_parser.add_argument(
+        "--modes", nargs="+", default=["ddp", "fsdp2", "ep"], choices=["ddp", "fsdp2", "ep", "ep-fsdp2"]
+    )
     measured_parser.add_argument("--images-per-rank", type=int, default=4)
     measured_parser.add_argument("--warmup", type=int, default=1)
     measured_parser.add_argument("--steps", type=int, default=3)

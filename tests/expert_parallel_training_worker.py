@@ -14,9 +14,13 @@ into `<output root>/<name>`. With 2 processes:
   `sample-dense`: `diffmoe sample --expert-parallel-size 2` of a dense JiT pipeline, refused before its weights are
   read (the messages and the exit status go to `<output root>/refused.json`, the CLI's message to stderr);
 - LoRA (rank 4 on attention, experts and shared experts): `lora1` at K = 1, checkpoint at step 3; `lora2-from-lora1`:
-  K = 2 from it, checkpoint at step 4; `lora2-resumed`: K = 2 from that;
+  K = 2 from it, checkpoint at step 4; `lora2-resumed`: K = 2 from that; `lora2-fresh`: one step at K = 2 from new
+  adapters;
 - EMA: `ema-ddp` without the option; `ema1` at K = 1, checkpoint at step 3; `ema2-from-ema1`: K = 2 from it, checkpoint
   at step 4; `ema2-resumed`: K = 2 from that;
+- FSDP2 on the non-expert weights (`--non_expert_parallel fsdp2`) at K = 2: `fsdp2`, checkpoint at step 3;
+  `fsdp2-resumed` from it; `ep1-from-fsdp2`: K = 1 with DDP from it; `lora2-fsdp2-from-lora1` and
+  `ema2-fsdp2-from-ema1`: from `lora1`'s and `ema1`'s step 3;
 - bf16 mixed precision: `bf16-2` at K = 2, checkpoint at step 3; `bf16-2-resumed`: K = 2 from it.
 
 Then `diffmoe sample` (6 samples in batches of 2, 2 steps, float pixels kept) of `ep2`'s export and of the DiffMoE
@@ -120,6 +124,7 @@ def two_processes(pretrained: str, images: str, root: str, dynamic_token_pipelin
         "lora2-from-lora1", *LORA, "--expert_parallel_size", "2", "--checkpointing_steps", "4", *checkpoint("lora1", 3)
     )
     run("lora2-resumed", *LORA, "--expert_parallel_size", "2", *checkpoint("lora2-from-lora1", 4))
+    run("lora2-fresh", *LORA, "--expert_parallel_size", "2", "--max_train_steps", "1")
     run("ema-ddp", "--use_ema")
     run("ema1", "--use_ema", "--expert_parallel_size", "1", "--checkpointing_steps", "3")
     run(
@@ -132,6 +137,12 @@ def two_processes(pretrained: str, images: str, root: str, dynamic_token_pipelin
         *checkpoint("ema1", 3),
     )
     run("ema2-resumed", "--use_ema", "--expert_parallel_size", "2", *checkpoint("ema2-from-ema1", 4))
+    fsdp2 = ["--expert_parallel_size", "2", "--non_expert_parallel", "fsdp2"]
+    run("fsdp2", *fsdp2, "--checkpointing_steps", "3")
+    run("fsdp2-resumed", *fsdp2, *checkpoint("fsdp2", 3))
+    run("ep1-from-fsdp2", "--expert_parallel_size", "1", *checkpoint("fsdp2", 3))
+    run("lora2-fsdp2-from-lora1", *LORA, *fsdp2, *checkpoint("lora1", 3))
+    run("ema2-fsdp2-from-ema1", "--use_ema", *fsdp2, *checkpoint("ema1", 3))
     run("bf16-2", "--mixed_precision", "bf16", "--expert_parallel_size", "2", "--checkpointing_steps", "3")
     run("bf16-2-resumed", "--mixed_precision", "bf16", "--expert_parallel_size", "2", *checkpoint("bf16-2", 3))
     for family, model in (("dit-moe", os.path.join(root, "ep2")), ("dynamic-token-moe", dynamic_token_pipeline)):

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
@@ -117,6 +118,10 @@ def test_lora_on_experts_trains_expert_parallel_resumes_exactly_and_loads_on_the
     resumed = adapter("lora2-resumed")
     for name in k2:
         assert torch.equal(resumed[name], k2[name]), name
+    fresh = adapter("lora2-fresh")  # after one step: the A matrices as drawn (B starts at 0, so A's gradient is 0)
+    for projection in ("gate_proj", "up_proj", "down_proj"):
+        first, twin = (f"transformer.transformer_blocks.0.ff.experts.{e}.{projection}.lora_A.weight" for e in (0, 2))
+        assert not torch.equal(fresh[first], fresh[twin]), "rank 1's new adapter on expert 2 copies expert 0's"
     pipe = DiffusionPipeline.from_pretrained(str(runs.parent / "pipe"))
     pipe.load_lora_weights(str(runs / "lora2-from-lora1"))
     (adapter_name,) = pipe.transformer.peft_config
@@ -139,6 +144,30 @@ def test_ema_under_expert_parallelism_exports_the_average_of_a_run_without_it_an
     for name in k2:
         if not torch.equal(last[name], initial[name]):
             assert not torch.equal(k2[name], last[name]), f"{name}: exported the last weights, not their average"
+
+
+def test_fsdp2_on_the_non_expert_weights_shards_them_trains_as_ddp_and_reshards(runs):
+    ddp, sharded = exported(runs, "ep2"), exported(runs, "fsdp2")
+    tolerance = step_tolerance(runs, ddp["proj_out.proj.weight"])
+    resumed, to_k1 = exported(runs, "fsdp2-resumed"), exported(runs, "ep1-from-fsdp2")
+    for name in ddp:
+        assert_float32_close(sharded[name], ddp[name], tolerance, f"FSDP2 vs DDP on the rest: {name}")
+        assert torch.equal(resumed[name], sharded[name]), name
+        assert_float32_close(to_k1[name], ddp[name], tolerance, f"FSDP2 K=2 -> DDP K=1: {name}")
+    lora = load_file(str(runs / "lora1" / "pytorch_lora_weights.safetensors"))
+    lora_sharded = load_file(str(runs / "lora2-fsdp2-from-lora1" / "pytorch_lora_weights.safetensors"))
+    ema, ema_sharded = exported(runs, "ema1"), exported(runs, "ema2-fsdp2-from-ema1")
+    for expected, actual, label in ((lora, lora_sharded, "LoRA"), (ema, ema_sharded, "EMA")):
+        assert actual.keys() == expected.keys()
+        for name in expected:
+            assert_float32_close(actual[name], expected[name], tolerance, f"{label} with FSDP2: {name}")
+    # a non-expert weight is saved by both ranks, one shard each; an expert whole by the rank holding it
+    checkpoint = runs / "fsdp2" / "checkpoint-3" / "expert_parallel"
+    metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    assert len(metadata["model.transformer_blocks.0.attn.to_q.weight"].chunks) == 2
+    assert len(metadata["model.transformer_blocks.0.ff.experts.3.up_proj.weight"].chunks) == 1
+    ddp_metadata = dcp.FileSystemReader(str(runs / "ep2" / "checkpoint-3" / "expert_parallel")).read_metadata()
+    assert len(ddp_metadata.state_dict_metadata["model.transformer_blocks.0.attn.to_q.weight"].chunks) == 1
 
 
 def test_bf16_mixed_precision_trains_expert_parallel_and_resumes_exactly(runs):

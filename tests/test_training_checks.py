@@ -96,6 +96,11 @@ OPTION_CASES = [
         r"--expert_parallel_size: expert_parallel_size=1 needs torch.distributed initialised \(torchrun",
     ),
     (
+        "fsdp2-without-expert-parallel",
+        ["--non_expert_parallel", "fsdp2"],
+        r"--non_expert_parallel fsdp2 needs --expert_parallel_size",
+    ),
+    (
         "expert-parallel-fp16",
         ["--expert_parallel_size", "1", "--mixed_precision", "fp16"],
         r"--expert_parallel_size supports --mixed_precision no or bf16, not fp16",

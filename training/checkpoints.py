@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from accelerate.logging import get_logger
 
 from diffmoe_hf.atomic_files import apply_umask, fsync_path
+from diffmoe_hf.parallel import unsharded_class
 
 
 COMPLETE_MARKER = "checkpoint_complete.json"
@@ -173,7 +174,7 @@ def model_record(model, args) -> dict:
     config = {key: value for key, value in model.config.items() if not key.startswith("_")}
     options = {name: getattr(args, name, None) for name in TRAINED_TENSOR_OPTIONS}
     layout = "accelerate" if getattr(args, "expert_parallel_size", None) is None else "expert_parallel"
-    record = {"class": type(model).__name__, "config": config, "options": options, "layout": layout}
+    record = {"class": unsharded_class(model).__name__, "config": config, "options": options, "layout": layout}
     return json.loads(json.dumps(record))
 
 

@@ -256,8 +256,16 @@ def parse_args(input_args=None):
         type=int,
         default=None,
         help="Expert parallelism: K processes share one copy of the experts, each holding E/K of every MoE layer's "
-        "experts (K divides the number of processes and every expert count; DDP for the other weights; checkpoints "
-        "load at any K). See training/README.md.",
+        "experts (K divides the number of processes and every expert count; checkpoints load at any K). See "
+        "training/README.md.",
+    )
+    parser.add_argument(
+        "--non_expert_parallel",
+        type=str,
+        default="ddp",
+        choices=["ddp", "fsdp2"],
+        help="With --expert_parallel_size: the other weights replicated on every rank (ddp) or sharded over all ranks "
+        "(fsdp2, torch's fully_shard).",
     )
     parser.add_argument("--use_ema", action="store_true")
     parser.add_argument("--ema_decay", type=float, default=0.9999)
@@ -369,6 +377,8 @@ def check_args(args) -> None:
         raise CommandError(
             f"--lora_expert_parts {args.lora_expert_parts!r}: give a comma-separated list of {', '.join(EXPERT_PARTS)}."
         )
+    if args.non_expert_parallel != "ddp" and args.expert_parallel_size is None:
+        raise CommandError(f"--non_expert_parallel {args.non_expert_parallel} needs --expert_parallel_size.")
     check_new_class_options(args)
     check_counts(args)
     check_floats(args)
@@ -602,13 +612,18 @@ def main(args):
     # DDP reduces every parameter's gradient once per step; experts that received no token and the capacity predictor
     # of DiffMoE (Shi et al.; trained only through its side loss, which DDP's unused-parameter search cannot see) get
     # theirs through a zero-weighted term, which also keeps gradient checkpointing compatible with DDP
-    touch_all_parameters = accelerator.num_processes > 1 and not native_checkpoints
+    # (FSDP2 on the non-expert weights under EP reduces every gradient whether its parameter was used or not)
+    touch_all_parameters = (
+        accelerator.num_processes > 1 and not native_checkpoints and args.non_expert_parallel == "ddp"
+    )
     if args.use_ema and sharded_params:
         raise CommandError("--use_ema needs every rank to hold full parameters: use DDP or DeepSpeed ZeRO-2.")
     expert_parallel = None
     if args.expert_parallel_size is not None:
         check_expert_parallel_arguments(args, accelerator.num_processes, native_checkpoints)
-        expert_parallel = ExpertParallelTraining(args.expert_parallel_size, accelerator.device.type)
+        expert_parallel = ExpertParallelTraining(
+            args.expert_parallel_size, args.non_expert_parallel, accelerator.device.type
+        )
         with user_input_errors():  # the expert counts, before the data and the weights are read
             expert_parallel.check_model(transformer_outline(args))
     if args.seed is not None:
@@ -741,6 +756,8 @@ def main(args):
                 target_modules=target_modules,
             )
         )
+        if expert_parallel is not None:  # each expert rank's adapters from its own random stream
+            expert_parallel.draw_expert_adapters(transformer)
         if args.new_classes is not None:  # the resized class table is trained in full
             transformer.embedding.class_embedder.requires_grad_(True)
         if args.routers == "trained":  # routers are float32 modules already
@@ -759,6 +776,8 @@ def main(args):
     transformer.train()
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    if expert_parallel is not None:  # the experts out of DDP, or the rest sharded, before the EMA and optimizer
+        expert_parallel.distribute(transformer)
 
     ema = None
     if args.use_ema:
@@ -774,7 +793,7 @@ def main(args):
     # keep their own sharded formats and the final model is gathered at the end
     def save_model_hook(models, weights, output_dir):
         if expert_parallel is not None:  # every rank saves what it holds; accelerate saves no model
-            expert_parallel.save(output_dir, unwrap(accelerator, models[0]), optimizer.optimizer, ema)
+            expert_parallel.save(output_dir, unwrap(accelerator, transformer), optimizer.optimizer, ema)
             weights.clear()
             return
         if not accelerator.is_main_process:
@@ -800,8 +819,9 @@ def main(args):
                 weights.pop()
 
     def load_model_hook(models, input_dir):
-        if expert_parallel is not None:
-            expert_parallel.load(input_dir, unwrap(accelerator, models.pop()), optimizer.optimizer, ema)
+        if expert_parallel is not None:  # accelerate loads no model
+            models.clear()
+            expert_parallel.load(input_dir, unwrap(accelerator, transformer), optimizer.optimizer, ema)
             return
         if ema is not None:
             # the model class, not the DDP wrapper `transformer` is after `prepare`
@@ -885,9 +905,12 @@ def main(args):
         power=args.lr_power,
     )
 
-    transformer, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        transformer, optimizer, train_dataloader, lr_scheduler
-    )
+    if expert_parallel is not None and expert_parallel.shards_non_experts:  # sharded already: no DDP around it
+        optimizer, train_dataloader, lr_scheduler = accelerator.prepare(optimizer, train_dataloader, lr_scheduler)
+    else:
+        transformer, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+            transformer, optimizer, train_dataloader, lr_scheduler
+        )
     if expert_parallel is not None:  # its state is saved per rank by the hooks, not by accelerate
         accelerator._optimizers.remove(optimizer)
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
@@ -931,11 +954,15 @@ def main(args):
     model = unwrap(accelerator, transformer)
 
     model_outputs = []  # the model outputs of the current step, for their MoE auxiliary losses
+    # accelerate's `prepare` makes a model's forward autocast; a model it did not prepare (FSDP2 under EP) needs it here
+    sharded_here = expert_parallel is not None and expert_parallel.shards_non_experts
+    autocast = accelerator.autocast if sharded_here else contextlib.nullcontext
 
     def denoiser(sample, timestep, class_labels):
         # a LoRA model's frozen weights are in weight_dtype: feed it inputs of that dtype (autocast may be off, e.g.
         # fp16 on the CPU); the losses are computed in float32 from its output
-        output = transformer(sample.to(weight_dtype) if args.use_lora else sample, timestep, class_labels)
+        with autocast():
+            output = transformer(sample.to(weight_dtype) if args.use_lora else sample, timestep, class_labels)
         model_outputs.append(output)
         return output
 

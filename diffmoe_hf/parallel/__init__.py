@@ -8,6 +8,7 @@ data-parallel.
 - `checkpoint`: model and optimizer checkpoints keyed by global names (`torch.distributed.checkpoint`), loadable
   at any expert-parallel size.
 - `gradients`: the experts' gradients averaged over their replicas, and the global gradient norm.
+- `sharding`: FSDP2 on the non-expert weights (sharded over all ranks), the experts left whole.
 
 The model files are the same for every parallelism: the experts a bank builds (`holding_experts`) and the way it
 runs them (`expert_backend`) are the only switches.
@@ -20,8 +21,10 @@ from .model import (
     build_expert_parallel_model,
     check_expert_parallel_size,
     enable_expert_parallel,
+    expert_banks,
     expert_parameter_names,
     gather_full_state_dict,
     load_local_state_dict,
     model_outline,
 )
+from .sharding import shard_non_experts, unsharded_class

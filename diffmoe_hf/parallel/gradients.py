@@ -3,6 +3,7 @@
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .mesh import ExpertParallelMesh
 from .model import expert_banks, expert_parameter_names
@@ -41,13 +42,14 @@ def reduce_expert_gradients(model: nn.Module, mesh: ExpertParallelMesh) -> None:
 def clip_grad_norm_(model: nn.Module, mesh: ExpertParallelMesh, max_norm: float) -> torch.Tensor:
     """
     `torch.nn.utils.clip_grad_norm_` of the whole (global) model, after `reduce_expert_gradients` and the
-    data-parallel reduction of the other gradients: the norm adds the non-expert gradients (equal on every rank) and
-    the expert gradients of every rank of the expert group (each holds its own experts), so every rank scales by the
-    same factor. Returns the (float32) total norm.
+    data-parallel reduction of the other gradients: the norm adds the non-expert gradients (equal on every rank under
+    DDP; under FSDP2 each rank's shards, summed over all ranks) and the expert gradients of every rank of the expert
+    group (each holds its own experts), so every rank scales by the same factor. Returns the (float32) total norm.
     """
     experts = set(expert_parameter_names(model))
     named = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
-    shared = [grad for name, grad in named if name not in experts]
+    shared = [grad for name, grad in named if name not in experts and not isinstance(grad, DTensor)]
+    sharded = [grad.to_local() for name, grad in named if name not in experts and isinstance(grad, DTensor)]
     local = [grad for name, grad in named if name in experts]
 
     def squares(gradients: list[torch.Tensor]) -> torch.Tensor:
@@ -55,7 +57,10 @@ def clip_grad_norm_(model: nn.Module, mesh: ExpertParallelMesh, max_norm: float)
 
     expert_squares = squares(local)
     dist.all_reduce(expert_squares, group=mesh.expert_group)
-    total = (squares(shared) + expert_squares).sqrt()
+    sharded_squares = squares(sharded)  # FSDP2 on the rest: each rank holds its shard of every non-expert gradient
+    if sharded:
+        dist.all_reduce(sharded_squares)
+    total = (squares(shared) + sharded_squares + expert_squares).sqrt()
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for _, gradient in named:
         gradient.mul_(scale.to(gradient.dtype))

@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..models.moe import GroupedExperts, expert_block, holding_experts
 from .mesh import ExpertParallelMesh
@@ -110,11 +111,14 @@ def load_local_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tenso
 def gather_full_state_dict(model: nn.Module, mesh: ExpertParallelMesh) -> dict[str, torch.Tensor] | None:
     """
     The full (single-process) state dict of an expert-parallel `model` on rank 0, `None` on the other ranks: rank 0's
-    own tensors plus the experts of the other ranks of its expert group (on the CPU; rank 0's own CPU tensors are
-    not copied, so they share memory with `model`). Every rank must call it.
+    own tensors (FSDP2-sharded ones gathered whole) plus the experts of the other ranks of its expert group (on the
+    CPU; rank 0's own CPU tensors are not copied, so they may share memory with `model`). Every rank must call it.
     """
     experts = set(expert_parameter_names(model))
-    state = model.state_dict()
+    state = {  # FSDP2's shards of the non-expert weights gathered whole (a collective)
+        name: tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        for name, tensor in model.state_dict().items()
+    }
     in_first_replica = dist.get_rank() < mesh.expert_size
     local_experts = {name: tensor.detach().cpu() for name, tensor in state.items() if name in experts}
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
