@@ -12,9 +12,9 @@ from diffusers.utils import apply_lora_scale
 from .blocks import unpatchify
 from .folder_checks import check_folder_matches_config, check_no_tensor_left_on_meta
 from .moe import (
-    GroupedExperts,
     MoECollector,
     OtherRanksExpertsUnused,
+    expert_banks,
     expert_placement,
     expert_rank_seed,
     set_expert_backend,
@@ -92,10 +92,6 @@ def resolve_moe_layers(moe_layers: str | list[int], num_layers: int) -> list[int
     if any(not 0 <= index < num_layers for index in indices):
         raise ValueError(f"moe_layers={list(moe_layers)} must index blocks 0..{num_layers - 1}.")
     return indices
-
-
-def expert_banks_of(model: torch.nn.Module) -> list[GroupedExperts]:
-    return [module for module in model.modules() if isinstance(module, GroupedExperts)]
 
 
 class DiTForwardMixin(CacheMixin):
@@ -184,7 +180,7 @@ class DiTForwardMixin(CacheMixin):
         expert banks keep its values; every other tensor stays as drawn, the same on every rank.
         """
         expert_tensors = {
-            id(tensor) for bank in expert_banks_of(self) for tensor in bank.state_dict(keep_vars=True).values()
+            id(tensor) for _, bank in expert_banks(self) for tensor in bank.state_dict(keep_vars=True).values()
         }
         shared = {
             name: tensor.clone()

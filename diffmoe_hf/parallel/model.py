@@ -8,13 +8,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ..models.moe import GroupedExperts, expert_block, holding_experts
+from ..models.moe import expert_banks, expert_block, holding_experts
 from .mesh import ExpertParallelMesh
-
-
-def expert_banks(model: nn.Module) -> list[tuple[str, GroupedExperts]]:
-    """`(module path, bank)` of every expert bank of `model`, in module order."""
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, GroupedExperts)]
 
 
 def check_expert_parallel_size(model: nn.Module, expert_parallel_size: int) -> None:

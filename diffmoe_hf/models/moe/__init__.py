@@ -46,6 +46,7 @@ from .layers.experts import (
     GroupedExperts,
     SwiGLU,
     SwiGLUExperts,
+    expert_banks,
     set_expert_backend,
     swiglu_activation,
 )

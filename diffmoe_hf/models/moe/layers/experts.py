@@ -160,6 +160,11 @@ class GroupedExperts(nn.ModuleList, ABC):
         return {}
 
 
+def expert_banks(model: nn.Module) -> list[tuple[str, GroupedExperts]]:
+    """`(module path, bank)` of every expert bank of `model`, in module order."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, GroupedExperts)]
+
+
 def set_expert_backend(module: nn.Module, backend: str) -> None:
     """
     Sets the `expert_backend` of every expert bank in `module` (a model or a layer).
